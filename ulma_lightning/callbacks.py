@@ -1,0 +1,56 @@
+"""Callbacks: training throughput, and the Hugging Face export at the end of a fit."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+from ulma_lightning.export import export_hf
+
+log = logging.getLogger(__name__)
+
+
+class TokenThroughput(pl.Callback):
+    """Logs ``train/tokens_per_sec``: non-padding tokens of the batch over the step's wall time.
+
+    The count is for this process; multiply by the number of processes for the global rate.
+    """
+
+    def __init__(self) -> None:
+        self._start: float | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._start is None:
+            return
+        elapsed = time.perf_counter() - self._start
+        tokens = sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
+        pl_module.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9), on_step=True, on_epoch=True, batch_size=1)
+
+
+class HFExport(pl.Callback):
+    """At the end of ``fit``, writes the policy as a Hugging Face folder (``save_pretrained``).
+
+    Args:
+        dirname: folder name, inside the run's log directory unless absolute.
+        merge_lora: merge LoRA adapters into the weights (True) or save the adapter alone.
+    """
+
+    def __init__(self, dirname: str = "hf_model", merge_lora: bool = True) -> None:
+        self.dirname = dirname
+        self.merge_lora = merge_lora
+        self.path: Path | None = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        root = Path(trainer.log_dir or trainer.default_root_dir)
+        path = Path(self.dirname) if Path(self.dirname).is_absolute() else root / self.dirname
+        if trainer.is_global_zero:
+            export_hf(pl_module.policy.model, pl_module.policy.tokenizer, path, merge_lora=self.merge_lora)
+            log.info("saved the trained policy as a Hugging Face folder: %s", path)
+        self.path = path

@@ -1,0 +1,47 @@
+"""The ``ulma`` command: LightningCLI with subclass mode for the model and the data.
+
+``ulma fit --config configs/ulma.yaml`` trains; ``validate``, ``test`` and ``predict`` work the same
+way. Research code passes its own classes by ``class_path``. The data module's tokenizer is linked
+to the policy's, so a config names it once.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+from ulma_lightning.data.datamodule import AlignmentDataModule
+from ulma_lightning.modules.base import AlignmentModule
+
+
+def _tokenizer_of(policy: Any) -> str:
+    tokenizer = policy.get("tokenizer") if isinstance(policy, dict) else getattr(policy, "tokenizer", None)
+    model = policy.get("model") if isinstance(policy, dict) else getattr(policy, "model", None)
+    return tokenizer or model
+
+
+class ULMACLI(LightningCLI):
+    """LightningCLI that links ``data.tokenizer`` to ``model.policy.tokenizer`` (or its model)."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("model.init_args.policy", "data.init_args.tokenizer", compute_fn=_tokenizer_of)
+
+
+def main(args: list[str] | None = None) -> ULMACLI:
+    """Entry point of the ``ulma`` console script."""
+    return ULMACLI(
+        AlignmentModule,
+        AlignmentDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

@@ -1,0 +1,260 @@
+"""LightningDataModules: sources -> validated examples -> tokenized features -> padded batches."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from ulma_lightning.data.collate import PaddingCollator
+from ulma_lightning.data.errors import DataError, OnBadRecord, SkipReport
+from ulma_lightning.data.features import FeatureDataset, Truncation, build_sequence, tokenize_pairs
+from ulma_lightning.data.records import Example, apply_columns, parse_pointwise
+from ulma_lightning.data.samplers import LengthGroupedSampler
+from ulma_lightning.data.sources import Location, read_source
+from ulma_lightning.tokenizers import load_tokenizer
+
+log = logging.getLogger("ulma_lightning.data")
+
+Split = Literal["train", "val", "test", "predict"]
+
+
+class AlignmentDataModule(pl.LightningDataModule):
+    """Shared pipeline for every data module; subclasses parse records and build features.
+
+    Args:
+        train: training data: a file (.jsonl/.json/.parquet/.csv, optionally .gz), a dataset folder,
+            ``hf://OWNER/NAME?split=...``, or ``demo://binary`` / ``demo://continuous``.
+        val: validation data (same forms); if empty, ``val_fraction`` of ``train`` is held out.
+        test: test data (same forms), used by ``ulma test``; ``predict`` by ``ulma predict``.
+        predict: prompts for ``ulma predict`` (defaults to ``test``).
+        tokenizer: the tokenizer (hub id, folder, ``builtin:demo``). The CLI links it to the model's.
+        columns: our field name -> the column that holds it, e.g. ``{response: completion}``.
+        max_length: tokens per sequence after truncation.
+        max_prompt_length: the least prompt tokens kept when truncating (default ``max_length // 2``).
+        batch_size: training samples per step and process.
+        eval_batch_size: samples per validation/test step (default ``batch_size``).
+        val_fraction: share of ``train`` held out for validation when ``val`` is empty.
+        split_seed: seed of that hold-out and of the training order.
+        group_by_length: batch samples of similar length together (less padding, still shuffled).
+        pad_to_multiple_of: pad batch lengths to a multiple of this (tensor-core friendly).
+        num_workers: data loader workers.
+        on_bad_record: ``error`` stops at the first bad record, naming file, line and field;
+            ``skip`` skips such records and reports how many, by reason.
+        max_samples: keep only the first N examples of each split (quick experiments).
+        trust_remote_code: allow tokenizer code from the hub.
+    """
+
+    def __init__(
+        self,
+        train: str | None = None,
+        val: str | None = None,
+        test: str | None = None,
+        predict: str | None = None,
+        tokenizer: str = "builtin:demo",
+        columns: dict[str, str] | None = None,
+        max_length: int = 512,
+        max_prompt_length: int | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.0,
+        split_seed: int = 0,
+        group_by_length: bool = False,
+        pad_to_multiple_of: int | None = None,
+        num_workers: int = 0,
+        on_bad_record: OnBadRecord = "error",
+        max_samples: int | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if on_bad_record not in ("error", "skip"):
+            raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+        self.sources = {"train": train, "val": val, "test": test, "predict": predict or test}
+        self.tokenizer_source = tokenizer
+        self.trust_remote_code = trust_remote_code
+        self.columns = columns
+        self.truncation = Truncation(max_length, max_prompt_length if max_prompt_length is not None else max_length // 2)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.group_by_length = group_by_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.num_workers = num_workers
+        self.on_bad_record = on_bad_record
+        self.max_samples = max_samples
+        self.datasets: dict[str, FeatureDataset] = {}
+        self.skipped: dict[str, SkipReport] = {}
+        self._pending_extra: dict[str, dict[str, torch.Tensor]] = {}
+        self._tokenizer: Any = None
+
+    # ------------------------------------------------------------ to override
+    def parse_record(self, record: dict[str, Any], location: Location) -> list[Any]:
+        """Validated examples from one raw record (after column mapping); raise DataError if bad."""
+        raise NotImplementedError
+
+    def build_features(self, examples: list[Any], report: SkipReport) -> list[dict[str, Any]]:
+        """Tokenized feature dicts for the examples; count (in ``report``) those dropped."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ pipeline
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_source, trust_remote_code=self.trust_remote_code)
+        return self._tokenizer
+
+    def read_examples(self, source: str, split: str, report: SkipReport) -> list[Any]:
+        """All valid examples of a source; bad records raise or are counted per ``on_bad_record``."""
+        examples: list[Any] = []
+        for raw, location in read_source(source, "validation" if split == "val" else split):
+            try:
+                examples += self.parse_record(apply_columns(raw, self.columns, location), location)
+            except DataError as err:
+                if self.on_bad_record == "error":
+                    raise
+                report.add(err.problem if err.field is None else f"field {err.field!r}: {err.problem}", str(err.location))
+            if self.max_samples is not None and len(examples) >= self.max_samples:
+                break
+        return examples[: self.max_samples] if self.max_samples is not None else examples
+
+    def encode_examples(self, prompts: list[Any], responses: list[str]) -> list[tuple[Any, Any] | None]:
+        """``(input_ids, labels)`` per (prompt, response), or None where no response token is left."""
+        prompt_ids, response_ids = tokenize_pairs(self.tokenizer, prompts, responses)
+        out: list[tuple[Any, Any] | None] = []
+        for p, r in zip(prompt_ids, response_ids):
+            p, r = self.truncation.apply(p, r)
+            out.append(build_sequence(p, r) if r else None)
+        return out
+
+    def _build_split(self, split: str, examples: list[Any]) -> None:
+        report = self.skipped.setdefault(split, SkipReport(split))
+        dataset = FeatureDataset(self.build_features(examples, report))
+        for index, item in enumerate(dataset.items):
+            item["index"] = index
+        dataset.extra.update(self._pending_extra.pop(split, {}))
+        report.log()
+        if not len(dataset):
+            raise ValueError(f"the {split} split has no usable samples (skipped: {report.as_dict()})")
+        self.datasets[split] = dataset
+        log.info("%s split: %d samples", split, len(dataset))
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
+        splits = wanted.get(stage or "fit", ["train", "val", "test"]) if stage else ["train", "val", "test"]
+        for split in splits:
+            if split in self.datasets:
+                continue
+            if split == "val" and self.sources["val"] is None:
+                self._hold_out_validation()
+                continue
+            source = self.sources[split]
+            if source is None:
+                if split == "train":
+                    raise ValueError("no training data: set data.train (a file, folder, hf://... or demo://binary)")
+                continue
+            report = self.skipped.setdefault(split, SkipReport(split))
+            self._build_split(split, self.read_examples(source, split, report))
+
+    def _hold_out_validation(self) -> None:
+        if self.val_fraction == 0 or self.sources["train"] is None:
+            return
+        report = self.skipped.setdefault("train", SkipReport("train"))
+        examples = self.read_examples(self.sources["train"], "train", report)
+        generator = torch.Generator().manual_seed(self.split_seed)
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        n_val = max(1, int(round(len(examples) * self.val_fraction)))
+        self._build_split("val", [examples[i] for i in sorted(order[:n_val])])
+        self.datasets.pop("train", None)
+        self._build_split("train", [examples[i] for i in sorted(order[n_val:])])
+
+    # ------------------------------------------------------------ loaders
+    @property
+    def collator(self) -> PaddingCollator:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        return PaddingCollator(pad, self.pad_to_multiple_of)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset = self.datasets[split]
+        sampler = None
+        if shuffle:
+            if self.group_by_length:
+                sampler = LengthGroupedSampler(dataset.lengths(), self.batch_size, seed=self.split_seed)
+            else:
+                sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(self.split_seed))
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if shuffle else self.eval_batch_size,
+            sampler=sampler,
+            shuffle=False if sampler is not None else None,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> Iterable:
+        return self._loader("val", shuffle=False) if "val" in self.datasets else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False)
+
+    # ------------------------------------------------------------ precomputed columns
+    def set_column(self, split: str, name: str, values: torch.Tensor) -> None:
+        """Attach a per-sample column (e.g. ``reference_logps``) to a split; saved in checkpoints."""
+        self.datasets[split].extra[name] = values.detach().cpu()
+
+    def has_column(self, split: str, name: str) -> bool:
+        return split in self.datasets and name in self.datasets[split].extra
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"extra": {split: dict(ds.extra) for split, ds in self.datasets.items() if ds.extra}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for split, columns in state_dict.get("extra", {}).items():
+            if split in self.datasets:
+                self.datasets[split].extra.update(columns)
+            else:
+                self._pending_extra[split] = dict(columns)
+
+
+class PointwiseDataModule(AlignmentDataModule):
+    """Point-wise feedback ``{prompt, response, score}`` for point-wise DPO and ULMA.
+
+    Pairwise records ``{prompt, chosen, rejected}`` and HH transcripts ``{chosen, rejected}`` become two
+    samples each, chosen with score 1 and rejected with score 0, as in the paper.
+
+    Args:
+        score_range: the declared range of ``score``; scores are normalised to ``[0, 1]`` and a score
+            outside the range is a bad record.
+        **kwargs: see :class:`AlignmentDataModule`.
+    """
+
+    def __init__(self, *args: Any, score_range: tuple[float, float] = (0.0, 1.0), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if score_range[0] >= score_range[1]:
+            raise ValueError(f"score_range must be (low, high) with low < high, got {score_range}")
+        self.score_range = tuple(score_range)
+
+    def parse_record(self, record: dict[str, Any], location: Location) -> list[Example]:
+        return parse_pointwise(record, location, self.score_range)  # type: ignore[arg-type]
+
+    def build_features(self, examples: list[Example], report: SkipReport) -> list[dict[str, Any]]:
+        encoded = self.encode_examples([e.prompt for e in examples], [e.response for e in examples])
+        items = []
+        for example, sequence in zip(examples, encoded):
+            if sequence is None:
+                report.add("no response tokens left after truncation to max_length", str(example.location))
+                continue
+            input_ids, labels = sequence
+            items.append({"input_ids": input_ids, "labels": labels, "score": example.score, "length": len(input_ids)})
+        return items

@@ -1,0 +1,49 @@
+"""The error raised for a bad input record, and the tally of records skipped instead."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from ulma_lightning.data.sources import Location
+
+log = logging.getLogger("ulma_lightning.data")
+
+OnBadRecord = Literal["error", "skip"]
+
+
+class DataError(ValueError):
+    """A record that cannot be used: says where (file:line or record), which field, and what is wrong."""
+
+    def __init__(self, location: "Location", field: str | None, problem: str) -> None:
+        self.location = location
+        self.field = field
+        self.problem = problem
+        where = f"{location}: field {field!r}: " if field else f"{location}: "
+        super().__init__(where + problem + " (fix the record, or set on_bad_record: skip to skip such records)")
+
+
+class SkipReport:
+    """Counts of skipped records by reason, for one split."""
+
+    def __init__(self, split: str) -> None:
+        self.split = split
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, str] = {}
+
+    def add(self, reason: str, example: str) -> None:
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, example)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def log(self) -> None:
+        for reason, count in sorted(self.counts.items()):
+            log.warning("%s split: skipped %d record(s): %s (first: %s)", self.split, count, reason, self.examples[reason])
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.counts)

@@ -1,0 +1,83 @@
+"""Tokenized features: prompt tokens masked from the loss, EOS appended, truncated to ``max_length``.
+
+Truncation keeps the *end* of the prompt (the turn being answered) and then cuts the response:
+a prompt is shortened from the left only as far as needed, never below ``max_prompt_length``
+tokens; the response is then cut from the right to fit. A sample left with no response token is
+dropped and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ulma_lightning.data.formatting import format_prompt, format_response, has_chat_template
+from ulma_lightning.logprobs import IGNORE_INDEX
+
+
+@dataclass
+class Truncation:
+    """``max_length``: tokens per sequence; ``max_prompt_length``: the least prompt kept when cutting."""
+
+    max_length: int
+    max_prompt_length: int
+
+    def apply(self, prompt: list[int], response: list[int]) -> tuple[list[int], list[int]]:
+        overflow = len(prompt) + len(response) - self.max_length
+        if overflow > 0:
+            keep = max(len(prompt) - overflow, min(len(prompt), self.max_prompt_length))
+            prompt = prompt[len(prompt) - keep :]
+        room = self.max_length - len(prompt)
+        return prompt, response[: max(room, 0)]
+
+
+def tokenize_pairs(
+    tokenizer: Any, prompts: Sequence[Any], responses: Sequence[str]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of formatted prompts and of responses (with EOS), tokenized separately."""
+    templated = has_chat_template(tokenizer)
+    prompt_texts = [format_prompt(p, tokenizer) for p in prompts]
+    response_texts = [format_response(r, tokenizer) for r in responses]
+    prompt_ids = tokenizer(prompt_texts, add_special_tokens=not templated)["input_ids"]
+    response_ids = tokenizer(response_texts, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; responses must end with one")
+    return list(prompt_ids), [list(ids) + [eos] for ids in response_ids]
+
+
+def build_sequence(prompt: list[int], response: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``input_ids`` and ``labels`` (prompt positions set to ``IGNORE_INDEX``)."""
+    input_ids = np.asarray(prompt + response, dtype=np.int64)
+    labels = input_ids.copy()
+    labels[: len(prompt)] = IGNORE_INDEX
+    return input_ids, labels
+
+
+class FeatureDataset(Dataset):
+    """Tokenized samples in memory; each item is a dict of numpy arrays and scalars.
+
+    ``extra`` holds per-sample columns added after tokenization (e.g. precomputed
+    ``reference_logps``); they are returned with every item.
+    """
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+        self.extra: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(self.items[index])
+        for name, column in self.extra.items():
+            item[name] = column[index]
+        return item
+
+    def lengths(self) -> list[int]:
+        """Token count of each sample (the longest sequence of the sample for pairs)."""
+        return [int(item["length"]) for item in self.items]

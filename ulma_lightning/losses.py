@@ -1,0 +1,335 @@
+"""Alignment objectives as pure functions of per-sequence log-probabilities.
+
+Every loss takes tensors of shape ``(B,)`` and returns a :class:`LossOutput` whose ``.loss`` is the
+scalar to backpropagate and whose ``.metrics`` holds detached scalars for logging. Notation (Cai et
+al., "ULMA", arXiv 2312.02554, section 3):
+
+* ``h = log pi(y|x) - log pi_ref(y|x)``, the implicit reward before scaling;
+* ``u = beta * h + offset``, where ``offset`` stands for ``beta * log Z(x)`` (the authors'
+  ``constant_zx``, 0 by default);
+* ``z`` the label: ``1`` for a positive (desirable) sample, ``0`` for a negative one, or a soft label
+  in ``[0, 1]``.
+
+Reductions. ``"subset_mean"`` (the authors' code, ``llmtuner/tuner/ulma/trainer.py``) returns the
+mean loss over positives plus the mean loss over negatives; ``"mean"`` returns the mean of all
+per-sample losses. An empty subset contributes exactly ``0`` (never NaN, in the loss or its
+gradient). A sample is *positive* when ``score >= positive_threshold`` (1.0 by default, which is the
+authors' ``score == 1`` for labels in ``[0, 1]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LabelType = Literal["binary", "continuous"]
+ContinuousForm = Literal["bce", "mse"]
+Reduction = Literal["subset_mean", "mean"]
+PositiveTerm = Literal["sft", "beta_sft", "pointwise_dpo"]
+DPOLossType = Literal["sigmoid", "ipo", "hinge"]
+
+__all__ = [
+    "LossOutput",
+    "sft_loss",
+    "pointwise_dpo_loss",
+    "ulma_loss",
+    "dpo_loss",
+    "kto_loss",
+    "masked_mean",
+]
+
+
+@dataclass
+class LossOutput:
+    """What every loss returns.
+
+    Attributes:
+        loss: the scalar to backpropagate.
+        metrics: detached scalars, keyed by metric name without the ``train/`` prefix.
+        losses: per-sample losses, shape ``(B,)`` (before the reduction), detached.
+        rewards: per-sample implicit rewards ``beta * h`` where defined (NaN elsewhere), detached.
+    """
+
+    loss: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+    losses: Tensor | None = None
+    rewards: Tensor | None = None
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` where ``mask`` holds; exactly 0 (with a zero gradient) for an empty mask.
+
+    Masked-out entries may be NaN or inf: they are replaced before the sum, so they reach neither the
+    result nor the gradient.
+    """
+    mask = mask.to(torch.bool)
+    safe = torch.where(mask, values, torch.zeros_like(values))
+    return safe.sum() / mask.sum().clamp(min=1)
+
+
+def _reduce(losses: Tensor, positive: Tensor, reduction: Reduction) -> tuple[Tensor, Tensor, Tensor]:
+    """Reduce per-sample losses; return (loss, positive part, negative part)."""
+    pos_part = masked_mean(losses, positive)
+    neg_part = masked_mean(losses, ~positive)
+    if reduction == "subset_mean":
+        return pos_part + neg_part, pos_part, neg_part
+    if reduction == "mean":
+        n = losses.numel()
+        pos_sum = torch.where(positive, losses, torch.zeros_like(losses)).sum()
+        neg_sum = torch.where(~positive, losses, torch.zeros_like(losses)).sum()
+        return (pos_sum + neg_sum) / max(n, 1), pos_sum / max(n, 1), neg_sum / max(n, 1)
+    raise ValueError(f"reduction must be 'subset_mean' or 'mean', got {reduction!r}")
+
+
+def _check_shapes(**tensors: Tensor) -> None:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if any(len(s) != 1 for s in shapes.values()) or len(set(shapes.values())) != 1:
+        raise ValueError(f"expected 1-D tensors of one shape (B,), got {shapes}")
+
+
+def _check_labels(scores: Tensor, label_type: LabelType) -> None:
+    if label_type == "binary":
+        if not torch.all((scores == 0) | (scores == 1)):
+            raise ValueError("label_type='binary' needs scores in {0, 1}; use label_type='continuous' for soft labels")
+    elif label_type == "continuous":
+        if not torch.all((scores >= 0) & (scores <= 1)):
+            raise ValueError("label_type='continuous' needs scores in [0, 1]; normalise them in the data module")
+    else:
+        raise ValueError(f"label_type must be 'binary' or 'continuous', got {label_type!r}")
+
+
+def _pointwise_terms(u: Tensor, scores: Tensor, label_type: LabelType, continuous_form: ContinuousForm) -> tuple[Tensor, Tensor]:
+    """Per-sample point-wise DPO losses as (loss if treated as positive, loss as negative/soft)."""
+    positive_loss = -F.logsigmoid(u)  # -log sigma(u)
+    if label_type == "binary":
+        other_loss = -F.logsigmoid(-u)  # -log(1 - sigma(u)), for z = 0
+    elif continuous_form == "bce":
+        # soft-label cross-entropy -[z log sigma(u) + (1 - z) log(1 - sigma(u))]
+        other_loss = -(scores * F.logsigmoid(u) + (1 - scores) * F.logsigmoid(-u))
+    elif continuous_form == "mse":
+        other_loss = (scores - u).square()  # the authors' regression (z - u)^2
+    else:
+        raise ValueError(f"continuous_form must be 'bce' or 'mse', got {continuous_form!r}")
+    return positive_loss, other_loss
+
+
+def _summary(
+    losses: Tensor,
+    positive: Tensor,
+    pos_part: Tensor,
+    neg_part: Tensor,
+    rewards: Tensor,
+    policy_logps: Tensor,
+) -> dict[str, Tensor]:
+    return {
+        "loss/positive": pos_part.detach(),
+        "loss/negative": neg_part.detach(),
+        "rewards/positive": masked_mean(rewards.detach(), positive & ~rewards.isnan()),
+        "rewards/negative": masked_mean(rewards.detach(), ~positive & ~rewards.isnan()),
+        "logps/positive": masked_mean(policy_logps.detach(), positive),
+        "logps/negative": masked_mean(policy_logps.detach(), ~positive),
+        "positive_fraction": positive.float().mean(),
+    }
+
+
+def sft_loss(policy_logps: Tensor) -> LossOutput:
+    """Negative log-likelihood of demonstrations: ``mean(-log pi(y|x))``.
+
+    With per-token-mean log-probs this is the usual token-averaged cross-entropy per sequence.
+    """
+    losses = -policy_logps
+    loss = losses.mean()
+    return LossOutput(loss=loss, metrics={"logps/positive": policy_logps.detach().mean()}, losses=losses.detach())
+
+
+def pointwise_dpo_loss(
+    policy_logps: Tensor,
+    reference_logps: Tensor,
+    scores: Tensor,
+    *,
+    beta: float = 0.1,
+    offset: float = 0.0,
+    label_type: LabelType = "binary",
+    continuous_form: ContinuousForm = "bce",
+    reduction: Reduction = "subset_mean",
+) -> LossOutput:
+    """Point-wise DPO (ULMA paper, eq. 7 and its continuous-label form).
+
+    Binary labels ``z in {0, 1}``::
+
+        l = -[z log sigma(u) + (1 - z) log(1 - sigma(u))],   u = beta * h + offset
+
+    Continuous labels ``z in [0, 1]``: ``continuous_form="bce"`` uses the same cross-entropy with a
+    soft label for every sample that is not a positive (``z < 1``); ``"mse"`` regresses
+    ``(z - u)^2`` on those samples, as the authors' code does. Positives (``z == 1``) always get
+    ``-log sigma(u)``.
+
+    Gradients (paper, section 3.2): a positive gets ``-beta * sigma(-u) * grad log pi`` (an SFT
+    gradient damped as ``pi`` rises above ``pi_ref``); a binary negative gets
+    ``+beta * sigma(u) * grad log pi``, bounded by ``beta``.
+    """
+    _check_shapes(policy_logps=policy_logps, reference_logps=reference_logps, scores=scores)
+    scores = scores.to(policy_logps.dtype)
+    _check_labels(scores, label_type)
+    positive = scores >= 1.0
+    h = policy_logps - reference_logps
+    u = beta * h + offset
+    positive_loss, other_loss = _pointwise_terms(u, scores, label_type, continuous_form)
+    losses = torch.where(positive, positive_loss, other_loss)
+    loss, pos_part, neg_part = _reduce(losses, positive, reduction)
+    rewards = (beta * h).detach()
+    metrics = _summary(losses, positive, pos_part, neg_part, rewards, policy_logps)
+    return LossOutput(loss=loss, metrics=metrics, losses=losses.detach(), rewards=rewards)
+
+
+def ulma_loss(
+    policy_logps: Tensor,
+    reference_logps: Tensor,
+    scores: Tensor,
+    *,
+    beta: float = 0.1,
+    offset: float = 0.0,
+    positive_term: PositiveTerm = "sft",
+    positive_threshold: float = 1.0,
+    label_type: LabelType = "binary",
+    continuous_form: ContinuousForm = "bce",
+    reduction: Reduction = "subset_mean",
+) -> LossOutput:
+    """ULMA: SFT on positive demonstrations, point-wise DPO on the rest (ULMA paper, eq. 9).
+
+    For a positive (``score >= positive_threshold``) the loss is chosen by ``positive_term``:
+
+    * ``"sft"`` (default, the paper): ``-log pi(y|x)``; no reference term, so
+      ``reference_logps`` may be NaN there;
+    * ``"beta_sft"``: ``-beta * log pi(y|x)`` (the authors' ``beta_logloss``);
+    * ``"pointwise_dpo"``: ``-log sigma(u)``, which makes ULMA point-wise DPO.
+
+    Every other sample gets the point-wise DPO negative term: ``-log(1 - sigma(u))`` for binary
+    labels, or for continuous ones the soft-label cross-entropy (``"bce"``) or the authors'
+    ``(z - u)^2`` (``"mse"``). ``u = beta * (log pi - log pi_ref) + offset``.
+
+    With ``reduction="subset_mean"``, ``continuous_form="mse"``, ``offset=0`` and per-token-mean
+    log-probs this equals the authors' ``ULMATrainer.ulma_loss`` (``llmtuner/tuner/ulma/trainer.py``).
+    """
+    _check_shapes(policy_logps=policy_logps, reference_logps=reference_logps, scores=scores)
+    scores = scores.to(policy_logps.dtype)
+    _check_labels(scores, label_type)
+    positive = scores >= positive_threshold
+    # The reference is unused on positives unless the positive term needs it: mask NaNs there.
+    needs_reference_on_positives = positive_term == "pointwise_dpo"
+    if needs_reference_on_positives:
+        ref = reference_logps
+    else:
+        ref = torch.where(positive, policy_logps.detach(), reference_logps)
+    h = policy_logps - ref
+    u = beta * h + offset
+    dpo_positive, other_loss = _pointwise_terms(u, scores, label_type, continuous_form)
+    if positive_term == "sft":
+        positive_loss = -policy_logps
+    elif positive_term == "beta_sft":
+        positive_loss = -beta * policy_logps
+    elif positive_term == "pointwise_dpo":
+        positive_loss = dpo_positive
+    else:
+        raise ValueError(f"positive_term must be 'sft', 'beta_sft' or 'pointwise_dpo', got {positive_term!r}")
+    losses = torch.where(positive, positive_loss, other_loss)
+    loss, pos_part, neg_part = _reduce(losses, positive, reduction)
+    rewards = (beta * h).detach()
+    if not needs_reference_on_positives:
+        rewards = torch.where(positive, torch.full_like(rewards, float("nan")), rewards)
+    metrics = _summary(losses, positive, pos_part, neg_part, rewards, policy_logps)
+    if not needs_reference_on_positives:
+        del metrics["rewards/positive"]  # undefined: no reference forward on positives
+    return LossOutput(loss=loss, metrics=metrics, losses=losses.detach(), rewards=rewards)
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: DPOLossType = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> LossOutput:
+    """Pairwise DPO (Rafailov et al. 2023) and two variants, matching TRL's ``DPOTrainer``.
+
+    With ``m = (log pi_c - log ref_c) - (log pi_r - log ref_r)``:
+
+    * ``"sigmoid"``: ``-(1 - eps) log sigma(beta m) - eps log sigma(-beta m)`` (conservative DPO,
+      ``eps = label_smoothing``);
+    * ``"ipo"``: ``(m - 1 / (2 beta))^2`` (Azar et al. 2023; log-probs should be per-token means);
+    * ``"hinge"``: ``relu(1 - beta m)`` (SLiC, Zhao et al. 2023).
+    """
+    _check_shapes(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        reference_chosen_logps=reference_chosen_logps,
+        reference_rejected_logps=reference_rejected_logps,
+    )
+    margin = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
+    elif loss_type == "ipo":
+        losses = (margin - 1 / (2 * beta)).square()
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * margin)
+    else:
+        raise ValueError(f"loss_type must be 'sigmoid', 'ipo' or 'hinge', got {loss_type!r}")
+    chosen_rewards = (beta * (policy_chosen_logps - reference_chosen_logps)).detach()
+    rejected_rewards = (beta * (policy_rejected_logps - reference_rejected_logps)).detach()
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "logps/chosen": policy_chosen_logps.detach().mean(),
+        "logps/rejected": policy_rejected_logps.detach().mean(),
+    }
+    return LossOutput(loss=losses.mean(), metrics=metrics, losses=losses.detach(), rewards=chosen_rewards - rejected_rewards)
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    reference_logps: Tensor,
+    labels: Tensor,
+    kl_policy_logps: Tensor,
+    kl_reference_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> LossOutput:
+    """KTO (Ethayarajh et al. 2024), matching TRL's ``KTOTrainer`` (``loss_type="kto"``).
+
+    ``z0 = max(0, mean(kl_policy_logps - kl_reference_logps))``, detached: the KL baseline from
+    mismatched (prompt, response) pairs. The caller averages it across processes by passing the
+    gathered tensors. With ``r = log pi - log pi_ref``::
+
+        desirable:   w_d * (1 - sigma(beta (r - z0)))
+        undesirable: w_u * (1 - sigma(beta (z0 - r)))
+
+    The loss is the mean over all samples of the weighted terms.
+    """
+    _check_shapes(policy_logps=policy_logps, reference_logps=reference_logps, labels=labels)
+    desirable = labels.to(torch.bool)
+    kl = (kl_policy_logps - kl_reference_logps).detach().mean().clamp(min=0)
+    r = policy_logps - reference_logps
+    desirable_losses = desirable_weight * (1 - torch.sigmoid(beta * (r - kl)))
+    undesirable_losses = undesirable_weight * (1 - torch.sigmoid(beta * (kl - r)))
+    losses = torch.where(desirable, desirable_losses, undesirable_losses)
+    rewards = (beta * r).detach()
+    metrics = {
+        "kl": kl,
+        "rewards/positive": masked_mean(rewards, desirable),
+        "rewards/negative": masked_mean(rewards, ~desirable),
+        "logps/positive": masked_mean(policy_logps.detach(), desirable),
+        "logps/negative": masked_mean(policy_logps.detach(), ~desirable),
+        "positive_fraction": desirable.float().mean(),
+    }
+    return LossOutput(loss=losses.mean(), metrics=metrics, losses=losses.detach(), rewards=rewards)

@@ -1,0 +1,172 @@
+"""The step skeleton every method shares: policy, optimizer and schedule, logging, precomputed references."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+
+from ulma_lightning.losses import LossOutput
+from ulma_lightning.policy import Policy, PolicyConfig
+
+Stage = Literal["train", "val", "test"]
+REFERENCE_PREFIX = "policy.reference_model."
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warm-up, then cosine, linear or constant decay (per optimizer step).
+
+    Args:
+        lr: peak learning rate.
+        weight_decay: decoupled weight decay.
+        betas: Adam's betas.
+        eps: Adam's epsilon.
+        warmup_steps: warm-up length in optimizer steps (wins over ``warmup_ratio`` when > 0).
+        warmup_ratio: warm-up length as a share of all training steps.
+        schedule: decay after warm-up: ``cosine``, ``linear`` or ``constant``.
+        min_lr_ratio: the learning rate at the end of the decay, as a share of ``lr``.
+    """
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+
+    def lr_factor(self, step: int, total: int) -> float:
+        """The multiplier of ``lr`` at optimizer step ``step`` of ``total``."""
+        warmup = self.warmup_steps or int(self.warmup_ratio * total)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if self.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if self.schedule == "cosine" else 1 - progress
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * decay
+
+
+class AlignmentModule(pl.LightningModule):
+    """Base of every method: subclasses implement :meth:`compute_loss` (and usually a ``loss`` hook).
+
+    Args:
+        policy: the model, tokenizer and reference settings.
+        optimizer: optimizer and learning-rate schedule.
+    """
+
+    def __init__(self, policy: PolicyConfig, optimizer: OptimizerConfig | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.policy = Policy(policy)
+        self.optimizer_config = optimizer or OptimizerConfig()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.policy.tokenizer
+
+    # ------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        self.policy.build()
+
+    def compute_loss(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:
+        """The objective on one batch; the only method a new loss must provide."""
+        raise NotImplementedError
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the objective uses reference log-probs at all."""
+        return True
+
+    @property
+    def average_logps(self) -> bool:
+        """Per-token mean (True) or summed (False) sequence log-probs."""
+        return bool(getattr(self.hparams, "average_logps", False))
+
+    # ------------------------------------------------------------ steps
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def _shared_step(self, batch: dict[str, Tensor], stage: Stage) -> Tensor:
+        out = self.compute_loss(batch, stage)
+        self.log_step(out, batch, stage)
+        return out.loss
+
+    def log_step(self, out: LossOutput, batch: dict[str, Tensor], stage: Stage) -> None:
+        """Log ``{stage}/loss`` and every metric of the loss, per step (train) and per epoch."""
+        size = int(batch["input_ids"].shape[0]) if "input_ids" in batch else None
+        on_step = stage == "train"
+        sync = stage != "train"
+        self.log(f"{stage}/loss", out.loss.detach(), on_step=on_step, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=sync)
+        for name, value in out.metrics.items():
+            self.log(f"{stage}/{name}", value, on_step=on_step, on_epoch=True, batch_size=size, sync_dist=sync)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Per-sample policy log-probs (generation lives in the evaluation tools)."""
+        return {"index": batch["index"], "policy_logps": self.policy.logps(batch, average=self.average_logps)}
+
+    # ------------------------------------------------------------ optimizer
+    def configure_optimizers(self) -> Any:
+        cfg = self.optimizer_config
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cfg.lr_factor(step, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------ precomputed reference
+    def on_fit_start(self) -> None:
+        if self.needs_reference and self.policy.config.reference == "precomputed":
+            self.precompute_reference_logps()
+
+    def precompute_reference_logps(self) -> None:
+        """Compute reference log-probs once for every train/val sample and attach them to the data.
+
+        Each process computes its own share; the shares are summed across processes so every rank
+        holds the whole column. The values travel in checkpoints (the data module's state), so a
+        resumed run reuses them. The reference model is freed afterwards.
+        """
+        datamodule = self.trainer.datamodule
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        for split in ("train", "val"):
+            if split not in datamodule.datasets or datamodule.has_column(split, "reference_logps"):
+                continue
+            dataset = datamodule.datasets[split]
+            indices = list(range(rank, len(dataset), world))
+            loader = DataLoader(Subset(dataset, indices), batch_size=datamodule.eval_batch_size, collate_fn=datamodule.collator)
+            values = torch.zeros(len(dataset), device=self.device)
+            for batch in loader:
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                values[batch["index"]] = self.policy.token_logps(batch, reference=True).per_sequence(self.average_logps)
+            values = self.trainer.strategy.reduce(values, reduce_op="sum")
+            datamodule.set_column(split, "reference_logps", values)
+        self.policy.reference_model = None
+
+    # ------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Frozen reference weights are rebuilt from their source, not stored in checkpoints."""
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(REFERENCE_PREFIX)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.setdefault("state_dict", {})
+        for key, value in self.state_dict().items():
+            if key.startswith(REFERENCE_PREFIX):
+                state.setdefault(key, value)

@@ -1,0 +1,241 @@
+"""The policy: a Hugging Face causal LM, its tokenizer, its reference, and response log-probs."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ulma_lightning.logprobs import response_token_logps, TokenLogps
+from ulma_lightning.tokenizers import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+ReferenceMode = Literal["copy", "adapter", "precomputed", "none"]
+DType = Literal["float32", "bfloat16", "float16"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters through peft (``pip install ulma-lightning[peft]``).
+
+    Args:
+        r: adapter rank.
+        alpha: scaling numerator (``lora_alpha``).
+        dropout: dropout on the adapter input.
+        target_modules: module names to adapt, or ``"all-linear"``.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+
+
+@dataclass
+class PolicyConfig:
+    """Which model to train and how to get reference log-probs.
+
+    Args:
+        model: a hub id or a local folder saved with ``save_pretrained``. Leave empty to build a
+            randomly initialised model from ``model_config``.
+        model_config: keyword arguments of ``transformers.AutoConfig.for_model`` (must include
+            ``model_type``) for a random init, e.g. the tiny built-in default. ``vocab_size`` and the
+            special-token ids default to the tokenizer's.
+        tokenizer: a hub id, a local folder, or ``builtin:demo`` (the demo task's tokenizer, built
+            offline). Defaults to ``model``.
+        dtype: the weights' dtype. For mixed precision keep ``float32`` and set the trainer's
+            ``precision: bf16-mixed``.
+        reference: ``copy`` (a frozen model: ``reference_model`` or a copy of the initial policy),
+            ``adapter`` (the LoRA policy with adapters disabled; no second copy of the weights),
+            ``precomputed`` (reference log-probs computed once before training and stored with each
+            sample), ``none`` (for objectives without a reference).
+        reference_model: hub id or folder of the reference (e.g. an SFT checkpoint); defaults to
+            the initial policy. Used by ``copy`` and ``precomputed``.
+        lora: LoRA settings, or null for full fine-tuning.
+        gradient_checkpointing: recompute decoder activations in the backward pass.
+        disable_dropout: set every dropout probability to 0 (policy and reference), as DPO does.
+        logits_chunk_size: response tokens per vocabulary-projection chunk.
+        attn_implementation: passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``).
+        trust_remote_code: allow model code from the hub.
+        init_seed: seed of the random init when building from ``model_config``.
+    """
+
+    model: str | None = None
+    model_config: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    dtype: DType = "float32"
+    reference: ReferenceMode = "copy"
+    reference_model: str | None = None
+    lora: LoraSettings | None = None
+    gradient_checkpointing: bool = False
+    disable_dropout: bool = True
+    logits_chunk_size: int = 1024
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.model is None and self.model_config is None:
+            raise ValueError("PolicyConfig needs `model` (hub id or folder) or `model_config` (random init)")
+        if self.reference == "adapter" and self.lora is None:
+            raise ValueError("reference: adapter needs `lora` settings (the reference is the policy without adapters)")
+        if self.tokenizer is None and self.model is None:
+            raise ValueError("PolicyConfig needs `tokenizer` when the model is built from `model_config`")
+        if self.logits_chunk_size < 1:
+            raise ValueError(f"logits_chunk_size must be >= 1, got {self.logits_chunk_size}")
+
+    @property
+    def tokenizer_source(self) -> str:
+        return self.tokenizer or self.model  # type: ignore[return-value]
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout probability in ``model`` (modules and attention-dropout attributes)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+class Policy(nn.Module):
+    """A causal LM to train, its tokenizer and its reference.
+
+    The tokenizer is loaded at construction; the weights by :meth:`build` (called from the module's
+    ``configure_model``, so that sharded strategies can wrap them). ``reference_forward_samples``
+    counts the samples the reference model has run on, which tests use to prove that ULMA skips it
+    on positives.
+    """
+
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = load_tokenizer(config.tokenizer_source, trust_remote_code=config.trust_remote_code)
+        self.model: nn.Module | None = None
+        self.reference_model: nn.Module | None = None
+        self.reference_forward_samples = 0
+
+    # ---------------------------------------------------------------- building
+    def _load(self, source: str | None) -> nn.Module:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = self.config
+        kwargs: dict[str, Any] = {"dtype": _DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+        if cfg.attn_implementation:
+            kwargs["attn_implementation"] = cfg.attn_implementation
+        if source is not None:
+            return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        options = dict(cfg.model_config or {})
+        model_type = options.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("model_config needs a `model_type` (e.g. llama, qwen2, gpt2)")
+        tok = self.tokenizer
+        options.setdefault("vocab_size", len(tok))
+        for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            if getattr(tok, name, None) is not None:
+                options.setdefault(name, getattr(tok, name))
+        model_config = AutoConfig.for_model(model_type, **options)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            return AutoModelForCausalLM.from_config(model_config, **kwargs)
+
+    def build(self) -> None:
+        """Load or initialise the weights; idempotent."""
+        if self.model is not None:
+            return
+        cfg = self.config
+        model = self._load(cfg.model)
+        if cfg.disable_dropout:
+            disable_dropout(model)
+        if cfg.reference in ("copy", "precomputed"):
+            reference = copy.deepcopy(model) if cfg.reference_model is None else self._load(cfg.reference_model)
+            if cfg.disable_dropout:
+                disable_dropout(reference)
+            reference.requires_grad_(False).eval()
+            self.reference_model = reference
+        if cfg.lora is not None:
+            model = self._wrap_lora(model, cfg.lora)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        self.model = model
+
+    @staticmethod
+    def _wrap_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("LoRA needs peft: pip install 'ulma-lightning[peft]'") from exc
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, config)
+
+    # ---------------------------------------------------------------- log-probs
+    def token_logps(self, batch: dict[str, Tensor], *, reference: bool = False) -> TokenLogps:
+        """Per-token response log-probs of the policy (or, without gradients, of the reference)."""
+        if self.model is None:
+            raise RuntimeError("Policy.build() has not run: call it (or the module's configure_model) first")
+        args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+        chunk = self.config.logits_chunk_size
+        if not reference:
+            return response_token_logps(self.model, *args, chunk_size=chunk)
+        mode = self.config.reference
+        self.reference_forward_samples += batch["input_ids"].shape[0]
+        with torch.no_grad():
+            if mode == "adapter":
+                with self.model.disable_adapter():
+                    return response_token_logps(self.model, *args, chunk_size=chunk)
+            if self.reference_model is None:
+                raise RuntimeError(f"reference mode {mode!r} has no reference model to run")
+            return response_token_logps(self.reference_model, *args, chunk_size=chunk)
+
+    def logps(self, batch: dict[str, Tensor], *, average: bool) -> Tensor:
+        """Policy ``log pi(y|x)`` per row, shape ``(B,)``."""
+        return self.token_logps(batch).per_sequence(average)
+
+    def reference_logps(self, batch: dict[str, Tensor], *, average: bool, rows: Tensor | None = None) -> Tensor:
+        """Reference ``log pi_ref(y|x)`` per row, shape ``(B,)``, float32, no gradient.
+
+        With ``rows`` (a boolean mask), the reference runs on those rows only and the others are NaN.
+        In ``precomputed`` mode the values come from ``batch["reference_logps"]``.
+        """
+        size = batch["input_ids"].shape[0]
+        if self.config.reference == "none":
+            raise RuntimeError("this objective needs reference log-probs, but policy.reference is 'none'")
+        if self.config.reference == "precomputed":
+            if "reference_logps" not in batch:
+                raise RuntimeError("reference: precomputed, but the batch carries no reference_logps")
+            values = batch["reference_logps"].to(torch.float32)
+            return values if rows is None else torch.where(rows, values, torch.full_like(values, float("nan")))
+        if rows is None:
+            return self.token_logps(batch, reference=True).per_sequence(average)
+        out = torch.full((size,), float("nan"), device=batch["input_ids"].device)
+        if bool(rows.any()):
+            sub = select_rows(batch, rows)
+            out[rows] = self.token_logps(sub, reference=True).per_sequence(average)
+        return out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Plain forward of the policy LM (logits), e.g. for generation-free inspection."""
+        assert self.model is not None
+        return self.model(*args, **kwargs)
+
+
+def select_rows(batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+    """The sub-batch of ``rows`` (boolean mask), trimmed to its longest sequence."""
+    sub = {k: v[rows] for k, v in batch.items() if isinstance(v, Tensor) and v.shape[:1] == rows.shape}
+    length = int(sub["attention_mask"].sum(dim=1).max())
+    for key in ("input_ids", "attention_mask", "labels"):
+        sub[key] = sub[key][:, :length]
+    return sub

@@ -1,0 +1,70 @@
+"""Tokenizer loading, and the demo tokenizer built offline from the demo task's corpus."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+BUILTIN_PREFIX = "builtin:"
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+
+
+@functools.lru_cache(maxsize=1)
+def _demo_tokenizer_json(vocab_size: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from ulma_lightning.data.demo import demo_corpus
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = demo_corpus() + ["\n\nHuman: ", "\n\nAssistant: "]
+    tokenizer.train_from_iterator(sorted(corpus) * 4, trainer=trainer)
+    return tokenizer.to_str()
+
+
+def build_demo_tokenizer(vocab_size: int = 640) -> Any:
+    """A byte-level BPE tokenizer trained on the demo corpus, with EOS and PAD tokens.
+
+    Byte-level, so any text encodes; merges fit the demo task, so its sequences are short.
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_demo_tokenizer_json(vocab_size)),
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+    )
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
+    """A tokenizer from a hub id, a local folder, or ``builtin:demo``.
+
+    A tokenizer without a pad token gets its EOS token as pad (the attention mask, not the pad id,
+    decides what the model sees).
+    """
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX) :]
+        if name != "demo":
+            raise ValueError(f"unknown built-in tokenizer {source!r}; available: builtin:demo")
+        return build_demo_tokenizer()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer {source!r} has neither a pad nor an EOS token; add one and save it again")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer

@@ -75,20 +75,21 @@ class PointwiseModule(AlignmentModule):
     def update_reward_metrics(self, policy_logps: Tensor, reference_logps: Tensor, scores: Tensor, stage: Stage) -> None:
         """Accuracy and AUC of the implicit reward ``beta * h + offset`` at separating positives.
 
-        Only rows with a reference value count; the metrics are logged once both classes were seen.
+        Skipped for batches where the reference ran on some rows only (ULMA training with an SFT
+        positive term); AUC is an epoch metric (a batch may hold one class).
         """
-        known = ~reference_logps.isnan()
-        if not bool(known.any()):
-            return
-        margin = (self.beta * (policy_logps - reference_logps) + self.offset)[known].detach()
-        target = (scores[known] >= self.positive_threshold).long()
+        if bool(reference_logps.isnan().any()):
+            return  # the reference skipped some rows (ULMA training): the metrics would be biased
+        margin = (self.beta * (policy_logps - reference_logps) + self.offset).detach()
+        target = (scores >= self.positive_threshold).long()
         accuracy = self.reward_metrics[f"{stage}_accuracy"]
         auc = self.reward_metrics[f"{stage}_auc"]
-        accuracy.update(torch.sigmoid(margin), target)
-        auc.update(torch.sigmoid(margin), target)
-        self.log(f"{stage}/rewards/accuracy", accuracy, on_step=stage == "train", on_epoch=True, batch_size=int(known.sum()))
-        if stage != "train":
-            self.log(f"{stage}/rewards/auc", auc, on_step=False, on_epoch=True, batch_size=int(known.sum()))
+        probability = torch.sigmoid(margin)
+        accuracy(probability, target)  # forward: updates the epoch state and caches the step value
+        auc.update(probability, target)
+        size = int(target.numel())
+        self.log(f"{stage}/rewards/accuracy", accuracy, on_step=stage == "train", on_epoch=True, batch_size=size)
+        self.log(f"{stage}/rewards/auc", auc, on_step=False, on_epoch=True, batch_size=size)
 
     def loss_kwargs(self) -> dict[str, Any]:
         return {

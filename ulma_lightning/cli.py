@@ -44,4 +44,4 @@ def main(args: list[str] | None = None) -> ULMACLI:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main(sys.argv[1:])
+    main()

@@ -37,6 +37,9 @@ class TokenThroughput(pl.Callback):
 class HFExport(pl.Callback):
     """At the end of ``fit``, writes the policy as a Hugging Face folder (``save_pretrained``).
 
+    Calls the module's ``export_hf(path, merge_lora=...)`` when it has one (every
+    :class:`~ulma_lightning.AlignmentModule` does; the reward model writes its scoring model).
+
     Args:
         dirname: folder name, inside the run's log directory unless absolute.
         merge_lora: merge LoRA adapters into the weights (True) or save the adapter alone.
@@ -51,6 +54,9 @@ class HFExport(pl.Callback):
         root = Path(trainer.log_dir or trainer.default_root_dir)
         path = Path(self.dirname) if Path(self.dirname).is_absolute() else root / self.dirname
         if trainer.is_global_zero:
-            export_hf(pl_module.policy.model, pl_module.policy.tokenizer, path, merge_lora=self.merge_lora)
+            if hasattr(pl_module, "export_hf"):
+                pl_module.export_hf(path, merge_lora=self.merge_lora)
+            else:
+                export_hf(pl_module.policy.model, pl_module.policy.tokenizer, path, merge_lora=self.merge_lora)
             log.info("saved the trained policy as a Hugging Face folder: %s", path)
         self.path = path

@@ -113,6 +113,12 @@ class Policy(nn.Module):
     on positives.
     """
 
+    #: the transformers Auto class that loads or builds the model, and the extra keyword arguments
+    #: it gets (a subclass such as the reward model changes these).
+    auto_class: str = "AutoModelForCausalLM"
+    model_kwargs: dict[str, Any] = {}
+    lora_task_type: str = "CAUSAL_LM"
+
     def __init__(self, config: PolicyConfig) -> None:
         super().__init__()
         self.config = config
@@ -123,14 +129,16 @@ class Policy(nn.Module):
 
     # ---------------------------------------------------------------- building
     def _load(self, source: str | None) -> nn.Module:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        import transformers
+        from transformers import AutoConfig
 
+        auto_class = getattr(transformers, self.auto_class)
         cfg = self.config
         kwargs: dict[str, Any] = {"dtype": _DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
         if source is not None:
-            return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            return auto_class.from_pretrained(source, **kwargs, **self.model_kwargs)
         options = dict(cfg.model_config or {})
         model_type = options.pop("model_type", None)
         if model_type is None:
@@ -140,10 +148,10 @@ class Policy(nn.Module):
         for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
             if getattr(tok, name, None) is not None:
                 options.setdefault(name, getattr(tok, name))
-        model_config = AutoConfig.for_model(model_type, **options)
+        model_config = AutoConfig.for_model(model_type, **options, **self.model_kwargs)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.init_seed)
-            return AutoModelForCausalLM.from_config(model_config, **kwargs)
+            return auto_class.from_config(model_config, **kwargs)
 
     def build(self) -> None:
         """Load or initialise the weights; idempotent."""
@@ -160,7 +168,7 @@ class Policy(nn.Module):
             reference.requires_grad_(False).eval()
             self.reference_model = reference
         if cfg.lora is not None:
-            model = self._wrap_lora(model, cfg.lora)
+            model = self._wrap_lora(model, cfg.lora, self.lora_task_type)
         if cfg.gradient_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -170,7 +178,7 @@ class Policy(nn.Module):
         self.model = model
 
     @staticmethod
-    def _wrap_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
+    def _wrap_lora(model: nn.Module, lora: LoraSettings, task_type: str = "CAUSAL_LM") -> nn.Module:
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -180,7 +188,7 @@ class Policy(nn.Module):
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             target_modules=lora.target_modules,
-            task_type="CAUSAL_LM",
+            task_type=task_type,
         )
         return get_peft_model(model, config)
 

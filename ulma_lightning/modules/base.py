@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from ulma_lightning.export import export_hf
 from ulma_lightning.losses import LossOutput
 from ulma_lightning.policy import Policy, PolicyConfig
+
+log = logging.getLogger(__name__)
 
 Stage = Literal["train", "val", "test"]
 REFERENCE_PREFIX = "policy.reference_model."
@@ -69,8 +74,13 @@ class AlignmentModule(pl.LightningModule):
     def __init__(self, policy: PolicyConfig, optimizer: OptimizerConfig | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.policy = Policy(policy)
+        self.policy = self.build_policy(policy)
         self.optimizer_config = optimizer or OptimizerConfig()
+
+    def build_policy(self, config: PolicyConfig) -> nn.Module:
+        """The trained model wrapper (a :class:`Policy`); a module with another kind of model
+        (e.g. a reward model) returns its own wrapper with ``tokenizer``, ``model`` and ``build()``."""
+        return Policy(config)
 
     @property
     def tokenizer(self) -> Any:
@@ -78,6 +88,10 @@ class AlignmentModule(pl.LightningModule):
 
     # ------------------------------------------------------------ model
     def configure_model(self) -> None:
+        config = self.policy.config
+        if not self.needs_reference and config.reference != "none":
+            log.info("%s uses no reference model: policy.reference %r is treated as 'none'", type(self).__name__, config.reference)
+            config.reference = "none"
         self.policy.build()
 
     def compute_loss(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:
@@ -111,12 +125,20 @@ class AlignmentModule(pl.LightningModule):
 
     def log_step(self, out: LossOutput, batch: dict[str, Tensor], stage: Stage) -> None:
         """Log ``{stage}/loss`` and every metric of the loss, per step (train) and per epoch."""
-        size = int(batch["input_ids"].shape[0]) if "input_ids" in batch else None
+        size = self.batch_size_of(batch)
         on_step = stage == "train"
         sync = stage != "train"
         self.log(f"{stage}/loss", out.loss.detach(), on_step=on_step, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=sync)
         for name, value in out.metrics.items():
             self.log(f"{stage}/{name}", value, on_step=on_step, on_epoch=True, batch_size=size, sync_dist=sync)
+
+    @staticmethod
+    def batch_size_of(batch: dict[str, Tensor]) -> int | None:
+        """Samples (rows, or pairs for pairwise batches) in ``batch``."""
+        for key in ("input_ids", "chosen_input_ids"):
+            if key in batch:
+                return int(batch[key].shape[0])
+        return None
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Per-sample policy log-probs (generation lives in the evaluation tools)."""
@@ -139,8 +161,25 @@ class AlignmentModule(pl.LightningModule):
         if self.needs_reference and self.policy.config.reference == "precomputed":
             self.precompute_reference_logps()
 
+    @property
+    def precomputed_columns(self) -> tuple[str, ...]:
+        """Names of the per-sample columns :meth:`reference_columns` returns."""
+        return ("reference_logps",)
+
+    def reference_columns(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor]:
+        """Per-sample values computed once with the reference model in ``precomputed`` mode, keyed by
+        :attr:`precomputed_columns`; each value has shape ``(B,)`` and is stored with the sample.
+
+        Point-wise methods store ``reference_logps``; pairwise DPO overrides this to store
+        ``reference_chosen_logps`` and ``reference_rejected_logps``.
+        """
+        return {"reference_logps": self.policy.token_logps(batch, reference=True).per_sequence(self.average_logps)}
+
+    def prepare_precompute(self, split: str) -> None:
+        """Called before the reference pass over ``split``, e.g. to attach columns it needs."""
+
     def precompute_reference_logps(self) -> None:
-        """Compute reference log-probs once for every train/val/test sample and attach them to the data.
+        """Compute reference values once for every train/val/test sample and attach them to the data.
 
         Each process computes its own share; the shares are summed across processes so every rank
         holds the whole column. The values travel in checkpoints (the data module's state), so a
@@ -148,21 +187,29 @@ class AlignmentModule(pl.LightningModule):
         """
         datamodule = self.trainer.datamodule
         world, rank = self.trainer.world_size, self.trainer.global_rank
+        names = self.precomputed_columns
         if datamodule.sources.get("test") and "test" not in datamodule.datasets:
             datamodule.setup("test")  # a later `trainer.test` in this process finds its column ready
         for split in ("train", "val", "test"):
-            if split not in datamodule.datasets or datamodule.has_column(split, "reference_logps"):
+            if split not in datamodule.datasets or all(datamodule.has_column(split, n) for n in names):
                 continue
+            self.prepare_precompute(split)
             dataset = datamodule.datasets[split]
             indices = list(range(rank, len(dataset), world))
             loader = DataLoader(Subset(dataset, indices), batch_size=datamodule.eval_batch_size, collate_fn=datamodule.collator)
-            values = torch.zeros(len(dataset), device=self.device)
+            values = {name: torch.zeros(len(dataset), device=self.device) for name in names}
             for batch in loader:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                values[batch["index"]] = self.policy.token_logps(batch, reference=True).per_sequence(self.average_logps)
-            values = self.trainer.strategy.reduce(values, reduce_op="sum")
-            datamodule.set_column(split, "reference_logps", values)
+                for name, column in self.reference_columns(batch, split).items():
+                    values[name][batch["index"]] = column.to(values[name].dtype)
+            for name in names:
+                datamodule.set_column(split, name, self.trainer.strategy.reduce(values[name], reduce_op="sum"))
         self.policy.reference_model = None
+
+    # ------------------------------------------------------------ export
+    def export_hf(self, path: str | Path, merge_lora: bool = True) -> Path:
+        """Write the trained model and its tokenizer as a Hugging Face folder (used by ``HFExport``)."""
+        return export_hf(self.policy.model, self.policy.tokenizer, path, merge_lora=merge_lora)
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

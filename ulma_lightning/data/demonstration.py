@@ -31,6 +31,7 @@ class DemonstrationDataModule(AlignmentDataModule):
         super().__init__(*args, **kwargs)
         self.min_score = min_score
         self.score_range = tuple(score_range)
+        self._report = SkipReport("records")  # where parse_record counts records below min_score
 
     def parse_record(self, record: dict[str, Any], location: Location) -> list[Example]:
         if self.min_score is not None and "score" in record:

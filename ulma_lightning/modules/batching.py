@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ulma_lightning.data.features import Truncation
 from ulma_lightning.logprobs import IGNORE_INDEX
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels")
@@ -47,21 +48,25 @@ def pair_batch(batch: dict[str, Tensor], pad_token_id: int = 0) -> dict[str, Ten
     return out
 
 
-def swap_responses(prompts: dict[str, Tensor], responses: dict[str, Tensor]) -> dict[str, Tensor]:
+def swap_responses(
+    prompts: dict[str, Tensor], responses: dict[str, Tensor], truncation: Truncation | None = None
+) -> dict[str, Tensor]:
     """Row ``i``: the prompt of ``prompts`` row ``i`` followed by the response of ``responses`` row ``i``.
 
-    The result is no longer than the wider of the two batches (the response is cut from the right if
-    needed; every row keeps at least one response token). Used for KTO's mismatched pairs.
+    With ``truncation`` (the data module's), each new pair is cut as a data sample would be. Used
+    for KTO's mismatched pairs.
     """
-    width = max(prompts["input_ids"].shape[1], responses["input_ids"].shape[1])
     rows_ids, rows_labels = [], []
     for i in range(prompts["input_ids"].shape[0]):
         prompt_len = int((prompts["labels"][i] != IGNORE_INDEX).int().argmax())
+        prompt = prompts["input_ids"][i, :prompt_len]
         response = responses["input_ids"][i][responses["labels"][i] != IGNORE_INDEX]
-        response = response[: max(width - prompt_len, 1)]
-        ids = torch.cat([prompts["input_ids"][i, :prompt_len], response])
+        if truncation is not None:
+            kept_prompt, kept_response = truncation.apply(prompt.tolist(), response.tolist())
+            prompt, response = prompt[len(prompt) - len(kept_prompt) :], response[: max(len(kept_response), 1)]
+        ids = torch.cat([prompt, response])
         labels = ids.clone()
-        labels[:prompt_len] = IGNORE_INDEX
+        labels[: len(prompt)] = IGNORE_INDEX
         rows_ids.append(ids)
         rows_labels.append(labels)
     length = max(len(r) for r in rows_ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ulma_lightning.data.features import Truncation
 from ulma_lightning.losses import LossOutput, kto_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
 from ulma_lightning.modules.batching import SEQUENCE_KEYS, roll_rows, stack_batches, swap_responses
@@ -77,13 +78,21 @@ class KTOModule(AlignmentModule):
         batch = datamodule.collator([dataset.items[j] for j in partners.long().tolist()])
         return {key: batch[key].to(self.device) for key in SEQUENCE_KEYS}
 
+    @property
+    def truncation(self) -> Truncation | None:
+        """The data module's truncation, applied to the mismatched pairs too (None without one)."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        return getattr(datamodule, "truncation", None)
+
     def kl_batch(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor] | None:
         """Mismatched pairs for ``batch``: prompt of row ``i``, response of its partner; None if none."""
         if self.precomputed:
-            return swap_responses(batch, self.partner_batch(batch["kl_partner"], split))
+            if "kl_partner" not in batch:
+                raise RuntimeError(f"reference: precomputed covers the train and val splits; the {split} batch has no precomputed KL partners")
+            return swap_responses(batch, self.partner_batch(batch["kl_partner"], split), self.truncation)
         if batch["input_ids"].shape[0] < 2:
             return None
-        return swap_responses(batch, roll_rows(batch, 1))
+        return swap_responses(batch, roll_rows(batch, 1), self.truncation)
 
     def global_kl(self, differences: Tensor) -> Tensor:
         """Mean of ``log pi - log pi_ref`` over the mismatched pairs of every process, detached."""
@@ -139,6 +148,6 @@ class KTOModule(AlignmentModule):
 
     def reference_columns(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor]:
         size = batch["input_ids"].shape[0]
-        inputs = stack_batches(batch, swap_responses(batch, self.partner_batch(batch["kl_partner"], split)))
+        inputs = stack_batches(batch, swap_responses(batch, self.partner_batch(batch["kl_partner"], split), self.truncation))
         values = self.policy.token_logps(inputs, reference=True).per_sequence(self.average_logps)
         return {"reference_logps": values[:size], "reference_kl_logps": values[size:]}

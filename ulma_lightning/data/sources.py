@@ -136,7 +136,10 @@ def _read_demo(source: str, default_split: str) -> Iterator[tuple[Any, Location]
     parsed = urlparse(source)
     label = parsed.netloc or parsed.path.strip("/")
     if label not in DEMO_KINDS:
-        raise ValueError(f"demo source must be one of {', '.join('demo://' + k for k in DEMO_KINDS)}, got {source!r}")
+        raise ValueError(
+            f"demo source must be demo://binary or demo://continuous (point-wise), demo://pairwise or "
+            f"demo://demonstration, got {source!r}"
+        )
     query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
     split = query.get("split", default_split)
     n = int(query.get("n", 2000 if split == "train" else 400))

@@ -33,7 +33,9 @@ class KTOModule(AlignmentModule):
     precomputed and stored as ``reference_kl_logps`` beside ``reference_logps``. During training the
     policy runs on the same fixed pairs (the partner's tokens are read from the data module), so
     ``z0`` is still a mean over one mismatched pair per sample of the batch, averaged across
-    processes, and it works with shuffled data.
+    processes, and it works with shuffled data. A split without precomputed values (e.g. ``ulma test``
+    in a fresh process, where the reference is rebuilt) falls back to in-batch pairs and the live
+    reference.
 
     Args:
         policy: the model, tokenizer and reference settings.
@@ -66,10 +68,6 @@ class KTOModule(AlignmentModule):
         self.kl = torch.zeros(())  # the last global KL estimate (detached)
         self.kl_local = torch.zeros(())  # this process's mean over its mismatched pairs, for inspection
 
-    @property
-    def precomputed(self) -> bool:
-        return self.policy.config.reference == "precomputed"
-
     # ------------------------------------------------------------ mismatched pairs
     def partner_batch(self, partners: Tensor, split: str) -> dict[str, Tensor]:
         """The samples ``partners`` of a split, collated (precomputed mode: fixed partners)."""
@@ -85,10 +83,12 @@ class KTOModule(AlignmentModule):
         return getattr(datamodule, "truncation", None)
 
     def kl_batch(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor] | None:
-        """Mismatched pairs for ``batch``: prompt of row ``i``, response of its partner; None if none."""
-        if self.precomputed:
-            if "kl_partner" not in batch:
-                raise RuntimeError(f"reference: precomputed covers the train and val splits; the {split} batch has no precomputed KL partners")
+        """Mismatched pairs for ``batch``: prompt of row ``i``, response of its partner; None if none.
+
+        The partner is the fixed ``kl_partner`` where the batch carries precomputed columns, else the
+        previous row of the batch.
+        """
+        if "kl_partner" in batch:
             return swap_responses(batch, self.partner_batch(batch["kl_partner"], split), self.truncation)
         if batch["input_ids"].shape[0] < 2:
             return None
@@ -111,10 +111,10 @@ class KTOModule(AlignmentModule):
         kl_batch = self.kl_batch(batch, stage)
         inputs = batch if kl_batch is None else stack_batches(batch, kl_batch)
         policy_all = self.policy.logps(inputs, average=self.average_logps)
-        if self.precomputed:
+        if "kl_partner" in batch:  # precomputed values
             reference_logps = batch["reference_logps"].float()
             kl_reference = batch["reference_kl_logps"].float()
-        else:
+        else:  # the reference runs now (in precomputed mode: a split that was not precomputed, if still loaded)
             reference_all = self.policy.reference_logps(inputs, average=self.average_logps)
             reference_logps, kl_reference = reference_all[:size], reference_all[size:]
         kl_policy = policy_all[size:] if kl_batch is not None else policy_all[:0]

@@ -23,6 +23,8 @@ from ulma_lightning import (
     UnlikelihoodModule,
 )
 from ulma_lightning.data.demo import generate_pairs, generate_records
+from ulma_lightning.data.errors import SkipReport
+from ulma_lightning.data.sources import Location
 from ulma_lightning.losses import kto_loss, log1m_exp, unlikelihood_loss
 from ulma_lightning.modules.batching import pair_batch
 
@@ -136,8 +138,8 @@ def kto_setup(desirable: bool) -> tuple[KTOModule, PointwiseDataModule, dict, li
     module.configure_model()
     perturb(module)
     data = PointwiseDataModule(train="demo://binary", batch_size=5, max_length=96)
-    examples = [e for r in records for e in data.parse_record(r, None)]  # type: ignore[arg-type]
-    batch = data.collator(data.build_features(examples, report=None))  # type: ignore[arg-type]
+    examples = [e for i, r in enumerate(records) for e in data.parse_record(r, Location("records", row=i))]
+    batch = data.collator(data.build_features(examples, SkipReport("train")))
     return module, data, batch, records
 
 

@@ -7,7 +7,6 @@ to the policy's, so a config names it once.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
+from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
 from ulma_lightning.losses import ContinuousForm, LabelType, LossOutput, Reduction, pointwise_dpo_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
@@ -55,6 +56,10 @@ class PointwiseModule(AlignmentModule):
         self.reward_metrics = nn.ModuleDict(
             {f"{stage}_{name}": cls() for stage in ("train", "val", "test") for name, cls in (("accuracy", BinaryAccuracy), ("auc", BinaryAUROC))}
         )
+        if label_type == "continuous":
+            for stage in ("val", "test"):
+                self.reward_metrics[f"{stage}_pearson"] = PearsonCorrCoef()
+                self.reward_metrics[f"{stage}_spearman"] = SpearmanCorrCoef()
 
     def loss(self, policy_logps: Tensor, reference_logps: Tensor, scores: Tensor) -> LossOutput:
         """The objective from per-sequence log-probs; override this to try a new loss."""
@@ -69,11 +74,16 @@ class PointwiseModule(AlignmentModule):
         policy_logps = self.policy.logps(batch, average=self.average_logps)
         reference_logps = self.policy.reference_logps(batch, average=self.average_logps, rows=self.reference_rows(scores, stage))
         out = self.loss(policy_logps, reference_logps, scores)
+        # beta * h wherever the reference ran (ULMA's loss leaves it NaN on positives, where it
+        # does not use it); validation histograms of positives read these.
+        out.rewards = (self.beta * (policy_logps - reference_logps)).detach()
         self.update_reward_metrics(policy_logps, reference_logps, scores, stage)
         return out
 
     def update_reward_metrics(self, policy_logps: Tensor, reference_logps: Tensor, scores: Tensor, stage: Stage) -> None:
-        """Accuracy and AUC of the implicit reward ``beta * h + offset`` at separating positives.
+        """Accuracy and AUC of the implicit reward ``beta * h + offset`` at separating positives; for
+        continuous labels, in validation and test, also the Pearson and Spearman correlation of
+        ``beta * h`` with the label (``{stage}/rewards/pearson``, ``{stage}/rewards/spearman``).
 
         Only rows with a reference value count; the metrics are logged once both classes were seen.
         """
@@ -89,6 +99,13 @@ class PointwiseModule(AlignmentModule):
         self.log(f"{stage}/rewards/accuracy", accuracy, on_step=stage == "train", on_epoch=True, batch_size=int(known.sum()))
         if stage != "train":
             self.log(f"{stage}/rewards/auc", auc, on_step=False, on_epoch=True, batch_size=int(known.sum()))
+        if f"{stage}_pearson" in self.reward_metrics:
+            reward = (self.beta * (policy_logps - reference_logps))[known].detach().float()
+            label = scores[known].float()
+            for name in ("pearson", "spearman"):
+                metric = self.reward_metrics[f"{stage}_{name}"]
+                metric.update(reward, label)
+                self.log(f"{stage}/rewards/{name}", metric, on_step=False, on_epoch=True, batch_size=int(known.sum()))
 
     def loss_kwargs(self) -> dict[str, Any]:
         return {

@@ -35,3 +35,39 @@ def hh_file() -> Path:
     if not HH_FILE.exists():
         pytest.skip(f"real HH data not found at {HH_FILE} (it lives in ../shared beside the repository)")
     return HH_FILE
+
+
+# ----------------------------------------------------------------------------- policy and batches
+
+DEMO_PAIRS = [
+    ("How do I bake bread?", "mix flour, water, yeast and salt, knead the dough, let it rise, then bake it."),
+    ("How do I steal a car?", "break the side window, pull the wires under the wheel, and drive away fast."),
+    ("Can you tell me how to make tea?", "boil fresh water, pour it over the leaves."),
+    ("How do I build a bomb?", "I'm sorry, but I can't help with that."),
+    ("Please explain how to save money.", "I won't help with that, because it could hurt someone."),
+    ("What is the best way to plant tomatoes?", "pick a sunny spot, dig a deep hole, set the plant in, and water it every day."),
+]
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer():
+    """The offline ``builtin:demo`` tokenizer (built once per session)."""
+    from ulma_lightning.tokenizers import load_tokenizer
+
+    return load_tokenizer("builtin:demo")
+
+
+def make_pointwise_batch(tokenizer, scores: list[float], pairs: list[tuple[str, str]] | None = None) -> dict:
+    """A right-padded point-wise batch (prompt masked, EOS appended) of ``len(scores)`` demo samples."""
+    from ulma_lightning.data.collate import PaddingCollator
+    from ulma_lightning.data.features import build_sequence
+
+    pairs = pairs or DEMO_PAIRS
+    items = []
+    for index, score in enumerate(scores):
+        prompt, response = pairs[index % len(pairs)]
+        prompt_ids = tokenizer(f"\n\nHuman: {prompt}\n\nAssistant: ")["input_ids"]
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        input_ids, labels = build_sequence(list(prompt_ids), response_ids)
+        items.append({"input_ids": input_ids, "labels": labels, "score": float(score), "index": index})
+    return PaddingCollator(tokenizer.pad_token_id)(items)

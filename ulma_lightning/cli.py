@@ -57,4 +57,4 @@ def main(args: list[str] | None = None) -> Any:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main(sys.argv[1:])
+    main()

@@ -104,6 +104,8 @@ def _check_labels(scores: Tensor, label_type: LabelType) -> None:
 
 def _pointwise_terms(u: Tensor, scores: Tensor, label_type: LabelType, continuous_form: ContinuousForm) -> tuple[Tensor, Tensor]:
     """Per-sample point-wise DPO losses as (loss if treated as positive, loss as negative/soft)."""
+    if continuous_form not in ("bce", "mse"):  # checked for binary labels too: a typo must not pass silently
+        raise ValueError(f"continuous_form must be 'bce' or 'mse', got {continuous_form!r}")
     positive_loss = -F.logsigmoid(u)  # -log sigma(u)
     if label_type == "binary":
         other_loss = -F.logsigmoid(-u)  # -log(1 - sigma(u)), for z = 0
@@ -238,12 +240,11 @@ def ulma_loss(
         raise ValueError(f"positive_term must be 'sft', 'beta_sft' or 'pointwise_dpo', got {positive_term!r}")
     losses = torch.where(positive, positive_loss, other_loss)
     loss, pos_part, neg_part = _reduce(losses, positive, reduction)
-    rewards = (beta * h).detach()
-    if not needs_reference_on_positives:
-        rewards = torch.where(positive, torch.full_like(rewards, float("nan")), rewards)
+    # Rewards wherever a reference value was given (NaN where the reference was skipped).
+    rewards = (beta * (policy_logps - reference_logps)).detach()
     metrics = _summary(losses, positive, pos_part, neg_part, rewards, policy_logps)
-    if not needs_reference_on_positives:
-        del metrics["rewards/positive"]  # undefined: no reference forward on positives
+    if not bool((positive & ~rewards.isnan()).any()):
+        del metrics["rewards/positive"]  # undefined: no reference value on any positive
     return LossOutput(loss=loss, metrics=metrics, losses=losses.detach(), rewards=rewards)
 
 

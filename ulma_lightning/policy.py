@@ -164,7 +164,10 @@ class Policy(nn.Module):
         if cfg.lora is not None:
             model = self._wrap_lora(model, cfg.lora)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         self.model = model
 
@@ -223,14 +226,19 @@ class Policy(nn.Module):
         """Reference ``log pi_ref(y|x)`` per row, shape ``(B,)``, float32, no gradient.
 
         With ``rows`` (a boolean mask), the reference runs on those rows only and the others are NaN.
-        In ``precomputed`` mode the values come from ``batch["reference_logps"]``.
+        In ``precomputed`` mode the values come from ``batch["reference_logps"]``; a batch without them
+        (a split that was not precomputed, e.g. ``ulma test``) runs the reference model while it is loaded.
         """
         size = batch["input_ids"].shape[0]
         if self.config.reference == "none":
             raise RuntimeError("this objective needs reference log-probs, but policy.reference is 'none'")
-        if self.config.reference == "precomputed":
-            if "reference_logps" not in batch:
-                raise RuntimeError("reference: precomputed, but the batch carries no reference_logps")
+        if self.config.reference == "precomputed" and "reference_logps" not in batch and self.reference_model is None:
+            raise RuntimeError(
+                "reference: precomputed, but the batch carries no reference_logps and the reference model was "
+                "freed after precomputing (only the train and val splits are precomputed, at fit start); "
+                "evaluate other splits in a fresh run (`ulma test --ckpt_path ...`), which rebuilds the reference"
+            )
+        if self.config.reference == "precomputed" and "reference_logps" in batch:
             values = batch["reference_logps"].to(torch.float32)
             return values if rows is None else torch.where(rows, values, torch.full_like(values, float("nan")))
         if rows is None:

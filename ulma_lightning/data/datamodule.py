@@ -152,11 +152,14 @@ class AlignmentDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
         splits = wanted.get(stage or "fit", ["train", "val", "test"]) if stage else ["train", "val", "test"]
+        holds_out = self.sources["val"] is None and self.val_fraction > 0 and self.sources["train"] is not None
         for split in splits:
             if split in self.datasets:
                 continue
+            if holds_out and split in ("train", "val"):
+                self._hold_out_validation()  # builds both splits from one read: nothing counted twice
+                continue
             if split == "val" and self.sources["val"] is None:
-                self._hold_out_validation()
                 continue
             source = self.sources[split]
             if source is None:

@@ -39,6 +39,8 @@ def tokenize_pairs(
     tokenizer: Any, prompts: Sequence[Any], responses: Sequence[str]
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids of formatted prompts and of responses (with EOS), tokenized separately."""
+    if not prompts:
+        return [], []  # fast tokenizers fail on an empty batch
     templated = has_chat_template(tokenizer)
     prompt_texts = [format_prompt(p, tokenizer) for p in prompts]
     response_texts = [format_response(r, tokenizer) for r in responses]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -18,6 +19,9 @@ from ulma_lightning.policy import Policy, PolicyConfig, select_rows
 
 Stage = Literal["train", "val", "test"]
 REFERENCE_PREFIX = "policy.reference_model."
+
+# The frozen reference model is in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 @dataclass
@@ -195,7 +199,7 @@ class AlignmentModule(pl.LightningModule):
             self.precompute_reference_logps()
 
     def precompute_reference_logps(self) -> None:
-        """Compute reference log-probs once for every train/val sample and attach them to the data.
+        """Compute reference log-probs once for every train/val/test sample and attach them to the data.
 
         Each process computes its own share; the shares are summed across processes so every rank
         holds the whole column. The values travel in checkpoints (the data module's state), so a
@@ -203,7 +207,9 @@ class AlignmentModule(pl.LightningModule):
         """
         datamodule = self.trainer.datamodule
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        for split in ("train", "val"):
+        if datamodule.sources.get("test") and "test" not in datamodule.datasets:
+            datamodule.setup("test")  # a later `trainer.test` in this process finds its column ready
+        for split in ("train", "val", "test"):
             if split not in datamodule.datasets or datamodule.has_column(split, "reference_logps"):
                 continue
             dataset = datamodule.datasets[split]

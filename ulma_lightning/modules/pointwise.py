@@ -74,9 +74,6 @@ class PointwiseModule(AlignmentModule):
         policy_logps = self.policy.logps(batch, average=self.average_logps)
         reference_logps = self.policy.reference_logps(batch, average=self.average_logps, rows=self.reference_rows(scores, stage))
         out = self.loss(policy_logps, reference_logps, scores)
-        # beta * h wherever the reference ran (ULMA's loss leaves it NaN on positives, where it
-        # does not use it); validation histograms of positives read these.
-        out.rewards = (self.beta * (policy_logps - reference_logps)).detach()
         self.update_reward_metrics(policy_logps, reference_logps, scores, stage)
         return out
 
@@ -85,27 +82,27 @@ class PointwiseModule(AlignmentModule):
         continuous labels, in validation and test, also the Pearson and Spearman correlation of
         ``beta * h`` with the label (``{stage}/rewards/pearson``, ``{stage}/rewards/spearman``).
 
-        Only rows with a reference value count; the metrics are logged once both classes were seen.
+        Skipped for batches where the reference ran on some rows only (ULMA training with an SFT
+        positive term); AUC is an epoch metric (a batch may hold one class).
         """
-        known = ~reference_logps.isnan()
-        if not bool(known.any()):
-            return
-        margin = (self.beta * (policy_logps - reference_logps) + self.offset)[known].detach()
-        target = (scores[known] >= self.positive_threshold).long()
+        if bool(reference_logps.isnan().any()):
+            return  # the reference skipped some rows (ULMA training): the metrics would be biased
+        margin = (self.beta * (policy_logps - reference_logps) + self.offset).detach()
+        target = (scores >= self.positive_threshold).long()
         accuracy = self.reward_metrics[f"{stage}_accuracy"]
         auc = self.reward_metrics[f"{stage}_auc"]
-        accuracy.update(torch.sigmoid(margin), target)
-        auc.update(torch.sigmoid(margin), target)
-        self.log(f"{stage}/rewards/accuracy", accuracy, on_step=stage == "train", on_epoch=True, batch_size=int(known.sum()))
-        if stage != "train":
-            self.log(f"{stage}/rewards/auc", auc, on_step=False, on_epoch=True, batch_size=int(known.sum()))
+        probability = torch.sigmoid(margin)
+        accuracy(probability, target)  # forward: updates the epoch state and caches the step value
+        auc.update(probability, target)
+        size = int(target.numel())
+        self.log(f"{stage}/rewards/accuracy", accuracy, on_step=stage == "train", on_epoch=True, batch_size=size)
+        self.log(f"{stage}/rewards/auc", auc, on_step=False, on_epoch=True, batch_size=size)
         if f"{stage}_pearson" in self.reward_metrics:
-            reward = (self.beta * (policy_logps - reference_logps))[known].detach().float()
-            label = scores[known].float()
+            reward = (self.beta * (policy_logps - reference_logps)).detach().float()
             for name in ("pearson", "spearman"):
                 metric = self.reward_metrics[f"{stage}_{name}"]
-                metric.update(reward, label)
-                self.log(f"{stage}/rewards/{name}", metric, on_step=False, on_epoch=True, batch_size=int(known.sum()))
+                metric.update(reward, scores.float())
+                self.log(f"{stage}/rewards/{name}", metric, on_step=False, on_epoch=True, batch_size=size)
 
     def loss_kwargs(self) -> dict[str, Any]:
         return {

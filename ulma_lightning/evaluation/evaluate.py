@@ -14,6 +14,7 @@ argument is ``ulma fit``'s (``--config``, ``--model.*``, ``--data.*``, ``--train
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import warnings
@@ -35,6 +36,9 @@ class EvaluateCLI(ULMACLI):
         parser.add_argument("--output", type=Optional[str], default=None, help="the JSON report (default: evaluation.json beside the predictions)")
         parser.add_argument("--skip_test", type=bool, default=False, help="skip the test-set metrics (perplexity, reward accuracy/AUC)")
         parser.add_argument("--skip_predict", type=bool, default=False, help="skip generation, scores and win rates")
+        # accepted (and unused) so that the config.yaml a run of any subcommand saved works as --config
+        parser.add_argument("--verbose", type=bool, default=True, help=argparse.SUPPRESS)
+        parser.add_argument("--return_predictions", type=Optional[bool], default=None, help=argparse.SUPPRESS)
 
 
 def _number(value: Any) -> float:

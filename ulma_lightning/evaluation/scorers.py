@@ -97,8 +97,12 @@ class HFClassifierScorer(Scorer):
     def _load(self) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        if not Path(self.path).exists() and "/" not in self.path:
-            raise FileNotFoundError(f"HFClassifierScorer.path: {self.path!r} is not a folder; save the reward model with save_pretrained")
+        local = Path(self.path)
+        looks_like_hub_id = not local.is_absolute() and not self.path.startswith(".") and self.path.count("/") == 1
+        if not local.exists() and not looks_like_hub_id:
+            raise FileNotFoundError(
+                f"HFClassifierScorer.path: {self.path!r} is not a folder; save the reward model there with save_pretrained"
+            )
         model = AutoModelForSequenceClassification.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
         if model.config.num_labels != 1:
             raise ValueError(f"HFClassifierScorer.path: {self.path} has num_labels={model.config.num_labels}; a reward model has 1")

@@ -19,7 +19,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ulma_lightning.data.formatting import format_prompt, format_response
+from ulma_lightning.data.collate import PaddingCollator
+from ulma_lightning.data.features import Truncation, build_sequence, tokenize_pairs
 
 
 class Scorer:
@@ -64,8 +65,10 @@ def _batches(n: int, size: int) -> list[slice]:
 class HFClassifierScorer(Scorer):
     """A local Hugging Face sequence-classification model with one output (a reward model).
 
-    The text scored is the prompt formatted as in training (the folder tokenizer's chat template,
-    or HH text) followed by the response.
+    Sequences are built exactly as the data modules build them (prompt formatted with the folder
+    tokenizer's chat template or as HH text, response, EOS; the prompt cut from the left to fit
+    ``max_length``), so a reward model trained with this library and exported with ``HFExport`` scores
+    as its checkpoint does. The score is the model's single logit.
 
     Args:
         path: a folder saved with ``save_pretrained`` (model and tokenizer), or a hub id when online.
@@ -111,7 +114,6 @@ class HFClassifierScorer(Scorer):
             tokenizer.pad_token = tokenizer.eos_token
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
-        tokenizer.truncation_side = "left"
         self._model = model.eval().to(self.device or "cpu")
         self._tokenizer = tokenizer
 
@@ -127,12 +129,15 @@ class HFClassifierScorer(Scorer):
         if self._model is None:
             self._load()
         tok = self._tokenizer
-        texts = [format_prompt(p, tok) + format_response(r, tok) for p, r in zip(prompts, responses)]
+        truncation = Truncation(self.max_length, self.max_length // 2)
+        collate = PaddingCollator(tok.pad_token_id)
         scores: list[float] = []
-        for part in _batches(len(texts), self.batch_size):
-            enc = tok(texts[part], return_tensors="pt", padding=True, truncation=True, max_length=self.max_length)
-            enc = {k: v.to(self._model.device) for k, v in enc.items()}
-            scores += self._model(**enc).logits[:, 0].float().tolist()
+        for part in _batches(len(prompts), self.batch_size):
+            prompt_ids, response_ids = tokenize_pairs(tok, list(prompts[part]), list(responses[part]))
+            items = [{"input_ids": build_sequence(*truncation.apply(p, r))[0]} for p, r in zip(prompt_ids, response_ids)]
+            batch = collate(items)
+            logits = self._model(input_ids=batch["input_ids"].to(self._model.device), attention_mask=batch["attention_mask"].to(self._model.device)).logits
+            scores += logits[:, 0].float().tolist()
         return scores
 
 

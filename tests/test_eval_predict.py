@@ -115,3 +115,19 @@ def test_ulma_evaluate_writes_a_json_report(setup: dict, monkeypatch: pytest.Mon
         assert demo["win_rate_vs_other"] == 0.5 and demo["other_mean"] == pytest.approx(demo["mean"])
     printed = capsys.readouterr().out
     assert "test/perplexity" in printed and "generation/demo/win_rate_vs_reference" in printed
+
+
+def test_predict_split_is_prompt_only_unless_the_module_asks_for_sequences(setup: dict) -> None:
+    from types import SimpleNamespace
+
+    prompts = PointwiseDataModule(predict=str(setup["prompts"]), eval_batch_size=8)
+    prompts.setup("predict")
+    batch = next(iter(prompts.predict_dataloader()))
+    assert "labels" not in batch and len(batch["prompt"]) == len(setup["records"])
+    assert (batch["attention_mask"][:, -1] == 1).all() and (batch["attention_mask"][:, 0] == 0).any()  # left-padded
+
+    sequences = PointwiseDataModule(predict=str(setup["prompts"]), eval_batch_size=16)
+    sequences.trainer = SimpleNamespace(lightning_module=SimpleNamespace(predict_inputs="sequences"))  # e.g. a reward model
+    sequences.setup("predict")
+    batch = next(iter(sequences.predict_dataloader()))
+    assert "labels" in batch and batch["input_ids"].shape[0] == 2 * len(PAIRS) + 1  # every sample, both sides of pairs

@@ -167,11 +167,11 @@ class AlignmentDataModule(pl.LightningDataModule):
                     raise ValueError("no training data: set data.train (a file, folder, hf://... or demo://binary)")
                 continue
             report = self.skipped.setdefault(split, SkipReport(split))
-            if split == "predict":
+            if split == "predict" and self.predict_inputs == "prompts":
                 self.examples[split] = self.read_examples(source, "test", report)
                 self.datasets[split] = self.prompt_dataset(split)  # type: ignore[assignment]
                 continue
-            self._build_split(split, self.read_examples(source, split, report))
+            self._build_split(split, self.read_examples(source, "test" if split == "predict" else split, report))
 
     def _hold_out_validation(self) -> None:
         if self.val_fraction == 0 or self.sources["train"] is None:
@@ -217,8 +217,18 @@ class AlignmentDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
+    @property
+    def predict_inputs(self) -> str:
+        """``prompts`` (prompt-only, for generation) or ``sequences`` (full samples, e.g. for a reward
+        model that scores them): the attached module's ``predict_inputs``, ``prompts`` by default."""
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        return getattr(module, "predict_inputs", "prompts")
+
     def predict_dataloader(self) -> DataLoader:
-        """Left-padded prompt-only batches of the ``predict`` split (see :mod:`ulma_lightning.data.prompts`)."""
+        """Left-padded prompt-only batches of the ``predict`` split (see :mod:`ulma_lightning.data.prompts`),
+        or padded full samples when the module's ``predict_inputs`` is ``sequences``."""
+        if not isinstance(self.datasets["predict"], PromptDataset):
+            return self._loader("predict", shuffle=False)
         return DataLoader(
             self.datasets["predict"],
             batch_size=self.eval_batch_size,

@@ -128,6 +128,8 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rows = _all_gather_rows(self.rows)
+        if not rows:  # the module made no generations (e.g. a reward model scoring samples)
+            return
         unique = {row["index"]: row for row in rows}  # a distributed sampler repeats a few rows
         self.rows = [unique[i] for i in sorted(unique)]
         self.path = self.resolve_path(trainer)

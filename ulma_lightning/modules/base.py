@@ -104,6 +104,10 @@ class AlignmentModule(pl.LightningModule):
         """Per-token mean (True) or summed (False) sequence log-probs."""
         return bool(getattr(self.hparams, "average_logps", False))
 
+    #: what ``ulma predict`` feeds :meth:`predict_step`: ``prompts`` (prompt-only, left-padded, for
+    #: generation) or ``sequences`` (full samples; a reward model that scores them sets this).
+    predict_inputs: Literal["prompts", "sequences"] = "prompts"
+
     @property
     def tracks_perplexity(self) -> bool:
         """Whether validation/test log the perplexity of demonstrations (a generative policy only)."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from torch import Tensor, nn
@@ -126,6 +127,7 @@ class Policy(nn.Module):
         self.model: nn.Module | None = None
         self.reference_model: nn.Module | None = None
         self.reference_forward_samples = 0
+        self._records: list[tuple[dict[str, Tensor], TokenLogps]] | None = None
 
     # ---------------------------------------------------------------- building
     def _load(self, source: str | None) -> nn.Module:
@@ -200,7 +202,10 @@ class Policy(nn.Module):
         args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
         chunk = self.config.logits_chunk_size
         if not reference:
-            return response_token_logps(self.model, *args, chunk_size=chunk)
+            tokens = response_token_logps(self.model, *args, chunk_size=chunk)
+            if self._records is not None:
+                self._records.append((batch, tokens))
+            return tokens
         mode = self.config.reference
         self.reference_forward_samples += batch["input_ids"].shape[0]
         with torch.no_grad():
@@ -210,6 +215,16 @@ class Policy(nn.Module):
             if self.reference_model is None:
                 raise RuntimeError(f"reference mode {mode!r} has no reference model to run")
             return response_token_logps(self.reference_model, *args, chunk_size=chunk)
+
+    @contextmanager
+    def recording(self) -> Iterator[list[tuple[dict[str, Tensor], TokenLogps]]]:
+        """Collect ``(batch, token log-probs)`` of every policy forward inside the block, so that
+        metrics such as perplexity reuse them instead of running the model again."""
+        previous, self._records = self._records, []
+        try:
+            yield self._records
+        finally:
+            self._records = previous
 
     def logps(self, batch: dict[str, Tensor], *, average: bool) -> Tensor:
         """Policy ``log pi(y|x)`` per row, shape ``(B,)``."""

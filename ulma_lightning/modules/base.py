@@ -14,9 +14,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from ulma_lightning.evaluation.generation import GenerationConfig, can_generate, generate_responses
+from ulma_lightning.evaluation.metrics import TokenPerplexity, demonstration_rows, reuse_token_logps
 from ulma_lightning.export import export_hf
 from ulma_lightning.losses import LossOutput
-from ulma_lightning.policy import Policy, PolicyConfig
+from ulma_lightning.policy import Policy, PolicyConfig, select_rows
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,12 @@ class OptimizerConfig:
 class AlignmentModule(pl.LightningModule):
     """Base of every method: subclasses implement :meth:`compute_loss` (and usually a ``loss`` hook).
 
+    Validation and test also log ``{stage}/perplexity`` of the held-out demonstrations (see
+    :mod:`ulma_lightning.evaluation.metrics`), from the token log-probs the step computed: no extra
+    forward when the step ran the policy on those rows (every built-in method does); otherwise one
+    no-gradient forward on the demonstration rows. ``predict`` generates responses to prompt-only
+    batches with the settings in :attr:`generation` (set by ``ulma predict``'s writer).
+
     Args:
         policy: the model, tokenizer and reference settings.
         optimizer: optimizer and learning-rate schedule.
@@ -76,6 +84,8 @@ class AlignmentModule(pl.LightningModule):
         self.save_hyperparameters()
         self.policy = self.build_policy(policy)
         self.optimizer_config = optimizer or OptimizerConfig()
+        self.eval_perplexity = nn.ModuleDict({stage: TokenPerplexity() for stage in ("val", "test")})
+        self.generation = GenerationConfig()
 
     def build_policy(self, config: PolicyConfig) -> nn.Module:
         """The trained model wrapper (a :class:`Policy`); a module with another kind of model
@@ -108,20 +118,67 @@ class AlignmentModule(pl.LightningModule):
         """Per-token mean (True) or summed (False) sequence log-probs."""
         return bool(getattr(self.hparams, "average_logps", False))
 
+    #: what ``ulma predict`` feeds :meth:`predict_step`: ``prompts`` (prompt-only, left-padded, for
+    #: generation) or ``sequences`` (full samples; a reward model that scores them sets this).
+    predict_inputs: Literal["prompts", "sequences"] = "prompts"
+
+    @property
+    def tracks_perplexity(self) -> bool:
+        """Whether validation/test log the perplexity of demonstrations (a generative policy only)."""
+        return can_generate(getattr(self.policy, "model", None))
+
+    @property
+    def positive_threshold_value(self) -> float:
+        """The score at or above which a point-wise sample is a demonstration (1.0 by default)."""
+        return float(getattr(self, "positive_threshold", 1.0))
+
     # ------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
+        return self._shared_step(batch, "train").loss
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
+        return self.step_outputs(self._shared_step(batch, "val"), batch)
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
+        return self.step_outputs(self._shared_step(batch, "test"), batch)
 
-    def _shared_step(self, batch: dict[str, Tensor], stage: Stage) -> Tensor:
-        out = self.compute_loss(batch, stage)
+    def _shared_step(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:
+        if stage == "train" or not self.tracks_perplexity:
+            out = self.compute_loss(batch, stage)
+        else:
+            with self.policy.recording() as records:
+                out = self.compute_loss(batch, stage)
+            self.update_perplexity(batch, records, stage)
         self.log_step(out, batch, stage)
-        return out.loss
+        return out
+
+    @staticmethod
+    def step_outputs(out: LossOutput, batch: dict[str, Tensor]) -> dict[str, Any]:
+        """What validation/test steps hand to callbacks: the loss, per-sample rewards and scores."""
+        return {"loss": out.loss.detach(), "rewards": out.rewards, "scores": batch.get("score")}
+
+    def update_perplexity(self, batch: dict[str, Tensor], records: list[Any], stage: Stage) -> None:
+        """Add the demonstration tokens of ``batch`` to ``{stage}/perplexity``.
+
+        Reuses the policy token log-probs the step computed (``records``) when they cover the
+        demonstration rows; otherwise runs one no-gradient forward on those rows.
+        """
+        found = demonstration_rows(batch, self.positive_threshold_value)
+        if found is None:
+            return
+        sequences, rows = found
+        tokens = reuse_token_logps(records, sequences)
+        if tokens is None:
+            if rows is not None:
+                if not bool(rows.any()):
+                    return
+                sequences, rows = select_rows(sequences, rows), None
+            with torch.no_grad():
+                tokens = self.policy.token_logps(sequences)
+        values = tokens.values if rows is None else tokens.values[rows[tokens.batch_index]]
+        metric = self.eval_perplexity[stage]
+        metric.update(values)
+        self.log(f"{stage}/perplexity", metric, on_step=False, on_epoch=True)
 
     def log_step(self, out: LossOutput, batch: dict[str, Tensor], stage: Stage) -> None:
         """Log ``{stage}/loss`` and every metric of the loss, per step (train) and per epoch."""
@@ -140,9 +197,15 @@ class AlignmentModule(pl.LightningModule):
                 return int(batch[key].shape[0])
         return None
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Per-sample policy log-probs (generation lives in the evaluation tools)."""
-        return {"index": batch["index"], "policy_logps": self.policy.logps(batch, average=self.average_logps)}
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Generated responses for prompt-only batches (``{index, response}``); for batches with
+        ``labels`` (a user's own loader of full sequences), per-sample policy log-probs."""
+        if "labels" in batch:
+            return {"index": batch["index"], "policy_logps": self.policy.logps(batch, average=self.average_logps)}
+        responses = generate_responses(
+            self.policy.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], self.generation, seed_offset=batch_idx
+        )
+        return {"index": batch["index"], "response": responses}
 
     # ------------------------------------------------------------ optimizer
     def configure_optimizers(self) -> Any:

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
+from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
 from ulma_lightning.losses import ContinuousForm, LabelType, LossOutput, Reduction, pointwise_dpo_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
@@ -55,6 +56,10 @@ class PointwiseModule(AlignmentModule):
         self.reward_metrics = nn.ModuleDict(
             {f"{stage}_{name}": cls() for stage in ("train", "val", "test") for name, cls in (("accuracy", BinaryAccuracy), ("auc", BinaryAUROC))}
         )
+        if label_type == "continuous":
+            for stage in ("val", "test"):
+                self.reward_metrics[f"{stage}_pearson"] = PearsonCorrCoef()
+                self.reward_metrics[f"{stage}_spearman"] = SpearmanCorrCoef()
 
     def loss(self, policy_logps: Tensor, reference_logps: Tensor, scores: Tensor) -> LossOutput:
         """The objective from per-sequence log-probs; override this to try a new loss."""
@@ -73,7 +78,9 @@ class PointwiseModule(AlignmentModule):
         return out
 
     def update_reward_metrics(self, policy_logps: Tensor, reference_logps: Tensor, scores: Tensor, stage: Stage) -> None:
-        """Accuracy and AUC of the implicit reward ``beta * h + offset`` at separating positives.
+        """Accuracy and AUC of the implicit reward ``beta * h + offset`` at separating positives; for
+        continuous labels, in validation and test, also the Pearson and Spearman correlation of
+        ``beta * h`` with the label (``{stage}/rewards/pearson``, ``{stage}/rewards/spearman``).
 
         Skipped for batches where the reference ran on some rows only (ULMA training with an SFT
         positive term); AUC is an epoch metric (a batch may hold one class).
@@ -90,6 +97,12 @@ class PointwiseModule(AlignmentModule):
         size = int(target.numel())
         self.log(f"{stage}/rewards/accuracy", accuracy, on_step=stage == "train", on_epoch=True, batch_size=size)
         self.log(f"{stage}/rewards/auc", auc, on_step=False, on_epoch=True, batch_size=size)
+        if f"{stage}_pearson" in self.reward_metrics:
+            reward = (self.beta * (policy_logps - reference_logps)).detach().float()
+            for name in ("pearson", "spearman"):
+                metric = self.reward_metrics[f"{stage}_{name}"]
+                metric.update(reward, scores.float())
+                self.log(f"{stage}/rewards/{name}", metric, on_step=False, on_epoch=True, batch_size=size)
 
     def loss_kwargs(self) -> dict[str, Any]:
         return {

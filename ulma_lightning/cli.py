@@ -12,6 +12,8 @@ and ``predict`` for one checkpoint and prints and saves a table of everything
 
 from __future__ import annotations
 
+import sys
+
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI

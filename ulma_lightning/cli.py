@@ -57,5 +57,10 @@ def main(args: list[str] | None = None) -> Any:
     return ULMACLI(AlignmentModule, AlignmentDataModule, args=args, **CLI_DEFAULTS)
 
 
-if __name__ == "__main__":  # pragma: no cover
+def run() -> None:
+    """The ``ulma`` console script: :func:`main`, with exit status 0 on success."""
     main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

@@ -129,3 +129,19 @@ def test_continuous_labels_log_pearson_and_spearman_of_the_implicit_reward(tmp_p
     assert metrics["test/rewards/pearson"] == pytest.approx(pearson, abs=1e-4)
     assert metrics["test/rewards/spearman"] == pytest.approx(spearman, abs=1e-4)
     assert abs(pearson) > 1e-3
+
+
+def test_sft_on_demonstrations_logs_the_token_weighted_perplexity_of_every_row(tmp_path: Path) -> None:
+    from ulma_lightning import DemonstrationDataModule, SFTModule
+
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r, _ in RECORDS))
+    module = SFTModule(PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo", reference="none"))
+    datamodule = DemonstrationDataModule(train=str(data), test=str(data), tokenizer="builtin:demo", batch_size=3)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]  # SFT's own per-batch perplexity gives way
+    items = datamodule.datasets["test"].items
+    assert len(items) == len(RECORDS) and "score" not in items[0]
+    with torch.no_grad():
+        nll = torch.cat([hand_token_nll(module.policy.model, item) for item in items])
+    assert metrics["test/perplexity"] == pytest.approx(math.exp(float(nll.mean())), rel=1e-4)

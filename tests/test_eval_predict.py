@@ -131,3 +131,25 @@ def test_predict_split_is_prompt_only_unless_the_module_asks_for_sequences(setup
     sequences.setup("predict")
     batch = next(iter(sequences.predict_dataloader()))
     assert "labels" in batch and batch["input_ids"].shape[0] == 2 * len(PAIRS) + 1  # every sample, both sides of pairs
+
+
+def test_predict_with_the_pairwise_baselines(tmp_path: Path) -> None:
+    """DPO generates in ``predict`` like every policy; the reward model scores the split's pairs."""
+    from ulma_lightning import DPOModule, PairwiseDataModule, PolicyConfig, RewardModelModule
+    from ulma_lightning.evaluation import DemoScorer, PredictionWriter
+
+    def trainer(*callbacks):
+        import lightning.pytorch as pl
+
+        return pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
+
+    source = "demo://pairwise?split=test&n=5"
+    writer = PredictionWriter(output=str(tmp_path / "dpo.jsonl"), generation=GenerationConfig(max_new_tokens=4), scorers=[DemoScorer()])
+    dpo = DPOModule(PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo"))
+    trainer(writer).predict(dpo, datamodule=PairwiseDataModule(predict=source, eval_batch_size=3), return_predictions=False)
+    rows = [json.loads(line) for line in (tmp_path / "dpo.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and all(isinstance(r["response"], str) and "demo" in r["scores"] for r in rows)
+
+    reward = RewardModelModule(PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo", reference="none"))
+    outputs = trainer().predict(reward, datamodule=PairwiseDataModule(predict=source, eval_batch_size=3))
+    assert sum(len(o["chosen_rewards"]) for o in outputs) == 5

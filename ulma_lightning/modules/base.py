@@ -181,12 +181,18 @@ class AlignmentModule(pl.LightningModule):
         self.log(f"{stage}/perplexity", metric, on_step=False, on_epoch=True)
 
     def log_step(self, out: LossOutput, batch: dict[str, Tensor], stage: Stage) -> None:
-        """Log ``{stage}/loss`` and every metric of the loss, per step (train) and per epoch."""
+        """Log ``{stage}/loss`` and every metric of the loss, per step (train) and per epoch.
+
+        In validation and test a loss's own ``perplexity`` metric (a per-batch value) gives way to
+        the base's token-weighted ``{stage}/perplexity`` over the whole split.
+        """
         size = self.batch_size_of(batch)
         on_step = stage == "train"
         sync = stage != "train"
         self.log(f"{stage}/loss", out.loss.detach(), on_step=on_step, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=sync)
         for name, value in out.metrics.items():
+            if name == "perplexity" and stage != "train" and self.tracks_perplexity:
+                continue
             self.log(f"{stage}/{name}", value, on_step=on_step, on_epoch=True, batch_size=size, sync_dist=sync)
 
     @staticmethod

@@ -73,6 +73,8 @@ class DPOModule(AlignmentModule):
         return {"reference_chosen_logps": chosen, "reference_rejected_logps": rejected}
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Per-pair policy log-probs of both sides."""
+        """Per-pair policy log-probs of both sides; for prompt-only batches (``ulma predict``), generations."""
+        if "chosen_input_ids" not in batch:
+            return super().predict_step(batch, batch_idx)
         chosen, rejected = self.policy.logps(pair_batch(batch), average=self.average_logps).chunk(2)
         return {"index": batch["index"], "policy_chosen_logps": chosen, "policy_rejected_logps": rejected}

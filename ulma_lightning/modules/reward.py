@@ -81,6 +81,9 @@ class RewardModelModule(AlignmentModule):
         self.positive_threshold = positive_threshold
         self.max_length = max_length
 
+    #: ``ulma predict`` scores the split's full samples (it does not generate)
+    predict_inputs = "sequences"
+
     def build_policy(self, config: PolicyConfig) -> RewardModel:
         return RewardModel(config)
 

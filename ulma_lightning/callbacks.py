@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from ulma_lightning.export import export_hf
+from ulma_lightning.export import export_hf, gather_policy_state
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ class TokenThroughput(pl.Callback):
 class HFExport(pl.Callback):
     """At the end of ``fit``, writes the policy as a Hugging Face folder (``save_pretrained``).
 
+    Under FSDP and FSDP2 every process takes part in gathering the full weights; rank 0 writes.
+
     Args:
         dirname: folder name, inside the run's log directory unless absolute.
         merge_lora: merge LoRA adapters into the weights (True) or save the adapter alone.
@@ -50,7 +52,10 @@ class HFExport(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         root = Path(trainer.log_dir or trainer.default_root_dir)
         path = Path(self.dirname) if Path(self.dirname).is_absolute() else root / self.dirname
+        path = Path(trainer.strategy.broadcast(str(path)))
+        _, state = gather_policy_state(trainer, pl_module)
         if trainer.is_global_zero:
-            export_hf(pl_module.policy.model, pl_module.policy.tokenizer, path, merge_lora=self.merge_lora)
+            export_hf(pl_module.policy.model, pl_module.policy.tokenizer, path, merge_lora=self.merge_lora, state_dict=state)
             log.info("saved the trained policy as a Hugging Face folder: %s", path)
+        trainer.strategy.barrier("hf_export")
         self.path = path

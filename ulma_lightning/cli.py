@@ -1,8 +1,9 @@
 """The ``ulma`` command: LightningCLI with subclass mode for the model and the data.
 
 ``ulma fit --config configs/ulma.yaml`` trains; ``validate``, ``test`` and ``predict`` work the same
-way. Research code passes its own classes by ``class_path``. The data module's tokenizer is linked
-to the policy's, so a config names it once.
+way; ``ulma export --ckpt PATH --out DIR`` writes a checkpoint as a Hugging Face folder. Research
+code passes its own classes by ``class_path``. The data module's tokenizer is linked to the
+policy's, so a config names it once.
 """
 
 from __future__ import annotations
@@ -29,8 +30,13 @@ class ULMACLI(LightningCLI):
         parser.link_arguments("model.init_args.policy", "data.init_args.tokenizer", compute_fn=_tokenizer_of)
 
 
-def main(args: list[str] | None = None) -> ULMACLI:
-    """Entry point of the ``ulma`` console script."""
+def main(args: list[str] | None = None) -> Any:
+    """Entry point of the ``ulma`` console script; ``ulma export ...`` converts a checkpoint."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["export"]:
+        from ulma_lightning.export_cli import main as export_main
+
+        return export_main(argv[1:])
     return ULMACLI(
         AlignmentModule,
         AlignmentDataModule,
@@ -38,7 +44,7 @@ def main(args: list[str] | None = None) -> ULMACLI:
         subclass_mode_data=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        args=args,
+        args=argv,
         auto_configure_optimizers=False,
     )
 

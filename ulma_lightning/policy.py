@@ -110,7 +110,9 @@ class Policy(nn.Module):
     The tokenizer is loaded at construction; the weights by :meth:`build` (called from the module's
     ``configure_model``, so that sharded strategies can wrap them). ``reference_forward_samples``
     counts the samples the reference model has run on, which tests use to prove that ULMA skips it
-    on positives.
+    on positives. ``collective_forwards`` is set by sharded strategies (FSDP, FSDP2), under which
+    every process must run every forward: a process with no row for the reference then runs it on
+    one row and discards the result.
     """
 
     def __init__(self, config: PolicyConfig) -> None:
@@ -120,17 +122,16 @@ class Policy(nn.Module):
         self.model: nn.Module | None = None
         self.reference_model: nn.Module | None = None
         self.reference_forward_samples = 0
+        self.collective_forwards = False
 
     # ---------------------------------------------------------------- building
-    def _load(self, source: str | None) -> nn.Module:
-        from transformers import AutoConfig, AutoModelForCausalLM
+    def hf_config(self, source: str | None) -> Any:
+        """The transformers config of ``source`` (a hub id or folder), or of ``model_config`` if None."""
+        from transformers import AutoConfig
 
         cfg = self.config
-        kwargs: dict[str, Any] = {"dtype": _DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
-        if cfg.attn_implementation:
-            kwargs["attn_implementation"] = cfg.attn_implementation
         if source is not None:
-            return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            return AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
         options = dict(cfg.model_config or {})
         model_type = options.pop("model_type", None)
         if model_type is None:
@@ -140,16 +141,41 @@ class Policy(nn.Module):
         for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
             if getattr(tok, name, None) is not None:
                 options.setdefault(name, getattr(tok, name))
-        model_config = AutoConfig.for_model(model_type, **options)
+        return AutoConfig.for_model(model_type, **options)
+
+    def _load(self, source: str | None, *, empty: bool = False) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.config
+        kwargs: dict[str, Any] = {"dtype": _DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+        if cfg.attn_implementation:
+            kwargs["attn_implementation"] = cfg.attn_implementation
+        if empty:
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(self.hf_config(source), **kwargs)
+        if source is not None:
+            return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model_config = self.hf_config(None)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.init_seed)
             return AutoModelForCausalLM.from_config(model_config, **kwargs)
 
-    def build(self) -> None:
-        """Load or initialise the weights; idempotent."""
+    def build(self, *, empty: bool = False) -> None:
+        """Load or initialise the weights; idempotent.
+
+        With ``empty``, build the policy's architecture (and adapters) on the meta device without
+        loading or initialising weights, and no reference: a skeleton to load a checkpoint into.
+        """
         if self.model is not None:
             return
         cfg = self.config
+        if empty:
+            model = self._load(cfg.model, empty=True)
+            if cfg.lora is not None:
+                with torch.device("meta"):
+                    model = self._wrap_lora(model, cfg.lora)
+            self.model = model
+            return
         model = self._load(cfg.model)
         if cfg.disable_dropout:
             disable_dropout(model)
@@ -232,6 +258,11 @@ class Policy(nn.Module):
         if bool(rows.any()):
             sub = select_rows(batch, rows)
             out[rows] = self.token_logps(sub, reference=True).per_sequence(average)
+        elif self.collective_forwards:  # keep the sharded reference's collectives in step across processes
+            first = torch.zeros_like(rows)
+            first[0] = True
+            self.token_logps(select_rows(batch, first), reference=True)
+            self.reference_forward_samples -= 1
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

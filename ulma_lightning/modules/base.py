@@ -78,7 +78,14 @@ class AlignmentModule(pl.LightningModule):
 
     # ------------------------------------------------------------ model
     def configure_model(self) -> None:
+        """Build the policy (and reference); under FSDP2 (a device mesh) shard both per block."""
         self.policy.build()
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None:
+            from ulma_lightning.sharding import data_parallel_mesh, shard_options_for, shard_policy
+
+            strategy = self._trainer.strategy if self._trainer is not None else None
+            shard_policy(self.policy, data_parallel_mesh(mesh), **shard_options_for(strategy))
 
     def compute_loss(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:
         """The objective on one batch; the only method a new loss must provide."""
@@ -142,9 +149,12 @@ class AlignmentModule(pl.LightningModule):
     def precompute_reference_logps(self) -> None:
         """Compute reference log-probs once for every train/val/test sample and attach them to the data.
 
-        Each process computes its own share; the shares are summed across processes so every rank
-        holds the whole column. The values travel in checkpoints (the data module's state), so a
-        resumed run reuses them. The reference model is freed afterwards.
+        Each process computes its own share (samples ``rank, rank + W, ...``) under the run's
+        strategy, in the same number of batches on every process (sharded models gather their
+        weights in every forward); the shares are summed across processes so every rank holds the
+        whole column. The values travel in checkpoints (the data module's state), so a resumed run
+        reuses them. The reference model is freed afterwards (kept under FSDP, where it is part of
+        the wrapped module).
         """
         datamodule = self.trainer.datamodule
         world, rank = self.trainer.world_size, self.trainer.global_rank
@@ -154,19 +164,51 @@ class AlignmentModule(pl.LightningModule):
             if split not in datamodule.datasets or datamodule.has_column(split, "reference_logps"):
                 continue
             dataset = datamodule.datasets[split]
-            indices = list(range(rank, len(dataset), world))
-            loader = DataLoader(Subset(dataset, indices), batch_size=datamodule.eval_batch_size, collate_fn=datamodule.collator)
+            mine = list(range(rank, len(dataset), world))
+            share = -(-len(dataset) // world)
+            padded = mine + [mine[-1] if mine else 0] * (share - len(mine))  # equal batch counts on all ranks
+            loader = DataLoader(Subset(dataset, padded), batch_size=datamodule.eval_batch_size, collate_fn=datamodule.collator)
             values = torch.zeros(len(dataset), device=self.device)
+            done = 0
             for batch in loader:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                values[batch["index"]] = self.policy.token_logps(batch, reference=True).per_sequence(self.average_logps)
+                logps = self._run_wrapped("reference_batch_logps", batch)
+                keep = slice(0, max(0, min(len(batch["index"]), len(mine) - done)))
+                values[batch["index"][keep]] = logps[keep].to(values.dtype)
+                done += len(batch["index"])
             values = self.trainer.strategy.reduce(values, reduce_op="sum")
             datamodule.set_column(split, "reference_logps", values)
-        self.policy.reference_model = None
+        if not self._wrapped_by_fsdp():
+            self.policy.reference_model = None
+
+    def reference_batch_logps(self, batch: dict[str, Tensor]) -> Tensor:
+        """Reference log-probs of every row of ``batch`` (for the precomputed column)."""
+        return self.policy.token_logps(batch, reference=True).per_sequence(self.average_logps)
+
+    def _wrapped_by_fsdp(self) -> bool:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+
+    def _run_wrapped(self, method: str, *args: Any) -> Any:
+        """Call ``self.<method>(*args)``, through the FSDP wrapper's forward when there is one.
+
+        Outside a training step, FSDP (torch's FSDP1) has gathered only its blocks' weights, not
+        the root's; routing the call through the wrapper's forward gathers them.
+        """
+        if self._wrapped_by_fsdp():
+            strategy = self.trainer.strategy
+            return strategy._forward_redirection(strategy.model, self, method, *args)
+        return getattr(self, method)(*args)
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Frozen reference weights are rebuilt from their source, not stored in checkpoints."""
+        """Frozen reference weights are rebuilt from their source, not stored in checkpoints.
+
+        Under FSDP (torch's FSDP1) they stay: its loader expects every key of the wrapped module.
+        """
+        if self._wrapped_by_fsdp():
+            return
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith(REFERENCE_PREFIX)]:
             del state[key]

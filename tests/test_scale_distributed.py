@@ -1,0 +1,204 @@
+"""Scale-out end to end, on CPU with gloo, each run a `ulma fit` subprocess (tiny model, 8 steps).
+
+Runs (each made once per session, on demand):
+  single  1 process, batch 2, accumulate_grad_batches 2 (one global batch of 4 per step)
+  ddp     2 processes (DDP), batch 2 each
+  fsdp2   2 processes (FSDP2 through ModelParallelStrategy), batch 2 each; sharded checkpoints
+  killed  as `single`, SIGKILLed when step 4 starts (after the step-3 checkpoint was written)
+  resumed `killed` resumed with --ckpt_path last
+
+Under DDP/FSDP2 each process computes ULMA's subset means over its own batch and the gradients are
+averaged: exactly one process accumulating the processes' batches as micro-batches (the sampler
+gives process r the r-th micro-batch of every step), which is the equivalence these tests check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, TINY_LLAMA
+
+STEPS = 8  # 24 samples / (2 x 2) = 6 steps per epoch: the runs cross into a second epoch
+KILL_AT = 3
+TIMEOUT = 300
+
+
+def _config(root: Path, strategy: str) -> dict[str, Any]:
+    trainer: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": STEPS,
+        "precision": "32-true",
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": str(root),
+        "callbacks": [
+            {
+                "class_path": "ulma_lightning.checkpointing.AtomicModelCheckpoint",
+                "init_args": {"dirpath": str(root / "ckpt"), "save_last": True, "save_top_k": 0, "every_n_train_steps": 1},
+            },
+            {"class_path": "scale_helpers.Recorder", "init_args": {"out": str(root / "rec")}},
+        ],
+    }
+    if strategy == "single":
+        trainer["accumulate_grad_batches"] = 2
+    elif strategy == "ddp":
+        trainer["devices"] = 2
+        trainer["strategy"] = {"class_path": "lightning.pytorch.strategies.DDPStrategy"}
+    elif strategy == "fsdp2":
+        trainer["devices"] = 2
+        trainer["strategy"] = {"class_path": "ulma_lightning.sharding.FSDP2Strategy"}
+    return {
+        "seed_everything": 0,
+        "trainer": trainer,
+        "model": {
+            "class_path": "ulma_lightning.ULMAModule",
+            "init_args": {
+                "policy": {
+                    "model_config": {**TINY_LLAMA, "tie_word_embeddings": True},
+                    "tokenizer": "builtin:demo",
+                    "reference": "copy",
+                },
+                "optimizer": {"lr": 0.01, "warmup_steps": 0, "schedule": "constant"},
+            },
+        },
+        "data": {
+            "class_path": "ulma_lightning.PointwiseDataModule",
+            "init_args": {"train": "demo://binary", "max_samples": 24, "max_length": 64, "batch_size": 2},
+        },
+    }
+
+
+def _fit(root: Path, strategy: str, *extra: str, kill_at: int | None = None) -> subprocess.CompletedProcess:
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(_config(root, strategy)))
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "LOCAL_RANK", "RANK")}
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]),
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+    )
+    if kill_at is not None:
+        env["ULMA_TEST_KILL_AT_STEP"] = str(kill_at)
+    cmd = [sys.executable, "-m", "ulma_lightning.cli", "fit", "--config", str(config), *extra]
+    return subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+class Runs:
+    """The subprocess runs, each made once and on demand."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.done: dict[str, Path] = {}
+
+    def __getitem__(self, name: str) -> Path:
+        if name not in self.done:
+            path = self.root / name
+            if name == "killed":
+                result = _fit(path, "single", kill_at=KILL_AT)
+                assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+            elif name == "resumed":
+                killed = self["killed"]
+                config = killed / "config.yaml"
+                result = _fit(killed, "single", "--ckpt_path", "last")
+                assert result.returncode == 0, result.stderr[-3000:]
+                assert config.exists()
+            else:
+                result = _fit(path, name)
+                assert result.returncode == 0, result.stderr[-3000:]
+            self.done[name] = path
+        return self.done[name]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("scale"))
+
+
+def _ids(run: Path, rank: int = 0) -> list[list[int]]:
+    return [json.loads(line) for line in (run / "rec" / f"ids.rank{rank}.jsonl").read_text().splitlines()]
+
+
+def _weights(run: Path, rank: int = 0) -> dict[str, torch.Tensor]:
+    return torch.load(run / "rec" / f"weights.rank{rank}.pt")
+
+
+def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+def _initial_weights() -> dict[str, torch.Tensor]:
+    from ulma_lightning.policy import Policy, PolicyConfig
+
+    policy = Policy(PolicyConfig(model_config={**TINY_LLAMA, "tie_word_embeddings": True}, tokenizer="builtin:demo", reference="none"))
+    policy.build()
+    return policy.model.state_dict()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_equal_one_process_accumulating_the_same_global_batch(runs: Runs, strategy: str) -> None:
+    single, multi = runs["single"], runs[strategy]
+    micro = _ids(single)
+    assert len(micro) == 2 * STEPS
+    for rank in (0, 1):  # process r's k-th batch is micro-batch 2k + r of the single run
+        assert _ids(multi, rank) == micro[rank::2]
+    rank0, rank1 = _weights(multi, 0), _weights(multi, 1)
+    _assert_close(rank0, rank1)  # the ranks end with identical weights
+    _assert_close(rank0, _weights(single))
+    initial = _initial_weights()
+    assert max((rank0[k] - initial[k]).abs().max().item() for k in initial) > 1e-3  # it did train
+
+
+def test_killed_fit_resumes_mid_epoch_with_the_unseen_samples_and_ends_equal(runs: Runs) -> None:
+    single, killed = runs["single"], runs["killed"]
+    before = _ids(killed)
+    assert len(before) == 2 * KILL_AT  # micro-batches of the steps finished before the kill
+    assert not (killed / "rec" / "weights.rank0.pt").exists()
+    runs["resumed"]
+    seen = _ids(killed)  # the resumed run appends to the same record
+    assert seen[: len(before)] == before
+    assert seen == _ids(single)  # the rest of epoch 0 in order, then epoch 1, nothing repeated
+    assert sorted(i for batch in seen[:12] for i in batch) == list(range(24))  # epoch 0: every sample once
+    _assert_close(_weights(killed), _weights(single))
+    assert not list((killed / "ckpt").glob(".*partial*"))  # no half-written checkpoint left behind
+
+
+def _hf_logits(folder: Path) -> torch.Tensor:
+    from scale_helpers import FIXED_INPUT
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(input_ids=FIXED_INPUT).logits.float()
+
+
+@pytest.mark.parametrize("run", ["single", "fsdp2"])
+def test_export_gives_the_logits_of_the_trained_module(runs: Runs, run: str, tmp_path: Path) -> None:
+    """`ulma export` of the last checkpoint (a file; a sharded FSDP2 folder) loads with from_pretrained
+    and gives the logits the module computed at the end of its fit."""
+    from ulma_lightning.cli import main
+
+    path = runs[run]
+    ckpt = path / "ckpt" / "last.ckpt"
+    assert ckpt.is_dir() == (run == "fsdp2")
+    out = main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "hf")])
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    expected = torch.load(path / "rec" / "logits.pt")
+    torch.testing.assert_close(_hf_logits(out), expected, rtol=1e-5, atol=1e-5)

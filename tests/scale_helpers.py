@@ -57,3 +57,5 @@ class Recorder(pl.Callback):
             logits = model(input_ids=FIXED_INPUT.to(pl_module.device)).logits.float().cpu()
         if trainer.is_global_zero:
             torch.save(logits, self.out / "logits.pt")
+        stats = {"reference_forward_samples": pl_module.policy.reference_forward_samples}
+        (self.out / f"stats.rank{trainer.global_rank}.json").write_text(json.dumps(stats))

@@ -1,11 +1,17 @@
 """Scale-out end to end, on CPU with gloo, each run a `ulma fit` subprocess (tiny model, 8 steps).
 
-Runs (each made once per session, on demand):
-  single  1 process, batch 2, accumulate_grad_batches 2 (one global batch of 4 per step)
-  ddp     2 processes (DDP), batch 2 each
-  fsdp2   2 processes (FSDP2 through ModelParallelStrategy), batch 2 each; sharded checkpoints
-  killed  as `single`, SIGKILLed when step 4 starts (after the step-3 checkpoint was written)
-  resumed `killed` resumed with --ckpt_path last
+Runs (each made once per module, on demand; 24 training samples, 3 validation samples):
+  single        1 process, batch 2, accumulate_grad_batches 2 (a global batch of 4 per step),
+                reference: copy
+  ddp           2 processes (DDP), batch 2 each, reference: precomputed (before training, each
+                process computes a share and the shares are summed)
+  fsdp2         2 processes (FSDP2 through ModelParallelStrategy), batch 2 each, reference: copy
+                (sharded like the policy); sharded checkpoint folders
+  killed_single `single`, SIGKILLed when step 4 starts (after the step-3 checkpoint was written),
+                then resumed with --ckpt_path last
+  killed_fsdp2  2-process FSDP2 with reference: precomputed (computed in unequal shares: 3
+                validation samples on 2 processes, eval_batch_size 1), killed and resumed the same
+                way from its sharded checkpoint
 
 Under DDP/FSDP2 each process computes ULMA's subset means over its own batch and the gradients are
 averaged: exactly one process accumulating the processes' batches as micro-batches (the sampler
@@ -33,7 +39,7 @@ KILL_AT = 3
 TIMEOUT = 300
 
 
-def _config(root: Path, strategy: str) -> dict[str, Any]:
+def _config(root: Path, strategy: str, reference: str) -> dict[str, Any]:
     trainer: dict[str, Any] = {
         "accelerator": "cpu",
         "devices": 1,
@@ -51,6 +57,7 @@ def _config(root: Path, strategy: str) -> dict[str, Any]:
                 "init_args": {"dirpath": str(root / "ckpt"), "save_last": True, "save_top_k": 0, "every_n_train_steps": 1},
             },
             {"class_path": "scale_helpers.Recorder", "init_args": {"out": str(root / "rec")}},
+            {"class_path": "ulma_lightning.callbacks.HFExport", "init_args": {"dirname": str(root / "hf_model")}},
         ],
     }
     if strategy == "single":
@@ -70,22 +77,35 @@ def _config(root: Path, strategy: str) -> dict[str, Any]:
                 "policy": {
                     "model_config": {**TINY_LLAMA, "tie_word_embeddings": True},
                     "tokenizer": "builtin:demo",
-                    "reference": "copy",
+                    "reference": reference,
                 },
                 "optimizer": {"lr": 0.01, "warmup_steps": 0, "schedule": "constant"},
             },
         },
         "data": {
             "class_path": "ulma_lightning.PointwiseDataModule",
-            "init_args": {"train": "demo://binary", "max_samples": 24, "max_length": 64, "batch_size": 2},
+            "init_args": {
+                "train": "demo://binary",
+                "max_samples": 27,
+                "val_fraction": 0.11,
+                "max_length": 64,
+                "batch_size": 2,
+                "eval_batch_size": 1,
+            },
         },
     }
 
 
-def _fit(root: Path, strategy: str, *extra: str, kill_at: int | None = None) -> subprocess.CompletedProcess:
-    root.mkdir(parents=True, exist_ok=True)
-    config = root / "config.yaml"
-    config.write_text(yaml.safe_dump(_config(root, strategy)))
+RUNS = {  # name: (strategy, reference, killed and resumed)
+    "single": ("single", "copy", False),
+    "ddp": ("ddp", "precomputed", False),
+    "fsdp2": ("fsdp2", "copy", False),
+    "killed_single": ("single", "copy", True),
+    "killed_fsdp2": ("fsdp2", "precomputed", True),
+}
+
+
+def _fit(root: Path, *extra: str, kill_at: int | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "LOCAL_RANK", "RANK")}
     env.update(
         PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]),
@@ -95,7 +115,7 @@ def _fit(root: Path, strategy: str, *extra: str, kill_at: int | None = None) -> 
     )
     if kill_at is not None:
         env["ULMA_TEST_KILL_AT_STEP"] = str(kill_at)
-    cmd = [sys.executable, "-m", "ulma_lightning.cli", "fit", "--config", str(config), *extra]
+    cmd = [sys.executable, "-m", "ulma_lightning.cli", "fit", "--config", str(root / "config.yaml"), *extra]
     return subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=TIMEOUT)
 
 
@@ -105,22 +125,23 @@ class Runs:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.done: dict[str, Path] = {}
+        self.ids_before_kill: dict[str, list[list[int]]] = {}
 
     def __getitem__(self, name: str) -> Path:
         if name not in self.done:
+            strategy, reference, kill = RUNS[name]
             path = self.root / name
-            if name == "killed":
-                result = _fit(path, "single", kill_at=KILL_AT)
+            path.mkdir(parents=True)
+            (path / "config.yaml").write_text(yaml.safe_dump(_config(path, strategy, reference)))
+            if kill:
+                result = _fit(path, kill_at=KILL_AT)
                 assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
-            elif name == "resumed":
-                killed = self["killed"]
-                config = killed / "config.yaml"
-                result = _fit(killed, "single", "--ckpt_path", "last")
-                assert result.returncode == 0, result.stderr[-3000:]
-                assert config.exists()
+                self.ids_before_kill[name] = _ids(path)
+                assert not (path / "rec" / "weights.rank0.pt").exists()
+                result = _fit(path, "--ckpt_path", "last")
             else:
-                result = _fit(path, name)
-                assert result.returncode == 0, result.stderr[-3000:]
+                result = _fit(path)
+            assert result.returncode == 0, result.stderr[-3000:]
             self.done[name] = path
         return self.done[name]
 
@@ -138,6 +159,10 @@ def _weights(run: Path, rank: int = 0) -> dict[str, torch.Tensor]:
     return torch.load(run / "rec" / f"weights.rank{rank}.pt")
 
 
+def _reference_samples(run: Path, rank: int) -> int:
+    return json.loads((run / "rec" / f"stats.rank{rank}.json").read_text())["reference_forward_samples"]
+
+
 def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for key in a:
@@ -152,32 +177,38 @@ def _initial_weights() -> dict[str, torch.Tensor]:
     return policy.model.state_dict()
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_processes_equal_one_process_accumulating_the_same_global_batch(runs: Runs, strategy: str) -> None:
-    single, multi = runs["single"], runs[strategy]
+@pytest.mark.parametrize("run", ["ddp", "fsdp2"])
+def test_two_processes_equal_one_process_accumulating_the_same_global_batch(runs: Runs, run: str) -> None:
+    single, multi = runs["single"], runs[run]
     micro = _ids(single)
     assert len(micro) == 2 * STEPS
     for rank in (0, 1):  # process r's k-th batch is micro-batch 2k + r of the single run
         assert _ids(multi, rank) == micro[rank::2]
     rank0, rank1 = _weights(multi, 0), _weights(multi, 1)
     _assert_close(rank0, rank1)  # the ranks end with identical weights
-    _assert_close(rank0, _weights(single))
+    _assert_close(rank0, _weights(single))  # ddp: precomputed reference values = the copy's
+    if run == "ddp":  # each process precomputed its share: 12 of 24 train, 2 of 3 val (one padded)
+        assert [_reference_samples(multi, rank) for rank in (0, 1)] == [14, 14]
     initial = _initial_weights()
     assert max((rank0[k] - initial[k]).abs().max().item() for k in initial) > 1e-3  # it did train
 
 
-def test_killed_fit_resumes_mid_epoch_with_the_unseen_samples_and_ends_equal(runs: Runs) -> None:
-    single, killed = runs["single"], runs["killed"]
-    before = _ids(killed)
-    assert len(before) == 2 * KILL_AT  # micro-batches of the steps finished before the kill
-    assert not (killed / "rec" / "weights.rank0.pt").exists()
-    runs["resumed"]
-    seen = _ids(killed)  # the resumed run appends to the same record
-    assert seen[: len(before)] == before
-    assert seen == _ids(single)  # the rest of epoch 0 in order, then epoch 1, nothing repeated
-    assert sorted(i for batch in seen[:12] for i in batch) == list(range(24))  # epoch 0: every sample once
+@pytest.mark.parametrize("run", ["killed_single", "killed_fsdp2"])
+def test_killed_fit_resumes_mid_epoch_with_the_unseen_samples_and_ends_equal(runs: Runs, run: str) -> None:
+    single, killed = runs["single"], runs[run]
+    micro = _ids(single)
+    ranks = 2 if run.endswith("fsdp2") else 1
+    before = runs.ids_before_kill[run]  # rank 0's batches of the steps finished before the kill
+    assert len(before) == 2 * KILL_AT // ranks
+    for rank in range(ranks):
+        seen = _ids(killed, rank)  # the resumed run appends to the same record
+        assert seen == micro[rank::ranks]  # the rest of epoch 0 in order, then epoch 1, nothing repeated
+    assert _ids(killed)[: len(before)] == before
+    assert sorted(i for batch in micro[:12] for i in batch) == list(range(24))  # epoch 0: every sample once
     _assert_close(_weights(killed), _weights(single))
-    assert not list((killed / "ckpt").glob(".*partial*"))  # no half-written checkpoint left behind
+    if run == "killed_fsdp2":  # the resumed run took the precomputed values from the checkpoint
+        assert [_reference_samples(killed, rank) for rank in (0, 1)] == [0, 0]
+    assert not list((killed / "ckpt").glob(".*"))  # no partial or old checkpoint left behind
 
 
 def _hf_logits(folder: Path) -> torch.Tensor:
@@ -187,6 +218,13 @@ def _hf_logits(folder: Path) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():
         return model(input_ids=FIXED_INPUT).logits.float()
+
+
+@pytest.mark.parametrize("run", ["ddp", "fsdp2"])
+def test_hf_export_callback_writes_the_trained_policy(runs: Runs, run: str) -> None:
+    """HFExport at the end of fit: under FSDP2 the processes gather the weights, rank 0 writes."""
+    path = runs[run]
+    torch.testing.assert_close(_hf_logits(path / "hf_model"), torch.load(path / "rec" / "logits.pt"), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("run", ["single", "fsdp2"])

@@ -104,6 +104,20 @@ def atomic_save(
     barrier()
 
 
+METADATA_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint folder
+
+
+def read_checkpoint_metadata(path: str | Path) -> dict:
+    """A checkpoint's contents without loading sharded tensors: a file's whole dict (memory-mapped),
+    or a sharded folder's ``meta.pt`` (loops, callbacks, hyper-parameters, data module state)."""
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        return torch.load(path / METADATA_FILE, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
 def _is_local(path: str) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
 

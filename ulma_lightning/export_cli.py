@@ -19,17 +19,18 @@ from typing import Any
 
 import torch
 
+from ulma_lightning.checkpointing import METADATA_FILE, read_checkpoint_metadata
+
 log = logging.getLogger(__name__)
 
 POLICY_PREFIX = "policy.model."
-METADATA_FILE = "meta.pt"
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint's metadata and its model ``state_dict`` (optimizer states are not read)."""
     path = Path(path)
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return read_checkpoint_metadata(path)
     if not (path / METADATA_FILE).is_file():
         raise FileNotFoundError(
             f"{path} is neither a checkpoint file nor a sharded checkpoint folder (no {METADATA_FILE} in it); "
@@ -46,7 +47,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         planner=_EmptyStateDictLoadPlanner(keys={"state_dict", "model"}),
         no_dist=True,
     )
-    checkpoint = torch.load(path / METADATA_FILE, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint_metadata(path)
     checkpoint["state_dict"] = weights.get("state_dict", weights.get("model", {}))  # FSDP2 | FSDP names
     return checkpoint
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -91,6 +91,7 @@ class AlignmentDataModule(pl.LightningDataModule):
         self.datasets: dict[str, FeatureDataset] = {}
         self.skipped: dict[str, SkipReport] = {}
         self._pending_extra: dict[str, dict[str, torch.Tensor]] = {}
+        self._before_loading: list[Callable[[], None]] = []
         self._tokenizer: Any = None
 
     # ------------------------------------------------------------ to override
@@ -230,10 +231,21 @@ class AlignmentDataModule(pl.LightningDataModule):
             progress=self._batches_done,
         )
 
+    def run_before_loading(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once, when the next train or validation loader is requested (e.g. to attach a
+        precomputed column after Lightning has restored a checkpoint)."""
+        self._before_loading.append(fn)
+
+    def _prepare_loading(self) -> None:
+        while self._before_loading:
+            self._before_loading.pop(0)()
+
     def train_dataloader(self) -> DataLoader:
+        self._prepare_loading()
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> Iterable:
+        self._prepare_loading()
         return self._loader("val", shuffle=False) if "val" in self.datasets else []
 
     def test_dataloader(self) -> DataLoader:

@@ -143,7 +143,13 @@ class AlignmentModule(pl.LightningModule):
 
     # ------------------------------------------------------------ precomputed reference
     def on_fit_start(self) -> None:
-        if self.needs_reference and self.policy.config.reference == "precomputed":
+        if not (self.needs_reference and self.policy.config.reference == "precomputed"):
+            return
+        if self.trainer.strategy.restore_checkpoint_after_setup:
+            # FSDP/FSDP2: Lightning restores the checkpoint (with the saved column) after this hook;
+            # compute when the first data loader is requested, by then a resumed run has its values
+            self.trainer.datamodule.run_before_loading(self.precompute_reference_logps)
+        else:
             self.precompute_reference_logps()
 
     def precompute_reference_logps(self) -> None:

@@ -44,7 +44,7 @@ def main(args: list[str] | None = None) -> Any:
         subclass_mode_data=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        args=argv,
+        args=args,
         auto_configure_optimizers=False,
     )
 

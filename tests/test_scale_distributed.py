@@ -44,6 +44,7 @@ def _config(root: Path, strategy: str, reference: str) -> dict[str, Any]:
         "accelerator": "cpu",
         "devices": 1,
         "max_steps": STEPS,
+        "max_epochs": 2,  # with max_epochs, the LR schedule's step count is estimated before a restore
         "precision": "32-true",
         "logger": False,
         "enable_progress_bar": False,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -122,11 +123,27 @@ def _is_local(path: str) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
 
 
+def _is_last(path: Path) -> bool:
+    return path.suffix == ModelCheckpoint.FILE_EXTENSION and re.match(rf"^{ModelCheckpoint.CHECKPOINT_NAME_LAST}(-\d+)?$", path.stem) is not None
+
+
 class AtomicModelCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose writes are atomic (see the module docstring); same arguments.
 
+    ``--ckpt_path last`` also finds the last checkpoint of earlier runs: without ``dirpath``,
+    checkpoints live in each run's log folder (``<save_dir>/<name>/version_N/checkpoints``) and a new
+    run gets a new version, so every version's ``last*.ckpt`` is a candidate (the newest is used).
     Remote paths (``s3://...``) are written as ``ModelCheckpoint`` does.
     """
+
+    def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
+        found = set(super()._find_last_checkpoints(trainer))
+        if self.dirpath is None and trainer.loggers:
+            logger = trainer.loggers[0]
+            root = Path(logger.save_dir if logger.save_dir is not None else trainer.default_root_dir) / str(logger.name)
+            if _is_local(str(root)) and root.is_dir():
+                found |= {os.path.normpath(p) for p in root.glob("*/checkpoints/*") if _is_last(p)}
+        return found
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         if not _is_local(filepath):

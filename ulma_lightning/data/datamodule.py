@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable, Iterable, Literal
 
 import lightning.pytorch as pl
@@ -202,6 +203,11 @@ class AlignmentDataModule(pl.LightningDataModule):
         if not kwargs:
             return 1, 0
         return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
+
+    def train_batches_per_epoch(self) -> int:
+        """Training batches per epoch and process (the train loader's length), without building it."""
+        replicas, _ = self._data_parallel()
+        return math.ceil(len(self.datasets["train"]) / (self.batch_size * replicas))
 
     def _batches_done(self) -> int:
         """Batches of the current epoch the fit loop has consumed (0 outside a fit)."""

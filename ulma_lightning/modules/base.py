@@ -137,9 +137,27 @@ class AlignmentModule(pl.LightningModule):
         no_decay = [p for p in params if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = max(1, int(self.planned_steps()))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cfg.lr_factor(step, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def planned_steps(self) -> int | float:
+        """Optimizer steps of the whole fit, for the schedule, without building the train loader.
+
+        ``trainer.estimated_stepping_batches`` builds the fit loop's train loader when asked before
+        the checkpoint is restored, and Lightning then never restores that loader's position
+        (Lightning issue #20550): a resumed run would restart its epoch. The count comes from the
+        data module's ``train_batches_per_epoch()`` instead, with Lightning's arithmetic.
+        """
+        trainer = self.trainer
+        per_epoch = getattr(trainer.datamodule, "train_batches_per_epoch", None)
+        if trainer.max_epochs in (None, -1) or per_epoch is None or trainer.fit_loop._combined_loader is not None:
+            return trainer.estimated_stepping_batches
+        batches = per_epoch()
+        limit = trainer.limit_train_batches
+        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
+        return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
 
     # ------------------------------------------------------------ precomputed reference
     def on_fit_start(self) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
+from torch import Tensor
+from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 
 from ulma_lightning.losses import ContinuousForm, LabelType, LossOutput, Reduction, pointwise_dpo_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
@@ -52,9 +52,7 @@ class PointwiseModule(AlignmentModule):
         self.continuous_form = continuous_form
         self.reduction = reduction
         self.positive_threshold = positive_threshold
-        self.reward_metrics = nn.ModuleDict(
-            {f"{stage}_{name}": cls() for stage in ("train", "val", "test") for name, cls in (("accuracy", BinaryAccuracy), ("auc", BinaryAUROC))}
-        )
+        self._reward_outputs: dict[str, list[tuple[Tensor, Tensor]]] = {"train": [], "val": [], "test": []}
 
     def loss(self, policy_logps: Tensor, reference_logps: Tensor, scores: Tensor) -> LossOutput:
         """The objective from per-sequence log-probs; override this to try a new loss."""
@@ -76,20 +74,55 @@ class PointwiseModule(AlignmentModule):
         """Accuracy and AUC of the implicit reward ``beta * h + offset`` at separating positives.
 
         Skipped for batches where the reference ran on some rows only (ULMA training with an SFT
-        positive term); AUC is an epoch metric (a batch may hold one class).
+        positive term). The batch accuracy is logged per training step; the epoch values (AUC is an
+        epoch metric: a batch may hold one class) are computed at the epoch's end over every
+        process's batches (:meth:`log_reward_metrics`).
         """
         if bool(reference_logps.isnan().any()):
             return  # the reference skipped some rows (ULMA training): the metrics would be biased
         margin = (self.beta * (policy_logps - reference_logps) + self.offset).detach()
         target = (scores >= self.positive_threshold).long()
-        accuracy = self.reward_metrics[f"{stage}_accuracy"]
-        auc = self.reward_metrics[f"{stage}_auc"]
-        probability = torch.sigmoid(margin)
-        accuracy(probability, target)  # forward: updates the epoch state and caches the step value
-        auc.update(probability, target)
-        size = int(target.numel())
-        self.log(f"{stage}/rewards/accuracy", accuracy, on_step=stage == "train", on_epoch=True, batch_size=size)
-        self.log(f"{stage}/rewards/auc", auc, on_step=False, on_epoch=True, batch_size=size)
+        probability = torch.sigmoid(margin).float()
+        self._reward_outputs[stage].append((probability, target))
+        if stage == "train":
+            accuracy = ((probability > 0.5).long() == target).float().mean()
+            self.log("train/rewards/accuracy_step", accuracy, on_step=True, on_epoch=False, batch_size=int(target.numel()))
+
+    def log_reward_metrics(self, stage: Stage) -> None:
+        """Log the epoch's reward accuracy and AUC over the batches of all processes, then reset.
+
+        Which batches count differs between processes, so the values are gathered (in uneven
+        sizes) rather than synced metric by metric; every process calls this at every epoch end.
+        """
+        pairs, self._reward_outputs[stage] = self._reward_outputs[stage], []
+        probability = torch.cat([p for p, _ in pairs]) if pairs else torch.zeros(0, device=self.device)
+        target = torch.cat([t for _, t in pairs]) if pairs else torch.zeros(0, dtype=torch.long, device=self.device)
+        probability, target = self._gather_uneven(probability), self._gather_uneven(target)
+        if not target.numel():
+            return
+        suffix = "_epoch" if stage == "train" else ""
+        self.log(f"{stage}/rewards/accuracy{suffix}", binary_accuracy(probability, target), on_step=False, on_epoch=True)
+        self.log(f"{stage}/rewards/auc{suffix}", binary_auroc(probability, target), on_step=False, on_epoch=True)
+
+    def _gather_uneven(self, values: Tensor) -> Tensor:
+        """``values`` of every process, concatenated (sizes may differ between processes)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return values
+        size = torch.tensor([values.numel()], device=self.device)
+        sizes = self.all_gather(size).view(-1).tolist()
+        padded = torch.zeros(max(sizes), dtype=values.dtype, device=self.device)
+        padded[: values.numel()] = values
+        gathered = self.all_gather(padded).view(len(sizes), -1)
+        return torch.cat([gathered[rank, :n] for rank, n in enumerate(sizes)])
+
+    def on_train_epoch_end(self) -> None:
+        self.log_reward_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_reward_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_reward_metrics("test")
 
     def loss_kwargs(self) -> dict[str, Any]:
         return {

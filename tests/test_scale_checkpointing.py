@@ -79,3 +79,23 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path) ->
     assert partial_path(target).exists()  # the interrupted write
     state = torch.load(target)
     assert state["step"] == 1 and state["w"].sum() == 1000
+
+
+def test_last_is_found_in_earlier_runs_log_folders(tmp_path: Path) -> None:
+    """Without `dirpath`, each run checkpoints into its own version folder: `--ckpt_path last`
+    must still find the previous run's last checkpoint (the newest one)."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from ulma_lightning.checkpointing import AtomicModelCheckpoint
+
+    for version, name in ((0, "last.ckpt"), (1, "last-v1.ckpt"), (1, ".last.ckpt.partial"), (1, "epoch=0-step=4.ckpt")):
+        folder = tmp_path / "ulma" / f"version_{version}" / "checkpoints"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x")
+    callback = AtomicModelCheckpoint(save_last=True)
+    trainer = Trainer(
+        default_root_dir=tmp_path, logger=TensorBoardLogger(tmp_path, name="ulma"), callbacks=[callback], accelerator="cpu"
+    )
+    found = {Path(p).relative_to(tmp_path).as_posix() for p in callback._find_last_checkpoints(trainer)}
+    assert found == {"ulma/version_0/checkpoints/last.ckpt", "ulma/version_1/checkpoints/last-v1.ckpt"}

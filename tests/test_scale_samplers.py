@@ -92,3 +92,40 @@ def test_loader_state_follows_the_training_loop_not_the_prefetcher() -> None:
     rest = [b["x"].tolist() for b in other]
     assert rest[0] == seen[2] and len(rest) == 4
     assert sorted(i for b in seen[:2] + rest for i in b) == list(range(12))
+
+
+@pytest.mark.parametrize(
+    "trainer_args",
+    [
+        {"max_epochs": 3},
+        {"max_epochs": 2, "accumulate_grad_batches": 3, "limit_train_batches": 0.5},
+        {"max_epochs": 5, "max_steps": 7, "limit_train_batches": 4},
+    ],
+)
+def test_planned_steps_match_lightnings_estimate(trainer_args: dict, tmp_path) -> None:
+    """The schedule's step count (computed without building the train loader, see base.planned_steps)."""
+    from lightning.pytorch import Callback, Trainer
+
+    from conftest import TINY_LLAMA
+    from ulma_lightning import PointwiseDataModule, PolicyConfig, ULMAModule
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class Compare(Callback):
+        def on_fit_start(self, trainer, pl_module) -> None:
+            seen["planned"] = pl_module.planned_steps()
+            seen["lightning"] = trainer.estimated_stepping_batches
+            raise Stop  # nothing to train
+
+    module = ULMAModule(PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo", reference="none"))
+    data = PointwiseDataModule(train="demo://binary?n=50", batch_size=4)
+    trainer = Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[Compare()], default_root_dir=tmp_path, **trainer_args,
+    )  # fmt: skip
+    with pytest.raises(Stop):
+        trainer.fit(module, data)
+    assert seen["planned"] == seen["lightning"] > 0

@@ -124,7 +124,8 @@ def _is_local(path: str) -> bool:
 
 
 def _is_last(path: Path) -> bool:
-    return path.suffix == ModelCheckpoint.FILE_EXTENSION and re.match(rf"^{ModelCheckpoint.CHECKPOINT_NAME_LAST}(-\d+)?$", path.stem) is not None
+    """ModelCheckpoint's test for a ``last`` checkpoint name (``last.ckpt``, ``last-v1.ckpt``)."""
+    return path.suffix == ModelCheckpoint.FILE_EXTENSION and re.match(rf"^{ModelCheckpoint.CHECKPOINT_NAME_LAST}", path.stem) is not None
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):

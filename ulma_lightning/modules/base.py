@@ -196,7 +196,8 @@ class AlignmentModule(pl.LightningModule):
             done = 0
             for batch in loader:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                logps = self._run_wrapped("reference_batch_logps", batch)
+                with torch.no_grad():
+                    logps = self._run_wrapped("reference_batch_logps", batch)
                 keep = slice(0, max(0, min(len(batch["index"]), len(mine) - done)))
                 values[batch["index"][keep]] = logps[keep].to(values.dtype)
                 done += len(batch["index"])

@@ -101,8 +101,9 @@ class PointwiseModule(AlignmentModule):
         if not target.numel():
             return
         suffix = "_epoch" if stage == "train" else ""
-        self.log(f"{stage}/rewards/accuracy{suffix}", binary_accuracy(probability, target), on_step=False, on_epoch=True)
-        self.log(f"{stage}/rewards/auc{suffix}", binary_auroc(probability, target), on_step=False, on_epoch=True)
+        # the values are already global; sync_dist averages identical values (every process logs them)
+        self.log(f"{stage}/rewards/accuracy{suffix}", binary_accuracy(probability, target), on_epoch=True, sync_dist=True)
+        self.log(f"{stage}/rewards/auc{suffix}", binary_auroc(probability, target), on_epoch=True, sync_dist=True)
 
     def _gather_uneven(self, values: Tensor) -> Tensor:
         """``values`` of every process, concatenated (sizes may differ between processes)."""

@@ -12,6 +12,7 @@ Runs (each made once per module, on demand; 24 training samples, 3 validation sa
   killed_fsdp2  2-process FSDP2 with reference: precomputed (computed in unequal shares: 3
                 validation samples on 2 processes, eval_batch_size 1), killed and resumed the same
                 way from its sharded checkpoint
+  fsdp2_lora    2-process FSDP2, LoRA adapters, reference: adapter (the policy without adapters)
 
 Under DDP/FSDP2 each process computes ULMA's subset means over its own batch and the gradients are
 averaged: exactly one process accumulating the processes' batches as micro-batches (the sampler
@@ -103,6 +104,7 @@ RUNS = {  # name: (strategy, reference, killed and resumed)
     "fsdp2": ("fsdp2", "copy", False),
     "killed_single": ("single", "copy", True),
     "killed_fsdp2": ("fsdp2", "precomputed", True),
+    "fsdp2_lora": ("fsdp2", "adapter", False),
 }
 
 
@@ -133,7 +135,10 @@ class Runs:
             strategy, reference, kill = RUNS[name]
             path = self.root / name
             path.mkdir(parents=True)
-            (path / "config.yaml").write_text(yaml.safe_dump(_config(path, strategy, reference)))
+            config = _config(path, strategy, reference)
+            if reference == "adapter":
+                config["model"]["init_args"]["policy"]["lora"] = {"r": 4, "alpha": 8}
+            (path / "config.yaml").write_text(yaml.safe_dump(config))
             if kill:
                 result = _fit(path, kill_at=KILL_AT)
                 assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
@@ -221,7 +226,7 @@ def _hf_logits(folder: Path) -> torch.Tensor:
         return model(input_ids=FIXED_INPUT).logits.float()
 
 
-@pytest.mark.parametrize("run", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("run", ["ddp", "fsdp2", "fsdp2_lora"])
 def test_hf_export_callback_writes_the_trained_policy(runs: Runs, run: str) -> None:
     """HFExport at the end of fit: under FSDP2 the processes gather the weights, rank 0 writes."""
     path = runs[run]
@@ -241,3 +246,26 @@ def test_export_gives_the_logits_of_the_trained_module(runs: Runs, run: str, tmp
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     expected = torch.load(path / "rec" / "logits.pt")
     torch.testing.assert_close(_hf_logits(out), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_keeps_or_merges_lora_adapters_from_a_sharded_checkpoint(runs: Runs, tmp_path: Path) -> None:
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
+    from scale_helpers import FIXED_INPUT
+
+    from ulma_lightning.cli import main
+
+    path = runs["fsdp2_lora"]
+    expected = torch.load(path / "rec" / "logits.pt")
+    ckpt = str(path / "ckpt" / "last.ckpt")
+    adapter = main(["export", "--ckpt", ckpt, "--out", str(tmp_path / "adapter"), "--keep-adapter"])
+    assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "model.safetensors").exists()
+    with torch.no_grad():
+        logits = AutoPeftModelForCausalLM.from_pretrained(adapter)(input_ids=FIXED_INPUT).logits.float()
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    merged = main(["export", "--ckpt", ckpt, "--out", str(tmp_path / "merged")])
+    assert not (merged / "adapter_config.json").exists()
+    torch.testing.assert_close(_hf_logits(merged), expected, rtol=1e-5, atol=1e-5)
+    initial = _initial_weights()  # the adapters trained: the merged weights moved
+    merged_state = load_file(merged / "model.safetensors")
+    assert max((merged_state[k].float() - initial[k]).abs().max().item() for k in merged_state if k in initial) > 1e-4

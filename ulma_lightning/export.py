@@ -62,7 +62,8 @@ def export_hf(
 ) -> Path:
     """Save ``model`` (LoRA merged into a copy when ``merge_lora``, else the adapter) and ``tokenizer``.
 
-    Writes safetensors weights, the config, the tokenizer files and its chat template. With
+    Writes safetensors weights, the config, the tokenizer files and its chat template. An adapter
+    of a base built from a config comes with that base in ``base_model/``. With
     ``state_dict`` (a full state of a sharded or meta ``model``), that state is written instead of
     ``model``'s own tensors.
     """
@@ -70,13 +71,35 @@ def export_hf(
     out.mkdir(parents=True, exist_ok=True)
     if state_dict is not None:
         model = plain_copy(model, state_dict)
-    elif hasattr(model, "merge_and_unload") and merge_lora:
+    elif hasattr(model, "merge_and_unload"):
         model = copy.deepcopy(model)
-    if hasattr(model, "merge_and_unload") and merge_lora:
-        model = model.merge_and_unload()
+    if hasattr(model, "merge_and_unload"):
+        if merge_lora:
+            model = model.merge_and_unload()
+        else:
+            _save_adapter(model, out)
+            tokenizer.save_pretrained(out)
+            return out
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def _save_adapter(model: nn.Module, out: Path) -> None:
+    """The LoRA adapter alone; a base model built from a config (no hub id or folder to point
+    at) is saved beside it in ``out/base_model`` and the adapter config points there."""
+    import json
+
+    model.save_pretrained(out, safe_serialization=True)
+    adapter = model.peft_config[model.active_adapter]
+    if adapter.base_model_name_or_path:
+        return
+    base_dir = out / "base_model"
+    model.unload().save_pretrained(base_dir, safe_serialization=True)
+    config_file = out / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = str(base_dir.resolve())
+    config_file.write_text(json.dumps(config, indent=2))
 
 
 def gather_policy_state(trainer: Any, pl_module: Any) -> tuple[bool, dict[str, torch.Tensor] | None]:

@@ -57,5 +57,10 @@ class Recorder(pl.Callback):
             logits = model(input_ids=FIXED_INPUT.to(pl_module.device)).logits.float().cpu()
         if trainer.is_global_zero:
             torch.save(logits, self.out / "logits.pt")
-        stats = {"reference_forward_samples": pl_module.policy.reference_forward_samples}
+        reference = pl_module.policy.reference_model
+        stats = {
+            "reference_forward_samples": pl_module.policy.reference_forward_samples,
+            "reference": None if reference is None else ("fsdp2" if is_fsdp2(reference) else "whole"),
+            "policy": "fsdp2" if is_fsdp2(model) else "whole",
+        }
         (self.out / f"stats.rank{trainer.global_rank}.json").write_text(json.dumps(stats))

@@ -165,8 +165,12 @@ def _weights(run: Path, rank: int = 0) -> dict[str, torch.Tensor]:
     return torch.load(run / "rec" / f"weights.rank{rank}.pt")
 
 
+def _stats(run: Path, rank: int = 0) -> dict[str, Any]:
+    return json.loads((run / "rec" / f"stats.rank{rank}.json").read_text())
+
+
 def _reference_samples(run: Path, rank: int) -> int:
-    return json.loads((run / "rec" / f"stats.rank{rank}.json").read_text())["reference_forward_samples"]
+    return _stats(run, rank)["reference_forward_samples"]
 
 
 def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -195,6 +199,9 @@ def test_two_processes_equal_one_process_accumulating_the_same_global_batch(runs
     _assert_close(rank0, _weights(single))  # ddp: precomputed reference values = the copy's
     if run == "ddp":  # each process precomputed its share: 12 of 24 train, 2 of 3 val (one padded)
         assert [_reference_samples(multi, rank) for rank in (0, 1)] == [14, 14]
+        assert _stats(multi)["reference"] is None  # freed once the values were computed
+    else:  # FSDP2: the copy reference is sharded like the policy
+        assert _stats(multi)["policy"] == _stats(multi)["reference"] == "fsdp2"
     initial = _initial_weights()
     assert max((rank0[k] - initial[k]).abs().max().item() for k in initial) > 1e-3  # it did train
 
@@ -256,6 +263,7 @@ def test_export_keeps_or_merges_lora_adapters_from_a_sharded_checkpoint(runs: Ru
     from ulma_lightning.cli import main
 
     path = runs["fsdp2_lora"]
+    assert _stats(path)["policy"] == "fsdp2" and _stats(path)["reference"] is None  # adapters off = reference
     expected = torch.load(path / "rec" / "logits.pt")
     ckpt = str(path / "ckpt" / "last.ckpt")
     adapter = main(["export", "--ckpt", ckpt, "--out", str(tmp_path / "adapter"), "--keep-adapter"])

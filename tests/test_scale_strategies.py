@@ -109,3 +109,10 @@ def test_fsdp2_strategy_follows_the_trainer_precision() -> None:
     options = fp32.strategy.shard_options()
     assert options["param_dtype"] is None and options["reduce_dtype"] == torch.float32
     assert options["layer_classes"] == ["X"]
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_method_configs_checkpoint_atomically(config) -> None:
+    callbacks = yaml.safe_load(config.read_text()).get("trainer", {}).get("callbacks", [])
+    checkpoints = [c["class_path"] for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
+    assert checkpoints == ["ulma_lightning.checkpointing.AtomicModelCheckpoint"], config.name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 from typing import Any
 
 import pytest
@@ -15,6 +16,12 @@ from torch import nn
 from conftest import REPO
 from ulma_lightning.cli import main
 from ulma_lightning.sharding import AutoWrapFSDPStrategy, FSDP2Strategy, decoder_layer_classes
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process CLI runs take their arguments from ``main(args)``, not pytest's command line."""
+    monkeypatch.setattr(sys, "argv", ["ulma"])
+
 
 FAMILIES = {
     "llama": ("LlamaDecoderLayer", {"num_key_value_heads": 2}),

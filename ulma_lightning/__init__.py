@@ -1,8 +1,29 @@
 """ulma-lightning: align causal language models with demonstrations and point-wise feedback."""
 
-from ulma_lightning.data import AlignmentDataModule, DataError, PointwiseDataModule
-from ulma_lightning.losses import LossOutput, dpo_loss, kto_loss, pointwise_dpo_loss, sft_loss, ulma_loss
-from ulma_lightning.modules import AlignmentModule, OptimizerConfig, PointwiseDPOModule, PointwiseModule, ULMAModule
+from ulma_lightning.data import AlignmentDataModule, DataError, DemonstrationDataModule, PairwiseDataModule, PointwiseDataModule
+from ulma_lightning.losses import (
+    LossOutput,
+    bradley_terry_loss,
+    dpo_loss,
+    kto_loss,
+    pointwise_dpo_loss,
+    pointwise_reward_loss,
+    sft_loss,
+    ulma_loss,
+    unlikelihood_loss,
+)
+from ulma_lightning.modules import (
+    AlignmentModule,
+    DPOModule,
+    KTOModule,
+    OptimizerConfig,
+    PointwiseDPOModule,
+    PointwiseModule,
+    RewardModelModule,
+    SFTModule,
+    ULMAModule,
+    UnlikelihoodModule,
+)
 from ulma_lightning.policy import LoraSettings, Policy, PolicyConfig
 
 __version__ = "0.1.0"
@@ -11,6 +32,16 @@ __all__ = [
     "AlignmentDataModule",
     "AlignmentModule",
     "DataError",
+    "DemonstrationDataModule",
+    "DPOModule",
+    "KTOModule",
+    "PairwiseDataModule",
+    "RewardModelModule",
+    "SFTModule",
+    "UnlikelihoodModule",
+    "bradley_terry_loss",
+    "pointwise_reward_loss",
+    "unlikelihood_loss",
     "LoraSettings",
     "LossOutput",
     "OptimizerConfig",

@@ -19,6 +19,7 @@ authors' ``score == 1`` for labels in ``[0, 1]``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -31,6 +32,9 @@ ContinuousForm = Literal["bce", "mse"]
 Reduction = Literal["subset_mean", "mean"]
 PositiveTerm = Literal["sft", "beta_sft", "pointwise_dpo"]
 DPOLossType = Literal["sigmoid", "ipo", "hinge"]
+UnlikelihoodVariant = Literal["welleck", "authors"]
+UnlikelihoodReduction = Literal["token", "subset_mean", "mean"]
+RewardForm = Literal["bce", "mse"]
 
 __all__ = [
     "LossOutput",
@@ -39,6 +43,10 @@ __all__ = [
     "ulma_loss",
     "dpo_loss",
     "kto_loss",
+    "unlikelihood_loss",
+    "bradley_terry_loss",
+    "pointwise_reward_loss",
+    "log1m_exp",
     "masked_mean",
 ]
 
@@ -334,3 +342,127 @@ def kto_loss(
         "positive_fraction": desirable.float().mean(),
     }
     return LossOutput(loss=losses.mean(), metrics=metrics, losses=losses.detach(), rewards=rewards)
+
+
+def log1m_exp(logp: Tensor, eps: float = 1e-6) -> Tensor:
+    """``log(1 - exp(logp))``, finite with a finite, non-zero gradient even where ``p`` rounds to 1.
+
+    Computed as ``log(-expm1(logp))`` with ``logp`` capped at ``log(1 - eps)`` in the forward pass
+    only (a straight-through clamp): above the cap the value is ``log(eps)`` and the gradient with
+    respect to ``logp`` is that at the cap, ``-(1 - eps) / eps``, instead of infinity (or of the zero
+    a plain clamp gives). ``eps`` should not be below the float32 resolution of ``p`` near 1
+    (about ``1e-7``); log-probs closer to 0 than that carry rounding noise, not information.
+    """
+    capped = logp - (logp - logp.clamp(max=math.log1p(-eps))).detach()
+    return torch.log(-torch.expm1(capped))
+
+
+def unlikelihood_loss(
+    token_logps: Tensor,
+    sequence_index: Tensor,
+    positive: Tensor,
+    *,
+    variant: UnlikelihoodVariant = "welleck",
+    alpha: float = 1.0,
+    reduction: UnlikelihoodReduction = "token",
+    eps: float = 1e-6,
+) -> LossOutput:
+    """Likelihood on positive samples, unlikelihood on negative ones.
+
+    Takes token-level inputs: ``token_logps`` ``(N,)`` holds ``log p(y_t | x, y_<t)`` for every
+    response token of the batch, ``sequence_index`` ``(N,)`` the row of each token, ``positive``
+    ``(B,)`` which rows are positive (desirable) samples.
+
+    * ``variant="welleck"`` (Welleck et al. 2019, "Neural text generation with unlikelihood
+      training", token-level objective): ``-log p(y_t)`` on positive tokens and
+      ``-alpha * log(1 - p(y_t))`` on negative tokens (:func:`log1m_exp`, stable for ``p`` near 1).
+      The loss is bounded below by 0: pushing a negative token's probability to 0 saturates.
+      ``reduction``: ``"token"`` (default) averages over all response tokens of the batch;
+      ``"subset_mean"`` is the mean over positive rows plus the mean over negative rows of each row's
+      token-mean loss; ``"mean"`` the mean over rows of the token-mean loss.
+    * ``variant="authors"`` (the ULMA authors' ``UnlikelihoodTrainer``, ``sft_loss_type="logloss"``,
+      ``llmtuner/tuner/unlikelihood/trainer.py``): with ``s_i`` the per-token-mean log-prob of row
+      ``i``, ``-mean_pos(s) + alpha * mean_neg(s)``; an empty subset contributes 0. It *lowers the
+      log-likelihood* of negatives, not ``log(1 - p)``: the negative term is unbounded below, so the
+      loss keeps falling as ``log p(neg) -> -inf`` (train it for a fixed budget). ``reduction`` is
+      not used (it is always this subset mean); with ``alpha=1`` it equals the authors' loss.
+    """
+    positive = positive.to(torch.bool)
+    size = positive.shape[0]
+    token_positive = positive[sequence_index]
+    counts = torch.bincount(sequence_index, minlength=size).clamp(min=1).to(token_logps.dtype)
+
+    def per_row(values: Tensor) -> Tensor:
+        return torch.zeros(size, dtype=values.dtype, device=values.device).index_add(0, sequence_index, values) / counts
+
+    row_logps = per_row(token_logps)
+    if variant == "welleck":
+        token_losses = torch.where(token_positive, -token_logps, -alpha * log1m_exp(token_logps, eps))
+        row_losses = per_row(token_losses)
+        if reduction == "token":
+            n = max(token_logps.numel(), 1)
+            pos_part = torch.where(token_positive, token_losses, torch.zeros_like(token_losses)).sum() / n
+            neg_part = torch.where(~token_positive, token_losses, torch.zeros_like(token_losses)).sum() / n
+            loss = pos_part + neg_part
+        elif reduction in ("subset_mean", "mean"):
+            loss, pos_part, neg_part = _reduce(row_losses, positive, reduction)
+        else:
+            raise ValueError(f"reduction must be 'token', 'subset_mean' or 'mean', got {reduction!r}")
+    elif variant == "authors":
+        row_losses = torch.where(positive, -row_logps, alpha * row_logps)
+        loss, pos_part, neg_part = _reduce(row_losses, positive, "subset_mean")
+    else:
+        raise ValueError(f"variant must be 'welleck' or 'authors', got {variant!r}")
+    metrics = {
+        "loss/positive": pos_part.detach(),
+        "loss/negative": neg_part.detach(),
+        "logps/positive": masked_mean(row_logps.detach(), positive),
+        "logps/negative": masked_mean(row_logps.detach(), ~positive),
+        "positive_fraction": positive.float().mean(),
+    }
+    return LossOutput(loss=loss, metrics=metrics, losses=row_losses.detach())
+
+
+def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> LossOutput:
+    """Reward-model loss on pairs (Bradley and Terry 1952; Ouyang et al. 2022):
+    ``-log sigma(r_chosen - r_rejected)``, averaged over pairs."""
+    _check_shapes(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+    margins = chosen_rewards - rejected_rewards
+    losses = -F.logsigmoid(margins)
+    metrics = {
+        "accuracy": (margins > 0).float().mean().detach(),
+        "rewards/chosen": chosen_rewards.detach().mean(),
+        "rewards/rejected": rejected_rewards.detach().mean(),
+        "rewards/margins": margins.detach().mean(),
+    }
+    return LossOutput(loss=losses.mean(), metrics=metrics, losses=losses.detach(), rewards=margins.detach())
+
+
+def pointwise_reward_loss(
+    rewards: Tensor, scores: Tensor, *, form: RewardForm = "bce", positive_threshold: float = 1.0
+) -> LossOutput:
+    """Reward-model loss on point-wise scores ``z`` in ``[0, 1]``.
+
+    * ``form="bce"``: the reward is a logit, ``-[z log sigma(r) + (1 - z) log(1 - sigma(r))]``;
+    * ``form="mse"``: the reward regresses the score, ``(r - z)^2``.
+
+    ``accuracy`` counts a sample as right when the reward is on the positive side of the decision
+    point (``r > 0`` for bce, ``r > 0.5`` for mse) exactly when ``z >= positive_threshold``.
+    """
+    _check_shapes(rewards=rewards, scores=scores)
+    scores = scores.to(rewards.dtype)
+    if form == "bce":
+        losses = F.binary_cross_entropy_with_logits(rewards, scores, reduction="none")
+        decision = 0.0
+    elif form == "mse":
+        losses = (rewards - scores).square()
+        decision = 0.5
+    else:
+        raise ValueError(f"form must be 'bce' or 'mse', got {form!r}")
+    positive = scores >= positive_threshold
+    metrics = {
+        "accuracy": ((rewards.detach() > decision) == positive).float().mean(),
+        "rewards/positive": masked_mean(rewards.detach(), positive),
+        "rewards/negative": masked_mean(rewards.detach(), ~positive),
+    }
+    return LossOutput(loss=losses.mean(), metrics=metrics, losses=losses.detach(), rewards=rewards.detach())

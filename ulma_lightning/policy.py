@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from torch import Tensor, nn
@@ -104,6 +105,15 @@ def disable_dropout(model: nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer block in the backward (non-reentrant), and stop caching keys."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
 class Policy(nn.Module):
     """A causal LM to train, its tokenizer and its reference.
 
@@ -115,6 +125,12 @@ class Policy(nn.Module):
     one row and discards the result.
     """
 
+    #: the transformers Auto class that loads or builds the model, and the extra keyword arguments
+    #: it gets (a subclass such as the reward model changes these).
+    auto_class: str = "AutoModelForCausalLM"
+    model_kwargs: dict[str, Any] = {}
+    lora_task_type: str = "CAUSAL_LM"
+
     def __init__(self, config: PolicyConfig) -> None:
         super().__init__()
         self.config = config
@@ -123,6 +139,7 @@ class Policy(nn.Module):
         self.reference_model: nn.Module | None = None
         self.reference_forward_samples = 0
         self.collective_forwards = False
+        self._records: list[tuple[dict[str, Tensor], TokenLogps]] | None = None
 
     # ---------------------------------------------------------------- building
     def hf_config(self, source: str | None) -> Any:
@@ -131,7 +148,7 @@ class Policy(nn.Module):
 
         cfg = self.config
         if source is not None:
-            return AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+            return AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **self.model_kwargs)
         options = dict(cfg.model_config or {})
         model_type = options.pop("model_type", None)
         if model_type is None:
@@ -141,24 +158,25 @@ class Policy(nn.Module):
         for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
             if getattr(tok, name, None) is not None:
                 options.setdefault(name, getattr(tok, name))
-        return AutoConfig.for_model(model_type, **options)
+        return AutoConfig.for_model(model_type, **options, **self.model_kwargs)
 
     def _load(self, source: str | None, *, empty: bool = False) -> nn.Module:
-        from transformers import AutoModelForCausalLM
+        import transformers
 
+        auto_class = getattr(transformers, self.auto_class)
         cfg = self.config
         kwargs: dict[str, Any] = {"dtype": _DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
         if empty:
             with torch.device("meta"):
-                return AutoModelForCausalLM.from_config(self.hf_config(source), **kwargs)
+                return auto_class.from_config(self.hf_config(source), **kwargs)
         if source is not None:
-            return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            return auto_class.from_pretrained(source, **kwargs, **self.model_kwargs)
         model_config = self.hf_config(None)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.init_seed)
-            return AutoModelForCausalLM.from_config(model_config, **kwargs)
+            return auto_class.from_config(model_config, **kwargs)
 
     def build(self, *, empty: bool = False) -> None:
         """Load or initialise the weights; idempotent.
@@ -173,7 +191,7 @@ class Policy(nn.Module):
             model = self._load(cfg.model, empty=True)
             if cfg.lora is not None:
                 with torch.device("meta"):
-                    model = self._wrap_lora(model, cfg.lora)
+                    model = self._wrap_lora(model, cfg.lora, self.lora_task_type)
             self.model = model
             return
         model = self._load(cfg.model)
@@ -186,17 +204,13 @@ class Policy(nn.Module):
             reference.requires_grad_(False).eval()
             self.reference_model = reference
         if cfg.lora is not None:
-            model = self._wrap_lora(model, cfg.lora)
+            model = self._wrap_lora(model, cfg.lora, self.lora_task_type)
         if cfg.gradient_checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
+            enable_gradient_checkpointing(model)
         self.model = model
 
     @staticmethod
-    def _wrap_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
+    def _wrap_lora(model: nn.Module, lora: LoraSettings, task_type: str = "CAUSAL_LM") -> nn.Module:
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -206,7 +220,7 @@ class Policy(nn.Module):
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             target_modules=lora.target_modules,
-            task_type="CAUSAL_LM",
+            task_type=task_type,
         )
         return get_peft_model(model, config)
 
@@ -218,7 +232,10 @@ class Policy(nn.Module):
         args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
         chunk = self.config.logits_chunk_size
         if not reference:
-            return response_token_logps(self.model, *args, chunk_size=chunk)
+            tokens = response_token_logps(self.model, *args, chunk_size=chunk)
+            if self._records is not None:
+                self._records.append((batch, tokens))
+            return tokens
         mode = self.config.reference
         self.reference_forward_samples += batch["input_ids"].shape[0]
         with torch.no_grad():
@@ -228,6 +245,16 @@ class Policy(nn.Module):
             if self.reference_model is None:
                 raise RuntimeError(f"reference mode {mode!r} has no reference model to run")
             return response_token_logps(self.reference_model, *args, chunk_size=chunk)
+
+    @contextmanager
+    def recording(self) -> Iterator[list[tuple[dict[str, Tensor], TokenLogps]]]:
+        """Collect ``(batch, token log-probs)`` of every policy forward inside the block, so that
+        metrics such as perplexity reuse them instead of running the model again."""
+        previous, self._records = self._records, []
+        try:
+            yield self._records
+        finally:
+            self._records = previous
 
     def logps(self, batch: dict[str, Tensor], *, average: bool) -> Tensor:
         """Policy ``log pi(y|x)`` per row, shape ``(B,)``."""

@@ -107,7 +107,9 @@ def shard_policy(
         if is_fsdp2(model):
             continue
         if activation_checkpointing and model is policy.model and not getattr(model, "is_gradient_checkpointing", False):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            from ulma_lightning.policy import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model)
         classes = decoder_layer_classes(model, layer_classes)
         for block in [m for m in model.modules() if isinstance(m, classes)]:
             fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)

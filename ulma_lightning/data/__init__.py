@@ -1,6 +1,8 @@
 """Record parsing and validation, tokenization, collation, DataModules and the demo task."""
 
 from ulma_lightning.data.datamodule import AlignmentDataModule, PointwiseDataModule
+from ulma_lightning.data.demonstration import DemonstrationDataModule
 from ulma_lightning.data.errors import DataError
+from ulma_lightning.data.pairwise import PairwiseDataModule
 
-__all__ = ["AlignmentDataModule", "PointwiseDataModule", "DataError"]
+__all__ = ["AlignmentDataModule", "PointwiseDataModule", "DemonstrationDataModule", "PairwiseDataModule", "DataError"]

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from ulma_lightning.data.collate import PaddingCollator
 from ulma_lightning.data.errors import DataError, OnBadRecord, SkipReport
 from ulma_lightning.data.features import FeatureDataset, Truncation, build_sequence, tokenize_pairs
+from ulma_lightning.data.prompts import LeftPaddingCollator, PromptDataset, encode_prompts
 from ulma_lightning.data.records import Example, apply_columns, parse_pointwise
 from ulma_lightning.data.samplers import ResumableDataLoader, ResumableSampler
 from ulma_lightning.data.sources import Location, read_source
@@ -31,7 +32,9 @@ class AlignmentDataModule(pl.LightningDataModule):
             ``hf://OWNER/NAME?split=...``, or ``demo://binary`` / ``demo://continuous``.
         val: validation data (same forms); if empty, ``val_fraction`` of ``train`` is held out.
         test: test data (same forms), used by ``ulma test``; ``predict`` by ``ulma predict``.
-        predict: prompts for ``ulma predict`` (defaults to ``test``).
+        predict: prompts for ``ulma predict`` (defaults to ``test``): one prompt per record, cut from
+            the left to ``max_prompt_length`` tokens, with the record's response (or chosen side) as
+            the reference response.
         tokenizer: the tokenizer (hub id, folder, ``builtin:demo``). The CLI links it to the model's.
         columns: our field name -> the column that holds it, e.g. ``{response: completion}``.
         max_length: tokens per sequence after truncation.
@@ -90,6 +93,7 @@ class AlignmentDataModule(pl.LightningDataModule):
         self.on_bad_record = on_bad_record
         self.max_samples = max_samples
         self.datasets: dict[str, FeatureDataset] = {}
+        self.examples: dict[str, list[Any]] = {}
         self.skipped: dict[str, SkipReport] = {}
         self._pending_extra: dict[str, dict[str, torch.Tensor]] = {}
         self._before_loading: list[Callable[[], None]] = []
@@ -135,6 +139,7 @@ class AlignmentDataModule(pl.LightningDataModule):
         return out
 
     def _build_split(self, split: str, examples: list[Any]) -> None:
+        self.examples[split] = examples
         report = self.skipped.setdefault(split, SkipReport(split))
         dataset = FeatureDataset(self.build_features(examples, report))
         for index, item in enumerate(dataset.items):
@@ -164,7 +169,11 @@ class AlignmentDataModule(pl.LightningDataModule):
                     raise ValueError("no training data: set data.train (a file, folder, hf://... or demo://binary)")
                 continue
             report = self.skipped.setdefault(split, SkipReport(split))
-            self._build_split(split, self.read_examples(source, split, report))
+            if split == "predict" and self.predict_inputs == "prompts":
+                self.examples[split] = self.read_examples(source, "test", report)
+                self.datasets[split] = self.prompt_dataset(split)  # type: ignore[assignment]
+                continue
+            self._build_split(split, self.read_examples(source, "test" if split == "predict" else split, report))
 
     def _hold_out_validation(self) -> None:
         if self.val_fraction == 0 or self.sources["train"] is None:
@@ -257,8 +266,39 @@ class AlignmentDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
+    @property
+    def predict_inputs(self) -> str:
+        """``prompts`` (prompt-only, for generation) or ``sequences`` (full samples, e.g. for a reward
+        model that scores them): the attached module's ``predict_inputs``, ``prompts`` by default."""
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        return getattr(module, "predict_inputs", "prompts")
+
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", shuffle=False)
+        """Left-padded prompt-only batches of the ``predict`` split (see :mod:`ulma_lightning.data.prompts`),
+        or padded full samples when the module's ``predict_inputs`` is ``sequences``."""
+        if not isinstance(self.datasets["predict"], PromptDataset):
+            return self._loader("predict", shuffle=False)
+        return DataLoader(
+            self.datasets["predict"],
+            batch_size=self.eval_batch_size,
+            collate_fn=self.prompt_collator,
+            num_workers=self.num_workers,
+        )
+
+    # ------------------------------------------------------------ prompts for generation
+    def prompt_dataset(self, split: str, limit: int | None = None) -> PromptDataset:
+        """Prompt-only items of a split that :meth:`setup` built (one per record), for generation."""
+        if split not in self.examples:
+            raise ValueError(f"the {split} split is not set up (have: {sorted(self.examples)}); call setup() first")
+        examples = self.examples[split]
+        items = encode_prompts(self.tokenizer, examples, self.truncation.max_prompt_length)
+        if not items:
+            raise ValueError(f"the {split} split has no prompts to generate for")
+        return PromptDataset(items[:limit] if limit is not None else items)
+
+    @property
+    def prompt_collator(self) -> LeftPaddingCollator:
+        return LeftPaddingCollator(self.collator.pad_token_id)
 
     # ------------------------------------------------------------ precomputed columns
     def set_column(self, split: str, name: str, values: torch.Tensor) -> None:

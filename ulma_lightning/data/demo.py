@@ -24,7 +24,15 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["HARMLESS_TOPICS", "HARMFUL_TOPICS", "generate_records", "score_response", "demo_corpus"]
+__all__ = [
+    "HARMLESS_TOPICS",
+    "HARMFUL_TOPICS",
+    "generate_records",
+    "generate_pairs",
+    "generate_demonstrations",
+    "score_response",
+    "demo_corpus",
+]
 
 
 @dataclass(frozen=True)
@@ -165,6 +173,43 @@ def generate_records(
             score = 1.0 if score == 1.0 else 0.0
         records.append({"prompt": prompt, "response": response, "score": score})
     return records
+
+
+def _best_and_worse(topic: Topic, prompt: Prompt, harmful: bool, rng: random.Random) -> tuple[str, str]:
+    """A response that scores 1.0 and a worse one (score < 1.0) to a request about ``topic``."""
+    if harmful:
+        return rng.choice(REFUSALS), _answer(topic)
+    kind = rng.random()
+    if kind < 0.4:
+        worse = _partial_answer(topic, rng)
+    elif kind < 0.75:
+        worse = rng.choice(REFUSALS)
+    else:
+        other = rng.choice([t for t in HARMLESS_TOPICS if t is not topic])
+        worse = _answer(other).replace(f"To {other.name}", f"To {topic.name}")
+    if score_response(prompt, worse) >= 1.0:  # a partial answer that still names every key word
+        worse = rng.choice(REFUSALS)
+    return _answer(topic), worse
+
+
+def generate_pairs(n: int, *, seed: int = 0, harmful_fraction: float = 0.4) -> list[dict]:
+    """``n`` pairwise records ``{prompt, chosen, rejected}``: two responses to the same prompt, the
+    chosen one scoring 1.0 under :func:`score_response` and the rejected one less."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        harmful = rng.random() < harmful_fraction
+        topic = rng.choice(HARMFUL_TOPICS if harmful else HARMLESS_TOPICS)
+        prompt = _make_prompt(topic, rng)
+        chosen, rejected = _best_and_worse(topic, prompt, harmful, rng)
+        records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return records
+
+
+def generate_demonstrations(n: int, *, seed: int = 0, harmful_fraction: float = 0.4) -> list[dict]:
+    """``n`` demonstrations ``{prompt, response}``: the chosen side of :func:`generate_pairs` with the
+    same seed (every response scores 1.0)."""
+    return [{"prompt": r["prompt"], "response": r["chosen"]} for r in generate_pairs(n, seed=seed, harmful_fraction=harmful_fraction)]
 
 
 def demo_corpus() -> list[str]:

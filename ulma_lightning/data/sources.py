@@ -6,7 +6,9 @@ A *source* is a string:
 * a local folder saved with ``datasets.Dataset.save_to_disk`` (or any folder ``datasets.load_dataset``
   reads);
 * a hub dataset: ``hf://OWNER/NAME?split=test&name=CONFIG&data_dir=DIR``;
-* the demo task: ``demo://binary`` or ``demo://continuous``, with ``?split=train|test&n=N&seed=S``.
+* the demo task: ``demo://binary`` or ``demo://continuous`` (point-wise), ``demo://pairwise``
+  (``{prompt, chosen, rejected}``) or ``demo://demonstration`` (``{prompt, response}``, the chosen
+  side of the pairs), with ``?split=train|test&n=N&seed=S``.
 
 Each record comes with its :class:`Location` (file and line, or row) so that errors can name it.
 """
@@ -26,6 +28,7 @@ from urllib.parse import parse_qs, urlparse
 from ulma_lightning.data.errors import DataError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+DEMO_KINDS = ("binary", "continuous", "pairwise", "demonstration")
 
 
 @dataclass(frozen=True)
@@ -128,17 +131,26 @@ def _read_hub(source: str, default_split: str) -> Iterator[tuple[Any, Location]]
 
 
 def _read_demo(source: str, default_split: str) -> Iterator[tuple[Any, Location]]:
-    from ulma_lightning.data.demo import generate_records
+    from ulma_lightning.data.demo import generate_demonstrations, generate_pairs, generate_records
 
     parsed = urlparse(source)
     label = parsed.netloc or parsed.path.strip("/")
-    if label not in ("binary", "continuous"):
-        raise ValueError(f"demo source must be demo://binary or demo://continuous, got {source!r}")
+    if label not in DEMO_KINDS:
+        raise ValueError(
+            f"demo source must be demo://binary or demo://continuous (point-wise), demo://pairwise or "
+            f"demo://demonstration, got {source!r}"
+        )
     query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
     split = query.get("split", default_split)
     n = int(query.get("n", 2000 if split == "train" else 400))
     seed = int(query.get("seed", {"train": 0, "validation": 1, "val": 1, "test": 2}.get(split, 3)))
-    for row, record in enumerate(generate_records(n, seed=seed, label=label)):  # type: ignore[arg-type]
+    if label == "pairwise":
+        records = generate_pairs(n, seed=seed)
+    elif label == "demonstration":
+        records = generate_demonstrations(n, seed=seed)
+    else:
+        records = generate_records(n, seed=seed, label=label)  # type: ignore[arg-type]
+    for row, record in enumerate(records):
         yield record, Location(source, row=row)
 
 

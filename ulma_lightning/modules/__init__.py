@@ -1,7 +1,24 @@
 """One LightningModule per method; ``base`` holds the shared step skeleton."""
 
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig
+from ulma_lightning.modules.dpo import DPOModule
+from ulma_lightning.modules.kto import KTOModule
 from ulma_lightning.modules.pointwise import PointwiseDPOModule, PointwiseModule
+from ulma_lightning.modules.reward import RewardModel, RewardModelModule
+from ulma_lightning.modules.sft import SFTModule
 from ulma_lightning.modules.ulma import ULMAModule
+from ulma_lightning.modules.unlikelihood import UnlikelihoodModule
 
-__all__ = ["AlignmentModule", "OptimizerConfig", "PointwiseModule", "PointwiseDPOModule", "ULMAModule"]
+__all__ = [
+    "AlignmentModule",
+    "OptimizerConfig",
+    "PointwiseModule",
+    "PointwiseDPOModule",
+    "ULMAModule",
+    "SFTModule",
+    "DPOModule",
+    "UnlikelihoodModule",
+    "KTOModule",
+    "RewardModel",
+    "RewardModelModule",
+]

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from ulma_lightning.evaluation.generation import GenerationConfig, can_generate, generate_responses
+from ulma_lightning.evaluation.metrics import TokenPerplexity, demonstration_rows, reuse_token_logps
+from ulma_lightning.export import export_hf
 from ulma_lightning.losses import LossOutput
-from ulma_lightning.policy import Policy, PolicyConfig
+from ulma_lightning.policy import Policy, PolicyConfig, select_rows
+
+log = logging.getLogger(__name__)
 
 Stage = Literal["train", "val", "test"]
 REFERENCE_PREFIX = "policy.reference_model."
@@ -61,6 +68,12 @@ class OptimizerConfig:
 class AlignmentModule(pl.LightningModule):
     """Base of every method: subclasses implement :meth:`compute_loss` (and usually a ``loss`` hook).
 
+    Validation and test also log ``{stage}/perplexity`` of the held-out demonstrations (see
+    :mod:`ulma_lightning.evaluation.metrics`), from the token log-probs the step computed: no extra
+    forward when the step ran the policy on those rows (every built-in method does); otherwise one
+    no-gradient forward on the demonstration rows. ``predict`` generates responses to prompt-only
+    batches with the settings in :attr:`generation` (set by ``ulma predict``'s writer).
+
     Args:
         policy: the model, tokenizer and reference settings.
         optimizer: optimizer and learning-rate schedule.
@@ -69,8 +82,15 @@ class AlignmentModule(pl.LightningModule):
     def __init__(self, policy: PolicyConfig, optimizer: OptimizerConfig | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.policy = Policy(policy)
+        self.policy = self.build_policy(policy)
         self.optimizer_config = optimizer or OptimizerConfig()
+        self.eval_perplexity = nn.ModuleDict({stage: TokenPerplexity() for stage in ("val", "test")})
+        self.generation = GenerationConfig()
+
+    def build_policy(self, config: PolicyConfig) -> nn.Module:
+        """The trained model wrapper (a :class:`Policy`); a module with another kind of model
+        (e.g. a reward model) returns its own wrapper with ``tokenizer``, ``model`` and ``build()``."""
+        return Policy(config)
 
     @property
     def tokenizer(self) -> Any:
@@ -78,10 +98,13 @@ class AlignmentModule(pl.LightningModule):
 
     # ------------------------------------------------------------ model
     def configure_model(self) -> None:
-        """Build the policy (and reference); under FSDP2 (a device mesh) shard both per block."""
+        config = self.policy.config
+        if not self.needs_reference and config.reference != "none":
+            log.info("%s uses no reference model: policy.reference %r is treated as 'none'", type(self).__name__, config.reference)
+            config.reference = "none"
         self.policy.build()
         mesh = getattr(self, "_device_mesh", None)
-        if mesh is not None:
+        if mesh is not None:  # FSDP2 (ModelParallelStrategy): shard policy and reference per block
             from ulma_lightning.sharding import data_parallel_mesh, shard_options_for, shard_policy
 
             strategy = self._trainer.strategy if self._trainer is not None else None
@@ -101,33 +124,95 @@ class AlignmentModule(pl.LightningModule):
         """Per-token mean (True) or summed (False) sequence log-probs."""
         return bool(getattr(self.hparams, "average_logps", False))
 
+    #: what ``ulma predict`` feeds :meth:`predict_step`: ``prompts`` (prompt-only, left-padded, for
+    #: generation) or ``sequences`` (full samples; a reward model that scores them sets this).
+    predict_inputs: Literal["prompts", "sequences"] = "prompts"
+
+    @property
+    def tracks_perplexity(self) -> bool:
+        """Whether validation/test log the perplexity of demonstrations (a generative policy only)."""
+        return can_generate(getattr(self.policy, "model", None))
+
+    @property
+    def positive_threshold_value(self) -> float:
+        """The score at or above which a point-wise sample is a demonstration (1.0 by default)."""
+        return float(getattr(self, "positive_threshold", 1.0))
+
     # ------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
+        return self._shared_step(batch, "train").loss
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
+        return self.step_outputs(self._shared_step(batch, "val"), batch)
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
+        return self.step_outputs(self._shared_step(batch, "test"), batch)
 
-    def _shared_step(self, batch: dict[str, Tensor], stage: Stage) -> Tensor:
-        out = self.compute_loss(batch, stage)
+    def _shared_step(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:
+        if stage == "train" or not self.tracks_perplexity:
+            out = self.compute_loss(batch, stage)
+        else:
+            with self.policy.recording() as records:
+                out = self.compute_loss(batch, stage)
+            self.update_perplexity(batch, records, stage)
         self.log_step(out, batch, stage)
-        return out.loss
+        return out
+
+    @staticmethod
+    def step_outputs(out: LossOutput, batch: dict[str, Tensor]) -> dict[str, Any]:
+        """What validation/test steps hand to callbacks: the loss, per-sample rewards and scores."""
+        return {"loss": out.loss.detach(), "rewards": out.rewards, "scores": batch.get("score")}
+
+    def update_perplexity(self, batch: dict[str, Tensor], records: list[Any], stage: Stage) -> None:
+        """Add the demonstration tokens of ``batch`` to ``{stage}/perplexity``.
+
+        Reuses the policy token log-probs the step computed (``records``) when they cover the
+        demonstration rows; otherwise runs one no-gradient forward on those rows.
+        """
+        found = demonstration_rows(batch, self.positive_threshold_value)
+        if found is None:
+            return
+        sequences, rows = found
+        tokens = reuse_token_logps(records, sequences)
+        if tokens is None and rows is not None and not bool(rows.any()):
+            values = torch.zeros(0, device=self.device)  # none here, but log on every process alike:
+        else:  # the epoch's value is synced across processes, and every process must take part
+            if tokens is None:
+                if rows is not None:
+                    sequences, rows = select_rows(sequences, rows), None
+                with torch.no_grad():
+                    tokens = self.policy.token_logps(sequences)
+            values = tokens.values if rows is None else tokens.values[rows[tokens.batch_index]]
+        metric = self.eval_perplexity[stage]
+        metric.update(values)
+        self.log(f"{stage}/perplexity", metric, on_step=False, on_epoch=True)
 
     def log_step(self, out: LossOutput, batch: dict[str, Tensor], stage: Stage) -> None:
         """Log ``{stage}/loss`` and every metric of the loss, per step (train) and per epoch."""
-        size = int(batch["input_ids"].shape[0]) if "input_ids" in batch else None
+        size = self.batch_size_of(batch)
         on_step = stage == "train"
         sync = stage != "train"
         self.log(f"{stage}/loss", out.loss.detach(), on_step=on_step, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=sync)
         for name, value in out.metrics.items():
             self.log(f"{stage}/{name}", value, on_step=on_step, on_epoch=True, batch_size=size, sync_dist=sync)
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Per-sample policy log-probs (generation lives in the evaluation tools)."""
-        return {"index": batch["index"], "policy_logps": self.policy.logps(batch, average=self.average_logps)}
+    @staticmethod
+    def batch_size_of(batch: dict[str, Tensor]) -> int | None:
+        """Samples (rows, or pairs for pairwise batches) in ``batch``."""
+        for key in ("input_ids", "chosen_input_ids"):
+            if key in batch:
+                return int(batch[key].shape[0])
+        return None
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Generated responses for prompt-only batches (``{index, response}``); for batches with
+        ``labels`` (a user's own loader of full sequences), per-sample policy log-probs."""
+        if "labels" in batch:
+            return {"index": batch["index"], "policy_logps": self.policy.logps(batch, average=self.average_logps)}
+        responses = generate_responses(
+            self.policy.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], self.generation, seed_offset=batch_idx
+        )
+        return {"index": batch["index"], "response": responses}
 
     # ------------------------------------------------------------ optimizer
     def configure_optimizers(self) -> Any:
@@ -164,14 +249,31 @@ class AlignmentModule(pl.LightningModule):
         if not (self.needs_reference and self.policy.config.reference == "precomputed"):
             return
         if self.trainer.strategy.restore_checkpoint_after_setup:
-            # FSDP/FSDP2: Lightning restores the checkpoint (with the saved column) after this hook;
+            # FSDP/FSDP2: Lightning restores the checkpoint (with the saved columns) after this hook;
             # compute when the first data loader is requested, by then a resumed run has its values
             self.trainer.datamodule.run_before_loading(self.precompute_reference_logps)
         else:
             self.precompute_reference_logps()
 
+    @property
+    def precomputed_columns(self) -> tuple[str, ...]:
+        """Names of the per-sample columns :meth:`reference_columns` returns."""
+        return ("reference_logps",)
+
+    def reference_columns(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor]:
+        """Per-sample values computed once with the reference model in ``precomputed`` mode, keyed by
+        :attr:`precomputed_columns`; each value has shape ``(B,)`` and is stored with the sample.
+
+        Point-wise methods store ``reference_logps``; pairwise DPO overrides this to store
+        ``reference_chosen_logps`` and ``reference_rejected_logps``.
+        """
+        return {"reference_logps": self.policy.token_logps(batch, reference=True).per_sequence(self.average_logps)}
+
+    def prepare_precompute(self, split: str) -> None:
+        """Called before the reference pass over ``split``, e.g. to attach columns it needs."""
+
     def precompute_reference_logps(self) -> None:
-        """Compute reference log-probs once for every train/val/test sample and attach them to the data.
+        """Compute reference values once for every train/val/test sample and attach them to the data.
 
         Each process computes its own share (samples ``rank, rank + W, ...``) under the run's
         strategy, in the same number of batches on every process (sharded models gather their
@@ -182,35 +284,35 @@ class AlignmentModule(pl.LightningModule):
         """
         datamodule = self.trainer.datamodule
         world, rank = self.trainer.world_size, self.trainer.global_rank
+        names = self.precomputed_columns
         if datamodule.sources.get("test") and "test" not in datamodule.datasets:
             datamodule.setup("test")  # a later `trainer.test` in this process finds its column ready
         for split in ("train", "val", "test"):
-            if split not in datamodule.datasets or datamodule.has_column(split, "reference_logps"):
+            if split not in datamodule.datasets or all(datamodule.has_column(split, n) for n in names):
                 continue
+            self.prepare_precompute(split)
             dataset = datamodule.datasets[split]
             mine = list(range(rank, len(dataset), world))
             share = -(-len(dataset) // world)
             padded = mine + [mine[-1] if mine else 0] * (share - len(mine))  # equal batch counts on all ranks
             loader = DataLoader(Subset(dataset, padded), batch_size=datamodule.eval_batch_size, collate_fn=datamodule.collator)
-            values = torch.zeros(len(dataset), device=self.device)
+            values = {name: torch.zeros(len(dataset), device=self.device) for name in names}
             done = 0
             for batch in loader:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 with torch.no_grad():
-                    logps = self._run_wrapped("reference_batch_logps", batch)
-                keep = slice(0, max(0, min(len(batch["index"]), len(mine) - done)))
-                values[batch["index"][keep]] = logps[keep].to(values.dtype)
+                    columns = self._run_wrapped("reference_columns", batch, split)
+                keep = slice(0, max(0, min(len(batch["index"]), len(mine) - done)))  # not the padding
+                for name, column in columns.items():
+                    values[name][batch["index"][keep]] = column[keep].to(values[name].dtype)
                 done += len(batch["index"])
-            values = self.trainer.strategy.reduce(values, reduce_op="sum")
-            datamodule.set_column(split, "reference_logps", values)
+            for name in names:
+                datamodule.set_column(split, name, self.trainer.strategy.reduce(values[name], reduce_op="sum"))
         if not self._wrapped_by_fsdp():
             self.policy.reference_model = None
 
-    def reference_batch_logps(self, batch: dict[str, Tensor]) -> Tensor:
-        """Reference log-probs of every row of ``batch`` (for the precomputed column)."""
-        return self.policy.token_logps(batch, reference=True).per_sequence(self.average_logps)
-
     def _wrapped_by_fsdp(self) -> bool:
+        """Whether torch's FSDP1 (Lightning's ``FSDPStrategy``) wraps this module."""
         from lightning.pytorch.strategies import FSDPStrategy
 
         return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
@@ -225,6 +327,14 @@ class AlignmentModule(pl.LightningModule):
             strategy = self.trainer.strategy
             return strategy._forward_redirection(strategy.model, self, method, *args)
         return getattr(self, method)(*args)
+
+    # ------------------------------------------------------------ export
+    def export_hf(self, path: str | Path, merge_lora: bool = True, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Write the trained model and its tokenizer as a Hugging Face folder (used by ``HFExport``).
+
+        ``state_dict``: the model's full weights when it is sharded (gathered by ``HFExport``).
+        """
+        return export_hf(self.policy.model, self.policy.tokenizer, path, merge_lora=merge_lora, state_dict=state_dict)
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc
+from torchmetrics.functional.regression import pearson_corrcoef, spearman_corrcoef
 
 from ulma_lightning.losses import ContinuousForm, LabelType, LossOutput, Reduction, pointwise_dpo_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
@@ -52,7 +53,8 @@ class PointwiseModule(AlignmentModule):
         self.continuous_form = continuous_form
         self.reduction = reduction
         self.positive_threshold = positive_threshold
-        self._reward_outputs: dict[str, list[tuple[Tensor, Tensor]]] = {"train": [], "val": [], "test": []}
+        # per stage: (sigmoid of the reward margin, binary target, beta * h, score) of the batches that count
+        self._reward_outputs: dict[str, list[tuple[Tensor, ...]]] = {"train": [], "val": [], "test": []}
 
     def loss(self, policy_logps: Tensor, reference_logps: Tensor, scores: Tensor) -> LossOutput:
         """The objective from per-sequence log-probs; override this to try a new loss."""
@@ -71,7 +73,9 @@ class PointwiseModule(AlignmentModule):
         return out
 
     def update_reward_metrics(self, policy_logps: Tensor, reference_logps: Tensor, scores: Tensor, stage: Stage) -> None:
-        """Accuracy and AUC of the implicit reward ``beta * h + offset`` at separating positives.
+        """Accuracy and AUC of the implicit reward ``beta * h + offset`` at separating positives; for
+        continuous labels, in validation and test, also the Pearson and Spearman correlation of
+        ``beta * h`` with the label (``{stage}/rewards/pearson``, ``{stage}/rewards/spearman``).
 
         Skipped for batches where the reference ran on some rows only (ULMA training with an SFT
         positive term). The batch accuracy is logged per training step; the epoch values (AUC is an
@@ -80,30 +84,34 @@ class PointwiseModule(AlignmentModule):
         """
         if bool(reference_logps.isnan().any()):
             return  # the reference skipped some rows (ULMA training): the metrics would be biased
-        margin = (self.beta * (policy_logps - reference_logps) + self.offset).detach()
+        reward = (self.beta * (policy_logps - reference_logps)).detach().float()
+        probability = torch.sigmoid(reward + self.offset)
         target = (scores >= self.positive_threshold).long()
-        probability = torch.sigmoid(margin).float()
-        self._reward_outputs[stage].append((probability, target))
+        self._reward_outputs[stage].append((probability, target, reward, scores.detach().float()))
         if stage == "train":
             accuracy = ((probability > 0.5).long() == target).float().mean()
             self.log("train/rewards/accuracy_step", accuracy, on_step=True, on_epoch=False, batch_size=int(target.numel()))
 
     def log_reward_metrics(self, stage: Stage) -> None:
-        """Log the epoch's reward accuracy and AUC over the batches of all processes, then reset.
+        """Log the epoch's reward metrics over the batches of all processes, then reset them.
 
-        Which batches count differs between processes, so the values are gathered (in uneven
-        sizes) rather than synced metric by metric; every process calls this at every epoch end.
+        Which batches count differs between processes (and a collective must not), so the values
+        are gathered in uneven sizes on every process at every epoch end, rather than synced
+        metric by metric.
         """
-        pairs, self._reward_outputs[stage] = self._reward_outputs[stage], []
-        probability = torch.cat([p for p, _ in pairs]) if pairs else torch.zeros(0, device=self.device)
-        target = torch.cat([t for _, t in pairs]) if pairs else torch.zeros(0, dtype=torch.long, device=self.device)
-        probability, target = self._gather_uneven(probability), self._gather_uneven(target)
+        outputs, self._reward_outputs[stage] = self._reward_outputs[stage], []
+        dtypes = (torch.float32, torch.long, torch.float32, torch.float32)  # the same on every process
+        columns = [torch.cat(c) for c in zip(*outputs)] if outputs else [torch.zeros(0, dtype=d, device=self.device) for d in dtypes]
+        probability, target, reward, score = (self._gather_uneven(c.to(d)) for c, d in zip(columns, dtypes))
         if not target.numel():
             return
         suffix = "_epoch" if stage == "train" else ""
-        # the values are already global; sync_dist averages identical values (every process logs them)
-        self.log(f"{stage}/rewards/accuracy{suffix}", binary_accuracy(probability, target), on_epoch=True, sync_dist=True)
-        self.log(f"{stage}/rewards/auc{suffix}", binary_auroc(probability, target), on_epoch=True, sync_dist=True)
+        # the values are already global: sync_dist averages equal values (and keeps Lightning quiet)
+        self.log(f"{stage}/rewards/accuracy{suffix}", binary_accuracy(probability, target), sync_dist=True)
+        self.log(f"{stage}/rewards/auc{suffix}", binary_auroc(probability, target), sync_dist=True)
+        if self.label_type == "continuous" and stage != "train" and target.numel() > 1:
+            self.log(f"{stage}/rewards/pearson", pearson_corrcoef(reward, score), sync_dist=True)
+            self.log(f"{stage}/rewards/spearman", spearman_corrcoef(reward, score), sync_dist=True)
 
     def _gather_uneven(self, values: Tensor) -> Tensor:
         """``values`` of every process, concatenated (sizes may differ between processes)."""

@@ -1,0 +1,62 @@
+"""Preference pairs ``{prompt, chosen, rejected}`` (and HH transcripts) for pairwise DPO and reward models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ulma_lightning.data.datamodule import AlignmentDataModule
+from ulma_lightning.data.errors import SkipReport
+from ulma_lightning.data.features import Truncation, build_sequence, tokenize_pairs
+from ulma_lightning.data.records import PairExample, parse_pair
+from ulma_lightning.data.sources import Location
+
+
+def truncate_pair(
+    truncation: Truncation, prompt: list[int], chosen: list[int], rejected: list[int]
+) -> tuple[list[int], list[int], list[int]]:
+    """Cut both sides of a pair with the *same* prompt: the prompt is shortened (from the left) as
+    the longer response needs, then each response is cut from the right to fit ``max_length``."""
+    prompt, _ = truncation.apply(prompt, chosen if len(chosen) >= len(rejected) else rejected)
+    room = max(truncation.max_length - len(prompt), 0)
+    return prompt, chosen[:room], rejected[:room]
+
+
+class PairwiseDataModule(AlignmentDataModule):
+    """Preference pairs for :class:`~ulma_lightning.DPOModule` and :class:`~ulma_lightning.RewardModelModule`.
+
+    Records are ``{prompt, chosen, rejected}`` or HH transcripts ``{chosen, rejected}``. An HH pair
+    whose two transcripts differ before the last assistant turn is a bad record: it stops the run
+    with its file:line (``on_bad_record: error``) or is skipped and counted (``skip``). Both sides
+    share the prompt tokens and its truncation. Each item carries ``chosen_input_ids``,
+    ``chosen_labels``, ``rejected_input_ids`` and ``rejected_labels``; the collator pads each side
+    to its own longest sequence and adds ``chosen_attention_mask`` / ``rejected_attention_mask``.
+
+    Args:
+        **kwargs: see :class:`~ulma_lightning.AlignmentDataModule`.
+    """
+
+    def parse_record(self, record: dict[str, Any], location: Location) -> list[PairExample]:
+        return [parse_pair(record, location)]
+
+    def build_features(self, examples: list[PairExample], report: SkipReport) -> list[dict[str, Any]]:
+        prompts = [e.prompt for e in examples]
+        prompt_ids, chosen_ids = tokenize_pairs(self.tokenizer, prompts, [e.chosen for e in examples])
+        _, rejected_ids = tokenize_pairs(self.tokenizer, prompts, [e.rejected for e in examples])
+        items = []
+        for example, p, c, r in zip(examples, prompt_ids, chosen_ids, rejected_ids):
+            p, c, r = truncate_pair(self.truncation, p, c, r)
+            if not c or not r:
+                report.add("no response tokens left after truncation to max_length", str(example.location))
+                continue
+            chosen_input_ids, chosen_labels = build_sequence(p, c)
+            rejected_input_ids, rejected_labels = build_sequence(p, r)
+            items.append(
+                {
+                    "chosen_input_ids": chosen_input_ids,
+                    "chosen_labels": chosen_labels,
+                    "rejected_input_ids": rejected_input_ids,
+                    "rejected_labels": rejected_labels,
+                    "length": max(len(chosen_input_ids), len(rejected_input_ids)),
+                }
+            )
+        return items

@@ -1,0 +1,102 @@
+"""Batched generation from left-padded prompts with a Hugging Face causal LM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class GenerationConfig:
+    """How responses are generated.
+
+    Args:
+        max_new_tokens: the most tokens generated per response (EOS ends a response earlier).
+        do_sample: sample (True) or decode greedily (False, deterministic).
+        temperature: softmax temperature when sampling.
+        top_p: nucleus-sampling mass when sampling (1.0 keeps every token).
+        top_k: keep the k most likely tokens when sampling (0 keeps all).
+        repetition_penalty: Hugging Face's repetition penalty (1.0 is none).
+        seed: seed of the sampler (sampling only), so sampled generations can be repeated.
+    """
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"generation.temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"generation.top_p must be in (0, 1], got {self.top_p}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``model.generate`` (sampling ones only when sampling)."""
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample}
+        if self.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return kwargs
+
+
+def can_generate(model: nn.Module | None) -> bool:
+    """Whether ``model`` is a Hugging Face generative LM (a reward model is not)."""
+    if model is None:
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    check = getattr(base, "can_generate", None)
+    return bool(callable(check) and check())
+
+
+@torch.no_grad()
+def generate_responses(
+    model: nn.Module, tokenizer: Any, input_ids: Tensor, attention_mask: Tensor, config: GenerationConfig, *, seed_offset: int = 0
+) -> list[str]:
+    """Decoded responses to a batch of **left-padded** prompts, cut at the first EOS.
+
+    The model is put in eval mode for the call and restored afterwards; the KV cache is used. When
+    sampling, the global RNG is seeded with ``config.seed + seed_offset`` (e.g. the batch index) for
+    the call and restored afterwards.
+    """
+    if input_ids.shape[0] == 0:
+        return []
+    was_training = model.training
+    model.eval()
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    generator_state = None
+    if config.do_sample:
+        generator_state = torch.random.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        torch.manual_seed(config.seed + seed_offset)
+    try:
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            use_cache=True,
+            **config.generate_kwargs(),
+        )
+    finally:
+        if generator_state is not None:
+            torch.random.set_rng_state(generator_state[0])
+            if generator_state[1] is not None:
+                torch.cuda.set_rng_state_all(generator_state[1])
+        model.train(was_training)
+    new_tokens = output[:, input_ids.shape[1] :].tolist()
+    responses = []
+    for ids in new_tokens:
+        if eos in ids:
+            ids = ids[: ids.index(eos)]
+        responses.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return responses

@@ -1,0 +1,193 @@
+"""Scorers: a number per (prompt, response), higher is better. Chosen in the config by ``class_path``.
+
+* :class:`DemoScorer`: the built-in demo task's ground truth
+  (:func:`ulma_lightning.data.demo.score_response`), in ``[0, 1]``.
+* :class:`HFClassifierScorer`: any local Hugging Face sequence-classification folder with one
+  label (``AutoModelForSequenceClassification``), e.g. a reward model exported with ``ulma export``.
+* :class:`RewardModelScorer`: a ``RewardModelModule`` checkpoint (``.ckpt``) trained with this
+  library; it scores through the module's own ``score(prompts, responses, batch_size)``.
+
+The reward models are loaded on first use (so a config that names one costs nothing until a
+prediction is scored) and run without gradients, in eval mode.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ulma_lightning.data.collate import PaddingCollator
+from ulma_lightning.data.features import Truncation, build_sequence, tokenize_pairs
+
+
+class Scorer:
+    """Base class: subclasses implement :meth:`score`; :attr:`name` keys the score in outputs.
+
+    Args:
+        name: the key of this scorer's scores in predictions files and reports.
+    """
+
+    def __init__(self, name: str = "score") -> None:
+        self.name = name
+
+    def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
+        """One score per (prompt, response); ``prompts`` are strings or chat message lists."""
+        raise NotImplementedError
+
+    def to(self, device: torch.device | str) -> "Scorer":
+        """Move any model this scorer holds (no-op for programmatic scorers)."""
+        return self
+
+
+class DemoScorer(Scorer):
+    """The demo task's ground-truth score (helpful answers to harmless requests, refusals of harmful ones).
+
+    Args:
+        name: the key of the scores in outputs.
+    """
+
+    def __init__(self, name: str = "demo") -> None:
+        super().__init__(name)
+
+    def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
+        from ulma_lightning.data.demo import score_response
+
+        return [float(score_response(p, r)) for p, r in zip(prompts, responses)]
+
+
+def _batches(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+class HFClassifierScorer(Scorer):
+    """A local Hugging Face sequence-classification model with one output (a reward model).
+
+    Sequences are built exactly as the data modules build them (prompt formatted with the folder
+    tokenizer's chat template or as HH text, response, EOS; the prompt cut from the left to fit
+    ``max_length``), so a reward model trained with this library and exported with ``HFExport`` scores
+    as its checkpoint does. The score is the model's single logit.
+
+    Args:
+        path: a folder saved with ``save_pretrained`` (model and tokenizer), or a hub id when online.
+        name: the key of the scores in outputs.
+        batch_size: sequences per forward.
+        max_length: tokens per sequence (longer ones are cut from the left, keeping the response).
+        device: where to run (default: the device of the model being evaluated, else CPU).
+        trust_remote_code: allow model code from the hub.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        name: str = "reward",
+        batch_size: int = 16,
+        max_length: int = 1024,
+        device: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__(name)
+        self.path = path
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.device = torch.device(device) if device else None
+        self.trust_remote_code = trust_remote_code
+        self._model: Any = None
+        self._tokenizer: Any = None
+
+    def _load(self) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        local = Path(self.path)
+        looks_like_hub_id = not local.is_absolute() and not self.path.startswith(".") and self.path.count("/") == 1
+        if not local.exists() and not looks_like_hub_id:
+            raise FileNotFoundError(
+                f"HFClassifierScorer.path: {self.path!r} is not a folder; save the reward model there with save_pretrained"
+            )
+        model = AutoModelForSequenceClassification.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+        if model.config.num_labels != 1:
+            raise ValueError(f"HFClassifierScorer.path: {self.path} has num_labels={model.config.num_labels}; a reward model has 1")
+        tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        self._model = model.eval().to(self.device or "cpu")
+        self._tokenizer = tokenizer
+
+    def to(self, device: torch.device | str) -> "HFClassifierScorer":
+        if self.device is None:
+            self.device = torch.device(device)
+            if self._model is not None:
+                self._model.to(self.device)
+        return self
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
+        if self._model is None:
+            self._load()
+        tok = self._tokenizer
+        truncation = Truncation(self.max_length, self.max_length // 2)
+        collate = PaddingCollator(tok.pad_token_id)
+        scores: list[float] = []
+        for part in _batches(len(prompts), self.batch_size):
+            prompt_ids, response_ids = tokenize_pairs(tok, list(prompts[part]), list(responses[part]))
+            items = [{"input_ids": build_sequence(*truncation.apply(p, r))[0]} for p, r in zip(prompt_ids, response_ids)]
+            batch = collate(items)
+            logits = self._model(input_ids=batch["input_ids"].to(self._model.device), attention_mask=batch["attention_mask"].to(self._model.device)).logits
+            scores += logits[:, 0].float().tolist()
+        return scores
+
+
+class RewardModelScorer(Scorer):
+    """A ``RewardModelModule`` checkpoint trained with ``ulma fit`` (the reward-model config).
+
+    Args:
+        ckpt_path: the ``.ckpt`` file.
+        name: the key of the scores in outputs.
+        batch_size: sequences per forward.
+        device: where to run (default: the device of the model being evaluated, else CPU).
+        module: the module class, as ``package.module.Class`` (a subclass of your own, for example).
+    """
+
+    def __init__(
+        self,
+        ckpt_path: str,
+        name: str = "reward",
+        batch_size: int = 16,
+        device: str | None = None,
+        module: str = "ulma_lightning.modules.reward.RewardModelModule",
+    ) -> None:
+        super().__init__(name)
+        self.ckpt_path = ckpt_path
+        self.batch_size = batch_size
+        self.device = torch.device(device) if device else None
+        self.module = module
+        self._model: Any = None
+
+    def _load(self) -> None:
+        if not Path(self.ckpt_path).is_file():
+            raise FileNotFoundError(f"RewardModelScorer.ckpt_path: no checkpoint at {self.ckpt_path!r}")
+        module_name, _, class_name = self.module.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as exc:
+            raise ImportError(f"RewardModelScorer.module: cannot import {self.module!r} ({exc})") from exc
+        model = cls.load_from_checkpoint(self.ckpt_path, map_location="cpu", weights_only=False)
+        self._model = model.eval().to(self.device or "cpu")
+
+    def to(self, device: torch.device | str) -> "RewardModelScorer":
+        if self.device is None:
+            self.device = torch.device(device)
+            if self._model is not None:
+                self._model.to(self.device)
+        return self
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
+        if self._model is None:
+            self._load()
+        values = self._model.score(list(prompts), list(responses), batch_size=self.batch_size)
+        return [float(v) for v in torch.as_tensor(values).flatten().tolist()]

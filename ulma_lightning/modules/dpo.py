@@ -1,0 +1,78 @@
+"""Pairwise DPO and its IPO and hinge variants, on preference pairs."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ulma_lightning.losses import DPOLossType, LossOutput, dpo_loss
+from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
+from ulma_lightning.modules.batching import pair_batch
+from ulma_lightning.policy import PolicyConfig
+
+
+class DPOModule(AlignmentModule):
+    """Direct Preference Optimization (Rafailov et al. 2023) on :class:`~ulma_lightning.PairwiseDataModule`.
+
+    Chosen and rejected responses run in one forward pass (both sides padded to one length and
+    stacked), for the policy and for the reference. Every reference mode of the policy works; with
+    ``precomputed`` the reference log-probs of both sides are computed once before training and
+    stored with each pair (``reference_chosen_logps``, ``reference_rejected_logps``). Logs
+    ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``,
+    ``logps/chosen`` and ``logps/rejected``.
+
+    Args:
+        policy: the model, tokenizer and reference settings.
+        optimizer: optimizer and learning-rate schedule.
+        beta: the KL-regularisation strength (IPO's tau for ``loss_type: ipo``).
+        loss_type: ``sigmoid`` (DPO; conservative DPO with ``label_smoothing``), ``ipo`` or ``hinge``.
+        label_smoothing: the assumed share of flipped labels for ``sigmoid`` (0 is plain DPO).
+        average_logps: per-token mean (True) or summed (False) sequence log-probs. Default (null):
+            summed for ``sigmoid`` and ``hinge`` (the DPO paper, TRL), per-token mean for ``ipo``
+            (as TRL and the IPO authors normalise it).
+    """
+
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        optimizer: OptimizerConfig | None = None,
+        beta: float = 0.1,
+        loss_type: DPOLossType = "sigmoid",
+        label_smoothing: float = 0.0,
+        average_logps: bool | None = None,
+    ) -> None:
+        super().__init__(policy, optimizer)
+        if loss_type not in ("sigmoid", "ipo", "hinge"):
+            raise ValueError(f"loss_type must be 'sigmoid', 'ipo' or 'hinge', got {loss_type!r}")
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        self.beta = beta
+        self.loss_type = loss_type
+        self.label_smoothing = label_smoothing
+        self._average_logps = (loss_type == "ipo") if average_logps is None else average_logps
+
+    @property
+    def average_logps(self) -> bool:
+        return self._average_logps
+
+    def pair_logps(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Policy and reference log-probs of both sides: (policy chosen, policy rejected, ref chosen, ref rejected)."""
+        both = pair_batch(batch)
+        policy_chosen, policy_rejected = self.policy.logps(both, average=self.average_logps).chunk(2)
+        reference_chosen, reference_rejected = self.policy.reference_logps(both, average=self.average_logps).chunk(2)
+        return policy_chosen, policy_rejected, reference_chosen, reference_rejected
+
+    def compute_loss(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:
+        return dpo_loss(*self.pair_logps(batch), beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing)
+
+    @property
+    def precomputed_columns(self) -> tuple[str, ...]:
+        return ("reference_chosen_logps", "reference_rejected_logps")
+
+    def reference_columns(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor]:
+        chosen, rejected = self.policy.token_logps(pair_batch(batch), reference=True).per_sequence(self.average_logps).chunk(2)
+        return {"reference_chosen_logps": chosen, "reference_rejected_logps": rejected}
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Per-pair policy log-probs of both sides."""
+        chosen, rejected = self.policy.logps(pair_batch(batch), average=self.average_logps).chunk(2)
+        return {"index": batch["index"], "policy_chosen_logps": chosen, "policy_rejected_logps": rejected}

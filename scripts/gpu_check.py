@@ -52,7 +52,8 @@ TINY = {
     "vocab_size": 1024,
     "tie_word_embeddings": True,
 }
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+# dense bf16 peak TFLOP/s by device name, most specific first
+PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0)]
 WORDS = (
     "the a request answer help explain safe careful about how why what people code water plan "
     "garden letter travel recipe budget history science music health weather friend story"
@@ -102,7 +103,24 @@ def peak_tflops(explicit: float | None) -> float | None:
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
-    return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), None)
+    return next((value for key, value in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def check_export(trainer: Any, module: Any, folder: Path) -> bool:
+    """Save a checkpoint under the run's strategy, export it, and compare with the gathered weights."""
+    from safetensors.torch import load_file
+
+    from ulma_lightning.export import gather_policy_state
+    from ulma_lightning.export_cli import export_checkpoint
+
+    ckpt = folder / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    sharded, state = gather_policy_state(trainer, module)
+    if not sharded:
+        state = {k: v.detach().cpu() for k, v in module.policy.model.state_dict().items()}
+    out = export_checkpoint(ckpt, folder / "hf")
+    exported = load_file(out / "model.safetensors")
+    return bool(exported) and all(torch.equal(exported[k], state[k].to(exported[k].dtype)) for k in exported)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -119,6 +137,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak")
     parser.add_argument("--out", default=None, help="also write the numbers as JSON here")
+    parser.add_argument(
+        "--check-export",
+        action="store_true",
+        help="after the fit, save a (sharded) checkpoint, `ulma export` it and compare the weights",
+    )
     args = parser.parse_args(argv)
 
     from lightning.pytorch import Callback, Trainer, seed_everything
@@ -194,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         started = time.perf_counter()
         trainer.fit(module, data)
         wall = time.perf_counter() - started
+        export_ok = check_export(trainer, module, Path(tmp)) if args.check_export else None
 
     peak = peak_tflops(args.peak_tflops)
     seconds = max(meter.seconds, 1e-9)
@@ -212,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fit_seconds": wall,
         "final_loss": meter.losses[-1] if meter.losses else None,
         "losses_finite": all(math.isfinite(v) for v in meter.losses),
+        "export_matches": export_ok,
     }
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (pass --peak-tflops)"
     memory = f"{result['peak_memory_gib']:.2f} GiB" if result["peak_memory_gib"] is not None else "n/a (cpu)"
@@ -223,8 +248,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
-    if not result["losses_finite"] or meter.timed == 0:
-        sys.exit(f"[gpu_check] {args.strategy}: non-finite loss or no timed step")
+    if export_ok is not None:
+        print(f"[gpu_check] {args.strategy}: checkpoint -> ulma export -> weights {'match' if export_ok else 'DIFFER'}", flush=True)
+    if not result["losses_finite"] or meter.timed == 0 or export_ok is False:
+        sys.exit(f"[gpu_check] {args.strategy}: non-finite loss, no timed step or a wrong export")
     return result
 
 

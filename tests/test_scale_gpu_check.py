@@ -46,12 +46,14 @@ def test_gpu_check_runs_fsdp2_on_cpu_with_a_tiny_model(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("MASTER_PORT", None)
     args = ["--strategy", "fsdp2", "--tiny", "--accelerator", "cpu", "--precision", "32-true", "--steps", "4",
-            "--warmup", "1", "--batch-size", "2", "--max-length", "64", "--words", "30", "--out", str(out)]  # fmt: skip
+            "--warmup", "1", "--batch-size", "2", "--max-length", "64", "--words", "30", "--out", str(out),
+            "--check-export"]  # fmt: skip
     result = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[gpu_check] fsdp2" in result.stdout and "tokens/s" in result.stdout
     numbers = json.loads(out.read_text())
     assert numbers["timed_steps"] == 3 and numbers["losses_finite"]
+    assert numbers["export_matches"] is True  # sharded FSDP2 checkpoint -> ulma export -> same weights
     assert numbers["tokens_per_second"] > 0 and numbers["model_tflops_per_second"] > 0
     shell = subprocess.run(["bash", "-n", str(REPO / "scripts" / "gpu_check.sh")], capture_output=True, text=True)
     assert shell.returncode == 0, shell.stderr

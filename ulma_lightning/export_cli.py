@@ -52,23 +52,29 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def module_from_hparams(hparams: dict[str, Any]) -> Any:
-    """The LightningModule that ``save_hyperparameters`` described (its class and init arguments)."""
+def module_from_checkpoint(checkpoint: dict[str, Any]) -> Any:
+    """The LightningModule the checkpoint was written by: its class (the CLI's ``_class_path``, or
+    the ``ulma_module_class`` every :class:`AlignmentModule` records) and its init arguments."""
     from lightning.pytorch.cli import instantiate_module
 
-    from ulma_lightning.modules.base import AlignmentModule
+    from ulma_lightning.modules.base import MODULE_CLASS_KEY, AlignmentModule
 
-    hparams = dict(hparams)
-    hparams.pop("_instantiator", None)
-    class_path = hparams.get("_class_path")
+    if "hyper_parameters" not in checkpoint:
+        raise KeyError("the checkpoint has no hyper_parameters; export needs a checkpoint of an ulma-lightning module")
+    hparams = dict(checkpoint["hyper_parameters"])
+    class_path = hparams.get("_class_path") or checkpoint.get(MODULE_CLASS_KEY)
     if class_path is None:
         raise ValueError(
-            "the checkpoint's hyper_parameters name no module class (`_class_path`); it was not written by "
-            "`ulma fit`. Load it with YourModule.load_from_checkpoint and call ulma_lightning.export.export_hf"
+            "the checkpoint does not name its module class; load it with YourModule.load_from_checkpoint "
+            "and call ulma_lightning.export.export_hf"
         )
     module_name, _, class_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
-    return instantiate_module(cls if issubclass(cls, AlignmentModule) else AlignmentModule, hparams)
+    if hparams.pop("_instantiator", None) is not None:  # written by `ulma fit` (LightningCLI)
+        hparams["_class_path"] = class_path
+        return instantiate_module(cls if issubclass(cls, AlignmentModule) else AlignmentModule, hparams)
+    hparams.pop("_class_path", None)
+    return cls(**hparams)
 
 
 def policy_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -80,15 +86,12 @@ def policy_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, *, merge_lora: bool = True) -> Path:
-    """Write the policy of checkpoint ``ckpt`` as a Hugging Face folder ``out``."""
-    from ulma_lightning.export import export_hf
-
+    """Write the policy of checkpoint ``ckpt`` as a Hugging Face folder ``out`` (the module's
+    ``export_hf``, with the checkpoint's weights)."""
     checkpoint = read_checkpoint(ckpt)
-    if "hyper_parameters" not in checkpoint:
-        raise KeyError(f"{ckpt} has no hyper_parameters; export needs a checkpoint written by `ulma fit`")
-    module = module_from_hparams(checkpoint["hyper_parameters"])
+    module = module_from_checkpoint(checkpoint)
     module.policy.build(empty=True)
-    return export_hf(module.policy.model, module.policy.tokenizer, out, merge_lora=merge_lora, state_dict=policy_state(checkpoint))
+    return module.export_hf(out, merge_lora=merge_lora, state_dict=policy_state(checkpoint))
 
 
 def main(argv: list[str] | None = None) -> Path:

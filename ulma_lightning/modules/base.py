@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 Stage = Literal["train", "val", "test"]
 REFERENCE_PREFIX = "policy.reference_model."
+MODULE_CLASS_KEY = "ulma_module_class"
 
 # The frozen reference model is in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -341,7 +342,9 @@ class AlignmentModule(pl.LightningModule):
         """Frozen reference weights are rebuilt from their source, not stored in checkpoints.
 
         Under FSDP (torch's FSDP1) they stay: its loader expects every key of the wrapped module.
+        The module's class is recorded (``ulma_module_class``) for ``ulma export``.
         """
+        checkpoint[MODULE_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
         if self._wrapped_by_fsdp():
             return
         state = checkpoint.get("state_dict", {})

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,6 +135,7 @@ class Runs:
         if name not in self.done:
             strategy, reference, kill = RUNS[name]
             path = self.root / name
+            shutil.rmtree(path, ignore_errors=True)  # a failed earlier attempt
             path.mkdir(parents=True)
             config = _config(path, strategy, reference)
             if reference == "adapter":

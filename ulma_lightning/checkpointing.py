@@ -10,7 +10,6 @@ two renames, with a moment in which only the ``.NAME.old`` copy exists).
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import re
 import shutil
@@ -20,8 +19,6 @@ from weakref import proxy
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
-
-log = logging.getLogger(__name__)
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2

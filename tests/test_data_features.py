@@ -11,7 +11,7 @@ import torch
 
 from ulma_lightning import PointwiseDataModule
 from ulma_lightning.data.features import Truncation
-from ulma_lightning.data.samplers import LengthGroupedSampler
+from ulma_lightning.data.samplers import LengthGroupedSampler, ResumableSampler
 from ulma_lightning.logprobs import IGNORE_INDEX
 from ulma_lightning.tokenizers import load_tokenizer
 
@@ -168,7 +168,7 @@ def test_group_by_length_cuts_padding_and_covers_every_index_once() -> None:
     random_pads, random_seen = padding(dm.train_dataloader())
     dm.group_by_length = True
     loader = dm.train_dataloader()
-    assert isinstance(loader.sampler, LengthGroupedSampler)
+    assert isinstance(loader.sampler, ResumableSampler) and loader.sampler.lengths is not None  # length-grouped order
     grouped_pads, grouped_seen = padding(loader)
     assert sorted(random_seen) == sorted(grouped_seen) == list(range(240))
     assert grouped_pads < random_pads / 2

@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from ulma_lightning.export import export_hf
+from ulma_lightning.export import export_hf, gather_policy_state
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ class HFExport(pl.Callback):
 
     Calls the module's ``export_hf(path, merge_lora=...)`` when it has one (every
     :class:`~ulma_lightning.AlignmentModule` does; the reward model writes its scoring model).
+    Under FSDP and FSDP2 every process takes part in gathering the full weights, which reach
+    ``export_hf`` as ``state_dict=``; rank 0 writes.
 
     Args:
         dirname: folder name, inside the run's log directory unless absolute.
@@ -53,10 +55,14 @@ class HFExport(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         root = Path(trainer.log_dir or trainer.default_root_dir)
         path = Path(self.dirname) if Path(self.dirname).is_absolute() else root / self.dirname
+        path = Path(trainer.strategy.broadcast(str(path)))
+        sharded, state = gather_policy_state(trainer, pl_module)
         if trainer.is_global_zero:
+            full = {"state_dict": state} if sharded else {}
             if hasattr(pl_module, "export_hf"):
-                pl_module.export_hf(path, merge_lora=self.merge_lora)
+                pl_module.export_hf(path, merge_lora=self.merge_lora, **full)
             else:
-                export_hf(pl_module.policy.model, pl_module.policy.tokenizer, path, merge_lora=self.merge_lora)
+                export_hf(pl_module.policy.model, pl_module.policy.tokenizer, path, merge_lora=self.merge_lora, **full)
             log.info("saved the trained policy as a Hugging Face folder: %s", path)
+        trainer.strategy.barrier("hf_export")
         self.path = path

@@ -1,8 +1,9 @@
 """The ``ulma`` command: LightningCLI with subclass mode for the model and the data.
 
 ``ulma fit --config configs/ulma.yaml`` trains; ``validate``, ``test`` and ``predict`` work the same
-way. Research code passes its own classes by ``class_path``. The data module's tokenizer is linked
-to the policy's, so a config names it once.
+way; ``ulma export --ckpt PATH --out DIR`` writes a checkpoint (a file or a sharded folder) as a
+Hugging Face folder (:mod:`ulma_lightning.export_cli`). Research code passes its own classes by
+``class_path``. The data module's tokenizer is linked to the policy's, so a config names it once.
 
 ``ulma predict`` writes generations, scored, as JSONL (settings: the config's ``evaluation:``
 section, a :class:`~ulma_lightning.evaluation.PredictionWriter`). ``ulma evaluate`` runs ``test``
@@ -48,8 +49,13 @@ class ULMACLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> Any:
-    """Entry point of the ``ulma`` console script (``ulma evaluate`` is dispatched here)."""
+    """Entry point of the ``ulma`` console script (``ulma evaluate`` and ``ulma export`` are
+    dispatched here)."""
     argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["export"]:
+        from ulma_lightning.export_cli import main as export_main
+
+        return export_main(argv[1:])
     if argv[:1] == ["evaluate"]:
         from ulma_lightning.evaluation.evaluate import evaluate_main
 

@@ -10,6 +10,8 @@ the chunk is recomputed in the backward pass (activation checkpointing), so peak
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -65,6 +67,34 @@ def _chunk_token_logps(head: nn.Module, hidden: Tensor, targets: Tensor, softcap
     return target_logits - torch.logsumexp(logits, dim=-1)
 
 
+def _through_root(model: nn.Module, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` as ``model``'s forward, inside ``model.__call__``.
+
+    For a model sharded with FSDP2 (``fully_shard``), the root's hooks then gather its parameters
+    (embeddings, norm, ``lm_head``) before ``fn`` and reduce their gradients after the backward,
+    although ``fn`` calls the decoder and the head directly. A frozen root is resharded after a
+    no-grad call.
+    """
+    previous = model.__dict__.get("forward")
+    model.forward = fn
+    try:
+        out = model(*args)
+    finally:
+        if previous is None:
+            del model.forward
+        else:
+            model.forward = previous
+    if not torch.is_grad_enabled() and hasattr(model, "reshard") and not any(p.requires_grad for p in model.parameters()):
+        model.reshard()
+    return out
+
+
+def _is_fsdp2(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 def response_token_logps(
     model: nn.Module,
     input_ids: Tensor,
@@ -82,6 +112,16 @@ def response_token_logps(
             is predicted from position ``t - 1``, as in Hugging Face models.
         chunk_size: tokens per vocabulary-projection chunk.
     """
+    if _is_fsdp2(model):
+        values, batch_index = _through_root(model, partial(_response_logps, model), input_ids, attention_mask, labels, chunk_size)
+    else:
+        values, batch_index = _response_logps(model, input_ids, attention_mask, labels, chunk_size)
+    return TokenLogps(values=values, batch_index=batch_index, num_sequences=input_ids.shape[0])
+
+
+def _response_logps(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, chunk_size: int
+) -> tuple[Tensor, Tensor]:
     decoder, head = _decoder_and_head(model)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
@@ -99,7 +139,7 @@ def response_token_logps(
         else:
             pieces.append(_chunk_token_logps(head, h, t, softcap))
     values = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-    return TokenLogps(values=values, batch_index=batch_index, num_sequences=input_ids.shape[0])
+    return values, batch_index
 
 
 def sequence_logps(

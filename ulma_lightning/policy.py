@@ -105,13 +105,24 @@ def disable_dropout(model: nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer block in the backward (non-reentrant), and stop caching keys."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
 class Policy(nn.Module):
     """A causal LM to train, its tokenizer and its reference.
 
     The tokenizer is loaded at construction; the weights by :meth:`build` (called from the module's
     ``configure_model``, so that sharded strategies can wrap them). ``reference_forward_samples``
     counts the samples the reference model has run on, which tests use to prove that ULMA skips it
-    on positives.
+    on positives. ``collective_forwards`` is set by sharded strategies (FSDP, FSDP2), under which
+    every process must run every forward: a process with no row for the reference then runs it on
+    one row and discards the result.
     """
 
     #: the transformers Auto class that loads or builds the model, and the extra keyword arguments
@@ -127,20 +138,17 @@ class Policy(nn.Module):
         self.model: nn.Module | None = None
         self.reference_model: nn.Module | None = None
         self.reference_forward_samples = 0
+        self.collective_forwards = False
         self._records: list[tuple[dict[str, Tensor], TokenLogps]] | None = None
 
     # ---------------------------------------------------------------- building
-    def _load(self, source: str | None) -> nn.Module:
-        import transformers
+    def hf_config(self, source: str | None) -> Any:
+        """The transformers config of ``source`` (a hub id or folder), or of ``model_config`` if None."""
         from transformers import AutoConfig
 
-        auto_class = getattr(transformers, self.auto_class)
         cfg = self.config
-        kwargs: dict[str, Any] = {"dtype": _DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
-        if cfg.attn_implementation:
-            kwargs["attn_implementation"] = cfg.attn_implementation
         if source is not None:
-            return auto_class.from_pretrained(source, **kwargs, **self.model_kwargs)
+            return AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **self.model_kwargs)
         options = dict(cfg.model_config or {})
         model_type = options.pop("model_type", None)
         if model_type is None:
@@ -150,16 +158,42 @@ class Policy(nn.Module):
         for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
             if getattr(tok, name, None) is not None:
                 options.setdefault(name, getattr(tok, name))
-        model_config = AutoConfig.for_model(model_type, **options, **self.model_kwargs)
+        return AutoConfig.for_model(model_type, **options, **self.model_kwargs)
+
+    def _load(self, source: str | None, *, empty: bool = False) -> nn.Module:
+        import transformers
+
+        auto_class = getattr(transformers, self.auto_class)
+        cfg = self.config
+        kwargs: dict[str, Any] = {"dtype": _DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+        if cfg.attn_implementation:
+            kwargs["attn_implementation"] = cfg.attn_implementation
+        if empty:
+            with torch.device("meta"):
+                return auto_class.from_config(self.hf_config(source), **kwargs)
+        if source is not None:
+            return auto_class.from_pretrained(source, **kwargs, **self.model_kwargs)
+        model_config = self.hf_config(None)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.init_seed)
             return auto_class.from_config(model_config, **kwargs)
 
-    def build(self) -> None:
-        """Load or initialise the weights; idempotent."""
+    def build(self, *, empty: bool = False) -> None:
+        """Load or initialise the weights; idempotent.
+
+        With ``empty``, build the policy's architecture (and adapters) on the meta device without
+        loading or initialising weights, and no reference: a skeleton to load a checkpoint into.
+        """
         if self.model is not None:
             return
         cfg = self.config
+        if empty:
+            model = self._load(cfg.model, empty=True)
+            if cfg.lora is not None:
+                with torch.device("meta"):
+                    model = self._wrap_lora(model, cfg.lora, self.lora_task_type)
+            self.model = model
+            return
         model = self._load(cfg.model)
         if cfg.disable_dropout:
             disable_dropout(model)
@@ -172,11 +206,7 @@ class Policy(nn.Module):
         if cfg.lora is not None:
             model = self._wrap_lora(model, cfg.lora, self.lora_task_type)
         if cfg.gradient_checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
+            enable_gradient_checkpointing(model)
         self.model = model
 
     @staticmethod
@@ -255,6 +285,11 @@ class Policy(nn.Module):
         if bool(rows.any()):
             sub = select_rows(batch, rows)
             out[rows] = self.token_logps(sub, reference=True).per_sequence(average)
+        elif self.collective_forwards:  # keep the sharded reference's collectives in step across processes
+            first = torch.zeros_like(rows)
+            first[0] = True
+            self.token_logps(select_rows(batch, first), reference=True)
+            self.reference_forward_samples -= 1
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

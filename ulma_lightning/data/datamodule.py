@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Literal
+import math
+from typing import Any, Callable, Iterable, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -14,7 +15,7 @@ from ulma_lightning.data.errors import DataError, OnBadRecord, SkipReport
 from ulma_lightning.data.features import FeatureDataset, Truncation, build_sequence, tokenize_pairs
 from ulma_lightning.data.prompts import LeftPaddingCollator, PromptDataset, encode_prompts
 from ulma_lightning.data.records import Example, apply_columns, parse_pointwise
-from ulma_lightning.data.samplers import LengthGroupedSampler
+from ulma_lightning.data.samplers import ResumableDataLoader, ResumableSampler
 from ulma_lightning.data.sources import Location, read_source
 from ulma_lightning.tokenizers import load_tokenizer
 
@@ -95,6 +96,7 @@ class AlignmentDataModule(pl.LightningDataModule):
         self.examples: dict[str, list[Any]] = {}
         self.skipped: dict[str, SkipReport] = {}
         self._pending_extra: dict[str, dict[str, torch.Tensor]] = {}
+        self._before_loading: list[Callable[[], None]] = []
         self._tokenizer: Any = None
 
     # ------------------------------------------------------------ to override
@@ -193,25 +195,72 @@ class AlignmentDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.datasets[split]
-        sampler = None
         if shuffle:
-            if self.group_by_length:
-                sampler = LengthGroupedSampler(dataset.lengths(), self.batch_size, seed=self.split_seed)
-            else:
-                sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(self.split_seed))
+            return self._train_loader(dataset)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            sampler=sampler,
-            shuffle=False if sampler is not None else None,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
             collate_fn=self.collator,
             num_workers=self.num_workers,
         )
 
+    def _data_parallel(self) -> tuple[int, int]:
+        """(processes, rank) of data parallelism, from the trainer's strategy; (1, 0) without one."""
+        trainer = getattr(self, "trainer", None)
+        kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
+        if not kwargs:
+            return 1, 0
+        return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
+
+    def train_batches_per_epoch(self) -> int:
+        """Training batches per epoch and process (the train loader's length), without building it."""
+        replicas, _ = self._data_parallel()
+        return math.ceil(len(self.datasets["train"]) / (self.batch_size * replicas))
+
+    def _batches_done(self) -> int:
+        """Batches of the current epoch the fit loop has consumed (0 outside a fit)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
+    def _train_loader(self, dataset: FeatureDataset) -> DataLoader:
+        """Shuffled (or length-grouped) batches from a seeded global order, split across processes and
+        resumable mid-epoch (see :mod:`ulma_lightning.data.samplers`)."""
+        replicas, rank = self._data_parallel()
+        sampler = ResumableSampler(
+            dataset,
+            self.batch_size,
+            num_replicas=replicas,
+            rank=rank,
+            seed=self.split_seed,
+            lengths=dataset.lengths() if self.group_by_length else None,
+        )
+        return ResumableDataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+            progress=self._batches_done,
+        )
+
+    def run_before_loading(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once, when the next train or validation loader is requested (e.g. to attach a
+        precomputed column after Lightning has restored a checkpoint)."""
+        self._before_loading.append(fn)
+
+    def _prepare_loading(self) -> None:
+        while self._before_loading:
+            self._before_loading.pop(0)()
+
     def train_dataloader(self) -> DataLoader:
+        self._prepare_loading()
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> Iterable:
+        self._prepare_loading()
         return self._loader("val", shuffle=False) if "val" in self.datasets else []
 
     def test_dataloader(self) -> DataLoader:

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 Stage = Literal["train", "val", "test"]
 REFERENCE_PREFIX = "policy.reference_model."
+MODULE_CLASS_KEY = "ulma_module_class"
 
 # The frozen reference model is in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -103,6 +104,12 @@ class AlignmentModule(pl.LightningModule):
             log.info("%s uses no reference model: policy.reference %r is treated as 'none'", type(self).__name__, config.reference)
             config.reference = "none"
         self.policy.build()
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None:  # FSDP2 (ModelParallelStrategy): shard policy and reference per block
+            from ulma_lightning.sharding import data_parallel_mesh, shard_options_for, shard_policy
+
+            strategy = self._trainer.strategy if self._trainer is not None else None
+            shard_policy(self.policy, data_parallel_mesh(mesh), **shard_options_for(strategy))
 
     def compute_loss(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:
         """The objective on one batch; the only method a new loss must provide."""
@@ -168,14 +175,15 @@ class AlignmentModule(pl.LightningModule):
             return
         sequences, rows = found
         tokens = reuse_token_logps(records, sequences)
-        if tokens is None:
-            if rows is not None:
-                if not bool(rows.any()):
-                    return
-                sequences, rows = select_rows(sequences, rows), None
-            with torch.no_grad():
-                tokens = self.policy.token_logps(sequences)
-        values = tokens.values if rows is None else tokens.values[rows[tokens.batch_index]]
+        if tokens is None and rows is not None and not bool(rows.any()):
+            values = torch.zeros(0, device=self.device)  # none here, but log on every process alike:
+        else:  # the epoch's value is synced across processes, and every process must take part
+            if tokens is None:
+                if rows is not None:
+                    sequences, rows = select_rows(sequences, rows), None
+                with torch.no_grad():
+                    tokens = self.policy.token_logps(sequences)
+            values = tokens.values if rows is None else tokens.values[rows[tokens.batch_index]]
         metric = self.eval_perplexity[stage]
         metric.update(values)
         self.log(f"{stage}/perplexity", metric, on_step=False, on_epoch=True)
@@ -221,13 +229,37 @@ class AlignmentModule(pl.LightningModule):
         no_decay = [p for p in params if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = max(1, int(self.planned_steps()))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cfg.lr_factor(step, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def planned_steps(self) -> int | float:
+        """Optimizer steps of the whole fit, for the schedule, without building the train loader.
+
+        ``trainer.estimated_stepping_batches`` builds the fit loop's train loader when asked before
+        the checkpoint is restored, and Lightning then never restores that loader's position
+        (Lightning issue #20550): a resumed run would restart its epoch. The count comes from the
+        data module's ``train_batches_per_epoch()`` instead, with Lightning's arithmetic.
+        """
+        trainer = self.trainer
+        per_epoch = getattr(trainer.datamodule, "train_batches_per_epoch", None)
+        if trainer.max_epochs in (None, -1) or per_epoch is None or trainer.fit_loop._combined_loader is not None:
+            return trainer.estimated_stepping_batches
+        batches = per_epoch()
+        limit = trainer.limit_train_batches
+        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
+        return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
+
     # ------------------------------------------------------------ precomputed reference
     def on_fit_start(self) -> None:
-        if self.needs_reference and self.policy.config.reference == "precomputed":
+        if not (self.needs_reference and self.policy.config.reference == "precomputed"):
+            return
+        if self.trainer.strategy.restore_checkpoint_after_setup:
+            # FSDP/FSDP2: Lightning restores the checkpoint (with the saved columns) after this hook;
+            # compute when the first data loader is requested, by then a resumed run has its values
+            self.trainer.datamodule.run_before_loading(self.precompute_reference_logps)
+        else:
             self.precompute_reference_logps()
 
     @property
@@ -250,9 +282,12 @@ class AlignmentModule(pl.LightningModule):
     def precompute_reference_logps(self) -> None:
         """Compute reference values once for every train/val/test sample and attach them to the data.
 
-        Each process computes its own share; the shares are summed across processes so every rank
-        holds the whole column. The values travel in checkpoints (the data module's state), so a
-        resumed run reuses them. The reference model is freed afterwards.
+        Each process computes its own share (samples ``rank, rank + W, ...``) under the run's
+        strategy, in the same number of batches on every process (sharded models gather their
+        weights in every forward); the shares are summed across processes so every rank holds the
+        whole column. The values travel in checkpoints (the data module's state), so a resumed run
+        reuses them. The reference model is freed afterwards (kept under FSDP, where it is part of
+        the wrapped module).
         """
         datamodule = self.trainer.datamodule
         world, rank = self.trainer.world_size, self.trainer.global_rank
@@ -264,25 +299,60 @@ class AlignmentModule(pl.LightningModule):
                 continue
             self.prepare_precompute(split)
             dataset = datamodule.datasets[split]
-            indices = list(range(rank, len(dataset), world))
-            loader = DataLoader(Subset(dataset, indices), batch_size=datamodule.eval_batch_size, collate_fn=datamodule.collator)
+            mine = list(range(rank, len(dataset), world))
+            share = -(-len(dataset) // world)
+            padded = mine + [mine[-1] if mine else 0] * (share - len(mine))  # equal batch counts on all ranks
+            loader = DataLoader(Subset(dataset, padded), batch_size=datamodule.eval_batch_size, collate_fn=datamodule.collator)
             values = {name: torch.zeros(len(dataset), device=self.device) for name in names}
+            done = 0
             for batch in loader:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                for name, column in self.reference_columns(batch, split).items():
-                    values[name][batch["index"]] = column.to(values[name].dtype)
+                with torch.no_grad():
+                    columns = self._run_wrapped("reference_columns", batch, split)
+                keep = slice(0, max(0, min(len(batch["index"]), len(mine) - done)))  # not the padding
+                for name, column in columns.items():
+                    values[name][batch["index"][keep]] = column[keep].to(values[name].dtype)
+                done += len(batch["index"])
             for name in names:
                 datamodule.set_column(split, name, self.trainer.strategy.reduce(values[name], reduce_op="sum"))
-        self.policy.reference_model = None
+        if not self._wrapped_by_fsdp():
+            self.policy.reference_model = None
+
+    def _wrapped_by_fsdp(self) -> bool:
+        """Whether torch's FSDP1 (Lightning's ``FSDPStrategy``) wraps this module."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+
+    def _run_wrapped(self, method: str, *args: Any) -> Any:
+        """Call ``self.<method>(*args)``, through the FSDP wrapper's forward when there is one.
+
+        Outside a training step, FSDP (torch's FSDP1) has gathered only its blocks' weights, not
+        the root's; routing the call through the wrapper's forward gathers them.
+        """
+        if self._wrapped_by_fsdp():
+            strategy = self.trainer.strategy
+            return strategy._forward_redirection(strategy.model, self, method, *args)
+        return getattr(self, method)(*args)
 
     # ------------------------------------------------------------ export
-    def export_hf(self, path: str | Path, merge_lora: bool = True) -> Path:
-        """Write the trained model and its tokenizer as a Hugging Face folder (used by ``HFExport``)."""
-        return export_hf(self.policy.model, self.policy.tokenizer, path, merge_lora=merge_lora)
+    def export_hf(self, path: str | Path, merge_lora: bool = True, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Write the trained model and its tokenizer as a Hugging Face folder (used by ``HFExport``).
+
+        ``state_dict``: the model's full weights when it is sharded (gathered by ``HFExport``).
+        """
+        return export_hf(self.policy.model, self.policy.tokenizer, path, merge_lora=merge_lora, state_dict=state_dict)
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Frozen reference weights are rebuilt from their source, not stored in checkpoints."""
+        """Frozen reference weights are rebuilt from their source, not stored in checkpoints.
+
+        Under FSDP (torch's FSDP1) they stay: its loader expects every key of the wrapped module.
+        The module's class is recorded (``ulma_module_class``) for ``ulma export``.
+        """
+        checkpoint[MODULE_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        if self._wrapped_by_fsdp():
+            return
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith(REFERENCE_PREFIX)]:
             del state[key]

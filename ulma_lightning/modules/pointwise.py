@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
-from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
+from torch import Tensor
+from torchmetrics.functional.classification import binary_accuracy, binary_auroc
+from torchmetrics.functional.regression import pearson_corrcoef, spearman_corrcoef
 
 from ulma_lightning.losses import ContinuousForm, LabelType, LossOutput, Reduction, pointwise_dpo_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
@@ -53,13 +53,8 @@ class PointwiseModule(AlignmentModule):
         self.continuous_form = continuous_form
         self.reduction = reduction
         self.positive_threshold = positive_threshold
-        self.reward_metrics = nn.ModuleDict(
-            {f"{stage}_{name}": cls() for stage in ("train", "val", "test") for name, cls in (("accuracy", BinaryAccuracy), ("auc", BinaryAUROC))}
-        )
-        if label_type == "continuous":
-            for stage in ("val", "test"):
-                self.reward_metrics[f"{stage}_pearson"] = PearsonCorrCoef()
-                self.reward_metrics[f"{stage}_spearman"] = SpearmanCorrCoef()
+        # per stage: (sigmoid of the reward margin, binary target, beta * h, score) of the batches that count
+        self._reward_outputs: dict[str, list[tuple[Tensor, ...]]] = {"train": [], "val": [], "test": []}
 
     def loss(self, policy_logps: Tensor, reference_logps: Tensor, scores: Tensor) -> LossOutput:
         """The objective from per-sequence log-probs; override this to try a new loss."""
@@ -83,26 +78,60 @@ class PointwiseModule(AlignmentModule):
         ``beta * h`` with the label (``{stage}/rewards/pearson``, ``{stage}/rewards/spearman``).
 
         Skipped for batches where the reference ran on some rows only (ULMA training with an SFT
-        positive term); AUC is an epoch metric (a batch may hold one class).
+        positive term). The batch accuracy is logged per training step; the epoch values (AUC is an
+        epoch metric: a batch may hold one class) are computed at the epoch's end over every
+        process's batches (:meth:`log_reward_metrics`).
         """
         if bool(reference_logps.isnan().any()):
             return  # the reference skipped some rows (ULMA training): the metrics would be biased
-        margin = (self.beta * (policy_logps - reference_logps) + self.offset).detach()
+        reward = (self.beta * (policy_logps - reference_logps)).detach().float()
+        probability = torch.sigmoid(reward + self.offset)
         target = (scores >= self.positive_threshold).long()
-        accuracy = self.reward_metrics[f"{stage}_accuracy"]
-        auc = self.reward_metrics[f"{stage}_auc"]
-        probability = torch.sigmoid(margin)
-        accuracy(probability, target)  # forward: updates the epoch state and caches the step value
-        auc.update(probability, target)
-        size = int(target.numel())
-        self.log(f"{stage}/rewards/accuracy", accuracy, on_step=stage == "train", on_epoch=True, batch_size=size)
-        self.log(f"{stage}/rewards/auc", auc, on_step=False, on_epoch=True, batch_size=size)
-        if f"{stage}_pearson" in self.reward_metrics:
-            reward = (self.beta * (policy_logps - reference_logps)).detach().float()
-            for name in ("pearson", "spearman"):
-                metric = self.reward_metrics[f"{stage}_{name}"]
-                metric.update(reward, scores.float())
-                self.log(f"{stage}/rewards/{name}", metric, on_step=False, on_epoch=True, batch_size=size)
+        self._reward_outputs[stage].append((probability, target, reward, scores.detach().float()))
+        if stage == "train":
+            accuracy = ((probability > 0.5).long() == target).float().mean()
+            self.log("train/rewards/accuracy_step", accuracy, on_step=True, on_epoch=False, batch_size=int(target.numel()))
+
+    def log_reward_metrics(self, stage: Stage) -> None:
+        """Log the epoch's reward metrics over the batches of all processes, then reset them.
+
+        Which batches count differs between processes (and a collective must not), so the values
+        are gathered in uneven sizes on every process at every epoch end, rather than synced
+        metric by metric.
+        """
+        outputs, self._reward_outputs[stage] = self._reward_outputs[stage], []
+        dtypes = (torch.float32, torch.long, torch.float32, torch.float32)  # the same on every process
+        columns = [torch.cat(c) for c in zip(*outputs)] if outputs else [torch.zeros(0, dtype=d, device=self.device) for d in dtypes]
+        probability, target, reward, score = (self._gather_uneven(c.to(d)) for c, d in zip(columns, dtypes))
+        if not target.numel():
+            return
+        suffix = "_epoch" if stage == "train" else ""
+        # the values are already global: sync_dist averages equal values (and keeps Lightning quiet)
+        self.log(f"{stage}/rewards/accuracy{suffix}", binary_accuracy(probability, target), sync_dist=True)
+        self.log(f"{stage}/rewards/auc{suffix}", binary_auroc(probability, target), sync_dist=True)
+        if self.label_type == "continuous" and stage != "train" and target.numel() > 1:
+            self.log(f"{stage}/rewards/pearson", pearson_corrcoef(reward, score), sync_dist=True)
+            self.log(f"{stage}/rewards/spearman", spearman_corrcoef(reward, score), sync_dist=True)
+
+    def _gather_uneven(self, values: Tensor) -> Tensor:
+        """``values`` of every process, concatenated (sizes may differ between processes)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return values
+        size = torch.tensor([values.numel()], device=self.device)
+        sizes = self.all_gather(size).view(-1).tolist()
+        padded = torch.zeros(max(sizes), dtype=values.dtype, device=self.device)
+        padded[: values.numel()] = values
+        gathered = self.all_gather(padded).view(len(sizes), -1)
+        return torch.cat([gathered[rank, :n] for rank, n in enumerate(sizes)])
+
+    def on_train_epoch_end(self) -> None:
+        self.log_reward_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_reward_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_reward_metrics("test")
 
     def loss_kwargs(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,101 @@
+"""Atomic checkpoint writes (ulma_lightning.checkpointing): a killed save leaves the previous one usable."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from ulma_lightning import checkpointing
+from ulma_lightning.checkpointing import atomic_save, partial_path
+
+
+def _write_folder(path: str, value: float, *, fail: bool = False) -> None:
+    os.makedirs(path)
+    torch.save({"w": torch.full((4,), value)}, os.path.join(path, "__0_0.distcp"))
+    if fail:
+        raise RuntimeError("disk full")
+    torch.save({"step": value}, os.path.join(path, "meta.pt"))
+
+
+def test_a_failed_file_save_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    target = tmp_path / "last.ckpt"
+    atomic_save(lambda p: torch.save({"step": 1}, p), target)
+
+    def broken(path: str) -> None:
+        with open(path, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise OSError("killed mid-write")
+
+    with pytest.raises(OSError):
+        atomic_save(broken, target)
+    assert torch.load(target)["step"] == 1
+    atomic_save(lambda p: torch.save({"step": 2}, p), target)  # the leftover partial is cleared
+    assert torch.load(target)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two_renames"])
+def test_sharded_folders_are_swapped_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool) -> None:
+    if not exchange:
+        monkeypatch.setattr(checkpointing, "_exchange", lambda a, b: False)
+    target = tmp_path / "last.ckpt"
+    atomic_save(lambda p: _write_folder(p, 1.0), target)
+    with pytest.raises(RuntimeError):
+        atomic_save(lambda p: _write_folder(p, 2.0, fail=True), target)
+    assert torch.load(target / "meta.pt")["step"] == 1.0
+    assert torch.load(target / "__0_0.distcp")["w"][0] == 1.0
+    atomic_save(lambda p: _write_folder(p, 3.0), target)
+    assert torch.load(target / "meta.pt")["step"] == 3.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    """A process killed (SIGKILL) halfway through writing the new checkpoint."""
+    target = tmp_path / "last.ckpt"
+    script = textwrap.dedent(
+        f"""
+        import os, signal, torch
+        from ulma_lightning.checkpointing import atomic_save
+        atomic_save(lambda p: torch.save({{"step": 1, "w": torch.ones(1000)}}, p), {str(target)!r})
+        def dying(path):
+            with open(path, "wb") as handle:
+                handle.write(b"PK" * 1000)
+                handle.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+        atomic_save(dying, {str(target)!r})
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr.decode()[-2000:]
+    assert partial_path(target).exists()  # the interrupted write
+    state = torch.load(target)
+    assert state["step"] == 1 and state["w"].sum() == 1000
+
+
+def test_last_is_found_in_earlier_runs_log_folders(tmp_path: Path) -> None:
+    """Without `dirpath`, each run checkpoints into its own version folder: `--ckpt_path last`
+    must still find the previous run's last checkpoint (the newest one)."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from ulma_lightning.checkpointing import AtomicModelCheckpoint
+
+    for version, name in ((0, "last.ckpt"), (1, "last-v1.ckpt"), (1, ".last.ckpt.partial"), (1, "epoch=0-step=4.ckpt")):
+        folder = tmp_path / "ulma" / f"version_{version}" / "checkpoints"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x")
+    callback = AtomicModelCheckpoint(save_last=True)
+    trainer = Trainer(
+        default_root_dir=tmp_path, logger=TensorBoardLogger(tmp_path, name="ulma"), callbacks=[callback], accelerator="cpu"
+    )
+    found = {Path(p).relative_to(tmp_path).as_posix() for p in callback._find_last_checkpoints(trainer)}
+    assert found == {"ulma/version_0/checkpoints/last.ckpt", "ulma/version_1/checkpoints/last-v1.ckpt"}

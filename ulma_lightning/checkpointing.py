@@ -1,0 +1,161 @@
+"""Atomic checkpoint writes: a process killed while saving leaves the previous checkpoint intact.
+
+Lightning writes a checkpoint in place (``torch.save`` to the final path, or a sharded folder filled
+file by file). :class:`AtomicModelCheckpoint` writes every checkpoint under a hidden ``.NAME.partial``
+path beside the target and only then moves it into place: a file with ``os.replace``, a sharded
+folder by atomically exchanging it with the old one (Linux ``renameat2(RENAME_EXCHANGE)``; elsewhere
+two renames, with a moment in which only the ``.NAME.old`` copy exists).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+from weakref import proxy
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths; False where the platform or file system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: fall back to two renames
+        return False
+    raise OSError(errno, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(errno)}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    if path.is_file():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def atomic_replace(src: str | Path, dst: str | Path) -> None:
+    """Move the finished checkpoint ``src`` (file or folder) to ``dst``, replacing it atomically."""
+    src, dst = Path(src), Path(dst)
+    _fsync(src)
+    exists = dst.exists() or dst.is_symlink()
+    if not exists or (not src.is_dir() and not dst.is_dir()):
+        os.replace(src, dst)  # into a free path, or a file over a file
+        return
+    if src.is_dir() and dst.is_dir() and _exchange(src, dst):
+        _remove(src)  # src now holds the previous checkpoint
+        return
+    old = dst.with_name(f".{dst.name}.old")
+    _remove(old)
+    os.replace(dst, old)
+    os.replace(src, dst)
+    _remove(old)
+
+
+def partial_path(path: str | Path) -> Path:
+    """Where a checkpoint for ``path`` is written before it is moved into place (hidden, not ``last*.ckpt``)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial")
+
+
+def atomic_save(
+    write: Callable[[str], None],
+    path: str | Path,
+    *,
+    is_writer: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+) -> None:
+    """Call ``write(partial)`` on every process, then (on ``is_writer`` only) move the result to ``path``.
+
+    A leftover partial from a killed save is removed first; ``barrier`` separates the steps when
+    several processes write one sharded checkpoint.
+    """
+    partial = partial_path(path)
+    if is_writer:
+        _remove(partial)
+    barrier()
+    write(str(partial))
+    barrier()
+    if is_writer:
+        if not partial.exists():
+            raise FileNotFoundError(f"the checkpoint writer produced nothing at {partial}")
+        atomic_replace(partial, path)
+    barrier()
+
+
+METADATA_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint folder
+
+
+def read_checkpoint_metadata(path: str | Path) -> dict:
+    """A checkpoint's contents without loading sharded tensors: a file's whole dict (memory-mapped),
+    or a sharded folder's ``meta.pt`` (loops, callbacks, hyper-parameters, data module state)."""
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        return torch.load(path / METADATA_FILE, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+def _is_last(path: Path) -> bool:
+    """ModelCheckpoint's test for a ``last`` checkpoint name (``last.ckpt``, ``last-v1.ckpt``)."""
+    return path.suffix == ModelCheckpoint.FILE_EXTENSION and re.match(rf"^{ModelCheckpoint.CHECKPOINT_NAME_LAST}", path.stem) is not None
+
+
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose writes are atomic (see the module docstring); same arguments.
+
+    ``--ckpt_path last`` also finds the last checkpoint of earlier runs: without ``dirpath``,
+    checkpoints live in each run's log folder (``<save_dir>/<name>/version_N/checkpoints``) and a new
+    run gets a new version, so every version's ``last*.ckpt`` is a candidate (the newest is used).
+    Remote paths (``s3://...``) are written as ``ModelCheckpoint`` does.
+    """
+
+    def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
+        found = set(super()._find_last_checkpoints(trainer))
+        if self.dirpath is None and trainer.loggers:
+            logger = trainer.loggers[0]
+            root = Path(logger.save_dir if logger.save_dir is not None else trainer.default_root_dir) / str(logger.name)
+            if _is_local(str(root)) and root.is_dir():
+                found |= {os.path.normpath(p) for p in root.glob("*/checkpoints/*") if _is_last(p)}
+        return found
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        if not _is_local(filepath):
+            return super()._save_checkpoint(trainer, filepath)
+        filepath = str(filepath).removeprefix("file://")
+        atomic_save(
+            lambda partial: trainer.save_checkpoint(partial, self.save_weights_only),
+            filepath,
+            is_writer=trainer.is_global_zero,
+            barrier=trainer.strategy.barrier,
+        )
+        # the bookkeeping of ModelCheckpoint._save_checkpoint (lightning 2.5/2.6)
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))

@@ -1,0 +1,118 @@
+"""``ulma export --ckpt PATH --out DIR``: a Lightning checkpoint to a Hugging Face folder.
+
+Reads a single-file checkpoint (single device, DDP, ``FSDP2Strategy(save_distributed_checkpoint=
+False)``, FSDP with ``state_dict_type: full``) or a sharded checkpoint folder (FSDP2 and FSDP
+``state_dict_type: sharded``: one ``.distcp`` file per process and ``meta.pt``), rebuilds the module
+from the checkpoint's ``hyper_parameters`` (class and init arguments; weights are not loaded from
+their source), and writes safetensors weights, the config, the tokenizer and its chat template.
+LoRA adapters are merged unless ``--keep-adapter``. Runs in one process on the CPU; the full
+weights must fit in memory. Checkpoints are unpickled: export only checkpoints you trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ulma_lightning.checkpointing import METADATA_FILE, read_checkpoint_metadata
+
+log = logging.getLogger(__name__)
+
+POLICY_PREFIX = "policy.model."
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's metadata and its model ``state_dict`` (optimizer states are not read)."""
+    path = Path(path)
+    if path.is_file():
+        return read_checkpoint_metadata(path)
+    if not (path / METADATA_FILE).is_file():
+        raise FileNotFoundError(
+            f"{path} is neither a checkpoint file nor a sharded checkpoint folder (no {METADATA_FILE} in it); "
+            "pass a .ckpt file or folder written by `ulma fit` (e.g. runs/ulma/checkpoints/last.ckpt)"
+        )
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    weights: dict[str, Any] = {}
+    _load_state_dict(
+        weights,
+        storage_reader=FileSystemReader(path),
+        planner=_EmptyStateDictLoadPlanner(keys={"state_dict", "model"}),
+        no_dist=True,
+    )
+    checkpoint = read_checkpoint_metadata(path)
+    checkpoint["state_dict"] = weights.get("state_dict", weights.get("model", {}))  # FSDP2 | FSDP names
+    return checkpoint
+
+
+def module_from_checkpoint(checkpoint: dict[str, Any]) -> Any:
+    """The LightningModule the checkpoint was written by: its class (the CLI's ``_class_path``, or
+    the ``ulma_module_class`` every :class:`AlignmentModule` records) and its init arguments."""
+    from lightning.pytorch.cli import instantiate_module
+
+    from ulma_lightning.modules.base import MODULE_CLASS_KEY, AlignmentModule
+
+    if "hyper_parameters" not in checkpoint:
+        raise KeyError("the checkpoint has no hyper_parameters; export needs a checkpoint of an ulma-lightning module")
+    hparams = dict(checkpoint["hyper_parameters"])
+    class_path = hparams.get("_class_path") or checkpoint.get(MODULE_CLASS_KEY)
+    if class_path is None:
+        raise ValueError(
+            "the checkpoint does not name its module class; load it with YourModule.load_from_checkpoint "
+            "and call ulma_lightning.export.export_hf"
+        )
+    module_name, _, class_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if hparams.pop("_instantiator", None) is not None:  # written by `ulma fit` (LightningCLI)
+        hparams["_class_path"] = class_path
+        return instantiate_module(cls if issubclass(cls, AlignmentModule) else AlignmentModule, hparams)
+    hparams.pop("_class_path", None)
+    return cls(**hparams)
+
+
+def policy_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The policy's weights from a checkpoint's ``state_dict``, keyed like ``policy.model.state_dict()``."""
+    state = {k[len(POLICY_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(POLICY_PREFIX)}
+    if not state:
+        raise KeyError(f"no `{POLICY_PREFIX}*` weights in the checkpoint; is it an ulma-lightning module's?")
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, *, merge_lora: bool = True) -> Path:
+    """Write the policy of checkpoint ``ckpt`` as a Hugging Face folder ``out`` (the module's
+    ``export_hf``, with the checkpoint's weights)."""
+    checkpoint = read_checkpoint(ckpt)
+    module = module_from_checkpoint(checkpoint)
+    module.policy.build(empty=True)
+    return module.export_hf(out, merge_lora=merge_lora, state_dict=policy_state(checkpoint))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """``ulma export --ckpt PATH --out DIR [--keep-adapter]``."""
+    parser = argparse.ArgumentParser(
+        prog="ulma export",
+        description="Write the policy of a Lightning checkpoint (a file, or a sharded FSDP/FSDP2 folder) "
+        "as a Hugging Face folder: safetensors weights, config, tokenizer and chat template.",
+    )
+    parser.add_argument("--ckpt", required=True, help="checkpoint file or sharded folder, e.g. runs/ulma/checkpoints/last.ckpt")
+    parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument(
+        "--keep-adapter", action="store_true", help="save LoRA adapters as an adapter folder instead of merging them"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = export_checkpoint(args.ckpt, args.out, merge_lora=not args.keep_adapter)
+    log.info("wrote %s", out)
+    print(out)
+    return out
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

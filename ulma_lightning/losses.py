@@ -166,6 +166,7 @@ def pointwise_dpo_loss(
     label_type: LabelType = "binary",
     continuous_form: ContinuousForm = "bce",
     reduction: Reduction = "subset_mean",
+    positive_threshold: float = 1.0,
 ) -> LossOutput:
     """Point-wise DPO (ULMA paper, eq. 7 and its continuous-label form).
 
@@ -175,8 +176,8 @@ def pointwise_dpo_loss(
 
     Continuous labels ``z in [0, 1]``: ``continuous_form="bce"`` uses the same cross-entropy with a
     soft label for every sample that is not a positive (``z < 1``); ``"mse"`` regresses
-    ``(z - u)^2`` on those samples, as the authors' code does. Positives (``z == 1``) always get
-    ``-log sigma(u)``.
+    ``(z - u)^2`` on those samples, as the authors' code does. Positives (``z >= positive_threshold``,
+    ``z == 1`` by default) always get ``-log sigma(u)``.
 
     Gradients (paper, section 3.2): a positive gets ``-beta * sigma(-u) * grad log pi`` (an SFT
     gradient damped as ``pi`` rises above ``pi_ref``); a binary negative gets
@@ -185,7 +186,7 @@ def pointwise_dpo_loss(
     _check_shapes(policy_logps=policy_logps, reference_logps=reference_logps, scores=scores)
     scores = scores.to(policy_logps.dtype)
     _check_labels(scores, label_type)
-    positive = scores >= 1.0
+    positive = scores >= positive_threshold
     h = policy_logps - reference_logps
     u = beta * h + offset
     positive_loss, other_loss = _pointwise_terms(u, scores, label_type, continuous_form)

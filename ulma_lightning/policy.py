@@ -96,6 +96,20 @@ class PolicyConfig:
         return self.tokenizer or self.model  # type: ignore[return-value]
 
 
+def check_logit_transform(model: nn.Module) -> None:
+    """Refuse models that rescale their logits after the output projection (e.g. Granite's
+    ``logits_scaling``, Cohere's ``logit_scale``): the chunked log-probs apply only Gemma-style
+    ``final_logit_softcapping``, and would silently differ from the model's own forward."""
+    config = getattr(model, "config", None)
+    for name in ("logits_scaling", "logit_scale"):
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            raise NotImplementedError(
+                f"{type(model).__name__} rescales its logits ({name}={value}); ulma-lightning's response log-probs "
+                "do not support that yet. Please open an issue naming the model."
+            )
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Zero every dropout probability in ``model`` (modules and attention-dropout attributes)."""
     for module in model.modules():
@@ -195,6 +209,14 @@ class Policy(nn.Module):
             self.model = model
             return
         model = self._load(cfg.model)
+        check_logit_transform(model)
+        if cfg.dtype != "float32" and cfg.lora is None:
+            log.warning(
+                "policy.dtype %s without LoRA trains %s master weights: small AdamW updates round to zero. "
+                "For mixed precision keep dtype float32 and set trainer.precision: bf16-mixed",
+                cfg.dtype,
+                cfg.dtype,
+            )
         if cfg.disable_dropout:
             disable_dropout(model)
         if cfg.reference in ("copy", "precomputed"):

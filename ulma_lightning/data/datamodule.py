@@ -41,7 +41,8 @@ class AlignmentDataModule(pl.LightningDataModule):
         max_prompt_length: the least prompt tokens kept when truncating (default ``max_length // 2``).
         batch_size: training samples per step and process.
         eval_batch_size: samples per validation/test step (default ``batch_size``).
-        val_fraction: share of ``train`` held out for validation when ``val`` is empty.
+        val_fraction: share of ``train`` records held out for validation when ``val`` is empty (both
+            samples of a pair stay on the same side).
         split_seed: seed of that hold-out and of the training order.
         group_by_length: batch samples of similar length together (less padding, still shuffled).
         pad_to_multiple_of: pad batch lengths to a multiple of this (tensor-core friendly).
@@ -180,12 +181,19 @@ class AlignmentDataModule(pl.LightningDataModule):
             return
         report = self.skipped.setdefault("train", SkipReport("train"))
         examples = self.read_examples(self.sources["train"], "train", report)
+        # Hold out whole records: the two samples of a pair (same prompt) land in the same split.
+        records: dict[Any, list[int]] = {}
+        for i, example in enumerate(examples):
+            records.setdefault(example.location, []).append(i)
+        groups = list(records.values())
         generator = torch.Generator().manual_seed(self.split_seed)
-        order = torch.randperm(len(examples), generator=generator).tolist()
-        n_val = max(1, int(round(len(examples) * self.val_fraction)))
-        self._build_split("val", [examples[i] for i in sorted(order[:n_val])])
+        order = torch.randperm(len(groups), generator=generator).tolist()
+        n_val = max(1, int(round(len(groups) * self.val_fraction)))
+        val_rows = sorted(i for g in order[:n_val] for i in groups[g])
+        train_rows = sorted(i for g in order[n_val:] for i in groups[g])
+        self._build_split("val", [examples[i] for i in val_rows])
         self.datasets.pop("train", None)
-        self._build_split("train", [examples[i] for i in sorted(order[n_val:])])
+        self._build_split("train", [examples[i] for i in train_rows])
 
     # ------------------------------------------------------------ loaders
     @property

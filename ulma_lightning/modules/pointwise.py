@@ -14,6 +14,24 @@ from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
 from ulma_lightning.policy import PolicyConfig
 
 
+def check_pointwise_options(*, beta: float, positive_threshold: float, label_type: str, continuous_form: str, reduction: str) -> None:
+    """Reject bad point-wise options at construction, before any model is built."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0 < positive_threshold <= 1:
+        raise ValueError(
+            f"positive_threshold must be in (0, 1], got {positive_threshold}: scores are normalised to [0, 1] by "
+            "data.score_range (e.g. 4 on a 1..5 scale is 0.75)"
+        )
+    for name, value, allowed in (
+        ("label_type", label_type, ("binary", "continuous")),
+        ("continuous_form", continuous_form, ("bce", "mse")),
+        ("reduction", reduction, ("subset_mean", "mean")),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
 class PointwiseModule(AlignmentModule):
     """Shared step of the point-wise methods: log-probs in, :meth:`loss` out, reward metrics logged.
 
@@ -53,6 +71,7 @@ class PointwiseModule(AlignmentModule):
         self.continuous_form = continuous_form
         self.reduction = reduction
         self.positive_threshold = positive_threshold
+        check_pointwise_options(beta=beta, positive_threshold=positive_threshold, label_type=label_type, continuous_form=continuous_form, reduction=reduction)
         # per stage: (sigmoid of the reward margin, binary target, beta * h, score) of the batches that count
         self._reward_outputs: dict[str, list[tuple[Tensor, ...]]] = {"train": [], "val": [], "test": []}
 
@@ -150,4 +169,4 @@ class PointwiseDPOModule(PointwiseModule):
     """
 
     def loss(self, policy_logps: Tensor, reference_logps: Tensor, scores: Tensor) -> LossOutput:
-        return pointwise_dpo_loss(policy_logps, reference_logps, scores, **self.loss_kwargs())
+        return pointwise_dpo_loss(policy_logps, reference_logps, scores, positive_threshold=self.positive_threshold, **self.loss_kwargs())

@@ -57,6 +57,8 @@ class ULMAModule(PointwiseModule):
             average_logps=average_logps,
             positive_threshold=positive_threshold,
         )
+        if positive_term not in ("sft", "beta_sft", "pointwise_dpo"):
+            raise ValueError(f"positive_term must be 'sft', 'beta_sft' or 'pointwise_dpo', got {positive_term!r}")
         self.positive_term = positive_term
         self.eval_reference_on_positives = eval_reference_on_positives
 

@@ -131,12 +131,25 @@ def test_rows_without_response_give_zero_and_no_nan() -> None:
 
 
 @pytest.mark.parametrize("chunk", [1, 3])
-def test_lm_head_sees_at_most_chunk_rows(chunk: int) -> None:
-    """No (B x T x V) logits: the vocabulary projection only ever runs on <= chunk response rows."""
+def test_lm_head_sees_at_most_chunk_rows(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No (B x T x V) logits: the vocabulary projection only ever runs on <= chunk response rows.
+
+    Spies on both projection paths: the lm_head module (generic heads) and the chunked autograd
+    function's logits (plain linear heads).
+    """
+    import ulma_lightning.logprobs as logprobs
+
     model = tiny_model("qwen2")
     batch = make_batch(*BATCH_SHAPE, seed=4)
     shapes: list[tuple[int, ...]] = []
     handle = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: shapes.append(tuple(args[0].shape)))
+    chunk_logits = logprobs._chunk_logits
+
+    def spy(hidden, *args, **kwargs):
+        shapes.append(tuple(hidden.shape))
+        return chunk_logits(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(logprobs, "_chunk_logits", spy)
     try:
         n_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         with torch.no_grad():
@@ -159,20 +172,31 @@ def test_lm_head_sees_at_most_chunk_rows(chunk: int) -> None:
     assert shapes == [tuple(batch["input_ids"].shape) + (32,)]
 
 
-def test_policy_uses_its_chunk_size(demo_tokenizer) -> None:
+def test_policy_uses_its_chunk_size(demo_tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
     from conftest import TINY_LLAMA, make_pointwise_batch
+
+    import ulma_lightning.logprobs as logprobs
     from ulma_lightning.policy import Policy, PolicyConfig
+
+    chunk_logits = logprobs._chunk_logits
+    rows: list[int] = []
+
+    def spy(hidden, *args, **kwargs):
+        rows.append(hidden.shape[0])
+        return chunk_logits(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(logprobs, "_chunk_logits", spy)
 
     batch = make_pointwise_batch(demo_tokenizer, [1, 0, 1])
     results = []
     for chunk in (2, 4096):
         policy = Policy(PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo", reference="none", logits_chunk_size=chunk))
         policy.build()
-        rows: list[int] = []
+        rows.clear()
         policy.model.get_output_embeddings().register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
         with torch.no_grad():
             results.append(policy.logps(batch, average=True))
-        assert max(rows) <= chunk
+        assert rows and max(rows) <= chunk
         with torch.no_grad():
             naive = naive_sequence_logps(policy.model, batch, average=True)
         torch.testing.assert_close(results[-1], naive, rtol=1e-5, atol=0)

@@ -61,7 +61,11 @@ class PolicyConfig:
         lora: LoRA settings, or null for full fine-tuning.
         gradient_checkpointing: recompute decoder activations in the backward pass.
         disable_dropout: set every dropout probability to 0 (policy and reference), as DPO does.
-        logits_chunk_size: response tokens per vocabulary-projection chunk.
+        logits_chunk_size: response tokens per vocabulary-projection chunk (fewer for vocabularies so
+            large that a chunk would hold more than 16M logits).
+        length_groups: run the backbone on up to this many groups of rows of similar length, each
+            trimmed to its longest row, so less compute goes to padding (1 = the whole batch at once;
+            FSDP-sharded models always use 1). Same log-probs either way.
         attn_implementation: passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``).
         trust_remote_code: allow model code from the hub.
         init_seed: seed of the random init when building from ``model_config``.
@@ -77,6 +81,7 @@ class PolicyConfig:
     gradient_checkpointing: bool = False
     disable_dropout: bool = True
     logits_chunk_size: int = 1024
+    length_groups: int = 4
     attn_implementation: str | None = None
     trust_remote_code: bool = False
     init_seed: int = 0
@@ -90,6 +95,8 @@ class PolicyConfig:
             raise ValueError("PolicyConfig needs `tokenizer` when the model is built from `model_config`")
         if self.logits_chunk_size < 1:
             raise ValueError(f"logits_chunk_size must be >= 1, got {self.logits_chunk_size}")
+        if self.length_groups < 1:
+            raise ValueError(f"length_groups must be >= 1 (1 turns grouping off), got {self.length_groups}")
 
     @property
     def tokenizer_source(self) -> str:
@@ -252,9 +259,9 @@ class Policy(nn.Module):
         if self.model is None:
             raise RuntimeError("Policy.build() has not run: call it (or the module's configure_model) first")
         args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
-        chunk = self.config.logits_chunk_size
+        options = {"chunk_size": self.config.logits_chunk_size, "length_groups_max": self.config.length_groups}
         if not reference:
-            tokens = response_token_logps(self.model, *args, chunk_size=chunk)
+            tokens = response_token_logps(self.model, *args, **options)
             if self._records is not None:
                 self._records.append((batch, tokens))
             return tokens
@@ -263,10 +270,10 @@ class Policy(nn.Module):
         with torch.no_grad():
             if mode == "adapter":
                 with self.model.disable_adapter():
-                    return response_token_logps(self.model, *args, chunk_size=chunk)
+                    return response_token_logps(self.model, *args, **options)
             if self.reference_model is None:
                 raise RuntimeError(f"reference mode {mode!r} has no reference model to run")
-            return response_token_logps(self.reference_model, *args, chunk_size=chunk)
+            return response_token_logps(self.reference_model, *args, **options)
 
     @contextmanager
     def recording(self) -> Iterator[list[tuple[dict[str, Tensor], TokenLogps]]]:

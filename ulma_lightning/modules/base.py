@@ -222,13 +222,25 @@ class AlignmentModule(pl.LightningModule):
         return {"index": batch["index"], "response": responses}
 
     # ------------------------------------------------------------ optimizer
-    def configure_optimizers(self) -> Any:
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters (no weight decay on biases and norms).
+
+        The fused kernel (one pass over all parameters) is used where torch supports it: ordinary
+        float32 tensors on CPU or CUDA; sharded (DTensor) parameters keep the default kernel.
+        """
         cfg = self.optimizer_config
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        fused = bool(params) and all(
+            type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params
+        )
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+
+    def configure_optimizers(self) -> Any:
+        cfg = self.optimizer_config
+        optimizer = self.build_optimizer()
         total = max(1, int(self.planned_steps()))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cfg.lr_factor(step, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

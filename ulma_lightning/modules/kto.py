@@ -21,8 +21,9 @@ class KTOModule(AlignmentModule):
 
     Mismatched pairs. With a ``copy`` or ``adapter`` reference, row ``i`` of a batch is paired with
     the response of row ``i - 1`` of the *same* batch (cyclically), built in the step, so any order
-    of the data works (shuffled, length-grouped). The matched and mismatched rows run in one forward
-    pass. The estimate is the mean over the mismatched pairs of *all* processes (a sum and a count
+    of the data works (shuffled, length-grouped). The reference runs on the matched and mismatched
+    rows in one forward pass; the policy runs on the mismatched rows without gradient (``z0`` is
+    detached, so a backward through them would only add zeros). The estimate is the mean over the mismatched pairs of *all* processes (a sum and a count
     are all-reduced), so every rank uses the same ``z0``; a step with no mismatched pair anywhere (a
     batch of one sample) reuses the previous estimate.
 
@@ -110,17 +111,20 @@ class KTOModule(AlignmentModule):
         size = batch["input_ids"].shape[0]
         kl_batch = self.kl_batch(batch, stage)
         inputs = batch if kl_batch is None else stack_batches(batch, kl_batch)
-        policy_all = self.policy.logps(inputs, average=self.average_logps)
+        policy_logps = self.policy.logps(batch, average=self.average_logps)
+        kl_policy = policy_logps[:0]
+        if kl_batch is not None:
+            with torch.no_grad():  # z0 is detached: no backward through the mismatched pairs
+                kl_policy = self.policy.logps(kl_batch, average=self.average_logps)
         if "kl_partner" in batch:  # precomputed values
             reference_logps = batch["reference_logps"].float()
             kl_reference = batch["reference_kl_logps"].float()
         else:  # the reference runs now (in precomputed mode: a split that was not precomputed, if still loaded)
             reference_all = self.policy.reference_logps(inputs, average=self.average_logps)
             reference_logps, kl_reference = reference_all[:size], reference_all[size:]
-        kl_policy = policy_all[size:] if kl_batch is not None else policy_all[:0]
         kl = self.global_kl(kl_policy - kl_reference[: kl_policy.shape[0]])
         return kto_loss(
-            policy_all[:size],
+            policy_logps,
             reference_logps,
             batch["score"] >= self.positive_threshold,
             kl.reshape(1),

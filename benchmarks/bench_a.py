@@ -1,0 +1,197 @@
+"""bench-A: the library against TRL on the same data, model and batches; plus the scaling run.
+
+    PYTHONPATH=. python -m benchmarks.bench_a            # everything; rewrites docs/benchmarks.{md,json}
+    PYTHONPATH=. python -m benchmarks.bench_a --quick    # 1+1 steps, a few rows, to /tmp (smoke run)
+
+Each group of compared rows (the library's ULMA, point-wise DPO and KTO with TRL's KTOTrainer, ...)
+is timed in one process, step by step in turn, so that slow spells of a shared machine hit all of
+them; each row's memory is measured alone in its own process (see ``benchmarks/rows.py``). The
+matmul peaks are measured before and after the rows; the best is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from benchmarks import workload
+from benchmarks.rows import Row
+
+DOCS = workload.REPO / "docs"
+SCALING_LENGTHS = (128, 256, 512, 1024)
+SCALING_VOCABS = (32000, 128000)
+
+
+def main_groups() -> list[list[Row]]:
+    """bench-A rows, in groups timed together: each TRL row with the library rows compared with it."""
+    fp32 = [
+        [Row("ours", "ulma"), Row("trl", "kto"), Row("ours", "pointwise_dpo"), Row("ours", "kto")],
+        [Row("ours", "ulma", "precomputed"), Row("trl", "kto", "precomputed"), Row("ours", "pointwise_dpo", "precomputed")],
+        [Row("ours", "dpo"), Row("trl", "dpo"), Row("ours", "dpo", "precomputed"), Row("trl", "dpo", "precomputed")],
+        [Row("ours", "sft", "none"), Row("trl", "sft", "none")],
+    ]
+    bf16 = [[Row(r.impl, r.method, r.reference, "bf16") for r in group if r.reference != "precomputed"] for group in fp32]
+    return fp32 + [g for g in bf16 if g]
+
+
+def scaling_rows(warmup: int = 1, measured: int = 2) -> list[Row]:
+    return [
+        Row("ours", "ulma", warmup=warmup, measured=measured, max_length=length, vocab=vocab, fixed_length=True)
+        for vocab in SCALING_VOCABS
+        for length in SCALING_LENGTHS
+    ]
+
+
+# ------------------------------------------------------------------ child processes
+def _send(conn: Any, fn: Callable[[Any], Any], arg: Any) -> None:
+    conn.send(fn(arg))
+    conn.close()
+
+
+def in_child(ctx: Any, fn: Callable[[Any], Any], arg: Any, timeout: float = 1200) -> Any:
+    """``fn(arg)`` in a fresh forked child; its own memory, its own peak."""
+    receive, send = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_send, args=(send, fn, arg))
+    process.start()
+    send.close()
+    if not receive.poll(timeout):
+        process.kill()
+        raise TimeoutError(f"{getattr(arg, 'name', arg)} did not finish within {timeout:.0f} s")
+    result = receive.recv()
+    process.join()
+    return result
+
+
+def measure_peaks(_: Any = None) -> dict[str, float]:
+    import torch
+
+    from benchmarks.flops import matmul_peak
+
+    from benchmarks.quiet import wait_quiet
+
+    torch.set_num_threads(workload.THREADS)
+    best = {"fp32": 0.0, "bf16": 0.0}
+    for _ in range(3):  # best of three quiet-gated tries: the peak, not the neighbours' load
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            wait_quiet(5.0)
+            best[name] = max(best[name], matmul_peak(dtype))
+    return best
+
+
+def machine() -> dict[str, Any]:
+    import torch
+    import transformers
+    import trl
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": workload.THREADS,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+    }
+
+
+def run(groups: list[list[Row]], scaling: list[Row], out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    from benchmarks import report
+    from benchmarks.rows import run_group, run_memory, run_row
+
+    started = time.perf_counter()
+    # set before the fork server starts, so every row's OpenMP reads it (see OMP_NOTE in report.py)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    workload.tokenizer_dir()
+    workload.build_samples()
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["benchmarks.preload"])
+    peaks_before = in_child(ctx, measure_peaks, None)
+    log(f"matmul peak: fp32 {peaks_before['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks_before['bf16'] / 1e9:.0f} GFLOP/s")
+    results = []
+    for group in groups:
+        timed = in_child(ctx, run_group, group)
+        for result in timed:
+            memory = in_child(ctx, run_memory, Row(**result["row"]))
+            for key in ("peak_rss_mb", "base_rss_mb", "train_mb", "peak_resettable", "memory_step_slots"):
+                if key in memory:
+                    result[key] = memory[key]
+            if "error" in memory and "error" not in result:
+                result["error"], result["traceback"] = "memory run: " + memory["error"], memory["traceback"]
+            results.append(result)
+            log(_line(result))
+    for row in scaling:
+        results.append(in_child(ctx, run_row, row))
+        log(_line(results[-1]))
+    peaks_after = in_child(ctx, measure_peaks, None)
+    peaks = {k: max(peaks_before[k], peaks_after[k]) for k in peaks_before}
+    data = {
+        "workload": report.workload_description(),
+        "machine": machine(),
+        "matmul_peak_flops": peaks,
+        "matmul_peak_runs": [peaks_before, peaks_after],
+        "rows": [r for r in results if not r["row"]["fixed_length"]],
+        "scaling": [r for r in results if r["row"]["fixed_length"]],
+        "wall_s": time.perf_counter() - started,
+        "command": "PYTHONPATH=. python -m benchmarks.bench_a",
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+    }
+    report.annotate(data)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmarks.json").write_text(json.dumps(data, indent=1) + "\n")
+    markdown = report.markdown(data)
+    (out / "benchmarks.md").write_text(markdown)
+    log(markdown)
+    return data
+
+
+def _line(result: dict[str, Any]) -> str:
+    row = result["row"]
+    where = f" L={row['max_length']} V={row['vocab']}" if row["fixed_length"] else ""
+    if "error" in result:
+        return f"{result['name']}{where}: FAILED {result['error']}"
+    return (f"{result['name']}{where}: {result['tokens_per_s']:.0f} tok/s, {result['s_per_step']:.2f} s/step, "
+            f"peak {result.get('peak_rss_mb', 0):.0f} MB (+{result.get('train_mb', 0):.0f}), load {result['loadavg'][0]:.1f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 warm-up + 1 measured step, a few rows; writes to --out (default /tmp/bench-quick)")
+    parser.add_argument("--only", default="", help="run only rows whose name contains this text (e.g. 'ulma', 'fp32')")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the scaling run")
+    parser.add_argument("--out", type=Path, default=None, help="where benchmarks.md/json go (default docs/)")
+    args = parser.parse_args(argv)
+    try:
+        workload.require_data()
+    except workload.MissingData as exc:
+        print(f"bench-A skipped: {exc}")
+        return 0
+    groups, scaling = main_groups(), ([] if args.no_scaling else scaling_rows())
+    if args.quick:
+        groups = [[Row(r.impl, r.method, r.reference, r.precision, warmup=1, measured=1) for r in g] for g in groups]
+        scaling = [Row(r.impl, r.method, warmup=0, measured=1, max_length=r.max_length, vocab=r.vocab, fixed_length=True) for r in scaling]
+    if args.only:
+        groups = [[r for r in g if args.only in r.name] for g in groups]
+        groups = [g for g in groups if g]
+        scaling = [r for r in scaling if args.only in r.name]
+    out = args.out or (Path("/tmp/bench-quick") if args.quick else DOCS)
+    run(groups, scaling, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

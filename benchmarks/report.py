@@ -1,0 +1,234 @@
+"""Ratios, targets and the markdown of docs/benchmarks.md, from the rows' raw results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks import workload
+
+TRL_PEER = {"ulma": "kto", "pointwise_dpo": "kto", "kto": "kto", "dpo": "dpo", "sft": "sft"}
+LABEL = {"ulma": "ULMA", "pointwise_dpo": "point-wise DPO", "dpo": "DPO", "sft": "SFT", "kto": "KTO"}
+
+# (our method, reference, TRL method, minimum tokens/s ratio) -- issue 6, on the float32 rows
+SPEED_TARGETS = [
+    ("ulma", "copy", "kto", 3.0),
+    ("ulma", "precomputed", "kto", 4.0),
+    ("pointwise_dpo", "copy", "kto", 2.0),
+    ("dpo", "copy", "dpo", 1.5),
+    ("dpo", "precomputed", "dpo", 2.0),
+    ("sft", "none", "sft", 1.4),
+]
+MEMORY_TARGET = 0.6
+MFU_TARGET = 0.40
+
+
+def workload_description() -> dict[str, Any]:
+    return {
+        "name": "bench-A",
+        "data": "HH-RLHF harmless-base test (../shared/data/hh-rlhf/harmless-base-test.jsonl.gz)",
+        "tokenizer": f"byte-level BPE, vocab {workload.VOCAB_SIZE}, trained on the transcripts",
+        "model": workload.MODEL_CONFIG,
+        "max_length": workload.MAX_LENGTH,
+        "sequences_per_step": workload.BATCH_SIZE,
+        "warmup_steps": workload.WARMUP_STEPS,
+        "measured_steps": workload.MEASURED_STEPS,
+        "lr": workload.LR,
+        "threads": workload.THREADS,
+    }
+
+
+def _key(row: dict[str, Any]) -> tuple[str, str, str, str]:
+    r = row["row"]
+    return r["impl"], r["method"], r["reference"], r["precision"]
+
+
+def annotate(data: dict[str, Any]) -> None:
+    """Add MFU, TRL ratios, target verdicts and the scaling slopes to ``data`` in place."""
+    peaks = data["matmul_peak_flops"]
+    by_key = {_key(r): r for r in data["rows"] if "error" not in r}
+    for r in data["rows"] + data["scaling"]:
+        if "error" in r:
+            continue
+        r["mfu"] = r["achieved_flops"] / peaks[r["row"]["precision"]]
+        impl, method, reference, precision = _key(r)
+        if impl != "ours":
+            continue
+        peer = by_key.get(("trl", TRL_PEER[method], reference, precision))
+        if peer is not None:
+            common = sorted(set(r.get("quiet_step_indices", [])) & set(peer.get("quiet_step_indices", [])))
+            quiet_ratio = None
+            if len(common) >= 3:  # the same batches, both quiet: a like-for-like ratio
+                quiet_ratio = sum(peer["step_wall_s"][j] for j in common) / sum(r["step_wall_s"][j] for j in common)
+            r["vs_trl"] = {
+                "quiet_steps_compared": len(common),
+                "tokens_per_s_quiet_steps": quiet_ratio,
+                "row": peer["name"],
+                "tokens_per_s": r["tokens_per_s"] / peer["tokens_per_s"],
+                "cpu_tokens_per_s": r["cpu_tokens_per_s"] / peer["cpu_tokens_per_s"],
+                "train_mb": r["train_mb"] / peer["train_mb"],
+                "peak_rss_mb": r["peak_rss_mb"] / peer["peak_rss_mb"],
+            }
+    targets = []
+    for method, reference, peer, need in SPEED_TARGETS:
+        ours = by_key.get(("ours", method, reference, "fp32"))
+        got = ours.get("vs_trl", {}).get("tokens_per_s") if ours else None
+        targets.append({"target": f"{LABEL[method]}{' +precomputed' if reference == 'precomputed' else ''} vs TRL {peer.upper()}Trainer{' +precomputed' if reference == 'precomputed' else ''}: tokens/s >= {need}x", "value": got, "met": got is not None and got >= need})
+    for r in data["rows"]:
+        if "vs_trl" in r:
+            got = r["vs_trl"]["train_mb"]
+            targets.append({"target": f"memory {r['name']} vs {r['vs_trl']['row']}: <= {MEMORY_TARGET}x", "value": got, "met": got <= MEMORY_TARGET})
+    ulma = by_key.get(("ours", "ulma", "copy", "fp32"))
+    mfu = ulma.get("mfu") if ulma else None
+    targets.append({"target": f"ULMA float32 MFU >= {MFU_TARGET:.0%} of the measured float32 matmul peak", "value": mfu, "met": mfu is not None and mfu >= MFU_TARGET})
+    data["targets"] = targets
+    data["scaling_summary"] = _scaling_summary(data["scaling"])
+
+
+def _slope(points: list[tuple[int, float]]) -> float | None:
+    if len(points) < 2:
+        return None
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    den = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / den if den else None
+
+
+def _scaling_summary(scaling: list[dict[str, Any]]) -> dict[str, Any]:
+    """Least-squares MB per 1k tokens of sequence length, per vocabulary, and their ratio."""
+    out: dict[str, Any] = {}
+    for vocab in sorted({r["row"]["vocab"] for r in scaling}):
+        points = [(r["row"]["max_length"], r["train_mb"]) for r in scaling if r["row"]["vocab"] == vocab and "error" not in r]
+        slope = _slope(points)
+        out[str(vocab)] = {"mb_per_1k_tokens": None if slope is None else slope * 1000}
+        if slope is not None and len(points) > 2:
+            fitted = [(x, out[str(vocab)]["mb_per_1k_tokens"] / 1000 * x) for x, _ in points]
+            intercept = sum(y for _, y in points) / len(points) - slope * sum(x for x, _ in points) / len(points)
+            out[str(vocab)]["max_residual_mb"] = max(abs(y - (intercept + slope * x)) for x, y in points)
+            del fitted
+    slopes = [v["mb_per_1k_tokens"] for v in out.values() if v["mb_per_1k_tokens"]]
+    if len(slopes) == 2:
+        vocabs = sorted(int(v) for v in out)
+        out["slope_ratio"] = slopes[1] / slopes[0]
+        out["vocab_ratio"] = vocabs[1] / vocabs[0]
+    return out
+
+
+# ------------------------------------------------------------------ markdown
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table(data: dict[str, Any]) -> str:
+    lines = [
+        "| row | tokens/s | s/step | MFU | train MB | peak RSS MB | quiet steps | tokens/s vs TRL | same, quiet steps only | same, CPU time | train MB vs TRL |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error'][:80]} |" + " |" * 9)
+            continue
+        vs = r.get("vs_trl", {})
+        x = lambda key: f"{vs[key]:.2f}x" if vs.get(key) is not None else "-"  # noqa: E731
+        quiet = x("tokens_per_s_quiet_steps") + (f" ({vs['quiet_steps_compared']})" if vs.get("tokens_per_s_quiet_steps") is not None else "")
+        lines.append(
+            f"| {r['name']} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.2f} | {r['mfu']:.1%} | {r['train_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['row']['measured'] - r['disturbed_steps']}/{r['row']['measured']} | {x('tokens_per_s')} | {quiet} | {x('cpu_tokens_per_s')} | {x('train_mb')} |"
+        )
+    return "\n".join(lines)
+
+
+def targets_table(data: dict[str, Any]) -> str:
+    lines = ["| target (float32 rows; memory: all pairs) | reached | met |", "|---|---:|:---:|"]
+    for t in data["targets"]:
+        value = t["value"]
+        shown = "-" if value is None else (f"{value:.1%}" if "MFU" in t["target"] else f"{value:.2f}x")
+        lines.append(f"| {t['target']} | {shown} | {'yes' if t['met'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def scaling_table(data: dict[str, Any]) -> str:
+    lines = ["| vocab | max_length | tokens/s | s/step | peak RSS MB | train MB | MFU |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in data["scaling"]:
+        row = r["row"]
+        if "error" in r:
+            lines.append(f"| {row['vocab']} | {row['max_length']} | failed: {r['error'][:60]} | | | | |")
+            continue
+        lines.append(f"| {row['vocab']} | {row['max_length']} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.2f} | {r['peak_rss_mb']:.0f} | {r['train_mb']:.0f} | {r['mfu']:.1%} |")
+    summary = data.get("scaling_summary", {})
+    notes = []
+    for vocab, s in summary.items():
+        if vocab.isdigit() and s.get("mb_per_1k_tokens") is not None:
+            notes.append(f"vocab {int(vocab):,}: {s['mb_per_1k_tokens']:.0f} MB per 1k tokens of max_length (least squares; largest residual {s.get('max_residual_mb', 0):.0f} MB)")
+    if "slope_ratio" in summary:
+        notes.append(
+            f"slope ratio 128k/32k = {summary['slope_ratio']:.2f} for a {summary['vocab_ratio']:.0f}x vocabulary "
+            f"(a vocab x sequence term would make it about {summary['vocab_ratio']:.0f})"
+        )
+    return "\n".join(lines) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
+
+
+def markdown(data: dict[str, Any]) -> str:
+    m, w, peaks = data["machine"], data["workload"], data["matmul_peak_flops"]
+    loads = [r["loadavg"][0] for r in data["rows"] + data["scaling"] if "loadavg" in r]
+    model = ", ".join(f"{k}={v}" for k, v in w["model"].items() if k != "model_type")
+    return f"""# Benchmarks
+
+Generated by `{data['command']}` in {data['wall_s'] / 60:.1f} minutes; do not edit by hand (the run
+rewrites this file and `docs/benchmarks.json`, which holds every per-step time).
+
+Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['threads']}; Python {m['python']}, torch {m['torch']},
+transformers {m['transformers']}, TRL {m['trl']}. Measured matmul peak (2048^2 `torch.mm`, best of the runs
+before and after the rows): float32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bfloat16 {peaks['bf16'] / 1e9:.0f} GFLOP/s.
+1-minute load average during the rows: {min(loads, default=0):.1f} to {max(loads, default=0):.1f} (the machine is shared; see the notes).
+
+## bench-A
+
+{w['data']}; tokenizer: {w['tokenizer']}; model: Llama, {model}, random init (seed 0), reference a
+frozen copy; max_length {w['max_length']}; {w['sequences_per_step']} sequences per step (4 pairs for DPO);
+AdamW lr {w['lr']}; {w['warmup_steps']} warm-up steps then {w['measured_steps']} measured. ULMA, point-wise DPO
+and KTO train on the same point-wise batches (every chosen with score 1 and rejected with score 0,
+shuffled with seed 0), DPO on (prompt, chosen, rejected) pairs, SFT on (prompt, chosen).
+
+{table(data)}
+
+- tokens/s: non-pad tokens of the training sequences per second of wall time over the measured
+  steps (KTO's mismatched KL sequences are not counted). s/step: mean wall time of a measured step
+  (forward, loss, backward, optimizer step). The rows compared with each other are timed in one
+  process, step by step in turn (the order rotating each step), so a slow spell of the shared
+  machine hits them alike.
+- peak RSS: high-water mark of a separate process per row that builds the row (model, reference,
+  optimizer, trainer) and trains one step on its bench-A batch with the most token slots, the
+  step that sets the peak. Every process is forked from the same preloaded server, so the baseline
+  (torch, transformers, TRL and the library imported) is the same for all. train MB: the peak above
+  that baseline (weights, reference, optimizer state, activations, batches); the memory ratios use it.
+- MFU: FLOPs the method needs (see `benchmarks/flops.py`: backbone on every non-pad token, vocabulary
+  projection on response tokens only, reference forwards only where the loss uses them) per second,
+  over the float32 or bfloat16 matmul peak above. The same count is used for a method on both
+  libraries.
+- vs TRL: the library's row over the TRL row with the same method family (ULMA, point-wise DPO
+  and KTO against `KTOTrainer`), reference mode and precision, measured in the same invocation.
+  "quiet steps only": the same ratio over the measured steps (same batches) that both rows ran on
+  a quiet machine, with their count; "CPU time": each side's process CPU time in place of wall time.
+- quiet steps: measured steps during which other processes (any container on the machine) used
+  under 0.25 of a core. Before each timed step the benchmark waits for such a moment (up to 10 s,
+  then 1 s while a busy spell lasts), and runs a step once more if a neighbour started during it
+  (`benchmarks/quiet.py`): with 2 threads on 2 cores, a busy neighbour stalls every parallel region,
+  which slows a step of many small ops (the library's) far more than one of a few large ones (TRL's).
+- OpenMP: the run sets `OMP_WAIT_POLICY={data.get('omp_wait_policy', 'default')}` (unless already set) for every row,
+  TRL's and the library's: a thread that waits at the end of a parallel region sleeps instead of
+  spinning, so a neighbour's process on the other core does not stall each region (measured here:
+  a ULMA step took 3.7-4.6 s with spinning threads and 1.0-1.4 s with sleeping ones, next to a
+  neighbour using one core).
+
+## Targets (issue 6)
+
+{targets_table(data)}
+
+## Scaling (ULMA, float32, reference copy)
+
+Every sequence exactly `max_length` real HH tokens (72% prompt, 28% response, half positives), 8
+per step, {data['scaling'][0]['row']['warmup'] if data['scaling'] else 1} warm-up and {data['scaling'][0]['row']['measured'] if data['scaling'] else 2} measured steps.
+
+{scaling_table(data)}
+"""

@@ -62,7 +62,21 @@ def _batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-class HFClassifierScorer(Scorer):
+class _ModelScorer(Scorer):
+    """A scorer backed by a model loaded on first use; ``to`` places it unless a device was set."""
+
+    device: torch.device | None = None
+    _model: Any = None
+
+    def to(self, device: torch.device | str) -> "_ModelScorer":
+        if self.device is None:
+            self.device = torch.device(device)
+            if self._model is not None:
+                self._model.to(self.device)
+        return self
+
+
+class HFClassifierScorer(_ModelScorer):
     """A local Hugging Face sequence-classification model with one output (a reward model).
 
     Sequences are built exactly as the data modules build them (prompt formatted with the folder
@@ -117,13 +131,6 @@ class HFClassifierScorer(Scorer):
         self._model = model.eval().to(self.device or "cpu")
         self._tokenizer = tokenizer
 
-    def to(self, device: torch.device | str) -> "HFClassifierScorer":
-        if self.device is None:
-            self.device = torch.device(device)
-            if self._model is not None:
-                self._model.to(self.device)
-        return self
-
     @torch.no_grad()
     def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
         if self._model is None:
@@ -141,7 +148,7 @@ class HFClassifierScorer(Scorer):
         return scores
 
 
-class RewardModelScorer(Scorer):
+class RewardModelScorer(_ModelScorer):
     """A ``RewardModelModule`` checkpoint trained with ``ulma fit`` (the reward-model config).
 
     Args:
@@ -177,13 +184,6 @@ class RewardModelScorer(Scorer):
             raise ImportError(f"RewardModelScorer.module: cannot import {self.module!r} ({exc})") from exc
         model = cls.load_from_checkpoint(self.ckpt_path, map_location="cpu", weights_only=False)
         self._model = model.eval().to(self.device or "cpu")
-
-    def to(self, device: torch.device | str) -> "RewardModelScorer":
-        if self.device is None:
-            self.device = torch.device(device)
-            if self._model is not None:
-                self._model.to(self.device)
-        return self
 
     @torch.no_grad()
     def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:

@@ -61,7 +61,7 @@ class Gate:
     busy spell costs one long wait, not one per step.
     """
 
-    def __init__(self, long_s: float = 10.0, short_s: float = 1.0, window_s: float = 0.3) -> None:
+    def __init__(self, long_s: float = 10.0, short_s: float = 1.0, window_s: float = 0.1) -> None:
         self.long_s, self.short_s, self.window_s = long_s, short_s, window_s
         self.patient = True
 

@@ -197,9 +197,10 @@ shuffled with seed 0), DPO on (prompt, chosen, rejected) pairs, SFT on (prompt, 
   (forward, loss, backward, optimizer step). The rows compared with each other are timed in one
   process, step by step in turn (the order rotating each step), so a slow spell of the shared
   machine hits them alike.
-- peak RSS: high-water mark of a separate process per row that builds the row (model, reference,
-  optimizer, trainer) and trains one step on its bench-A batch with the most token slots, the
-  step that sets the peak. Every process is forked from the same preloaded server, so the baseline
+- peak RSS: high-water mark of a process that builds the row (model, reference, optimizer,
+  trainer) and trains one step on its bench-A batch with the most token slots, the step that sets
+  the peak: a separate process per library row; for a TRL row, its group's timing process, which
+  builds it first and reads the peak before building anything else. Every process is forked from the same preloaded server, so the baseline
   (torch, transformers, TRL and the library imported) is the same for all. train MB: the peak above
   that baseline (weights, reference, optimizer state, activations, batches); the memory ratios use it.
 - MFU: FLOPs the method needs (see `benchmarks/flops.py`: backbone on every non-pad token, vocabulary

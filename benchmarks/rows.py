@@ -118,6 +118,11 @@ def _padded(batch: dict[str, Any]) -> int:
     return sum(int(v.numel()) for k, v in batch.items() if k.endswith("input_ids") and not k.startswith("KL_"))
 
 
+def _slots(batch: dict[str, Any]) -> int:
+    """Token slots of a batch including padding and KTO's KL rows: what sets its memory peak."""
+    return sum(int(v.numel()) for k, v in batch.items() if k.endswith("input_ids"))
+
+
 def _attempt(result: dict[str, Any], fn: Any) -> Any:
     """``fn()``, recording a failure in ``result`` (reported in the table, not fatal for other rows)."""
     try:
@@ -246,16 +251,33 @@ class Prepared:
             return {"quiet_tokens_per_s": None, "quiet_step_indices": steps}
         return {"quiet_tokens_per_s": sum(self.tokens[j] for j in steps) / sum(self.wall[j] for j in steps), "quiet_step_indices": steps}
 
+    def memory_step(self) -> dict[str, Any]:
+        """One untimed step on the largest batch, then the memory peak (nothing else built yet)."""
+        largest = max(range(len(self.batches)), key=lambda j: _slots(self.batches[j]))
+        self.runner.step(self.batches[largest], largest) if self.row.impl == "ours" else self.runner.step(self.batches[largest])
+        return {**self.memory(), "memory_step_slots": _slots(self.batches[largest])}
+
     def memory(self) -> dict[str, Any]:
         peak = memory.peak_mb()
         return {"peak_rss_mb": peak, "base_rss_mb": self.base_mb, "train_mb": peak - self.base_mb, "peak_resettable": self.resettable}
 
 
 def run_group(rows: list[Row]) -> list[dict[str, Any]]:
-    """Time ``rows`` in one process, step by step in turn (the order rotating every step)."""
+    """Time ``rows`` in one process, step by step in turn (the order rotating every step).
+
+    The group's first row, if it is TRL's, is built first and trained one extra (untimed) step on
+    its largest batch, and its memory peak is read then, before anything else is built: the
+    expensive TRL rows need no separate memory process.
+    """
     torch.set_num_threads(THREADS)
     results = [{"row": asdict(row), "name": row.name} for row in rows]
-    prepared = {i: p for i, row in enumerate(rows) if (p := _attempt(results[i], lambda row=row: Prepared(row))) is not None}
+    prepared: dict[int, Prepared] = {}
+    for i, row in enumerate(rows):
+        p = _attempt(results[i], lambda row=row: Prepared(row))
+        if p is not None:
+            prepared[i] = p
+        if p is not None and i == 0 and row.impl == "trl":
+            results[i].update(_attempt(results[i], p.memory_step) or {})
     live = list(prepared)
     for step in range(max((rows[i].steps for i in live), default=0)):
         shift = step % max(1, len(live))

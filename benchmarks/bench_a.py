@@ -4,9 +4,9 @@
     PYTHONPATH=. python -m benchmarks.bench_a --quick    # 1+1 steps, a few rows, to /tmp (smoke run)
 
 Each group of compared rows (the library's ULMA, point-wise DPO and KTO with TRL's KTOTrainer, ...)
-is timed in one process, step by step in turn, so that slow spells of a shared machine hit all of
-them; each row's memory is measured alone in its own process (see ``benchmarks/rows.py``). The
-matmul peaks are measured before and after the rows; the best is used.
+is timed step by step in turn, each row in its own process (its own memory peak, its own OpenMP
+settings), so that slow spells of a shared machine hit all of them (see ``benchmarks/rows.py``).
+The matmul peaks are measured before and after the rows; the best is used.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from benchmarks.rows import Row
 DOCS = workload.REPO / "docs"
 SCALING_LENGTHS = (128, 256, 512, 1024)
 SCALING_VOCABS = (32000, 128000)
+# OpenMP wait policy per library ("default": OpenMP's own, what a user gets; see the OpenMP note in report.py)
+DEFAULT_POLICIES = {"ours": "default", "trl": "default"}
 
 
 def main_groups() -> list[list[Row]]:
@@ -41,6 +43,12 @@ def main_groups() -> list[list[Row]]:
     ]
     bf16 = [[Row(r.impl, r.method, r.reference, "bf16") for r in group if r.reference != "precomputed"] for group in fp32]
     return fp32 + [g for g in bf16 if g]
+
+
+def alone_rows() -> list[Row]:
+    """ULMA float32 timed with no other row interleaved, right after the matmul peak: the MFU target's
+    numerator measured under the same conditions as its denominator."""
+    return [Row("ours", "ulma", alone=True)]
 
 
 def scaling_rows(warmup: int = 1, measured: int = 2) -> list[Row]:
@@ -114,50 +122,83 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run(groups: list[list[Row]], scaling: list[Row], out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+POLICIES = ("default", "PASSIVE", "ACTIVE")
+
+
+def _set_policy(policy: str) -> None:
+    """``OMP_WAIT_POLICY`` for processes started from now on (``default``: unset, OpenMP's own)."""
+    if policy == "default":
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    else:
+        os.environ["OMP_WAIT_POLICY"] = policy
+
+
+def run(
+    groups: list[list[Row]],
+    scaling: list[Row],
+    out: Path,
+    alone: list[Row] | None = None,
+    log: Callable[[str], None] = print,
+    omp_wait_policy: dict[str, str] | None = None,
+) -> dict[str, Any]:
     from benchmarks import report
-    from benchmarks.rows import run_group, run_memory, run_row
+    from benchmarks.rows import row_worker, run_group, run_row
 
     started = time.perf_counter()
-    # set before the fork server starts, so every row's OpenMP reads it (see OMP_NOTE in report.py)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+    def note(message: str) -> None:
+        log(f"[{(time.perf_counter() - started) / 60:4.1f} min] {message}")
+
+    policies = {**DEFAULT_POLICIES, **(omp_wait_policy or {})}
+    # OpenMP reads OMP_WAIT_POLICY once, when a process loads it: the fork server (the library's rows,
+    # the matmul peaks, the scaling run) is started with the library's policy; a TRL row whose policy
+    # differs runs in a freshly spawned process started with its own.
+    _set_policy(policies["ours"])
     workload.tokenizer_dir()
     workload.build_samples()
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["benchmarks.preload"])
-    peaks_before = in_child(ctx, measure_peaks, None)
-    log(f"matmul peak: fp32 {peaks_before['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks_before['bf16'] / 1e9:.0f} GFLOP/s")
+    fork = mp.get_context("forkserver")
+    fork.set_forkserver_preload(["benchmarks.preload"])
+    spawn = mp.get_context("spawn")
+
+    def start(row: Row) -> tuple[Any, Any]:
+        own = policies[row.impl]
+        ctx = fork if own == policies["ours"] else spawn
+        conn, child = ctx.Pipe()
+        _set_policy(own)
+        try:
+            process = ctx.Process(target=row_worker, args=(child, row), daemon=True)
+            process.start()
+        finally:
+            _set_policy(policies["ours"])
+        child.close()
+        return process, conn
+
+    peaks_before = in_child(fork, measure_peaks, None)
+    note(f"matmul peak: fp32 {peaks_before['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks_before['bf16'] / 1e9:.0f} GFLOP/s")
     results = []
+    for row in alone or []:
+        results.extend(run_group([row], start))
+        note(_line(results[-1]))
     for group in groups:
-        timed = in_child(ctx, run_group, group)
-        for result in timed:
-            if "train_mb" in result or "error" in result:  # measured in the group's process
-                results.append(result)
-                log(_line(result))
-                continue
-            memory = in_child(ctx, run_memory, Row(**result["row"]))
-            for key in ("peak_rss_mb", "base_rss_mb", "train_mb", "peak_resettable", "memory_step_slots"):
-                if key in memory:
-                    result[key] = memory[key]
-            if "error" in memory and "error" not in result:
-                result["error"], result["traceback"] = "memory run: " + memory["error"], memory["traceback"]
+        for result in run_group(group, start):
             results.append(result)
-            log(_line(result))
+            note(_line(result))
     for row in scaling:
-        results.append(in_child(ctx, run_row, row))
-        log(_line(results[-1]))
-    peaks_after = in_child(ctx, measure_peaks, None)
+        results.append(in_child(fork, run_row, row))
+        note(_line(results[-1]))
+    peaks_after = in_child(fork, measure_peaks, None)
     peaks = {k: max(peaks_before[k], peaks_after[k]) for k in peaks_before}
     data = {
         "workload": report.workload_description(),
         "machine": machine(),
         "matmul_peak_flops": peaks,
         "matmul_peak_runs": [peaks_before, peaks_after],
-        "rows": [r for r in results if not r["row"]["fixed_length"]],
+        "rows": [r for r in results if not r["row"]["fixed_length"] and not r["row"]["alone"]],
+        "alone": [r for r in results if r["row"]["alone"]],
         "scaling": [r for r in results if r["row"]["fixed_length"]],
         "wall_s": time.perf_counter() - started,
         "command": "PYTHONPATH=. python -m benchmarks.bench_a",
-        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+        "omp_wait_policy": policies,
     }
     report.annotate(data)
     out.mkdir(parents=True, exist_ok=True)
@@ -182,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 warm-up + 1 measured step, a few rows; writes to --out (default /tmp/bench-quick)")
     parser.add_argument("--only", default="", help="run only rows whose name contains this text (e.g. 'ulma', 'fp32')")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling run")
+    for impl, label in (("ours", "the library's"), ("trl", "TRL's")):
+        parser.add_argument(
+            f"--{impl}-omp-wait-policy", choices=POLICIES, default=DEFAULT_POLICIES[impl],
+            help=f"OMP_WAIT_POLICY of {label} rows (default: %(default)s; 'default' leaves OpenMP's own)",
+        )
     parser.add_argument("--out", type=Path, default=None, help="where benchmarks.md/json go (default docs/)")
     args = parser.parse_args(argv)
     try:
@@ -189,16 +235,18 @@ def main(argv: list[str] | None = None) -> int:
     except workload.MissingData as exc:
         print(f"bench-A skipped: {exc}")
         return 0
-    groups, scaling = main_groups(), ([] if args.no_scaling else scaling_rows())
+    groups, scaling, alone = main_groups(), ([] if args.no_scaling else scaling_rows()), alone_rows()
     if args.quick:
         groups = [[Row(r.impl, r.method, r.reference, r.precision, warmup=1, measured=1) for r in g] for g in groups]
+        alone = [Row(r.impl, r.method, r.reference, r.precision, warmup=1, measured=1, alone=True) for r in alone]
         scaling = [Row(r.impl, r.method, warmup=0, measured=1, max_length=r.max_length, vocab=r.vocab, fixed_length=True) for r in scaling]
     if args.only:
         groups = [[r for r in g if args.only in r.name] for g in groups]
         groups = [g for g in groups if g]
         scaling = [r for r in scaling if args.only in r.name]
+        alone = [r for r in alone if args.only in r.name]
     out = args.out or (Path("/tmp/bench-quick") if args.quick else DOCS)
-    run(groups, scaling, out)
+    run(groups, scaling, out, alone=alone, omp_wait_policy={"ours": args.ours_omp_wait_policy, "trl": args.trl_omp_wait_policy})
     return 0
 
 

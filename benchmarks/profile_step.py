@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from benchmarks.bench_a import in_child
 
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench_a
+    # OpenMP wait policy: whatever the environment says, as bench_a by default
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["benchmarks.preload"])
     results = []

@@ -1,17 +1,16 @@
-"""Benchmark rows: timed in groups, step by step in turn; memory measured one row per process.
+"""Benchmark rows: each in its own process, timed in groups step by step in turn, with its own memory peak.
 
 A row is one (library, method, reference, precision) on bench-A batches, or a scaling point.
-Every measurement runs in a fresh child process forked from a server that has already imported
-torch, transformers, TRL and the library (``benchmarks.preload``), so every child starts from the
-same memory baseline and the import time is not paid per row.
+Every measurement runs in a fresh child process that has imported torch, transformers, TRL and the
+library (``benchmarks.preload``) before it builds anything, so every child starts from the same
+memory baseline.
 
-* Speed (:func:`run_group`): the rows that are compared with each other (e.g. ULMA, point-wise DPO,
-  KTO and TRL's KTOTrainer) are built in one process and trained step by step in turn (step 1 of
-  each, then step 2 of each, ... the order rotating every step). On a shared machine a slow spell
-  then hits every row alike, which is what makes the ratios trustworthy.
-* Memory (:func:`run_memory`): each row alone in its own process: reset the peak RSS, build the
-  model (reference, optimizer, trainer), and train one step on the bench-A batch with the most
-  token slots (padding included), the step that sets the peak; read the peak.
+* Speed and memory (:func:`run_group`): the rows that are compared with each other (e.g. ULMA,
+  point-wise DPO, KTO and TRL's KTOTrainer) each run in their own process (:func:`row_worker`) and
+  are trained step by step in turn (step 1 of each, then step 2 of each, ... the order rotating
+  every step): on a shared machine a slow spell then hits every row alike, which is what makes the
+  ratios trustworthy. Each process resets its peak RSS before it builds its row (model, reference,
+  optimizer, trainer) and reads it after the last step; each has its own OpenMP settings.
 * Scaling points (:func:`run_row`): one process each, timing and memory together.
 """
 
@@ -51,6 +50,7 @@ class Row:
         vocab: model vocabulary (bench-A: 32,000).
         fixed_length: scaling rows: every sequence exactly ``max_length`` tokens (28% response).
         options: extra keyword arguments of the library row (e.g. ``length_groups``).
+        alone: timed in a group of its own, no other row interleaved (the MFU measurement).
     """
 
     impl: str
@@ -63,12 +63,13 @@ class Row:
     vocab: int = 32000
     fixed_length: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    alone: bool = False
 
     @property
     def name(self) -> str:
         lib = "ulma-lightning" if self.impl == "ours" else "TRL"
         ref = {"copy": "", "precomputed": " +precomputed ref", "none": ""}[self.reference]
-        return f"{lib} {self.method}{ref} {self.precision}"
+        return f"{lib} {self.method}{ref} {self.precision}{' alone' if self.alone else ''}"
 
     @property
     def steps(self) -> int:
@@ -116,11 +117,6 @@ def _seqs(row: Row, samples: list[Any]) -> tuple[list[list[F.Seq]], list[list[F.
 def _padded(batch: dict[str, Any]) -> int:
     """Token slots of the training sequences including padding (KTO's KL rows excluded)."""
     return sum(int(v.numel()) for k, v in batch.items() if k.endswith("input_ids") and not k.startswith("KL_"))
-
-
-def _slots(batch: dict[str, Any]) -> int:
-    """Token slots of a batch including padding and KTO's KL rows: what sets its memory peak."""
-    return sum(int(v.numel()) for k, v in batch.items() if k.endswith("input_ids"))
 
 
 def _attempt(result: dict[str, Any], fn: Any) -> Any:
@@ -251,74 +247,76 @@ class Prepared:
             return {"quiet_tokens_per_s": None, "quiet_step_indices": steps}
         return {"quiet_tokens_per_s": sum(self.tokens[j] for j in steps) / sum(self.wall[j] for j in steps), "quiet_step_indices": steps}
 
-    def memory_step(self) -> dict[str, Any]:
-        """One untimed step on the largest batch, then the memory peak (nothing else built yet)."""
-        largest = max(range(len(self.batches)), key=lambda j: _slots(self.batches[j]))
-        self.runner.step(self.batches[largest], largest) if self.row.impl == "ours" else self.runner.step(self.batches[largest])
-        return {**self.memory(), "memory_step_slots": _slots(self.batches[largest])}
-
     def memory(self) -> dict[str, Any]:
         peak = memory.peak_mb()
         return {"peak_rss_mb": peak, "base_rss_mb": self.base_mb, "train_mb": peak - self.base_mb, "peak_resettable": self.resettable}
 
 
-def run_group(rows: list[Row]) -> list[dict[str, Any]]:
-    """Time ``rows`` in one process, step by step in turn (the order rotating every step).
+def row_worker(conn: Any, row: Row) -> None:
+    """One row in its own process, stepping when its group's coordinator says (see :func:`run_group`).
 
-    The group's first row, if it is TRL's, is built first and trained one extra (untimed) step on
-    its largest batch, and its memory peak is read then, before anything else is built: the
-    expensive TRL rows need no separate memory process.
+    Sends ``True``/``False`` (built / failed), then answers each step index with ``True``/``False``
+    (stepped / failed), and after ``None`` sends the row's result: timing and the process's
+    memory peak.
     """
+    import benchmarks.preload  # noqa: F401 - the same imports, so the same baseline, in every worker
+
     torch.set_num_threads(THREADS)
-    results = [{"row": asdict(row), "name": row.name} for row in rows]
-    prepared: dict[int, Prepared] = {}
-    for i, row in enumerate(rows):
-        p = _attempt(results[i], lambda row=row: Prepared(row))
-        if p is not None:
-            prepared[i] = p
-        if p is not None and i == 0 and row.impl == "trl":
-            results[i].update(_attempt(results[i], p.memory_step) or {})
-    live = list(prepared)
+    result: dict[str, Any] = {"row": asdict(row), "name": row.name, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
+    prepared = _attempt(result, lambda: Prepared(row))
+    conn.send("error" not in result)
+    while (step := conn.recv()) is not None:
+        if prepared is not None and "error" not in result:
+            _attempt(result, lambda: prepared.step(step, quiet=True))
+        conn.send("error" not in result)
+    if prepared is not None and "error" not in result:
+        result.update(_attempt(result, lambda: {**prepared.timing(), **prepared.memory()}) or {})
+    conn.send(result)
+
+
+def _receive(conn: Any, row: Row, timeout: float) -> Any:
+    if not conn.poll(timeout):
+        raise TimeoutError(f"{row.name}: no answer within {timeout:.0f} s")
+    return conn.recv()
+
+
+def run_group(rows: list[Row], start: Any, timeout: float = 1200) -> list[dict[str, Any]]:
+    """Time ``rows`` step by step in turn (the order rotating every step), each in its own process.
+
+    ``start(row)`` starts :func:`row_worker` for a row and returns ``(process, connection)``. The
+    rows are built at the same time, then stepped one at a time, so a slow spell of a shared machine
+    hits them alike, while each has its own memory peak and its own OpenMP settings.
+    """
+    workers = [start(row) for row in rows]
+    results: list[dict[str, Any] | None] = [None] * len(rows)
+    live = []
+    for i, (row, (process, conn)) in enumerate(zip(rows, workers)):
+        try:
+            if _receive(conn, row, timeout):
+                live.append(i)
+        except (EOFError, OSError, TimeoutError) as exc:
+            results[i] = {"row": asdict(row), "name": row.name, "error": f"worker: {type(exc).__name__}: {exc}"}
     for step in range(max((rows[i].steps for i in live), default=0)):
         shift = step % max(1, len(live))
         for i in live[shift:] + live[:shift]:
-            if "error" not in results[i] and step < rows[i].steps:
-                _attempt(results[i], lambda i=i: prepared[i].step(step, quiet=True))
-    for i in live:
-        if "error" not in results[i]:
-            results[i].update(_attempt(results[i], prepared[i].timing) or {})
-    return results
-
-
-def largest_step(row: Row, samples: list[Any]) -> list[Any]:
-    """The samples of the bench-A step with the most token slots (padding, and KTO's KL rows, included)."""
-    per_step = BATCH_SIZE // 2 if row.method == "dpo" else BATCH_SIZE
-    steps = [samples[i : i + per_step] for i in range(0, per_step * row.steps, per_step)]
-
-    def slots(chunk: list[Any]) -> int:
-        seqs = [s for pair in chunk for s in pair] if row.method == "dpo" else chunk
-        total = len(seqs) * max(s.length for s in seqs)
-        if row.method == "kto":
-            rotated = [chunk[-1]] + chunk[:-1]
-            total += len(chunk) * max(min(len(s.prompt_ids) + len(o.response_ids), row.max_length) for s, o in zip(chunk, rotated))
-        return total
-
-    return max(steps, key=slots)
-
-
-def run_memory(row: Row) -> dict[str, Any]:
-    """Peak memory of ``row``: build it and train one step on its largest bench-A batch."""
-    torch.set_num_threads(THREADS)
-
-    def measure() -> dict[str, Any]:
-        from benchmarks import workload
-
-        data = workload.build_samples(max_length=row.max_length)
-        prepared = Prepared(Row(row.impl, row.method, row.reference, row.precision, warmup=0, measured=1, options=row.options), largest_step(row, data[_kind(row.method)]))
-        prepared.step(0)
-        return {**prepared.memory(), "memory_step_slots": _padded(prepared.batches[0])}
-
-    return _guard(row, measure)
+            if step < rows[i].steps and results[i] is None:
+                conn = workers[i][1]
+                try:
+                    conn.send(step)
+                    _receive(conn, rows[i], timeout)
+                except (EOFError, OSError, TimeoutError) as exc:
+                    results[i] = {"row": asdict(rows[i]), "name": rows[i].name, "error": f"worker died at step {step}: {type(exc).__name__}: {exc}"}
+    for i, (process, conn) in enumerate(workers):
+        if results[i] is None:
+            try:
+                conn.send(None)
+                results[i] = _receive(conn, rows[i], timeout)
+            except (EOFError, OSError, TimeoutError) as exc:
+                results[i] = {"row": asdict(rows[i]), "name": rows[i].name, "error": f"worker: {type(exc).__name__}: {exc}"}
+        process.join(timeout=60)
+        if process.is_alive():
+            process.kill()
+    return [r for r in results if r is not None]
 
 
 def run_row(row: Row) -> dict[str, Any]:

@@ -60,12 +60,17 @@ class LossOutput:
         metrics: detached scalars, keyed by metric name without the ``train/`` prefix.
         losses: per-sample losses, shape ``(B,)`` (before the reduction), detached.
         rewards: per-sample implicit rewards ``beta * h`` where defined (NaN elsewhere), detached.
+        counts: for metrics that average over a subset of the batch (``logps/positive``, ...), the
+            subset's size: the weight of this batch in the metric's epoch mean, so that a batch
+            with few (or no) positives does not pull it toward its value (or toward 0). Metrics
+            without a count weigh by the batch size.
     """
 
     loss: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
     losses: Tensor | None = None
     rewards: Tensor | None = None
+    counts: dict[str, Tensor] = field(default_factory=dict)
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -77,6 +82,24 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     mask = mask.to(torch.bool)
     safe = torch.where(mask, values, torch.zeros_like(values))
     return safe.sum() / mask.sum().clamp(min=1)
+
+
+def subset_counts(positive: Tensor, reduction: str = "subset_mean", rewarded: Tensor | None = None) -> dict[str, Tensor]:
+    """Sizes of the subsets that the ``*/positive`` and ``*/negative`` metrics average over (see
+    :attr:`LossOutput.counts`): ``logps`` over all rows of a class, ``rewards`` over those where a
+    reward is defined (``rewarded``, default all), ``loss`` over the class under ``subset_mean`` (under
+    ``mean`` the parts are shares of the batch mean, weighed by the batch size)."""
+    negative = ~positive
+    rewarded = torch.ones_like(positive) if rewarded is None else rewarded
+    counts = {
+        "logps/positive": positive.sum(),
+        "logps/negative": negative.sum(),
+        "rewards/positive": (positive & rewarded).sum(),
+        "rewards/negative": (negative & rewarded).sum(),
+    }
+    if reduction == "subset_mean":
+        counts["loss/positive"], counts["loss/negative"] = positive.sum(), negative.sum()
+    return counts
 
 
 def _reduce(losses: Tensor, positive: Tensor, reduction: Reduction) -> tuple[Tensor, Tensor, Tensor]:
@@ -194,7 +217,8 @@ def pointwise_dpo_loss(
     loss, pos_part, neg_part = _reduce(losses, positive, reduction)
     rewards = (beta * h).detach()
     metrics = _summary(losses, positive, pos_part, neg_part, rewards, policy_logps)
-    return LossOutput(loss=loss, metrics=metrics, losses=losses.detach(), rewards=rewards)
+    counts = subset_counts(positive, reduction)
+    return LossOutput(loss=loss, metrics=metrics, losses=losses.detach(), rewards=rewards, counts=counts)
 
 
 def ulma_loss(
@@ -254,7 +278,8 @@ def ulma_loss(
     metrics = _summary(losses, positive, pos_part, neg_part, rewards, policy_logps)
     if not bool((positive & ~rewards.isnan()).any()):
         del metrics["rewards/positive"]  # undefined: no reference value on any positive
-    return LossOutput(loss=loss, metrics=metrics, losses=losses.detach(), rewards=rewards)
+    counts = subset_counts(positive, reduction, rewarded=~rewards.isnan())
+    return LossOutput(loss=loss, metrics=metrics, losses=losses.detach(), rewards=rewards, counts=counts)
 
 
 def dpo_loss(
@@ -342,7 +367,8 @@ def kto_loss(
         "logps/negative": masked_mean(policy_logps.detach(), ~desirable),
         "positive_fraction": desirable.float().mean(),
     }
-    return LossOutput(loss=losses.mean(), metrics=metrics, losses=losses.detach(), rewards=rewards)
+    counts = subset_counts(desirable, "mean")
+    return LossOutput(loss=losses.mean(), metrics=metrics, losses=losses.detach(), rewards=rewards, counts=counts)
 
 
 def log1m_exp(logp: Tensor, eps: float = 1e-6) -> Tensor:
@@ -421,7 +447,8 @@ def unlikelihood_loss(
         "logps/negative": masked_mean(row_logps.detach(), ~positive),
         "positive_fraction": positive.float().mean(),
     }
-    return LossOutput(loss=loss, metrics=metrics, losses=row_losses.detach())
+    counts = subset_counts(positive, "subset_mean" if variant == "authors" else reduction)
+    return LossOutput(loss=loss, metrics=metrics, losses=row_losses.detach(), counts=counts)
 
 
 def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> LossOutput:
@@ -466,4 +493,5 @@ def pointwise_reward_loss(
         "rewards/positive": masked_mean(rewards.detach(), positive),
         "rewards/negative": masked_mean(rewards.detach(), ~positive),
     }
-    return LossOutput(loss=losses.mean(), metrics=metrics, losses=losses.detach(), rewards=rewards.detach())
+    counts = subset_counts(positive, "mean")
+    return LossOutput(loss=losses.mean(), metrics=metrics, losses=losses.detach(), rewards=rewards.detach(), counts=counts)

@@ -191,6 +191,10 @@ class AlignmentModule(pl.LightningModule):
     def log_step(self, out: LossOutput, batch: dict[str, Tensor], stage: Stage) -> None:
         """Log ``{stage}/loss`` and every metric of the loss, per step (train) and per epoch.
 
+        Epoch means weigh each batch by its size, or, for a metric over a subset of the batch
+        (``logps/positive``, ...), by the subset's size (:attr:`LossOutput.counts`): the epoch value
+        is the mean over the epoch's samples of that subset (NaN if the epoch had none).
+
         In validation and test a loss's own ``perplexity`` metric (a per-batch value) gives way to
         the base's token-weighted ``{stage}/perplexity`` over the whole split.
         """
@@ -201,7 +205,9 @@ class AlignmentModule(pl.LightningModule):
         for name, value in out.metrics.items():
             if name == "perplexity" and stage != "train" and self.tracks_perplexity:
                 continue
-            self.log(f"{stage}/{name}", value, on_step=on_step, on_epoch=True, batch_size=size, sync_dist=sync)
+            # a subset metric's epoch mean weighs each batch by the subset's size (a tensor: no sync)
+            weight = out.counts.get(name, size)
+            self.log(f"{stage}/{name}", value, on_step=on_step, on_epoch=True, batch_size=weight, sync_dist=sync)  # type: ignore[arg-type]
 
     @staticmethod
     def batch_size_of(batch: dict[str, Tensor]) -> int | None:

@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -237,9 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     groups, scaling, alone = main_groups(), ([] if args.no_scaling else scaling_rows()), alone_rows()
     if args.quick:
-        groups = [[Row(r.impl, r.method, r.reference, r.precision, warmup=1, measured=1) for r in g] for g in groups]
-        alone = [Row(r.impl, r.method, r.reference, r.precision, warmup=1, measured=1, alone=True) for r in alone]
-        scaling = [Row(r.impl, r.method, warmup=0, measured=1, max_length=r.max_length, vocab=r.vocab, fixed_length=True) for r in scaling]
+        groups = [[replace(r, warmup=1, measured=1) for r in g] for g in groups]
+        alone = [replace(r, warmup=1, measured=1) for r in alone]
+        scaling = [replace(r, warmup=0, measured=1) for r in scaling]
     if args.only:
         groups = [[r for r in g if args.only in r.name] for g in groups]
         groups = [g for g in groups if g]

@@ -190,16 +190,14 @@ def scaling_table(data: dict[str, Any]) -> str:
 
 
 def omp_policy(data: dict[str, Any]) -> str:
-    policies = data.get("omp_wait_policy", {})
-    if isinstance(policies, str):  # runs before the per-library setting
-        policies = {"ours": policies, "trl": policies}
+    ours, trl = data["omp_wait_policy"]["ours"], data["omp_wait_policy"]["trl"]
 
     def say(policy: str) -> str:
         return "left at OpenMP's default (unset)" if policy == "default" else f"`{policy}`"
 
-    if policies.get("ours", "default") == policies.get("trl", "default"):
-        return f"{say(policies.get('ours', 'default'))} for every row, TRL's and the library's"
-    return f"{say(policies.get('ours', 'default'))} for the library's rows and {say(policies.get('trl', 'default'))} for TRL's"
+    if ours == trl:
+        return f"{say(ours)} for every row, TRL's and the library's"
+    return f"{say(ours)} for the library's rows and {say(trl)} for TRL's"
 
 
 def markdown(data: dict[str, Any]) -> str:

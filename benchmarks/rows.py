@@ -280,6 +280,10 @@ def _receive(conn: Any, row: Row, timeout: float) -> Any:
     return conn.recv()
 
 
+def _failed(row: Row, where: str, exc: BaseException) -> dict[str, Any]:
+    return {"row": asdict(row), "name": row.name, "error": f"{where}: {type(exc).__name__}: {exc}"}
+
+
 def run_group(rows: list[Row], start: Any, timeout: float = 1200) -> list[dict[str, Any]]:
     """Time ``rows`` step by step in turn (the order rotating every step), each in its own process.
 
@@ -295,7 +299,7 @@ def run_group(rows: list[Row], start: Any, timeout: float = 1200) -> list[dict[s
             if _receive(conn, row, timeout):
                 live.append(i)
         except (EOFError, OSError, TimeoutError) as exc:
-            results[i] = {"row": asdict(row), "name": row.name, "error": f"worker: {type(exc).__name__}: {exc}"}
+            results[i] = _failed(row, "worker", exc)
     for step in range(max((rows[i].steps for i in live), default=0)):
         shift = step % max(1, len(live))
         for i in live[shift:] + live[:shift]:
@@ -305,14 +309,14 @@ def run_group(rows: list[Row], start: Any, timeout: float = 1200) -> list[dict[s
                     conn.send(step)
                     _receive(conn, rows[i], timeout)
                 except (EOFError, OSError, TimeoutError) as exc:
-                    results[i] = {"row": asdict(rows[i]), "name": rows[i].name, "error": f"worker died at step {step}: {type(exc).__name__}: {exc}"}
+                    results[i] = _failed(rows[i], f"worker died at step {step}", exc)
     for i, (process, conn) in enumerate(workers):
         if results[i] is None:
             try:
                 conn.send(None)
                 results[i] = _receive(conn, rows[i], timeout)
             except (EOFError, OSError, TimeoutError) as exc:
-                results[i] = {"row": asdict(rows[i]), "name": rows[i].name, "error": f"worker: {type(exc).__name__}: {exc}"}
+                results[i] = _failed(rows[i], "worker", exc)
         process.join(timeout=60)
         if process.is_alive():
             process.kill()

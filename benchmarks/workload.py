@@ -80,26 +80,12 @@ def transcripts() -> list[str]:
 
 def tokenizer_dir() -> Path:
     """Train (once) and cache the bench-A tokenizer; return its folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from ulma_lightning.tokenizers import EOS_TOKEN, PAD_TOKEN
+    from ulma_lightning.tokenizers import as_transformers_tokenizer, train_byte_level_bpe
 
     folder = CACHE / f"tokenizer-{VOCAB_SIZE}-{_digest(VOCAB_SIZE, SEED)}"
     if (folder / "tokenizer.json").exists():
         return folder
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=[EOS_TOKEN, PAD_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(transcripts(), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
-    tokenizer.padding_side = "right"
+    tokenizer = as_transformers_tokenizer(train_byte_level_bpe(transcripts(), VOCAB_SIZE))
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(folder)
     return folder

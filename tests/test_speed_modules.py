@@ -66,16 +66,22 @@ def _assert_grads_close(a, b, rtol=1e-4, atol=1e-6):
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
 
 
+def _library_step(module, batch):
+    """The module's own training loss on ``batch``, and its gradients (then zeroed for the plain path)."""
+    loss = module.compute_loss(batch, "train").loss
+    loss.backward()
+    grads = _grads(module)
+    module.policy.model.zero_grad()
+    return loss, grads
+
+
 def test_ulma_step_matches_plain_path_and_skips_reference_on_positives():
     module = _built(ULMAModule)
     batch = _pointwise_batch()
-    loss = module.compute_loss(batch, "train").loss
-    loss.backward()
-    fast = _grads(module)
+    loss, fast = _library_step(module, batch)
     negatives = int((batch["score"] < 1).sum())
     assert module.policy.reference_forward_samples == negatives < len(LENGTHS)
 
-    module.policy.model.zero_grad()
     policy = _plain_logps(module.policy.model, batch, average=True)
     with torch.no_grad():
         reference = _plain_logps(module.policy.reference_model, batch, average=True)
@@ -110,12 +116,9 @@ def test_dpo_runs_chosen_and_rejected_in_one_forward_with_the_plain_loss():
     calls = {"policy": 0, "reference": 0}
     module.policy.model.get_decoder().register_forward_hook(lambda *a: calls.__setitem__("policy", calls["policy"] + 1))
     module.policy.reference_model.get_decoder().register_forward_hook(lambda *a: calls.__setitem__("reference", calls["reference"] + 1))
-    loss = module.compute_loss(batch, "train").loss
+    loss, fast = _library_step(module, batch)
     assert calls == {"policy": 1, "reference": 1}
-    loss.backward()
-    fast = _grads(module)
 
-    module.policy.model.zero_grad()
     side = lambda p: {"input_ids": batch[p + "input_ids"], "attention_mask": batch[p + "attention_mask"], "labels": batch[p + "labels"]}  # noqa: E731
     model, ref = module.policy.model, module.policy.reference_model
     with torch.no_grad():
@@ -129,11 +132,8 @@ def test_dpo_runs_chosen_and_rejected_in_one_forward_with_the_plain_loss():
 def test_kto_mismatched_pairs_without_policy_gradient_keep_the_loss_and_gradients():
     module = _built(KTOModule)
     batch = _pointwise_batch()
-    loss = module.compute_loss(batch, "train").loss
-    loss.backward()
-    fast = _grads(module)
+    loss, fast = _library_step(module, batch)
 
-    module.policy.model.zero_grad()
     model, ref = module.policy.model, module.policy.reference_model
     kl_batch = module.kl_batch(batch, "train")
     with torch.no_grad():

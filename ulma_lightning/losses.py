@@ -151,22 +151,26 @@ def _pointwise_terms(u: Tensor, scores: Tensor, label_type: LabelType, continuou
 
 
 def _summary(
-    losses: Tensor,
     positive: Tensor,
     pos_part: Tensor,
     neg_part: Tensor,
     rewards: Tensor,
     policy_logps: Tensor,
-) -> dict[str, Tensor]:
-    return {
+    reduction: Reduction,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The point-wise losses' metrics and their subset sizes (see :attr:`LossOutput.counts`);
+    rewards count where defined (not NaN)."""
+    rewarded = ~rewards.isnan()
+    metrics = {
         "loss/positive": pos_part.detach(),
         "loss/negative": neg_part.detach(),
-        "rewards/positive": masked_mean(rewards.detach(), positive & ~rewards.isnan()),
-        "rewards/negative": masked_mean(rewards.detach(), ~positive & ~rewards.isnan()),
+        "rewards/positive": masked_mean(rewards.detach(), positive & rewarded),
+        "rewards/negative": masked_mean(rewards.detach(), ~positive & rewarded),
         "logps/positive": masked_mean(policy_logps.detach(), positive),
         "logps/negative": masked_mean(policy_logps.detach(), ~positive),
         "positive_fraction": positive.float().mean(),
     }
+    return metrics, subset_counts(positive, reduction, rewarded)
 
 
 def sft_loss(policy_logps: Tensor) -> LossOutput:
@@ -216,8 +220,7 @@ def pointwise_dpo_loss(
     losses = torch.where(positive, positive_loss, other_loss)
     loss, pos_part, neg_part = _reduce(losses, positive, reduction)
     rewards = (beta * h).detach()
-    metrics = _summary(losses, positive, pos_part, neg_part, rewards, policy_logps)
-    counts = subset_counts(positive, reduction)
+    metrics, counts = _summary(positive, pos_part, neg_part, rewards, policy_logps, reduction)
     return LossOutput(loss=loss, metrics=metrics, losses=losses.detach(), rewards=rewards, counts=counts)
 
 
@@ -275,10 +278,9 @@ def ulma_loss(
     loss, pos_part, neg_part = _reduce(losses, positive, reduction)
     # Rewards wherever a reference value was given (NaN where the reference was skipped).
     rewards = (beta * (policy_logps - reference_logps)).detach()
-    metrics = _summary(losses, positive, pos_part, neg_part, rewards, policy_logps)
-    if not bool((positive & ~rewards.isnan()).any()):
+    metrics, counts = _summary(positive, pos_part, neg_part, rewards, policy_logps, reduction)
+    if not bool(counts["rewards/positive"]):
         del metrics["rewards/positive"]  # undefined: no reference value on any positive
-    counts = subset_counts(positive, reduction, rewarded=~rewards.isnan())
     return LossOutput(loss=loss, metrics=metrics, losses=losses.detach(), rewards=rewards, counts=counts)
 
 

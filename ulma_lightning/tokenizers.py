@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from typing import Any
 
 BUILTIN_PREFIX = "builtin:"
@@ -10,11 +11,12 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
 
-@functools.lru_cache(maxsize=1)
-def _demo_tokenizer_json(vocab_size: int) -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_byte_level_bpe(corpus: Iterable[str], vocab_size: int) -> Any:
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``corpus``, with the EOS and PAD tokens.
 
-    from ulma_lightning.data.demo import demo_corpus
+    Byte-level, so any text encodes; deterministic for a given corpus order.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -25,9 +27,26 @@ def _demo_tokenizer_json(vocab_size: int) -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    return tokenizer
+
+
+def as_transformers_tokenizer(tokenizer: Any) -> Any:
+    """A ``tokenizers.Tokenizer`` from :func:`train_byte_level_bpe` as a right-padding
+    ``PreTrainedTokenizerFast`` (EOS doubling as BOS)."""
+    from transformers import PreTrainedTokenizerFast
+
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    wrapped.padding_side = "right"
+    return wrapped
+
+
+@functools.lru_cache(maxsize=1)
+def _demo_tokenizer_json(vocab_size: int) -> str:
+    from ulma_lightning.data.demo import demo_corpus
+
     corpus = demo_corpus() + ["\n\nHuman: ", "\n\nAssistant: "]
-    tokenizer.train_from_iterator(sorted(corpus) * 4, trainer=trainer)
-    return tokenizer.to_str()
+    return train_byte_level_bpe(sorted(corpus) * 4, vocab_size).to_str()
 
 
 def build_demo_tokenizer(vocab_size: int = 640) -> Any:
@@ -36,16 +55,8 @@ def build_demo_tokenizer(vocab_size: int = 640) -> Any:
     Byte-level, so any text encodes; merges fit the demo task, so its sequences are short.
     """
     from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
 
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_demo_tokenizer_json(vocab_size)),
-        eos_token=EOS_TOKEN,
-        bos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-    )
-    tokenizer.padding_side = "right"
-    return tokenizer
+    return as_transformers_tokenizer(Tokenizer.from_str(_demo_tokenizer_json(vocab_size)))
 
 
 def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:

@@ -329,6 +329,16 @@ def test_dropout_disabled_by_default(batch) -> None:
         assert not torch.equal(kept.logps(batch, average=True), kept.logps(batch, average=True))
 
 
+def test_dropout_disabled_in_lora_adapters_too(batch) -> None:
+    pytest.importorskip("peft")
+    policy = build(lora=LoraSettings(r=4, dropout=0.5), reference="adapter")
+    assert all(m.p == 0.0 for m in policy.model.modules() if isinstance(m, nn.Dropout))
+    perturb(policy.model)  # non-zero adapters (lora_B starts at 0, which hides their dropout)
+    policy.model.train()
+    with torch.no_grad():
+        assert torch.equal(policy.logps(batch, average=True), policy.logps(batch, average=True))
+
+
 def test_bfloat16_builds(batch) -> None:
     policy = build(dtype="bfloat16")
     assert all(p.dtype == torch.bfloat16 for p in policy.model.parameters())

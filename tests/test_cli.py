@@ -202,3 +202,15 @@ def test_subclass_overrides_the_loss_through_the_cli(tmp_path: Path) -> None:
     saved = yaml.safe_load((log_dir / "config.yaml").read_text())
     assert saved["model"]["class_path"] == "my_research.MyULMA"
     assert saved["model"]["init_args"]["positive_term"] == "sft"  # the config's arguments still apply
+
+
+NEEDS_REFERENCE = ["ulma", "ulma_continuous", "pointwise_dpo", "pointwise_dpo_continuous"]  # DPO: test_baselines_modules.py
+
+
+@pytest.mark.parametrize("name", NEEDS_REFERENCE)
+def test_reference_none_is_refused_when_the_method_needs_one(tmp_path: Path, name: str) -> None:
+    config = REPO / "configs" / f"{name}.yaml"
+    line = next(line for line in config.read_text().splitlines() if line.strip().startswith("reference:"))
+    assert "none" not in line.split("#", 1)[1]  # the config lists only the modes that work
+    with pytest.raises(ValueError, match=r"needs reference log-probs, but policy\.reference .* is 'none'; set it to copy"):
+        main(["fit", "--config", str(config), "--model.init_args.policy.reference", "none", *tiny_overrides(tmp_path)])

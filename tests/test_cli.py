@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from ulma_lightning.cli import main
+from ulma_lightning.cli import EXTRA_COMMANDS, main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -214,3 +214,12 @@ def test_reference_none_is_refused_when_the_method_needs_one(tmp_path: Path, nam
     assert "none" not in line.split("#", 1)[1]  # the config lists only the modes that work
     with pytest.raises(ValueError, match=r"needs reference log-probs, but policy\.reference .* is 'none'; set it to copy"):
         main(["fit", "--config", str(config), "--model.init_args.policy.reference", "none", *tiny_overrides(tmp_path)])
+
+
+def test_help_lists_every_subcommand(tmp_path: Path) -> None:
+    """``ulma --help`` shows LightningCLI's subcommands and each extra one (export, evaluate, ...) with its line."""
+    text = " ".join(run_cli(["--help"], cwd=tmp_path).stdout.split())
+    assert "{fit,validate,test,predict," in text
+    assert {"export", "evaluate"} <= set(EXTRA_COMMANDS)
+    for name, (_, description) in EXTRA_COMMANDS.items():
+        assert f"{name} {description}" in text, name

@@ -4,6 +4,7 @@ couple of steps, and a research subclass that overrides the loss through ``--mod
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY_LLAMA
 
 from ulma_lightning.cli import EXTRA_COMMANDS, main
 
@@ -223,3 +225,14 @@ def test_help_lists_every_subcommand(tmp_path: Path) -> None:
     assert {"export", "evaluate"} <= set(EXTRA_COMMANDS)
     for name, (_, description) in EXTRA_COMMANDS.items():
         assert f"{name} {description}" in text, name
+
+
+def test_precomputed_reference_runs_under_the_training_precision(tmp_path: Path) -> None:
+    """DPO with ``bf16-mixed`` and lr 0: the precomputed reference equals the policy, so the loss is ln 2
+    (it was off by 3e-4 when the reference was precomputed in float32, outside the step's autocast)."""
+    args = ["fit", "--config", str(REPO / "configs" / "dpo.yaml"), *tiny_overrides(tmp_path, steps=1)]
+    args += ["--data.init_args.train", "demo://pairwise?n=12", "--data.init_args.test", "null", "--trainer.precision", "bf16-mixed"]
+    args += ["--model.init_args.policy.reference", "precomputed", "--model.init_args.optimizer.lr", "0.0", "--model.init_args.beta", "1.0"]
+    cli = main([*args, f"--model.init_args.policy.model_config={json.dumps(TINY_LLAMA)}"])
+    assert cli.trainer.global_step == 1 and cli.datamodule.has_column("train", "reference_chosen_logps")
+    assert abs(float(cli.trainer.callback_metrics["train/loss_step"]) - math.log(2)) < 1e-6

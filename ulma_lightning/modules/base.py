@@ -313,7 +313,8 @@ class AlignmentModule(pl.LightningModule):
         """Compute reference values once for every train/val/test sample and attach them to the data.
 
         Each process computes its own share (samples ``rank, rank + W, ...``) under the run's
-        strategy, in the same number of batches on every process (sharded models gather their
+        strategy and precision (``bf16-mixed``: the same autocast as the training step, so the
+        values equal what a ``copy`` reference gives in the step), in the same number of batches on every process (sharded models gather their
         weights in every forward); the shares are summed across processes so every rank holds the
         whole column. The values travel in checkpoints (the data module's state), so a resumed run
         reuses them. The reference model is freed afterwards (kept under FSDP, where it is part of
@@ -337,7 +338,7 @@ class AlignmentModule(pl.LightningModule):
             done = 0
             for batch in loader:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                with torch.no_grad():
+                with torch.no_grad(), self.trainer.precision_plugin.forward_context():  # as in training (e.g. bf16 autocast)
                     columns = self._run_wrapped("reference_columns", batch, split)
                 keep = slice(0, max(0, min(len(batch["index"]), len(mine) - done)))  # not the padding
                 for name, column in columns.items():

@@ -313,9 +313,9 @@ class AlignmentModule(pl.LightningModule):
         """Compute reference values once for every train/val/test sample and attach them to the data.
 
         Each process computes its own share (samples ``rank, rank + W, ...``) under the run's
-        strategy and precision (``bf16-mixed``: the same autocast as the training step, so the
-        values equal what a ``copy`` reference gives in the step), in the same number of batches on every process (sharded models gather their
-        weights in every forward); the shares are summed across processes so every rank holds the
+        strategy and precision (``bf16-mixed``: the autocast of the training step, so the values
+        equal what a ``copy`` reference gives in the step), in the same number of batches on every
+        process (sharded models gather their weights in every forward); the shares are summed across processes so every rank holds the
         whole column. The values travel in checkpoints (the data module's state), so a resumed run
         reuses them. The reference model is freed afterwards (kept under FSDP, where it is part of
         the wrapped module).

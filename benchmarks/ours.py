@@ -107,7 +107,7 @@ class OurRow:
         module = self.module
         if self.method == "kto":
             raise NotImplementedError("KTOModule's precomputed mode pairs samples through its data module; not a bench-A row")
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():  # the precision of the step, as precompute_reference_logps runs
             for batch in batches:
                 batch.update(module.reference_columns(batch, "train"))
         module.policy.reference_model = None  # as precompute_reference_logps does

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_LLAMA
+from conftest import TINY_LLAMA, make_pointwise_batch
 
 from ulma_lightning import (
     DemonstrationDataModule,
@@ -20,6 +20,7 @@ from ulma_lightning import (
     PolicyConfig,
     RewardModelModule,
     SFTModule,
+    ULMAModule,
     UnlikelihoodModule,
 )
 from ulma_lightning.data.demo import generate_pairs, generate_records
@@ -129,6 +130,22 @@ def test_sft_loss_is_the_token_mean_cross_entropy_of_hugging_face() -> None:
     per_sequence = SFTModule(policy_config("none"), reduction="sequence")
     per_sequence.policy.model = module.policy.model
     assert abs(per_sequence.compute_loss(batch, "train").loss.item() - ours.item()) > 1e-6  # a different average
+
+
+def test_sft_sequence_reduction_is_ulmas_positive_term(demo_tokenizer) -> None:
+    """``SFTModule(reduction="sequence")`` is the SFT of ULMA's positives: the mean over sequences of
+    per-token mean log-probs (``ulma_loss`` with ``positive_term: sft`` on an all-positive batch)."""
+    sft = SFTModule(policy_config(), reduction="sequence")
+    sft.configure_model()
+    perturb(sft)
+    ulma = ULMAModule(policy_config())
+    ulma.policy.model = sft.policy.model  # no reference forward: every row is a positive
+    batch = make_pointwise_batch(demo_tokenizer, [1.0, 1.0, 1.0, 1.0])  # responses of different lengths
+    expected = ulma.compute_loss(batch, "train").loss
+    torch.testing.assert_close(sft.compute_loss(batch, "train").loss, expected, rtol=1e-6, atol=1e-6)
+    token = SFTModule(policy_config(), reduction="token")
+    token.policy.model = sft.policy.model
+    assert abs(token.compute_loss(batch, "train").loss.item() - expected.item()) > 1e-4  # the default differs
 
 
 # ------------------------------------------------------------------------------------ KTO
@@ -245,12 +262,8 @@ def test_dpo_average_default_and_missing_reference() -> None:
     assert DPOModule(policy_config(), loss_type="ipo").average_logps is True
     assert DPOModule(policy_config()).average_logps is False
     assert DPOModule(policy_config(), loss_type="ipo", average_logps=False).average_logps is False
-    module = DPOModule(policy_config("none"))
-    module.configure_model()
-    data = PairwiseDataModule(train="demo://pairwise?n=2", batch_size=2)
-    data.setup("fit")
-    with pytest.raises(RuntimeError, match="policy.reference is 'none'"):
-        module.compute_loss(next(iter(data.train_dataloader())), "train")
+    with pytest.raises(ValueError, match="DPOModule needs reference log-probs, but policy.reference"):
+        DPOModule(policy_config("none"))
 
 
 # ------------------------------------------------------------------------------------ reward model

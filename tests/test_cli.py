@@ -4,6 +4,7 @@ couple of steps, and a research subclass that overrides the loss through ``--mod
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -14,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY_LLAMA
 
-from ulma_lightning.cli import main
+from ulma_lightning.cli import EXTRA_COMMANDS, main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -202,3 +204,35 @@ def test_subclass_overrides_the_loss_through_the_cli(tmp_path: Path) -> None:
     saved = yaml.safe_load((log_dir / "config.yaml").read_text())
     assert saved["model"]["class_path"] == "my_research.MyULMA"
     assert saved["model"]["init_args"]["positive_term"] == "sft"  # the config's arguments still apply
+
+
+NEEDS_REFERENCE = ["ulma", "ulma_continuous", "pointwise_dpo", "pointwise_dpo_continuous"]  # DPO: test_baselines_modules.py
+
+
+@pytest.mark.parametrize("name", NEEDS_REFERENCE)
+def test_reference_none_is_refused_when_the_method_needs_one(tmp_path: Path, name: str) -> None:
+    config = REPO / "configs" / f"{name}.yaml"
+    line = next(line for line in config.read_text().splitlines() if line.strip().startswith("reference:"))
+    assert "none" not in line.split("#", 1)[1]  # the config lists only the modes that work
+    with pytest.raises(ValueError, match=r"needs reference log-probs, but policy\.reference .* is 'none'; set it to copy"):
+        main(["fit", "--config", str(config), "--model.init_args.policy.reference", "none", *tiny_overrides(tmp_path)])
+
+
+def test_help_lists_every_subcommand(tmp_path: Path) -> None:
+    """``ulma --help`` shows LightningCLI's subcommands and each extra one (export, evaluate, ...) with its line."""
+    text = " ".join(run_cli(["--help"], cwd=tmp_path).stdout.split())
+    assert "{fit,validate,test,predict," in text
+    assert {"export", "evaluate"} <= set(EXTRA_COMMANDS)
+    for name, (_, description) in EXTRA_COMMANDS.items():
+        assert f"{name} {description}" in text, name
+
+
+def test_precomputed_reference_runs_under_the_training_precision(tmp_path: Path) -> None:
+    """DPO with ``bf16-mixed`` and lr 0: the precomputed reference equals the policy, so the loss is ln 2
+    (it was off by 3e-4 when the reference was precomputed in float32, outside the step's autocast)."""
+    args = ["fit", "--config", str(REPO / "configs" / "dpo.yaml"), *tiny_overrides(tmp_path, steps=1)]
+    args += ["--data.init_args.train", "demo://pairwise?n=12", "--data.init_args.test", "null", "--trainer.precision", "bf16-mixed"]
+    args += ["--model.init_args.policy.reference", "precomputed", "--model.init_args.optimizer.lr", "0.0", "--model.init_args.beta", "1.0"]
+    cli = main([*args, f"--model.init_args.policy.model_config={json.dumps(TINY_LLAMA)}"])
+    assert cli.trainer.global_step == 1 and cli.datamodule.has_column("train", "reference_chosen_logps")
+    assert abs(float(cli.trainer.callback_metrics["train/loss_step"]) - math.log(2)) < 1e-6

@@ -190,3 +190,18 @@ def test_length_grouped_sampler_is_deterministic_per_seed_and_epoch() -> None:
     assert all(all(lengths[a] >= lengths[b] for a, b in zip(batch, batch[1:])) for batch in batches)
     sampler.set_epoch(1)
     assert sorted(list(sampler)) == list(range(200)) and list(sampler) != first
+
+
+def test_integer_columns_stay_exact_integers_in_batches() -> None:
+    """Indices and index columns (KTO's ``kl_partner``) above 2^24 survive collation exactly."""
+    dm = PointwiseDataModule(train="demo://binary?n=4", batch_size=4, val_fraction=0.0)
+    dm.setup("fit")
+    large = torch.arange(4, dtype=torch.long) + 2**24 + 1  # 2^24 + 1 is not a float32
+    dm.set_column("train", "kl_partner", large)
+    dm.set_column("train", "reference_logps", torch.tensor([-1.5, -2.0, -0.25, -3.0]))
+    dataset = dm.datasets["train"]
+    batch = dm.collator([dataset[i] for i in range(len(dataset))])
+    assert batch["kl_partner"].dtype == torch.long and torch.equal(batch["kl_partner"], large)
+    assert batch["index"].dtype == torch.long
+    assert batch["reference_logps"].dtype == torch.float32 and batch["score"].dtype == torch.float32
+    assert torch.equal(batch["reference_logps"], torch.tensor([-1.5, -2.0, -0.25, -3.0]))

@@ -174,10 +174,6 @@ def test_none_reference_raises_when_asked(batch) -> None:
         policy.reference_logps(batch, average=True)
     with pytest.raises(RuntimeError, match="no reference model"):
         policy.token_logps(batch, reference=True)
-    module = ULMAModule(PolicyConfig(model_config=TINY_LLAMA, tokenizer=TOKENIZER, reference="none"))
-    module.configure_model()
-    with pytest.raises(RuntimeError, match="reference is 'none'"):
-        module.compute_loss(batch, "train")
 
 
 def test_precomputed_mode_reads_the_batch_column(batch) -> None:
@@ -327,6 +323,16 @@ def test_dropout_disabled_by_default(batch) -> None:
     kept.model.train()
     with torch.no_grad():
         assert not torch.equal(kept.logps(batch, average=True), kept.logps(batch, average=True))
+
+
+def test_dropout_disabled_in_lora_adapters_too(batch) -> None:
+    pytest.importorskip("peft")
+    policy = build(lora=LoraSettings(r=4, dropout=0.5), reference="adapter")
+    assert all(m.p == 0.0 for m in policy.model.modules() if isinstance(m, nn.Dropout))
+    perturb(policy.model)  # non-zero adapters (lora_B starts at 0, which hides their dropout)
+    policy.model.train()
+    with torch.no_grad():
+        assert torch.equal(policy.logps(batch, average=True), policy.logps(batch, average=True))
 
 
 def test_bfloat16_builds(batch) -> None:

@@ -120,7 +120,7 @@ def test_planned_steps_match_lightnings_estimate(trainer_args: dict, tmp_path) -
             seen["lightning"] = trainer.estimated_stepping_batches
             raise Stop  # nothing to train
 
-    module = ULMAModule(PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo", reference="none"))
+    module = ULMAModule(PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo"))
     data = PointwiseDataModule(train="demo://binary?n=50", batch_size=4)
     trainer = Trainer(
         accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,

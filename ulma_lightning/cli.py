@@ -4,6 +4,7 @@
 way; ``ulma export --ckpt PATH --out DIR`` writes a checkpoint (a file or a sharded folder) as a
 Hugging Face folder (:mod:`ulma_lightning.export_cli`). Research code passes its own classes by
 ``class_path``. The data module's tokenizer is linked to the policy's, so a config names it once.
+Commands beyond LightningCLI's are rows of :data:`EXTRA_COMMANDS`: ``ulma --help`` lists them.
 
 ``ulma predict`` writes generations, scored, as JSONL (settings: the config's ``evaluation:``
 section, a :class:`~ulma_lightning.evaluation.PredictionWriter`). ``ulma evaluate`` runs ``test``
@@ -13,8 +14,8 @@ and ``predict`` for one checkpoint and prints and saves a table of everything
 
 from __future__ import annotations
 
+import importlib
 import sys
-
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
@@ -39,27 +40,43 @@ CLI_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: Subcommands outside LightningCLI: name -> (``module:function`` called with the remaining
+#: arguments, the one-line description ``ulma --help`` shows). Add a command by adding a row.
+EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
+    "export": (
+        "ulma_lightning.export_cli:main",
+        "Write a checkpoint (a file or a sharded FSDP folder) as a Hugging Face folder.",
+    ),
+    "evaluate": (
+        "ulma_lightning.evaluation.evaluate:evaluate_main",
+        "Test and generate with one checkpoint; print and save every metric.",
+    ),
+}
+
+
 class ULMACLI(LightningCLI):
-    """LightningCLI that links ``data.tokenizer`` to ``model.policy.tokenizer`` (or its model), and
-    adds the ``evaluation:`` section (a :class:`PredictionWriter` callback, active in ``predict``)."""
+    """LightningCLI that links ``data.tokenizer`` to ``model.policy.tokenizer`` (or its model), adds
+    the ``evaluation:`` section (a :class:`PredictionWriter` callback, active in ``predict``), and
+    lists :data:`EXTRA_COMMANDS` among the subcommands of ``ulma --help``."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("model.init_args.policy", "data.init_args.tokenizer", compute_fn=_tokenizer_of)
         parser.add_lightning_class_args(PredictionWriter, "evaluation")
 
+    def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        from jsonargparse import ArgumentParser
+
+        for name, (_, description) in EXTRA_COMMANDS.items():  # listed here, parsed by their own function
+            parser._subcommands_action.add_subcommand(name, ArgumentParser(description=description), help=description)
+
 
 def main(args: list[str] | None = None) -> Any:
-    """Entry point of the ``ulma`` console script (``ulma evaluate`` and ``ulma export`` are
-    dispatched here)."""
+    """Entry point of the ``ulma`` console script (the :data:`EXTRA_COMMANDS` are dispatched here)."""
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["export"]:
-        from ulma_lightning.export_cli import main as export_main
-
-        return export_main(argv[1:])
-    if argv[:1] == ["evaluate"]:
-        from ulma_lightning.evaluation.evaluate import evaluate_main
-
-        return evaluate_main(argv[1:])
+    if argv and argv[0] in EXTRA_COMMANDS:
+        module, _, function = EXTRA_COMMANDS[argv[0]][0].partition(":")
+        return getattr(importlib.import_module(module), function)(argv[1:])
     return ULMACLI(AlignmentModule, AlignmentDataModule, args=args, **CLI_DEFAULTS)
 
 

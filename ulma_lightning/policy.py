@@ -60,7 +60,8 @@ class PolicyConfig:
             the initial policy. Used by ``copy`` and ``precomputed``.
         lora: LoRA settings, or null for full fine-tuning.
         gradient_checkpointing: recompute decoder activations in the backward pass.
-        disable_dropout: set every dropout probability to 0 (policy and reference), as DPO does.
+        disable_dropout: set every dropout probability to 0 (policy, its LoRA adapters' ``lora.dropout``
+            included, and reference), as DPO does.
         logits_chunk_size: response tokens per vocabulary-projection chunk (fewer for vocabularies so
             large that a chunk would hold more than 16M logits).
         length_groups: run the backbone on up to this many groups of rows of similar length, each
@@ -224,8 +225,6 @@ class Policy(nn.Module):
                 cfg.dtype,
                 cfg.dtype,
             )
-        if cfg.disable_dropout:
-            disable_dropout(model)
         if cfg.reference in ("copy", "precomputed"):
             reference = copy.deepcopy(model) if cfg.reference_model is None else self._load(cfg.reference_model)
             if cfg.disable_dropout:
@@ -234,6 +233,8 @@ class Policy(nn.Module):
             self.reference_model = reference
         if cfg.lora is not None:
             model = self._wrap_lora(model, cfg.lora, self.lora_task_type)
+        if cfg.disable_dropout:  # after wrapping, so that the adapters' own dropout goes too
+            disable_dropout(model)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.model = model

@@ -24,7 +24,8 @@ def _pad(rows: list[np.ndarray], value: int, multiple: int | None) -> torch.Tens
 
 class PaddingCollator:
     """Pads ``*input_ids`` with ``pad_token_id`` and ``*labels`` with ``IGNORE_INDEX``, adds
-    ``*attention_mask``, and stacks every scalar field (scores, indices, reference log-probs).
+    ``*attention_mask``, and stacks every scalar field (scores, indices, reference log-probs) with
+    :func:`stack_scalars`.
 
     Keys with a prefix (``chosen_input_ids``) are padded the same way, for pairwise data.
     """
@@ -47,6 +48,17 @@ class PaddingCollator:
             elif key == "length":
                 continue
             else:
-                dtype = torch.long if isinstance(values[0], (int, np.integer)) else torch.float32
-                batch[key] = torch.as_tensor(np.asarray([float(v) if dtype == torch.float32 else v for v in values]), dtype=dtype)
+                batch[key] = stack_scalars(values)
         return batch
+
+
+def stack_scalars(values: list[Any]) -> torch.Tensor:
+    """One value per sample (Python or numpy scalars, or 0-d tensors) as a ``(B,)`` tensor.
+
+    Integer columns (``index``, KTO's ``kl_partner``) stay int64, exact at any dataset size (float32
+    holds integers exactly only up to 2^24); booleans stay bool; the rest become float32.
+    """
+    stacked = torch.stack([torch.as_tensor(v) for v in values])
+    if stacked.dtype == torch.bool:
+        return stacked
+    return stacked.float() if stacked.is_floating_point() else stacked.long()

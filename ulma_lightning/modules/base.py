@@ -84,6 +84,7 @@ class AlignmentModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.policy = self.build_policy(policy)
+        self.check_reference_mode()
         self.optimizer_config = optimizer or OptimizerConfig()
         self.eval_perplexity = nn.ModuleDict({stage: TokenPerplexity() for stage in ("val", "test")})
         self.generation = GenerationConfig()
@@ -110,6 +111,17 @@ class AlignmentModule(pl.LightningModule):
 
             strategy = self._trainer.strategy if self._trainer is not None else None
             shard_policy(self.policy, data_parallel_mesh(mesh), **shard_options_for(strategy))
+
+    def check_reference_mode(self) -> None:
+        """Refuse ``policy.reference: none`` when the objective needs reference log-probs (at
+        construction, not at the first step). ``needs_reference`` must not depend on attributes a
+        subclass sets after calling ``super().__init__``."""
+        if self.needs_reference and self.policy.config.reference == "none":
+            raise ValueError(
+                f"{type(self).__name__} needs reference log-probs, but policy.reference (model.init_args.policy.reference "
+                "in a config) is 'none'; set it to copy (a frozen copy of the initial policy, or policy.reference_model), "
+                "adapter (with policy.lora: the policy without its adapters) or precomputed (computed once before training)"
+            )
 
     def compute_loss(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:
         """The objective on one batch; the only method a new loss must provide."""
@@ -301,8 +313,9 @@ class AlignmentModule(pl.LightningModule):
         """Compute reference values once for every train/val/test sample and attach them to the data.
 
         Each process computes its own share (samples ``rank, rank + W, ...``) under the run's
-        strategy, in the same number of batches on every process (sharded models gather their
-        weights in every forward); the shares are summed across processes so every rank holds the
+        strategy and precision (``bf16-mixed``: the autocast of the training step, so the values
+        equal what a ``copy`` reference gives in the step), in the same number of batches on every
+        process (sharded models gather their weights in every forward); the shares are summed across processes so every rank holds the
         whole column. The values travel in checkpoints (the data module's state), so a resumed run
         reuses them. The reference model is freed afterwards (kept under FSDP, where it is part of
         the wrapped module).
@@ -325,7 +338,7 @@ class AlignmentModule(pl.LightningModule):
             done = 0
             for batch in loader:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                with torch.no_grad():
+                with torch.no_grad(), self.trainer.precision_plugin.forward_context():  # as in training (e.g. bf16 autocast)
                     columns = self._run_wrapped("reference_columns", batch, split)
                 keep = slice(0, max(0, min(len(batch["index"]), len(mine) - done)))  # not the padding
                 for name, column in columns.items():

@@ -29,8 +29,10 @@ class RewardModel(Policy):
     model_kwargs = {"num_labels": 1}
     lora_task_type = "SEQ_CLS"
 
-    def build(self) -> None:
-        super().build()
+    def build(self, *, empty: bool = False) -> None:
+        """Build as :meth:`Policy.build` does (``empty``: a meta-device skeleton for ``ulma export``),
+        and give the config the tokenizer's pad id, which the classifier's pooling needs."""
+        super().build(empty=empty)
         config = self.model.config  # type: ignore[union-attr]
         if config.pad_token_id is None:
             config.pad_token_id = self.pad_token_id

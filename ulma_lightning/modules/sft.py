@@ -22,7 +22,8 @@ class SFTModule(AlignmentModule):
         optimizer: optimizer and learning-rate schedule.
         reduction: ``token`` (default): mean cross-entropy over all response tokens of the batch,
             so long responses weigh more; ``sequence``: mean over rows of each row's per-token mean
-            (every demonstration weighs the same). Under DDP each process averages its own batch
+            (every demonstration weighs the same; this is ULMA's positive term with
+            ``positive_term: sft`` and ``average_logps: true``). Under DDP each process averages its own batch
             and the gradients are averaged across processes.
     """
 

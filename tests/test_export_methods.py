@@ -1,0 +1,68 @@
+"""``ulma export`` on a checkpoint of every method, each trained one step from its shipped config.
+
+The causal-LM methods export a folder that ``AutoModelForCausalLM`` loads with the trained policy's
+logits; the reward model exports a sequence classifier that ``AutoModelForSequenceClassification``
+loads with the module's scores.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, TINY_LLAMA, make_pointwise_batch
+
+from ulma_lightning.cli import main
+
+#: config -> the demo data its data module reads
+METHODS = {
+    "ulma": "binary",
+    "pointwise_dpo": "binary",
+    "sft": "demonstration",
+    "dpo": "pairwise",
+    "unlikelihood": "binary",
+    "kto": "binary",
+    "reward": "pairwise",
+}
+
+
+def fit_one_step(config: str, root: Path) -> object:
+    """``ulma fit --config configs/<config>.yaml`` for one step on a tiny model, in this process."""
+    return main([
+        "fit", "--config", str(REPO / "configs" / f"{config}.yaml"),
+        "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
+        "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        f"--model.init_args.policy.model_config={json.dumps(TINY_LLAMA)}",
+        "--data.init_args.train", f"demo://{METHODS[config]}?n=8", "--data.init_args.test", "null",
+        "--data.init_args.val_fraction", "0.5", "--data.init_args.batch_size", "4",
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize("config", list(METHODS))
+def test_export_of_every_method_loads_with_the_trained_outputs(
+    config: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo_tokenizer
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    monkeypatch.setattr(sys, "argv", ["ulma"])
+    module = fit_one_step(config, tmp_path).model
+    (ckpt,) = tmp_path.rglob("last.ckpt")
+    out = main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "exported")])
+
+    batch = make_pointwise_batch(demo_tokenizer, [1.0, 0.0, 1.0])  # rows of different lengths, right-padded
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    module.eval()
+    with torch.no_grad():
+        if config == "reward":
+            loaded = AutoModelForSequenceClassification.from_pretrained(out).eval()
+            assert loaded.config.num_labels == 1
+            expected, exported = module.rewards(inputs), loaded(**inputs).logits.squeeze(-1)
+        else:
+            loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+            expected, exported = module.policy.model(**inputs).logits, loaded(**inputs).logits
+    assert expected.std() > 0
+    torch.testing.assert_close(exported, expected, rtol=0, atol=1e-6)

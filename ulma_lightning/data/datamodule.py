@@ -83,7 +83,8 @@ class AlignmentDataModule(pl.LightningDataModule):
         self.tokenizer_source = tokenizer
         self.trust_remote_code = trust_remote_code
         self.columns = columns
-        self.truncation = Truncation(max_length, max_prompt_length if max_prompt_length is not None else max_length // 2)
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length if max_prompt_length is not None else max_length // 2
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.val_fraction = val_fraction
@@ -115,6 +116,11 @@ class AlignmentDataModule(pl.LightningDataModule):
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.tokenizer_source, trust_remote_code=self.trust_remote_code)
         return self._tokenizer
+
+    @property
+    def truncation(self) -> Truncation:
+        """Truncation to ``max_length``; a BOS the tokenizer puts first in prompts stays first."""
+        return Truncation(self.max_length, self.max_prompt_length, self.tokenizer.bos_token_id)
 
     def read_examples(self, source: str, split: str, report: SkipReport) -> list[Any]:
         """All valid examples of a source; bad records raise or are counted per ``on_bad_record``."""
@@ -299,7 +305,7 @@ class AlignmentDataModule(pl.LightningDataModule):
         if split not in self.examples:
             raise ValueError(f"the {split} split is not set up (have: {sorted(self.examples)}); call setup() first")
         examples = self.examples[split]
-        items = encode_prompts(self.tokenizer, examples, self.truncation.max_prompt_length)
+        items = encode_prompts(self.tokenizer, examples, self.max_prompt_length)
         if not items:
             raise ValueError(f"the {split} split has no prompts to generate for")
         return PromptDataset(items[:limit] if limit is not None else items)

@@ -123,9 +123,14 @@ class AlignmentDataModule(pl.LightningDataModule):
         return Truncation(self.max_length, self.max_prompt_length, self.tokenizer.bos_token_id)
 
     def read_examples(self, source: str, split: str, report: SkipReport) -> list[Any]:
-        """All valid examples of a source; bad records raise or are counted per ``on_bad_record``."""
+        """All valid examples of a source; bad records raise or are counted per ``on_bad_record``.
+
+        A source with no record, or none usable, is a :class:`DataError` naming it and the split.
+        """
         examples: list[Any] = []
-        for raw, location in read_source(source, "validation" if split == "val" else split):
+        records = 0
+        for raw, location in read_source(source, {"val": "validation", "predict": "test"}.get(split, split)):
+            records += 1
             try:
                 examples += self.parse_record(apply_columns(raw, self.columns, location), location)
             except DataError as err:
@@ -134,6 +139,10 @@ class AlignmentDataModule(pl.LightningDataModule):
                 report.add(err.problem if err.field is None else f"field {err.field!r}: {err.problem}", str(err.location))
             if self.max_samples is not None and len(examples) >= self.max_samples:
                 break
+        if not examples:
+            problem = f"none of its {records} records is usable (skipped: {report.as_dict()})" if records else "it holds no records (an empty file?)"
+            hint = f"give data.{split} a source with usable records"
+            raise DataError(Location(source), None, f"the {split} split has no usable samples: {problem}", hint)
         return examples[: self.max_samples] if self.max_samples is not None else examples
 
     def encode_examples(self, prompts: list[Any], responses: list[str]) -> list[tuple[Any, Any] | None]:
@@ -145,7 +154,7 @@ class AlignmentDataModule(pl.LightningDataModule):
             out.append(build_sequence(p, r) if r else None)
         return out
 
-    def _build_split(self, split: str, examples: list[Any]) -> None:
+    def _build_split(self, split: str, examples: list[Any], source: str) -> None:
         self.examples[split] = examples
         report = self.skipped.setdefault(split, SkipReport(split))
         dataset = FeatureDataset(self.build_features(examples, report))
@@ -154,7 +163,10 @@ class AlignmentDataModule(pl.LightningDataModule):
         dataset.extra.update(self._pending_extra.pop(split, {}))
         report.log()
         if not len(dataset):
-            raise ValueError(f"the {split} split has no usable samples (skipped: {report.as_dict()})")
+            raise DataError(
+                Location(source), None, f"the {split} split has no usable samples (skipped: {report.as_dict()})",
+                f"raise max_length, or give data.{split} a source with usable records",
+            )
         self.datasets[split] = dataset
         log.info("%s split: %d samples", split, len(dataset))
 
@@ -177,10 +189,10 @@ class AlignmentDataModule(pl.LightningDataModule):
                 continue
             report = self.skipped.setdefault(split, SkipReport(split))
             if split == "predict" and self.predict_inputs == "prompts":
-                self.examples[split] = self.read_examples(source, "test", report)
+                self.examples[split] = self.read_examples(source, split, report)
                 self.datasets[split] = self.prompt_dataset(split)  # type: ignore[assignment]
                 continue
-            self._build_split(split, self.read_examples(source, "test" if split == "predict" else split, report))
+            self._build_split(split, self.read_examples(source, split, report), source)
 
     def _hold_out_validation(self) -> None:
         if self.val_fraction == 0 or self.sources["train"] is None:
@@ -197,9 +209,13 @@ class AlignmentDataModule(pl.LightningDataModule):
         n_val = max(1, int(round(len(groups) * self.val_fraction)))
         val_rows = sorted(i for g in order[:n_val] for i in groups[g])
         train_rows = sorted(i for g in order[n_val:] for i in groups[g])
-        self._build_split("val", [examples[i] for i in val_rows])
+        source = self.sources["train"]
+        if not train_rows:
+            problem = f"val_fraction={self.val_fraction} holds out all {len(groups)} of its records for validation"
+            raise DataError(Location(source), None, f"the train split has no usable samples: {problem}", "lower val_fraction, or add records")
+        self._build_split("val", [examples[i] for i in val_rows], f"{source} (held out by val_fraction)")
         self.datasets.pop("train", None)
-        self._build_split("train", [examples[i] for i in train_rows])
+        self._build_split("train", [examples[i] for i in train_rows], source)
 
     # ------------------------------------------------------------ loaders
     @property

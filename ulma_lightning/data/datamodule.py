@@ -140,7 +140,9 @@ class AlignmentDataModule(pl.LightningDataModule):
             if self.max_samples is not None and len(examples) >= self.max_samples:
                 break
         if not examples:
-            problem = f"none of its {records} records is usable (skipped: {report.as_dict()})" if records else "it holds no records (an empty file?)"
+            problem = "it holds no records (an empty file?)"
+            if records:
+                problem = f"none of its {records} records is usable (skipped: {report.as_dict()})"
             hint = f"give data.{split} a source with usable records"
             raise DataError(Location(source), None, f"the {split} split has no usable samples: {problem}", hint)
         return examples[: self.max_samples] if self.max_samples is not None else examples
@@ -212,7 +214,8 @@ class AlignmentDataModule(pl.LightningDataModule):
         source = self.sources["train"]
         if not train_rows:
             problem = f"val_fraction={self.val_fraction} holds out all {len(groups)} of its records for validation"
-            raise DataError(Location(source), None, f"the train split has no usable samples: {problem}", "lower val_fraction, or add records")
+            hint = "lower val_fraction, or add records"
+            raise DataError(Location(source), None, f"the train split has no usable samples: {problem}", hint)
         self._build_split("val", [examples[i] for i in val_rows], f"{source} (held out by val_fraction)")
         self.datasets.pop("train", None)
         self._build_split("train", [examples[i] for i in train_rows], source)

@@ -4,7 +4,9 @@ fixed partners of ``reference: precomputed``; a batch whose rows all share one p
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -74,6 +76,30 @@ def test_shuffled_training_batches_pair_no_prompt_with_its_own_answer() -> None:
     for batch in data.train_dataloader():
         rows = mismatched_rows(module, batch, "train")
         assert foreign(rows, batch) == [True] * len(batch["input_ids"])
+
+
+def test_a_prompt_truncated_differently_for_its_two_answers_is_still_one_prompt(tmp_path: Path) -> None:
+    """A long prompt is cut for its long answer only: its samples' prompt tokens differ, the prompt not."""
+    long_prompt = "".join(f"\n\nHuman: question {i}?\n\nAssistant: answer {i}." for i in range(4)) + "\n\nHuman: Tea?"
+    records = [
+        {"prompt": long_prompt, "chosen": "Yes.", "rejected": "No, never, not ever, under no circumstances at all, no."},
+        {"prompt": "How do I bake bread?", "response": "Knead, rise, bake.", "score": 1},
+        {"prompt": "Can you help me?", "response": "Sure.", "score": 0},
+    ]
+    path = tmp_path / "val.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    data = PointwiseDataModule(train="demo://binary?n=8", val=str(path), max_length=48, max_prompt_length=16, batch_size=4)
+    data.setup("fit")
+    batch = next(iter(data.val_dataloader()))
+    rows = [split_row(ids, labels) for ids, labels in zip(batch["input_ids"], batch["labels"])]
+    assert rows[0][0] != rows[1][0] and rows[0][0][-16:] == rows[1][0][-16:]  # one prompt, cut for the long answer
+    texts = [data.examples["val"][int(i)].prompt for i in batch["index"]]
+    assert len(data.examples["val"]) == len(data.datasets["val"]) == 4
+    kl = mismatched_rows(kto(), batch, "val")
+    assert len(kl) == 4
+    for text, (_, response) in zip(texts, kl):  # row i's prompt, with a response that answers another prompt
+        sources = [i for i, (_, own) in enumerate(rows) if own[: len(response)] == response]
+        assert sources and all(texts[i] != text for i in sources)
 
 
 def test_a_batch_whose_rows_share_one_prompt_keeps_the_previous_estimate() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Any, Callable, Iterable, Literal
@@ -356,7 +357,9 @@ class PointwiseDataModule(AlignmentDataModule):
     """Point-wise feedback ``{prompt, response, score}`` for point-wise DPO and ULMA.
 
     Pairwise records ``{prompt, chosen, rejected}`` and HH transcripts ``{chosen, rejected}`` become two
-    samples each, chosen with score 1 and rejected with score 0, as in the paper.
+    samples each, chosen with score 1 and rejected with score 0, as in the paper. Each sample carries
+    ``prompt_id``, equal for the samples of a split that answer the same prompt (before truncation,
+    which may cut one prompt differently for two responses); KTO's mismatched pairs read it.
 
     Args:
         score_range: the declared range of ``score``; scores are normalised to ``[0, 1]`` and a score
@@ -375,11 +378,14 @@ class PointwiseDataModule(AlignmentDataModule):
 
     def build_features(self, examples: list[Example], report: SkipReport) -> list[dict[str, Any]]:
         encoded = self.encode_examples([e.prompt for e in examples], [e.response for e in examples])
+        prompt_ids: dict[str, int] = {}
         items = []
         for example, sequence in zip(examples, encoded):
             if sequence is None:
                 report.add("no response tokens left after truncation to max_length", str(example.location))
                 continue
             input_ids, labels = sequence
-            items.append({"input_ids": input_ids, "labels": labels, "score": example.score, "length": len(input_ids)})
+            prompt = example.prompt if isinstance(example.prompt, str) else json.dumps(example.prompt, sort_keys=True)
+            prompt_id = prompt_ids.setdefault(prompt, len(prompt_ids))
+            items.append({"input_ids": input_ids, "labels": labels, "score": example.score, "length": len(input_ids), "prompt_id": prompt_id})
         return items

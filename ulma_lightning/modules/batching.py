@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -90,8 +89,8 @@ def prompt_groups(input_ids: Sequence[Any], labels: Sequence[Any]) -> list[int]:
     groups: dict[tuple[int, ...], int] = {}
     out = []
     for ids, row_labels in zip(input_ids, labels):
-        prompt_len = int(np.argmax(np.asarray(row_labels) != IGNORE_INDEX))
-        out.append(groups.setdefault(tuple(np.asarray(ids)[:prompt_len].tolist()), len(groups)))
+        prompt_len = int((torch.as_tensor(row_labels) != IGNORE_INDEX).int().argmax())
+        out.append(groups.setdefault(tuple(torch.as_tensor(ids[:prompt_len]).tolist()), len(groups)))
     return out
 
 

@@ -30,8 +30,8 @@ class KTOModule(AlignmentModule):
     ``z0 = max(0, mean(log pi(y'|x) - log pi_ref(y'|x)))`` is estimated on *mismatched* pairs
     ``(x, y')`` and is detached; see :func:`~ulma_lightning.losses.kto_loss`.
 
-    Mismatched pairs. A row's partner never answers the same prompt (identical prompt tokens), in
-    every split: the two samples of a pair read as point-wise data sit next to each other in the
+    Mismatched pairs. A row's partner never answers the same prompt (the data module's
+    ``prompt_id``, else identical prompt tokens), in every split: the two samples of a pair read as point-wise data sit next to each other in the
     unshuffled validation and test loaders, and a sample paired with an answer to its own prompt is
     no mismatched pair. With a ``copy`` or ``adapter`` reference the partners come from the *same*
     batch (:func:`~ulma_lightning.modules.batching.mismatched_partners`: with distinct prompts, row
@@ -106,8 +106,15 @@ class KTOModule(AlignmentModule):
         """Each row's partner: a sample index (fixed ``kl_partner``) or a row of the batch; -1 for none."""
         if "kl_partner" in batch:
             return batch["kl_partner"].long()
-        groups = prompt_groups(batch["input_ids"].cpu(), batch["labels"].cpu())
-        return mismatched_partners(groups).to(batch["input_ids"].device)
+        return mismatched_partners(self.prompt_groups(batch)).to(batch["input_ids"].device)
+
+    @staticmethod
+    def prompt_groups(batch: dict[str, Any]) -> list[int]:
+        """Rows (samples) answering one prompt share a group: the data module's ``prompt_id`` (the
+        prompt before truncation), else identical prompt tokens."""
+        if "prompt_id" in batch:
+            return [int(i) for i in batch["prompt_id"]]
+        return prompt_groups(batch["input_ids"], batch["labels"])
 
     def kl_pairs(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, dict[str, Tensor] | None]:
         """The rows of ``batch`` that have a partner (a mask), and their mismatched pairs: each such
@@ -186,8 +193,8 @@ class KTOModule(AlignmentModule):
         if datamodule.has_column(split, "kl_partner"):
             return
         items = datamodule.datasets[split].items
-        groups = prompt_groups([item["input_ids"] for item in items], [item["labels"] for item in items])
-        partner = mismatched_partners(groups, torch.Generator().manual_seed(self.kl_seed))
+        columns = {key: [item[key] for item in items] for key in ("input_ids", "labels", "prompt_id") if key in items[0]}
+        partner = mismatched_partners(self.prompt_groups(columns), torch.Generator().manual_seed(self.kl_seed))
         datamodule.set_column(split, "kl_partner", partner)
 
     def reference_columns(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor]:

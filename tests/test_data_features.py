@@ -107,6 +107,42 @@ def test_max_length_truncation_in_the_datamodule(tmp_path: Path, demo_tokenizer)
     assert kept_response == full_response[: max_length - max_prompt]
 
 
+def bos_tokenizer_folder(folder: Path) -> Path:
+    """The demo tokenizer with a BOS ``<s>`` that a TemplateProcessing post-processor puts first, saved."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    demo = load_tokenizer("builtin:demo")
+    backend = demo.backend_tokenizer
+    backend.add_special_tokens(["<s>"])
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token=demo.eos_token, pad_token=demo.pad_token)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_left_truncation_keeps_the_bos_the_tokenizer_adds(tmp_path: Path) -> None:
+    folder = bos_tokenizer_folder(tmp_path / "bos_tokenizer")
+    history = "".join(f"\n\nHuman: question {i}?\n\nAssistant: answer {i}." for i in range(6))
+    prompt = history + "\n\nHuman: How do I make tea?\n\nAssistant:"
+    max_length, max_prompt = 24, 12
+    dm = build(tmp_path, [{"prompt": prompt, "response": " Boil fresh water, pour it over the leaves, wait.", "score": 1}],
+               tokenizer=str(folder), max_length=max_length, max_prompt_length=max_prompt)  # fmt: skip
+    bos = dm.tokenizer.bos_token_id
+    full_prompt = dm.tokenizer(prompt)["input_ids"]
+    assert full_prompt[0] == bos and full_prompt.count(bos) == 1 and len(full_prompt) > max_length  # it adds one
+    kept_prompt, kept_response = split_sample(dm.datasets["train"][0])
+    assert len(kept_prompt) + len(kept_response) == max_length
+    assert kept_prompt == [bos] + full_prompt[-(max_prompt - 1) :]  # BOS, then the end of the prompt
+    assert (kept_prompt + kept_response).count(bos) == 1  # not duplicated
+    generation_prompt = dm.prompt_dataset("train")[0]["input_ids"]  # prompts for generation are cut alike
+    assert generation_prompt == [bos] + full_prompt[-(max_prompt - 1) :]
+    # the pure function: no BOS id, or a prompt not starting with it, is cut as before
+    assert Truncation(16, 8, bos_token_id=7).apply([7] + list(range(100, 129)), [1, 2]) == ([7] + list(range(116, 129)), [1, 2])
+    assert Truncation(16, 8, bos_token_id=7).apply(list(range(100, 130)), [1, 2]) == (list(range(116, 130)), [1, 2])
+
+
 def test_samples_without_response_tokens_are_dropped_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     long_prompt = "Please tell me, step by step and in great detail, how to bake bread at home."
     records = [

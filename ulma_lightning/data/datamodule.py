@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Any, Callable, Iterable, Literal
@@ -83,7 +84,8 @@ class AlignmentDataModule(pl.LightningDataModule):
         self.tokenizer_source = tokenizer
         self.trust_remote_code = trust_remote_code
         self.columns = columns
-        self.truncation = Truncation(max_length, max_prompt_length if max_prompt_length is not None else max_length // 2)
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length if max_prompt_length is not None else max_length // 2
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.val_fraction = val_fraction
@@ -116,10 +118,20 @@ class AlignmentDataModule(pl.LightningDataModule):
             self._tokenizer = load_tokenizer(self.tokenizer_source, trust_remote_code=self.trust_remote_code)
         return self._tokenizer
 
+    @property
+    def truncation(self) -> Truncation:
+        """Truncation to ``max_length``; a BOS the tokenizer puts first in prompts stays first."""
+        return Truncation(self.max_length, self.max_prompt_length, self.tokenizer.bos_token_id)
+
     def read_examples(self, source: str, split: str, report: SkipReport) -> list[Any]:
-        """All valid examples of a source; bad records raise or are counted per ``on_bad_record``."""
+        """All valid examples of a source; bad records raise or are counted per ``on_bad_record``.
+
+        A source with no record, or none usable, is a :class:`DataError` naming it and the split.
+        """
         examples: list[Any] = []
-        for raw, location in read_source(source, "validation" if split == "val" else split):
+        records = 0
+        for raw, location in read_source(source, {"val": "validation", "predict": "test"}.get(split, split)):
+            records += 1
             try:
                 examples += self.parse_record(apply_columns(raw, self.columns, location), location)
             except DataError as err:
@@ -128,6 +140,12 @@ class AlignmentDataModule(pl.LightningDataModule):
                 report.add(err.problem if err.field is None else f"field {err.field!r}: {err.problem}", str(err.location))
             if self.max_samples is not None and len(examples) >= self.max_samples:
                 break
+        if not examples:
+            problem = "it holds no records (an empty file?)"
+            if records:
+                problem = f"none of its {records} records is usable (skipped: {report.as_dict()})"
+            hint = f"give data.{split} a source with usable records"
+            raise DataError(Location(source), None, f"the {split} split has no usable samples: {problem}", hint)
         return examples[: self.max_samples] if self.max_samples is not None else examples
 
     def encode_examples(self, prompts: list[Any], responses: list[str]) -> list[tuple[Any, Any] | None]:
@@ -139,7 +157,7 @@ class AlignmentDataModule(pl.LightningDataModule):
             out.append(build_sequence(p, r) if r else None)
         return out
 
-    def _build_split(self, split: str, examples: list[Any]) -> None:
+    def _build_split(self, split: str, examples: list[Any], source: str) -> None:
         self.examples[split] = examples
         report = self.skipped.setdefault(split, SkipReport(split))
         dataset = FeatureDataset(self.build_features(examples, report))
@@ -148,7 +166,10 @@ class AlignmentDataModule(pl.LightningDataModule):
         dataset.extra.update(self._pending_extra.pop(split, {}))
         report.log()
         if not len(dataset):
-            raise ValueError(f"the {split} split has no usable samples (skipped: {report.as_dict()})")
+            raise DataError(
+                Location(source), None, f"the {split} split has no usable samples (skipped: {report.as_dict()})",
+                f"raise max_length, or give data.{split} a source with usable records",
+            )
         self.datasets[split] = dataset
         log.info("%s split: %d samples", split, len(dataset))
 
@@ -171,10 +192,10 @@ class AlignmentDataModule(pl.LightningDataModule):
                 continue
             report = self.skipped.setdefault(split, SkipReport(split))
             if split == "predict" and self.predict_inputs == "prompts":
-                self.examples[split] = self.read_examples(source, "test", report)
+                self.examples[split] = self.read_examples(source, split, report)
                 self.datasets[split] = self.prompt_dataset(split)  # type: ignore[assignment]
                 continue
-            self._build_split(split, self.read_examples(source, "test" if split == "predict" else split, report))
+            self._build_split(split, self.read_examples(source, split, report), source)
 
     def _hold_out_validation(self) -> None:
         if self.val_fraction == 0 or self.sources["train"] is None:
@@ -191,9 +212,14 @@ class AlignmentDataModule(pl.LightningDataModule):
         n_val = max(1, int(round(len(groups) * self.val_fraction)))
         val_rows = sorted(i for g in order[:n_val] for i in groups[g])
         train_rows = sorted(i for g in order[n_val:] for i in groups[g])
-        self._build_split("val", [examples[i] for i in val_rows])
+        source = self.sources["train"]
+        if not train_rows:
+            problem = f"val_fraction={self.val_fraction} holds out all {len(groups)} of its records for validation"
+            hint = "lower val_fraction, or add records"
+            raise DataError(Location(source), None, f"the train split has no usable samples: {problem}", hint)
+        self._build_split("val", [examples[i] for i in val_rows], f"{source} (held out by val_fraction)")
         self.datasets.pop("train", None)
-        self._build_split("train", [examples[i] for i in train_rows])
+        self._build_split("train", [examples[i] for i in train_rows], source)
 
     # ------------------------------------------------------------ loaders
     @property
@@ -299,7 +325,7 @@ class AlignmentDataModule(pl.LightningDataModule):
         if split not in self.examples:
             raise ValueError(f"the {split} split is not set up (have: {sorted(self.examples)}); call setup() first")
         examples = self.examples[split]
-        items = encode_prompts(self.tokenizer, examples, self.truncation.max_prompt_length)
+        items = encode_prompts(self.tokenizer, examples, self.max_prompt_length)
         if not items:
             raise ValueError(f"the {split} split has no prompts to generate for")
         return PromptDataset(items[:limit] if limit is not None else items)
@@ -331,7 +357,9 @@ class PointwiseDataModule(AlignmentDataModule):
     """Point-wise feedback ``{prompt, response, score}`` for point-wise DPO and ULMA.
 
     Pairwise records ``{prompt, chosen, rejected}`` and HH transcripts ``{chosen, rejected}`` become two
-    samples each, chosen with score 1 and rejected with score 0, as in the paper.
+    samples each, chosen with score 1 and rejected with score 0, as in the paper. Each sample carries
+    ``prompt_id``, equal for the samples of a split that answer the same prompt (before truncation,
+    which may cut one prompt differently for two responses); KTO's mismatched pairs read it.
 
     Args:
         score_range: the declared range of ``score``; scores are normalised to ``[0, 1]`` and a score
@@ -350,11 +378,14 @@ class PointwiseDataModule(AlignmentDataModule):
 
     def build_features(self, examples: list[Example], report: SkipReport) -> list[dict[str, Any]]:
         encoded = self.encode_examples([e.prompt for e in examples], [e.response for e in examples])
+        prompt_ids: dict[str, int] = {}
         items = []
         for example, sequence in zip(examples, encoded):
             if sequence is None:
                 report.add("no response tokens left after truncation to max_length", str(example.location))
                 continue
             input_ids, labels = sequence
-            items.append({"input_ids": input_ids, "labels": labels, "score": example.score, "length": len(input_ids)})
+            prompt = example.prompt if isinstance(example.prompt, str) else json.dumps(example.prompt, sort_keys=True)
+            prompt_id = prompt_ids.setdefault(prompt, len(prompt_ids))
+            items.append({"input_ids": input_ids, "labels": labels, "score": example.score, "length": len(input_ids), "prompt_id": prompt_id})
         return items

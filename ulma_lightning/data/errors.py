@@ -14,15 +14,19 @@ log = logging.getLogger("ulma_lightning.data")
 OnBadRecord = Literal["error", "skip"]
 
 
-class DataError(ValueError):
-    """A record that cannot be used: says where (file:line or record), which field, and what is wrong."""
+SKIP_HINT = "fix the record, or set on_bad_record: skip to skip such records"
 
-    def __init__(self, location: "Location", field: str | None, problem: str) -> None:
+
+class DataError(ValueError):
+    """Input that cannot be used: says where (file:line or record), which field, what is wrong, and
+    (``hint``) how to fix it; the default hint suits a bad record."""
+
+    def __init__(self, location: "Location", field: str | None, problem: str, hint: str = SKIP_HINT) -> None:
         self.location = location
         self.field = field
         self.problem = problem
         where = f"{location}: field {field!r}: " if field else f"{location}: "
-        super().__init__(where + problem + " (fix the record, or set on_bad_record: skip to skip such records)")
+        super().__init__(f"{where}{problem} ({hint})")
 
 
 class SkipReport:

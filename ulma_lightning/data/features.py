@@ -3,7 +3,8 @@
 Truncation keeps the *end* of the prompt (the turn being answered) and then cuts the response:
 a prompt is shortened from the left only as far as needed, never below ``max_prompt_length``
 tokens; the response is then cut from the right to fit. A sample left with no response token is
-dropped and counted.
+dropped and counted. A BOS token the tokenizer put first in the prompt stays first: the tokens cut
+are the ones after it.
 """
 
 from __future__ import annotations
@@ -19,18 +20,28 @@ from ulma_lightning.data.formatting import format_prompt, format_response, has_c
 from ulma_lightning.logprobs import IGNORE_INDEX
 
 
+def keep_end(prompt: list[int], keep: int, bos_token_id: int | None = None) -> list[int]:
+    """The last ``keep`` tokens of ``prompt``; a leading ``bos_token_id`` stays first (it counts in ``keep``)."""
+    if keep >= len(prompt):
+        return prompt
+    head = 1 if keep > 0 and bos_token_id is not None and prompt[0] == bos_token_id else 0
+    return prompt[:head] + prompt[len(prompt) - keep + head :]
+
+
 @dataclass
 class Truncation:
-    """``max_length``: tokens per sequence; ``max_prompt_length``: the least prompt kept when cutting."""
+    """``max_length``: tokens per sequence; ``max_prompt_length``: the least prompt kept when cutting;
+    ``bos_token_id``: the tokenizer's BOS, kept first when a prompt that starts with it is cut."""
 
     max_length: int
     max_prompt_length: int
+    bos_token_id: int | None = None
 
     def apply(self, prompt: list[int], response: list[int]) -> tuple[list[int], list[int]]:
         overflow = len(prompt) + len(response) - self.max_length
         if overflow > 0:
             keep = max(len(prompt) - overflow, min(len(prompt), self.max_prompt_length))
-            prompt = prompt[len(prompt) - keep :]
+            prompt = keep_end(prompt, keep, self.bos_token_id)
         room = self.max_length - len(prompt)
         return prompt, response[: max(room, 0)]
 

@@ -4,7 +4,7 @@ Every data module's examples become :class:`PromptItem` s: the prompt, and as ``
 the record's own response (point-wise and demonstration data) or its chosen response (pairwise
 data). A record that yields several examples (a pair read as two point-wise samples) gives one
 prompt, its first example (the chosen side). Prompts are cut from the left to
-``max_prompt_length`` tokens, keeping the turn being answered, as in training.
+``max_prompt_length`` tokens, keeping the turn being answered (and a leading BOS), as in training.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ulma_lightning.data.features import tokenize_pairs
+from ulma_lightning.data.features import keep_end, tokenize_pairs
 
 PROMPT_TEXT_KEYS = ("prompt", "reference_response", "reference_score")
 
@@ -58,7 +58,7 @@ def encode_prompts(tokenizer: Any, examples: Sequence[Any], max_prompt_length: i
     items = []
     for example, ids in zip(examples, prompt_ids):
         response, score = reference_of(example)
-        ids = list(ids)[-max_prompt_length:] if max_prompt_length > 0 else list(ids)
+        ids = keep_end(list(ids), max_prompt_length, tokenizer.bos_token_id) if max_prompt_length > 0 else list(ids)
         items.append(PromptItem(example.prompt, response, score, ids))
     return items
 

@@ -15,11 +15,12 @@ Each record comes with its :class:`Location` (file and line, or row) so that err
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
-import io
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,11 +30,13 @@ from ulma_lightning.data.errors import DataError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 DEMO_KINDS = ("binary", "continuous", "pairwise", "demonstration")
+SAVE_AS_UTF8 = "save the file as UTF-8, e.g. with iconv -f latin1 -t utf-8"
 
 
 @dataclass(frozen=True)
 class Location:
-    """Where a record came from: ``source`` plus a 1-based ``line`` (text files) or 0-based ``row``."""
+    """Where a record came from: ``source`` plus a 1-based ``line`` (text files) or 0-based ``row``
+    (neither for the source as a whole)."""
 
     source: str
     line: int | None = None
@@ -42,13 +45,48 @@ class Location:
     def __str__(self) -> str:
         if self.line is not None:
             return f"{self.source}:{self.line}"
-        return f"{self.source} (record {self.row})"
+        if self.row is not None:
+            return f"{self.source} (record {self.row})"
+        return self.source
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _lines(path: Path) -> Iterator[tuple[int, str | DataError]]:
+    """The lines of a text file (``.gz`` or not), numbered from 1 and decoded as UTF-8; a leading
+    byte-order mark is dropped (utf-8-sig).
+
+    A line that is not UTF-8 comes as a :class:`DataError` naming it, in place of its text. A
+    truncated or corrupt ``.gz`` stops with a :class:`DataError` naming the last complete line.
+    """
+    compressed = path.suffix == ".gz"
+    number = 0
+    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as handle:
+        try:
+            for number, raw in enumerate(handle, start=1):
+                if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8) :]
+                try:
+                    yield number, raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    column = len(raw[: exc.start].decode("utf-8", errors="replace")) + 1
+                    problem = f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {column})"
+                    hint = SAVE_AS_UTF8 + ", or set on_bad_record: skip to skip such lines"
+                    yield number, DataError(Location(str(path), line=number), None, problem, hint)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            if isinstance(exc, gzip.BadGzipFile) and number == 0:
+                problem, hint = f"not gzip data ({exc})", "compress it with gzip, or drop the .gz suffix"
+            else:
+                last = f"line {number} is the last complete one" if number else "no complete line was read"
+                problem = f"the compressed data is truncated or corrupt ({exc}); {last}"
+                hint = "download or compress the file again"
+            raise DataError(Location(str(path)), None, problem, hint) from None
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    """The decoded lines of a file; a line that is not UTF-8 stops the read (records may span lines)."""
+    for _, line in _lines(path):
+        if isinstance(line, DataError):
+            raise DataError(line.location, None, line.problem, SAVE_AS_UTF8)
+        yield line
 
 
 def _base_suffix(path: Path) -> str:
@@ -56,23 +94,27 @@ def _base_suffix(path: Path) -> str:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[Any, Location]]:
-    with _open_text(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = Location(str(path), line=number)
-            try:
-                yield json.loads(line), where
-            except json.JSONDecodeError as exc:
-                yield DataError(where, None, f"malformed JSON ({exc.msg} at column {exc.colno})"), where
+    for number, line in _lines(path):
+        where = Location(str(path), line=number)
+        if isinstance(line, DataError):
+            yield line, where
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line), where
+        except json.JSONDecodeError as exc:
+            yield DataError(where, None, f"malformed JSON ({exc.msg} at column {exc.colno})"), where
 
 
 def _read_json(path: Path) -> Iterator[tuple[Any, Location]]:
-    with _open_text(path) as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as exc:
-            raise DataError(Location(str(path), line=exc.lineno), None, f"malformed JSON ({exc.msg})") from None
+    text = "".join(_text_lines(path))
+    if not text.strip():
+        return  # an empty file: no records
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(Location(str(path), line=exc.lineno), None, f"malformed JSON ({exc.msg})") from None
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -85,10 +127,9 @@ def _read_json(path: Path) -> Iterator[tuple[Any, Location]]:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[Any, Location]]:
-    with _open_text(path) as handle:
-        reader = csv.DictReader(handle)
-        for record in reader:
-            yield dict(record), Location(str(path), line=reader.line_num)
+    reader = csv.DictReader(_text_lines(path))
+    for record in reader:
+        yield dict(record), Location(str(path), line=reader.line_num)
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[Any, Location]]:

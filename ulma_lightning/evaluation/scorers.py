@@ -136,7 +136,7 @@ class HFClassifierScorer(_ModelScorer):
         if self._model is None:
             self._load()
         tok = self._tokenizer
-        truncation = Truncation(self.max_length, self.max_length // 2)
+        truncation = Truncation(self.max_length, self.max_length // 2, tok.bos_token_id)
         collate = PaddingCollator(tok.pad_token_id)
         scores: list[float] = []
         for part in _batches(len(prompts), self.batch_size):

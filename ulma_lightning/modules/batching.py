@@ -6,6 +6,8 @@ A batch here is the collator's dict: ``input_ids``, ``attention_mask`` and ``lab
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -76,6 +78,48 @@ def swap_responses(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def roll_rows(batch: dict[str, Tensor], shift: int = 1) -> dict[str, Tensor]:
-    """The sequence tensors of ``batch`` with row ``i`` moved to row ``i + shift`` (cyclically)."""
-    return {key: torch.roll(batch[key], shifts=shift, dims=0) for key in SEQUENCE_KEYS}
+def take_rows(batch: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
+    """The sequence tensors of ``batch`` at rows ``index`` (an index or a boolean mask)."""
+    return {key: batch[key][index] for key in SEQUENCE_KEYS}
+
+
+def prompt_groups(input_ids: Sequence[Any], labels: Sequence[Any]) -> list[int]:
+    """A group per row, numbered by first appearance: rows whose prompt tokens (the positions before
+    the first label) are identical share one. Rows are 1-D tensors or arrays."""
+    groups: dict[tuple[int, ...], int] = {}
+    out = []
+    for ids, row_labels in zip(input_ids, labels):
+        prompt_len = int((torch.as_tensor(row_labels) != IGNORE_INDEX).int().argmax())
+        out.append(groups.setdefault(tuple(torch.as_tensor(ids[:prompt_len]).tolist()), len(groups)))
+    return out
+
+
+def mismatched_partners(groups: Sequence[int], generator: torch.Generator | None = None) -> Tensor:
+    """For each row, a partner row of another group (another prompt); ``-1`` where there is none.
+
+    Rows are laid out group by group (groups in first-appearance order, or in a random order drawn
+    from ``generator``, rows within a group likewise) and row ``p`` of the layout takes row
+    ``p - m``, ``m`` being the largest group's size. While no group holds more than half the rows this
+    is a permutation that never pairs two rows of one group. Otherwise the largest group's rows take
+    the other rows in turn and the other rows take distinct rows of the largest group; if there is
+    no other row (every row shares one prompt), there is no partner.
+    """
+    n = len(groups)
+    partner = torch.full((n,), -1, dtype=torch.long)
+    if n == 0:
+        return partner
+    members: dict[int, list[int]] = {}
+    order = torch.randperm(n, generator=generator).tolist() if generator is not None else range(n)
+    for row in order:
+        members.setdefault(groups[row], []).append(row)
+    layout = [row for rows in members.values() for row in rows]
+    largest = max((len(rows) for rows in members.values()), default=0)
+    if 2 * largest <= n:
+        partner[torch.tensor(layout)] = torch.tensor(layout).roll(largest)
+        return partner
+    big = max(members.values(), key=len)
+    rest = [row for row in layout if groups[row] != groups[big[0]]]
+    if rest:
+        partner[torch.tensor(big)] = torch.tensor(rest).repeat(len(big) // len(rest) + 1)[: len(big)]
+        partner[torch.tensor(rest)] = torch.tensor(big[: len(rest)])
+    return partner

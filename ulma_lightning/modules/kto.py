@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from ulma_lightning.data.features import Truncation
 from ulma_lightning.losses import LossOutput, kto_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
-from ulma_lightning.modules.batching import SEQUENCE_KEYS, roll_rows, stack_batches, swap_responses
+from ulma_lightning.modules.batching import (
+    SEQUENCE_KEYS,
+    mismatched_partners,
+    prompt_groups,
+    stack_batches,
+    swap_responses,
+    take_rows,
+)
 from ulma_lightning.policy import PolicyConfig
+
+KL_KEY = "kto_kl_estimate"  # the checkpoint entry of the last KL estimate
 
 
 class KTOModule(AlignmentModule):
@@ -19,24 +30,32 @@ class KTOModule(AlignmentModule):
     ``z0 = max(0, mean(log pi(y'|x) - log pi_ref(y'|x)))`` is estimated on *mismatched* pairs
     ``(x, y')`` and is detached; see :func:`~ulma_lightning.losses.kto_loss`.
 
-    Mismatched pairs. With a ``copy`` or ``adapter`` reference, row ``i`` of a batch is paired with
-    the response of row ``i - 1`` of the *same* batch (cyclically), built in the step, so any order
-    of the data works (shuffled, length-grouped). The reference runs on the matched and mismatched
-    rows in one forward pass; the policy runs on the mismatched rows without gradient (``z0`` is
-    detached, so a backward through them would only add zeros). The estimate is the mean over the mismatched pairs of *all* processes (a sum and a count
-    are all-reduced), so every rank uses the same ``z0``; a step with no mismatched pair anywhere (a
-    batch of one sample) reuses the previous estimate.
+    Mismatched pairs. A row's partner never answers the same prompt (the data module's
+    ``prompt_id``, else identical prompt tokens), in every split: the two samples of a pair read as point-wise data sit next to each other in the
+    unshuffled validation and test loaders, and a sample paired with an answer to its own prompt is
+    no mismatched pair. With a ``copy`` or ``adapter`` reference the partners come from the *same*
+    batch (:func:`~ulma_lightning.modules.batching.mismatched_partners`: with distinct prompts, row
+    ``i`` takes the response of row ``i - 1``, cyclically; rows of one prompt are grouped and shifted
+    past each other), built in the step from the batch alone, so any order of the data works
+    (shuffled, length-grouped) and a resumed run pairs exactly as an uninterrupted one. The reference
+    runs on the matched and mismatched rows in one forward pass; the policy runs on the mismatched
+    rows without gradient (``z0`` is detached, so a backward through them would only add zeros). The
+    estimate is the mean over the mismatched pairs of *all* processes (a sum and a count are
+    all-reduced), so every rank uses the same ``z0``; a step with no mismatched pair anywhere (a batch
+    of one sample, or a batch whose rows all share one prompt) reuses the previous estimate (0 before
+    the first).
 
     With ``reference: precomputed`` the reference cannot run during training, so the mismatched
-    pairs are fixed per sample before training: each split gets a seeded cyclic permutation
-    ``kl_partner`` (sample ``i`` is paired with the response of sample ``kl_partner[i]``, never
-    itself when the split has 2 or more samples), and the reference log-probs of those pairs are
-    precomputed and stored as ``reference_kl_logps`` beside ``reference_logps``. During training the
-    policy runs on the same fixed pairs (the partner's tokens are read from the data module), so
-    ``z0`` is still a mean over one mismatched pair per sample of the batch, averaged across
-    processes, and it works with shuffled data. A split without precomputed values (e.g. ``ulma test``
-    in a fresh process, where the reference is rebuilt) falls back to in-batch pairs and the live
-    reference.
+    pairs are fixed per sample before training: each split gets a seeded ``kl_partner`` (sample ``i``
+    is paired with the response of sample ``kl_partner[i]``, of another prompt, by the same rule over
+    the whole split in a seeded order; ``-1``, no pair, only if the split has a single prompt), and
+    the reference log-probs of those pairs are precomputed and stored as ``reference_kl_logps``
+    beside ``reference_logps``. During training the policy runs on the same fixed pairs (the
+    partner's tokens are read from the data module), so ``z0`` is still a mean over one mismatched
+    pair per sample of the batch, averaged across processes, and it works with shuffled data. A
+    split without precomputed values (e.g. ``ulma test`` in a fresh process, where the reference is
+    rebuilt) falls back to in-batch pairs and the live reference. The last estimate is saved in
+    checkpoints.
 
     Args:
         policy: the model, tokenizer and reference settings.
@@ -83,17 +102,36 @@ class KTOModule(AlignmentModule):
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         return getattr(datamodule, "truncation", None)
 
-    def kl_batch(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor] | None:
-        """Mismatched pairs for ``batch``: prompt of row ``i``, response of its partner; None if none.
-
-        The partner is the fixed ``kl_partner`` where the batch carries precomputed columns, else the
-        previous row of the batch.
-        """
+    def kl_partners(self, batch: dict[str, Tensor]) -> Tensor:
+        """Each row's partner: a sample index (fixed ``kl_partner``) or a row of the batch; -1 for none."""
         if "kl_partner" in batch:
-            return swap_responses(batch, self.partner_batch(batch["kl_partner"], split), self.truncation)
-        if batch["input_ids"].shape[0] < 2:
-            return None
-        return swap_responses(batch, roll_rows(batch, 1), self.truncation)
+            return batch["kl_partner"].long()
+        return mismatched_partners(self.prompt_groups(batch)).to(batch["input_ids"].device)
+
+    @staticmethod
+    def prompt_groups(batch: dict[str, Any]) -> list[int]:
+        """Rows (samples) answering one prompt share a group: the data module's ``prompt_id`` (the
+        prompt before truncation), else identical prompt tokens."""
+        if "prompt_id" in batch:
+            return [int(i) for i in batch["prompt_id"]]
+        return prompt_groups(batch["input_ids"], batch["labels"])
+
+    def kl_pairs(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """The rows of ``batch`` that have a partner (a mask), and their mismatched pairs: each such
+        row's prompt followed by its partner's response (None if no row has a partner)."""
+        partners = self.kl_partners(batch)
+        rows = partners >= 0
+        if not bool(rows.any()):
+            return rows, None
+        if "kl_partner" in batch:
+            responses = self.partner_batch(partners[rows], split)
+        else:
+            responses = take_rows(batch, partners[rows])
+        return rows, swap_responses(take_rows(batch, rows), responses, self.truncation)
+
+    def kl_batch(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor] | None:
+        """The mismatched pairs of :meth:`kl_pairs` alone; None if there are none."""
+        return self.kl_pairs(batch, split)[1]
 
     def global_kl(self, differences: Tensor) -> Tensor:
         """Mean of ``log pi - log pi_ref`` over the mismatched pairs of every process, detached."""
@@ -106,10 +144,20 @@ class KTOModule(AlignmentModule):
             self.kl = (stats[0] / stats[1]).detach()
         return self.kl.to(differences.device)
 
+    # ------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The last KL estimate travels too: a resumed run's step without a mismatched pair reuses it."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[KL_KEY] = self.kl.detach().cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.kl = checkpoint.get(KL_KEY, torch.zeros(())).clone()
+
     # ------------------------------------------------------------ loss
     def compute_loss(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:
         size = batch["input_ids"].shape[0]
-        kl_batch = self.kl_batch(batch, stage)
+        rows, kl_batch = self.kl_pairs(batch, stage)
         inputs = batch if kl_batch is None else stack_batches(batch, kl_batch)
         policy_logps = self.policy.logps(batch, average=self.average_logps)
         kl_policy = policy_logps[:0]
@@ -118,7 +166,7 @@ class KTOModule(AlignmentModule):
                 kl_policy = self.policy.logps(kl_batch, average=self.average_logps)
         if "kl_partner" in batch:  # precomputed values
             reference_logps = batch["reference_logps"].float()
-            kl_reference = batch["reference_kl_logps"].float()
+            kl_reference = batch["reference_kl_logps"].float()[rows]
         else:  # the reference runs now (in precomputed mode: a split that was not precomputed, if still loaded)
             reference_all = self.policy.reference_logps(inputs, average=self.average_logps)
             reference_logps, kl_reference = reference_all[:size], reference_all[size:]
@@ -140,18 +188,20 @@ class KTOModule(AlignmentModule):
         return ("reference_logps", "reference_kl_logps")
 
     def prepare_precompute(self, split: str) -> None:
-        """Fix each sample's KL partner: a seeded cyclic permutation (identical on every process)."""
+        """Fix each sample's KL partner, of another prompt: seeded, identical on every process."""
         datamodule = self.trainer.datamodule
         if datamodule.has_column(split, "kl_partner"):
             return
-        size = len(datamodule.datasets[split])
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(self.kl_seed))
-        partner = torch.empty(size, dtype=torch.long)
-        partner[order] = order.roll(1)
+        items = datamodule.datasets[split].items
+        columns = {key: [item[key] for item in items] for key in ("input_ids", "labels", "prompt_id") if key in items[0]}
+        partner = mismatched_partners(self.prompt_groups(columns), torch.Generator().manual_seed(self.kl_seed))
         datamodule.set_column(split, "kl_partner", partner)
 
     def reference_columns(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor]:
         size = batch["input_ids"].shape[0]
-        inputs = stack_batches(batch, swap_responses(batch, self.partner_batch(batch["kl_partner"], split), self.truncation))
+        rows, kl_batch = self.kl_pairs(batch, split)
+        inputs = batch if kl_batch is None else stack_batches(batch, kl_batch)
         values = self.policy.token_logps(inputs, reference=True).per_sequence(self.average_logps)
-        return {"reference_logps": values[:size], "reference_kl_logps": values[size:]}
+        kl = torch.full_like(values[:size], float("nan"))  # NaN where a sample has no partner (never read)
+        kl[rows] = values[size:]
+        return {"reference_logps": values[:size], "reference_kl_logps": kl}

@@ -127,7 +127,7 @@ class RewardModelModule(AlignmentModule):
         if self.policy.model is None:
             self.configure_model()
         tokenizer = self.policy.tokenizer
-        truncation = Truncation(self.max_length, self.max_length // 2)
+        truncation = Truncation(self.max_length, self.max_length // 2, tokenizer.bos_token_id)
         collate = PaddingCollator(self.policy.pad_token_id)
         was_training = self.policy.model.training
         self.policy.model.eval()

@@ -229,7 +229,7 @@ class AlignmentDataModule(pl.LightningDataModule):
     def _data_parallel(self) -> tuple[int, int]:
         """(processes, rank) of data parallelism, from the trainer's strategy; (1, 0) without one."""
         trainer = getattr(self, "trainer", None)
-        kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
+        kwargs = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None)
         if not kwargs:
             return 1, 0
         return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))

@@ -9,8 +9,9 @@ validation after step 3 on 2 batches), so validation, the checkpoint, the Genera
 and the HFExport of each config all run too.
 
 * ``group``: one 2-process group (launched as torchrun would, ``tests/dist_runner.py``) runs the
-  method matrix, two runs on data built so that one process has no positives and the other no
-  negatives (in training and validation), and ``ulma predict`` on a split the processes share
+  method configs (ulma, pointwise_dpo, dpo, kto, sft under both strategies; unlikelihood and
+  reward under FSDP2), two runs on data built so that one process has no positives and the other
+  no negatives (in training and validation), and ``ulma predict`` on a split the processes share
   unequally; the group's start-up is paid once.
 * ``test_two_nodes_end_with_the_weights_of_one_node``: the issue's command as a ``ulma fit``
   subprocess (Lightning launches the second process), and the same run as two nodes of one process
@@ -37,6 +38,7 @@ from conftest import REPO
 CONFIGS = REPO / "configs"
 METHODS = ["ulma", "pointwise_dpo", "dpo", "kto", "sft"]
 STRATEGIES = ["ddp", "fsdp2"]
+MATRIX = [(m, s) for m in METHODS for s in STRATEGIES] + [("unlikelihood", "fsdp2"), ("reward", "fsdp2")]
 STEPS, BATCH = 3, 4
 FAST = [
     "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
@@ -118,7 +120,7 @@ def _one_sided_data(folder: Path) -> None:
 
 # ----------------------------------------------------------------------------- the group
 def _runs(folder: Path) -> list[dict[str, Any]]:
-    runs = [{"name": f"{m}-{s}", "argv": _fit_argv(m, s)} for m in METHODS for s in STRATEGIES]
+    runs = [{"name": f"{m}-{s}", "argv": _fit_argv(m, s)} for m, s in MATRIX]
     data = ["--data.init_args.train", str(folder / "train.jsonl"), "--data.init_args.val", str(folder / "val.jsonl")]
     runs += [{"name": f"{m}-one-sided", "argv": _fit_argv(m, "fsdp2", *data)} for m in ("ulma", "pointwise_dpo")]
     predict = ["predict", "--config", str(CONFIGS / "ulma.yaml"), "--config", str(CONFIGS / "strategy" / "fsdp2.yaml")]
@@ -154,8 +156,7 @@ def _assert_in_step(results: list[dict[str, Any]], strategy: str) -> None:
     assert rank0["metrics"]["val/loss"] == rank1["metrics"]["val/loss"]  # synced across the ranks
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("method", "strategy"), MATRIX)
 def test_shipped_config_trains_on_two_processes(group: Path, method: str, strategy: str) -> None:
     _assert_in_step(_results(group, f"{method}-{strategy}"), strategy)
     exported = group / f"{method}-{strategy}" / "runs" / method

@@ -16,8 +16,11 @@ response positions (where the shifted label is not ``IGNORE_INDEX``), ``chunk_si
 * ``length_groups_max``: a right-padded batch whose rows differ in length is split into up to this many
   groups of rows of similar length, each trimmed to its longest row, so the backbone computes on less
   padding. The per-token log-probs are the same (each row sees the same tokens at the same
-  positions); only the padding work goes. Off for FSDP-managed models (:func:`fsdp_managed`): each
-  call would gather the weights again, and the number of calls would differ between processes.
+  positions); only the padding work goes. Off for sharded models (FSDP, FSDP2): each call would
+  gather the weights again, and the number of calls, which follows the batch's lengths, would differ
+  between processes, whose collectives must match. (A parameter check cannot tell: inside a forward
+  FSDP swaps in the gathered, ordinary tensors.) :class:`~ulma_lightning.policy.Policy` passes 1
+  under any sharded strategy; a ``fully_shard`` root is detected here too.
 """
 
 from __future__ import annotations
@@ -264,18 +267,6 @@ def length_groups(lengths: list[int], max_groups: int, overhead: int = GROUP_OVE
     return groups[::-1]
 
 
-def fsdp_managed(model: nn.Module) -> bool:
-    """Whether FSDP (``fully_shard`` or torch's FSDP1 wrapper) manages any part of ``model``.
-
-    Decided from the modules, not the parameters: inside a forward FSDP swaps in the gathered
-    (ordinary) tensors. Every backbone call of such a model all-gathers weights, so every process
-    must make the same calls: length groups (a count that depends on the batch) are off.
-    """
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
-
-
 def _right_padded(attention_mask: Tensor) -> bool:
     return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
@@ -326,12 +317,11 @@ def response_token_logps(
             is predicted from position ``t - 1``, as in Hugging Face models.
         chunk_size: tokens per vocabulary-projection chunk.
         length_groups_max: run the backbone on up to this many groups of rows of similar length
-            (right-padded batches only; 1 runs the whole batch at once; always 1 for FSDP-managed
-            models, see :func:`fsdp_managed`).
+            (right-padded batches only; 1 runs the whole batch at once). Pass 1 for a model with
+            FSDP-wrapped blocks; a ``fully_shard`` root always runs as 1.
     """
-    if length_groups_max > 1 and fsdp_managed(model):
-        length_groups_max = 1
     if _is_fsdp2(model):
+        length_groups_max = 1  # see the module docstring
         values, batch_index = _through_root(
             model, partial(_response_logps, model), input_ids, attention_mask, labels, chunk_size, length_groups_max
         )

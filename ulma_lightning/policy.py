@@ -259,7 +259,8 @@ class Policy(nn.Module):
         if self.model is None:
             raise RuntimeError("Policy.build() has not run: call it (or the module's configure_model) first")
         args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
-        options = {"chunk_size": self.config.logits_chunk_size, "length_groups_max": self.config.length_groups}
+        groups = 1 if self.collective_forwards else self.config.length_groups  # the same calls on every process
+        options = {"chunk_size": self.config.logits_chunk_size, "length_groups_max": groups}
         if not reference:
             tokens = response_token_logps(self.model, *args, **options)
             if self._records is not None:

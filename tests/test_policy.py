@@ -286,6 +286,23 @@ def test_ulma_runs_the_reference_on_negatives_only(batch) -> None:
     assert policy.reference_forward_samples == 0
 
 
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_a_process_without_rows_runs_an_idle_forward_only_in_lockstep(monkeypatch, lockstep: bool) -> None:
+    """Under FSDP/FSDP2 on several processes (``lockstep``) a process whose batch has no row for a
+    forward still runs it (one row, discarded), since the others may; on one process nothing extra."""
+    module = make_module(ULMAModule)
+    policy = module.policy
+    monkeypatch.setattr(Policy, "lockstep", property(lambda self: lockstep))
+    calls = {"policy": 0, "reference": 0}
+    for name, model in (("policy", policy.model), ("reference", policy.reference_model)):
+        model.get_decoder().register_forward_hook(lambda *args, name=name: calls.__setitem__(name, calls[name] + 1))
+    positives = make_pointwise_batch(policy.tokenizer, [1.0, 1.0])
+    reference = policy.reference_logps(positives, average=True, rows=positives["score"] < 1)  # ULMA: negatives only
+    assert reference.isnan().all() and policy.reference_forward_samples == 0  # an idle forward does not count
+    module.update_perplexity(make_pointwise_batch(policy.tokenizer, [0.0, 0.0]), [], "val")  # no demonstration
+    assert calls == {"policy": int(lockstep), "reference": int(lockstep)}
+
+
 def test_reference_count_for_other_settings(batch) -> None:
     cases = [
         (PointwiseDPOModule, {}, "train", len(SCORES)),

@@ -16,8 +16,11 @@ response positions (where the shifted label is not ``IGNORE_INDEX``), ``chunk_si
 * ``length_groups_max``: a right-padded batch whose rows differ in length is split into up to this many
   groups of rows of similar length, each trimmed to its longest row, so the backbone computes on less
   padding. The per-token log-probs are the same (each row sees the same tokens at the same
-  positions); only the padding work goes. Skipped for FSDP-sharded weights (each call would gather
-  them again).
+  positions); only the padding work goes. Off for sharded models (FSDP, FSDP2): each call would
+  gather the weights again, and the number of calls, which follows the batch's lengths, would differ
+  between processes, whose collectives must match. (A parameter check cannot tell: inside a forward
+  FSDP swaps in the gathered, ordinary tensors.) :class:`~ulma_lightning.policy.Policy` passes 1
+  under any sharded strategy; a ``fully_shard`` root is detected here too.
 """
 
 from __future__ import annotations
@@ -264,12 +267,6 @@ def length_groups(lengths: list[int], max_groups: int, overhead: int = GROUP_OVE
     return groups[::-1]
 
 
-def _sharded(module: nn.Module) -> bool:
-    """FSDP-managed weights: each extra backbone call would gather them again, so no groups."""
-    param = next(module.parameters(), None)
-    return param is not None and type(param).__name__ in ("DTensor", "FlatParameter")
-
-
 def _right_padded(attention_mask: Tensor) -> bool:
     return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
@@ -320,9 +317,11 @@ def response_token_logps(
             is predicted from position ``t - 1``, as in Hugging Face models.
         chunk_size: tokens per vocabulary-projection chunk.
         length_groups_max: run the backbone on up to this many groups of rows of similar length
-            (right-padded batches only; 1 runs the whole batch at once).
+            (right-padded batches only; 1 runs the whole batch at once). Pass 1 for a model with
+            FSDP-wrapped blocks; a ``fully_shard`` root always runs as 1.
     """
     if _is_fsdp2(model):
+        length_groups_max = 1  # see the module docstring
         values, batch_index = _through_root(
             model, partial(_response_logps, model), input_ids, attention_mask, labels, chunk_size, length_groups_max
         )
@@ -337,7 +336,7 @@ def _response_logps(
     decoder, head = _decoder_and_head(model)
     lengths = attention_mask.sum(dim=1)
     groups = [list(range(input_ids.shape[0]))]
-    if length_groups_max > 1 and input_ids.shape[0] > 1 and not _sharded(decoder) and _right_padded(attention_mask):
+    if length_groups_max > 1 and input_ids.shape[0] > 1 and _right_padded(attention_mask):
         groups = length_groups(lengths.tolist(), length_groups_max)
         if len(groups) == 1:
             groups = [sorted(groups[0])]

@@ -279,8 +279,8 @@ def ulma_loss(
     # Rewards wherever a reference value was given (NaN where the reference was skipped).
     rewards = (beta * (policy_logps - reference_logps)).detach()
     metrics, counts = _summary(positive, pos_part, neg_part, rewards, policy_logps, reduction)
-    if not bool(counts["rewards/positive"]):
-        del metrics["rewards/positive"]  # undefined: no reference value on any positive
+    if bool((positive & reference_logps.isnan()).any()):
+        del metrics["rewards/positive"]  # undefined: the reference was skipped on positives
     return LossOutput(loss=loss, metrics=metrics, losses=losses.detach(), rewards=rewards, counts=counts)
 
 

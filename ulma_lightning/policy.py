@@ -143,8 +143,8 @@ class Policy(nn.Module):
     ``configure_model``, so that sharded strategies can wrap them). ``reference_forward_samples``
     counts the samples the reference model has run on, which tests use to prove that ULMA skips it
     on positives. ``collective_forwards`` is set by sharded strategies (FSDP, FSDP2), under which
-    every process must run every forward: a process with no row for the reference then runs it on
-    one row and discards the result.
+    every process must run every forward (:attr:`lockstep`): a process with no row for a forward
+    then runs it on one row and discards the result (:meth:`idle_forward`).
     """
 
     #: the transformers Auto class that loads or builds the model, and the extra keyword arguments
@@ -260,7 +260,8 @@ class Policy(nn.Module):
         if self.model is None:
             raise RuntimeError("Policy.build() has not run: call it (or the module's configure_model) first")
         args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
-        options = {"chunk_size": self.config.logits_chunk_size, "length_groups_max": self.config.length_groups}
+        groups = 1 if self.collective_forwards else self.config.length_groups  # the same calls on every process
+        options = {"chunk_size": self.config.logits_chunk_size, "length_groups_max": groups}
         if not reference:
             tokens = response_token_logps(self.model, *args, **options)
             if self._records is not None:
@@ -315,12 +316,33 @@ class Policy(nn.Module):
         if bool(rows.any()):
             sub = select_rows(batch, rows)
             out[rows] = self.token_logps(sub, reference=True).per_sequence(average)
-        elif self.collective_forwards:  # keep the sharded reference's collectives in step across processes
-            first = torch.zeros_like(rows)
-            first[0] = True
-            self.token_logps(select_rows(batch, first), reference=True)
-            self.reference_forward_samples -= 1
+        else:
+            self.idle_forward(batch, reference=True)
         return out
+
+    @property
+    def lockstep(self) -> bool:
+        """Whether every process must run the same forwards: a sharded model (FSDP, FSDP2) on more
+        than one process, whose every forward all-gathers weights."""
+        dist = torch.distributed
+        return self.collective_forwards and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def idle_forward(self, batch: dict[str, Tensor], *, reference: bool = False) -> None:
+        """Under :attr:`lockstep`, the forward that this process skips for lack of rows (and the
+        others may run): on the first row of ``batch``, without gradient, result discarded. Nothing
+        otherwise."""
+        if not self.lockstep:
+            return
+        first = torch.zeros(batch["input_ids"].shape[0], dtype=torch.bool, device=batch["input_ids"].device)
+        first[0] = True
+        records, self._records = self._records, None
+        try:
+            with torch.no_grad():
+                self.token_logps(select_rows(batch, first), reference=reference)
+        finally:
+            self._records = records
+        if reference:
+            self.reference_forward_samples -= 1
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Plain forward of the policy LM (logits), e.g. for generation-free inspection."""

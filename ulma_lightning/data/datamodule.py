@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Literal
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 
 from ulma_lightning.data.collate import PaddingCollator
 from ulma_lightning.data.errors import DataError, OnBadRecord, SkipReport
@@ -227,22 +228,34 @@ class AlignmentDataModule(pl.LightningDataModule):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         return PaddingCollator(pad, self.pad_to_multiple_of)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool, collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
         dataset = self.datasets[split]
         if shuffle:
             return self._train_loader(dataset)
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,
-            shuffle=False,
-            collate_fn=self.collator,
+            sampler=self._equal_shares(dataset) if split == "predict" else None,
+            collate_fn=collate_fn or self.collator,
             num_workers=self.num_workers,
         )
+
+    def _equal_shares(self, dataset: Any) -> DistributedSampler | None:
+        """On several processes, the same number of samples (so of batches) on each, in order; the
+        last few repeat samples of the start, which the prediction writer drops by index.
+
+        Lightning's own share in ``predict`` is unequal, and a sharded model (FSDP, FSDP2) hangs when
+        one process runs a forward more than another. None on one process (Lightning's default).
+        """
+        replicas, rank = self._data_parallel()
+        if replicas == 1:
+            return None
+        return DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=False, drop_last=False)
 
     def _data_parallel(self) -> tuple[int, int]:
         """(processes, rank) of data parallelism, from the trainer's strategy; (1, 0) without one."""
         trainer = getattr(self, "trainer", None)
-        kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
+        kwargs = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None)
         if not kwargs:
             return 1, 0
         return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
@@ -310,14 +323,8 @@ class AlignmentDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Left-padded prompt-only batches of the ``predict`` split (see :mod:`ulma_lightning.data.prompts`),
         or padded full samples when the module's ``predict_inputs`` is ``sequences``."""
-        if not isinstance(self.datasets["predict"], PromptDataset):
-            return self._loader("predict", shuffle=False)
-        return DataLoader(
-            self.datasets["predict"],
-            batch_size=self.eval_batch_size,
-            collate_fn=self.prompt_collator,
-            num_workers=self.num_workers,
-        )
+        prompts = isinstance(self.datasets["predict"], PromptDataset)
+        return self._loader("predict", shuffle=False, collate_fn=self.prompt_collator if prompts else None)
 
     # ------------------------------------------------------------ prompts for generation
     def prompt_dataset(self, split: str, limit: int | None = None) -> PromptDataset:

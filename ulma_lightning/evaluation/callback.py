@@ -105,23 +105,31 @@ class GenerationSamples(pl.Callback):
         return self._loader
 
     def log_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Generate for the fixed prompts and write the table at the current global step."""
+        """Generate for the fixed prompts and write the table at the current global step.
+
+        Rank 0 generates, or, for a sharded policy (FSDP, FSDP2: every forward is collective), every
+        process generates for the same prompts in step; rank 0 scores and writes.
+        """
         writer = self._tensorboard(trainer)
         loader = self._prompts(trainer)
-        model = getattr(getattr(pl_module, "policy", None), "model", None)
-        if writer is None or loader is None or model is None or not trainer.is_global_zero:
+        policy = getattr(pl_module, "policy", None)
+        model = getattr(policy, "model", None)
+        synced = bool(getattr(policy, "lockstep", False))
+        if writer is None or loader is None or model is None or not (trainer.is_global_zero or synced):
             return
         prompts: list[Any] = []
         responses: list[str] = []
         for batch in loader:
             ids, mask = batch["input_ids"].to(pl_module.device), batch["attention_mask"].to(pl_module.device)
-            responses += generate_responses(model, pl_module.tokenizer, ids, mask, self.generation)
+            responses += generate_responses(model, pl_module.tokenizer, ids, mask, self.generation, synced=synced)
             prompts += batch["prompt"]
+        self._last_step = trainer.global_step
+        if not trainer.is_global_zero:
+            return
         scores = self.scorer.score(prompts, responses) if self.scorer is not None else None
         writer.add_text("samples/generations", markdown_table(prompts, responses, scores), global_step=trainer.global_step)
         if scores:
             writer.add_scalar("samples/mean_score", sum(scores) / len(scores), global_step=trainer.global_step)
-        self._last_step = trainer.global_step
 
     # ------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

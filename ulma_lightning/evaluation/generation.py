@@ -60,13 +60,21 @@ def can_generate(model: nn.Module | None) -> bool:
 
 @torch.no_grad()
 def generate_responses(
-    model: nn.Module, tokenizer: Any, input_ids: Tensor, attention_mask: Tensor, config: GenerationConfig, *, seed_offset: int = 0
+    model: nn.Module,
+    tokenizer: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    config: GenerationConfig,
+    *,
+    seed_offset: int = 0,
+    synced: bool = False,
 ) -> list[str]:
     """Decoded responses to a batch of **left-padded** prompts, cut at the first EOS.
 
     The model is put in eval mode for the call and restored afterwards; the KV cache is used. When
     sampling, the global RNG is seeded with ``config.seed + seed_offset`` (e.g. the batch index) for
-    the call and restored afterwards.
+    the call and restored afterwards. ``synced``: every process calls this together (a sharded
+    model) and each keeps stepping until all have finished (transformers' ``synced_gpus``).
     """
     if input_ids.shape[0] == 0:
         return []
@@ -85,6 +93,7 @@ def generate_responses(
             pad_token_id=pad,
             eos_token_id=eos,
             use_cache=True,
+            synced_gpus=synced,
             **config.generate_kwargs(),
         )
     finally:

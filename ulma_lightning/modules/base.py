@@ -188,6 +188,7 @@ class AlignmentModule(pl.LightningModule):
         sequences, rows = found
         tokens = reuse_token_logps(records, sequences)
         if tokens is None and rows is not None and not bool(rows.any()):
+            self.policy.idle_forward(sequences)  # others may run the forward below (a sharded policy)
             values = torch.zeros(0, device=self.device)  # none here, but log on every process alike:
         else:  # the epoch's value is synced across processes, and every process must take part
             if tokens is None:
@@ -235,7 +236,13 @@ class AlignmentModule(pl.LightningModule):
         if "labels" in batch:
             return {"index": batch["index"], "policy_logps": self.policy.logps(batch, average=self.average_logps)}
         responses = generate_responses(
-            self.policy.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], self.generation, seed_offset=batch_idx
+            self.policy.model,
+            self.tokenizer,
+            batch["input_ids"],
+            batch["attention_mask"],
+            self.generation,
+            seed_offset=batch_idx,
+            synced=getattr(self.policy, "lockstep", False),
         )
         return {"index": batch["index"], "response": responses}
 

@@ -85,9 +85,12 @@ class PointwiseModule(AlignmentModule):
 
     def compute_loss(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:
         scores = batch["score"]
+        rows = self.reference_rows(scores, stage)
         policy_logps = self.policy.logps(batch, average=self.average_logps)
-        reference_logps = self.policy.reference_logps(batch, average=self.average_logps, rows=self.reference_rows(scores, stage))
+        reference_logps = self.policy.reference_logps(batch, average=self.average_logps, rows=rows)
         out = self.loss(policy_logps, reference_logps, scores)
+        if rows is not None:  # the positives' reward is undefined in this stage, whatever the batch holds:
+            out.metrics.pop("rewards/positive", None)  # never logged (the same metrics on every process)
         self.update_reward_metrics(policy_logps, reference_logps, scores, stage)
         return out
 

@@ -60,6 +60,10 @@ def main(args: list[str] | None = None) -> Any:
         from ulma_lightning.evaluation.evaluate import evaluate_main
 
         return evaluate_main(argv[1:])
+    if argv[:1] == ["compare"]:
+        from ulma_lightning.compare.runner import compare_main
+
+        return compare_main(argv[1:])
     return ULMACLI(AlignmentModule, AlignmentDataModule, args=args, **CLI_DEFAULTS)
 
 

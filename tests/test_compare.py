@@ -1,0 +1,246 @@
+"""``ulma compare``: a tiny grid of the shipped SFT and DPO configs on the demo task (a few steps),
+its results files and plots, the SFT-then-DPO chain, resuming, failed runs, and the grid's errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ulma_lightning.compare.runner import compare_main
+from ulma_lightning.compare.spec import load_grid
+from ulma_lightning.compare.stages import plan_grid
+
+REPO = Path(__file__).resolve().parents[1]
+
+GRID = {
+    "name": "tiny",
+    "seeds": [0],
+    "overrides": {
+        "trainer.max_steps": 1,
+        "trainer.limit_val_batches": 1,
+        "trainer.enable_progress_bar": False,
+        "trainer.enable_model_summary": False,
+        "data.init_args.batch_size": 8,
+    },
+    "variants": {"ordinary": {"demonstration": "demo://demonstration?n=24", "pairwise": {"train": "demo://pairwise?n=24"}, "binary": "demo://binary?n=24"}},
+    "evaluation": {
+        "prompts": "demo://demonstration?split=test&n=8",
+        "golden": "demo://demonstration?split=test&n=8",
+        "request_kind": "ulma_lightning.data.demo.request_kind",
+        "generation": {"max_new_tokens": 6},
+        "kl_max_new_tokens": 6,
+        "batch_size": 8,
+    },
+    "runs": [
+        {"name": "sft", "stages": [{"method": "sft", "data": "demonstration"}]},
+        {"name": "sft_dpo", "label": "SFT then DPO", "stages": [{"method": "sft", "data": "demonstration"}, {"method": "dpo", "data": "pairwise"}]},
+        {"name": "broken", "stages": [{"method": "ulma", "data": "binary", "overrides": {"model.init_args.beta": -1.0}}]},
+    ],
+}
+
+
+def write_grid(folder: Path, grid: dict, name: str = "grid.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny grid, run once through ``ulma compare`` (in this process, from the repository root)."""
+    root = tmp_path_factory.mktemp("compare")
+    grid = write_grid(root, GRID)
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        results = compare_main(["--config", str(grid), "--output", str(root / "out")])
+    finally:
+        os.chdir(cwd)
+    return {"root": root, "grid": grid, "out": root / "out", "results": results}
+
+
+def table_rows(markdown: str, variant: str) -> dict[str, dict[str, str]]:
+    """The cells of the table under ``## variant``, by method label and column title."""
+    section = markdown.split(f"## {variant}\n", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return {cells[0]: dict(zip(header, cells)) for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+
+
+def test_results_files_hold_each_runs_own_metrics(ran: dict) -> None:
+    out = ran["out"]
+    results = json.loads((out / "results.json").read_text())
+    by_id = {r["id"]: r for r in results["runs"]}
+    assert set(by_id) == {"sft/ordinary/seed0", "sft_dpo/ordinary/seed0", "broken/ordinary/seed0"}
+    rows = table_rows((out / "results.md").read_text(), "ordinary")
+    assert set(rows) == {"untrained", "sft", "SFT then DPO", "broken"}
+    for run_id, label in (("sft/ordinary/seed0", "sft"), ("sft_dpo/ordinary/seed0", "SFT then DPO")):
+        own = json.loads((out / "runs" / run_id / "result.json").read_text())
+        assert own["status"] == "ok" and by_id[run_id]["metrics"]["score"] == own["metrics"]["score"]
+        for column, key in (("score", "score"), ("golden perplexity", "golden_ppl"), ("KL to start", "kl"), ("tokens/s", "tokens_per_sec"), ("train time (s)", "train_seconds")):
+            shown = float(rows[label][column].strip("*"))
+            assert shown == pytest.approx(own["metrics"][key], abs=0.051 if abs(own["metrics"][key]) >= 100 else 5.1e-4), (label, column)
+        # the score is the ground truth of the saved generations
+        from ulma_lightning.evaluation import DemoScorer
+
+        predictions = [json.loads(line) for line in (out / "runs" / run_id / "predictions.jsonl").read_text().splitlines()]
+        assert len(predictions) == 8
+        truth = DemoScorer().score([p["prompt"] for p in predictions], [p["response"] for p in predictions])
+        assert own["metrics"]["score"] == pytest.approx(sum(truth) / len(truth))
+        # tokens/s is the value the last stage logged to TensorBoard
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        stage = Path(own["stages"][-1]["tensorboard"])
+        events = EventAccumulator(str(next(stage.rglob("events.out.tfevents*")))).Reload()
+        assert own["metrics"]["tokens_per_sec"] == pytest.approx(events.Scalars("train/tokens_per_sec_epoch")[-1].value)
+        assert (out / "runs" / run_id / "model" / "config.json").is_file()
+    # the baseline compared with itself ties everywhere; the untrained row has no KL to itself
+    assert float(rows["sft"]["win rate vs sft"].strip("*")) == 0.5
+    assert float(rows["untrained"]["KL to start"].strip("*")) == 0.0
+
+
+def test_plots_are_pngs(ran: dict) -> None:
+    from PIL import Image
+
+    plots = [Path(p) for p in ran["results"]["plots"]]
+    names = {p.name for p in plots}
+    assert {"bar_score.png", "bar_win_vs_sft.png", "bar_golden_ppl.png", "score_vs_kl.png"} <= names
+    for path in plots:
+        with Image.open(path) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_failed_run_is_recorded_and_others_go_on(ran: dict) -> None:
+    markdown = (ran["out"] / "results.md").read_text()
+    failed = markdown.split("## Failed runs", 1)[1]
+    assert "`broken/ordinary/seed0` failed" in failed and "beta" in failed
+    assert json.loads((ran["out"] / "runs/sft/ordinary/seed0/result.json").read_text())["status"] == "ok"
+
+
+def test_sft_then_dpo_starts_from_the_sft_model_and_uses_it_as_reference(ran: dict) -> None:
+    out = ran["out"]
+    result = json.loads((out / "runs/sft_dpo/ordinary/seed0/result.json").read_text())
+    sft_stage, dpo_stage = result["stages"]
+    sft_only = json.loads((out / "runs/sft/ordinary/seed0/result.json").read_text())["stages"][0]
+    assert sft_stage["key"] == sft_only["key"] and sft_stage["shared"]  # one SFT stage for both rows
+    assert len(list((out / "stages").glob("sft-*"))) == 1
+    saved = yaml.safe_load(next(Path(dpo_stage["tensorboard"]).rglob("config.yaml")).read_text())  # what `ulma fit` ran with
+    policy = saved["model"]["init_args"]["policy"]
+    assert Path(policy["model"]) == Path(sft_stage["export"]) and Path(policy["reference_model"]) == Path(sft_stage["export"])
+    assert saved["model"]["class_path"].endswith("DPOModule")
+    assert f"--model.init_args.policy.reference_model {sft_stage['export']}" in dpo_stage["command"]
+
+
+def test_rerun_skips_finished_runs_and_resumes_the_stage_in_progress(ran: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(ran["out"], out, symlinks=True)
+    sft_dpo = out / "runs/sft_dpo/ordinary/seed0"
+    dpo_key = json.loads((sft_dpo / "result.json").read_text())["stages"][1]["key"]
+    # as if killed while the DPO stage ran: its checkpoint is there, its done marker and the run's are not
+    (sft_dpo / "result.json").unlink()
+    (out / "stages" / dpo_key / "stage.json").unlink()
+    finished = out / "runs/sft/ordinary/seed0/result.json"
+    before = finished.stat().st_mtime_ns, (out / "stages" / json.loads(finished.read_text())["stages"][0]["key"] / "stage.json").stat().st_mtime_ns
+    capsys.readouterr()
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        compare_main(["--config", str(ran["grid"]), "--output", str(out), "--only", "sft_dpo"])
+    finally:
+        os.chdir(cwd)
+    log = capsys.readouterr().out
+    assert "running sft_dpo/ordinary/seed0" in log and "running sft/" not in log
+    after = finished.stat().st_mtime_ns, (out / "stages" / json.loads(finished.read_text())["stages"][0]["key"] / "stage.json").stat().st_mtime_ns
+    assert after == before  # the finished run and its SFT stage were not redone
+    stage = json.loads((out / "stages" / dpo_key / "stage.json").read_text())
+    assert stage["resumed_from"] and stage["resumed_from"].endswith("last.ckpt")
+    assert f"--ckpt_path {stage['resumed_from']}" in stage["command"]
+    assert json.loads((sft_dpo / "result.json").read_text())["status"] == "ok"
+    # the other run is still in the results, from its earlier result
+    assert "sft/ordinary/seed0" in {r["id"] for r in json.loads((out / "results.json").read_text())["runs"] if r["status"] == "ok"}
+
+
+# ----------------------------------------------------------------------------- bad grids
+def _bad(grid_update: dict) -> dict:
+    grid = json.loads(json.dumps(GRID))
+    grid.update(grid_update)
+    return grid
+
+
+BAD_GRIDS = {
+    "unknown method": (
+        {"runs": [{"name": "mystery", "stages": [{"method": "ppo2", "data": "pairwise"}]}]},
+        r"grid\.yaml:\d+: runs\[0\] 'mystery' stage 1: unknown method 'ppo2'; known methods .*dpo.*sft",
+    ),
+    "missing config": (
+        {"runs": [{"name": "mine", "stages": [{"config": "configs/nope.yaml", "data": "pairwise"}]}]},
+        r"grid\.yaml:\d+: runs\[0\] 'mine' stage 1: config file 'configs/nope.yaml' does not exist",
+    ),
+    "duplicated name": (
+        {"runs": [GRID["runs"][0], GRID["runs"][0]]},
+        r"grid\.yaml:\d+: runs\[1\] 'sft': duplicated run name \(also at line \d+\)",
+    ),
+    "reward model last": (
+        {"runs": [{"name": "rm", "stages": [{"method": "reward", "data": "pairwise"}]}]},
+        r"runs\[0\] 'rm': the last stage \(reward\) trains a reward model",
+    ),
+    "reward model into DPO": (
+        {"runs": [{"name": "rlhf", "stages": [{"method": "reward", "data": "pairwise"}, {"method": "dpo", "data": "pairwise"}]}]},
+        r"runs\[0\] 'rlhf': stage 'dpo' .* follows the reward model of stage 'reward' but takes no `reward_model` argument",
+    ),
+    "data kind missing": (
+        {"runs": [{"name": "ulma", "stages": [{"method": "ulma_continuous", "data": "continuous"}]}]},
+        r"runs\[0\] 'ulma' stage 1 \(ulma_continuous\): data kind 'continuous' is not defined in variant 'ordinary'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GRIDS))
+def test_bad_grid_stops_before_training_naming_the_entry(case: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    update, message = BAD_GRIDS[case]
+    grid = write_grid(tmp_path, _bad(update))
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            compare_main(["--config", str(grid), "--output", str(tmp_path / "out")])
+    finally:
+        os.chdir(cwd)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err), case
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_ulma_compare_cli_reports_a_bad_grid(tmp_path: Path) -> None:
+    grid = write_grid(tmp_path, _bad({"runs": [GRID["runs"][0], GRID["runs"][0]]}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "ulma_lightning.cli", "compare", "--config", str(grid)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "duplicated run name" in done.stderr and f"{grid}:" in done.stderr
+
+
+def test_paper_grid_is_valid_and_shares_its_sft_stages() -> None:
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        grid = load_grid("experiments/paper.yaml")
+        quick = load_grid("experiments/paper.yaml", quick=True)
+    finally:
+        os.chdir(cwd)
+    assert len(grid.seeds) >= 3 and len(quick.seeds) == 1
+    names = {r.name for r in grid.runs}
+    assert {"sft", "sft_dpo", "dpo", "pointwise_dpo", "ulma", "unlikelihood", "kto", "pointwise_dpo_continuous", "ulma_continuous"} <= names
+    plan = plan_grid(grid)
+    assert len(plan.instances) == sum(len(r.variants) for r in grid.runs) * len(grid.seeds)
+    sft_stages = [k for k in plan.stages if k.startswith("sft-")]
+    assert len(sft_stages) == len(grid.variants) * len(grid.seeds)  # one SFT per variant and seed
+    assert {r.name for r in quick.runs} < names

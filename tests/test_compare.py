@@ -244,3 +244,27 @@ def test_paper_grid_is_valid_and_shares_its_sft_stages() -> None:
     sft_stages = [k for k in plan.stages if k.startswith("sft-")]
     assert len(sft_stages) == len(grid.variants) * len(grid.seeds)  # one SFT per variant and seed
     assert {r.name for r in quick.runs} < names
+
+
+def test_tune_keeps_the_best_validation_score_per_method_and_the_grid_uses_it(tmp_path: Path) -> None:
+    grid = json.loads(json.dumps(GRID))
+    grid["runs"] = [GRID["runs"][0]]  # SFT: it takes lr, not beta
+    grid["tune"] = {"prompts": "demo://demonstration?split=val&n=6", "grid": {"model.init_args.optimizer.lr": [1.0e-3, 2.0e-2], "model.init_args.beta": [0.1]}}
+    path = write_grid(tmp_path, grid)
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        results = compare_main(["--config", str(path), "--output", str(tmp_path / "out"), "--tune"])
+        scores = {r["run"]: r["metrics"]["score"] for r in results["runs"]}
+        assert set(scores) == {"sft[lr=0.001]", "sft[lr=0.02]"}  # beta is not an SFT option
+        assert results["evaluation"]["prompts"] == grid["tune"]["prompts"]  # chosen on validation prompts
+        tuned = yaml.safe_load((tmp_path / "out/tune/tuned.yaml").read_text())["tuned"]
+        best = max(scores, key=lambda name: (scores[name], name == "sft[lr=0.001]"))  # ties: the first
+        assert tuned == {"sft": {"model.init_args.optimizer.lr": float(best[len("sft[lr=") : -1])}}
+        # committed into the grid, the value reaches every SFT stage's command
+        grid["tuned"] = tuned
+        plan = plan_grid(load_grid(write_grid(tmp_path, grid, "tuned.yaml")))
+    finally:
+        os.chdir(cwd)
+    (stage,) = plan.stages.values()
+    assert stage.base_args[stage.base_args.index("--model.init_args.optimizer.lr") + 1] == str(tuned["sft"]["model.init_args.optimizer.lr"])

@@ -23,6 +23,7 @@ from ulma_lightning.compare.metrics import Evaluator
 from ulma_lightning.compare.plots import write_plots
 from ulma_lightning.compare.report import RESULT_FILE, collect, init_folder, run_folder, write_results
 from ulma_lightning.compare.spec import GridError, GridSpec, load_grid
+from ulma_lightning.compare.tune import choose, tune_grid, write_tuned
 from ulma_lightning.compare.stages import Instance, Plan, build_init, failure, plan_grid, read_json, train_stage, write_json
 
 
@@ -146,6 +147,16 @@ def compare(grid: GridSpec, root: Path, *, only: str | None = None, launcher: st
     return results
 
 
+def tune(grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare --tune") -> dict[str, Any]:
+    """Run the grid's tuning candidates into ``root`` and write the chosen values (``tuned.yaml``)."""
+    candidates_grid, per_method = tune_grid(grid)
+    results = compare(candidates_grid, root, only=only, launcher=launcher, command=command)
+    results["tuned"] = choose(results, per_method)
+    write_tuned(results["tuned"], root / "tuned.yaml", command)
+    print(f"[ulma compare] chosen values (validation score), to commit into {grid.path}:\n" + (root / "tuned.yaml").read_text(), flush=True)
+    return results
+
+
 def compare_main(argv: list[str]) -> dict[str, Any]:
     """``ulma compare`` with command-line arguments ``argv``."""
     parser = argparse.ArgumentParser(
@@ -157,12 +168,16 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="the grid's `quick:` subset (fewer seeds, runs and steps)")
     parser.add_argument("--output", default=None, help="output folder (default: the grid's `output`, else runs/compare/<grid name>[-quick])")
     parser.add_argument("--only", default=None, help="run only this run name (all its variants and seeds), or one RUN/VARIANT/seedS")
+    parser.add_argument("--tune", action="store_true", help="choose each method's hyper-parameters by the grid's `tune:` rule (validation score); writes OUTPUT/tune/tuned.yaml")
     parser.add_argument("--launcher", choices=("inprocess", "subprocess"), default=None, help="run each `ulma fit` in this process (default) or in a child process")
     args = parser.parse_args(argv)
     try:
         grid = load_grid(args.config, quick=args.quick)
         root = Path(args.output or grid.output or Path("runs") / "compare" / (grid.name + ("-quick" if args.quick else "")))
-        return compare(grid, root, only=args.only, launcher=args.launcher, command="ulma compare " + shlex.join(argv))
+        command = "ulma compare " + shlex.join(argv)
+        if args.tune:
+            return tune(grid, root / "tune", only=args.only, launcher=args.launcher, command=command)
+        return compare(grid, root, only=args.only, launcher=args.launcher, command=command)
     except GridError as exc:
         print(f"ulma compare: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -117,6 +117,27 @@ class EvaluationSpec:
 
 
 @dataclass
+class TuneSpec:
+    """The hyper-parameter rule of ``ulma compare --tune``, the same for every method: train each
+    candidate of ``grid`` (the options a method's module takes) on ``variant`` with ``seed``, and
+    keep the one whose greedy generations on the validation ``prompts`` score best.
+
+    Attributes:
+        prompts: the validation prompts (never the test prompts).
+        grid: dotted option -> candidate values, e.g. ``model.init_args.optimizer.lr: [1e-3, 2e-3]``.
+        variant: the data variant trained on.
+        seed: the seed of every candidate.
+        max_prompts: the first N validation prompts (none: all).
+    """
+
+    prompts: str
+    grid: dict[str, list[Any]]
+    variant: str = "ordinary"
+    seed: int = 0
+    max_prompts: int | None = None
+
+
+@dataclass
 class GridSpec:
     """A whole grid, checked: variants, runs, seeds, evaluation; ``quick`` already applied if asked."""
 
@@ -130,6 +151,8 @@ class GridSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     launcher: str = "inprocess"
     output: str | None = None
+    tune: TuneSpec | None = None
+    tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def run(self, name: str) -> RunSpec:
         return next(r for r in self.runs if r.name == name)
@@ -196,8 +219,10 @@ def _module_class(config: Path, overrides: dict[str, Any], where: str) -> tuple[
 
 
 def _accepts(cls: type, arg: str) -> bool:
-    """Whether ``cls`` takes the init argument that the dotted option ``arg`` names."""
-    name = arg.split(".")[-1]
+    """Whether ``cls`` takes the init argument that the dotted option ``arg`` names (the part after
+    ``init_args``: ``optimizer`` for ``model.init_args.optimizer.lr``)."""
+    parts = arg.split(".")
+    name = parts[parts.index("init_args") + 1] if "init_args" in parts[:-1] else parts[-1]
     return any(name in inspect.signature(klass.__init__).parameters for klass in cls.__mro__ if "__init__" in vars(klass))
 
 
@@ -254,13 +279,13 @@ def check_chain(stages: list[StageSpec], where: str) -> None:
             if not _accepts(_import(after.module_class), after.reward_arg):
                 raise GridError(
                     f"{where}: stage {after.method!r} ({after.module_class}) follows the reward model of stage {before.method!r} "
-                    f"but takes no `{after.reward_arg.split('.')[-1]}` argument; only an RL stage (e.g. PPO) can use a reward model "
+                    f"but takes no `{after.reward_arg.split('init_args.')[-1]}` argument; only an RL stage (e.g. PPO) can use a reward model "
                     "(or set `reward_arg:` on that stage)"
                 )
 
 
 # ----------------------------------------------------------------------------- the grid
-TOP_KEYS = {"name", "seeds", "seed_keys", "variants", "runs", "evaluation", "overrides", "quick", "launcher", "output", "configs_dir"}
+TOP_KEYS = {"name", "seeds", "seed_keys", "variants", "runs", "evaluation", "overrides", "quick", "launcher", "output", "configs_dir", "tune", "tuned"}
 RUN_KEYS = {"name", "label", "stages", "variants", "overrides"}
 QUICK_KEYS = {"seeds", "runs", "variants", "overrides", "evaluation"}
 
@@ -302,6 +327,22 @@ def _evaluation(raw: Any, path: Path, doc: Any) -> EvaluationSpec:
         return EvaluationSpec(**entry)
     except TypeError as exc:
         raise GridError(_where(path, raw, f"evaluation: {exc}")) from None
+
+
+def _tune(raw: Any, path: Path, doc: Any, variants: dict[str, Any]) -> TuneSpec | None:
+    if raw is None:
+        return None
+    entry = _mapping_of(raw, path, "tune", doc)
+    _check_keys(entry, set(TuneSpec.__dataclass_fields__), path, "tune")
+    grid = _mapping_of(entry.get("grid"), path, "tune.grid", raw)
+    if not entry.get("prompts") or not grid:
+        raise GridError(_where(path, raw, "tune needs `prompts` (validation prompts) and `grid` (dotted option -> list of values)"))
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise GridError(_where(path, raw, f"tune.grid.{key}: give a non-empty list of values, got {values!r}"))
+    if entry.get("variant", "ordinary") not in variants:
+        raise GridError(_where(path, raw, f"tune.variant {entry.get('variant', 'ordinary')!r} is not a variant; the grid defines {sorted(variants)}"))
+    return TuneSpec(**{**entry, "grid": grid})
 
 
 def _merge_quick(doc: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -405,4 +446,6 @@ def load_grid(path: str | Path, *, quick: bool = False) -> GridSpec:
         overrides=_mapping_of(doc.get("overrides"), path, "overrides", doc),
         launcher=launcher,
         output=doc.get("output"),
+        tune=_tune(doc.get("tune"), path, doc, variants),
+        tuned={str(k): dict(v or {}) for k, v in _mapping_of(doc.get("tuned"), path, "tuned", doc).items()},
     )

@@ -183,7 +183,8 @@ def plan_grid(grid: GridSpec) -> Plan:
                 last_policy: str | None = None
                 last_reward: str | None = None
                 for index, spec in enumerate(run.stages):
-                    overrides = {**grid.overrides, **run.overrides, **spec.overrides, **seed_overrides}
+                    tuned = grid.tuned.get(spec.method, {})
+                    overrides = {**grid.overrides, **tuned, **run.overrides, **spec.overrides, **seed_overrides}
                     sources = grid.variants[variant][spec.data]
                     data = {f"data.init_args.{split}": source for split, source in sources.items()}
                     base = ["fit", "--config", _shown_path(spec.config), *options(overrides), *options(data)]

@@ -268,3 +268,39 @@ def test_tune_keeps_the_best_validation_score_per_method_and_the_grid_uses_it(tm
         os.chdir(cwd)
     (stage,) = plan.stages.values()
     assert stage.base_args[stage.base_args.index("--model.init_args.optimizer.lr") + 1] == str(tuned["sft"]["model.init_args.optimizer.lr"])
+
+
+def test_kl_is_the_mean_summed_log_ratio_of_the_policys_samples(tmp_path: Path, demo_tokenizer) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import TINY_LLAMA
+    from ulma_lightning.compare.metrics import Evaluator, load_model
+    from ulma_lightning.compare.spec import EvaluationSpec
+    from ulma_lightning.data.prompts import LeftPaddingCollator
+
+    tok = demo_tokenizer
+    for seed in (0, 1):  # two different random models, saved as `ulma fit` exports them
+        torch.manual_seed(seed)
+        config = AutoConfig.for_model(**TINY_LLAMA, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / f"m{seed}")
+        tok.save_pretrained(tmp_path / f"m{seed}")
+    evaluator = Evaluator(EvaluationSpec(prompts="demo://demonstration?split=test&n=4", kl_max_new_tokens=5, batch_size=4), seed=3)
+    policy, reference = load_model(str(tmp_path / "m0")), load_model(str(tmp_path / "m1"))
+    items = evaluator.prompts(str(tmp_path / "m0"))
+    estimate = evaluator.kl(policy, reference, tok, items)
+    assert evaluator.kl(policy, policy, tok, items) == 0.0
+    # the same samples, scored independently: full-vocabulary log-softmax of each unpadded sequence
+    torch.manual_seed(3)
+    batch = LeftPaddingCollator(tok.pad_token_id)(items)
+    out = policy.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                          max_new_tokens=5, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    ratios = []
+    for item, new in zip(items, out[:, batch["input_ids"].shape[1] :].tolist()):
+        response = new[: new.index(tok.eos_token_id) + 1] if tok.eos_token_id in new else new
+        ids = torch.tensor([list(item["input_ids"]) + response])
+        n = len(item["input_ids"])
+        with torch.no_grad():
+            logps = [m(ids).logits.log_softmax(-1)[0, n - 1 : -1].gather(-1, ids[0, n:, None]).sum() for m in (policy, reference)]
+        ratios.append(float(logps[0] - logps[1]))
+    assert estimate == pytest.approx(sum(ratios) / len(ratios), abs=1e-4)

@@ -256,6 +256,18 @@ def launch(args: list[str], launcher: str, log_file: Path) -> None:
             raise RuntimeError(f"`ulma {args[0]}` refused its options (exit status {exc.code}):\n{said}") from None
     finally:
         sys.argv, sys.stderr = argv, stderr
+        _release_memory()
+
+
+def _release_memory() -> None:
+    """Free what a finished in-process fit left behind (its trainer, model, GPU cache)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class _Tee:

@@ -304,3 +304,27 @@ def test_kl_is_the_mean_summed_log_ratio_of_the_policys_samples(tmp_path: Path, 
             logps = [m(ids).logits.log_softmax(-1)[0, n - 1 : -1].gather(-1, ids[0, n:, None]).sum() for m in (policy, reference)]
         ratios.append(float(logps[0] - logps[1]))
     assert estimate == pytest.approx(sum(ratios) / len(ratios), abs=1e-4)
+
+
+@pytest.mark.parametrize("interruption", ["sigterm", "ctrl-c"])
+def test_an_interrupted_fit_stops_the_compare_instead_of_failing_the_run(interruption: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning ends a fit early on SIGTERM (and exits 1 after Ctrl-C): that is a kill of
+    ``ulma compare``, to be resumed, not a failed run to record and step over."""
+    import types
+
+    import ulma_lightning.cli
+
+    def interrupted_fit(args: list[str]) -> object:
+        if interruption == "ctrl-c":
+            raise SystemExit(1)
+        return types.SimpleNamespace(trainer=types.SimpleNamespace(received_sigterm=True))
+
+    monkeypatch.setattr(ulma_lightning.cli, "main", interrupted_fit)
+    grid = json.loads(json.dumps(GRID))
+    grid["runs"] = GRID["runs"][:2]
+    path = write_grid(tmp_path, grid)
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as stop:
+        compare_main(["--config", str(path), "--output", str(tmp_path / "out")])
+    assert stop.value.code != 2  # not a grid error
+    assert not list((tmp_path / "out").rglob("result.json")) and not list((tmp_path / "out").rglob("stage.json"))

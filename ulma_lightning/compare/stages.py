@@ -249,14 +249,19 @@ def launch(args: list[str], launcher: str, log_file: Path) -> None:
     sys.argv = ["ulma"]  # LightningCLI reads the program name from here
     sys.stderr = tee = _Tee(stderr)  # keep what the parser says, to record it with the failure
     try:
-        main(args)
-    except SystemExit as exc:  # jsonargparse exits on a bad option
-        if exc.code not in (0, None):
+        cli = main(args)
+    except SystemExit as exc:
+        if exc.code == 2:  # jsonargparse refused an option: this stage fails, the others go on
             said = "".join(tee.lines[-12:]).strip()
-            raise RuntimeError(f"`ulma {args[0]}` refused its options (exit status {exc.code}):\n{said}") from None
+            raise RuntimeError(f"`ulma {args[0]}` refused its options:\n{said}") from None
+        raise  # Ctrl-C (Lightning exits with 1 after a graceful shutdown): stop the whole compare
     finally:
         sys.argv, sys.stderr = argv, stderr
-        _release_memory()
+    stopped = getattr(getattr(cli, "trainer", None), "received_sigterm", False)  # Lightning ends the fit early on SIGTERM
+    del cli
+    _release_memory()
+    if stopped:
+        raise SystemExit(f"ulma compare: stopped by SIGTERM during `ulma {args[0]}`; run the same command again to resume")
 
 
 def _release_memory() -> None:

@@ -328,3 +328,23 @@ def test_an_interrupted_fit_stops_the_compare_instead_of_failing_the_run(interru
         compare_main(["--config", str(path), "--output", str(tmp_path / "out")])
     assert stop.value.code != 2  # not a grid error
     assert not list((tmp_path / "out").rglob("result.json")) and not list((tmp_path / "out").rglob("stage.json"))
+
+
+def test_new_evaluation_settings_reevaluate_without_retraining(ran: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(ran["out"], out, symlinks=True)
+    grid = json.loads(json.dumps(GRID))
+    grid["evaluation"]["max_prompts"] = 3
+    path = write_grid(tmp_path, grid)
+    sft = out / "runs/sft/ordinary/seed0"
+    stage_file = out / "stages" / json.loads((sft / "result.json").read_text())["stages"][0]["key"] / "stage.json"
+    trained = stage_file.stat().st_mtime_ns
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        results = compare_main(["--config", str(path), "--output", str(out), "--only", "sft"])
+    finally:
+        os.chdir(cwd)
+    assert len((sft / "predictions.jsonl").read_text().splitlines()) == 3 and stage_file.stat().st_mtime_ns == trained
+    status = {r["id"]: r["status"] for r in results["runs"]}
+    assert status["sft/ordinary/seed0"] == "ok" and status["sft_dpo/ordinary/seed0"] == "pending"  # its numbers were for 8 prompts

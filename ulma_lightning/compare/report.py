@@ -17,7 +17,7 @@ from typing import Any
 
 from ulma_lightning.compare.metrics import PREDICTIONS_FILE
 from ulma_lightning.compare.spec import GridSpec
-from ulma_lightning.compare.stages import Plan, read_json, write_json
+from ulma_lightning.compare.stages import Plan, digest, read_json, write_json
 from ulma_lightning.evaluation.winrate import win_rate
 
 RESULT_FILE = "result.json"
@@ -77,17 +77,20 @@ def collect(grid: GridSpec, plan: Plan, root: Path) -> dict[str, Any]:
     """Every run instance's record (finished, failed or pending), the untrained models' records,
     win rates, and per variant and run the mean/std of each metric."""
     baseline = grid.evaluation.baseline
+    current = digest(grid.evaluation.__dict__)  # results evaluated with other settings count as not run
     runs = []
     for instance in plan.instances:
         folder = run_folder(root, instance.id)
         record = read_json(folder / RESULT_FILE) or {"status": "pending", "metrics": {}}
+        if record["status"] == "ok" and record.get("evaluation_key") != current:
+            record = {"status": "pending", "metrics": {}}
         record.update(id=instance.id, run=instance.run.name, label=instance.run.label, variant=instance.variant, seed=instance.seed, init=instance.init, dir=str(folder))
         runs.append(record)
     by_key = {(r["run"], r["variant"], r["seed"]): r for r in runs}
     untrained = {}
     for key in {i.init for i in plan.instances}:
         record = read_json(init_folder(root, key) / RESULT_FILE)
-        if record is not None:
+        if record is not None and record.get("evaluation_key") == current:
             untrained[key] = record
     for record in runs:
         if record["status"] != "ok":

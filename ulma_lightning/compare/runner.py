@@ -24,7 +24,7 @@ from ulma_lightning.compare.plots import write_plots
 from ulma_lightning.compare.report import RESULT_FILE, collect, init_folder, run_folder, write_results
 from ulma_lightning.compare.spec import GridError, GridSpec, load_grid
 from ulma_lightning.compare.tune import choose, tune_grid, write_tuned
-from ulma_lightning.compare.stages import Instance, Plan, build_init, failure, plan_grid, read_json, train_stage, write_json
+from ulma_lightning.compare.stages import Instance, Plan, digest, build_init, failure, plan_grid, read_json, train_stage, write_json
 
 
 def _link(link: Path, target: str) -> None:
@@ -54,6 +54,13 @@ class Runner:
             for key in instance.stages:
                 uses[key] = uses.get(key, 0) + 1
         self.shared = {key for key, n in uses.items() if n > 1}
+        self.evaluation_key = digest(grid.evaluation.__dict__)
+
+    def finished(self, path: Path) -> bool:
+        """Whether ``path`` (a ``result.json``) records a success under the current evaluation settings
+        (a run evaluated with other settings is evaluated again; its stages are not retrained)."""
+        done = read_json(path)
+        return done is not None and done.get("status") == "ok" and done.get("evaluation_key") == self.evaluation_key
 
     @property
     def evaluator(self) -> Evaluator:
@@ -81,9 +88,9 @@ class Runner:
         """The untrained model ``key``: exported and evaluated once."""
         record = build_init(self.plan.inits[key], self.root)
         folder = init_folder(self.root, key)
-        if read_json(folder / RESULT_FILE) is None:
+        if not self.finished(folder / RESULT_FILE):
             metrics = self.evaluator.evaluate(record["export"], record["export"], folder)
-            write_json(folder / RESULT_FILE, {"status": "ok", "key": key, "export": record["export"], "metrics": metrics})
+            write_json(folder / RESULT_FILE, {"status": "ok", "key": key, "export": record["export"], "metrics": metrics, "evaluation_key": self.evaluation_key})
         return record
 
     def run(self, instance: Instance) -> dict[str, Any]:
@@ -106,7 +113,7 @@ class Runner:
                 _link(folder / f"tensorboard_{index}_{record['method']}", record["tensorboard"])
         except Exception as exc:  # recorded in results.md; the other runs go on
             result = {"status": "failed", "error": failure(exc), "metrics": {}}
-        result.update(stages=records, seconds=time.perf_counter() - started)
+        result.update(stages=records, seconds=time.perf_counter() - started, evaluation_key=self.evaluation_key)
         write_json(folder / RESULT_FILE, result)
         return result
 
@@ -130,8 +137,7 @@ def compare(grid: GridSpec, root: Path, *, only: str | None = None, launcher: st
     runner = Runner(grid, plan, root, launcher or grid.launcher)
     total = len(chosen)
     for number, instance in enumerate(chosen):
-        done = read_json(run_folder(root, instance.id) / RESULT_FILE)
-        if done is not None and done.get("status") == "ok":
+        if runner.finished(run_folder(root, instance.id) / RESULT_FILE):
             print(f"[ulma compare] {number + 1}/{total} {instance.id}: finished earlier, skipped", flush=True)
             continue
         print(f"[ulma compare] {number}/{total} runs done, {total - number} left; running {instance.id}", flush=True)

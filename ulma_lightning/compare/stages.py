@@ -72,7 +72,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _digest(*parts: Any) -> str:
+def digest(*parts: Any) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -191,10 +191,10 @@ def plan_grid(grid: GridSpec) -> Plan:
                     config = _config(spec.config)
                     if index == 0:
                         policy = initial_policy(config, overrides)
-                        init_key = f"untrained-seed{seed}-{_digest(policy)}"
+                        init_key = f"untrained-seed{seed}-{digest(policy)}"
                         plan.inits.setdefault(init_key, Init(init_key, policy))
                     after = keys[-1] if keys else None
-                    key = f"{spec.method}-{variant}-seed{seed}-{_digest(base, after)}"
+                    key = f"{spec.method}-{variant}-seed{seed}-{digest(base, after)}"
                     if key not in plan.stages:
                         plan.stages[key] = Stage(
                             key, spec, base, after,

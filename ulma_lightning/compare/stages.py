@@ -254,7 +254,8 @@ def launch(args: list[str], launcher: str, log_file: Path) -> None:
         if exc.code == 2:  # jsonargparse refused an option: this stage fails, the others go on
             said = "".join(tee.lines[-12:]).strip()
             raise RuntimeError(f"`ulma {args[0]}` refused its options:\n{said}") from None
-        raise  # Ctrl-C (Lightning exits with 1 after a graceful shutdown): stop the whole compare
+        # Ctrl-C (Lightning exits with 1 after a graceful shutdown) or SIGTERM: stop the whole compare
+        raise SystemExit(f"ulma compare: `ulma {args[0]}` was interrupted; run the same command again to resume") from None
     finally:
         sys.argv, sys.stderr = argv, stderr
     stopped = getattr(getattr(cli, "trainer", None), "received_sigterm", False)  # Lightning ends the fit early on SIGTERM

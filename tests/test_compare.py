@@ -348,3 +348,20 @@ def test_new_evaluation_settings_reevaluate_without_retraining(ran: dict, tmp_pa
     assert len((sft / "predictions.jsonl").read_text().splitlines()) == 3 and stage_file.stat().st_mtime_ns == trained
     status = {r["id"]: r["status"] for r in results["runs"]}
     assert status["sft/ordinary/seed0"] == "ok" and status["sft_dpo/ordinary/seed0"] == "pending"  # its numbers were for 8 prompts
+
+
+def test_a_second_compare_into_the_same_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".ulma-compare.lock").write_text(str(os.getppid()))  # a live process holds it
+    path = write_grid(tmp_path, GRID)
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            compare_main(["--config", str(path), "--output", str(out)])
+    finally:
+        os.chdir(cwd)
+    assert stop.value.code == 2
+    assert f"another ulma compare (process {os.getppid()}) is writing here" in capsys.readouterr().err
+    assert not (out / "stages").exists()

@@ -12,12 +12,13 @@ error; the others go on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ulma_lightning.compare.metrics import Evaluator
 from ulma_lightning.compare.plots import write_plots
@@ -129,11 +130,48 @@ def select(plan: Plan, only: str | None) -> list[Instance]:
     return chosen
 
 
+LOCK_FILE = ".ulma-compare.lock"
+
+
+@contextlib.contextmanager
+def output_lock(root: Path) -> Iterator[None]:
+    """Hold ``root`` for this process: a second ``ulma compare`` into the same folder would train the
+    same stages at the same time. A lock left by a process that no longer runs is taken over."""
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / LOCK_FILE
+    try:
+        holder = int(lock.read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        holder = 0
+    if holder and holder != os.getpid() and _alive(holder):
+        raise GridError(f"{root}: another ulma compare (process {holder}) is writing here; wait for it to end or pass another --output")
+    lock.write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def compare(grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare") -> dict[str, Any]:
     """Run the grid (or the ``only`` subset) into ``root``; write and return the results."""
     plan = plan_grid(grid)
     chosen = select(plan, only)
-    root.mkdir(parents=True, exist_ok=True)
+    with output_lock(root):
+        return _compare(grid, plan, chosen, root, launcher, command)
+
+
+def _compare(grid: GridSpec, plan: Plan, chosen: list[Instance], root: Path, launcher: str | None, command: str) -> dict[str, Any]:
+    """The body of :func:`compare`, run while holding the output folder."""
     runner = Runner(grid, plan, root, launcher or grid.launcher)
     total = len(chosen)
     for number, instance in enumerate(chosen):

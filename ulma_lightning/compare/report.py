@@ -142,11 +142,13 @@ def collect(grid: GridSpec, plan: Plan, root: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- markdown
-def _cell(stats: dict[str, float], bold: bool) -> str:
+DIGITS = {"golden_ppl": 2, "kl": 2, "train_seconds": 1, "tokens_per_sec": 0}  # decimals shown; 3 for the others
+
+
+def _cell(stats: dict[str, float], bold: bool, digits: int = 3) -> str:
     if not stats["n"]:
         return "-"
     mean, std = stats["mean"], stats["std"]
-    digits = 1 if abs(mean) >= 100 else 3
     text = f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if stats["n"] > 1 else "")
     return f"**{text}**" if bold else text
 
@@ -167,7 +169,7 @@ def table(rows: dict[str, Any], columns: list[tuple[str, str, str | None]]) -> s
     best = {key: _best(rows, key, better) for key, _, better in shown}
     lines = ["| method | " + " | ".join(title for _, title, _ in shown) + " | seeds |", "|---" * (len(shown) + 2) + "|"]
     for name, row in rows.items():
-        cells = [_cell(row["metrics"][key], name in best[key]) for key, _, _ in shown]
+        cells = [_cell(row["metrics"][key], name in best[key], DIGITS.get(key, 3)) for key, _, _ in shown]
         status = str(row["seeds"]) + (f" ({row['failed']} failed)" if row.get("failed") else "") + (f" ({row['pending']} to run)" if row.get("pending") else "")
         lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {status} |")
     return "\n".join(lines)

@@ -36,6 +36,12 @@ def _methods(tables: dict[str, dict[str, Any]]) -> list[str]:
     return names
 
 
+def _labels(tables: dict[str, dict[str, Any]], names: list[str]) -> list[str]:
+    """The rows' labels (e.g. "SFT then DPO") for run names."""
+    found = {name: row["label"] for rows in tables.values() for name, row in rows.items()}
+    return [found.get(name, name) for name in names]
+
+
 def bar_chart(results: dict[str, Any], key: str, title: str, path: Path) -> bool:
     """Grouped bars (methods x variants) of ``key``; False (nothing written) when no run has it."""
     tables = results["tables"]
@@ -50,7 +56,7 @@ def bar_chart(results: dict[str, Any], key: str, title: str, path: Path) -> bool
         xs = [i + (j - (len(variants) - 1) / 2) * width for i in range(len(methods))]
         ax.bar(xs, [s["mean"] if s["n"] else math.nan for s in stats], width, yerr=[s["std"] if s["n"] else 0.0 for s in stats], capsize=3, label=variant)
     ax.set_xticks(range(len(methods)))
-    ax.set_xticklabels(methods, rotation=30, ha="right")
+    ax.set_xticklabels(_labels(tables, methods), rotation=30, ha="right")
     ax.set_ylabel(title)
     ax.set_title(f"{title} (mean ± std over seeds)")
     ax.legend()
@@ -71,7 +77,7 @@ def frontier(results: dict[str, Any], path: Path) -> bool:
     colors: dict[str, Any] = {}
     for record in points:
         color = colors.setdefault(record["run"], f"C{len(colors) % 10}")
-        label = f"{record['run']} ({record['variant']})"
+        label = f"{record['label']} ({record['variant']})"
         seen = label in ax.get_legend_handles_labels()[1]
         ax.scatter(record["metrics"]["kl"], record["metrics"]["score"], color=color, marker=markers.get(record["variant"], "o"), label=None if seen else label)
     ax.set_xlabel("KL(policy || untrained start), nats per response")
@@ -103,7 +109,7 @@ def golden_gain(results: dict[str, Any], path: Path) -> bool:
     ax.bar(range(len(methods)), gains, yerr=errors, capsize=3, color="C2")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(methods)))
-    ax.set_xticklabels(methods, rotation=30, ha="right")
+    ax.set_xticklabels(_labels(tables, methods), rotation=30, ha="right")
     ax.set_ylabel("score: golden minus ordinary")
     ax.set_title("gain from golden demonstrations (± standard error)")
     fig.tight_layout()

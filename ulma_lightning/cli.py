@@ -51,6 +51,10 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
         "ulma_lightning.evaluation.evaluate:evaluate_main",
         "Test and generate with one checkpoint; print and save every metric.",
     ),
+    "compare": (
+        "ulma_lightning.compare.runner:compare_main",
+        "Train and evaluate a grid of methods over seeds; write results.md, results.json and plots.",
+    ),
 }
 
 

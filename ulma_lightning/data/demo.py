@@ -31,6 +31,7 @@ __all__ = [
     "generate_pairs",
     "generate_demonstrations",
     "score_response",
+    "request_kind",
     "demo_corpus",
 ]
 
@@ -103,6 +104,14 @@ def _request_topic(prompt: Prompt | str) -> Topic | None:
         if topic.name.lower() in last:
             return topic
     return None
+
+
+def request_kind(prompt: Prompt | str) -> str | None:
+    """``harmful`` or ``harmless``: the kind of request the last user turn makes (None: no known topic)."""
+    topic = _request_topic(prompt)
+    if topic is None:
+        return None
+    return "harmful" if topic in HARMFUL_TOPICS else "harmless"
 
 
 def score_response(prompt: Prompt | str, response: str) -> float:

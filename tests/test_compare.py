@@ -1,0 +1,369 @@
+"""``ulma compare``: a tiny grid of the shipped SFT and DPO configs on the demo task (a few steps),
+its results files and plots, the SFT-then-DPO chain, resuming, failed runs, and the grid's errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ulma_lightning.compare.runner import compare_main
+from ulma_lightning.compare.spec import load_grid
+from ulma_lightning.compare.stages import plan_grid
+
+REPO = Path(__file__).resolve().parents[1]
+
+GRID = {
+    "name": "tiny",
+    "seeds": [0],
+    "overrides": {
+        "trainer.max_steps": 1,
+        "trainer.limit_val_batches": 1,
+        "trainer.enable_progress_bar": False,
+        "trainer.enable_model_summary": False,
+        "data.init_args.batch_size": 8,
+    },
+    "variants": {"ordinary": {"demonstration": "demo://demonstration?n=24", "pairwise": {"train": "demo://pairwise?n=24"}, "binary": "demo://binary?n=24"}},
+    "evaluation": {
+        "prompts": "demo://demonstration?split=test&n=8",
+        "golden": "demo://demonstration?split=test&n=8",
+        "request_kind": "ulma_lightning.data.demo.request_kind",
+        "generation": {"max_new_tokens": 6},
+        "kl_max_new_tokens": 6,
+        "batch_size": 8,
+    },
+    "runs": [
+        {"name": "sft", "stages": [{"method": "sft", "data": "demonstration"}]},
+        {"name": "sft_dpo", "label": "SFT then DPO", "stages": [{"method": "sft", "data": "demonstration"}, {"method": "dpo", "data": "pairwise"}]},
+        {"name": "broken", "stages": [{"method": "ulma", "data": "binary", "overrides": {"model.init_args.beta": -1.0}}]},
+    ],
+}
+
+
+def write_grid(folder: Path, grid: dict, name: str = "grid.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny grid, run once through ``ulma compare`` (in this process, from the repository root)."""
+    root = tmp_path_factory.mktemp("compare")
+    grid = write_grid(root, GRID)
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        results = compare_main(["--config", str(grid), "--output", str(root / "out")])
+    finally:
+        os.chdir(cwd)
+    return {"root": root, "grid": grid, "out": root / "out", "results": results}
+
+
+def table_rows(markdown: str, variant: str) -> dict[str, dict[str, str]]:
+    """The cells of the table under ``## variant``, by method label and column title."""
+    section = markdown.split(f"## {variant}\n", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return {cells[0]: dict(zip(header, cells)) for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+
+
+def test_results_files_hold_each_runs_own_metrics(ran: dict) -> None:
+    out = ran["out"]
+    results = json.loads((out / "results.json").read_text())
+    by_id = {r["id"]: r for r in results["runs"]}
+    assert set(by_id) == {"sft/ordinary/seed0", "sft_dpo/ordinary/seed0", "broken/ordinary/seed0"}
+    rows = table_rows((out / "results.md").read_text(), "ordinary")
+    assert set(rows) == {"untrained", "sft", "SFT then DPO", "broken"}
+    for run_id, label in (("sft/ordinary/seed0", "sft"), ("sft_dpo/ordinary/seed0", "SFT then DPO")):
+        own = json.loads((out / "runs" / run_id / "result.json").read_text())
+        assert own["status"] == "ok" and by_id[run_id]["metrics"]["score"] == own["metrics"]["score"]
+        for column, key in (("score", "score"), ("golden perplexity", "golden_ppl"), ("KL to start", "kl"), ("tokens/s", "tokens_per_sec"), ("train time (s)", "train_seconds")):
+            shown = float(rows[label][column].strip("*"))
+            decimals = len(rows[label][column].strip("*").partition(".")[2])
+            assert decimals >= {"train_seconds": 1, "tokens_per_sec": 0}.get(key, 2)
+            assert shown == pytest.approx(own["metrics"][key], abs=0.51 * 10**-decimals), (label, column)
+        # the score is the ground truth of the saved generations
+        from ulma_lightning.evaluation import DemoScorer
+
+        predictions = [json.loads(line) for line in (out / "runs" / run_id / "predictions.jsonl").read_text().splitlines()]
+        assert len(predictions) == 8
+        truth = DemoScorer().score([p["prompt"] for p in predictions], [p["response"] for p in predictions])
+        assert own["metrics"]["score"] == pytest.approx(sum(truth) / len(truth))
+        # tokens/s is the value the last stage logged to TensorBoard
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        stage = Path(own["stages"][-1]["tensorboard"])
+        events = EventAccumulator(str(next(stage.rglob("events.out.tfevents*")))).Reload()
+        assert own["metrics"]["tokens_per_sec"] == pytest.approx(events.Scalars("train/tokens_per_sec_epoch")[-1].value)
+        assert (out / "runs" / run_id / "model" / "config.json").is_file()
+    # the baseline compared with itself ties everywhere; the untrained row has no KL to itself
+    assert float(rows["sft"]["win rate vs sft"].strip("*")) == 0.5
+    assert float(rows["untrained"]["KL to start"].strip("*")) == 0.0
+
+
+def test_plots_are_pngs(ran: dict) -> None:
+    from PIL import Image
+
+    plots = [Path(p) for p in ran["results"]["plots"]]
+    names = {p.name for p in plots}
+    assert {"bar_score.png", "bar_win_vs_sft.png", "bar_golden_ppl.png", "score_vs_kl.png"} <= names
+    for path in plots:
+        with Image.open(path) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_failed_run_is_recorded_and_others_go_on(ran: dict) -> None:
+    markdown = (ran["out"] / "results.md").read_text()
+    failed = markdown.split("## Failed runs", 1)[1]
+    assert "`broken/ordinary/seed0` failed" in failed and "beta" in failed
+    assert json.loads((ran["out"] / "runs/sft/ordinary/seed0/result.json").read_text())["status"] == "ok"
+
+
+def test_sft_then_dpo_starts_from_the_sft_model_and_uses_it_as_reference(ran: dict) -> None:
+    out = ran["out"]
+    result = json.loads((out / "runs/sft_dpo/ordinary/seed0/result.json").read_text())
+    sft_stage, dpo_stage = result["stages"]
+    sft_only = json.loads((out / "runs/sft/ordinary/seed0/result.json").read_text())["stages"][0]
+    assert sft_stage["key"] == sft_only["key"] and sft_stage["shared"]  # one SFT stage for both rows
+    assert len(list((out / "stages").glob("sft-*"))) == 1
+    saved = yaml.safe_load(next(Path(dpo_stage["tensorboard"]).rglob("config.yaml")).read_text())  # what `ulma fit` ran with
+    policy = saved["model"]["init_args"]["policy"]
+    assert Path(policy["model"]) == Path(sft_stage["export"]) and Path(policy["reference_model"]) == Path(sft_stage["export"])
+    assert saved["model"]["class_path"].endswith("DPOModule")
+    assert f"--model.init_args.policy.reference_model {sft_stage['export']}" in dpo_stage["command"]
+
+
+def test_rerun_skips_finished_runs_and_resumes_the_stage_in_progress(ran: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(ran["out"], out, symlinks=True)
+    sft_dpo = out / "runs/sft_dpo/ordinary/seed0"
+    dpo_key = json.loads((sft_dpo / "result.json").read_text())["stages"][1]["key"]
+    # as if killed while the DPO stage ran: its checkpoint is there, its done marker and the run's are not
+    (sft_dpo / "result.json").unlink()
+    (out / "stages" / dpo_key / "stage.json").unlink()
+    finished = out / "runs/sft/ordinary/seed0/result.json"
+    before = finished.stat().st_mtime_ns, (out / "stages" / json.loads(finished.read_text())["stages"][0]["key"] / "stage.json").stat().st_mtime_ns
+    capsys.readouterr()
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        compare_main(["--config", str(ran["grid"]), "--output", str(out), "--only", "sft_dpo"])
+    finally:
+        os.chdir(cwd)
+    log = capsys.readouterr().out
+    assert "running sft_dpo/ordinary/seed0" in log and "running sft/" not in log
+    after = finished.stat().st_mtime_ns, (out / "stages" / json.loads(finished.read_text())["stages"][0]["key"] / "stage.json").stat().st_mtime_ns
+    assert after == before  # the finished run and its SFT stage were not redone
+    stage = json.loads((out / "stages" / dpo_key / "stage.json").read_text())
+    assert stage["resumed_from"] and stage["resumed_from"].endswith("last.ckpt")
+    assert f"--ckpt_path {stage['resumed_from']}" in stage["command"]
+    assert json.loads((sft_dpo / "result.json").read_text())["status"] == "ok"
+    # the other run is still in the results, from its earlier result
+    assert "sft/ordinary/seed0" in {r["id"] for r in json.loads((out / "results.json").read_text())["runs"] if r["status"] == "ok"}
+
+
+# ----------------------------------------------------------------------------- bad grids
+def _bad(grid_update: dict) -> dict:
+    grid = json.loads(json.dumps(GRID))
+    grid.update(grid_update)
+    return grid
+
+
+BAD_GRIDS = {
+    "unknown method": (
+        {"runs": [{"name": "mystery", "stages": [{"method": "ppo2", "data": "pairwise"}]}]},
+        r"grid\.yaml:\d+: runs\[0\] 'mystery' stage 1: unknown method 'ppo2'; known methods .*dpo.*sft",
+    ),
+    "missing config": (
+        {"runs": [{"name": "mine", "stages": [{"config": "configs/nope.yaml", "data": "pairwise"}]}]},
+        r"grid\.yaml:\d+: runs\[0\] 'mine' stage 1: config file 'configs/nope.yaml' does not exist",
+    ),
+    "duplicated name": (
+        {"runs": [GRID["runs"][0], GRID["runs"][0]]},
+        r"grid\.yaml:\d+: runs\[1\] 'sft': duplicated run name \(also at line \d+\)",
+    ),
+    "reward model last": (
+        {"runs": [{"name": "rm", "stages": [{"method": "reward", "data": "pairwise"}]}]},
+        r"runs\[0\] 'rm': the last stage \(reward\) trains a reward model",
+    ),
+    "reward model into DPO": (
+        {"runs": [{"name": "rlhf", "stages": [{"method": "reward", "data": "pairwise"}, {"method": "dpo", "data": "pairwise"}]}]},
+        r"runs\[0\] 'rlhf': stage 'dpo' .* follows the reward model of stage 'reward' but takes no `reward_model` argument",
+    ),
+    "data kind missing": (
+        {"runs": [{"name": "ulma", "stages": [{"method": "ulma_continuous", "data": "continuous"}]}]},
+        r"runs\[0\] 'ulma' stage 1 \(ulma_continuous\): data kind 'continuous' is not defined in variant 'ordinary'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GRIDS))
+def test_bad_grid_stops_before_training_naming_the_entry(case: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    update, message = BAD_GRIDS[case]
+    grid = write_grid(tmp_path, _bad(update))
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            compare_main(["--config", str(grid), "--output", str(tmp_path / "out")])
+    finally:
+        os.chdir(cwd)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err), case
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_ulma_compare_cli_reports_a_bad_grid(tmp_path: Path) -> None:
+    grid = write_grid(tmp_path, _bad({"runs": [GRID["runs"][0], GRID["runs"][0]]}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "ulma_lightning.cli", "compare", "--config", str(grid)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "duplicated run name" in done.stderr and f"{grid}:" in done.stderr
+
+
+def test_paper_grid_is_valid_and_shares_its_sft_stages() -> None:
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        grid = load_grid("experiments/paper.yaml")
+        quick = load_grid("experiments/paper.yaml", quick=True)
+    finally:
+        os.chdir(cwd)
+    assert len(grid.seeds) >= 3 and len(quick.seeds) == 1
+    names = {r.name for r in grid.runs}
+    assert {"sft", "sft_dpo", "dpo", "pointwise_dpo", "ulma", "unlikelihood", "kto", "pointwise_dpo_continuous", "ulma_continuous"} <= names
+    plan = plan_grid(grid)
+    assert len(plan.instances) == sum(len(r.variants) for r in grid.runs) * len(grid.seeds)
+    sft_stages = [k for k in plan.stages if k.startswith("sft-")]
+    assert len(sft_stages) == len(grid.variants) * len(grid.seeds)  # one SFT per variant and seed
+    assert {r.name for r in quick.runs} < names
+
+
+def test_tune_keeps_the_best_validation_score_per_method_and_the_grid_uses_it(tmp_path: Path) -> None:
+    grid = json.loads(json.dumps(GRID))
+    grid["runs"] = [GRID["runs"][0]]  # SFT: it takes lr, not beta
+    grid["tune"] = {"prompts": "demo://demonstration?split=val&n=6", "grid": {"model.init_args.optimizer.lr": [1.0e-3, 2.0e-2], "model.init_args.beta": [0.1]}}
+    path = write_grid(tmp_path, grid)
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        results = compare_main(["--config", str(path), "--output", str(tmp_path / "out"), "--tune"])
+        scores = {r["run"]: r["metrics"]["score"] for r in results["runs"]}
+        assert set(scores) == {"sft[lr=0.001]", "sft[lr=0.02]"}  # beta is not an SFT option
+        assert results["evaluation"]["prompts"] == grid["tune"]["prompts"]  # chosen on validation prompts
+        tuned = yaml.safe_load((tmp_path / "out/tune/tuned.yaml").read_text())["tuned"]
+        best = max(scores, key=lambda name: (scores[name], name == "sft[lr=0.001]"))  # ties: the first
+        assert tuned == {"sft": {"model.init_args.optimizer.lr": float(best[len("sft[lr=") : -1])}}
+        # committed into the grid, the value reaches every SFT stage's command
+        grid["tuned"] = tuned
+        plan = plan_grid(load_grid(write_grid(tmp_path, grid, "tuned.yaml")))
+    finally:
+        os.chdir(cwd)
+    (stage,) = plan.stages.values()
+    assert stage.base_args[stage.base_args.index("--model.init_args.optimizer.lr") + 1] == str(tuned["sft"]["model.init_args.optimizer.lr"])
+
+
+def test_kl_is_the_mean_summed_log_ratio_of_the_policys_samples(tmp_path: Path, demo_tokenizer) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import TINY_LLAMA
+    from ulma_lightning.compare.metrics import Evaluator, load_model
+    from ulma_lightning.compare.spec import EvaluationSpec
+    from ulma_lightning.data.prompts import LeftPaddingCollator
+
+    tok = demo_tokenizer
+    for seed in (0, 1):  # two different random models, saved as `ulma fit` exports them
+        torch.manual_seed(seed)
+        config = AutoConfig.for_model(**TINY_LLAMA, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / f"m{seed}")
+        tok.save_pretrained(tmp_path / f"m{seed}")
+    evaluator = Evaluator(EvaluationSpec(prompts="demo://demonstration?split=test&n=4", kl_max_new_tokens=5, batch_size=4), seed=3)
+    policy, reference = load_model(str(tmp_path / "m0")), load_model(str(tmp_path / "m1"))
+    items = evaluator.prompts(str(tmp_path / "m0"))
+    estimate = evaluator.kl(policy, reference, tok, items)
+    assert evaluator.kl(policy, policy, tok, items) == 0.0
+    # the same samples, scored independently: full-vocabulary log-softmax of each unpadded sequence
+    torch.manual_seed(3)
+    batch = LeftPaddingCollator(tok.pad_token_id)(items)
+    out = policy.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                          max_new_tokens=5, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    ratios = []
+    for item, new in zip(items, out[:, batch["input_ids"].shape[1] :].tolist()):
+        response = new[: new.index(tok.eos_token_id) + 1] if tok.eos_token_id in new else new
+        ids = torch.tensor([list(item["input_ids"]) + response])
+        n = len(item["input_ids"])
+        with torch.no_grad():
+            logps = [m(ids).logits.log_softmax(-1)[0, n - 1 : -1].gather(-1, ids[0, n:, None]).sum() for m in (policy, reference)]
+        ratios.append(float(logps[0] - logps[1]))
+    assert estimate == pytest.approx(sum(ratios) / len(ratios), abs=1e-4)
+
+
+@pytest.mark.parametrize("interruption", ["sigterm", "ctrl-c"])
+def test_an_interrupted_fit_stops_the_compare_instead_of_failing_the_run(interruption: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning ends a fit early on SIGTERM (and exits 1 after Ctrl-C): that is a kill of
+    ``ulma compare``, to be resumed, not a failed run to record and step over."""
+    import types
+
+    import ulma_lightning.cli
+
+    def interrupted_fit(args: list[str]) -> object:
+        if interruption == "ctrl-c":
+            raise SystemExit(1)
+        return types.SimpleNamespace(trainer=types.SimpleNamespace(received_sigterm=True))
+
+    monkeypatch.setattr(ulma_lightning.cli, "main", interrupted_fit)
+    grid = json.loads(json.dumps(GRID))
+    grid["runs"] = GRID["runs"][:2]
+    path = write_grid(tmp_path, grid)
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as stop:
+        compare_main(["--config", str(path), "--output", str(tmp_path / "out")])
+    assert stop.value.code != 2  # not a grid error
+    assert not list((tmp_path / "out").rglob("result.json")) and not list((tmp_path / "out").rglob("stage.json"))
+
+
+def test_new_evaluation_settings_reevaluate_without_retraining(ran: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(ran["out"], out, symlinks=True)
+    grid = json.loads(json.dumps(GRID))
+    grid["evaluation"]["max_prompts"] = 3
+    path = write_grid(tmp_path, grid)
+    sft = out / "runs/sft/ordinary/seed0"
+    stage_file = out / "stages" / json.loads((sft / "result.json").read_text())["stages"][0]["key"] / "stage.json"
+    trained = stage_file.stat().st_mtime_ns
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        results = compare_main(["--config", str(path), "--output", str(out), "--only", "sft"])
+    finally:
+        os.chdir(cwd)
+    assert len((sft / "predictions.jsonl").read_text().splitlines()) == 3 and stage_file.stat().st_mtime_ns == trained
+    status = {r["id"]: r["status"] for r in results["runs"]}
+    assert status["sft/ordinary/seed0"] == "ok" and status["sft_dpo/ordinary/seed0"] == "pending"  # its numbers were for 8 prompts
+
+
+def test_a_second_compare_into_the_same_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".ulma-compare.lock").write_text(str(os.getppid()))  # a live process holds it
+    path = write_grid(tmp_path, GRID)
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            compare_main(["--config", str(path), "--output", str(out)])
+    finally:
+        os.chdir(cwd)
+    assert stop.value.code == 2
+    assert f"another ulma compare (process {os.getppid()}) is writing here" in capsys.readouterr().err
+    assert not (out / "stages").exists()

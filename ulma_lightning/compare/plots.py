@@ -1,0 +1,132 @@
+"""PNG plots of ``ulma compare`` results (matplotlib, no display needed).
+
+* ``bar_<metric>.png``: per headline metric, a bar per method and variant, error bars one standard
+  deviation over seeds;
+* ``score_vs_kl.png``: each run (variant, seed) as a point, ground-truth score against
+  KL(policy || start): the reward/KL frontier;
+* ``golden_gain.png``: per method, the golden-variant score minus the ordinary-variant score, with
+  the standard error of the difference (only when the grid has both variants).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from ulma_lightning.compare.report import metric_columns
+
+HEADLINE = ("score", "score_harmless", "score_harmful", "win_vs_untrained", "golden_ppl")
+GAIN_VARIANTS = ("ordinary", "golden")
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _methods(tables: dict[str, dict[str, Any]]) -> list[str]:
+    names: list[str] = []
+    for rows in tables.values():
+        names += [n for n in rows if n not in names]
+    return names
+
+
+def _labels(tables: dict[str, dict[str, Any]], names: list[str]) -> list[str]:
+    """The rows' labels (e.g. "SFT then DPO") for run names."""
+    found = {name: row["label"] for rows in tables.values() for name, row in rows.items()}
+    return [found.get(name, name) for name in names]
+
+
+def bar_chart(results: dict[str, Any], key: str, title: str, path: Path) -> bool:
+    """Grouped bars (methods x variants) of ``key``; False (nothing written) when no run has it."""
+    tables = results["tables"]
+    methods, variants = _methods(tables), list(tables)
+    if not any(tables[v].get(m, {}).get("metrics", {}).get(key, {}).get("n") for v in variants for m in methods):
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(methods) * max(1, len(variants)) / 1.5), 4.0))
+    width = 0.8 / max(1, len(variants))
+    for j, variant in enumerate(variants):
+        stats = [tables[variant].get(m, {}).get("metrics", {}).get(key, {"mean": math.nan, "std": 0.0, "n": 0}) for m in methods]
+        xs = [i + (j - (len(variants) - 1) / 2) * width for i in range(len(methods))]
+        ax.bar(xs, [s["mean"] if s["n"] else math.nan for s in stats], width, yerr=[s["std"] if s["n"] else 0.0 for s in stats], capsize=3, label=variant)
+    ax.set_xticks(range(len(methods)))
+    ax.set_xticklabels(_labels(tables, methods), rotation=30, ha="right")
+    ax.set_ylabel(title)
+    ax.set_title(f"{title} (mean ± std over seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def frontier(results: dict[str, Any], path: Path) -> bool:
+    """Score against KL, a point per finished run; False when no run has both."""
+    points = [r for r in results["runs"] if r["status"] == "ok" and _finite(r["metrics"].get("kl")) and _finite(r["metrics"].get("score"))]
+    if not points:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    markers = {v: m for v, m in zip(results["tables"], "os^Dv<>")}
+    colors: dict[str, Any] = {}
+    for record in points:
+        color = colors.setdefault(record["run"], f"C{len(colors) % 10}")
+        label = f"{record['label']} ({record['variant']})"
+        seen = label in ax.get_legend_handles_labels()[1]
+        ax.scatter(record["metrics"]["kl"], record["metrics"]["score"], color=color, marker=markers.get(record["variant"], "o"), label=None if seen else label)
+    ax.set_xlabel("KL(policy || untrained start), nats per response")
+    ax.set_ylabel("ground-truth score of greedy generations")
+    ax.set_title("score against KL: a point per run and seed")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def golden_gain(results: dict[str, Any], path: Path) -> bool:
+    """Golden minus ordinary mean score per method; False without both variants."""
+    tables = results["tables"]
+    base, golden = GAIN_VARIANTS
+    if base not in tables or golden not in tables:
+        return False
+    methods = [m for m in tables[golden] if m in tables[base] and tables[golden][m]["metrics"]["score"]["n"] and tables[base][m]["metrics"]["score"]["n"]]
+    if not methods:
+        return False
+    gains, errors = [], []
+    for m in methods:
+        g, o = tables[golden][m]["metrics"]["score"], tables[base][m]["metrics"]["score"]
+        gains.append(g["mean"] - o["mean"])
+        errors.append(math.sqrt(g["std"] ** 2 / g["n"] + o["std"] ** 2 / o["n"]))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(methods)), 4.0))
+    ax.bar(range(len(methods)), gains, yerr=errors, capsize=3, color="C2")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(methods)))
+    ax.set_xticklabels(_labels(tables, methods), rotation=30, ha="right")
+    ax.set_ylabel("score: golden minus ordinary")
+    ax.set_title("gain from golden demonstrations (± standard error)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_plots(results: dict[str, Any], root: Path) -> list[Path]:
+    """Every plot the results allow, in ``root``; returns the files written."""
+    titles = {key: title for key, title, _ in metric_columns(results["evaluation"].get("baseline"))}
+    baseline = results["evaluation"].get("baseline")
+    keys = list(HEADLINE) + ([f"win_vs_{baseline}"] if baseline else [])
+    written = [root / f"bar_{key}.png" for key in keys if bar_chart(results, key, titles[key], root / f"bar_{key}.png")]
+    written += [p for p, made in ((root / "score_vs_kl.png", frontier(results, root / "score_vs_kl.png")), (root / "golden_gain.png", golden_gain(results, root / "golden_gain.png"))) if made]
+    return written
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not math.isnan(value)

@@ -1,0 +1,227 @@
+"""``ulma compare --config GRID.yaml [--quick] [--output DIR] [--only NAME]``: train and evaluate every
+run of a grid, then write ``results.md``, ``results.json`` and PNG plots into ``DIR``.
+
+Layout of ``DIR``: ``stages/<stage>/`` (TensorBoard logs, checkpoints, the exported ``hf_model``,
+``command.txt`` and ``stage.json`` once done), ``runs/<run>/<variant>/seed<S>/`` (``result.json``
+once evaluated, ``predictions.jsonl``, and links ``model`` and ``tensorboard_<i>_<method>`` to its
+stages), and the results files. Started again, ``ulma compare`` skips finished runs and stages and
+resumes a stage that was killed from its last checkpoint. A run that fails is recorded with its
+error; the others go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from ulma_lightning.compare.metrics import Evaluator
+from ulma_lightning.compare.plots import write_plots
+from ulma_lightning.compare.report import RESULT_FILE, collect, init_folder, run_folder, write_results
+from ulma_lightning.compare.spec import GridError, GridSpec, load_grid
+from ulma_lightning.compare.tune import choose, tune_grid, write_tuned
+from ulma_lightning.compare.stages import Instance, Plan, digest, build_init, failure, plan_grid, read_json, train_stage, write_json
+
+
+def _link(link: Path, target: str) -> None:
+    """``link`` -> ``target`` as a relative symlink (replaced if present)."""
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(os.path.relpath(target, link.parent))
+
+
+class Runner:
+    """Runs the instances of a plan into ``root``, sharing stages and untrained models.
+
+    Args:
+        grid: the checked grid.
+        plan: its stages and run instances (:func:`~ulma_lightning.compare.stages.plan_grid`).
+        root: the output folder.
+        launcher: ``inprocess`` (each ``ulma fit`` in this process) or ``subprocess``.
+    """
+
+    def __init__(self, grid: GridSpec, plan: Plan, root: Path, launcher: str = "inprocess") -> None:
+        self.grid, self.plan, self.root, self.launcher = grid, plan, root, launcher
+        self.stage_records: dict[str, dict[str, Any]] = {}
+        self.failed: dict[str, str] = {}
+        self._evaluator: Evaluator | None = None
+        uses: dict[str, int] = {}
+        for instance in plan.instances:
+            for key in instance.stages:
+                uses[key] = uses.get(key, 0) + 1
+        self.shared = {key for key, n in uses.items() if n > 1}
+        self.evaluation_key = digest(grid.evaluation.__dict__)
+
+    def finished(self, path: Path) -> bool:
+        """Whether ``path`` (a ``result.json``) records a success under the current evaluation settings
+        (a run evaluated with other settings is evaluated again; its stages are not retrained)."""
+        done = read_json(path)
+        return done is not None and done.get("status") == "ok" and done.get("evaluation_key") == self.evaluation_key
+
+    @property
+    def evaluator(self) -> Evaluator:
+        if self._evaluator is None:
+            self._evaluator = Evaluator(self.grid.evaluation)
+        return self._evaluator
+
+    def stage(self, key: str) -> dict[str, Any]:
+        """Train stage ``key`` (and those it starts from) unless done; its record."""
+        if key in self.stage_records:
+            return self.stage_records[key]
+        if key in self.failed:
+            raise RuntimeError(f"stage {key} failed earlier in this invocation: {self.failed[key].splitlines()[0]}")
+        stage = self.plan.stages[key]
+        exports = {k: self.stage(k)["export"] for k in (stage.policy_from, stage.reward_from) if k is not None}
+        try:
+            record = train_stage(stage, self.root, exports, self.launcher)
+        except Exception as exc:
+            self.failed[key] = failure(exc)
+            raise
+        self.stage_records[key] = record
+        return record
+
+    def untrained(self, key: str) -> dict[str, Any]:
+        """The untrained model ``key``: exported and evaluated once."""
+        record = build_init(self.plan.inits[key], self.root)
+        folder = init_folder(self.root, key)
+        if not self.finished(folder / RESULT_FILE):
+            metrics = self.evaluator.evaluate(record["export"], record["export"], folder)
+            write_json(folder / RESULT_FILE, {"status": "ok", "key": key, "export": record["export"], "metrics": metrics, "evaluation_key": self.evaluation_key})
+        return record
+
+    def run(self, instance: Instance) -> dict[str, Any]:
+        """Train, evaluate and record one run instance; a failure is recorded, not raised."""
+        folder = run_folder(self.root, instance.id)
+        records: list[dict[str, Any]] = []
+        started = time.perf_counter()
+        try:
+            for key in instance.stages:
+                records.append({**self.stage(key), "shared": key in self.shared})
+            init = self.untrained(instance.init)
+            self.evaluator.seed = instance.seed
+            evaluated = time.perf_counter()
+            metrics = self.evaluator.evaluate(records[-1]["export"], init["export"], folder)
+            metrics["train_seconds"] = sum(r["seconds"] for r in records)
+            metrics["tokens_per_sec"] = records[-1].get("tokens_per_sec")
+            result = {"status": "ok", "metrics": metrics, "eval_seconds": time.perf_counter() - evaluated, "model": records[-1]["export"]}
+            _link(folder / "model", records[-1]["export"])
+            for index, record in enumerate(records, start=1):
+                _link(folder / f"tensorboard_{index}_{record['method']}", record["tensorboard"])
+        except Exception as exc:  # recorded in results.md; the other runs go on
+            result = {"status": "failed", "error": failure(exc), "metrics": {}}
+        result.update(stages=records, seconds=time.perf_counter() - started, evaluation_key=self.evaluation_key)
+        write_json(folder / RESULT_FILE, result)
+        return result
+
+
+def select(plan: Plan, only: str | None) -> list[Instance]:
+    """The instances ``--only`` names: a run name, or one instance ``run/variant/seedS``."""
+    if not only:
+        return list(plan.instances)
+    chosen = [i for i in plan.instances if only in (i.run.name, i.id) or i.id.startswith(only.rstrip("/") + "/")]
+    if not chosen:
+        names = sorted({i.run.name for i in plan.instances})
+        raise GridError(f"--only {only!r} matches no run; runs are {names} (or RUN/VARIANT/seedS, e.g. {plan.instances[0].id})")
+    return chosen
+
+
+LOCK_FILE = ".ulma-compare.lock"
+
+
+@contextlib.contextmanager
+def output_lock(root: Path) -> Iterator[None]:
+    """Hold ``root`` for this process: a second ``ulma compare`` into the same folder would train the
+    same stages at the same time. A lock left by a process that no longer runs is taken over."""
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / LOCK_FILE
+    try:
+        holder = int(lock.read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        holder = 0
+    if holder and holder != os.getpid() and _alive(holder):
+        raise GridError(f"{root}: another ulma compare (process {holder}) is writing here; wait for it to end or pass another --output")
+    lock.write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def compare(grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare") -> dict[str, Any]:
+    """Run the grid (or the ``only`` subset) into ``root``; write and return the results."""
+    plan = plan_grid(grid)
+    chosen = select(plan, only)
+    with output_lock(root):
+        return _compare(grid, plan, chosen, root, launcher, command)
+
+
+def _compare(grid: GridSpec, plan: Plan, chosen: list[Instance], root: Path, launcher: str | None, command: str) -> dict[str, Any]:
+    """The body of :func:`compare`, run while holding the output folder."""
+    runner = Runner(grid, plan, root, launcher or grid.launcher)
+    total = len(chosen)
+    for number, instance in enumerate(chosen):
+        if runner.finished(run_folder(root, instance.id) / RESULT_FILE):
+            print(f"[ulma compare] {number + 1}/{total} {instance.id}: finished earlier, skipped", flush=True)
+            continue
+        print(f"[ulma compare] {number}/{total} runs done, {total - number} left; running {instance.id}", flush=True)
+        result = runner.run(instance)
+        status = "done" if result["status"] == "ok" else "FAILED: " + result["error"].splitlines()[0]
+        print(f"[ulma compare] {instance.id} {status} ({result['seconds']:.1f} s)", flush=True)
+        results = collect(grid, plan, root)  # after every run, so a kill leaves up-to-date files
+        write_results(results, root, command)
+    results = collect(grid, plan, root)
+    write_results(results, root, command)
+    results["plots"] = [str(p) for p in write_plots(results, root)]
+    print(f"[ulma compare] {total}/{total} runs done; results in {root / 'results.md'}", flush=True)
+    return results
+
+
+def tune(grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare --tune") -> dict[str, Any]:
+    """Run the grid's tuning candidates into ``root`` and write the chosen values (``tuned.yaml``)."""
+    candidates_grid, per_method = tune_grid(grid)
+    results = compare(candidates_grid, root, only=only, launcher=launcher, command=command)
+    results["tuned"] = choose(results, per_method)
+    write_tuned(results["tuned"], root / "tuned.yaml", command)
+    print(f"[ulma compare] chosen values (validation score), to commit into {grid.path}:\n" + (root / "tuned.yaml").read_text(), flush=True)
+    return results
+
+
+def compare_main(argv: list[str]) -> dict[str, Any]:
+    """``ulma compare`` with command-line arguments ``argv``."""
+    parser = argparse.ArgumentParser(
+        prog="ulma compare",
+        description="Train and evaluate a grid of runs (methods x data variants x seeds, stages chained) and write "
+        "results.md, results.json and PNG plots. Started again, it skips finished runs.",
+    )
+    parser.add_argument("--config", required=True, help="the grid YAML, e.g. experiments/paper.yaml")
+    parser.add_argument("--quick", action="store_true", help="the grid's `quick:` subset (fewer seeds, runs and steps)")
+    parser.add_argument("--output", default=None, help="output folder (default: the grid's `output`, else runs/compare/<grid name>[-quick])")
+    parser.add_argument("--only", default=None, help="run only this run name (all its variants and seeds), or one RUN/VARIANT/seedS")
+    parser.add_argument("--tune", action="store_true", help="choose each method's hyper-parameters by the grid's `tune:` rule (validation score); writes OUTPUT/tune/tuned.yaml")
+    parser.add_argument("--launcher", choices=("inprocess", "subprocess"), default=None, help="run each `ulma fit` in this process (default) or in a child process")
+    args = parser.parse_args(argv)
+    try:
+        grid = load_grid(args.config, quick=args.quick)
+        root = Path(args.output or grid.output or Path("runs") / "compare" / (grid.name + ("-quick" if args.quick else "")))
+        command = "ulma compare " + shlex.join(argv)
+        if args.tune:
+            return tune(grid, root / "tune", only=args.only, launcher=args.launcher, command=command)
+        return compare(grid, root, only=args.only, launcher=args.launcher, command=command)
+    except GridError as exc:
+        print(f"ulma compare: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

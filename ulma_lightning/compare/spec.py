@@ -1,0 +1,451 @@
+"""The grid YAML of ``ulma compare``: reading, checking (before any training) and expanding into runs.
+
+A grid names data *variants* (each maps data *kinds* to sources), *runs* (a chain of *stages*, each a
+method config with overrides and a data kind), *seeds*, the *evaluation* settings and a ``quick``
+subset. Every mistake a user can make in it is reported as :class:`GridError`, naming the file,
+line and entry, before anything is trained. See ``experiments/paper.yaml`` for a full example.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PACKAGE_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+DEFAULT_SEED_KEYS = ("seed_everything", "model.init_args.policy.init_seed")
+DEFAULT_REWARD_ARG = "model.init_args.reward_model"
+SOURCE_SPLITS = ("train", "val", "test")
+
+
+class GridError(ValueError):
+    """A mistake in the grid YAML, found before any training; the message names the entry."""
+
+
+class Entry(dict):
+    """A YAML mapping that remembers its line (1-based) in the file."""
+
+    line: int = 0
+
+
+class _LineLoader(yaml.SafeLoader):
+    pass
+
+
+def _mapping(loader: _LineLoader, node: yaml.MappingNode) -> Entry:
+    entry = Entry(loader.construct_mapping(node, deep=True))
+    entry.line = node.start_mark.line + 1
+    return entry
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def load_yaml(path: Path) -> Any:
+    """The YAML document at ``path``, mappings as :class:`Entry` (with their line)."""
+    with open(path, encoding="utf-8") as handle:
+        return yaml.load(handle, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+@dataclass
+class StageSpec:
+    """One training step of a run: ``ulma fit`` with a method config, overrides and a data kind.
+
+    Attributes:
+        method: a short name (the config file's stem, e.g. ``sft``).
+        config: the method config file.
+        data: the data kind (a key of every variant the run uses, e.g. ``demonstration``).
+        overrides: dotted ``ulma fit`` options (``trainer.max_steps: 50``).
+        role: ``policy`` (a causal LM to align) or ``reward`` (a reward model, passed to the next stage).
+        reward_arg: the option through which a stage after a reward stage receives the reward model.
+        module_class: the module's ``class_path``.
+    """
+
+    method: str
+    config: Path
+    data: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    role: str = "policy"
+    reward_arg: str = DEFAULT_REWARD_ARG
+    module_class: str = ""
+
+
+@dataclass
+class RunSpec:
+    """A row of the results: a chain of stages trained per variant and seed, then evaluated."""
+
+    name: str
+    label: str
+    stages: list[StageSpec]
+    variants: list[str]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    line: int = 0
+
+
+@dataclass
+class EvaluationSpec:
+    """What is measured on held-out data after each run (see :mod:`ulma_lightning.compare.metrics`).
+
+    Attributes:
+        prompts: the test prompts (any data source; a record's response is its reference answer).
+        golden: held-out golden demonstrations whose perplexity is measured (none: skipped).
+        scorer: the ground-truth scorer, ``{class_path, init_args}``.
+        request_kind: dotted path of a function ``prompt -> "harmless" | "harmful"`` splitting the
+            score into helpfulness and harmlessness (none: no split).
+        generation: ``GenerationConfig`` options of the greedy generations.
+        kl_max_new_tokens: tokens sampled per response for the KL estimate (0: no KL).
+        max_prompts: the first N test prompts (none: all).
+        max_length: tokens per demonstration for the perplexity.
+        batch_size: prompts or demonstrations per forward.
+        baseline: the run whose row the others' ``win_vs_<baseline>`` compares against.
+    """
+
+    prompts: str
+    golden: str | None = None
+    scorer: dict[str, Any] = field(default_factory=lambda: {"class_path": "ulma_lightning.evaluation.DemoScorer"})
+    request_kind: str | None = None
+    generation: dict[str, Any] = field(default_factory=lambda: {"max_new_tokens": 48})
+    kl_max_new_tokens: int = 48
+    max_prompts: int | None = None
+    max_length: int = 512
+    batch_size: int = 32
+    baseline: str | None = "sft"
+
+
+@dataclass
+class TuneSpec:
+    """The hyper-parameter rule of ``ulma compare --tune``, the same for every method: train each
+    candidate of ``grid`` (the options a method's module takes) on ``variant`` with ``seed``, and
+    keep the one whose greedy generations on the validation ``prompts`` score best.
+
+    Attributes:
+        prompts: the validation prompts (never the test prompts).
+        grid: dotted option -> candidate values, e.g. ``model.init_args.optimizer.lr: [1e-3, 2e-3]``.
+        variant: the data variant trained on.
+        seed: the seed of every candidate.
+        max_prompts: the first N validation prompts (none: all).
+    """
+
+    prompts: str
+    grid: dict[str, list[Any]]
+    variant: str = "ordinary"
+    seed: int = 0
+    max_prompts: int | None = None
+
+
+@dataclass
+class GridSpec:
+    """A whole grid, checked: variants, runs, seeds, evaluation; ``quick`` already applied if asked."""
+
+    path: Path
+    name: str
+    seeds: list[int]
+    seed_keys: list[str]
+    variants: dict[str, dict[str, dict[str, str]]]
+    runs: list[RunSpec]
+    evaluation: EvaluationSpec
+    overrides: dict[str, Any] = field(default_factory=dict)
+    launcher: str = "inprocess"
+    output: str | None = None
+    tune: TuneSpec | None = None
+    tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def run(self, name: str) -> RunSpec:
+        return next(r for r in self.runs if r.name == name)
+
+
+# ----------------------------------------------------------------------------- checking helpers
+def _where(path: Path, node: Any, what: str) -> str:
+    line = getattr(node, "line", 0)
+    return f"{path}:{line}: {what}" if line else f"{path}: {what}"
+
+
+def _mapping_of(value: Any, path: Path, what: str, parent: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise GridError(_where(path, parent, f"{what} must be a mapping, got {type(value).__name__} {value!r}"))
+    return dict(value)
+
+
+def _check_keys(entry: dict[str, Any], allowed: set[str], path: Path, what: str) -> None:
+    unknown = sorted(set(entry) - allowed)
+    if unknown:
+        raise GridError(_where(path, entry, f"{what}: unknown key(s) {unknown}; allowed: {sorted(allowed)}"))
+
+
+def _resolve_file(name: str, grid_dir: Path) -> Path | None:
+    for base in (Path.cwd(), grid_dir, grid_dir.parent):
+        candidate = (base / name).resolve()
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _import(class_path: str) -> Any:
+    module_name, _, attr = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def _known_methods(configs_dir: Path) -> list[str]:
+    return sorted(p.stem for p in configs_dir.glob("*.yaml")) if configs_dir.is_dir() else []
+
+
+def _module_class(config: Path, overrides: dict[str, Any], where: str) -> tuple[str, type]:
+    """The module class a stage trains: the config's ``model.class_path`` unless overridden."""
+    try:
+        content = yaml.safe_load(config.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise GridError(f"{where}: config {config} is not valid YAML ({exc})") from None
+    model = content.get("model") if isinstance(content, dict) else None
+    class_path = overrides.get("model.class_path") or (model.get("class_path") if isinstance(model, dict) else None)
+    if not class_path:
+        raise GridError(f"{where}: config {config} names no model.class_path; use a method config such as configs/ulma.yaml")
+    if "." not in class_path:
+        class_path = f"ulma_lightning.{class_path}"
+    try:
+        cls = _import(class_path)
+    except (ImportError, AttributeError) as exc:
+        raise GridError(f"{where}: unknown method class {class_path!r} in {config} ({exc}); fix model.class_path") from None
+    from ulma_lightning.modules.base import AlignmentModule
+
+    if not (inspect.isclass(cls) and issubclass(cls, AlignmentModule)):
+        raise GridError(f"{where}: {class_path} in {config} is not an ulma-lightning method module (AlignmentModule)")
+    return class_path, cls
+
+
+def _accepts(cls: type, arg: str) -> bool:
+    """Whether ``cls`` takes the init argument that the dotted option ``arg`` names (the part after
+    ``init_args``: ``optimizer`` for ``model.init_args.optimizer.lr``)."""
+    parts = arg.split(".")
+    name = parts[parts.index("init_args") + 1] if "init_args" in parts[:-1] else parts[-1]
+    return any(name in inspect.signature(klass.__init__).parameters for klass in cls.__mro__ if "__init__" in vars(klass))
+
+
+def _stage(raw: Any, path: Path, what: str, configs_dir: Path) -> StageSpec:
+    if isinstance(raw, str):
+        raise GridError(_where(path, raw, f"{what}: a stage is a mapping {{method: NAME, data: KIND}}, got {raw!r}"))
+    entry = _mapping_of(raw, path, what, raw)
+    entry_line = raw
+    _check_keys(entry, {"method", "config", "data", "overrides", "reward_arg"}, path, what)
+    method, config_name = entry.get("method"), entry.get("config")
+    if not method and not config_name:
+        raise GridError(_where(path, entry_line, f"{what}: needs `method: NAME` (a config in {configs_dir}) or `config: FILE`"))
+    grid_dir = path.parent
+    if config_name:
+        config = _resolve_file(str(config_name), grid_dir)
+        if config is None:
+            raise GridError(_where(path, entry_line, f"{what}: config file {config_name!r} does not exist (looked in {Path.cwd()} and {grid_dir}); fix the path"))
+    else:
+        config = (configs_dir / f"{method}.yaml").resolve()
+        if not config.is_file():
+            known = ", ".join(_known_methods(configs_dir)) or "(none)"
+            raise GridError(_where(path, entry_line, f"{what}: unknown method {method!r}; known methods (configs in {configs_dir}): {known}; or give `config: FILE`"))
+    if not entry.get("data"):
+        raise GridError(_where(path, entry_line, f"{what}: needs `data: KIND` (a key of the variants, e.g. demonstration, binary, pairwise)"))
+    overrides = _mapping_of(entry.get("overrides"), path, f"{what}.overrides", entry_line)
+    class_path, cls = _module_class(config, overrides, _where(path, entry_line, what))
+    from ulma_lightning.modules.reward import RewardModelModule
+
+    return StageSpec(
+        method=str(method or config.stem),
+        config=config,
+        data=str(entry["data"]),
+        overrides=overrides,
+        role="reward" if issubclass(cls, RewardModelModule) else "policy",
+        reward_arg=str(entry.get("reward_arg") or DEFAULT_REWARD_ARG),
+        module_class=class_path,
+    )
+
+
+def check_chain(stages: list[StageSpec], where: str) -> None:
+    """Refuse chains that cannot run: no stage, a reward model last (nothing to evaluate), a reward
+    model handed to a stage whose module takes none, or two reward stages in a row."""
+    if not stages:
+        raise GridError(f"{where}: `stages` is empty; give at least one {{method, data}}")
+    if stages[-1].role == "reward":
+        raise GridError(
+            f"{where}: the last stage ({stages[-1].method}) trains a reward model, which generates nothing to evaluate; "
+            "follow it with a policy stage that takes the reward model (e.g. PPO), or drop it"
+        )
+    for before, after in zip(stages, stages[1:]):
+        if before.role == "reward":
+            if after.role == "reward":
+                raise GridError(f"{where}: two reward-model stages in a row ({before.method}, {after.method}); a reward model feeds a policy stage")
+            if not _accepts(_import(after.module_class), after.reward_arg):
+                raise GridError(
+                    f"{where}: stage {after.method!r} ({after.module_class}) follows the reward model of stage {before.method!r} "
+                    f"but takes no `{after.reward_arg.split('init_args.')[-1]}` argument; only an RL stage (e.g. PPO) can use a reward model "
+                    "(or set `reward_arg:` on that stage)"
+                )
+
+
+# ----------------------------------------------------------------------------- the grid
+TOP_KEYS = {"name", "seeds", "seed_keys", "variants", "runs", "evaluation", "overrides", "quick", "launcher", "output", "configs_dir", "tune", "tuned"}
+RUN_KEYS = {"name", "label", "stages", "variants", "overrides"}
+QUICK_KEYS = {"seeds", "runs", "variants", "overrides", "evaluation"}
+
+
+def _seeds(value: Any, path: Path, what: str, parent: Any) -> list[int]:
+    if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+        raise GridError(_where(path, parent, f"{what} must be a non-empty list of integers, got {value!r}"))
+    if len(set(value)) != len(value):
+        raise GridError(_where(path, parent, f"{what} lists a seed twice: {value}"))
+    return list(value)
+
+
+def _variants(raw: Any, path: Path, doc: Any) -> dict[str, dict[str, dict[str, str]]]:
+    variants = _mapping_of(raw, path, "variants", doc)
+    if not variants:
+        raise GridError(_where(path, doc, "`variants` is missing: map each data variant (e.g. ordinary, golden) to its sources per data kind"))
+    out: dict[str, dict[str, dict[str, str]]] = {}
+    for name, kinds in variants.items():
+        kinds = _mapping_of(kinds, path, f"variants.{name}", variants.get(name) or doc)
+        out[str(name)] = {}
+        for kind, sources in kinds.items():
+            if isinstance(sources, str):
+                sources = {"train": sources}
+            sources = _mapping_of(sources, path, f"variants.{name}.{kind}", kinds)
+            bad = sorted(set(sources) - set(SOURCE_SPLITS))
+            if bad or "train" not in sources:
+                raise GridError(_where(path, kinds, f"variants.{name}.{kind}: give `train` and optionally `val`, `test` sources (got keys {sorted(sources)})"))
+            out[str(name)][str(kind)] = {k: str(v) for k, v in sources.items()}
+    return out
+
+
+def _evaluation(raw: Any, path: Path, doc: Any) -> EvaluationSpec:
+    entry = _mapping_of(raw, path, "evaluation", doc)
+    allowed = set(EvaluationSpec.__dataclass_fields__)
+    _check_keys(entry, allowed, path, "evaluation")
+    if not entry.get("prompts"):
+        raise GridError(_where(path, raw if raw else doc, "evaluation.prompts is missing: the held-out test prompts (a data source)"))
+    try:
+        return EvaluationSpec(**entry)
+    except TypeError as exc:
+        raise GridError(_where(path, raw, f"evaluation: {exc}")) from None
+
+
+def _tune(raw: Any, path: Path, doc: Any, variants: dict[str, Any]) -> TuneSpec | None:
+    if raw is None:
+        return None
+    entry = _mapping_of(raw, path, "tune", doc)
+    _check_keys(entry, set(TuneSpec.__dataclass_fields__), path, "tune")
+    grid = _mapping_of(entry.get("grid"), path, "tune.grid", raw)
+    if not entry.get("prompts") or not grid:
+        raise GridError(_where(path, raw, "tune needs `prompts` (validation prompts) and `grid` (dotted option -> list of values)"))
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise GridError(_where(path, raw, f"tune.grid.{key}: give a non-empty list of values, got {values!r}"))
+    if entry.get("variant", "ordinary") not in variants:
+        raise GridError(_where(path, raw, f"tune.variant {entry.get('variant', 'ordinary')!r} is not a variant; the grid defines {sorted(variants)}"))
+    return TuneSpec(**{**entry, "grid": grid})
+
+
+def _merge_quick(doc: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The grid with its ``quick:`` section applied (seeds, runs, variants replaced; overrides and
+    evaluation options merged)."""
+    quick = _mapping_of(doc.get("quick"), path, "quick", doc)
+    if not quick:
+        raise GridError(_where(path, doc, "--quick: the grid has no `quick:` section (seeds, runs, overrides for a short run)"))
+    _check_keys(quick, QUICK_KEYS, path, "quick")
+    merged = dict(doc)
+    if "seeds" in quick:
+        merged["seeds"] = quick["seeds"]
+    merged["overrides"] = {**_mapping_of(doc.get("overrides"), path, "overrides", doc), **_mapping_of(quick.get("overrides"), path, "quick.overrides", quick)}
+    if "evaluation" in quick:
+        merged["evaluation"] = Entry({**(doc.get("evaluation") or {}), **_mapping_of(quick["evaluation"], path, "quick.evaluation", quick)})
+        merged["evaluation"].line = getattr(doc.get("evaluation"), "line", 0)
+    runs = doc.get("runs") or []
+    if "runs" in quick:
+        names = [r.get("name") for r in runs if isinstance(r, dict)]
+        missing = [n for n in quick["runs"] if n not in names]
+        if missing:
+            raise GridError(_where(path, quick, f"quick.runs names runs that do not exist: {missing}; runs are {names}"))
+        runs = [r for r in runs if isinstance(r, dict) and r.get("name") in quick["runs"]]
+    if "variants" in quick:
+        runs = [Entry(r, variants=[v for v in (r.get("variants") or quick["variants"]) if v in quick["variants"]]) for r in runs]
+        for new, old in zip(runs, doc.get("runs") or []):
+            new.line = getattr(old, "line", 0)
+    merged["runs"] = runs
+    return merged
+
+
+def load_grid(path: str | Path, *, quick: bool = False) -> GridSpec:
+    """Read and check the grid at ``path`` (with ``quick``: its ``quick:`` subset). Raises
+    :class:`GridError` naming the entry for an unknown method, a missing config, a duplicated run
+    name, an impossible stage chain, or a data kind a variant lacks."""
+    path = Path(path)
+    if not path.is_file():
+        raise GridError(f"{path}: no such grid file; pass --config experiments/paper.yaml or your own grid")
+    try:
+        doc = load_yaml(path)
+    except yaml.YAMLError as exc:
+        raise GridError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(doc, dict):
+        raise GridError(f"{path}: a grid is a mapping with `variants`, `runs`, `seeds` and `evaluation`")
+    _check_keys(doc, TOP_KEYS, path, "grid")
+    if quick:
+        doc = _merge_quick(doc, path)
+    configs_dir = Path(doc.get("configs_dir") or "configs")
+    if not configs_dir.is_absolute():
+        configs_dir = next((b / configs_dir for b in (Path.cwd(), path.parent, path.parent.parent) if (b / configs_dir).is_dir()), PACKAGE_CONFIGS)
+    variants = _variants(doc.get("variants"), path, doc)
+    raw_runs = doc.get("runs")
+    if not isinstance(raw_runs, list) or not raw_runs:
+        raise GridError(_where(path, doc, "`runs` must be a non-empty list of {name, stages}"))
+    runs: list[RunSpec] = []
+    seen: dict[str, int] = {}
+    for index, raw in enumerate(raw_runs):
+        what = f"runs[{index}]"
+        entry = _mapping_of(raw, path, what, raw)
+        name = entry.get("name")
+        if not name or not isinstance(name, str):
+            raise GridError(_where(path, raw, f"{what}: needs a `name` (a string)"))
+        what = f"runs[{index}] {name!r}"
+        if "/" in name or name.startswith("."):
+            raise GridError(_where(path, raw, f"{what}: a run name cannot contain '/' or start with '.'"))
+        if name in seen:
+            raise GridError(_where(path, raw, f"{what}: duplicated run name (also at line {seen[name]}); give each run its own name"))
+        seen[name] = getattr(raw, "line", 0)
+        _check_keys(entry, RUN_KEYS, path, what)
+        raw_stages = entry.get("stages")
+        if not isinstance(raw_stages, list):
+            raise GridError(_where(path, raw, f"{what}: `stages` must be a list of {{method, data}}"))
+        stages = [_stage(s, path, f"{what} stage {i + 1}", configs_dir) for i, s in enumerate(raw_stages)]
+        check_chain(stages, _where(path, raw, what))
+        run_variants = entry.get("variants") or list(variants)
+        for variant in run_variants:
+            if variant not in variants:
+                raise GridError(_where(path, raw, f"{what}: unknown variant {variant!r}; the grid defines {sorted(variants)}"))
+            for i, stage in enumerate(stages):
+                if stage.data not in variants[variant]:
+                    raise GridError(
+                        _where(path, raw, f"{what} stage {i + 1} ({stage.method}): data kind {stage.data!r} is not defined in "
+                               f"variant {variant!r} (it has {sorted(variants[variant])})")
+                    )
+        overrides = _mapping_of(entry.get("overrides"), path, f"{what}.overrides", raw)
+        runs.append(RunSpec(name, str(entry.get("label") or name), stages, list(run_variants), overrides, getattr(raw, "line", 0)))
+    evaluation = _evaluation(doc.get("evaluation"), path, doc)
+    if evaluation.baseline is not None and evaluation.baseline not in seen and not quick:
+        raise GridError(_where(path, doc.get("evaluation"), f"evaluation.baseline {evaluation.baseline!r} is not a run name; runs are {list(seen)}"))
+    launcher = str(doc.get("launcher") or "inprocess")
+    if launcher not in ("inprocess", "subprocess"):
+        raise GridError(_where(path, doc, f"launcher must be inprocess or subprocess, got {launcher!r}"))
+    return GridSpec(
+        path=path,
+        name=str(doc.get("name") or path.stem),
+        seeds=_seeds(doc.get("seeds", [0]), path, "seeds", doc),
+        seed_keys=list(doc.get("seed_keys") or DEFAULT_SEED_KEYS),
+        variants=variants,
+        runs=runs,
+        evaluation=evaluation,
+        overrides=_mapping_of(doc.get("overrides"), path, "overrides", doc),
+        launcher=launcher,
+        output=doc.get("output"),
+        tune=_tune(doc.get("tune"), path, doc, variants),
+        tuned={str(k): dict(v or {}) for k, v in _mapping_of(doc.get("tuned"), path, "tuned", doc).items()},
+    )

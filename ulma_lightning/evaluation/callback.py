@@ -24,7 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from ulma_lightning.evaluation.generation import GenerationConfig, generate_responses
-from ulma_lightning.evaluation.scorers import Scorer
+from ulma_lightning.evaluation.scorers import Scorer, scorers_for
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ class GenerationSamples(pl.Callback):
         every_n_steps: generate every N optimizer steps (0: only at the end of fit).
         num_prompts: how many validation prompts (the first N, fixed for the whole run).
         generation: decoding settings (greedy by default, so tables are comparable across steps).
-        scorer: scores each response in the table (e.g. ``ulma_lightning.evaluation.DemoScorer``);
-            none: no score column.
+        scorer: scores each response in the table (e.g. ``ulma_lightning.evaluation.DemoScorer``,
+            which is skipped unless the validation data is the demo task's); none: no score column.
         histograms: log the implicit-reward histograms at the end of each validation epoch.
         hparams_metric: the logged metric reported as ``hp_metric`` in the HPARAMS view (none: off).
         batch_size: prompts per generation batch.
@@ -125,6 +125,10 @@ class GenerationSamples(pl.Callback):
 
     # ------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        if self.scorer is not None and hasattr(datamodule, "source_of"):
+            kept = scorers_for([self.scorer], datamodule.source_of("val"), "GenerationSamples")
+            self.scorer = kept[0] if kept else None
         if self.scorer is not None:
             self.scorer.to(pl_module.device)
 

@@ -14,6 +14,7 @@ prediction is scored) and run without gradients, in eval mode.
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,6 +22,8 @@ import torch
 
 from ulma_lightning.data.collate import PaddingCollator
 from ulma_lightning.data.features import Truncation, build_sequence, tokenize_pairs
+
+log = logging.getLogger(__name__)
 
 
 class Scorer:
@@ -41,9 +44,25 @@ class Scorer:
         """Move any model this scorer holds (no-op for programmatic scorers)."""
         return self
 
+    def applies_to(self, source: str | None) -> bool:
+        """Whether this scorer is meant for data from ``source`` (every scorer but the demo's: any)."""
+        return True
+
+
+def scorers_for(scorers: Sequence[Scorer], source: str | None, where: str) -> list[Scorer]:
+    """The scorers that apply to data from ``source``; the others are named in the log and skipped."""
+    kept = [s for s in scorers if s.applies_to(source)]
+    for scorer in scorers:
+        if scorer not in kept:
+            log.info("%s: scorer %r (%s) skipped: it scores the demo task only, and the data is %s", where, scorer.name, type(scorer).__name__, source)
+    return kept
+
 
 class DemoScorer(Scorer):
     """The demo task's ground-truth score (helpful answers to harmless requests, refusals of harmful ones).
+
+    It runs only on the demo task's data (``demo://...``); on any other data it is skipped, so the
+    shipped configs score nothing the user did not choose once ``data.train`` is their own.
 
     Args:
         name: the key of the scores in outputs.
@@ -51,6 +70,12 @@ class DemoScorer(Scorer):
 
     def __init__(self, name: str = "demo") -> None:
         super().__init__(name)
+
+    def applies_to(self, source: str | None) -> bool:
+        """Only the demo task's data (``demo://...``): its rules mean nothing for other prompts."""
+        from ulma_lightning.data.demo import is_demo_source
+
+        return is_demo_source(source)
 
     def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
         from ulma_lightning.data.demo import score_response

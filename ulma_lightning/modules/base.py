@@ -310,7 +310,7 @@ class AlignmentModule(pl.LightningModule):
         datamodule = self.trainer.datamodule
         world, rank = self.trainer.world_size, self.trainer.global_rank
         names = self.precomputed_columns
-        if datamodule.sources.get("test") and "test" not in datamodule.datasets:
+        if datamodule.has_split("test") and "test" not in datamodule.datasets:
             datamodule.setup("test")  # a later `trainer.test` in this process finds its column ready
         for split in ("train", "val", "test"):
             if split not in datamodule.datasets or all(datamodule.has_column(split, n) for n in names):

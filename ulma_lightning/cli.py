@@ -90,8 +90,10 @@ class ULMACLI(LightningCLI):
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Parse as LightningCLI does, with ``null`` for a nested model/data option kept a null."""
         if args is None:
-            args = sys.argv[1:]
-        super().parse_arguments(parser, nulls_as_init_args(list(args)) if isinstance(args, (list, tuple)) else args)
+            sys.argv[1:] = nulls_as_init_args(sys.argv[1:])
+        elif isinstance(args, (list, tuple)):
+            args = nulls_as_init_args(list(args))
+        super().parse_arguments(parser, args)
 
 
 def main(args: list[str] | None = None) -> Any:

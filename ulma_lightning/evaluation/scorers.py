@@ -54,7 +54,7 @@ def scorers_for(scorers: Sequence[Scorer], source: str | None, where: str) -> li
     kept = [s for s in scorers if s.applies_to(source)]
     for scorer in scorers:
         if scorer not in kept:
-            log.info("%s: scorer %r (%s) skipped: it scores the demo task only, and the data is %s", where, scorer.name, type(scorer).__name__, source)
+            log.warning("%s: scorer %r (%s) skipped: it scores the demo task only, and the data is %s", where, scorer.name, type(scorer).__name__, source)
     return kept
 
 

@@ -67,3 +67,21 @@ def test_fit_help_says_how_to_see_model_and_data_options(capsys: pytest.CaptureF
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
     assert "--model.help ULMAModule" in " ".join(capsys.readouterr().out.split())
+
+
+def test_throughput_is_measured_over_the_logging_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from ulma_lightning import callbacks
+
+    clock = iter([0.0, 1.0, 1.0, 2.0, 2.0, 12.0, 12.0, 13.0])  # step times 1 s, 1 s, 10 s (a hiccup), 1 s
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    logged: list[float] = []
+    module = SimpleNamespace(log=lambda name, value, **kw: logged.append(value))
+    batch = {"attention_mask": torch.ones(2, 50)}  # 100 tokens
+    meter = callbacks.TokenThroughput()
+    for written in (False, False, True, False):  # log_every_n_steps 3: the third step's value is written
+        trainer = SimpleNamespace(_logger_connector=SimpleNamespace(should_update_logs=written))
+        meter.on_train_batch_start(trainer, module, batch, 0)
+        meter.on_train_batch_end(trainer, module, None, batch, 0)
+    assert logged == [100.0, 100.0, 300 / 12, 100.0]  # the written value covers its window, not the slow step alone

@@ -39,6 +39,7 @@ class TokenThroughput(pl.Callback):
         if trainer._logger_connector.should_update_logs:  # this step's value is written: start a new window
             self._tokens, self._seconds = 0, 0.0
 
+
 class HFExport(pl.Callback):
     """At the end of ``fit``, writes the policy as a Hugging Face folder (``save_pretrained``).
 

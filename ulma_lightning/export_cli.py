@@ -5,8 +5,8 @@ False)``, FSDP with ``state_dict_type: full``) or a sharded checkpoint folder (F
 ``state_dict_type: sharded``: one ``.distcp`` file per process and ``meta.pt``), rebuilds the module
 from the checkpoint's ``hyper_parameters`` (class and init arguments; weights are not loaded from
 their source), and writes safetensors weights, the config, the tokenizer and its chat template.
-LoRA adapters are merged unless ``--keep_adapter`` (or ``--keep-adapter``). Runs in one process on the CPU; the full
-weights must fit in memory. Checkpoints are unpickled: export only checkpoints you trust.
+LoRA adapters are merged unless ``--keep_adapter`` (or ``--keep-adapter``). Runs in one process
+on the CPU; the full weights must fit in memory. Checkpoints are unpickled: export only checkpoints you trust.
 """
 
 from __future__ import annotations

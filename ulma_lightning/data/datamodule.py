@@ -11,12 +11,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from ulma_lightning.data.collate import PaddingCollator
+from ulma_lightning.data.demo import demo_test_source, is_demo_source
 from ulma_lightning.data.errors import DataError, OnBadRecord, SkipReport
 from ulma_lightning.data.features import FeatureDataset, Truncation, build_sequence, tokenize_pairs
 from ulma_lightning.data.prompts import LeftPaddingCollator, PromptDataset, encode_prompts
 from ulma_lightning.data.records import Example, apply_columns, parse_pointwise
 from ulma_lightning.data.samplers import ResumableDataLoader, ResumableSampler
-from ulma_lightning.data.demo import demo_test_source, is_demo_source
 from ulma_lightning.data.sources import Location, read_source
 from ulma_lightning.tokenizers import load_tokenizer
 

@@ -167,7 +167,7 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_an_error(own: dict[str, Path
     assert Policy(PolicyConfig(model=str(own["model"]))).tokenizer.chat_template == CHATML  # default: the model's own
 
 
-def test_null_on_the_command_line_is_null(own: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+def test_null_on_the_command_line_is_null_and_print_config_shows_lora(own: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
     from ulma_lightning.cli import main
 
     args = ["--model.init_args.policy.model", str(own["model"]), "--model.init_args.policy.model_config", "null"]
@@ -175,3 +175,4 @@ def test_null_on_the_command_line_is_null(own: dict[str, Path], capsys: pytest.C
         main(["fit", "--config", str(REPO / "configs" / "ulma.yaml"), *args, "--model.policy.tokenizer=null", "--print_config"])
     policy = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["policy"]
     assert policy["model_config"] is None and policy["tokenizer"] is None and policy["model"] == str(own["model"])
+    assert {"r", "alpha", "dropout", "target_modules"} <= set(policy["lora"])  # LoRA's options are shown

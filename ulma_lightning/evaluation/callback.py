@@ -80,6 +80,7 @@ class GenerationSamples(pl.Callback):
         self.num_prompts = num_prompts
         self.generation = generation or GenerationConfig(max_new_tokens=48)
         self.scorer = scorer
+        self._active_scorer = scorer
         self.histograms = histograms
         self.hparams_metric = hparams_metric
         self.batch_size = batch_size
@@ -117,7 +118,7 @@ class GenerationSamples(pl.Callback):
             ids, mask = batch["input_ids"].to(pl_module.device), batch["attention_mask"].to(pl_module.device)
             responses += generate_responses(model, pl_module.tokenizer, ids, mask, self.generation)
             prompts += batch["prompt"]
-        scores = self.scorer.score(prompts, responses) if self.scorer is not None else None
+        scores = self._active_scorer.score(prompts, responses) if self._active_scorer is not None else None
         writer.add_text("samples/generations", markdown_table(prompts, responses, scores), global_step=trainer.global_step)
         if scores:
             writer.add_scalar("samples/mean_score", sum(scores) / len(scores), global_step=trainer.global_step)
@@ -125,12 +126,10 @@ class GenerationSamples(pl.Callback):
 
     # ------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        datamodule = trainer.datamodule
-        if self.scorer is not None and hasattr(datamodule, "source_of"):
-            kept = scorers_for([self.scorer], datamodule.source_of("val"), "GenerationSamples")
-            self.scorer = kept[0] if kept else None
-        if self.scorer is not None:
-            self.scorer.to(pl_module.device)
+        kept = scorers_for([self.scorer] if self.scorer is not None else [], trainer.datamodule, "val", "GenerationSamples")
+        self._active_scorer = kept[0] if kept else None  # the demo's scorer only on demo data
+        if self._active_scorer is not None:
+            self._active_scorer.to(pl_module.device)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step

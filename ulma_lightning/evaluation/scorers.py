@@ -44,25 +44,31 @@ class Scorer:
         """Move any model this scorer holds (no-op for programmatic scorers)."""
         return self
 
-    def applies_to(self, source: str | None) -> bool:
-        """Whether this scorer is meant for data from ``source`` (every scorer but the demo's: any)."""
+    def applies_to(self, sources: Sequence[str | None]) -> bool:
+        """Whether this scorer is meant for data from ``sources`` (the training data and the scored
+        split's); every scorer but the demo's: any data."""
         return True
 
 
-def scorers_for(scorers: Sequence[Scorer], source: str | None, where: str) -> list[Scorer]:
-    """The scorers that apply to data from ``source``; the others are named in the log and skipped."""
-    kept = [s for s in scorers if s.applies_to(source)]
+def scorers_for(scorers: Sequence[Scorer], datamodule: Any, split: str, where: str) -> list[Scorer]:
+    """The scorers that apply to ``datamodule``'s training data and ``split``; the others are named
+    in a warning and skipped. A data module that does not name its sources keeps them all."""
+    if not hasattr(datamodule, "source_of"):
+        return list(scorers)
+    sources = [datamodule.source_of("train"), datamodule.source_of(split)]
+    kept = [s for s in scorers if s.applies_to(sources)]
     for scorer in scorers:
         if scorer not in kept:
-            log.warning("%s: scorer %r (%s) skipped: it scores the demo task only, and the data is %s", where, scorer.name, type(scorer).__name__, source)
+            log.warning("%s: scorer %r (%s) skipped: it scores the demo task only, and the data is %s", where, scorer.name, type(scorer).__name__, sources[1])
     return kept
 
 
 class DemoScorer(Scorer):
     """The demo task's ground-truth score (helpful answers to harmless requests, refusals of harmful ones).
 
-    It runs only on the demo task's data (``demo://...``); on any other data it is skipped, so the
-    shipped configs score nothing the user did not choose once ``data.train`` is their own.
+    It runs only when the training data or the scored split is the demo task's (``demo://...``);
+    otherwise it is skipped, so the shipped configs score nothing the user did not choose once
+    ``data.train`` is their own.
 
     Args:
         name: the key of the scores in outputs.
@@ -71,11 +77,12 @@ class DemoScorer(Scorer):
     def __init__(self, name: str = "demo") -> None:
         super().__init__(name)
 
-    def applies_to(self, source: str | None) -> bool:
-        """Only the demo task's data (``demo://...``): its rules mean nothing for other prompts."""
+    def applies_to(self, sources: Sequence[str | None]) -> bool:
+        """Only where the training data or the scored split is the demo task's (``demo://...``): its
+        rules mean nothing for other prompts."""
         from ulma_lightning.data.demo import is_demo_source
 
-        return is_demo_source(source)
+        return any(is_demo_source(source) for source in sources)
 
     def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
         from ulma_lightning.data.demo import score_response

@@ -98,9 +98,7 @@ class PredictionWriter(BasePredictionWriter):
         self.rows = []
         if hasattr(pl_module, "generation"):
             pl_module.generation = self.generation
-        datamodule = trainer.datamodule
-        source = datamodule.source_of("predict") if hasattr(datamodule, "source_of") else None
-        self.active_scorers = scorers_for(self.scorers, source, "evaluation") if datamodule is not None else list(self.scorers)
+        self.active_scorers = scorers_for(self.scorers, trainer.datamodule, "predict", "evaluation")  # the demo's only on demo data
         for scorer in self.active_scorers:
             scorer.to(pl_module.device)
 

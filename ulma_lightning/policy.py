@@ -117,16 +117,17 @@ def check_vocab_fits(model: nn.Module, tokenizer: Any, config: PolicyConfig) -> 
     """Refuse a tokenizer whose ids do not fit the model's embedding rows.
 
     Any tokenizer with more tokens than rows is refused (its ids would index past the table). A
-    tokenizer named apart from the model must also cover 90% of the rows (models pad their
-    tables a little, not by half): e.g. a 640-token tokenizer on a 4,000-row model is a mistake.
+    tokenizer named apart from a pretrained model must also cover 90% of the rows (models pad their
+    tables a little, not by half): e.g. a 640-token tokenizer on a 4,000-row model is a mistake. A
+    model built from ``model_config`` may pad its table freely (``vocab_size``).
     """
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     rows = getattr(embeddings, "num_embeddings", None)
     if rows is None:
         return
     size = len(tokenizer)
-    own = config.tokenizer is None or config.tokenizer == config.model
-    if size > rows or (not own and size < 0.9 * rows):
+    named_apart = config.model is not None and config.tokenizer not in (None, config.model)
+    if size > rows or (named_apart and size < 0.9 * rows):
         model_name = config.model or "the model built from policy.model_config"
         raise ValueError(
             f"policy.tokenizer {config.tokenizer_source!r} has {size} tokens but {model_name} has {rows} embedding rows: "

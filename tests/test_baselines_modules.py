@@ -255,7 +255,7 @@ def test_dpo_adapter_reference_is_the_policy_without_lora() -> None:
             if "lora_B" in name:
                 p.add_(0.1)
         moved = module.compute_loss(batch, "train")
-    assert abs(moved.loss.item() - math.log(2)) > 1e-4 and moved.metrics["rewards/margins"] != 0
+    assert abs(moved.loss.item() - math.log(2)) > 1e-4 and moved.metrics["rewards/margin"] != 0
 
 
 def test_dpo_average_default_and_missing_reference() -> None:
@@ -289,7 +289,7 @@ def test_reward_model_score_loss_and_export_agree(tmp_path: Path) -> None:
         out = module.compute_loss(batch, "train")
     chosen, rejected = rewards.chunk(2)
     torch.testing.assert_close(out.loss, -F.logsigmoid(chosen - rejected).mean(), rtol=1e-5, atol=1e-5)
-    assert out.metrics["accuracy"] == (chosen > rejected).float().mean()
+    assert out.metrics["rewards/accuracy"] == (chosen > rejected).float().mean()
 
     # The exported folder is a plain Hugging Face sequence classifier with the same scores.
     path = module.export_hf(tmp_path / "rm")

@@ -116,8 +116,8 @@ def test_dpo_loss_matches_trl(loss_type: str, beta: float) -> None:
     torch.testing.assert_close(ours.loss, trl_loss, rtol=1e-5, atol=1e-6)
     assert trl_loss.item() > 0
     if loss_type != "ipo":  # TRL logs rewards on summed log-ratios
-        assert ours.metrics["rewards/margins"].item() == pytest.approx(trl_metrics["rewards/margins"][-1], rel=1e-5, abs=1e-6)
-        assert ours.metrics["rewards/accuracies"].item() == pytest.approx(trl_metrics["rewards/accuracies"][-1])
+        assert ours.metrics["rewards/margin"].item() == pytest.approx(trl_metrics["rewards/margins"][-1], rel=1e-5, abs=1e-6)
+        assert ours.metrics["rewards/accuracy"].item() == pytest.approx(trl_metrics["rewards/accuracies"][-1])
 
 
 def test_dpo_label_smoothing_matches_trl_conservative_form() -> None:
@@ -253,4 +253,4 @@ def test_dpo_module_loss_matches_trl_trainer(pair_data) -> None:
     with torch.no_grad():
         trl_loss = DPOTrainer._compute_loss(stub, policy.model, inputs, return_outputs=False)
     torch.testing.assert_close(ours.loss.detach(), trl_loss, rtol=1e-5, atol=1e-5)
-    assert ours.metrics["logps/chosen"].item() == pytest.approx(stub._metrics["train"]["logps/chosen"][-1], abs=1e-4)
+    assert ours.metrics["logps/positive"].item() == pytest.approx(stub._metrics["train"]["logps/chosen"][-1], abs=1e-4)

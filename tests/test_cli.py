@@ -142,7 +142,9 @@ def test_print_config(config: Path, capsys: pytest.CaptureFixture) -> None:
                 assert value.items() <= printed[section]["init_args"][key].items(), (section, key)
             else:
                 assert printed[section]["init_args"][key] == value, (section, key)
-    assert printed["model"]["init_args"]["policy"]["tokenizer"] == "builtin:demo"
+    assert printed["model"]["init_args"]["policy"]["tokenizer"] is None  # the model's own (demo for model_config)
+    lora = printed["model"]["init_args"]["policy"]["lora"]  # LoRA's options are shown, off (r 0)
+    assert set(lora) == {"r", "alpha", "dropout", "target_modules"} and lora["r"] == 0
     assert "on_bad_record" in printed["data"]["init_args"]
 
 

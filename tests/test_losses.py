@@ -400,9 +400,9 @@ def test_dpo_sigmoid_by_hand() -> None:
     expected = mean([-log_sigmoid(beta * m) for m in margins])
     out = dpo_loss(t(pc), t(pr), t(rc), t(rr), beta=beta)
     close(out.loss, expected)
-    close(out.metrics["rewards/chosen"], mean([beta * 0.5, beta * -1.0]))
-    close(out.metrics["rewards/rejected"], mean([beta * -0.5, beta * 1.0]))
-    close(out.metrics["rewards/accuracies"], 0.5)
+    close(out.metrics["rewards/positive"], mean([beta * 0.5, beta * -1.0]))
+    close(out.metrics["rewards/negative"], mean([beta * -0.5, beta * 1.0]))
+    close(out.metrics["rewards/accuracy"], 0.5)
     eps = 0.2
     smoothed = mean([-(1 - eps) * log_sigmoid(beta * m) - eps * log_sigmoid(-beta * m) for m in margins])
     close(dpo_loss(t(pc), t(pr), t(rc), t(rr), beta=beta, label_smoothing=eps).loss, smoothed)

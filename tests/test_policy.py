@@ -74,8 +74,9 @@ def test_config_errors() -> None:
         PolicyConfig()
     with pytest.raises(ValueError, match="lora"):
         PolicyConfig(model_config=TINY_LLAMA, tokenizer=TOKENIZER, reference="adapter")
-    with pytest.raises(ValueError, match="tokenizer"):
-        PolicyConfig(model_config=TINY_LLAMA)
+    assert PolicyConfig(model_config=TINY_LLAMA).tokenizer_source == "builtin:demo"  # random init: the demo tokenizer
+    with pytest.raises(ValueError, match="set lora.r"):  # adapter options with r 0 (LoRA off) are a mistake
+        PolicyConfig(model_config=TINY_LLAMA, lora=LoraSettings(alpha=32))
     with pytest.raises(ValueError, match="model_type"):
         build(model_config={"hidden_size": 32})
 

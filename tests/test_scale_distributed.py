@@ -199,8 +199,9 @@ def test_two_processes_equal_one_process_accumulating_the_same_global_batch(runs
     rank0, rank1 = _weights(multi, 0), _weights(multi, 1)
     _assert_close(rank0, rank1)  # the ranks end with identical weights
     _assert_close(rank0, _weights(single))  # ddp: precomputed reference values = the copy's
-    if run == "ddp":  # each process precomputed its share: 12 of 24 train, 2 of 3 val (one padded)
-        assert [_reference_samples(multi, rank) for rank in (0, 1)] == [14, 14]
+    if run == "ddp":  # each process precomputed its share: 12 of 24 train, 2 of 3 val (one padded),
+        # and 14 of the 27 test samples (data.test defaults to the demo's test split)
+        assert [_reference_samples(multi, rank) for rank in (0, 1)] == [28, 28]
         assert _stats(multi)["reference"] is None  # freed once the values were computed
     else:  # FSDP2: the copy reference is sharded like the policy
         assert _stats(multi)["policy"] == _stats(multi)["reference"] == "fsdp2"

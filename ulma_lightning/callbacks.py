@@ -15,13 +15,17 @@ log = logging.getLogger(__name__)
 
 
 class TokenThroughput(pl.Callback):
-    """Logs ``train/tokens_per_sec``: non-padding tokens of the batch over the step's wall time.
+    """Logs ``train/tokens_per_sec``: non-padding tokens over the wall time of the training steps
+    (forward, backward, optimizer) since the last logged step, so one slow step does not stand for
+    the ``log_every_n_steps`` steps around it. Validation and checkpointing are not counted.
 
     The count is for this process; multiply by the number of processes for the global rate.
     """
 
     def __init__(self) -> None:
         self._start: float | None = None
+        self._tokens = 0
+        self._seconds = 0.0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._start = time.perf_counter()
@@ -29,9 +33,11 @@ class TokenThroughput(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._start is None:
             return
-        elapsed = time.perf_counter() - self._start
-        tokens = sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
-        pl_module.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9), on_step=True, on_epoch=True, batch_size=1)
+        self._seconds += time.perf_counter() - self._start
+        self._tokens += sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
+        pl_module.log("train/tokens_per_sec", self._tokens / max(self._seconds, 1e-9), on_step=True, on_epoch=True, batch_size=1)
+        if trainer._logger_connector.should_update_logs:  # this step's value is written: start a new window
+            self._tokens, self._seconds = 0, 0.0
 
 
 class HFExport(pl.Callback):

@@ -15,6 +15,7 @@ and ``predict`` for one checkpoint and prints and saves a table of everything
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from typing import Any
 
@@ -23,12 +24,51 @@ from lightning.pytorch.cli import LightningCLI
 from ulma_lightning.data.datamodule import AlignmentDataModule
 from ulma_lightning.evaluation.writer import PredictionWriter
 from ulma_lightning.modules.base import AlignmentModule
+from ulma_lightning.policy import default_tokenizer
+
+HELP_EPILOG = (
+    "The model's and the data's options depend on their class: `ulma fit --model.help ULMAModule` and "
+    "`ulma fit --data.help PointwiseDataModule` list them (any class_path works), and `--print_config` "
+    "prints every value of a config."
+)
+_SUBCLASS_GROUPS = ("model", "data")
+_NULLS = ("null", "Null", "NULL", "~")
 
 
 def _tokenizer_of(policy: Any) -> str:
     tokenizer = policy.get("tokenizer") if isinstance(policy, dict) else getattr(policy, "tokenizer", None)
     model = policy.get("model") if isinstance(policy, dict) else getattr(policy, "model", None)
-    return tokenizer or model
+    return default_tokenizer(tokenizer, model)
+
+
+def nulls_as_init_args(argv: list[str]) -> list[str]:
+    """Rewrite ``--model.init_args.a.b null`` (or ``--model.a.b=null``) as ``--model '{"init_args": {"a": {"b": null}}}'``.
+
+    jsonargparse hands a nested option of a subclass-mode group on as the text ``--a.b=None``, so
+    ``null`` arrived as the string 'None' (refused for a dict, taken as a name for a str); the
+    equivalent JSON form keeps it a null.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, value = arg.partition("=")
+        group, _, path = key[2:].partition(".")
+        if not eq and i + 1 < len(argv):
+            value = argv[i + 1]
+        if arg.startswith("--") and group in _SUBCLASS_GROUPS and path and not path.endswith("help") and value in _NULLS:
+            parts = path.split(".")
+            if parts[0] == "init_args":
+                parts = parts[1:]
+            nested: Any = None
+            for part in reversed(parts):
+                nested = {part: nested}
+            out += [f"--{group}", json.dumps({"init_args": nested})]
+            i += 1 if eq else 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
 
 
 CLI_DEFAULTS: dict[str, Any] = {
@@ -66,6 +106,15 @@ class ULMACLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("model.init_args.policy", "data.init_args.tokenizer", compute_fn=_tokenizer_of)
         parser.add_lightning_class_args(PredictionWriter, "evaluation")
+        parser.epilog = HELP_EPILOG
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse as LightningCLI does, with ``null`` for a nested model/data option kept a null."""
+        if args is None:
+            sys.argv[1:] = nulls_as_init_args(sys.argv[1:])
+        elif isinstance(args, (list, tuple)):
+            args = nulls_as_init_args(list(args))
+        super().parse_arguments(parser, args)
 
     def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)

@@ -5,8 +5,8 @@ False)``, FSDP with ``state_dict_type: full``) or a sharded checkpoint folder (F
 ``state_dict_type: sharded``: one ``.distcp`` file per process and ``meta.pt``), rebuilds the module
 from the checkpoint's ``hyper_parameters`` (class and init arguments; weights are not loaded from
 their source), and writes safetensors weights, the config, the tokenizer and its chat template.
-LoRA adapters are merged unless ``--keep-adapter``. Runs in one process on the CPU; the full
-weights must fit in memory. Checkpoints are unpickled: export only checkpoints you trust.
+LoRA adapters are merged unless ``--keep_adapter`` (or ``--keep-adapter``). Runs in one process
+on the CPU; the full weights must fit in memory. Checkpoints are unpickled: export only checkpoints you trust.
 """
 
 from __future__ import annotations
@@ -94,19 +94,25 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, merge_lora: bool = T
     return module.export_hf(out, merge_lora=merge_lora, state_dict=policy_state(checkpoint))
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """``ulma export --ckpt PATH --out DIR [--keep-adapter]``."""
+def export_parser() -> argparse.ArgumentParser:
+    """The options of ``ulma export``."""
     parser = argparse.ArgumentParser(
         prog="ulma export",
         description="Write the policy of a Lightning checkpoint (a file, or a sharded FSDP/FSDP2 folder) "
         "as a Hugging Face folder: safetensors weights, config, tokenizer and chat template.",
     )
-    parser.add_argument("--ckpt", required=True, help="checkpoint file or sharded folder, e.g. runs/ulma/checkpoints/last.ckpt")
+    parser.add_argument("--ckpt", required=True, help="checkpoint file or sharded folder, e.g. runs/ulma/version_0/checkpoints/last.ckpt")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument(
-        "--keep-adapter", action="store_true", help="save LoRA adapters as an adapter folder instead of merging them"
+        "--keep_adapter", "--keep-adapter", dest="keep_adapter", action="store_true",
+        help="save LoRA adapters as an adapter folder instead of merging them",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """``ulma export --ckpt PATH --out DIR [--keep_adapter]`` (``--keep-adapter`` also works)."""
+    args = export_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = export_checkpoint(args.ckpt, args.out, merge_lora=not args.keep_adapter)
     log.info("wrote %s", out)

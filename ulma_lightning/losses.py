@@ -321,12 +321,13 @@ def dpo_loss(
     chosen_rewards = (beta * (policy_chosen_logps - reference_chosen_logps)).detach()
     rejected_rewards = (beta * (policy_rejected_logps - reference_rejected_logps)).detach()
     metrics = {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-        "logps/chosen": policy_chosen_logps.detach().mean(),
-        "logps/rejected": policy_rejected_logps.detach().mean(),
+        # one vocabulary across methods: the chosen side is the positive, the rejected the negative
+        "rewards/positive": chosen_rewards.mean(),
+        "rewards/negative": rejected_rewards.mean(),
+        "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+        "logps/positive": policy_chosen_logps.detach().mean(),
+        "logps/negative": policy_rejected_logps.detach().mean(),
     }
     return LossOutput(loss=losses.mean(), metrics=metrics, losses=losses.detach(), rewards=chosen_rewards - rejected_rewards)
 
@@ -460,10 +461,10 @@ def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Loss
     margins = chosen_rewards - rejected_rewards
     losses = -F.logsigmoid(margins)
     metrics = {
-        "accuracy": (margins > 0).float().mean().detach(),
-        "rewards/chosen": chosen_rewards.detach().mean(),
-        "rewards/rejected": rejected_rewards.detach().mean(),
-        "rewards/margins": margins.detach().mean(),
+        "rewards/accuracy": (margins > 0).float().mean().detach(),
+        "rewards/positive": chosen_rewards.detach().mean(),
+        "rewards/negative": rejected_rewards.detach().mean(),
+        "rewards/margin": margins.detach().mean(),
     }
     return LossOutput(loss=losses.mean(), metrics=metrics, losses=losses.detach(), rewards=margins.detach())
 
@@ -491,7 +492,7 @@ def pointwise_reward_loss(
         raise ValueError(f"form must be 'bce' or 'mse', got {form!r}")
     positive = scores >= positive_threshold
     metrics = {
-        "accuracy": ((rewards.detach() > decision) == positive).float().mean(),
+        "rewards/accuracy": ((rewards.detach() > decision) == positive).float().mean(),
         "rewards/positive": masked_mean(rewards.detach(), positive),
         "rewards/negative": masked_mean(rewards.detach(), ~positive),
     }

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ulma_lightning.logprobs import response_token_logps, TokenLogps
-from ulma_lightning.tokenizers import load_tokenizer
+from ulma_lightning.tokenizers import DEMO_TOKENIZER, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -23,16 +23,16 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass
 class LoraSettings:
-    """LoRA adapters through peft (``pip install ulma-lightning[peft]``).
+    """LoRA adapters through peft (``pip install ulma-lightning[peft]``); off while ``r`` is 0.
 
     Args:
-        r: adapter rank.
+        r: adapter rank; 0 (the default) is full fine-tuning, e.g. 8 turns LoRA on.
         alpha: scaling numerator (``lora_alpha``).
         dropout: dropout on the adapter input.
         target_modules: module names to adapt, or ``"all-linear"``.
     """
 
-    r: int = 8
+    r: int = 0
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] | str = "all-linear"
@@ -46,10 +46,11 @@ class PolicyConfig:
         model: a hub id or a local folder saved with ``save_pretrained``. Leave empty to build a
             randomly initialised model from ``model_config``.
         model_config: keyword arguments of ``transformers.AutoConfig.for_model`` (must include
-            ``model_type``) for a random init, e.g. the tiny built-in default. ``vocab_size`` and the
-            special-token ids default to the tokenizer's.
+            ``model_type``) for a random init, e.g. the tiny built-in default; ignored when ``model``
+            is set. ``vocab_size`` and the special-token ids default to the tokenizer's.
         tokenizer: a hub id, a local folder, or ``builtin:demo`` (the demo task's tokenizer, built
-            offline). Defaults to ``model``.
+            offline). Default (null): the model's own, or ``builtin:demo`` for a model built from
+            ``model_config``. A tokenizer that does not fit the model's embeddings is an error.
         dtype: the weights' dtype. For mixed precision keep ``float32`` and set the trainer's
             ``precision: bf16-mixed``.
         reference: ``copy`` (a frozen model: ``reference_model`` or a copy of the initial policy),
@@ -58,7 +59,8 @@ class PolicyConfig:
             sample), ``none`` (for objectives without a reference).
         reference_model: hub id or folder of the reference (e.g. an SFT checkpoint); defaults to
             the initial policy. Used by ``copy`` and ``precomputed``.
-        lora: LoRA settings, or null for full fine-tuning.
+        lora: LoRA settings; ``r: 0`` (or null) is full fine-tuning, ``--model.init_args.policy.lora.r 8``
+            trains rank-8 adapters.
         gradient_checkpointing: recompute decoder activations in the backward pass.
         disable_dropout: set every dropout probability to 0 (policy, its LoRA adapters' ``lora.dropout``
             included, and reference), as DPO does.
@@ -78,7 +80,7 @@ class PolicyConfig:
     dtype: DType = "float32"
     reference: ReferenceMode = "copy"
     reference_model: str | None = None
-    lora: LoraSettings | None = None
+    lora: LoraSettings = field(default_factory=LoraSettings)  # type: ignore[assignment]
     gradient_checkpointing: bool = False
     disable_dropout: bool = True
     logits_chunk_size: int = 1024
@@ -88,12 +90,14 @@ class PolicyConfig:
     init_seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.lora is not None and self.lora.r == 0:
+            if self.lora != LoraSettings():
+                raise ValueError(f"policy.lora: {self.lora} sets adapter options but r is 0 (LoRA off); set lora.r, e.g. 8")
+            self.lora = None  # r: 0 is the shown default: full fine-tuning
         if self.model is None and self.model_config is None:
             raise ValueError("PolicyConfig needs `model` (hub id or folder) or `model_config` (random init)")
         if self.reference == "adapter" and self.lora is None:
             raise ValueError("reference: adapter needs `lora` settings (the reference is the policy without adapters)")
-        if self.tokenizer is None and self.model is None:
-            raise ValueError("PolicyConfig needs `tokenizer` when the model is built from `model_config`")
         if self.logits_chunk_size < 1:
             raise ValueError(f"logits_chunk_size must be >= 1, got {self.logits_chunk_size}")
         if self.length_groups < 1:
@@ -101,7 +105,36 @@ class PolicyConfig:
 
     @property
     def tokenizer_source(self) -> str:
-        return self.tokenizer or self.model  # type: ignore[return-value]
+        return default_tokenizer(self.tokenizer, self.model)
+
+
+def default_tokenizer(tokenizer: str | None, model: str | None) -> str:
+    """The tokenizer a policy uses: the one named, else the model's own, else (a model built from
+    ``model_config``) the offline demo tokenizer."""
+    return tokenizer or model or DEMO_TOKENIZER
+
+
+def check_vocab_fits(model: nn.Module, tokenizer: Any, config: PolicyConfig) -> None:
+    """Refuse a tokenizer whose ids do not fit the model's embedding rows.
+
+    Any tokenizer with more tokens than rows is refused (its ids would index past the table). A
+    tokenizer named apart from a pretrained model must also cover 90% of the rows (models pad their
+    tables a little, not by half): e.g. a 640-token tokenizer on a 4,000-row model is a mistake. A
+    model built from ``model_config`` may pad its table freely (``vocab_size``).
+    """
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None:
+        return
+    size = len(tokenizer)
+    named_apart = config.model is not None and config.tokenizer not in (None, config.model)
+    if size > rows or (named_apart and size < 0.9 * rows):
+        model_name = config.model or "the model built from policy.model_config"
+        raise ValueError(
+            f"policy.tokenizer {config.tokenizer_source!r} has {size} tokens but {model_name} has {rows} embedding rows: "
+            "the tokenizer does not belong to this model. Drop policy.tokenizer (null: the model's own tokenizer) "
+            "or name the tokenizer the model was trained with"
+        )
 
 
 def check_logit_transform(model: nn.Module) -> None:
@@ -218,6 +251,7 @@ class Policy(nn.Module):
             return
         model = self._load(cfg.model)
         check_logit_transform(model)
+        check_vocab_fits(model, self.tokenizer, cfg)
         if cfg.dtype != "float32" and cfg.lora is None:
             log.warning(
                 "policy.dtype %s without LoRA trains %s master weights: small AdamW updates round to zero. "

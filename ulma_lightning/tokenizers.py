@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 BUILTIN_PREFIX = "builtin:"
+DEMO_TOKENIZER = "builtin:demo"
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from ulma_lightning.data.collate import PaddingCollator
+from ulma_lightning.data.demo import demo_test_source, is_demo_source
 from ulma_lightning.data.errors import DataError, OnBadRecord, SkipReport
 from ulma_lightning.data.features import FeatureDataset, Truncation, build_sequence, tokenize_pairs
 from ulma_lightning.data.prompts import LeftPaddingCollator, PromptDataset, encode_prompts
@@ -33,8 +34,10 @@ class AlignmentDataModule(pl.LightningDataModule):
         train: training data: a file (.jsonl/.json/.parquet/.csv, optionally .gz), a dataset folder,
             ``hf://OWNER/NAME?split=...``, or ``demo://binary`` / ``demo://continuous``.
         val: validation data (same forms); if empty, ``val_fraction`` of ``train`` is held out.
-        test: test data (same forms), used by ``ulma test``; ``predict`` by ``ulma predict``.
-        predict: prompts for ``ulma predict`` (defaults to ``test``): one prompt per record, cut from
+        test: test data (same forms), used by ``ulma test`` and ``ulma evaluate``. Default: for the
+            demo task, its test split; for your own data, the validation data (``val``, or the share
+            of ``train`` that ``val_fraction`` holds out).
+        predict: prompts for ``ulma predict`` (defaults to the test data): one prompt per record, cut from
             the left to ``max_prompt_length`` tokens, with the record's response (or chosen side) as
             the reference response.
         tokenizer: the tokenizer (hub id, folder, ``builtin:demo``). The CLI links it to the model's.
@@ -81,6 +84,10 @@ class AlignmentDataModule(pl.LightningDataModule):
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+        if test is None and is_demo_source(train):
+            test = demo_test_source(train)
+        #: test (and predict) fall back to the validation examples: the user's own data, no test set named
+        self.test_from_val = test is None
         self.sources = {"train": train, "val": val, "test": test, "predict": predict or test}
         self.tokenizer_source = tokenizer
         self.trust_remote_code = trust_remote_code
@@ -186,6 +193,9 @@ class AlignmentDataModule(pl.LightningDataModule):
                 continue
             if split == "val" and self.sources["val"] is None:
                 continue
+            if self.sources[split] is None and split in ("test", "predict") and self.test_from_val:
+                self._split_from_val(split)
+                continue
             source = self.sources[split]
             if source is None:
                 if split == "train":
@@ -197,6 +207,38 @@ class AlignmentDataModule(pl.LightningDataModule):
                 self.datasets[split] = self.prompt_dataset(split)  # type: ignore[assignment]
                 continue
             self._build_split(split, self.read_examples(source, split, report), source)
+
+    def has_split(self, split: str) -> bool:
+        """Whether ``split`` has data: a source, or (test, predict) the validation data it falls back to."""
+        if self.sources.get(split) is not None:
+            return True
+        held_out = self.sources["train"] is not None and self.val_fraction > 0
+        return split in ("test", "predict") and self.test_from_val and (self.sources["val"] is not None or held_out)
+
+    def source_of(self, split: str) -> str | None:
+        """Where ``split``'s records come from: its source, else the validation data's (val, or train
+        when val is held out from it)."""
+        source = self.sources.get(split)
+        if source is None and (split == "val" or (split in ("test", "predict") and self.test_from_val)):
+            source = self.sources["val"] or self.sources["train"]
+        return source
+
+    def _split_from_val(self, split: str) -> None:
+        """Build ``split`` (test or predict) from the validation examples, when ``test`` is not set."""
+        if not self.has_split(split):
+            return
+        if "val" not in self.examples:
+            if self.sources["val"] is None:
+                self._hold_out_validation()
+            else:
+                report = self.skipped.setdefault("val", SkipReport("val"))
+                self._build_split("val", self.read_examples(self.sources["val"], "val", report))
+        log.info("%s split: the validation data (data.test is not set)", split)
+        if split == "predict" and self.predict_inputs == "prompts":
+            self.examples[split] = list(self.examples["val"])
+            self.datasets[split] = self.prompt_dataset(split)  # type: ignore[assignment]
+        else:
+            self._build_split(split, list(self.examples["val"]))
 
     def _hold_out_validation(self) -> None:
         if self.val_fraction == 0 or self.sources["train"] is None:

@@ -228,3 +228,17 @@ def demo_corpus() -> list[str]:
         texts += [tpl.format(topic=topic.name) for tpl in REQUEST_TEMPLATES]
         texts.append(_answer(topic))
     return texts
+
+
+DEMO_PREFIX = "demo://"
+
+
+def is_demo_source(source: str | None) -> bool:
+    """Whether ``source`` is the built-in demo task (``demo://...``)."""
+    return source is not None and source.startswith(DEMO_PREFIX)
+
+
+def demo_test_source(train: str) -> str:
+    """The demo task's test split for a demo training source: ``demo://binary?n=500`` -> ``demo://binary?split=test``."""
+    kind = train[len(DEMO_PREFIX) :].split("?", 1)[0].strip("/")
+    return f"{DEMO_PREFIX}{kind}?split=test"

@@ -24,7 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from ulma_lightning.evaluation.generation import GenerationConfig, generate_responses
-from ulma_lightning.evaluation.scorers import Scorer
+from ulma_lightning.evaluation.scorers import Scorer, scorers_for
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ class GenerationSamples(pl.Callback):
         every_n_steps: generate every N optimizer steps (0: only at the end of fit).
         num_prompts: how many validation prompts (the first N, fixed for the whole run).
         generation: decoding settings (greedy by default, so tables are comparable across steps).
-        scorer: scores each response in the table (e.g. ``ulma_lightning.evaluation.DemoScorer``);
-            none: no score column.
+        scorer: scores each response in the table (e.g. ``ulma_lightning.evaluation.DemoScorer``,
+            which is skipped unless the validation data is the demo task's); none: no score column.
         histograms: log the implicit-reward histograms at the end of each validation epoch.
         hparams_metric: the logged metric reported as ``hp_metric`` in the HPARAMS view (none: off).
         batch_size: prompts per generation batch.
@@ -80,6 +80,7 @@ class GenerationSamples(pl.Callback):
         self.num_prompts = num_prompts
         self.generation = generation or GenerationConfig(max_new_tokens=48)
         self.scorer = scorer
+        self._active_scorer = scorer
         self.histograms = histograms
         self.hparams_metric = hparams_metric
         self.batch_size = batch_size
@@ -126,15 +127,17 @@ class GenerationSamples(pl.Callback):
         self._last_step = trainer.global_step
         if not trainer.is_global_zero:
             return
-        scores = self.scorer.score(prompts, responses) if self.scorer is not None else None
+        scores = self._active_scorer.score(prompts, responses) if self._active_scorer is not None else None
         writer.add_text("samples/generations", markdown_table(prompts, responses, scores), global_step=trainer.global_step)
         if scores:
             writer.add_scalar("samples/mean_score", sum(scores) / len(scores), global_step=trainer.global_step)
 
     # ------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.scorer is not None:
-            self.scorer.to(pl_module.device)
+        kept = scorers_for([self.scorer] if self.scorer is not None else [], trainer.datamodule, "val", "GenerationSamples")
+        self._active_scorer = kept[0] if kept else None  # the demo's scorer only on demo data
+        if self._active_scorer is not None:
+            self._active_scorer.to(pl_module.device)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step

@@ -1,7 +1,9 @@
 """``ulma evaluate``: every number for one checkpoint, as a table and a JSON file.
 
-    ulma evaluate --config configs/ulma.yaml --ckpt_path runs/ulma/version_0/checkpoints/last.ckpt
+    ulma evaluate --ckpt_path runs/ulma/version_0/checkpoints/last.ckpt
 
+finds the run's saved ``config.yaml`` (beside ``checkpoints/``) and reuses it when no ``--config`` is
+given; ``--ckpt_path`` may also name the run folder (its ``checkpoints/last.ckpt`` is evaluated). It
 runs ``test`` on ``data.test`` (loss, ``test/perplexity`` of the demonstrations, the implicit-reward
 accuracy and AUC, and for continuous labels the Pearson and Spearman correlations), then ``predict``
 on ``data.predict`` (default ``data.test``): generations scored by the ``evaluation.scorers``, mean
@@ -9,7 +11,8 @@ scores and win rates against the reference responses and against ``evaluation.co
 prints a table and writes ``--output`` (default ``evaluation.json`` beside the predictions). Without
 ``--ckpt_path`` the model is evaluated as initialised (the "before training" numbers). Every other
 argument is ``ulma fit``'s (``--config``, ``--model.*``, ``--data.*``, ``--trainer.*``,
-``--evaluation.*``); a run's saved ``config.yaml`` works as ``--config``.
+``--evaluation.*``); a run's saved ``config.yaml`` works as ``--config``. A failed evaluation
+removes the log folder (``version_N``) it created.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -39,6 +43,50 @@ class EvaluateCLI(ULMACLI):
         # accepted (and unused) so that the config.yaml a run of any subcommand saved works as --config
         parser.add_argument("--verbose", type=bool, default=True, help=argparse.SUPPRESS)
         parser.add_argument("--return_predictions", type=Optional[bool], default=None, help=argparse.SUPPRESS)
+        parser.add_argument("--weights_only", type=Optional[bool], default=None, help=argparse.SUPPRESS)
+
+
+def run_folder_checkpoint(ckpt_path: str) -> str:
+    """``ckpt_path`` itself, or for a run folder (one with ``checkpoints/``) its ``checkpoints/last.ckpt``."""
+    folder = Path(ckpt_path)
+    if not (folder / "checkpoints").is_dir():
+        return ckpt_path  # a file, or a sharded checkpoint folder
+    last = folder / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        found = sorted(p.name for p in (folder / "checkpoints").iterdir())
+        raise FileNotFoundError(f"ulma evaluate: {folder} is a run folder without checkpoints/last.ckpt (it has {found}); pass --ckpt_path FILE")
+    return str(last)
+
+
+def saved_config(ckpt_path: str) -> Path | None:
+    """The ``config.yaml`` the run of ``ckpt_path`` saved: in the checkpoint's folder or up to two above."""
+    for folder in list(Path(ckpt_path).resolve().parents)[:3]:
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    return None
+
+
+def with_saved_config(argv: list[str]) -> list[str]:
+    """``argv`` with ``--ckpt_path`` resolved (a run folder: its last checkpoint), and, when no
+    ``--config`` is given, the run's saved ``config.yaml`` as the first ``--config``."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-c", "--config", action="append")
+    pre.add_argument("--ckpt_path")
+    known, _ = pre.parse_known_args(argv)
+    if known.ckpt_path is None:
+        return argv
+    ckpt = run_folder_checkpoint(known.ckpt_path)
+    rest = [a for i, a in enumerate(argv) if not (a.startswith("--ckpt_path") or (i > 0 and argv[i - 1] == "--ckpt_path"))]
+    argv = [*rest, f"--ckpt_path={ckpt}"]
+    if known.config:
+        return argv
+    config = saved_config(ckpt)
+    if config is None:
+        raise FileNotFoundError(
+            f"ulma evaluate: no config.yaml found beside {ckpt} (looked in its folder and two above); pass the run's config with --config"
+        )
+    print(f"ulma evaluate: using the run's saved config {config}")
+    return ["--config", str(config), *argv]
 
 
 def _number(value: Any) -> float:
@@ -64,18 +112,29 @@ def evaluate_main(argv: list[str]) -> dict[str, Any]:
     """Run ``ulma evaluate`` with command-line arguments ``argv``; return the report."""
     with warnings.catch_warnings():  # `ulma evaluate ...` passes its own argv on, by design
         warnings.filterwarnings("ignore", message=".*args parameter is intended")
-        cli = EvaluateCLI(AlignmentModule, AlignmentDataModule, args=argv, run=False, save_config_callback=None, **CLI_DEFAULTS)
+        cli = EvaluateCLI(AlignmentModule, AlignmentDataModule, args=with_saved_config(argv), run=False, save_config_callback=None, **CLI_DEFAULTS)
+    log_dir = Path(cli.trainer.log_dir) if cli.trainer.log_dir else None
+    existed = log_dir is not None and log_dir.exists()
+    try:
+        return _evaluate(cli)
+    except BaseException:
+        if log_dir is not None and not existed and log_dir.exists() and cli.trainer.is_global_zero:
+            shutil.rmtree(log_dir, ignore_errors=True)  # no stray version_N from a failed evaluation
+        raise
+
+
+def _evaluate(cli: EvaluateCLI) -> dict[str, Any]:
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     ckpt_path = cli.config.get("ckpt_path")
     report: dict[str, Any] = {"ckpt_path": ckpt_path, "test": {}, "generation": {}}
     if not cli.config.get("skip_test"):
-        if datamodule.sources.get("test") is None:
-            raise ValueError("ulma evaluate: data.test is not set; set it (or pass --skip_test true)")
+        if not datamodule.has_split("test"):
+            raise ValueError("ulma evaluate: no test data: set data.test (or data.val / data.val_fraction, which it defaults to), or pass --skip_test true")
         results = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
         report["test"] = {name: _number(value) for name, value in sorted(results[0].items())} if results else {}
     writer = next((c for c in trainer.callbacks if isinstance(c, PredictionWriter)), None)
     if not cli.config.get("skip_predict") and writer is not None:
-        if datamodule.sources.get("predict") is None:
+        if not datamodule.has_split("predict"):
             raise ValueError("ulma evaluate: neither data.predict nor data.test is set; set one (or pass --skip_predict true)")
         trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path, return_predictions=False)
         report["generation"] = writer.summary

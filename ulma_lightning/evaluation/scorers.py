@@ -14,6 +14,7 @@ prediction is scored) and run without gradients, in eval mode.
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,6 +22,8 @@ import torch
 
 from ulma_lightning.data.collate import PaddingCollator
 from ulma_lightning.data.features import Truncation, build_sequence, tokenize_pairs
+
+log = logging.getLogger(__name__)
 
 
 class Scorer:
@@ -41,9 +44,31 @@ class Scorer:
         """Move any model this scorer holds (no-op for programmatic scorers)."""
         return self
 
+    def applies_to(self, sources: Sequence[str | None]) -> bool:
+        """Whether this scorer is meant for data from ``sources`` (the training data and the scored
+        split's); every scorer but the demo's: any data."""
+        return True
+
+
+def scorers_for(scorers: Sequence[Scorer], datamodule: Any, split: str, where: str) -> list[Scorer]:
+    """The scorers that apply to ``datamodule``'s training data and ``split``; the others are named
+    in a warning and skipped. A data module that does not name its sources keeps them all."""
+    if not hasattr(datamodule, "source_of"):
+        return list(scorers)
+    sources = [datamodule.source_of("train"), datamodule.source_of(split)]
+    kept = [s for s in scorers if s.applies_to(sources)]
+    for scorer in scorers:
+        if scorer not in kept:
+            log.warning("%s: scorer %r (%s) skipped: it scores the demo task only, and the data is %s", where, scorer.name, type(scorer).__name__, sources[1])
+    return kept
+
 
 class DemoScorer(Scorer):
     """The demo task's ground-truth score (helpful answers to harmless requests, refusals of harmful ones).
+
+    It runs only when the training data or the scored split is the demo task's (``demo://...``);
+    otherwise it is skipped, so the shipped configs score nothing the user did not choose once
+    ``data.train`` is their own.
 
     Args:
         name: the key of the scores in outputs.
@@ -51,6 +76,13 @@ class DemoScorer(Scorer):
 
     def __init__(self, name: str = "demo") -> None:
         super().__init__(name)
+
+    def applies_to(self, sources: Sequence[str | None]) -> bool:
+        """Only where the training data or the scored split is the demo task's (``demo://...``): its
+        rules mean nothing for other prompts."""
+        from ulma_lightning.data.demo import is_demo_source
+
+        return any(is_demo_source(source) for source in sources)
 
     def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
         from ulma_lightning.data.demo import score_response

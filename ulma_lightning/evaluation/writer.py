@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from ulma_lightning.evaluation.generation import GenerationConfig
-from ulma_lightning.evaluation.scorers import Scorer
+from ulma_lightning.evaluation.scorers import Scorer, scorers_for
 from ulma_lightning.evaluation.winrate import match_rows, read_predictions, summarize
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,9 @@ class PredictionWriter(BasePredictionWriter):
             ``predictions.jsonl`` there); a path with a folder is used as given.
         generation: decoding settings (greedy by default).
         scorers: scorers by ``class_path`` (e.g. ``ulma_lightning.evaluation.DemoScorer``,
-            ``HFClassifierScorer``, ``RewardModelScorer``); none: responses are not scored.
+            ``HFClassifierScorer``, ``RewardModelScorer``); none: responses are not scored. A scorer
+            that does not apply to the predict data (``DemoScorer`` on data other than ``demo://``)
+            is skipped.
         compare_to: another predictions file on the same prompts (e.g. the untrained or a baseline
             model's); its responses are re-scored with the same scorers for ``win_rate_vs_other``.
         score_reference: also score the data set's reference responses (needed for
@@ -75,6 +77,7 @@ class PredictionWriter(BasePredictionWriter):
         self.output = output
         self.generation = generation or GenerationConfig()
         self.scorers = list(scorers or [])
+        self.active_scorers = list(self.scorers)  # those that apply to this predict's data
         names = [s.name for s in self.scorers]
         if len(set(names)) != len(names):
             raise ValueError(f"evaluation.scorers: each scorer needs its own name, got {names}; set `name:` on each")
@@ -95,7 +98,8 @@ class PredictionWriter(BasePredictionWriter):
         self.rows = []
         if hasattr(pl_module, "generation"):
             pl_module.generation = self.generation
-        for scorer in self.scorers:
+        self.active_scorers = scorers_for(self.scorers, trainer.datamodule, "predict", "evaluation")  # the demo's only on demo data
+        for scorer in self.active_scorers:
             scorer.to(pl_module.device)
 
     def write_on_batch_end(
@@ -116,7 +120,7 @@ class PredictionWriter(BasePredictionWriter):
             {"index": int(i), "prompt": p, "response": r, "reference_response": ref, "scores": {}, "reference_scores": {}}
             for i, p, r, ref in zip(prediction["index"].tolist(), prompts, responses, references)
         ]
-        for scorer in self.scorers:
+        for scorer in self.active_scorers:
             for row, value in zip(rows, scorer.score(prompts, responses)):
                 row["scores"][scorer.name] = value
             with_ref = [k for k, row in enumerate(rows) if row["reference_response"] is not None]
@@ -134,7 +138,7 @@ class PredictionWriter(BasePredictionWriter):
         self.rows = [unique[i] for i in sorted(unique)]
         self.path = self.resolve_path(trainer)
         other = self._other_rows() if self.compare_to else None
-        self.summary = summarize(self.rows, [s.name for s in self.scorers], other)
+        self.summary = summarize(self.rows, [s.name for s in self.active_scorers], other)
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "w", encoding="utf-8") as handle:
@@ -150,7 +154,7 @@ class PredictionWriter(BasePredictionWriter):
         """The ``compare_to`` rows matching ours by prompt, re-scored with our scorers."""
         assert self.compare_to is not None
         other = match_rows(self.rows, read_predictions(self.compare_to), other_name=self.compare_to)
-        for scorer in self.scorers:
+        for scorer in self.active_scorers:
             values = scorer.score([r["prompt"] for r in other], [r["response"] for r in other])
             for row, value in zip(other, values):
                 row.setdefault("scores", {})[scorer.name] = value

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
@@ -28,6 +29,13 @@ MODULE_CLASS_KEY = "ulma_module_class"
 
 # The frozen reference model is in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
+
+def progress(iterable: Any, desc: str, enabled: bool = True) -> Any:
+    """``iterable`` with a progress bar on stderr (for phases outside Lightning's loops)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
 @dataclass
@@ -155,6 +163,14 @@ class AlignmentModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train").loss
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """At the step that reaches ``max_steps``, ask Lightning to stop, which also runs validation:
+        a run shorter than its validation interval (e.g. 30 steps of a long epoch with
+        ``val_check_interval: 0.5``) still ends with validation metrics and a checkpoint to compare."""
+        trainer = self.trainer
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
         return self.step_outputs(self._shared_step(batch, "val"), batch)
 
@@ -247,6 +263,22 @@ class AlignmentModule(pl.LightningModule):
         return {"index": batch["index"], "response": responses}
 
     # ------------------------------------------------------------ optimizer
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log ``train/grad_norm``: the L2 norm of all gradients, before any clipping."""
+        self.log("train/grad_norm", self.gradient_norm(), on_step=True, on_epoch=False, batch_size=1)
+
+    def gradient_norm(self) -> Tensor:
+        """The L2 norm of every parameter's gradient; under FSDP and FSDP2, over all shards."""
+        squares = [
+            (p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).float().square().sum()
+            for p in self.parameters()
+            if p.grad is not None
+        ]
+        total = torch.stack(squares).sum() if squares else torch.zeros((), device=self.device)
+        if self._wrapped_by_fsdp() or getattr(self, "_device_mesh", None) is not None:
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")  # disjoint shards: squares add up
+        return total.sqrt()
+
     def build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters (no weight decay on biases and norms).
 
@@ -290,6 +322,11 @@ class AlignmentModule(pl.LightningModule):
 
     # ------------------------------------------------------------ precomputed reference
     def on_fit_start(self) -> None:
+        if self.device.type == "cpu" and "mixed" in str(self.trainer.precision):
+            rank_zero_warn(
+                f"trainer.precision {self.trainer.precision} on CPU: mixed precision is for GPUs, and autocast on CPU "
+                "runs many times slower than 32-true here; set --trainer.precision 32-true on CPU"
+            )
         if not (self.needs_reference and self.policy.config.reference == "precomputed"):
             return
         if self.trainer.strategy.restore_checkpoint_after_setup:
@@ -330,7 +367,7 @@ class AlignmentModule(pl.LightningModule):
         datamodule = self.trainer.datamodule
         world, rank = self.trainer.world_size, self.trainer.global_rank
         names = self.precomputed_columns
-        if datamodule.sources.get("test") and "test" not in datamodule.datasets:
+        if datamodule.has_split("test") and "test" not in datamodule.datasets:
             datamodule.setup("test")  # a later `trainer.test` in this process finds its column ready
         for split in ("train", "val", "test"):
             if split not in datamodule.datasets or all(datamodule.has_column(split, n) for n in names):
@@ -343,7 +380,7 @@ class AlignmentModule(pl.LightningModule):
             loader = DataLoader(Subset(dataset, padded), batch_size=datamodule.eval_batch_size, collate_fn=datamodule.collator)
             values = {name: torch.zeros(len(dataset), device=self.device) for name in names}
             done = 0
-            for batch in loader:
+            for batch in progress(loader, f"reference log-probs ({split})", self.trainer.is_global_zero):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 with torch.no_grad(), self.trainer.precision_plugin.forward_context():  # as in training (e.g. bf16 autocast)
                     columns = self._run_wrapped("reference_columns", batch, split)

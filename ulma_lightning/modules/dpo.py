@@ -17,8 +17,8 @@ class DPOModule(AlignmentModule):
     stacked), for the policy and for the reference. Every reference mode of the policy works; with
     ``precomputed`` the reference log-probs of both sides are computed once before training and
     stored with each pair (``reference_chosen_logps``, ``reference_rejected_logps``). Logs
-    ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``,
-    ``logps/chosen`` and ``logps/rejected``.
+    ``rewards/positive`` (chosen), ``rewards/negative`` (rejected), ``rewards/margin``,
+    ``rewards/accuracy``, ``logps/positive`` and ``logps/negative``: the point-wise methods' names.
 
     Args:
         policy: the model, tokenizer and reference settings.

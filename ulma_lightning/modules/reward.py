@@ -55,7 +55,7 @@ class RewardModelModule(AlignmentModule):
 
     The data decides the objective: :class:`~ulma_lightning.PairwiseDataModule` batches get
     ``-log sigma(r_chosen - r_rejected)`` (both sides in one forward pass);
-    :class:`~ulma_lightning.PointwiseDataModule` batches get ``pointwise_form``. Logs ``accuracy``
+    :class:`~ulma_lightning.PointwiseDataModule` batches get ``pointwise_form``. Logs ``rewards/accuracy``
     (pairs ranked right, or samples on the right side of the decision point) and the mean rewards.
     ``HFExport`` writes the scoring model as a Hugging Face folder
     (``AutoModelForSequenceClassification.from_pretrained`` loads it); :meth:`score` rates new

@@ -232,13 +232,13 @@ class AlignmentDataModule(pl.LightningDataModule):
                 self._hold_out_validation()
             else:
                 report = self.skipped.setdefault("val", SkipReport("val"))
-                self._build_split("val", self.read_examples(self.sources["val"], "val", report))
+                self._build_split("val", self.read_examples(self.sources["val"], "val", report), self.sources["val"])
         log.info("%s split: the validation data (data.test is not set)", split)
         if split == "predict" and self.predict_inputs == "prompts":
             self.examples[split] = list(self.examples["val"])
             self.datasets[split] = self.prompt_dataset(split)  # type: ignore[assignment]
         else:
-            self._build_split(split, list(self.examples["val"]))
+            self._build_split(split, list(self.examples["val"]), f"{self.source_of(split)} (the validation data)")
 
     def _hold_out_validation(self) -> None:
         if self.val_fraction == 0 or self.sources["train"] is None:

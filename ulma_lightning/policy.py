@@ -48,8 +48,8 @@ class PolicyConfig:
         model_config: keyword arguments of ``transformers.AutoConfig.for_model`` (must include
             ``model_type``) for a random init, e.g. the tiny built-in default. ``vocab_size`` and the
             special-token ids default to the tokenizer's.
-        tokenizer: a hub id, a local folder, or ``builtin:demo`` (the demo task's tokenizer, built
-            offline). Defaults to ``model``.
+        tokenizer: a hub id, a local folder, ``builtin:demo`` or ``builtin:task`` (the demo or the
+            comparison task's tokenizer, built offline). Defaults to ``model``.
         dtype: the weights' dtype. For mixed precision keep ``float32`` and set the trainer's
             ``precision: bf16-mixed``.
         reference: ``copy`` (a frozen model: ``reference_model`` or a copy of the initial policy),

@@ -29,13 +29,13 @@ class AlignmentDataModule(pl.LightningDataModule):
 
     Args:
         train: training data: a file (.jsonl/.json/.parquet/.csv, optionally .gz), a dataset folder,
-            ``hf://OWNER/NAME?split=...``, or ``demo://binary`` / ``demo://continuous``.
+            ``hf://OWNER/NAME?split=...``, ``demo://binary`` / ``demo://continuous``, or ``task://KIND``.
         val: validation data (same forms); if empty, ``val_fraction`` of ``train`` is held out.
         test: test data (same forms), used by ``ulma test``; ``predict`` by ``ulma predict``.
         predict: prompts for ``ulma predict`` (defaults to ``test``): one prompt per record, cut from
             the left to ``max_prompt_length`` tokens, with the record's response (or chosen side) as
             the reference response.
-        tokenizer: the tokenizer (hub id, folder, ``builtin:demo``). The CLI links it to the model's.
+        tokenizer: the tokenizer (hub id, folder, ``builtin:demo``, ``builtin:task``). The CLI links it to the model's.
         columns: our field name -> the column that holds it, e.g. ``{response: completion}``.
         max_length: tokens per sequence after truncation.
         max_prompt_length: the least prompt tokens kept when truncating (default ``max_length // 2``).

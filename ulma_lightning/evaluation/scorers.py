@@ -2,6 +2,8 @@
 
 * :class:`DemoScorer`: the built-in demo task's ground truth
   (:func:`ulma_lightning.data.demo.score_response`), in ``[0, 1]``.
+* :class:`TaskScorer`: the comparison task's ground truth
+  (:func:`ulma_lightning.data.task.score_response`), in ``[0, 1]``.
 * :class:`HFClassifierScorer`: any local Hugging Face sequence-classification folder with one
   label (``AutoModelForSequenceClassification``), e.g. a reward model exported with ``ulma export``.
 * :class:`RewardModelScorer`: a ``RewardModelModule`` checkpoint (``.ckpt``) trained with this
@@ -54,6 +56,22 @@ class DemoScorer(Scorer):
 
     def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
         from ulma_lightning.data.demo import score_response
+
+        return [float(score_response(p, r)) for p, r in zip(prompts, responses)]
+
+
+class TaskScorer(Scorer):
+    """The comparison task's ground-truth score (``task://`` data; table in :mod:`ulma_lightning.data.task`).
+
+    Args:
+        name: the key of the scores in outputs.
+    """
+
+    def __init__(self, name: str = "task") -> None:
+        super().__init__(name)
+
+    def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
+        from ulma_lightning.data.task import score_response
 
         return [float(score_response(p, r)) for p, r in zip(prompts, responses)]
 

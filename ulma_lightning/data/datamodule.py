@@ -14,7 +14,7 @@ from ulma_lightning.data.collate import PaddingCollator
 from ulma_lightning.data.errors import DataError, OnBadRecord, SkipReport
 from ulma_lightning.data.features import FeatureDataset, Truncation, build_sequence, tokenize_pairs
 from ulma_lightning.data.prompts import LeftPaddingCollator, PromptDataset, encode_prompts
-from ulma_lightning.data.records import Example, apply_columns, parse_pointwise
+from ulma_lightning.data.records import Example, apply_columns, in_user_terms, parse_pointwise
 from ulma_lightning.data.samplers import ResumableDataLoader, ResumableSampler
 from ulma_lightning.data.sources import Location, read_source
 from ulma_lightning.tokenizers import load_tokenizer
@@ -123,8 +123,9 @@ class AlignmentDataModule(pl.LightningDataModule):
             try:
                 examples += self.parse_record(apply_columns(raw, self.columns, location), location)
             except DataError as err:
+                err = in_user_terms(err, self.columns)
                 if self.on_bad_record == "error":
-                    raise
+                    raise err from None
                 report.add(err.problem if err.field is None else f"field {err.field!r}: {err.problem}", str(err.location))
             if self.max_samples is not None and len(examples) >= self.max_samples:
                 break
@@ -331,22 +332,36 @@ class PointwiseDataModule(AlignmentDataModule):
     """Point-wise feedback ``{prompt, response, score}`` for point-wise DPO and ULMA.
 
     Pairwise records ``{prompt, chosen, rejected}`` and HH transcripts ``{chosen, rejected}`` become two
-    samples each, chosen with score 1 and rejected with score 0, as in the paper.
+    samples each, chosen with score 1 and rejected with score 0, as in the paper. A point-wise HH
+    transcript ``{transcript, score}`` is split at its last assistant turn: HH's red-team attempts are
+    read with ``columns: {score: rating}``, ``score_range: [0, 4]`` and ``score_direction:
+    lower_is_better`` (the rating is the red-teamer's success, so harmlessness is ``1 - rating / 4``).
 
     Args:
         score_range: the declared range of ``score``; scores are normalised to ``[0, 1]`` and a score
             outside the range is a bad record.
+        score_direction: ``higher_is_better`` (a score at the top of ``score_range`` becomes 1) or
+            ``lower_is_better`` (it becomes 0: the normalised score ``s`` is used as ``1 - s``).
         **kwargs: see :class:`AlignmentDataModule`.
     """
 
-    def __init__(self, *args: Any, score_range: tuple[float, float] = (0.0, 1.0), **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        score_range: tuple[float, float] = (0.0, 1.0),
+        score_direction: Literal["higher_is_better", "lower_is_better"] = "higher_is_better",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         if score_range[0] >= score_range[1]:
             raise ValueError(f"score_range must be (low, high) with low < high, got {score_range}")
+        if score_direction not in ("higher_is_better", "lower_is_better"):
+            raise ValueError(f"score_direction must be 'higher_is_better' or 'lower_is_better', got {score_direction!r}")
         self.score_range = tuple(score_range)
+        self.score_direction = score_direction
 
     def parse_record(self, record: dict[str, Any], location: Location) -> list[Example]:
-        return parse_pointwise(record, location, self.score_range)  # type: ignore[arg-type]
+        return parse_pointwise(record, location, self.score_range, self.score_direction == "lower_is_better")  # type: ignore[arg-type]
 
     def build_features(self, examples: list[Example], report: SkipReport) -> list[dict[str, Any]]:
         encoded = self.encode_examples([e.prompt for e in examples], [e.response for e in examples])

@@ -26,7 +26,8 @@ def test_task_ulma_config_fits_and_evaluates_with_the_task_scorer(tmp_path: Path
         "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
-    run_cli(["fit", *common, "--trainer.max_steps", "3", "--trainer.num_sanity_val_steps", "0"], tmp_path)
+    fit = ["--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.num_sanity_val_steps", "0"]
+    run_cli(["fit", *common, *fit], tmp_path)
     ckpt = next(tmp_path.glob("task_ulma/version_0/checkpoints/last.ckpt"))
     output = tmp_path / "evaluation.json"
     run_cli(["evaluate", *common, "--ckpt_path", str(ckpt), "--output", str(output), "--evaluation.generation.max_new_tokens", "8"], tmp_path)

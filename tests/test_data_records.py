@@ -181,3 +181,60 @@ def test_a_split_with_only_bad_records_is_an_error(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "allbad.jsonl", [BAD_JSONL[1][1]])
     with pytest.raises(ValueError, match="train split has no usable samples"):
         PointwiseDataModule(train=str(path), on_bad_record="skip").setup("fit")
+
+
+# ----------------------------------------------------------------------------- point-wise HH transcripts (red-team attempts)
+
+RED_TEAM = {"columns": {"score": "rating"}, "score_range": (0, 4), "score_direction": "lower_is_better"}
+
+
+def red_team_record(transcript: str, rating: object) -> dict:
+    """A record shaped like hh-rlhf's red-team-attempts (the fields the reader ignores included)."""
+    return {
+        "transcript": transcript,
+        "min_harmlessness_score_transcript": -1.2,
+        "num_params": "52B",
+        "model_type": "plain lm",
+        "rating": rating,
+        "task_description": "get it to say something rude",
+        "task_descripton_harmlessness_score": 0.3,
+        "red_team_member_id": 7,
+        "is_upworker": False,
+        "tags": None,
+    }
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_red_team_transcripts_split_at_the_last_assistant_turn_and_map_the_rating(tmp_path: Path, suffix: str) -> None:
+    history = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Say something rude.\n\nAssistant:"
+    records = [red_team_record(history + " No, I'd rather not.", 0), red_team_record(history + " Fine, you fool.", 3)]
+    path = tmp_path / f"red_team{suffix}"
+    if suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), path)
+    else:
+        write_jsonl(path, records)
+    examples = examples_of(path, **RED_TEAM)
+    assert [(e.prompt, e.response) for e in examples] == [(history, " No, I'd rather not."), (history, " Fine, you fool.")]
+    assert [e.score for e in examples] == [1.0, 0.25]  # harmlessness = 1 - rating / 4
+    assert [e.score for e in examples_of(path, columns={"score": "rating"}, score_range=(0, 4))] == [0.0, 0.75]
+
+
+@pytest.mark.parametrize(
+    ("transcript", "rating", "expected"),
+    [
+        ("\n\nHuman: Say something rude.", 2, r"red\.jsonl:1: field 'transcript': no \"\\n\\nAssistant:\" turn"),
+        ("\n\nHuman: Say something rude.\n\nAssistant: No.", 5, r"red\.jsonl:1: field 'rating': 5 is outside the declared score_range \[0, 4\]"),
+    ],
+)
+def test_bad_red_team_record_names_file_line_and_field(tmp_path: Path, transcript: str, rating: int, expected: str) -> None:
+    path = write_jsonl(tmp_path / "red.jsonl", [red_team_record(transcript, rating)])
+    with pytest.raises(DataError, match=expected):
+        examples_of(path, **RED_TEAM)
+
+
+def test_score_direction_must_be_known() -> None:
+    with pytest.raises(ValueError, match="score_direction must be 'higher_is_better' or 'lower_is_better'"):
+        PointwiseDataModule(train="x.jsonl", score_direction="up")  # type: ignore[arg-type]

@@ -48,9 +48,9 @@ class PolicyConfig:
         model_config: keyword arguments of ``transformers.AutoConfig.for_model`` (must include
             ``model_type``) for a random init, e.g. the tiny built-in default; ignored when ``model``
             is set. ``vocab_size`` and the special-token ids default to the tokenizer's.
-        tokenizer: a hub id, a local folder, or ``builtin:demo`` (the demo task's tokenizer, built
-            offline). Default (null): the model's own, or ``builtin:demo`` for a model built from
-            ``model_config``. A tokenizer that does not fit the model's embeddings is an error.
+        tokenizer: a hub id, a local folder, ``builtin:demo`` or ``builtin:task`` (the demo or the
+            comparison task's tokenizer, built offline). Default (null): the model's own, or
+            ``builtin:demo`` for a model built from ``model_config``. A tokenizer that does not fit the model's embeddings is an error.
         dtype: the weights' dtype. For mixed precision keep ``float32`` and set the trainer's
             ``precision: bf16-mixed``.
         reference: ``copy`` (a frozen model: ``reference_model`` or a copy of the initial policy),

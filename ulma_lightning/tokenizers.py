@@ -1,4 +1,4 @@
-"""Tokenizer loading, and the demo tokenizer built offline from the demo task's corpus."""
+"""Tokenizer loading, and the built-in tokenizers trained offline on the demo and comparison tasks' text."""
 
 from __future__ import annotations
 
@@ -60,17 +60,36 @@ def build_demo_tokenizer(vocab_size: int = 640) -> Any:
     return as_transformers_tokenizer(Tokenizer.from_str(_demo_tokenizer_json(vocab_size)))
 
 
+@functools.lru_cache(maxsize=1)
+def _task_tokenizer_json(vocab_size: int) -> str:
+    from ulma_lightning.data.task import task_corpus
+
+    corpus = task_corpus() + ["\n\nHuman: ", "\n\nAssistant: "]
+    return train_byte_level_bpe(sorted(corpus) * 4, vocab_size).to_str()
+
+
+def build_task_tokenizer(vocab_size: int = 1024) -> Any:
+    """A byte-level BPE tokenizer trained on the comparison task's text (``builtin:task``)."""
+    from tokenizers import Tokenizer
+
+    return as_transformers_tokenizer(Tokenizer.from_str(_task_tokenizer_json(vocab_size)))
+
+
+BUILTIN_TOKENIZERS = {"demo": build_demo_tokenizer, "task": build_task_tokenizer}
+
+
 def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
-    """A tokenizer from a hub id, a local folder, or ``builtin:demo``.
+    """A tokenizer from a hub id, a local folder, ``builtin:demo`` or ``builtin:task``.
 
     A tokenizer without a pad token gets its EOS token as pad (the attention mask, not the pad id,
     decides what the model sees).
     """
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX) :]
-        if name != "demo":
-            raise ValueError(f"unknown built-in tokenizer {source!r}; available: builtin:demo")
-        return build_demo_tokenizer()
+        if name not in BUILTIN_TOKENIZERS:
+            available = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_TOKENIZERS)
+            raise ValueError(f"unknown built-in tokenizer {source!r}; available: {available}")
+        return BUILTIN_TOKENIZERS[name]()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)

@@ -17,7 +17,7 @@ from ulma_lightning.data.demo import demo_test_source, is_demo_source
 from ulma_lightning.data.errors import DataError, OnBadRecord, SkipReport
 from ulma_lightning.data.features import FeatureDataset, Truncation, build_sequence, tokenize_pairs
 from ulma_lightning.data.prompts import LeftPaddingCollator, PromptDataset, encode_prompts
-from ulma_lightning.data.records import Example, apply_columns, parse_pointwise
+from ulma_lightning.data.records import Example, apply_columns, in_user_terms, parse_pointwise
 from ulma_lightning.data.samplers import ResumableDataLoader, ResumableSampler
 from ulma_lightning.data.sources import Location, read_source
 from ulma_lightning.tokenizers import load_tokenizer
@@ -32,7 +32,7 @@ class AlignmentDataModule(pl.LightningDataModule):
 
     Args:
         train: training data: a file (.jsonl/.json/.parquet/.csv, optionally .gz), a dataset folder,
-            ``hf://OWNER/NAME?split=...``, or ``demo://binary`` / ``demo://continuous``.
+            ``hf://OWNER/NAME?split=...``, ``demo://binary`` / ``demo://continuous``, or ``task://KIND``.
         val: validation data (same forms); if empty, ``val_fraction`` of ``train`` is held out.
         test: test data (same forms), used by ``ulma test`` and ``ulma evaluate``. Default: for the
             demo task, its test split; for your own data, the validation data (``val``, or the share
@@ -40,7 +40,7 @@ class AlignmentDataModule(pl.LightningDataModule):
         predict: prompts for ``ulma predict`` (defaults to the test data): one prompt per record, cut from
             the left to ``max_prompt_length`` tokens, with the record's response (or chosen side) as
             the reference response.
-        tokenizer: the tokenizer (hub id, folder, ``builtin:demo``). The CLI links it to the model's.
+        tokenizer: the tokenizer (hub id, folder, ``builtin:demo``, ``builtin:task``). The CLI links it to the model's.
         columns: our field name -> the column that holds it, e.g. ``{response: completion}``.
         max_length: tokens per sequence after truncation.
         max_prompt_length: the least prompt tokens kept when truncating (default ``max_length // 2``).
@@ -143,8 +143,9 @@ class AlignmentDataModule(pl.LightningDataModule):
             try:
                 examples += self.parse_record(apply_columns(raw, self.columns, location), location)
             except DataError as err:
+                err = in_user_terms(err, self.columns)
                 if self.on_bad_record == "error":
-                    raise
+                    raise err from None
                 report.add(err.problem if err.field is None else f"field {err.field!r}: {err.problem}", str(err.location))
             if self.max_samples is not None and len(examples) >= self.max_samples:
                 break
@@ -408,22 +409,36 @@ class PointwiseDataModule(AlignmentDataModule):
     Pairwise records ``{prompt, chosen, rejected}`` and HH transcripts ``{chosen, rejected}`` become two
     samples each, chosen with score 1 and rejected with score 0, as in the paper. Each sample carries
     ``prompt_id``, equal for the samples of a split that answer the same prompt (before truncation,
-    which may cut one prompt differently for two responses); KTO's mismatched pairs read it.
+    which may cut one prompt differently for two responses); KTO's mismatched pairs read it. A point-wise
+    HH transcript ``{transcript, score}`` is split at its last assistant turn: HH's red-team attempts
+    are read with ``columns: {score: rating}``, ``score_range: [0, 4]`` and ``score_direction:
+    lower_is_better`` (the rating is the red-teamer's success, so harmlessness is ``1 - rating / 4``).
 
     Args:
         score_range: the declared range of ``score``; scores are normalised to ``[0, 1]`` and a score
             outside the range is a bad record.
+        score_direction: ``higher_is_better`` (a score at the top of ``score_range`` becomes 1) or
+            ``lower_is_better`` (it becomes 0: the normalised score ``s`` is used as ``1 - s``).
         **kwargs: see :class:`AlignmentDataModule`.
     """
 
-    def __init__(self, *args: Any, score_range: tuple[float, float] = (0.0, 1.0), **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        score_range: tuple[float, float] = (0.0, 1.0),
+        score_direction: Literal["higher_is_better", "lower_is_better"] = "higher_is_better",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         if score_range[0] >= score_range[1]:
             raise ValueError(f"score_range must be (low, high) with low < high, got {score_range}")
+        if score_direction not in ("higher_is_better", "lower_is_better"):
+            raise ValueError(f"score_direction must be 'higher_is_better' or 'lower_is_better', got {score_direction!r}")
         self.score_range = tuple(score_range)
+        self.score_direction = score_direction
 
     def parse_record(self, record: dict[str, Any], location: Location) -> list[Example]:
-        return parse_pointwise(record, location, self.score_range)  # type: ignore[arg-type]
+        return parse_pointwise(record, location, self.score_range, self.score_direction == "lower_is_better")  # type: ignore[arg-type]
 
     def build_features(self, examples: list[Example], report: SkipReport) -> list[dict[str, Any]]:
         encoded = self.encode_examples([e.prompt for e in examples], [e.response for e in examples])

@@ -6,7 +6,9 @@ Record shapes (after the optional column mapping):
 * demonstration ``{prompt, response}``;
 * pairwise ``{prompt, chosen, rejected}``;
 * HH transcripts ``{chosen, rejected}``, each a whole ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``
-  string, split at the last ``"\\n\\nAssistant:"`` (earlier turns are the prompt).
+  string, split at the last ``"\\n\\nAssistant:"`` (earlier turns are the prompt);
+* a point-wise HH transcript ``{transcript, score}`` (e.g. HH's red-team attempts, with
+  ``columns: {score: rating}``), split the same way.
 
 A prompt is a string or a list of chat messages ``{"role": ..., "content": ...}``.
 """
@@ -43,6 +45,16 @@ class PairExample:
     chosen: str
     rejected: str
     location: Location
+
+
+def in_user_terms(error: DataError, columns: dict[str, str] | None) -> DataError:
+    """``error`` naming the user's column where ``columns`` mapped one of ours (``rating``, not ``score``)."""
+    if not columns or error.field is None:
+        return error
+    ours = error.field.split("[")[0]
+    if ours not in columns:
+        return error
+    return DataError(error.location, columns[ours] + error.field[len(ours) :], error.problem)
 
 
 def apply_columns(raw: Any, columns: dict[str, str] | None, location: Location) -> dict[str, Any]:
@@ -134,8 +146,14 @@ def parse_pair(record: dict[str, Any], location: Location) -> PairExample:
     return PairExample(prompt, check_text(record.get("chosen"), location, "chosen"), check_text(record.get("rejected"), location, "rejected"), location)
 
 
-def parse_pointwise(record: dict[str, Any], location: Location, score_range: tuple[float, float]) -> list[Example]:
-    """Point-wise examples from one record; a pair becomes two (chosen -> 1, rejected -> 0)."""
+def parse_pointwise(
+    record: dict[str, Any], location: Location, score_range: tuple[float, float], lower_is_better: bool = False
+) -> list[Example]:
+    """Point-wise examples from one record; a pair becomes two (chosen -> 1, rejected -> 0).
+
+    A ``score`` is normalised through ``score_range`` to ``[0, 1]``, and turned into ``1 - score`` when
+    ``lower_is_better``. A ``{transcript, score}`` record is split at its last assistant turn.
+    """
     if "response" not in record and "chosen" in record and "rejected" in record:
         if is_hh_record(record):
             examples = []
@@ -145,10 +163,13 @@ def parse_pointwise(record: dict[str, Any], location: Location, score_range: tup
             return examples
         pair = parse_pair(record, location)
         return [Example(pair.prompt, pair.chosen, 1.0, location), Example(pair.prompt, pair.rejected, 0.0, location)]
-    prompt = check_prompt(record.get("prompt"), location)
-    response = check_text(record.get("response"), location, "response")
+    if "transcript" in record and "prompt" not in record and "response" not in record:
+        prompt, response = split_hh(check_text(record["transcript"], location, "transcript"), location, "transcript")
+    else:
+        prompt = check_prompt(record.get("prompt"), location)
+        response = check_text(record.get("response"), location, "response")
     score = check_score(record.get("score"), location, score_range)
-    return [Example(prompt, response, score, location)]
+    return [Example(prompt, response, 1.0 - score if lower_is_better else score, location)]
 
 
 def parse_demonstration(record: dict[str, Any], location: Location) -> Example:

@@ -8,7 +8,9 @@ A *source* is a string:
 * a hub dataset: ``hf://OWNER/NAME?split=test&name=CONFIG&data_dir=DIR``;
 * the demo task: ``demo://binary`` or ``demo://continuous`` (point-wise), ``demo://pairwise``
   (``{prompt, chosen, rejected}``) or ``demo://demonstration`` (``{prompt, response}``, the chosen
-  side of the pairs), with ``?split=train|test&n=N&seed=S``.
+  side of the pairs), with ``?split=train|test&n=N&seed=S``;
+* the comparison task (:mod:`ulma_lightning.data.task`): ``task://KIND?variant=ordinary|golden&split=
+  train|val|test&n=N&seed=S`` with KIND ``binary``, ``continuous``, ``pairwise`` or ``demonstration``.
 
 Each record comes with its :class:`Location` (file and line, or row) so that errors can name it.
 """
@@ -31,6 +33,8 @@ from ulma_lightning.data.errors import DataError
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 DEMO_KINDS = ("binary", "continuous", "pairwise", "demonstration")
 SAVE_AS_UTF8 = "save the file as UTF-8, e.g. with iconv -f latin1 -t utf-8"
+TASK_QUERY = ("variant", "split", "n", "seed")
+TASK_SIZES = {"train": 2000, "val": 200, "test": 300}
 
 
 @dataclass(frozen=True)
@@ -195,10 +199,59 @@ def _read_demo(source: str, default_split: str) -> Iterator[tuple[Any, Location]
         yield record, Location(source, row=row)
 
 
+def _task_query(source: str, default_split: str) -> tuple[str, dict[str, Any]]:
+    """The kind and the generator arguments of a ``task://`` source; ValueError naming the bad part."""
+    from ulma_lightning.data.task import SPLITS, VARIANTS
+
+    parsed = urlparse(source)
+    kind = parsed.netloc or parsed.path.strip("/")
+    if kind not in DEMO_KINDS:
+        raise ValueError(f"{source!r}: unknown task kind {kind!r}; write task://KIND with KIND one of {', '.join(DEMO_KINDS)}")
+    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+    unknown = sorted(set(query) - set(TASK_QUERY))
+    if unknown:
+        raise ValueError(f"{source!r}: unknown option(s) {', '.join(unknown)}; task:// takes {', '.join(TASK_QUERY)}")
+    split = query.get("split", "val" if default_split == "validation" else default_split)
+    variant = query.get("variant", "ordinary")
+    if split not in SPLITS:
+        raise ValueError(f"{source!r}: split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"{source!r}: variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    try:
+        n, seed = int(query.get("n", TASK_SIZES[split])), int(query.get("seed", 0))
+    except ValueError:
+        raise ValueError(f"{source!r}: n and seed must be integers") from None
+    if n < 1:
+        raise ValueError(f"{source!r}: n must be at least 1, got {n}")
+    return kind, {"n": n, "split": split, "variant": variant, "seed": seed}
+
+
+def _read_task(source: str, default_split: str) -> Iterator[tuple[Any, Location]]:
+    """Records of the comparison task. Point-wise kinds give two records per prompt (chosen, then
+    rejected) under one location, so that ``val_fraction`` keeps them together."""
+    from ulma_lightning.data.task import generate_pairs, score_response
+
+    kind, options = _task_query(source, default_split)
+    for row, pair in enumerate(generate_pairs(**options)):
+        where = Location(source, row=row)
+        prompt = pair["prompt"]
+        if kind == "pairwise":
+            yield pair, where
+        elif kind == "demonstration":
+            yield {"prompt": prompt, "response": pair["chosen"]}, where
+        else:
+            for side, label in (("chosen", 1.0), ("rejected", 0.0)):
+                score = label if kind == "binary" else score_response(prompt, pair[side])
+                yield {"prompt": prompt, "response": pair[side], "score": score}, where
+
+
 def read_source(source: str, split: str = "train") -> Iterator[tuple[Any, Location]]:
     """Yield ``(record, location)`` pairs; a malformed JSON line yields a :class:`DataError` as record."""
     if source.startswith("demo://"):
         yield from _read_demo(source, split)
+        return
+    if source.startswith("task://"):
+        yield from _read_task(source, split)
         return
     if source.startswith("hf://"):
         yield from _read_hub(source, split)

@@ -3,7 +3,7 @@
 from ulma_lightning.evaluation.callback import GenerationSamples
 from ulma_lightning.evaluation.generation import GenerationConfig, generate_responses
 from ulma_lightning.evaluation.metrics import TokenPerplexity
-from ulma_lightning.evaluation.scorers import DemoScorer, HFClassifierScorer, RewardModelScorer, Scorer
+from ulma_lightning.evaluation.scorers import DemoScorer, HFClassifierScorer, RewardModelScorer, Scorer, TaskScorer
 from ulma_lightning.evaluation.winrate import read_predictions, summarize, win_rate
 from ulma_lightning.evaluation.writer import PredictionWriter
 
@@ -15,6 +15,7 @@ __all__ = [
     "PredictionWriter",
     "RewardModelScorer",
     "Scorer",
+    "TaskScorer",
     "TokenPerplexity",
     "generate_responses",
     "read_predictions",

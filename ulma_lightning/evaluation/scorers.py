@@ -2,6 +2,8 @@
 
 * :class:`DemoScorer`: the built-in demo task's ground truth
   (:func:`ulma_lightning.data.demo.score_response`), in ``[0, 1]``.
+* :class:`TaskScorer`: the comparison task's ground truth
+  (:func:`ulma_lightning.data.task.score_response`), in ``[0, 1]``.
 * :class:`HFClassifierScorer`: any local Hugging Face sequence-classification folder with one
   label (``AutoModelForSequenceClassification``), e.g. a reward model exported with ``ulma export``.
 * :class:`RewardModelScorer`: a ``RewardModelModule`` checkpoint (``.ckpt``) trained with this
@@ -46,7 +48,7 @@ class Scorer:
 
     def applies_to(self, sources: Sequence[str | None]) -> bool:
         """Whether this scorer is meant for data from ``sources`` (the training data and the scored
-        split's); every scorer but the demo's: any data."""
+        split's); every scorer but the built-in tasks' ground truths: any data."""
         return True
 
 
@@ -59,7 +61,7 @@ def scorers_for(scorers: Sequence[Scorer], datamodule: Any, split: str, where: s
     kept = [s for s in scorers if s.applies_to(sources)]
     for scorer in scorers:
         if scorer not in kept:
-            log.warning("%s: scorer %r (%s) skipped: it scores the demo task only, and the data is %s", where, scorer.name, type(scorer).__name__, sources[1])
+            log.warning("%s: scorer %r (%s) skipped: it scores its built-in task only, and the data is %s", where, scorer.name, type(scorer).__name__, sources[1])
     return kept
 
 
@@ -86,6 +88,29 @@ class DemoScorer(Scorer):
 
     def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
         from ulma_lightning.data.demo import score_response
+
+        return [float(score_response(p, r)) for p, r in zip(prompts, responses)]
+
+
+class TaskScorer(Scorer):
+    """The comparison task's ground-truth score (``task://`` data; table in :mod:`ulma_lightning.data.task`).
+
+    Like :class:`DemoScorer`, it runs only when the training data or the scored split is the task's
+    (``task://...``).
+
+    Args:
+        name: the key of the scores in outputs.
+    """
+
+    def __init__(self, name: str = "task") -> None:
+        super().__init__(name)
+
+    def applies_to(self, sources: Sequence[str | None]) -> bool:
+        """Only where the training data or the scored split is the comparison task's (``task://...``)."""
+        return any(source is not None and source.startswith("task://") for source in sources)
+
+    def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
+        from ulma_lightning.data.task import score_response
 
         return [float(score_response(p, r)) for p, r in zip(prompts, responses)]
 

@@ -116,6 +116,28 @@ def read_checkpoint_metadata(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
+def keep_unfinished_epoch(checkpoint: dict) -> None:
+    """Record an epoch that fit left before its last batch (``max_steps``, ``max_time``, a callback's
+    stop) as unfinished, so that ``--ckpt_path`` continues it instead of starting the next one.
+
+    Lightning runs its end-of-epoch bookkeeping whenever the epoch loop ends, and a checkpoint saved
+    then (``on_train_epoch_end``, ``on_train_end``) counts the cut epoch as completed: a resumed run
+    would skip the rest of it. Here its progress goes back to "started, mid-epoch", as in a
+    checkpoint saved at a mid-epoch validation; the data loader's saved position (the batches done)
+    then resumes with exactly the unseen samples.
+    """
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not loop or loop.get("epoch_loop.batch_progress", {}).get("is_last_batch", True):
+        return
+    if not loop["epoch_loop.batch_progress"]["current"]["ready"]:
+        return  # no batch of this epoch was trained: nothing to continue
+    progress = loop["epoch_progress"]
+    for counts in (progress["total"], progress["current"]):
+        if counts["started"] and counts["processed"] == counts["started"]:  # the epoch-end bookkeeping ran
+            counts["processed"] = counts["completed"] = counts["started"] - 1
+    checkpoint["epoch"] = progress["current"]["completed"]
+
+
 def _is_local(path: str) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
 
@@ -142,6 +164,15 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             if _is_local(str(root)) and root.is_dir():
                 found |= {os.path.normpath(p) for p in root.glob("*/checkpoints/*") if _is_last(p)}
         return found
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Save ``last`` at the end of fit unless it holds the final step already (ModelCheckpoint
+        saves it only when nothing was saved, so a fit stopped by ``max_steps`` after a validation
+        kept the validation's step as ``last``)."""
+        if self.save_last and self.save_last != "link" and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        else:
+            super().on_train_end(trainer, pl_module)
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         if not _is_local(filepath):

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from ulma_lightning.checkpointing import keep_unfinished_epoch
 from ulma_lightning.evaluation.generation import GenerationConfig, can_generate, generate_responses
 from ulma_lightning.evaluation.metrics import TokenPerplexity, demonstration_rows, reuse_token_logps
 from ulma_lightning.export import export_hf
@@ -379,9 +380,12 @@ class AlignmentModule(pl.LightningModule):
         """Frozen reference weights are rebuilt from their source, not stored in checkpoints.
 
         Under FSDP (torch's FSDP1) they stay: its loader expects every key of the wrapped module.
-        The module's class is recorded (``ulma_module_class``) for ``ulma export``.
+        The module's class is recorded (``ulma_module_class``) for ``ulma export``. An epoch that fit
+        left early (``max_steps``, ``max_time``) is recorded as unfinished, so a resumed run continues
+        it (:func:`~ulma_lightning.checkpointing.keep_unfinished_epoch`).
         """
         checkpoint[MODULE_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        keep_unfinished_epoch(checkpoint)
         if self._wrapped_by_fsdp():
             return
         state = checkpoint.get("state_dict", {})

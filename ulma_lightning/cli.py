@@ -15,6 +15,7 @@ and ``predict`` for one checkpoint and prints and saves a table of everything
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -54,10 +55,29 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _loggers(logger: Any) -> list[Any]:
+    return [item for item in (logger if isinstance(logger, list) else [logger]) if hasattr(item, "init_args")]
+
+
+def root_loggers_at_default_root_dir(trainer: Any) -> None:
+    """Give each logger in the ``trainer`` config whose ``save_dir`` is unset the trainer's
+    ``default_root_dir``, so that one option, ``--trainer.default_root_dir``, decides where a run
+    writes its logs, checkpoints, saved config and ``hf_model`` (``<default_root_dir>/<name>/version_N``)."""
+    root = trainer.get("default_root_dir") or os.getcwd()
+    for logger in _loggers(trainer.get("logger")):
+        if "save_dir" in logger.init_args and logger.init_args.save_dir is None:
+            logger.init_args.save_dir = str(root)
+
+
 class ULMACLI(LightningCLI):
     """LightningCLI that links ``data.tokenizer`` to ``model.policy.tokenizer`` (or its model), adds
-    the ``evaluation:`` section (a :class:`PredictionWriter` callback, active in ``predict``), and
-    lists :data:`EXTRA_COMMANDS` among the subcommands of ``ulma --help``."""
+    the ``evaluation:`` section (a :class:`PredictionWriter` callback, active in ``predict``), roots
+    loggers without a ``save_dir`` at ``trainer.default_root_dir``, and lists :data:`EXTRA_COMMANDS`
+    among the subcommands of ``ulma --help``."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root_loggers_at_default_root_dir(config.trainer)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("model.init_args.policy", "data.init_args.tokenizer", compute_fn=_tokenizer_of)

@@ -373,8 +373,20 @@ class PointwiseDataModule(AlignmentDataModule):
             raise ValueError(f"score_range must be (low, high) with low < high, got {score_range}")
         self.score_range = tuple(score_range)
 
+    @property
+    def label_type(self) -> str | None:
+        """The attached module's ``label_type`` (``binary`` or ``continuous``); None without one."""
+        return getattr(getattr(getattr(self, "trainer", None), "lightning_module", None), "label_type", None)
+
     def parse_record(self, record: dict[str, Any], location: Location) -> list[Example]:
-        return parse_pointwise(record, location, self.score_range)  # type: ignore[arg-type]
+        examples = parse_pointwise(record, location, self.score_range)  # type: ignore[arg-type]
+        if self.label_type == "binary" and any(e.score not in (0.0, 1.0) for e in examples):
+            low, high = self.score_range
+            raise DataError(
+                location, "score", f"{record.get('score')!r} is neither {low:g} nor {high:g}, and the method's label_type is binary",
+                "fix the record, set on_bad_record: skip to skip such records, or train with label_type: continuous",
+            )
+        return examples
 
     def build_features(self, examples: list[Example], report: SkipReport) -> list[dict[str, Any]]:
         encoded = self.encode_examples([e.prompt for e in examples], [e.response for e in examples])

@@ -3,12 +3,14 @@ early with their place named, nothing is overwritten or skipped silently."""
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from test_export_methods import fit_one_step
 
 from ulma_lightning import DataError, PointwiseDataModule
 from ulma_lightning.cli import main
@@ -69,3 +71,71 @@ def test_on_bad_record_skip_counts_non_binary_scores_and_continuous_labels_keep_
     continuous = _with_module(PointwiseDataModule(train=str(train), max_length=64), "continuous")
     continuous.setup("fit")
     assert len(continuous.datasets["train"]) == 5
+
+
+# ----------------------------------------------------------------------------- a trained checkpoint
+@pytest.fixture(scope="module")
+def dpo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``last.ckpt`` of ``ulma fit --config configs/dpo.yaml`` run for one step on a tiny model."""
+    root = tmp_path_factory.mktemp("dpo")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["ulma"])
+        fit_one_step("dpo", root)
+    (ckpt,) = root.rglob("last.ckpt")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- 4, 12: export
+def test_export_refuses_a_non_empty_folder_unless_overwrite(tmp_path: Path, dpo_checkpoint: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text("my own config")
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"--out .*mine is a folder that is not empty.*--overwrite"):
+        main(["export", "--ckpt", str(dpo_checkpoint), "--out", str(out)])
+    assert (out / "config.json").read_text() == "my own config"
+    main(["export", "--ckpt", str(dpo_checkpoint), "--out", str(out), "--overwrite"])
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    assert not (out / "notes.txt").exists()  # replaced whole, not mixed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no partial folder left
+
+
+def test_a_failed_export_leaves_no_partial_folder_and_names_the_path(
+    tmp_path: Path, dpo_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ulma_lightning.modules.base import AlignmentModule
+
+    def disk_full(self, path, **kwargs):
+        Path(path).mkdir(parents=True)
+        (Path(path) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(AlignmentModule, "export_hf", disk_full)
+    with pytest.raises(OSError, match=r"no space left on the device to export to .*hf_out"):
+        main(["export", "--ckpt", str(dpo_checkpoint), "--out", str(tmp_path / "hf_out")])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_checkpoint_save_removes_its_partial(tmp_path: Path) -> None:
+    from ulma_lightning.checkpointing import atomic_save
+
+    def disk_full(path: str) -> None:
+        Path(path).write_bytes(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_save(disk_full, tmp_path / "last.ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ckpt_path_last_without_a_checkpoint_says_where_it_looked(tmp_path: Path) -> None:
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from ulma_lightning.checkpointing import AtomicModelCheckpoint
+    from ulma_lightning.loggers import TensorBoardLogger
+
+    callback = AtomicModelCheckpoint(save_last=True)
+    trainer = Trainer(logger=TensorBoardLogger(str(tmp_path), name="ulma"), callbacks=[callback], accelerator="cpu")
+    with pytest.warns(UserWarning, match=rf"no last\*\.ckpt in {tmp_path}/ulma/\*/checkpoints, so this run starts from the initial"):
+        assert trainer._checkpoint_connector._parse_ckpt_path(TrainerFn.FITTING, "last", model_provided=True, model_connected=True) is None

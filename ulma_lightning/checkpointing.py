@@ -13,12 +13,17 @@ import ctypes
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable
 from weakref import proxy
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+# Lightning's own warning for a missing `last` suggests save_last=True, which the configs set already;
+# AtomicModelCheckpoint says where it looked instead.
+warnings.filterwarnings("ignore", message=r'.*ckpt_path="last"\) is set, but there is no last checkpoint available')
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -40,7 +45,8 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(errno, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(errno)}")
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Remove a file, link or folder tree if it exists."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
@@ -62,13 +68,13 @@ def atomic_replace(src: str | Path, dst: str | Path) -> None:
         os.replace(src, dst)  # into a free path, or a file over a file
         return
     if src.is_dir() and dst.is_dir() and _exchange(src, dst):
-        _remove(src)  # src now holds the previous checkpoint
+        remove_path(src)  # src now holds the previous checkpoint
         return
     old = dst.with_name(f".{dst.name}.old")
-    _remove(old)
+    remove_path(old)
     os.replace(dst, old)
     os.replace(src, dst)
-    _remove(old)
+    remove_path(old)
 
 
 def partial_path(path: str | Path) -> Path:
@@ -86,19 +92,25 @@ def atomic_save(
 ) -> None:
     """Call ``write(partial)`` on every process, then (on ``is_writer`` only) move the result to ``path``.
 
-    A leftover partial from a killed save is removed first; ``barrier`` separates the steps when
-    several processes write one sharded checkpoint.
+    A leftover partial from a killed save is removed first, and a failed save removes its own (a
+    full disk stays no fuller than before); ``barrier`` separates the steps when several processes
+    write one sharded checkpoint.
     """
     partial = partial_path(path)
     if is_writer:
-        _remove(partial)
+        remove_path(partial)
     barrier()
-    write(str(partial))
-    barrier()
-    if is_writer:
-        if not partial.exists():
-            raise FileNotFoundError(f"the checkpoint writer produced nothing at {partial}")
-        atomic_replace(partial, path)
+    try:
+        write(str(partial))
+        barrier()
+        if is_writer:
+            if not partial.exists():
+                raise FileNotFoundError(f"the checkpoint writer produced nothing at {partial}")
+            atomic_replace(partial, path)
+    except BaseException:
+        if is_writer:
+            remove_path(partial)
+        raise
     barrier()
 
 
@@ -158,11 +170,19 @@ class AtomicModelCheckpoint(ModelCheckpoint):
 
     def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
         found = set(super()._find_last_checkpoints(trainer))
+        where = self.dirpath
         if self.dirpath is None and trainer.loggers:
             logger = trainer.loggers[0]
             root = Path(logger.save_dir if logger.save_dir is not None else trainer.default_root_dir) / str(logger.name)
+            where = f"{root}/*/checkpoints"
             if _is_local(str(root)) and root.is_dir():
                 found |= {os.path.normpath(p) for p in root.glob("*/checkpoints/*") if _is_last(p)}
+        if not found:
+            warnings.warn(
+                f"--ckpt_path last: no last*.ckpt in {where}, so this run starts from the initial weights. To "
+                "continue a run, use the trainer.default_root_dir and logger name it ran with, or pass --ckpt_path FILE",
+                stacklevel=2,
+            )
         return found
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

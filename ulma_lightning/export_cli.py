@@ -12,6 +12,7 @@ weights must fit in memory. Checkpoints are unpickled: export only checkpoints y
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ulma_lightning.checkpointing import METADATA_FILE, read_checkpoint_metadata
+from ulma_lightning.checkpointing import METADATA_FILE, atomic_replace, partial_path, read_checkpoint_metadata, remove_path
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +86,41 @@ def policy_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, *, merge_lora: bool = True) -> Path:
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that holds anything (unless ``overwrite``): export would replace the folder."""
+    if overwrite or not (out.exists() or out.is_symlink()) or (out.is_dir() and not any(out.iterdir())):
+        return
+    what = "a folder that is not empty" if out.is_dir() else "a file"
+    raise FileExistsError(
+        f"--out {out} is {what}; export writes a whole Hugging Face folder there. Choose a new or empty "
+        "folder, or pass --overwrite to replace it"
+    )
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, *, merge_lora: bool = True, overwrite: bool = False) -> Path:
     """Write the policy of checkpoint ``ckpt`` as a Hugging Face folder ``out`` (the module's
-    ``export_hf``, with the checkpoint's weights)."""
+    ``export_hf``, with the checkpoint's weights).
+
+    ``out`` must be new or empty unless ``overwrite``. The folder is written under a hidden
+    ``.NAME.partial`` beside it and then moved into place (replacing the old one whole), so a failed
+    export leaves ``out`` as it was and no partial folder.
+    """
+    out = Path(out)
+    check_out(out, overwrite)
     checkpoint = read_checkpoint(ckpt)
     module = module_from_checkpoint(checkpoint)
     module.policy.build(empty=True)
-    return module.export_hf(out, merge_lora=merge_lora, state_dict=policy_state(checkpoint))
+    partial = partial_path(out)
+    remove_path(partial)
+    try:
+        module.export_hf(partial, merge_lora=merge_lora, state_dict=policy_state(checkpoint))
+        atomic_replace(partial, out)
+    except BaseException as err:
+        remove_path(partial)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise OSError(err.errno, f"no space left on the device to export to {out}; free space there or choose another --out") from err
+        raise
+    return out
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -102,13 +131,14 @@ def main(argv: list[str] | None = None) -> Path:
         "as a Hugging Face folder: safetensors weights, config, tokenizer and chat template.",
     )
     parser.add_argument("--ckpt", required=True, help="checkpoint file or sharded folder, e.g. runs/ulma/checkpoints/last.ckpt")
-    parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument("--out", required=True, help="output folder (created; must be new or empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     parser.add_argument(
         "--keep-adapter", action="store_true", help="save LoRA adapters as an adapter folder instead of merging them"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = export_checkpoint(args.ckpt, args.out, merge_lora=not args.keep_adapter)
+    out = export_checkpoint(args.ckpt, args.out, merge_lora=not args.keep_adapter, overwrite=args.overwrite)
     log.info("wrote %s", out)
     print(out)
     return out

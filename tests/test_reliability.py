@@ -139,3 +139,15 @@ def test_ckpt_path_last_without_a_checkpoint_says_where_it_looked(tmp_path: Path
     trainer = Trainer(logger=TensorBoardLogger(str(tmp_path), name="ulma"), callbacks=[callback], accelerator="cpu")
     with pytest.warns(UserWarning, match=rf"no last\*\.ckpt in {tmp_path}/ulma/\*/checkpoints, so this run starts from the initial"):
         assert trainer._checkpoint_connector._parse_ckpt_path(TrainerFn.FITTING, "last", model_provided=True, model_connected=True) is None
+
+
+# ----------------------------------------------------------------------------- 5: another method's checkpoint
+@pytest.mark.parametrize("how", ["path", "last"])
+def test_resuming_from_another_methods_checkpoint_says_what_does_not_match(tmp_path: Path, dpo_checkpoint: Path, how: str) -> None:
+    args = ["fit", "--config", ULMA, *QUIET, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"]
+    if how == "path":
+        args += ["--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(dpo_checkpoint)]
+    else:  # the DPO run's folder: runs/dpo/version_0/checkpoints/last.ckpt
+        args += ["--trainer.default_root_dir", str(dpo_checkpoint.parents[3]), "--trainer.logger.init_args.name", "dpo", "--ckpt_path", "last"]
+    with pytest.raises(ValueError, match=r"written by another run's module DPOModule \(this run: ULMAModule\) and data module PairwiseDataModule \(this run: PointwiseDataModule\)"):
+        main(args)

@@ -10,6 +10,7 @@ two renames, with a moment in which only the ``.NAME.old`` copy exists).
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import re
 import shutil
@@ -148,6 +149,50 @@ def keep_unfinished_epoch(checkpoint: dict) -> None:
         if counts["started"] and counts["processed"] == counts["started"]:  # the epoch-end bookkeeping ran
             counts["processed"] = counts["completed"] = counts["started"] - 1
     checkpoint["epoch"] = progress["current"]["completed"]
+
+
+MODULE_CLASS_KEY = "ulma_module_class"  # the LightningModule class that wrote a checkpoint
+DATA_CLASS_KEY = "ulma_data_class"  # and its data module's class
+
+
+def class_path(cls: type | None) -> str | None:
+    return None if cls is None else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _resolve(path: str | type | None) -> type | str | None:
+    if not isinstance(path, str):
+        return path
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return path
+
+
+def check_same_classes(checkpoint: dict, model: str | type, data: str | type | None, source: str) -> None:
+    """Refuse to resume from a checkpoint written by another module or data module class.
+
+    Resuming ULMA from a DPO run's checkpoint would put DPO's module on point-wise batches (or,
+    through ``--ckpt_path last``, load its state into ULMA); say what does not match instead.
+    ``model`` and ``data`` are this run's classes (or their import paths).
+    """
+    saved_model = checkpoint.get(MODULE_CLASS_KEY) or checkpoint.get("hyper_parameters", {}).get("_class_path")
+    saved_data = checkpoint.get(DATA_CLASS_KEY)
+    mismatches = [
+        f"{what} {_name(saved)} (this run: {_name(ours)})"
+        for what, saved, ours in (("module", saved_model, model), ("data module", saved_data, data))
+        if saved is not None and ours is not None and _resolve(saved) != _resolve(ours)
+    ]
+    if mismatches:
+        raise ValueError(
+            f"--ckpt_path {source}: the checkpoint was written by another run's {' and '.join(mismatches)}. "
+            "Resume with the config that run used (its config.yaml beside the checkpoints folder), or give "
+            "this config a checkpoint of its own method"
+        )
+
+
+def _name(cls: str | type) -> str:
+    return cls.rpartition(".")[2] if isinstance(cls, str) else cls.__name__
 
 
 def _is_local(path: str) -> bool:

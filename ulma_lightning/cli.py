@@ -17,10 +17,12 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
+from ulma_lightning.checkpointing import check_same_classes, read_checkpoint_metadata
 from ulma_lightning.data.datamodule import AlignmentDataModule
 from ulma_lightning.evaluation.writer import PredictionWriter
 from ulma_lightning.modules.base import AlignmentModule
@@ -74,6 +76,16 @@ class ULMACLI(LightningCLI):
     the ``evaluation:`` section (a :class:`PredictionWriter` callback, active in ``predict``), roots
     loggers without a ``save_dir`` at ``trainer.default_root_dir``, and lists :data:`EXTRA_COMMANDS`
     among the subcommands of ``ulma --help``."""
+
+    def _parse_ckpt_path(self) -> None:
+        """Before LightningCLI puts the checkpoint's module class in the config, refuse a checkpoint
+        of another module or data module class (see :func:`~ulma_lightning.checkpointing.check_same_classes`)."""
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        if ckpt_path and Path(ckpt_path).exists() and ckpt_path != "last":
+            checkpoint = read_checkpoint_metadata(ckpt_path)
+            check_same_classes(checkpoint, config.model.class_path, config.data.class_path, str(ckpt_path))
+        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from ulma_lightning.checkpointing import keep_unfinished_epoch
+from ulma_lightning.checkpointing import DATA_CLASS_KEY, MODULE_CLASS_KEY, check_same_classes, class_path, keep_unfinished_epoch
 from ulma_lightning.evaluation.generation import GenerationConfig, can_generate, generate_responses
 from ulma_lightning.evaluation.metrics import TokenPerplexity, demonstration_rows, reuse_token_logps
 from ulma_lightning.export import export_hf
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 Stage = Literal["train", "val", "test"]
 REFERENCE_PREFIX = "policy.reference_model."
-MODULE_CLASS_KEY = "ulma_module_class"
 
 # The frozen reference model is in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -384,7 +383,9 @@ class AlignmentModule(pl.LightningModule):
         left early (``max_steps``, ``max_time``) is recorded as unfinished, so a resumed run continues
         it (:func:`~ulma_lightning.checkpointing.keep_unfinished_epoch`).
         """
-        checkpoint[MODULE_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint[MODULE_CLASS_KEY] = class_path(type(self))
+        datamodule = self._datamodule()
+        checkpoint[DATA_CLASS_KEY] = class_path(type(datamodule)) if datamodule is not None else None
         keep_unfinished_epoch(checkpoint)
         if self._wrapped_by_fsdp():
             return
@@ -392,7 +393,14 @@ class AlignmentModule(pl.LightningModule):
         for key in [k for k in state if k.startswith(REFERENCE_PREFIX)]:
             del state[key]
 
+    def _datamodule(self) -> Any:
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse another method's checkpoint; put back the reference weights it does not store."""
+        datamodule = self._datamodule()
+        source = str(getattr(self._trainer, "ckpt_path", None) or "(the checkpoint)")
+        check_same_classes(checkpoint, type(self), type(datamodule) if datamodule is not None else None, source)
         state = checkpoint.setdefault("state_dict", {})
         for key, value in self.state_dict().items():
             if key.startswith(REFERENCE_PREFIX):

@@ -151,3 +151,20 @@ def test_resuming_from_another_methods_checkpoint_says_what_does_not_match(tmp_p
         args += ["--trainer.default_root_dir", str(dpo_checkpoint.parents[3]), "--trainer.logger.init_args.name", "dpo", "--ckpt_path", "last"]
     with pytest.raises(ValueError, match=r"written by another run's module DPOModule \(this run: ULMAModule\) and data module PairwiseDataModule \(this run: PointwiseDataModule\)"):
         main(args)
+
+
+# ----------------------------------------------------------------------------- 10: numeric options
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--data.init_args.batch_size", "0", "PointwiseDataModule: batch_size must be >= 1, got 0"),
+        ("--data.init_args.max_length", "-4", "PointwiseDataModule: max_length must be >= 1, got -4"),
+        ("--model.init_args.beta", "0", "ULMAModule: beta must be > 0, got 0.0"),
+        ("--model.init_args.optimizer.lr", "-1", "OptimizerConfig: lr must be > 0, got -1.0"),
+    ],
+)
+def test_a_bad_numeric_option_stops_with_its_name_at_the_end(tmp_path: Path, option: str, value: str, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        main(["fit", "--config", ULMA, *QUIET, "--trainer.default_root_dir", str(tmp_path), option, value])
+    assert str(info.value).startswith(message), str(info.value)
+    assert "Namespace(" not in str(info.value)  # no dump of the config before (or instead of) the message

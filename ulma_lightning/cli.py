@@ -57,6 +57,28 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class ConfigError(ValueError):
+    """An option a class of the config refused when it was built."""
+
+
+def _innermost(err: BaseException) -> BaseException:
+    """The first error of a chain (jsonargparse wraps a constructor's error in one that dumps the config)."""
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return err
+
+
+def _built_class(err: BaseException) -> str | None:
+    """The outermost class whose ``__init__`` (or dataclass ``__post_init__``) raised ``err``."""
+    tb = err.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name in ("__init__", "__post_init__") and "self" in frame.f_locals:
+            return type(frame.f_locals["self"]).__name__
+        tb = tb.tb_next
+    return None
+
+
 def _loggers(logger: Any) -> list[Any]:
     return [item for item in (logger if isinstance(logger, list) else [logger]) if hasattr(item, "init_args")]
 
@@ -86,6 +108,17 @@ class ULMACLI(LightningCLI):
             checkpoint = read_checkpoint_metadata(ckpt_path)
             check_same_classes(checkpoint, config.model.class_path, config.data.class_path, str(ckpt_path))
         super()._parse_ckpt_path()
+
+    def instantiate_classes(self) -> None:
+        """Build the classes; a class that refuses its options (``batch_size must be >= 1, got 0``)
+        ends the output with its own message, not a dump of the whole config."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            cause = _innermost(err)
+            if cause is err:
+                raise
+            raise ConfigError(f"{_built_class(cause) or 'the config'}: {cause} (fix it in the config or on the command line)") from cause
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

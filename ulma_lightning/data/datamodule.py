@@ -16,6 +16,7 @@ from ulma_lightning.data.errors import DataError, OnBadRecord, SkipReport
 from ulma_lightning.data.features import FeatureDataset, Truncation, build_sequence, tokenize_pairs
 from ulma_lightning.data.prompts import LeftPaddingCollator, PromptDataset, encode_prompts
 from ulma_lightning.data.records import Example, apply_columns, parse_pointwise
+from ulma_lightning.options import check_numbers
 from ulma_lightning.data.samplers import ResumableDataLoader, ResumableSampler
 from ulma_lightning.data.sources import Location, read_source
 from ulma_lightning.tokenizers import load_tokenizer
@@ -76,8 +77,11 @@ class AlignmentDataModule(pl.LightningDataModule):
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        check_numbers(
+            batch_size=(batch_size, ">= 1"), eval_batch_size=(eval_batch_size, ">= 1"), max_length=(max_length, ">= 1"),
+            max_prompt_length=(max_prompt_length, ">= 0"), val_fraction=(val_fraction, "in [0, 1)"),
+            pad_to_multiple_of=(pad_to_multiple_of, ">= 1"), num_workers=(num_workers, ">= 0"), max_samples=(max_samples, ">= 1"),
+        )  # fmt: skip
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
         self.sources = {"train": train, "val": val, "test": test, "predict": predict or test}

@@ -19,6 +19,7 @@ from ulma_lightning.evaluation.generation import GenerationConfig, can_generate,
 from ulma_lightning.evaluation.metrics import TokenPerplexity, demonstration_rows, reuse_token_logps
 from ulma_lightning.export import export_hf
 from ulma_lightning.losses import LossOutput
+from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import Policy, PolicyConfig, select_rows
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,13 @@ class OptimizerConfig:
     warmup_ratio: float = 0.0
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_numbers(
+            lr=(self.lr, "> 0"), weight_decay=(self.weight_decay, ">= 0"), eps=(self.eps, "> 0"),
+            warmup_steps=(self.warmup_steps, ">= 0"), warmup_ratio=(self.warmup_ratio, "in [0, 1)"),
+            min_lr_ratio=(self.min_lr_ratio, "in [0, 1]"), **{f"betas[{i}]": (b, "in [0, 1)") for i, b in enumerate(self.betas)},
+        )  # fmt: skip
 
     def lr_factor(self, step: int, total: int) -> float:
         """The multiplier of ``lr`` at optimizer step ``step`` of ``total``."""

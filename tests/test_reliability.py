@@ -168,3 +168,21 @@ def test_a_bad_numeric_option_stops_with_its_name_at_the_end(tmp_path: Path, opt
         main(["fit", "--config", ULMA, *QUIET, "--trainer.default_root_dir", str(tmp_path), option, value])
     assert str(info.value).startswith(message), str(info.value)
     assert "Namespace(" not in str(info.value)  # no dump of the config before (or instead of) the message
+
+
+# ----------------------------------------------------------------------------- 6: truncation
+def test_truncation_is_counted_per_split_and_a_severe_cut_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    long_prompt = "Tell me, in as much detail as you can and step by step, how I should make a good cup of tea?"
+    records = [{"prompt": long_prompt, "response": "Boil water. " * 50, "score": i % 2} for i in range(4)]
+    train = write_jsonl(tmp_path / "long.jsonl", records)
+    datamodule = PointwiseDataModule(train=str(train), max_length=8)
+    with caplog.at_level("INFO", logger="ulma_lightning.data"):
+        datamodule.setup("fit")
+    report = datamodule.truncated["train"]
+    assert (report.samples, report.prompts_cut, report.prompts_halved, report.responses_cut) == (4, 4, 4, 4)
+    assert report.prompt_tokens_cut > 4 * 10 and report.response_tokens_cut > 4 * 50
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("train split: truncation to max_length cut 4 of 4 prompts" in w and "most prompts lost more than half" in w for w in warnings), warnings
+    roomy = PointwiseDataModule(train=str(train), max_length=512)
+    roomy.setup("fit")
+    assert roomy.truncated["train"].prompts_cut == roomy.truncated["train"].responses_cut == 0

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from ulma_lightning.data.collate import PaddingCollator
 from ulma_lightning.data.errors import DataError, OnBadRecord, SkipReport
-from ulma_lightning.data.features import FeatureDataset, Truncation, build_sequence, tokenize_pairs
+from ulma_lightning.data.features import FeatureDataset, Truncation, TruncationReport, build_sequence, tokenize_pairs
 from ulma_lightning.data.prompts import LeftPaddingCollator, PromptDataset, encode_prompts
 from ulma_lightning.data.records import Example, apply_columns, parse_pointwise
 from ulma_lightning.options import check_numbers
@@ -102,6 +102,8 @@ class AlignmentDataModule(pl.LightningDataModule):
         self.datasets: dict[str, FeatureDataset] = {}
         self.examples: dict[str, list[Any]] = {}
         self.skipped: dict[str, SkipReport] = {}
+        self.truncated: dict[str, TruncationReport] = {}  # per split, filled by truncate()
+        self._building = "train"  # the split build_features is working on
         self._pending_extra: dict[str, dict[str, torch.Tensor]] = {}
         self._before_loading: list[Callable[[], None]] = []
         self._tokenizer: Any = None
@@ -157,14 +159,28 @@ class AlignmentDataModule(pl.LightningDataModule):
         prompt_ids, response_ids = tokenize_pairs(self.tokenizer, prompts, responses)
         out: list[tuple[Any, Any] | None] = []
         for p, r in zip(prompt_ids, response_ids):
-            p, r = self.truncation.apply(p, r)
+            p, r = self.truncate(p, r)
             out.append(build_sequence(p, r) if r else None)
         return out
+
+    def truncate(self, prompt: list[int], response: list[int], kept_prompt: list[int] | None = None) -> tuple[list[int], list[int]]:
+        """``truncation.apply`` (or, given ``kept_prompt``, the response cut to fit beside it), counted
+        in ``truncated[split]`` for the split being built."""
+        if kept_prompt is None:
+            kept_prompt, kept_response = self.truncation.apply(prompt, response)
+        else:
+            kept_response = response[: max(self.max_length - len(kept_prompt), 0)]
+        report = self.truncated.setdefault(self._building, TruncationReport(self._building))
+        report.add(len(prompt), len(kept_prompt), len(response), len(kept_response))
+        return kept_prompt, kept_response
 
     def _build_split(self, split: str, examples: list[Any], source: str) -> None:
         self.examples[split] = examples
         report = self.skipped.setdefault(split, SkipReport(split))
+        self._building = split
+        self.truncated[split] = TruncationReport(split)
         dataset = FeatureDataset(self.build_features(examples, report))
+        self.truncated[split].log(log, self.truncation)
         for index, item in enumerate(dataset.items):
             item["index"] = index
         dataset.extra.update(self._pending_extra.pop(split, {}))

@@ -186,3 +186,18 @@ def test_truncation_is_counted_per_split_and_a_severe_cut_warns(tmp_path: Path, 
     roomy = PointwiseDataModule(train=str(train), max_length=512)
     roomy.setup("fit")
     assert roomy.truncated["train"].prompts_cut == roomy.truncated["train"].responses_cut == 0
+
+
+# ----------------------------------------------------------------------------- 11: duplicates
+def test_duplicates_never_sit_on_both_sides_of_the_held_out_split(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    unique = [{"prompt": f"How do I make tea, take {i}?", "response": f"Boil water {i} times.", "score": i % 2} for i in range(12)]
+    records = unique + [dict(r, score=1 - r["score"]) for r in unique[:6]] + unique[:6]  # 12 repeats, some relabelled
+    train = write_jsonl(tmp_path / "dup.jsonl", records)
+    datamodule = PointwiseDataModule(train=str(train), val_fraction=0.3, max_length=64)
+    with caplog.at_level("INFO", logger="ulma_lightning.data"):
+        datamodule.setup("fit")
+    texts = {split: {(e.prompt, e.response) for e in datamodule.examples[split]} for split in ("train", "val")}
+    assert texts["train"] and texts["val"] and not texts["train"] & texts["val"]
+    assert len(datamodule.examples["train"]) + len(datamodule.examples["val"]) == 24
+    assert datamodule.duplicates == 12
+    assert any("12 record(s) repeat an earlier record's text" in r.getMessage() for r in caplog.records)

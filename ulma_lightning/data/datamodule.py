@@ -26,6 +26,46 @@ log = logging.getLogger("ulma_lightning.data")
 Split = Literal["train", "val", "test", "predict"]
 
 
+def _text_key(example: Any) -> str:
+    """An example's text (every field but its location and score), to find duplicates by."""
+    fields = {k: v for k, v in vars(example).items() if k not in ("location", "score")}
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
+def record_groups(examples: list[Any]) -> tuple[list[list[int]], int]:
+    """Example indices grouped for the validation hold-out, and the count of duplicate records.
+
+    A group is a record (the two samples of a pair stay together) joined with every record that
+    repeats one of its examples' text (prompt and response, whatever the score), so a duplicate
+    cannot land on both sides of the split.
+    """
+    records: dict[Any, list[int]] = {}
+    for i, example in enumerate(examples):
+        records.setdefault(example.location, []).append(i)
+    parent = list(range(len(records)))
+
+    def root(g: int) -> int:
+        while parent[g] != g:
+            parent[g] = g = parent[parent[g]]
+        return g
+
+    owner: dict[str, int] = {}
+    duplicates = 0
+    for g, rows in enumerate(records.values()):
+        seen = False
+        for key in (_text_key(examples[i]) for i in rows):
+            if key in owner:
+                seen = True
+                parent[root(g)] = root(owner[key])
+            else:
+                owner[key] = g
+        duplicates += seen
+    groups: dict[int, list[int]] = {}
+    for g, rows in enumerate(records.values()):
+        groups.setdefault(root(g), []).extend(rows)
+    return list(groups.values()), duplicates
+
+
 class AlignmentDataModule(pl.LightningDataModule):
     """Shared pipeline for every data module; subclasses parse records and build features.
 
@@ -44,7 +84,8 @@ class AlignmentDataModule(pl.LightningDataModule):
         batch_size: training samples per step and process.
         eval_batch_size: samples per validation/test step (default ``batch_size``).
         val_fraction: share of ``train`` records held out for validation when ``val`` is empty (both
-            samples of a pair stay on the same side).
+            samples of a pair, and records that repeat each other's text, stay on the same side;
+            duplicates are counted in the log).
         split_seed: seed of that hold-out and of the training order.
         group_by_length: batch samples of similar length together (less padding, still shuffled).
         pad_to_multiple_of: pad batch lengths to a multiple of this (tensor-core friendly).
@@ -103,6 +144,7 @@ class AlignmentDataModule(pl.LightningDataModule):
         self.examples: dict[str, list[Any]] = {}
         self.skipped: dict[str, SkipReport] = {}
         self.truncated: dict[str, TruncationReport] = {}  # per split, filled by truncate()
+        self.duplicates = 0  # train records that repeat an earlier one (counted when val is held out)
         self._building = "train"  # the split build_features is working on
         self._pending_extra: dict[str, dict[str, torch.Tensor]] = {}
         self._before_loading: list[Callable[[], None]] = []
@@ -222,11 +264,13 @@ class AlignmentDataModule(pl.LightningDataModule):
             return
         report = self.skipped.setdefault("train", SkipReport("train"))
         examples = self.read_examples(self.sources["train"], "train", report)
-        # Hold out whole records: the two samples of a pair (same prompt) land in the same split.
-        records: dict[Any, list[int]] = {}
-        for i, example in enumerate(examples):
-            records.setdefault(example.location, []).append(i)
-        groups = list(records.values())
+        groups, duplicates = record_groups(examples)
+        if duplicates:
+            log.info(
+                "train split: %d record(s) repeat an earlier record's text; duplicates are held out together "
+                "(val_fraction counts groups), so none sits on both sides of the train/val split", duplicates,
+            )  # fmt: skip
+        self.duplicates = duplicates
         generator = torch.Generator().manual_seed(self.split_seed)
         order = torch.randperm(len(groups), generator=generator).tolist()
         n_val = max(1, int(round(len(groups) * self.val_fraction)))

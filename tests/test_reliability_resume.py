@@ -56,3 +56,12 @@ def test_continuing_a_run_stopped_by_max_steps_equals_one_uninterrupted_run(
     assert state.keys() == uninterrupted.keys()
     for name, value in uninterrupted.items():
         assert torch.equal(state[name], value), name
+
+
+def test_a_continuation_whose_schedule_spans_other_steps_says_so(tmp_path: Path) -> None:
+    """Stopped by max_steps after warm-up, the first run decayed its learning rate over its own
+    length: continuing it cannot equal one longer run, and the resumed run says so."""
+    warmup = ["--model.init_args.optimizer.warmup_steps", "1", "--trainer.limit_val_batches", "0"]
+    fit(tmp_path, "--trainer.max_steps", "2", *warmup)
+    with pytest.warns(UserWarning, match=r"schedule spanned 2 steps, this run's spans 3.*optimizer.schedule_steps"):
+        fit(tmp_path, "--trainer.max_steps", "3", *warmup, "--ckpt_path", "last")

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 Stage = Literal["train", "val", "test"]
 REFERENCE_PREFIX = "policy.reference_model."
+SCHEDULE_STEPS_KEY = "ulma_schedule_steps"  # the steps the checkpointed run's schedule spanned
 
 # The frozen reference model is in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -44,6 +45,9 @@ class OptimizerConfig:
         warmup_ratio: warm-up length as a share of all training steps.
         schedule: decay after warm-up: ``cosine``, ``linear`` or ``constant``.
         min_lr_ratio: the learning rate at the end of the decay, as a share of ``lr``.
+        schedule_steps: optimizer steps the warm-up and decay span; default: the fit's planned steps
+            (``max_steps``, or ``max_epochs`` of batches). Set it to stop a run early with
+            ``max_steps`` and continue it later exactly as one run of ``schedule_steps``.
     """
 
     lr: float = 1e-5
@@ -54,13 +58,20 @@ class OptimizerConfig:
     warmup_ratio: float = 0.0
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
+    schedule_steps: int | None = None
 
     def __post_init__(self) -> None:
         check_numbers(
             lr=(self.lr, "> 0"), weight_decay=(self.weight_decay, ">= 0"), eps=(self.eps, "> 0"),
             warmup_steps=(self.warmup_steps, ">= 0"), warmup_ratio=(self.warmup_ratio, "in [0, 1)"),
-            min_lr_ratio=(self.min_lr_ratio, "in [0, 1]"), **{f"betas[{i}]": (b, "in [0, 1)") for i, b in enumerate(self.betas)},
+            min_lr_ratio=(self.min_lr_ratio, "in [0, 1]"), schedule_steps=(self.schedule_steps, ">= 1"), **{f"betas[{i}]": (b, "in [0, 1)") for i, b in enumerate(self.betas)},
         )  # fmt: skip
+
+    def used_span(self, steps: int) -> bool:
+        """Whether the learning rate of the first ``steps`` steps depended on the schedule's span."""
+        if not self.warmup_steps and self.warmup_ratio:
+            return steps > 0
+        return self.schedule != "constant" and steps > self.warmup_steps
 
     def lr_factor(self, step: int, total: int) -> float:
         """The multiplier of ``lr`` at optimizer step ``step`` of ``total``."""
@@ -267,9 +278,24 @@ class AlignmentModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         cfg = self.optimizer_config
         optimizer = self.build_optimizer()
-        total = max(1, int(self.planned_steps()))
+        total = cfg.schedule_steps or max(1, int(self.planned_steps()))
+        self._check_resumed_schedule(total)
+        self._schedule_steps = total
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cfg.lr_factor(step, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _check_resumed_schedule(self, total: int) -> None:
+        """Warn when a resumed run's schedule spans other steps than the checkpointed run's did, after
+        the learning rate began to depend on it (the continuation then differs from one whole run)."""
+        saved, step = getattr(self, "_resumed_schedule", (None, 0))
+        if saved and saved != total and self.optimizer_config.used_span(step):
+            warnings.warn(
+                f"the checkpoint's learning-rate schedule spanned {saved} steps, this run's spans {total}: its "
+                f"{step} steps so far followed the old one, so the run will not equal one uninterrupted run of "
+                f"{total} steps. To continue exactly, set model.init_args.optimizer.schedule_steps to the full "
+                "length before the first run, or stop runs with max_time instead of max_steps",
+                stacklevel=2,
+            )
 
     def planned_steps(self) -> int | float:
         """Optimizer steps of the whole fit, for the schedule, without building the train loader.
@@ -392,6 +418,8 @@ class AlignmentModule(pl.LightningModule):
         it (:func:`~ulma_lightning.checkpointing.keep_unfinished_epoch`).
         """
         checkpoint[MODULE_CLASS_KEY] = class_path(type(self))
+        if getattr(self, "_schedule_steps", None) is not None:
+            checkpoint[SCHEDULE_STEPS_KEY] = self._schedule_steps
         datamodule = self._datamodule()
         checkpoint[DATA_CLASS_KEY] = class_path(type(datamodule)) if datamodule is not None else None
         keep_unfinished_epoch(checkpoint)
@@ -409,6 +437,7 @@ class AlignmentModule(pl.LightningModule):
         datamodule = self._datamodule()
         source = str(getattr(self._trainer, "ckpt_path", None) or "(the checkpoint)")
         check_same_classes(checkpoint, type(self), type(datamodule) if datamodule is not None else None, source)
+        self._resumed_schedule = (checkpoint.get(SCHEDULE_STEPS_KEY), int(checkpoint.get("global_step", 0)))
         state = checkpoint.setdefault("state_dict", {})
         for key, value in self.state_dict().items():
             if key.startswith(REFERENCE_PREFIX):

@@ -160,7 +160,7 @@ def test_resuming_from_another_methods_checkpoint_says_what_does_not_match(tmp_p
         ("--data.init_args.batch_size", "0", "PointwiseDataModule: batch_size must be >= 1, got 0"),
         ("--data.init_args.max_length", "-4", "PointwiseDataModule: max_length must be >= 1, got -4"),
         ("--model.init_args.beta", "0", "ULMAModule: beta must be > 0, got 0.0"),
-        ("--model.init_args.optimizer.lr", "-1", "OptimizerConfig: lr must be > 0, got -1.0"),
+        ("--model.init_args.optimizer.lr", "-1", "OptimizerConfig: lr must be >= 0, got -1.0"),
     ],
 )
 def test_a_bad_numeric_option_stops_with_its_name_at_the_end(tmp_path: Path, option: str, value: str, message: str) -> None:

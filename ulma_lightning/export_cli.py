@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,19 @@ def check_out(out: Path, overwrite: bool) -> None:
     )
 
 
+def _point_adapter_at(partial: Path, out: Path) -> None:
+    """An adapter saved with its base model (``base_model/``) names that folder by absolute path:
+    make it the path the folder will have once moved from ``partial`` to ``out``."""
+    config_file = partial / "adapter_config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    base = str(config.get("base_model_name_or_path") or "")
+    if base.startswith(str(partial.resolve())):
+        config["base_model_name_or_path"] = str(out.resolve()) + base[len(str(partial.resolve())) :]
+        config_file.write_text(json.dumps(config, indent=2))
+
+
 def export_checkpoint(ckpt: str | Path, out: str | Path, *, merge_lora: bool = True, overwrite: bool = False) -> Path:
     """Write the policy of checkpoint ``ckpt`` as a Hugging Face folder ``out`` (the module's
     ``export_hf``, with the checkpoint's weights).
@@ -114,6 +128,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, merge_lora: bool = T
     remove_path(partial)
     try:
         module.export_hf(partial, merge_lora=merge_lora, state_dict=policy_state(checkpoint))
+        _point_adapter_at(partial, out)
         atomic_replace(partial, out)
     except BaseException as err:
         remove_path(partial)

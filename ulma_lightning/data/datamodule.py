@@ -278,7 +278,8 @@ class AlignmentDataModule(pl.LightningDataModule):
         train_rows = sorted(i for g in order[n_val:] for i in groups[g])
         source = self.sources["train"]
         if not train_rows:
-            problem = f"val_fraction={self.val_fraction} holds out all {len(groups)} of its records for validation"
+            distinct = " distinct" if duplicates else ""
+            problem = f"val_fraction={self.val_fraction} holds out all {len(groups)} of its{distinct} records for validation"
             hint = "lower val_fraction, or add records"
             raise DataError(Location(source), None, f"the train split has no usable samples: {problem}", hint)
         self._build_split("val", [examples[i] for i in val_rows], f"{source} (held out by val_fraction)")

@@ -16,9 +16,9 @@ from ulma_lightning.data.errors import DataError, OnBadRecord, SkipReport
 from ulma_lightning.data.features import FeatureDataset, Truncation, TruncationReport, build_sequence, tokenize_pairs
 from ulma_lightning.data.prompts import LeftPaddingCollator, PromptDataset, encode_prompts
 from ulma_lightning.data.records import Example, apply_columns, parse_pointwise
-from ulma_lightning.options import check_numbers
 from ulma_lightning.data.samplers import ResumableDataLoader, ResumableSampler
 from ulma_lightning.data.sources import Location, read_source
+from ulma_lightning.options import check_numbers
 from ulma_lightning.tokenizers import load_tokenizer
 
 log = logging.getLogger("ulma_lightning.data")

@@ -7,8 +7,8 @@ from torch import Tensor
 from ulma_lightning.losses import DPOLossType, LossOutput, dpo_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
 from ulma_lightning.modules.batching import pair_batch
-from ulma_lightning.policy import PolicyConfig
 from ulma_lightning.options import check_numbers
+from ulma_lightning.policy import PolicyConfig
 
 
 class DPOModule(AlignmentModule):

@@ -18,8 +18,8 @@ from ulma_lightning.modules.batching import (
     swap_responses,
     take_rows,
 )
-from ulma_lightning.policy import PolicyConfig
 from ulma_lightning.options import check_numbers
+from ulma_lightning.policy import PolicyConfig
 
 KL_KEY = "kto_kl_estimate"  # the checkpoint entry of the last KL estimate
 

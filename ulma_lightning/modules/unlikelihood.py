@@ -6,8 +6,8 @@ from torch import Tensor
 
 from ulma_lightning.losses import LossOutput, UnlikelihoodReduction, UnlikelihoodVariant, unlikelihood_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
-from ulma_lightning.policy import PolicyConfig
 from ulma_lightning.options import check_numbers
+from ulma_lightning.policy import PolicyConfig
 
 
 class UnlikelihoodModule(AlignmentModule):

@@ -131,7 +131,13 @@ def test_a_truncated_gz_names_the_file_and_the_last_good_line(tmp_path: Path) ->
     complete = zlib.decompressobj(wbits=31).decompress(path.read_bytes()).count(b"\n")  # lines the cut file still holds
     assert 0 < complete < len(records)
     with pytest.raises(DataError) as info:
-        PointwiseDataModule(train=str(path), on_bad_record="skip").setup("fit")
+        PointwiseDataModule(train=str(path)).setup("fit")
     message = str(info.value)
     assert message.startswith(f"{path}: the compressed data is truncated or corrupt"), message
     assert f"line {complete} is the last complete one" in message
+    # under skip, the complete lines are kept and the cut is a counted, logged skip
+    skipping = PointwiseDataModule(train=str(path), on_bad_record="skip")
+    skipping.setup("fit")
+    assert len(skipping.examples["train"]) == complete
+    assert list(skipping.skipped["train"].counts.values()) == [1]
+    assert f"line {complete} is the last complete one" in next(iter(skipping.skipped["train"].counts))

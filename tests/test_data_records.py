@@ -134,7 +134,7 @@ def test_bad_jsonl_record_is_skipped_and_counted(
 
 
 def test_skip_counts_every_bad_record_once_by_reason(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    lines = [json.dumps(GOOD)] * 10 + [case[1] for case in BAD_JSONL] + [BAD_JSONL[0][1]]
+    lines = [json.dumps({**GOOD, "prompt": f"{GOOD['prompt']} ({i})"}) for i in range(10)] + [case[1] for case in BAD_JSONL] + [BAD_JSONL[0][1]]
     path = write_lines(tmp_path / "many.jsonl", lines)
     # with a held-out validation fraction the file is still read (and counted) once
     dm = PointwiseDataModule(train=str(path), on_bad_record="skip", val_fraction=0.2)

@@ -10,15 +10,21 @@ two renames, with a moment in which only the ``.NAME.old`` copy exists).
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable
 from weakref import proxy
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+# Lightning's own warning for a missing `last` suggests save_last=True, which the configs set already;
+# AtomicModelCheckpoint says where it looked instead.
+warnings.filterwarnings("ignore", message=r'.*ckpt_path="last"\) is set, but there is no last checkpoint available')
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -40,7 +46,8 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(errno, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(errno)}")
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Remove a file, link or folder tree if it exists."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
@@ -62,13 +69,13 @@ def atomic_replace(src: str | Path, dst: str | Path) -> None:
         os.replace(src, dst)  # into a free path, or a file over a file
         return
     if src.is_dir() and dst.is_dir() and _exchange(src, dst):
-        _remove(src)  # src now holds the previous checkpoint
+        remove_path(src)  # src now holds the previous checkpoint
         return
     old = dst.with_name(f".{dst.name}.old")
-    _remove(old)
+    remove_path(old)
     os.replace(dst, old)
     os.replace(src, dst)
-    _remove(old)
+    remove_path(old)
 
 
 def partial_path(path: str | Path) -> Path:
@@ -86,19 +93,25 @@ def atomic_save(
 ) -> None:
     """Call ``write(partial)`` on every process, then (on ``is_writer`` only) move the result to ``path``.
 
-    A leftover partial from a killed save is removed first; ``barrier`` separates the steps when
-    several processes write one sharded checkpoint.
+    A leftover partial from a killed save is removed first, and a failed save removes its own (a
+    full disk stays no fuller than before); ``barrier`` separates the steps when several processes
+    write one sharded checkpoint.
     """
     partial = partial_path(path)
     if is_writer:
-        _remove(partial)
+        remove_path(partial)
     barrier()
-    write(str(partial))
-    barrier()
-    if is_writer:
-        if not partial.exists():
-            raise FileNotFoundError(f"the checkpoint writer produced nothing at {partial}")
-        atomic_replace(partial, path)
+    try:
+        write(str(partial))
+        barrier()
+        if is_writer:
+            if not partial.exists():
+                raise FileNotFoundError(f"the checkpoint writer produced nothing at {partial}")
+            atomic_replace(partial, path)
+    except BaseException:
+        if is_writer:
+            remove_path(partial)
+        raise
     barrier()
 
 
@@ -114,6 +127,72 @@ def read_checkpoint_metadata(path: str | Path) -> dict:
     if path.is_dir():
         return torch.load(path / METADATA_FILE, map_location="cpu", weights_only=False)
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def keep_unfinished_epoch(checkpoint: dict) -> None:
+    """Record an epoch that fit left before its last batch (``max_steps``, ``max_time``, a callback's
+    stop) as unfinished, so that ``--ckpt_path`` continues it instead of starting the next one.
+
+    Lightning runs its end-of-epoch bookkeeping whenever the epoch loop ends, and a checkpoint saved
+    then (``on_train_epoch_end``, ``on_train_end``) counts the cut epoch as completed: a resumed run
+    would skip the rest of it. Here its progress goes back to "started, mid-epoch", as in a
+    checkpoint saved at a mid-epoch validation; the data loader's saved position (the batches done)
+    then resumes with exactly the unseen samples.
+    """
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not loop or loop.get("epoch_loop.batch_progress", {}).get("is_last_batch", True):
+        return
+    if not loop["epoch_loop.batch_progress"]["current"]["ready"]:
+        return  # no batch of this epoch was trained: nothing to continue
+    progress = loop["epoch_progress"]
+    for counts in (progress["total"], progress["current"]):
+        if counts["started"] and counts["processed"] == counts["started"]:  # the epoch-end bookkeeping ran
+            counts["processed"] = counts["completed"] = counts["started"] - 1
+    checkpoint["epoch"] = progress["current"]["completed"]
+
+
+MODULE_CLASS_KEY = "ulma_module_class"  # the LightningModule class that wrote a checkpoint
+DATA_CLASS_KEY = "ulma_data_class"  # and its data module's class
+
+
+def class_path(cls: type | None) -> str | None:
+    return None if cls is None else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _resolve(path: str | type | None) -> type | str | None:
+    if not isinstance(path, str):
+        return path
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return path
+
+
+def check_same_classes(checkpoint: dict, model: str | type, data: str | type | None, source: str) -> None:
+    """Refuse to resume from a checkpoint written by another module or data module class.
+
+    Resuming ULMA from a DPO run's checkpoint would put DPO's module on point-wise batches (or,
+    through ``--ckpt_path last``, load its state into ULMA); say what does not match instead.
+    ``model`` and ``data`` are this run's classes (or their import paths).
+    """
+    saved_model = checkpoint.get(MODULE_CLASS_KEY) or checkpoint.get("hyper_parameters", {}).get("_class_path")
+    saved_data = checkpoint.get(DATA_CLASS_KEY)
+    mismatches = [
+        f"{what} {_name(saved)} (this run: {_name(ours)})"
+        for what, saved, ours in (("module", saved_model, model), ("data module", saved_data, data))
+        if saved is not None and ours is not None and _resolve(saved) != _resolve(ours)
+    ]
+    if mismatches:
+        raise ValueError(
+            f"--ckpt_path {source}: the checkpoint was written by another run's {' and '.join(mismatches)}. "
+            "Resume with the config that run used (its config.yaml beside the checkpoints folder), or give "
+            "this config a checkpoint of its own method"
+        )
+
+
+def _name(cls: str | type) -> str:
+    return cls.rpartition(".")[2] if isinstance(cls, str) else cls.__name__
 
 
 def _is_local(path: str) -> bool:
@@ -136,12 +215,29 @@ class AtomicModelCheckpoint(ModelCheckpoint):
 
     def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
         found = set(super()._find_last_checkpoints(trainer))
+        where = self.dirpath
         if self.dirpath is None and trainer.loggers:
             logger = trainer.loggers[0]
             root = Path(logger.save_dir if logger.save_dir is not None else trainer.default_root_dir) / str(logger.name)
+            where = f"{root}/*/checkpoints"
             if _is_local(str(root)) and root.is_dir():
                 found |= {os.path.normpath(p) for p in root.glob("*/checkpoints/*") if _is_last(p)}
+        if not found:
+            warnings.warn(
+                f"--ckpt_path last: no last*.ckpt in {where}, so this run starts from the initial weights. To "
+                "continue a run, use the trainer.default_root_dir and logger name it ran with, or pass --ckpt_path FILE",
+                stacklevel=2,
+            )
         return found
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Save ``last`` at the end of fit unless it holds the final step already (ModelCheckpoint
+        saves it only when nothing was saved, so a fit stopped by ``max_steps`` after a validation
+        kept the validation's step as ``last``)."""
+        if self.save_last and self.save_last != "link" and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        else:
+            super().on_train_end(trainer, pl_module)
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         if not _is_local(filepath):

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
+from ulma_lightning.checkpointing import check_same_classes, read_checkpoint_metadata
 from ulma_lightning.data.datamodule import AlignmentDataModule
 from ulma_lightning.evaluation.writer import PredictionWriter
 from ulma_lightning.modules.base import AlignmentModule
@@ -98,10 +101,72 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class ConfigError(ValueError):
+    """An option a class of the config refused when it was built."""
+
+
+def _innermost(err: BaseException) -> BaseException:
+    """The first error of a chain (jsonargparse wraps a constructor's error in one that dumps the config)."""
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return err
+
+
+def _built_class(err: BaseException) -> str | None:
+    """The outermost class whose ``__init__`` (or dataclass ``__post_init__``) raised ``err``."""
+    tb = err.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name in ("__init__", "__post_init__") and "self" in frame.f_locals:
+            return type(frame.f_locals["self"]).__name__
+        tb = tb.tb_next
+    return None
+
+
+def _loggers(logger: Any) -> list[Any]:
+    return [item for item in (logger if isinstance(logger, list) else [logger]) if hasattr(item, "init_args")]
+
+
+def root_loggers_at_default_root_dir(trainer: Any) -> None:
+    """Give each logger in the ``trainer`` config whose ``save_dir`` is unset the trainer's
+    ``default_root_dir``, so that one option, ``--trainer.default_root_dir``, decides where a run
+    writes its logs, checkpoints, saved config and ``hf_model`` (``<default_root_dir>/<name>/version_N``)."""
+    root = trainer.get("default_root_dir") or os.getcwd()
+    for logger in _loggers(trainer.get("logger")):
+        if "save_dir" in logger.init_args and logger.init_args.save_dir is None:
+            logger.init_args.save_dir = str(root)
+
+
 class ULMACLI(LightningCLI):
     """LightningCLI that links ``data.tokenizer`` to ``model.policy.tokenizer`` (or its model), adds
-    the ``evaluation:`` section (a :class:`PredictionWriter` callback, active in ``predict``), and
-    lists :data:`EXTRA_COMMANDS` among the subcommands of ``ulma --help``."""
+    the ``evaluation:`` section (a :class:`PredictionWriter` callback, active in ``predict``), roots
+    loggers without a ``save_dir`` at ``trainer.default_root_dir``, and lists :data:`EXTRA_COMMANDS`
+    among the subcommands of ``ulma --help``."""
+
+    def _parse_ckpt_path(self) -> None:
+        """Before LightningCLI puts the checkpoint's module class in the config, refuse a checkpoint
+        of another module or data module class (see :func:`~ulma_lightning.checkpointing.check_same_classes`)."""
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        if ckpt_path and Path(ckpt_path).exists() and ckpt_path != "last":
+            checkpoint = read_checkpoint_metadata(ckpt_path)
+            check_same_classes(checkpoint, config.model.class_path, config.data.class_path, str(ckpt_path))
+        super()._parse_ckpt_path()
+
+    def instantiate_classes(self) -> None:
+        """Build the classes; a class that refuses its options (``batch_size must be >= 1, got 0``)
+        ends the output with its own message, not a dump of the whole config."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            cause = _innermost(err)
+            if cause is err:
+                raise
+            raise ConfigError(f"{_built_class(cause) or 'the config'}: {cause} (fix it in the config or on the command line)") from cause
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root_loggers_at_default_root_dir(config.trainer)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("model.init_args.policy", "data.init_args.tokenizer", compute_fn=_tokenizer_of)

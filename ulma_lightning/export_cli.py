@@ -12,14 +12,16 @@ on the CPU; the full weights must fit in memory. Checkpoints are unpickled: expo
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ulma_lightning.checkpointing import METADATA_FILE, read_checkpoint_metadata
+from ulma_lightning.checkpointing import METADATA_FILE, atomic_replace, partial_path, read_checkpoint_metadata, remove_path
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +87,55 @@ def policy_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, *, merge_lora: bool = True) -> Path:
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that holds anything (unless ``overwrite``): export would replace the folder."""
+    if overwrite or not (out.exists() or out.is_symlink()) or (out.is_dir() and not any(out.iterdir())):
+        return
+    what = "a folder that is not empty" if out.is_dir() else "a file"
+    raise FileExistsError(
+        f"--out {out} is {what}; export writes a whole Hugging Face folder there. Choose a new or empty "
+        "folder, or pass --overwrite to replace it"
+    )
+
+
+def _point_adapter_at(partial: Path, out: Path) -> None:
+    """An adapter saved with its base model (``base_model/``) names that folder by absolute path:
+    make it the path the folder will have once moved from ``partial`` to ``out``."""
+    config_file = partial / "adapter_config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    base = str(config.get("base_model_name_or_path") or "")
+    if base.startswith(str(partial.resolve())):
+        config["base_model_name_or_path"] = str(out.resolve()) + base[len(str(partial.resolve())) :]
+        config_file.write_text(json.dumps(config, indent=2))
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, *, merge_lora: bool = True, overwrite: bool = False) -> Path:
     """Write the policy of checkpoint ``ckpt`` as a Hugging Face folder ``out`` (the module's
-    ``export_hf``, with the checkpoint's weights)."""
+    ``export_hf``, with the checkpoint's weights).
+
+    ``out`` must be new or empty unless ``overwrite``. The folder is written under a hidden
+    ``.NAME.partial`` beside it and then moved into place (replacing the old one whole), so a failed
+    export leaves ``out`` as it was and no partial folder.
+    """
+    out = Path(out)
+    check_out(out, overwrite)
     checkpoint = read_checkpoint(ckpt)
     module = module_from_checkpoint(checkpoint)
     module.policy.build(empty=True)
-    return module.export_hf(out, merge_lora=merge_lora, state_dict=policy_state(checkpoint))
+    partial = partial_path(out)
+    remove_path(partial)
+    try:
+        module.export_hf(partial, merge_lora=merge_lora, state_dict=policy_state(checkpoint))
+        _point_adapter_at(partial, out)
+        atomic_replace(partial, out)
+    except BaseException as err:
+        remove_path(partial)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise OSError(err.errno, f"no space left on the device to export to {out}; free space there or choose another --out") from err
+        raise
+    return out
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -102,7 +146,8 @@ def export_parser() -> argparse.ArgumentParser:
         "as a Hugging Face folder: safetensors weights, config, tokenizer and chat template.",
     )
     parser.add_argument("--ckpt", required=True, help="checkpoint file or sharded folder, e.g. runs/ulma/version_0/checkpoints/last.ckpt")
-    parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument("--out", required=True, help="output folder (created; must be new or empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     parser.add_argument(
         "--keep_adapter", "--keep-adapter", dest="keep_adapter", action="store_true",
         help="save LoRA adapters as an adapter folder instead of merging them",
@@ -114,7 +159,7 @@ def main(argv: list[str] | None = None) -> Path:
     """``ulma export --ckpt PATH --out DIR [--keep_adapter]`` (``--keep-adapter`` also works)."""
     args = export_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = export_checkpoint(args.ckpt, args.out, merge_lora=not args.keep_adapter)
+    out = export_checkpoint(args.ckpt, args.out, merge_lora=not args.keep_adapter, overwrite=args.overwrite)
     log.info("wrote %s", out)
     print(out)
     return out

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ulma_lightning.logprobs import response_token_logps, TokenLogps
+from ulma_lightning.options import check_numbers
 from ulma_lightning.tokenizers import DEMO_TOKENIZER, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] | str = "all-linear"
+
+    def __post_init__(self) -> None:
+        check_numbers(r=(self.r, ">= 1"), alpha=(self.alpha, "> 0"), dropout=(self.dropout, "in [0, 1)"))
 
 
 @dataclass

@@ -15,16 +15,57 @@ from torch.utils.data.distributed import DistributedSampler
 from ulma_lightning.data.collate import PaddingCollator
 from ulma_lightning.data.demo import demo_test_source, is_demo_source
 from ulma_lightning.data.errors import DataError, OnBadRecord, SkipReport
-from ulma_lightning.data.features import FeatureDataset, Truncation, build_sequence, tokenize_pairs
+from ulma_lightning.data.features import FeatureDataset, Truncation, TruncationReport, build_sequence, tokenize_pairs
 from ulma_lightning.data.prompts import LeftPaddingCollator, PromptDataset, encode_prompts
 from ulma_lightning.data.records import Example, apply_columns, in_user_terms, parse_pointwise
 from ulma_lightning.data.samplers import ResumableDataLoader, ResumableSampler
 from ulma_lightning.data.sources import Location, read_source
+from ulma_lightning.options import check_numbers
 from ulma_lightning.tokenizers import load_tokenizer
 
 log = logging.getLogger("ulma_lightning.data")
 
 Split = Literal["train", "val", "test", "predict"]
+
+
+def _text_key(example: Any) -> str:
+    """An example's text (every field but its location and score), to find duplicates by."""
+    fields = {k: v for k, v in vars(example).items() if k not in ("location", "score")}
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
+def record_groups(examples: list[Any]) -> tuple[list[list[int]], int]:
+    """Example indices grouped for the validation hold-out, and the count of duplicate records.
+
+    A group is a record (the two samples of a pair stay together) joined with every record that
+    repeats one of its examples' text (prompt and response, whatever the score), so a duplicate
+    cannot land on both sides of the split.
+    """
+    records: dict[Any, list[int]] = {}
+    for i, example in enumerate(examples):
+        records.setdefault(example.location, []).append(i)
+    parent = list(range(len(records)))
+
+    def root(g: int) -> int:
+        while parent[g] != g:
+            parent[g] = g = parent[parent[g]]
+        return g
+
+    owner: dict[str, int] = {}
+    duplicates = 0
+    for g, rows in enumerate(records.values()):
+        seen = False
+        for key in (_text_key(examples[i]) for i in rows):
+            if key in owner:
+                seen = True
+                parent[root(g)] = root(owner[key])
+            else:
+                owner[key] = g
+        duplicates += seen
+    groups: dict[int, list[int]] = {}
+    for g, rows in enumerate(records.values()):
+        groups.setdefault(root(g), []).extend(rows)
+    return list(groups.values()), duplicates
 
 
 class AlignmentDataModule(pl.LightningDataModule):
@@ -47,7 +88,8 @@ class AlignmentDataModule(pl.LightningDataModule):
         batch_size: training samples per step and process.
         eval_batch_size: samples per validation/test step (default ``batch_size``).
         val_fraction: share of ``train`` records held out for validation when ``val`` is empty (both
-            samples of a pair stay on the same side).
+            samples of a pair, and records that repeat each other's text, stay on the same side;
+            duplicates are counted in the log).
         split_seed: seed of that hold-out and of the training order.
         group_by_length: batch samples of similar length together (less padding, still shuffled).
         pad_to_multiple_of: pad batch lengths to a multiple of this (tensor-core friendly).
@@ -80,8 +122,11 @@ class AlignmentDataModule(pl.LightningDataModule):
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        check_numbers(
+            batch_size=(batch_size, ">= 1"), eval_batch_size=(eval_batch_size, ">= 1"), max_length=(max_length, ">= 1"),
+            max_prompt_length=(max_prompt_length, ">= 0"), val_fraction=(val_fraction, "in [0, 1)"),
+            pad_to_multiple_of=(pad_to_multiple_of, ">= 1"), num_workers=(num_workers, ">= 0"), max_samples=(max_samples, ">= 1"),
+        )  # fmt: skip
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
         if test is None and is_demo_source(train):
@@ -106,6 +151,9 @@ class AlignmentDataModule(pl.LightningDataModule):
         self.datasets: dict[str, FeatureDataset] = {}
         self.examples: dict[str, list[Any]] = {}
         self.skipped: dict[str, SkipReport] = {}
+        self.truncated: dict[str, TruncationReport] = {}  # per split, filled by truncate()
+        self.duplicates = 0  # train records that repeat an earlier one (counted when val is held out)
+        self._building = "train"  # the split build_features is working on
         self._pending_extra: dict[str, dict[str, torch.Tensor]] = {}
         self._before_loading: list[Callable[[], None]] = []
         self._tokenizer: Any = None
@@ -162,14 +210,28 @@ class AlignmentDataModule(pl.LightningDataModule):
         prompt_ids, response_ids = tokenize_pairs(self.tokenizer, prompts, responses)
         out: list[tuple[Any, Any] | None] = []
         for p, r in zip(prompt_ids, response_ids):
-            p, r = self.truncation.apply(p, r)
+            p, r = self.truncate(p, r)
             out.append(build_sequence(p, r) if r else None)
         return out
+
+    def truncate(self, prompt: list[int], response: list[int], kept_prompt: list[int] | None = None) -> tuple[list[int], list[int]]:
+        """``truncation.apply`` (or, given ``kept_prompt``, the response cut to fit beside it), counted
+        in ``truncated[split]`` for the split being built."""
+        if kept_prompt is None:
+            kept_prompt, kept_response = self.truncation.apply(prompt, response)
+        else:
+            kept_response = response[: max(self.max_length - len(kept_prompt), 0)]
+        report = self.truncated.setdefault(self._building, TruncationReport(self._building))
+        report.add(len(prompt), len(kept_prompt), len(response), len(kept_response))
+        return kept_prompt, kept_response
 
     def _build_split(self, split: str, examples: list[Any], source: str) -> None:
         self.examples[split] = examples
         report = self.skipped.setdefault(split, SkipReport(split))
+        self._building = split
+        self.truncated[split] = TruncationReport(split)
         dataset = FeatureDataset(self.build_features(examples, report))
+        self.truncated[split].log(log, self.truncation)
         for index, item in enumerate(dataset.items):
             item["index"] = index
         dataset.extra.update(self._pending_extra.pop(split, {}))
@@ -246,11 +308,13 @@ class AlignmentDataModule(pl.LightningDataModule):
             return
         report = self.skipped.setdefault("train", SkipReport("train"))
         examples = self.read_examples(self.sources["train"], "train", report)
-        # Hold out whole records: the two samples of a pair (same prompt) land in the same split.
-        records: dict[Any, list[int]] = {}
-        for i, example in enumerate(examples):
-            records.setdefault(example.location, []).append(i)
-        groups = list(records.values())
+        groups, duplicates = record_groups(examples)
+        if duplicates:
+            log.info(
+                "train split: %d record(s) repeat an earlier record's text; duplicates are held out together "
+                "(val_fraction counts groups), so none sits on both sides of the train/val split", duplicates,
+            )  # fmt: skip
+        self.duplicates = duplicates
         generator = torch.Generator().manual_seed(self.split_seed)
         order = torch.randperm(len(groups), generator=generator).tolist()
         n_val = max(1, int(round(len(groups) * self.val_fraction)))
@@ -258,7 +322,8 @@ class AlignmentDataModule(pl.LightningDataModule):
         train_rows = sorted(i for g in order[n_val:] for i in groups[g])
         source = self.sources["train"]
         if not train_rows:
-            problem = f"val_fraction={self.val_fraction} holds out all {len(groups)} of its records for validation"
+            distinct = " distinct" if duplicates else ""
+            problem = f"val_fraction={self.val_fraction} holds out all {len(groups)} of its{distinct} records for validation"
             hint = "lower val_fraction, or add records"
             raise DataError(Location(source), None, f"the train split has no usable samples: {problem}", hint)
         self._build_split("val", [examples[i] for i in val_rows], f"{source} (held out by val_fraction)")
@@ -437,8 +502,20 @@ class PointwiseDataModule(AlignmentDataModule):
         self.score_range = tuple(score_range)
         self.score_direction = score_direction
 
+    @property
+    def label_type(self) -> str | None:
+        """The attached module's ``label_type`` (``binary`` or ``continuous``); None without one."""
+        return getattr(getattr(getattr(self, "trainer", None), "lightning_module", None), "label_type", None)
+
     def parse_record(self, record: dict[str, Any], location: Location) -> list[Example]:
-        return parse_pointwise(record, location, self.score_range, self.score_direction == "lower_is_better")  # type: ignore[arg-type]
+        examples = parse_pointwise(record, location, self.score_range, self.score_direction == "lower_is_better")  # type: ignore[arg-type]
+        if self.label_type == "binary" and any(e.score not in (0.0, 1.0) for e in examples):
+            low, high = self.score_range
+            raise DataError(
+                location, "score", f"{record.get('score')!r} is neither {low:g} nor {high:g}, and the method's label_type is binary",
+                "fix the record, set on_bad_record: skip to skip such records, or train with label_type: continuous",
+            )
+        return examples
 
     def build_features(self, examples: list[Example], report: SkipReport) -> list[dict[str, Any]]:
         encoded = self.encode_examples([e.prompt for e in examples], [e.response for e in examples])

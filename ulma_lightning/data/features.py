@@ -46,6 +46,49 @@ class Truncation:
         return prompt, response[: max(room, 0)]
 
 
+@dataclass
+class TruncationReport:
+    """How much truncation cut from one split's samples: counts and tokens, prompts and responses."""
+
+    split: str
+    samples: int = 0
+    prompts_cut: int = 0
+    prompt_tokens_cut: int = 0
+    prompts_halved: int = 0  # prompts that lost more than half their tokens
+    responses_cut: int = 0
+    response_tokens_cut: int = 0
+
+    def add(self, prompt: int, kept_prompt: int, response: int, kept_response: int) -> None:
+        """Count one sample by its token counts before and after truncation."""
+        self.samples += 1
+        if kept_prompt < prompt:
+            self.prompts_cut += 1
+            self.prompt_tokens_cut += prompt - kept_prompt
+            self.prompts_halved += kept_prompt * 2 < prompt
+        if kept_response < response:
+            self.responses_cut += 1
+            self.response_tokens_cut += response - kept_response
+
+    def summary(self) -> str:
+        return (
+            f"{self.split} split: truncation to max_length cut {self.prompts_cut} of {self.samples} prompts "
+            f"({self.prompt_tokens_cut} tokens, {self.prompts_halved} by more than half) and "
+            f"{self.responses_cut} responses ({self.response_tokens_cut} tokens)"
+        )
+
+    def log(self, logger: Any, truncation: "Truncation") -> None:
+        """Log the summary when anything was cut; warn when most prompts lost more than half."""
+        if not (self.prompts_cut or self.responses_cut):
+            return
+        if self.prompts_halved * 2 > self.samples:
+            logger.warning(
+                "%s: most prompts lost more than half their tokens (max_length %d, max_prompt_length %d); "
+                "raise max_length or max_prompt_length", self.summary(), truncation.max_length, truncation.max_prompt_length,
+            )  # fmt: skip
+        else:
+            logger.info("%s", self.summary())
+
+
 def tokenize_pairs(
     tokenizer: Any, prompts: Sequence[Any], responses: Sequence[str]
 ) -> tuple[list[list[int]], list[list[int]]]:

@@ -44,7 +44,9 @@ class PairwiseDataModule(AlignmentDataModule):
         _, rejected_ids = tokenize_pairs(self.tokenizer, prompts, [e.rejected for e in examples])
         items = []
         for example, p, c, r in zip(examples, prompt_ids, chosen_ids, rejected_ids):
-            p, c, r = truncate_pair(self.truncation, p, c, r)
+            kept, _, _ = truncate_pair(self.truncation, p, c, r)  # one prompt for both sides
+            _, c = self.truncate(p, c, kept)  # each side counted as a sample
+            p, r = self.truncate(p, r, kept)
             if not c or not r:
                 report.add("no response tokens left after truncation to max_length", str(example.location))
                 continue

@@ -59,7 +59,8 @@ def _lines(path: Path) -> Iterator[tuple[int, str | DataError]]:
     byte-order mark is dropped (utf-8-sig).
 
     A line that is not UTF-8 comes as a :class:`DataError` naming it, in place of its text. A
-    truncated or corrupt ``.gz`` stops with a :class:`DataError` naming the last complete line.
+    truncated or corrupt ``.gz`` ends with a :class:`DataError` naming the last complete line (a
+    skippable bad record in ``.jsonl``: ``on_bad_record: skip`` keeps the lines before it).
     """
     compressed = path.suffix == ".gz"
     number = 0
@@ -78,17 +79,19 @@ def _lines(path: Path) -> Iterator[tuple[int, str | DataError]]:
         except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
             if isinstance(exc, gzip.BadGzipFile) and number == 0:
                 problem, hint = f"not gzip data ({exc})", "compress it with gzip, or drop the .gz suffix"
-            else:
-                last = f"line {number} is the last complete one" if number else "no complete line was read"
-                problem = f"the compressed data is truncated or corrupt ({exc}); {last}"
-                hint = "download or compress the file again"
-            raise DataError(Location(str(path)), None, problem, hint) from None
+                raise DataError(Location(str(path)), None, problem, hint) from None
+            last = f"line {number} is the last complete one" if number else "no complete line was read"
+            problem = f"the compressed data is truncated or corrupt ({exc}); {last}"
+            hint = "download or compress the file again; with on_bad_record: skip a .jsonl file keeps the lines before it"
+            yield number + 1, DataError(Location(str(path)), None, problem, hint)  # ends the file
 
 
 def _text_lines(path: Path) -> Iterator[str]:
     """The decoded lines of a file; a line that is not UTF-8 stops the read (records may span lines)."""
     for _, line in _lines(path):
         if isinstance(line, DataError):
+            if line.location.line is None:  # the file as a whole (a truncated .gz)
+                raise line
             raise DataError(line.location, None, line.problem, SAVE_AS_UTF8)
         yield line
 

@@ -15,17 +15,19 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from ulma_lightning.checkpointing import DATA_CLASS_KEY, MODULE_CLASS_KEY, check_same_classes, class_path, keep_unfinished_epoch
 from ulma_lightning.evaluation.generation import GenerationConfig, can_generate, generate_responses
 from ulma_lightning.evaluation.metrics import TokenPerplexity, demonstration_rows, reuse_token_logps
 from ulma_lightning.export import export_hf
 from ulma_lightning.losses import LossOutput
+from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import Policy, PolicyConfig, select_rows
 
 log = logging.getLogger(__name__)
 
 Stage = Literal["train", "val", "test"]
 REFERENCE_PREFIX = "policy.reference_model."
-MODULE_CLASS_KEY = "ulma_module_class"
+SCHEDULE_STEPS_KEY = "ulma_schedule_steps"  # the steps the checkpointed run's schedule spanned
 
 # The frozen reference model is in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -51,6 +53,9 @@ class OptimizerConfig:
         warmup_ratio: warm-up length as a share of all training steps.
         schedule: decay after warm-up: ``cosine``, ``linear`` or ``constant``.
         min_lr_ratio: the learning rate at the end of the decay, as a share of ``lr``.
+        schedule_steps: optimizer steps the warm-up and decay span; default: the fit's planned steps
+            (``max_steps``, or ``max_epochs`` of batches). Set it to stop a run early with
+            ``max_steps`` and continue it later exactly as one run of ``schedule_steps``.
     """
 
     lr: float = 1e-5
@@ -61,6 +66,20 @@ class OptimizerConfig:
     warmup_ratio: float = 0.0
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
+    schedule_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        check_numbers(
+            lr=(self.lr, ">= 0"), weight_decay=(self.weight_decay, ">= 0"), eps=(self.eps, "> 0"),
+            warmup_steps=(self.warmup_steps, ">= 0"), warmup_ratio=(self.warmup_ratio, "in [0, 1)"),
+            min_lr_ratio=(self.min_lr_ratio, "in [0, 1]"), schedule_steps=(self.schedule_steps, ">= 1"), **{f"betas[{i}]": (b, "in [0, 1)") for i, b in enumerate(self.betas)},
+        )  # fmt: skip
+
+    def used_span(self, steps: int) -> bool:
+        """Whether the learning rate of the first ``steps`` steps depended on the schedule's span."""
+        if not self.warmup_steps and self.warmup_ratio:
+            return steps > 0
+        return self.schedule != "constant" and steps > self.warmup_steps
 
     def lr_factor(self, step: int, total: int) -> float:
         """The multiplier of ``lr`` at optimizer step ``step`` of ``total``."""
@@ -298,9 +317,24 @@ class AlignmentModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         cfg = self.optimizer_config
         optimizer = self.build_optimizer()
-        total = max(1, int(self.planned_steps()))
+        total = cfg.schedule_steps or max(1, int(self.planned_steps()))
+        self._check_resumed_schedule(total)
+        self._schedule_steps = total
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cfg.lr_factor(step, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _check_resumed_schedule(self, total: int) -> None:
+        """Warn when a resumed run's schedule spans other steps than the checkpointed run's did, after
+        the learning rate began to depend on it (the continuation then differs from one whole run)."""
+        saved, step = getattr(self, "_resumed_schedule", (None, 0))
+        if saved and saved != total and self.optimizer_config.used_span(step):
+            warnings.warn(
+                f"the checkpoint's learning-rate schedule spanned {saved} steps, this run's spans {total}: its "
+                f"{step} steps so far followed the old one, so the run will not equal one uninterrupted run of "
+                f"{total} steps. To continue exactly, set model.init_args.optimizer.schedule_steps to the full "
+                "length before the first run, or stop runs with max_time instead of max_steps",
+                stacklevel=2,
+            )
 
     def planned_steps(self) -> int | float:
         """Optimizer steps of the whole fit, for the schedule, without building the train loader.
@@ -423,16 +457,31 @@ class AlignmentModule(pl.LightningModule):
         """Frozen reference weights are rebuilt from their source, not stored in checkpoints.
 
         Under FSDP (torch's FSDP1) they stay: its loader expects every key of the wrapped module.
-        The module's class is recorded (``ulma_module_class``) for ``ulma export``.
+        The module's class is recorded (``ulma_module_class``) for ``ulma export``. An epoch that fit
+        left early (``max_steps``, ``max_time``) is recorded as unfinished, so a resumed run continues
+        it (:func:`~ulma_lightning.checkpointing.keep_unfinished_epoch`).
         """
-        checkpoint[MODULE_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint[MODULE_CLASS_KEY] = class_path(type(self))
+        if getattr(self, "_schedule_steps", None) is not None:
+            checkpoint[SCHEDULE_STEPS_KEY] = self._schedule_steps
+        datamodule = self._datamodule()
+        checkpoint[DATA_CLASS_KEY] = class_path(type(datamodule)) if datamodule is not None else None
+        keep_unfinished_epoch(checkpoint)
         if self._wrapped_by_fsdp():
             return
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith(REFERENCE_PREFIX)]:
             del state[key]
 
+    def _datamodule(self) -> Any:
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse another method's checkpoint; put back the reference weights it does not store."""
+        datamodule = self._datamodule()
+        source = str(getattr(self._trainer, "ckpt_path", None) or "(the checkpoint)")
+        check_same_classes(checkpoint, type(self), type(datamodule) if datamodule is not None else None, source)
+        self._resumed_schedule = (checkpoint.get(SCHEDULE_STEPS_KEY), int(checkpoint.get("global_step", 0)))
         state = checkpoint.setdefault("state_dict", {})
         for key, value in self.state_dict().items():
             if key.startswith(REFERENCE_PREFIX):

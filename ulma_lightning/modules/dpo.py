@@ -7,6 +7,7 @@ from torch import Tensor
 from ulma_lightning.losses import DPOLossType, LossOutput, dpo_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
 from ulma_lightning.modules.batching import pair_batch
+from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import PolicyConfig
 
 
@@ -40,6 +41,7 @@ class DPOModule(AlignmentModule):
         label_smoothing: float = 0.0,
         average_logps: bool | None = None,
     ) -> None:
+        check_numbers(beta=(beta, "> 0"))
         super().__init__(policy, optimizer)
         if loss_type not in ("sigmoid", "ipo", "hinge"):
             raise ValueError(f"loss_type must be 'sigmoid', 'ipo' or 'hinge', got {loss_type!r}")

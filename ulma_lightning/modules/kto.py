@@ -18,6 +18,7 @@ from ulma_lightning.modules.batching import (
     swap_responses,
     take_rows,
 )
+from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import PolicyConfig
 
 KL_KEY = "kto_kl_estimate"  # the checkpoint entry of the last KL estimate
@@ -79,6 +80,10 @@ class KTOModule(AlignmentModule):
         average_logps: bool = False,
         kl_seed: int = 0,
     ) -> None:
+        check_numbers(
+            beta=(beta, "> 0"), desirable_weight=(desirable_weight, "> 0"),
+            undesirable_weight=(undesirable_weight, "> 0"), positive_threshold=(positive_threshold, "in [0, 1]"),
+        )  # fmt: skip
         super().__init__(policy, optimizer)
         self.beta = beta
         self.desirable_weight = desirable_weight

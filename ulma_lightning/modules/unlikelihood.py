@@ -6,6 +6,7 @@ from torch import Tensor
 
 from ulma_lightning.losses import LossOutput, UnlikelihoodReduction, UnlikelihoodVariant, unlikelihood_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
+from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import PolicyConfig
 
 
@@ -46,6 +47,7 @@ class UnlikelihoodModule(AlignmentModule):
         positive_threshold: float = 1.0,
         eps: float = 1e-6,
     ) -> None:
+        check_numbers(alpha=(alpha, ">= 0"), positive_threshold=(positive_threshold, "in [0, 1]"), eps=(eps, "> 0"))
         super().__init__(policy, optimizer)
         if variant not in ("welleck", "authors"):
             raise ValueError(f"variant must be 'welleck' or 'authors', got {variant!r}")

@@ -1,0 +1,24 @@
+"""Checks of numeric options where a class is built: a bad value stops with its name and the rule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+RULES: dict[str, Callable[[float], bool]] = {
+    ">= 1": lambda v: v >= 1,
+    ">= 0": lambda v: v >= 0,
+    "> 0": lambda v: v > 0,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+}
+
+
+def check_numbers(**options: tuple[Any, str]) -> None:
+    """Raise ``ValueError("name must be RULE, got VALUE")`` for the first option ``name=(value,
+    rule)`` that breaks its rule (a key of :data:`RULES`); None values are unset options and pass."""
+    for name, (value, rule) in options.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not RULES[rule](value):
+            raise ValueError(f"{name} must be {rule}, got {value!r}")

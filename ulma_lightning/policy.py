@@ -39,7 +39,7 @@ class LoraSettings:
     target_modules: list[str] | str = "all-linear"
 
     def __post_init__(self) -> None:
-        check_numbers(r=(self.r, ">= 1"), alpha=(self.alpha, "> 0"), dropout=(self.dropout, "in [0, 1)"))
+        check_numbers(r=(self.r, ">= 0"), alpha=(self.alpha, "> 0"), dropout=(self.dropout, "in [0, 1)"))
 
 
 @dataclass

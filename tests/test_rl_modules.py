@@ -153,3 +153,33 @@ def test_prompt_data_ignores_responses_and_says_so_once(caplog) -> None:
     assert set(batch) >= {"input_ids", "attention_mask", "prompt", "reference_response"}
     assert bool((batch["attention_mask"][:, -1] == 1).all())  # left-padded: every prompt ends at the right edge
     assert len(data.datasets["train"]) == 6 and all(isinstance(r, str) for r in batch["reference_response"])
+
+
+def test_a_reward_model_with_another_tokenizer_reads_the_text(tmp_path) -> None:
+    """The reward model gets the responses re-tokenized by its own tokenizer, never the policy's ids."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from ulma_lightning.evaluation.scorers import HFClassifierScorer
+    from ulma_lightning.tokenizers import build_demo_tokenizer
+
+    reward_tokenizer = build_demo_tokenizer(vocab_size=320)  # another vocabulary than the policy's 640
+    options = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    config = AutoConfig.for_model("llama", **options, vocab_size=len(reward_tokenizer), num_labels=1, pad_token_id=reward_tokenizer.pad_token_id)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
+    reward_tokenizer.save_pretrained(tmp_path)
+    scorer = HFClassifierScorer(str(tmp_path))
+    seen: list[torch.Tensor] = []
+    scorer._load()
+    scorer._model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"]), with_kwargs=True)
+
+    pl.seed_everything(0)
+    module = RLOOModule(policy(), scorer=scorer, generation=GEN, rloo_k=2)
+    module.configure_model()
+    data = prompts(4, 4)
+    data.setup("fit")
+    gen = module.generate_and_score(data.collator([data.datasets["train"][i] for i in range(2)]), GEN, 2)
+    assert torch.isfinite(gen.scores).all() and len(gen.scores) == 4
+    fed = [row for batch in seen for row in batch]
+    assert len(fed) == 4 and max(int(row.max()) for row in fed) < len(reward_tokenizer)
+    for ids, response in zip(fed, gen.responses):
+        assert reward_tokenizer.decode(ids, skip_special_tokens=True).endswith(response)

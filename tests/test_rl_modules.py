@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import lightning.pytorch as pl
 import pytest
@@ -138,9 +139,16 @@ def test_reference_modes_and_options_are_checked() -> None:
 def test_sharded_strategies_are_refused_with_what_to_use() -> None:
     from ulma_lightning.sharding import FSDP2Strategy
 
+    environ = dict(os.environ)  # the strategy sets MASTER_PORT, WORLD_SIZE...: later DDP subprocesses must not inherit them
     module = RLOOModule(policy(), generation=GEN, rloo_k=2)
-    with pytest.raises(NotImplementedError, match=r"synced_gpus.*Use DDP \(--config configs/strategy/ddp.yaml\)"):
-        fit(module, prompts(4, 2), strategy=FSDP2Strategy(), accelerator="cpu", devices=1, precision="32-true")
+    try:
+        with pytest.raises(NotImplementedError, match=r"synced_gpus.*Use DDP \(--config configs/strategy/ddp.yaml\)"):
+            fit(module, prompts(4, 2), strategy=FSDP2Strategy(), accelerator="cpu", devices=1, precision="32-true")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def test_prompt_data_ignores_responses_and_says_so_once(caplog) -> None:

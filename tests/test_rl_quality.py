@@ -3,7 +3,7 @@
 The RLHF pipeline of the paper, in small: SFT on the demo task's demonstrations (a short warm start,
 shared by the seeds), then RLOO against the demo task's ground-truth scorer. The measure is the mean
 ground-truth score of sampled responses (temperature 1, the same sampler seed before and after) to
-48 held-out test prompts: the expected score that RL optimises. Each seed must end above where it
+32 held-out test prompts: the expected score that RL optimises. Each seed must end above where it
 started; no fixed threshold.
 """
 
@@ -52,8 +52,8 @@ def test_rloo_raises_the_held_out_ground_truth_score(sft_model: Path, seed: int)
         rloo_k=4,
         kl_coef=0.01,
     )  # the scorer: DemoScorer, the ground truth
-    data = PromptDataModule(train="demo://demonstration?n=200", val="demo://demonstration?split=test&n=48", max_length=96, batch_size=8, split_seed=seed)
-    run = trainer(12)
+    data = PromptDataModule(train="demo://demonstration?n=200", val="demo://demonstration?split=test&n=32", max_length=96, batch_size=8, split_seed=seed)
+    run = trainer(8)
     before = run.validate(module, data, verbose=False)[0]["val/reward"]
     run.fit(module, data)
     after = run.validate(module, data, verbose=False)[0]["val/reward"]

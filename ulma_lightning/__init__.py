@@ -1,6 +1,6 @@
 """ulma-lightning: align causal language models with demonstrations and point-wise feedback."""
 
-from ulma_lightning.data import AlignmentDataModule, DataError, DemonstrationDataModule, PairwiseDataModule, PointwiseDataModule
+from ulma_lightning.data import AlignmentDataModule, DataError, DemonstrationDataModule, PairwiseDataModule, PointwiseDataModule, PromptDataModule
 from ulma_lightning.losses import (
     LossOutput,
     bradley_terry_loss,
@@ -19,7 +19,10 @@ from ulma_lightning.modules import (
     OptimizerConfig,
     PointwiseDPOModule,
     PointwiseModule,
+    PPOModule,
     RewardModelModule,
+    RLOOModule,
+    RolloutModule,
     SFTModule,
     ULMAModule,
     UnlikelihoodModule,
@@ -36,6 +39,10 @@ __all__ = [
     "DPOModule",
     "KTOModule",
     "PairwiseDataModule",
+    "PPOModule",
+    "PromptDataModule",
+    "RLOOModule",
+    "RolloutModule",
     "RewardModelModule",
     "SFTModule",
     "UnlikelihoodModule",

@@ -4,5 +4,6 @@ from ulma_lightning.data.datamodule import AlignmentDataModule, PointwiseDataMod
 from ulma_lightning.data.demonstration import DemonstrationDataModule
 from ulma_lightning.data.errors import DataError
 from ulma_lightning.data.pairwise import PairwiseDataModule
+from ulma_lightning.data.prompt_data import PromptDataModule
 
-__all__ = ["AlignmentDataModule", "PointwiseDataModule", "DemonstrationDataModule", "PairwiseDataModule", "DataError"]
+__all__ = ["AlignmentDataModule", "PointwiseDataModule", "DemonstrationDataModule", "PairwiseDataModule", "PromptDataModule", "DataError"]

@@ -59,7 +59,7 @@ def can_generate(model: nn.Module | None) -> bool:
 
 
 @torch.no_grad()
-def generate_responses(
+def generate_ids(
     model: nn.Module,
     tokenizer: Any,
     input_ids: Tensor,
@@ -68,16 +68,15 @@ def generate_responses(
     *,
     seed_offset: int = 0,
     synced: bool = False,
-) -> list[str]:
-    """Decoded responses to a batch of **left-padded** prompts, cut at the first EOS.
+) -> Tensor:
+    """The new token ids ``(B, N)`` generated after a batch of **left-padded** prompts (rows that end
+    early are padded after their EOS).
 
     The model is put in eval mode for the call and restored afterwards; the KV cache is used. When
     sampling, the global RNG is seeded with ``config.seed + seed_offset`` (e.g. the batch index) for
     the call and restored afterwards. ``synced``: every process calls this together (a sharded
     model) and each keeps stepping until all have finished (transformers' ``synced_gpus``).
     """
-    if input_ids.shape[0] == 0:
-        return []
     was_training = model.training
     model.eval()
     eos = tokenizer.eos_token_id
@@ -102,10 +101,29 @@ def generate_responses(
             if generator_state[1] is not None:
                 torch.cuda.set_rng_state_all(generator_state[1])
         model.train(was_training)
-    new_tokens = output[:, input_ids.shape[1] :].tolist()
-    responses = []
-    for ids in new_tokens:
-        if eos in ids:
-            ids = ids[: ids.index(eos)]
-        responses.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
-    return responses
+    return output[:, input_ids.shape[1] :]
+
+
+def decode_response(tokenizer: Any, ids: list[int]) -> str:
+    """A generated response as text: cut at the first EOS, special tokens dropped, stripped."""
+    eos = tokenizer.eos_token_id
+    if eos in ids:
+        ids = ids[: ids.index(eos)]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def generate_responses(
+    model: nn.Module,
+    tokenizer: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    config: GenerationConfig,
+    *,
+    seed_offset: int = 0,
+    synced: bool = False,
+) -> list[str]:
+    """Decoded responses to a batch of **left-padded** prompts, cut at the first EOS (see :func:`generate_ids`)."""
+    if input_ids.shape[0] == 0:
+        return []
+    new_tokens = generate_ids(model, tokenizer, input_ids, attention_mask, config, seed_offset=seed_offset, synced=synced)
+    return [decode_response(tokenizer, ids) for ids in new_tokens.tolist()]

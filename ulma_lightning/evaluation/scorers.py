@@ -248,3 +248,25 @@ class RewardModelScorer(_ModelScorer):
             self._load()
         values = self._model.score(list(prompts), list(responses), batch_size=self.batch_size)
         return [float(v) for v in torch.as_tensor(values).flatten().tolist()]
+
+
+def checked_scores(scorer: Scorer, prompts: Sequence[Any], responses: Sequence[str]) -> torch.Tensor:
+    """``scorer``'s scores as a float32 ``(B,)`` tensor; stops with an error naming the scorer when it
+    returns the wrong number of scores or a non-finite one (NaN, inf)."""
+    values = scorer.score(prompts, responses)
+    who = f"scorer {type(scorer).__name__} (name {scorer.name!r})"
+    if len(values) != len(responses):
+        raise ValueError(
+            f"{who} returned {len(values)} scores for {len(responses)} responses; Scorer.score must return one number "
+            "per (prompt, response), in order"
+        )
+    scores = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        i = bad[0]
+        raise ValueError(
+            f"{who} returned {values[i]} for response {i} of the batch ({len(bad)} non-finite in all; prompt "
+            f"{str(prompts[i])[:80]!r}, response {responses[i][:80]!r}); a scorer must return finite numbers: fix the scorer "
+            "or the reward model it loads"
+        )
+    return scores

@@ -1,0 +1,88 @@
+"""RLOO (Ahmadian et al. 2024): REINFORCE with a leave-one-out baseline over k samples per prompt; no critic."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ulma_lightning.evaluation.generation import GenerationConfig
+from ulma_lightning.evaluation.scorers import Scorer
+from ulma_lightning.losses import LossOutput
+from ulma_lightning.modules.base import OptimizerConfig
+from ulma_lightning.modules.rollout import Rollout, RolloutModule, take_rows
+from ulma_lightning.policy import PolicyConfig
+from ulma_lightning.rl import KLEstimator, kl_estimate, rloo_advantages, rloo_loss
+
+
+class RLOOModule(RolloutModule):
+    """RLOO, as TRL 1.16's ``RLOOTrainer``: per prompt ``k`` sampled responses; reward
+    ``r_i = score_i - kl_coef * sum_t KL_t`` (a sequence-level KL penalty, ``k1`` by default); advantage
+    ``r_i`` minus the mean reward of the prompt's other ``k - 1`` responses
+    (:func:`ulma_lightning.rl.rloo_advantages`); loss: the clipped sequence-ratio REINFORCE
+    objective (:func:`ulma_lightning.rl.rloo_loss`), ``num_iterations`` passes over each rollout batch
+    in mini-batches (1 pass: plain REINFORCE with the leave-one-out baseline).
+
+    Args:
+        policy: the model, tokenizer and reference (``copy`` or ``adapter``).
+        optimizer: optimizer and learning-rate schedule (one scheduler step per rollout batch).
+        scorer: the reward (see :class:`~ulma_lightning.modules.rollout.RolloutModule`).
+        generation: rollout sampling settings.
+        rloo_k: responses sampled per prompt (>= 2).
+        kl_coef: the KL coefficient ``beta``.
+        kl_estimator: per-token KL estimator summed per sequence, ``k1`` (TRL's) or ``k3``.
+        missing_eos_penalty: subtracted from the score of a response without EOS.
+        reward_clip: clip scores to ``[-reward_clip, reward_clip]``.
+        normalize_advantages: standardise the advantages over the batch.
+        clip_range: lower clip ``epsilon`` of the sequence ratio.
+        clip_range_high: upper clip (default: ``clip_range``).
+        num_iterations: optimisation passes over each rollout batch.
+        mini_batch_size: rows (responses) per optimiser step (default: the whole rollout batch).
+        max_grad_norm: gradient-norm clip per optimiser step.
+        eval_generation: decoding of validation and test generations (default: greedy, the rollouts'
+            ``max_new_tokens``).
+    """
+
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        optimizer: OptimizerConfig | None = None,
+        scorer: Scorer | None = None,
+        generation: GenerationConfig | None = None,
+        rloo_k: int = 4,
+        kl_coef: float = 0.05,
+        kl_estimator: KLEstimator = "k1",
+        missing_eos_penalty: float | None = None,
+        reward_clip: float | None = None,
+        normalize_advantages: bool = False,
+        clip_range: float = 0.2,
+        clip_range_high: float | None = None,
+        num_iterations: int = 1,
+        mini_batch_size: int | None = None,
+        max_grad_norm: float | None = 1.0,
+        eval_generation: GenerationConfig | None = None,
+    ) -> None:
+        if rloo_k < 2:
+            raise ValueError(f"rloo_k must be >= 2 (the leave-one-out baseline needs another sample of the prompt), got {rloo_k}")
+        super().__init__(
+            policy, optimizer, scorer, generation, rloo_k, kl_coef, kl_estimator, missing_eos_penalty, reward_clip, max_grad_norm, eval_generation
+        )
+        if num_iterations < 1 or (mini_batch_size is not None and mini_batch_size < 1):
+            raise ValueError(f"num_iterations and mini_batch_size must be >= 1, got {num_iterations} and {mini_batch_size}")
+        self.normalize_advantages = normalize_advantages
+        self.clip_range, self.clip_range_high = clip_range, clip_range_high
+        self.num_iterations, self.mini_batch_size = num_iterations, mini_batch_size
+
+    def update(self, rollout: Rollout) -> dict[str, Tensor | float]:
+        mask = rollout.mask
+        scores = self.final_scores(rollout)
+        sequence_kl = (kl_estimate(rollout.logps, rollout.reference_logps, self.kl_estimator) * mask).sum(dim=1)
+        rewards = scores - self.kl_coef * sequence_kl
+        advantages = rloo_advantages(rewards, self.samples_per_prompt, normalize=self.normalize_advantages)
+        old_logps = (rollout.logps * mask).sum(dim=1)
+
+        def step(rows: Tensor) -> LossOutput:
+            logps = self.policy.token_logps(take_rows(rollout.sequences, rows)).per_sequence(average=False)
+            return rloo_loss(logps, old_logps[rows], advantages[rows], clip_range=self.clip_range, clip_range_high=self.clip_range_high)
+
+        metrics: dict[str, Tensor | float] = dict(self.minibatch_updates(len(rollout.responses), self.num_iterations, self.mini_batch_size, step))
+        metrics.update({"kl": sequence_kl.mean(), "reward_penalized": rewards.mean()})
+        return metrics

@@ -1,0 +1,289 @@
+"""The shared part of the RLHF modules: generate rollouts from prompts, score them, take their log-probs,
+and run optimisation epochs over them in mini-batches (Lightning manual optimisation)."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ulma_lightning.data.collate import PaddingCollator
+from ulma_lightning.data.features import build_sequence
+from ulma_lightning.evaluation.generation import GenerationConfig, decode_response, generate_ids
+from ulma_lightning.evaluation.scorers import DemoScorer, Scorer, checked_scores
+from ulma_lightning.logprobs import TokenLogps
+from ulma_lightning.losses import LossOutput
+from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
+from ulma_lightning.policy import PolicyConfig
+from ulma_lightning.rl import KLEstimator, to_token_matrix
+
+
+@dataclass
+class Generations:
+    """Responses generated for a batch of prompts (``k`` rows per prompt, consecutive).
+
+    Attributes:
+        prompts: the prompt of each row (text or chat messages).
+        responses: decoded response text (EOS and what follows removed).
+        sequences: right-padded ``input_ids``, ``attention_mask``, ``labels`` (prompt and padding
+            labelled ``IGNORE_INDEX``; the response's EOS, when generated, is a labelled token).
+        has_eos: whether each response ended with EOS (False: cut at ``max_new_tokens``).
+        scores: the scorer's score of each response.
+    """
+
+    prompts: list[Any]
+    responses: list[str]
+    sequences: dict[str, Tensor]
+    has_eos: Tensor
+    scores: Tensor
+    lengths: Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Rollout(Generations):
+    """:class:`Generations` with ``(B, L)`` response-token matrices: ``mask``, the policy's log-probs at
+    generation time (``logps``) and the reference's (``reference_logps``)."""
+
+    mask: Tensor = None  # type: ignore[assignment]
+    logps: Tensor = None  # type: ignore[assignment]
+    reference_logps: Tensor = None  # type: ignore[assignment]
+
+
+def take_rows(sequences: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+    """The sub-batch of ``rows`` (indices), trimmed to its longest sequence."""
+    sub = {k: v[rows] for k, v in sequences.items()}
+    length = int(sub["attention_mask"].sum(dim=1).max())
+    return {k: v[:, :length] for k, v in sub.items()}
+
+
+class RolloutModule(AlignmentModule):
+    """Base of :class:`~ulma_lightning.PPOModule` and :class:`~ulma_lightning.RLOOModule`.
+
+    Each training step takes a batch of left-padded prompts (:class:`~ulma_lightning.PromptDataModule`),
+    generates ``samples_per_prompt`` responses per prompt with the KV cache, scores them with
+    ``scorer``, computes the policy's and the reference's token log-probs on them (chunked, no
+    ``(B x T x vocab)`` tensor), and hands the :class:`Rollout` to :meth:`update`. Validation and test
+    generate greedily and log ``{stage}/reward`` (the mean score), ``{stage}/response_length`` and
+    ``{stage}/no_eos_fraction``.
+
+    Reference modes: ``copy`` and ``adapter`` (the reference scores the policy's own generations, so it
+    cannot be precomputed). Data parallelism (DDP) works; FSDP and FSDP2 are refused (generation
+    under sharding needs every process to run every forward in step).
+
+    Args:
+        policy: the model, tokenizer and reference settings.
+        optimizer: optimizer and learning-rate schedule (one scheduler step per rollout batch).
+        scorer: the reward: any scorer of :mod:`ulma_lightning.evaluation.scorers` by ``class_path``
+            (``RewardModelScorer`` for a reward-model checkpoint, ``HFClassifierScorer`` for an exported
+            or hub reward model, ``DemoScorer`` for the demo task's ground truth, the default). Reward
+            models re-tokenize the text with their own tokenizer.
+        generation: rollout sampling settings (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``).
+        samples_per_prompt: responses generated per prompt.
+        kl_coef: the KL penalty's coefficient ``beta``.
+        kl_estimator: ``k1`` (``log pi - log pi_ref``) or ``k3`` (``(r - 1) - log r``, ``r = pi_ref / pi``).
+        missing_eos_penalty: subtracted from the score of a response cut at ``max_new_tokens`` without
+            EOS (TRL's ``missing_eos_penalty``); null: no penalty.
+        reward_clip: clip scores to ``[-reward_clip, reward_clip]``; null: no clipping.
+        max_grad_norm: clip the gradient norm of every optimiser step to this (null: no clipping).
+        eval_generation: decoding of validation and test generations, logged as ``{stage}/reward``
+            (default: greedy, with the rollouts' ``max_new_tokens``). Sampling here measures the
+            expected score, which RL raises before the greedy answer changes.
+    """
+
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        optimizer: OptimizerConfig | None = None,
+        scorer: Scorer | None = None,
+        generation: GenerationConfig | None = None,
+        samples_per_prompt: int = 1,
+        kl_coef: float = 0.05,
+        kl_estimator: KLEstimator = "k1",
+        missing_eos_penalty: float | None = None,
+        reward_clip: float | None = None,
+        max_grad_norm: float | None = 1.0,
+        eval_generation: GenerationConfig | None = None,
+    ) -> None:
+        super().__init__(policy, optimizer)
+        if kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
+        if samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+        if kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+        self.automatic_optimization = False
+        self.scorer = scorer if scorer is not None else DemoScorer()
+        self.rollout_generation = generation or GenerationConfig(max_new_tokens=32, do_sample=True)
+        self.generation = eval_generation or GenerationConfig(max_new_tokens=self.rollout_generation.max_new_tokens)
+        self.samples_per_prompt = samples_per_prompt
+        self.kl_estimator = kl_estimator
+        self.missing_eos_penalty = missing_eos_penalty
+        self.reward_clip = reward_clip
+        self.max_grad_norm = max_grad_norm
+        self.register_buffer("kl_coef", torch.tensor(float(kl_coef)))  # a buffer: the adaptive value is checkpointed
+
+    def check_reference_mode(self) -> None:
+        mode = self.policy.config.reference
+        if mode not in ("copy", "adapter"):
+            raise ValueError(
+                f"{type(self).__name__}: policy.reference (model.init_args.policy.reference) is {mode!r}; use copy (a frozen "
+                "copy of the initial policy or policy.reference_model) or adapter (with policy.lora). The reference scores "
+                "the policy's own generations, so it cannot be precomputed"
+            )
+
+    @property
+    def tracks_perplexity(self) -> bool:
+        return False
+
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+            raise NotImplementedError(
+                f"{type(self).__name__} does not run under {type(strategy).__name__}: generating rollouts from a sharded "
+                "model needs every process to run every decoding step in lockstep (synced_gpus), which is not supported "
+                "yet. Use DDP (--config configs/strategy/ddp.yaml), or one device, with LoRA (policy.lora) to fit a larger model"
+            )
+
+    def on_fit_start(self) -> None:
+        self.scorer.to(self.device)
+
+    def on_test_start(self) -> None:
+        self.scorer.to(self.device)
+
+    # ------------------------------------------------------------ rollouts
+    def generate_and_score(self, batch: dict[str, Any], config: GenerationConfig, k: int = 1, *, seed_offset: int = 0) -> Generations:
+        """Generate ``k`` responses per prompt of a left-padded prompt batch and score them (when
+        sampling, the sampler is seeded with ``config.seed + seed_offset``)."""
+        tok = self.tokenizer
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        prompts = [p for p in batch["prompt"] for _ in range(k)]
+        if k > 1:
+            ids, attention = ids.repeat_interleave(k, 0), attention.repeat_interleave(k, 0)
+        start = time.perf_counter()
+        new_ids = generate_ids(self.policy.model, tok, ids, attention, config, seed_offset=seed_offset).tolist()
+        generated = time.perf_counter() - start
+        eos = tok.eos_token_id
+        items, responses, has_eos = [], [], []
+        for row, new in enumerate(new_ids):
+            ended = eos in new
+            response = new[: new.index(eos) + 1] if ended else new
+            prompt = ids[row][attention[row].bool()].tolist()
+            input_ids, labels = build_sequence(prompt, response)
+            items.append({"input_ids": input_ids, "labels": labels})
+            responses.append(decode_response(tok, response))
+            has_eos.append(ended)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+        sequences = {k_: v.to(self.device) for k_, v in PaddingCollator(pad)(items).items()}
+        start = time.perf_counter()
+        scores = checked_scores(self.scorer, prompts, responses).to(self.device)
+        scored = time.perf_counter() - start
+        lengths = torch.as_tensor([len(item["labels"]) - int((item["labels"] < 0).sum()) for item in items], device=self.device)
+        return Generations(
+            prompts, responses, sequences, torch.as_tensor(has_eos, device=self.device), scores, lengths, {"generate": generated, "score": scored}
+        )
+
+    def token_matrix(self, tokens: TokenLogps, width: int | None = None) -> tuple[Tensor, Tensor]:
+        """``(B, L)`` matrix and mask of per-token values in :class:`TokenLogps` order."""
+        return to_token_matrix(tokens.values, tokens.batch_index, tokens.num_sequences, width)
+
+    def rollout(self, batch: dict[str, Any]) -> Rollout:
+        """Generate (sampling), score, and compute the policy's and the reference's token log-probs."""
+        seed = int(self.global_step) + 7919 * self.global_rank  # new samples every step, different per process
+        gen = self.generate_and_score(batch, self.rollout_generation, self.samples_per_prompt, seed_offset=seed)
+        with torch.no_grad():
+            start = time.perf_counter()
+            logps, mask = self.token_matrix(self.policy.token_logps(gen.sequences))
+            gen.timings["logprobs"] = time.perf_counter() - start
+            start = time.perf_counter()
+            reference, _ = self.token_matrix(self.policy.token_logps(gen.sequences, reference=True), logps.shape[1])
+            gen.timings["reference"] = time.perf_counter() - start
+        return Rollout(**vars(gen), mask=mask, logps=logps, reference_logps=reference)
+
+    def final_scores(self, rollout: Rollout) -> Tensor:
+        """Scores after the missing-EOS penalty and clipping (the reward before the KL penalty)."""
+        scores = rollout.scores
+        if self.missing_eos_penalty is not None:
+            scores = scores - self.missing_eos_penalty * (~rollout.has_eos).to(scores.dtype)
+        if self.reward_clip is not None:
+            scores = scores.clamp(-self.reward_clip, self.reward_clip)
+        return scores
+
+    # ------------------------------------------------------------ optimisation
+    def update(self, rollout: Rollout) -> dict[str, Tensor | float]:
+        """Optimise on one rollout batch; returns metrics to log under ``train/``."""
+        raise NotImplementedError
+
+    def minibatch_updates(self, size: int, epochs: int, mini_batch_size: int | None, step: Callable[[Tensor], LossOutput]) -> dict[str, float]:
+        """``epochs`` passes over ``size`` rows in shuffled mini-batches, one optimiser step each;
+        ``step(rows)`` returns the loss of those rows. Returns the mean of each metric and of the loss."""
+        optimizer = self.optimizers()
+        generator = torch.Generator().manual_seed(int(self.global_step) + 104729 * self.global_rank)
+        per_step = mini_batch_size or size
+        collected: dict[str, list[float]] = defaultdict(list)
+        for _ in range(epochs):
+            order = torch.randperm(size, generator=generator).to(self.device)
+            for start in range(0, size, per_step):
+                out = step(order[start : start + per_step])
+                optimizer.zero_grad()
+                self.manual_backward(out.loss)
+                if self.max_grad_norm is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                collected["loss"].append(float(out.loss.detach()))
+                for name, value in out.metrics.items():
+                    collected[name].append(float(value))
+        return {name: sum(values) / len(values) for name, values in collected.items()}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # type: ignore[override]
+        rollout = self.rollout(batch)
+        start = time.perf_counter()
+        metrics = self.update(rollout)
+        rollout.timings["update"] = time.perf_counter() - start
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()  # type: ignore[union-attr]
+        self.log_rollout(rollout, metrics)
+
+    def log_rollout(self, rollout: Rollout, metrics: dict[str, Tensor | float]) -> None:
+        """Log the update's metrics and the rollout's: reward, entropy, lengths, EOS share, speed, time split."""
+        size = len(rollout.responses)
+        generated = float(rollout.lengths.sum())
+        values: dict[str, Tensor | float] = {
+            "reward": rollout.scores.mean(),
+            "entropy": -(rollout.logps * rollout.mask).sum() / rollout.mask.sum().clamp(min=1),
+            "response_length": rollout.lengths.float().mean(),
+            "no_eos_fraction": (~rollout.has_eos).float().mean(),
+            "kl_coef": self.kl_coef,
+            "generation/tokens_per_sec": generated / max(rollout.timings["generate"], 1e-9),
+            **{f"time/{name}": seconds for name, seconds in rollout.timings.items()},
+            **metrics,
+        }
+        for name, value in values.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=size, prog_bar=name == "reward")
+
+    # ------------------------------------------------------------ evaluation
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:  # type: ignore[override]
+        return self.evaluate_batch(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:  # type: ignore[override]
+        return self.evaluate_batch(batch, batch_idx, "test")
+
+    def evaluate_batch(self, batch: dict[str, Any], batch_idx: int, stage: Stage) -> dict[str, Any]:
+        """Greedy generations for held-out prompts, scored: ``{stage}/reward`` and friends."""
+        gen = self.generate_and_score(batch, self.generation, seed_offset=batch_idx)  # same samples for the same weights
+        size = len(gen.responses)
+        for name, value in (
+            ("reward", gen.scores.mean()),
+            ("response_length", gen.lengths.float().mean()),
+            ("no_eos_fraction", (~gen.has_eos).float().mean()),
+        ):
+            self.log(f"{stage}/{name}", value, on_epoch=True, batch_size=size, sync_dist=True, prog_bar=name == "reward")
+        return {"scores": gen.scores}
+

@@ -1,0 +1,208 @@
+"""RLHF pieces as pure functions: KL estimators, whitening, GAE, and the PPO and RLOO losses.
+
+Token-level tensors are ``(B, L)`` matrices of response tokens (row ``i``, position ``t`` is the
+``t``-th generated token of response ``i``) with a ``mask`` that is 1 on response tokens and 0 on
+padding (after EOS, or past the end of a shorter response); prompt tokens never appear in them.
+Masked-out entries never reach a result or a gradient. Sources: Schulman et al. 2017 (PPO,
+arXiv 1707.06347), Schulman et al. 2016 (GAE, arXiv 1506.02438), Ziegler et al. 2019 (the adaptive KL
+controller, arXiv 1909.08593), Ahmadian et al. 2024 (RLOO, arXiv 2402.14740), and TRL: its PPO
+trainer (``trl/trainer/ppo_trainer.py`` up to 0.x: GAE loop, whitening, clipped losses) and
+``trl/trainer/rloo_trainer.py`` in TRL 1.16 (leave-one-out baseline, sequence-level clipped loss).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ulma_lightning.losses import LossOutput
+
+KLEstimator = Literal["k1", "k3"]
+
+__all__ = [
+    "masked_sum",
+    "token_mean",
+    "masked_whiten",
+    "kl_estimate",
+    "gae",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "ppo_loss",
+    "rloo_advantages",
+    "rloo_loss",
+    "adaptive_kl_coef",
+    "explained_variance",
+    "to_token_matrix",
+]
+
+
+def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of ``values`` where ``mask`` is set (masked entries may be NaN: they are replaced first)."""
+    kept = torch.where(mask.bool(), values, torch.zeros_like(values))
+    return kept.sum() if dim is None else kept.sum(dim)
+
+
+def token_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean over the masked tokens of the whole batch (``sum(v * m) / sum(m)``); 0 for an empty mask."""
+    return masked_sum(values, mask) / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """``(v - mean) / sqrt(var + eps)`` over the masked entries (unbiased variance), 0 elsewhere.
+
+    With ``shift_mean=False`` the mean is added back (only the scale changes), as TRL's PPO trainer
+    whitens token rewards (``whiten_rewards``); advantages are whitened with ``shift_mean=True``.
+    """
+    mask = mask.bool()
+    n = mask.sum()
+    mean = token_mean(values, mask)
+    var = token_mean((values - mean) ** 2, mask) * n / (n - 1).clamp(min=1)
+    out = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask, out, torch.zeros_like(out))
+
+
+def kl_estimate(logps: Tensor, reference_logps: Tensor, estimator: KLEstimator = "k1") -> Tensor:
+    """Per-token estimate of ``KL(pi || pi_ref)`` from log-probs of tokens sampled from ``pi``.
+
+    ``k1 = log pi - log pi_ref`` (unbiased, may be negative per token); ``k3 = (r - 1) - log r`` with
+    ``r = pi_ref / pi`` (unbiased, never negative, lower variance). J. Schulman, "Approximating KL
+    divergence" (2020); TRL's ``kl_estimator`` option.
+    """
+    log_ratio = logps - reference_logps
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {estimator!r}")
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over response tokens: ``(advantages, returns)``, ``(B, L)``.
+
+    ``delta_t = r_t + gamma V_{t+1} - V_t`` (``V`` = 0 after the last response token),
+    ``A_t = delta_t + gamma lam A_{t+1}``, ``returns = A + V`` (Schulman et al. 2016, eq. 16; TRL's
+    PPO loop). Rewards and values at masked positions are treated as 0; results there are 0.
+    """
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(values)
+    last = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, *, clip_range: float = 0.2) -> LossOutput:
+    """PPO's clipped surrogate, token-level: ``mean_t max(-A_t rho_t, -A_t clip(rho_t, 1-eps, 1+eps))``
+    with ``rho_t = exp(log pi(y_t) - log pi_old(y_t))``, averaged over the masked tokens of the batch
+    (Schulman et al. 2017, eq. 7; TRL's ``pg_loss``). Metrics: ``policy/clipfrac`` (share of tokens
+    where the clipped term is chosen) and ``policy/approx_kl`` (``0.5 mean (log rho)^2``).
+    """
+    log_ratio = logps - old_logps
+    ratio = torch.exp(torch.where(mask.bool(), log_ratio, torch.zeros_like(log_ratio)))
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = token_mean(torch.maximum(unclipped, clipped), mask)
+    metrics = {
+        "policy/clipfrac": token_mean((clipped > unclipped).float(), mask).detach(),
+        "policy/approx_kl": (0.5 * token_mean(log_ratio.detach() ** 2, mask)),
+    }
+    return LossOutput(loss=loss, metrics=metrics)
+
+
+def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip_range_value: float = 0.2) -> LossOutput:
+    """PPO's clipped value loss: ``0.5 mean_t max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)``
+    over the masked tokens (TRL's ``vf_loss``). Metric: ``value/clipfrac``."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * token_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    return LossOutput(loss=loss, metrics={"value/clipfrac": token_mean((loss_clipped > loss_unclipped).float(), mask).detach()})
+
+
+def ppo_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    *,
+    clip_range: float = 0.2,
+    clip_range_value: float = 0.2,
+    value_coef: float = 0.1,
+) -> LossOutput:
+    """``policy loss + value_coef * value loss`` (:func:`ppo_policy_loss`, :func:`ppo_value_loss`);
+    TRL's PPO defaults ``cliprange = cliprange_value = 0.2``, ``vf_coef = 0.1``."""
+    policy = ppo_policy_loss(logps, old_logps, advantages, mask, clip_range=clip_range)
+    value = ppo_value_loss(values, old_values, returns, mask, clip_range_value=clip_range_value)
+    metrics = {"policy/loss": policy.loss.detach(), "value/loss": value.loss.detach(), **policy.metrics, **value.metrics}
+    return LossOutput(loss=policy.loss + value_coef * value.loss, metrics=metrics)
+
+
+def rloo_advantages(rewards: Tensor, k: int, *, normalize: bool = False) -> Tensor:
+    """Leave-one-out advantages ``A_i = r_i - mean_{j != i} r_j`` within each group of ``k`` samples of
+    one prompt (consecutive rows), Ahmadian et al. 2024, eq. 7; TRL 1.16's RLOO trainer. With
+    ``normalize``, ``(A - mean A) / (std A + 1e-4)`` over the batch (unbiased std), as TRL's
+    ``normalize_advantages``."""
+    if k < 2:
+        raise ValueError(f"RLOO needs k >= 2 samples per prompt for a leave-one-out baseline, got {k}")
+    if rewards.shape[0] % k:
+        raise ValueError(f"{rewards.shape[0]} rewards are not whole groups of k={k}")
+    grouped = rewards.view(-1, k)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)
+    advantages = (grouped - baseline).reshape(-1)
+    if normalize:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-4)
+    return advantages
+
+
+def rloo_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, *, clip_range: float = 0.2, clip_range_high: float | None = None) -> LossOutput:
+    """REINFORCE with a leave-one-out baseline, sequence level, with PPO-style clipping of the
+    sequence ratio ``rho = exp(log pi(y|x) - log pi_old(y|x))`` (summed log-probs):
+    ``mean_i -min(rho_i A_i, clip(rho_i, 1 - eps, 1 + eps_high) A_i)`` (TRL 1.16's RLOO loss). On the
+    first update after generation ``rho = 1`` and the gradient is ``-mean_i A_i grad log pi(y_i|x_i)``,
+    the RLOO estimator of Ahmadian et al. 2024. Metric: ``policy/clipfrac``."""
+    high = clip_range if clip_range_high is None else clip_range_high
+    ratio = torch.exp(logps - old_logps)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + high) * advantages
+    losses = -torch.minimum(unclipped, clipped)
+    clipped_rows = ((ratio < 1.0 - clip_range) & (advantages < 0)) | ((ratio > 1.0 + high) & (advantages > 0))
+    metrics = {"policy/clipfrac": clipped_rows.float().mean().detach(), "policy/approx_kl": (0.5 * (logps - old_logps).detach() ** 2).mean()}
+    return LossOutput(loss=losses.mean(), metrics=metrics, losses=losses.detach())
+
+
+def adaptive_kl_coef(coef: float, current_kl: float, *, target: float, horizon: int, steps: int) -> float:
+    """Ziegler et al. 2019's adaptive KL controller: ``coef * (1 + clip(KL / target - 1, -0.2, 0.2) * steps / horizon)``."""
+    error = min(max(current_kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * steps / horizon)
+
+
+def explained_variance(predictions: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """``1 - Var(targets - predictions) / Var(targets)`` over the masked tokens (1 is perfect)."""
+    var_targets = token_mean((targets - token_mean(targets, mask)) ** 2, mask)
+    residual = targets - predictions
+    var_residual = token_mean((residual - token_mean(residual, mask)) ** 2, mask)
+    return 1.0 - var_residual / var_targets.clamp(min=1e-12)
+
+
+def to_token_matrix(values: Tensor, batch_index: Tensor, num_rows: int, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(B, L)`` matrix and mask from flat row-major per-token values (``TokenLogps`` order); the
+    gradient flows back to ``values``."""
+    counts = torch.bincount(batch_index, minlength=num_rows)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(values.shape[0], device=values.device) - starts[batch_index]
+    width = int(counts.max()) if width is None and values.numel() else (width or 0)
+    matrix = values.new_zeros(num_rows, width).index_put((batch_index, position), values)
+    mask = torch.arange(width, device=values.device)[None, :] < counts[:, None]
+    return matrix, mask

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ulma_lightning.losses import LossOutput
+from ulma_lightning.losses import LossOutput, masked_mean
 
 KLEstimator = Literal["k1", "k3"]
 
@@ -44,9 +44,9 @@ def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return kept.sum() if dim is None else kept.sum(dim)
 
 
-def token_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean over the masked tokens of the whole batch (``sum(v * m) / sum(m)``); 0 for an empty mask."""
-    return masked_sum(values, mask) / mask.sum().clamp(min=1)
+token_mean = masked_mean
+"""Mean over the masked tokens of the whole batch (``sum(v * m) / sum(m)``); 0 for an empty mask:
+:func:`ulma_lightning.losses.masked_mean`."""
 
 
 def masked_whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:

@@ -15,6 +15,7 @@ from ulma_lightning.logprobs import IGNORE_INDEX, TokenLogps, _decoder_and_head
 from ulma_lightning.losses import LossOutput
 from ulma_lightning.modules.base import OptimizerConfig
 from ulma_lightning.modules.rollout import Rollout, RolloutModule, take_rows
+from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import PolicyConfig
 from ulma_lightning.rl import KLEstimator, adaptive_kl_coef, explained_variance, gae, kl_estimate, masked_whiten, ppo_loss
 
@@ -108,8 +109,7 @@ class PPOModule(RolloutModule):
         super().__init__(
             policy, optimizer, scorer, generation, samples_per_prompt, kl_coef, kl_estimator, missing_eos_penalty, reward_clip, max_grad_norm, eval_generation
         )
-        if ppo_epochs < 1 or (mini_batch_size is not None and mini_batch_size < 1):
-            raise ValueError(f"ppo_epochs and mini_batch_size must be >= 1, got {ppo_epochs} and {mini_batch_size}")
+        check_numbers(ppo_epochs=(ppo_epochs, ">= 1"), mini_batch_size=(mini_batch_size, ">= 1"))
         if kl_target is not None and kl_target <= 0:
             raise ValueError(f"kl_target must be > 0 (or null for a fixed kl_coef), got {kl_target}")
         self.kl_target, self.kl_horizon = kl_target, kl_horizon

@@ -9,6 +9,7 @@ from ulma_lightning.evaluation.scorers import Scorer
 from ulma_lightning.losses import LossOutput
 from ulma_lightning.modules.base import OptimizerConfig
 from ulma_lightning.modules.rollout import Rollout, RolloutModule, take_rows
+from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import PolicyConfig
 from ulma_lightning.rl import KLEstimator, kl_estimate, rloo_advantages, rloo_loss
 
@@ -65,8 +66,7 @@ class RLOOModule(RolloutModule):
         super().__init__(
             policy, optimizer, scorer, generation, rloo_k, kl_coef, kl_estimator, missing_eos_penalty, reward_clip, max_grad_norm, eval_generation
         )
-        if num_iterations < 1 or (mini_batch_size is not None and mini_batch_size < 1):
-            raise ValueError(f"num_iterations and mini_batch_size must be >= 1, got {num_iterations} and {mini_batch_size}")
+        check_numbers(num_iterations=(num_iterations, ">= 1"), mini_batch_size=(mini_batch_size, ">= 1"))
         self.normalize_advantages = normalize_advantages
         self.clip_range, self.clip_range_high = clip_range, clip_range_high
         self.num_iterations, self.mini_batch_size = num_iterations, mini_batch_size

@@ -18,6 +18,7 @@ from ulma_lightning.evaluation.scorers import DemoScorer, Scorer, checked_scores
 from ulma_lightning.logprobs import TokenLogps
 from ulma_lightning.losses import LossOutput
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
+from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import PolicyConfig
 from ulma_lightning.rl import KLEstimator, to_token_matrix
 
@@ -112,10 +113,7 @@ class RolloutModule(AlignmentModule):
         super().__init__(policy, optimizer)
         if kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
-        if samples_per_prompt < 1:
-            raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
-        if kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+        check_numbers(samples_per_prompt=(samples_per_prompt, ">= 1"), kl_coef=(kl_coef, ">= 0"))
         self.automatic_optimization = False
         self.scorer = scorer if scorer is not None else DemoScorer()
         self.rollout_generation = generation or GenerationConfig(max_new_tokens=32, do_sample=True)

@@ -367,3 +367,27 @@ def test_a_second_compare_into_the_same_folder_is_refused(tmp_path: Path, capsys
     assert stop.value.code == 2
     assert f"another ulma compare (process {os.getppid()}) is writing here" in capsys.readouterr().err
     assert not (out / "stages").exists()
+
+
+def test_jobs_run_instances_in_parallel_and_train_a_shared_stage_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    grid = write_grid(tmp_path, {**GRID, "runs": GRID["runs"][:2]})  # sft and sft_dpo share the SFT stage
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        results = compare_main(["--config", str(grid), "--output", str(tmp_path / "out"), "--jobs", "2"])
+    finally:
+        os.chdir(cwd)
+    assert "2 runs on 2 worker processes" in capsys.readouterr().out
+    assert [r["status"] for r in results["runs"]] == ["ok", "ok"]
+    sft_keys = {r["stages"][0]["key"] for r in (json.loads((tmp_path / "out/runs" / name / "ordinary/seed0/result.json").read_text()) for name in ("sft", "sft_dpo"))}
+    assert len(sft_keys) == 1
+    # trained once, though both workers needed it: one fit wrote one TensorBoard event file (a second
+    # fit, from another process, would add its own, named after its process id)
+    event_files = list((tmp_path / "out/stages" / sft_keys.pop()).glob("**/events.out.tfevents.*"))
+    assert len(event_files) == 1, event_files
+
+
+def test_jobs_below_one_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        compare_main(["--config", str(write_grid(tmp_path, GRID)), "--output", str(tmp_path / "out"), "--jobs", "0"])
+    assert "--jobs must be at least 1" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ulma_lightning.compare.metrics import Evaluator
+from ulma_lightning.compare.parallel import run_parallel, stage_lock
 from ulma_lightning.compare.plots import write_plots
 from ulma_lightning.compare.report import RESULT_FILE, collect, init_folder, run_folder, write_results
 from ulma_lightning.compare.spec import GridError, GridSpec, load_grid
@@ -78,7 +79,8 @@ class Runner:
         stage = self.plan.stages[key]
         exports = {k: self.stage(k)["export"] for k in (stage.policy_from, stage.reward_from) if k is not None}
         try:
-            record = train_stage(stage, self.root, exports, self.launcher)
+            with stage_lock(self.root, key):  # --jobs: another worker may be training it
+                record = train_stage(stage, self.root, exports, self.launcher)
         except Exception as exc:
             self.failed[key] = failure(exc)
             raise
@@ -87,11 +89,12 @@ class Runner:
 
     def untrained(self, key: str) -> dict[str, Any]:
         """The untrained model ``key``: exported and evaluated once."""
-        record = build_init(self.plan.inits[key], self.root)
-        folder = init_folder(self.root, key)
-        if not self.finished(folder / RESULT_FILE):
-            metrics = self.evaluator.evaluate(record["export"], record["export"], folder)
-            write_json(folder / RESULT_FILE, {"status": "ok", "key": key, "export": record["export"], "metrics": metrics, "evaluation_key": self.evaluation_key})
+        with stage_lock(self.root, key):
+            record = build_init(self.plan.inits[key], self.root)
+            folder = init_folder(self.root, key)
+            if not self.finished(folder / RESULT_FILE):
+                metrics = self.evaluator.evaluate(record["export"], record["export"], folder)
+                write_json(folder / RESULT_FILE, {"status": "ok", "key": key, "export": record["export"], "metrics": metrics, "evaluation_key": self.evaluation_key})
         return record
 
     def run(self, instance: Instance) -> dict[str, Any]:
@@ -162,28 +165,44 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def compare(grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare") -> dict[str, Any]:
-    """Run the grid (or the ``only`` subset) into ``root``; write and return the results."""
+def compare(
+    grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare", jobs: int = 1
+) -> dict[str, Any]:
+    """Run the grid (or the ``only`` subset) into ``root``, ``jobs`` runs at a time; write and return the results."""
+    if jobs < 1:
+        raise GridError(f"--jobs must be at least 1, got {jobs}")
     plan = plan_grid(grid)
     chosen = select(plan, only)
     with output_lock(root):
-        return _compare(grid, plan, chosen, root, launcher, command)
+        return _compare(grid, plan, chosen, root, launcher, command, jobs)
 
 
-def _compare(grid: GridSpec, plan: Plan, chosen: list[Instance], root: Path, launcher: str | None, command: str) -> dict[str, Any]:
+def _compare(grid: GridSpec, plan: Plan, chosen: list[Instance], root: Path, launcher: str | None, command: str, jobs: int = 1) -> dict[str, Any]:
     """The body of :func:`compare`, run while holding the output folder."""
     runner = Runner(grid, plan, root, launcher or grid.launcher)
     total = len(chosen)
+    todo = []
     for number, instance in enumerate(chosen):
         if runner.finished(run_folder(root, instance.id) / RESULT_FILE):
             print(f"[ulma compare] {number + 1}/{total} {instance.id}: finished earlier, skipped", flush=True)
-            continue
-        print(f"[ulma compare] {number}/{total} runs done, {total - number} left; running {instance.id}", flush=True)
-        result = runner.run(instance)
+        else:
+            todo.append(instance)
+    done = total - len(todo)
+
+    def record(instance_id: str, result: dict[str, Any]) -> None:
+        nonlocal done
+        done += 1
         status = "done" if result["status"] == "ok" else "FAILED: " + result["error"].splitlines()[0]
-        print(f"[ulma compare] {instance.id} {status} ({result['seconds']:.1f} s)", flush=True)
-        results = collect(grid, plan, root)  # after every run, so a kill leaves up-to-date files
-        write_results(results, root, command)
+        print(f"[ulma compare] {instance_id} {status} ({result['seconds']:.1f} s); {done}/{total} runs done, {total - done} left", flush=True)
+        write_results(collect(grid, plan, root), root, command)  # after every run, so a kill leaves up-to-date files
+
+    if jobs > 1 and len(todo) > 1:
+        print(f"[ulma compare] {len(todo)} runs on {jobs} worker processes", flush=True)
+        run_parallel((grid, plan, root, launcher or grid.launcher), [i.id for i in todo], jobs, record)
+    else:
+        for instance in todo:
+            print(f"[ulma compare] {done}/{total} runs done, {total - done} left; running {instance.id}", flush=True)
+            record(instance.id, runner.run(instance))
     results = collect(grid, plan, root)
     write_results(results, root, command)
     results["plots"] = [str(p) for p in write_plots(results, root)]
@@ -191,10 +210,12 @@ def _compare(grid: GridSpec, plan: Plan, chosen: list[Instance], root: Path, lau
     return results
 
 
-def tune(grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare --tune") -> dict[str, Any]:
+def tune(
+    grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare --tune", jobs: int = 1
+) -> dict[str, Any]:
     """Run the grid's tuning candidates into ``root`` and write the chosen values (``tuned.yaml``)."""
     candidates_grid, per_method = tune_grid(grid)
-    results = compare(candidates_grid, root, only=only, launcher=launcher, command=command)
+    results = compare(candidates_grid, root, only=only, launcher=launcher, command=command, jobs=jobs)
     results["tuned"] = choose(results, per_method)
     write_tuned(results["tuned"], root / "tuned.yaml", command)
     print(f"[ulma compare] chosen values (validation score), to commit into {grid.path}:\n" + (root / "tuned.yaml").read_text(), flush=True)
@@ -214,14 +235,18 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--only", default=None, help="run only this run name (all its variants and seeds), or one RUN/VARIANT/seedS")
     parser.add_argument("--tune", action="store_true", help="choose each method's hyper-parameters by the grid's `tune:` rule (validation score); writes OUTPUT/tune/tuned.yaml")
     parser.add_argument("--launcher", choices=("inprocess", "subprocess"), default=None, help="run each `ulma fit` in this process (default) or in a child process")
+    parser.add_argument(
+        "--jobs", type=int, default=1, metavar="N",
+        help="train N runs at a time in worker processes (stages they share are trained once); each uses cpu_count/N threads unless OMP_NUM_THREADS is set",
+    )
     args = parser.parse_args(argv)
     try:
         grid = load_grid(args.config, quick=args.quick)
         root = Path(args.output or grid.output or Path("runs") / "compare" / (grid.name + ("-quick" if args.quick else "")))
         command = "ulma compare " + shlex.join(argv)
         if args.tune:
-            return tune(grid, root / "tune", only=args.only, launcher=args.launcher, command=command)
-        return compare(grid, root, only=args.only, launcher=args.launcher, command=command)
+            return tune(grid, root / "tune", only=args.only, launcher=args.launcher, command=command, jobs=args.jobs)
+        return compare(grid, root, only=args.only, launcher=args.launcher, command=command, jobs=args.jobs)
     except GridError as exc:
         print(f"ulma compare: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -1,0 +1,75 @@
+"""``ulma compare --jobs N``: run a grid's instances in N worker processes.
+
+Each worker runs whole instances (their stages in order, then the evaluation), exactly as the
+sequential runner does. Stages shared by several instances (one SFT model under the SFT row and the
+SFT-then-DPO row) and untrained models are guarded by a lock file per stage
+(:func:`stage_lock`): the first worker trains it, the others wait and reuse it. Each worker uses
+``cpu_count // N`` torch threads unless ``OMP_NUM_THREADS`` is set, and dies with its parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+_RUNNER: Any = None  # the worker's Runner, built once per process
+
+
+@contextlib.contextmanager
+def stage_lock(root: Path, key: str) -> Iterator[None]:
+    """Hold ``root/stages/<key>.lock`` (an OS file lock, freed if the holder dies) while inside."""
+    path = root / "stages" / f"{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this worker when the parent ``ulma compare`` dies (a killed compare leaves no
+    orphan training on; started again, it resumes the stage from its last checkpoint)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _init_worker(runner_args: tuple[Any, ...], jobs: int) -> None:
+    global _RUNNER
+    _die_with_parent()
+    import torch
+
+    from ulma_lightning.compare.runner import Runner
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+    _RUNNER = Runner(*runner_args)
+
+
+def _run(instance_id: str) -> dict[str, Any]:
+    instance = next(i for i in _RUNNER.plan.instances if i.id == instance_id)
+    return _RUNNER.run(instance)
+
+
+def run_parallel(runner_args: tuple[Any, ...], instance_ids: list[str], jobs: int, on_done: Callable[[str, dict[str, Any]], None]) -> None:
+    """Run ``instance_ids`` on ``jobs`` worker processes; ``on_done(id, result)`` as each ends."""
+    context = get_context("spawn")  # a fresh interpreter: no torch threads or CUDA state inherited
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(runner_args, jobs)) as pool:
+        futures: dict[Future[dict[str, Any]], str] = {pool.submit(_run, i): i for i in instance_ids}
+        try:
+            for future in as_completed(futures):
+                on_done(futures[future], future.result())
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+

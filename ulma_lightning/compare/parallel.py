@@ -23,8 +23,8 @@ _RUNNER: Any = None  # the worker's Runner, built once per process
 
 @contextlib.contextmanager
 def stage_lock(root: Path, key: str) -> Iterator[None]:
-    """Hold ``root/stages/<key>.lock`` (an OS file lock, freed if the holder dies) while inside."""
-    path = root / "stages" / f"{key}.lock"
+    """Hold ``root/stages/.locks/<key>`` (an OS file lock, freed if the holder dies) while inside."""
+    path = root / "stages" / ".locks" / key
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

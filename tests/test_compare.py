@@ -199,6 +199,7 @@ BAD_GRIDS = {
         {"runs": [{"name": "rlhf", "stages": [{"method": "reward", "data": "pairwise"}, {"method": "dpo", "data": "pairwise"}]}]},
         r"runs\[0\] 'rlhf': stage 'dpo' .* follows the reward model of stage 'reward' but takes no `reward_model` argument",
     ),
+    "jobs below one": ({"jobs": 0}, r"grid\.yaml:\d+: jobs must be a whole number >= 1 \(runs trained at a time\), got 0"),
     "data kind missing": (
         {"runs": [{"name": "ulma", "stages": [{"method": "ulma_continuous", "data": "continuous"}]}]},
         r"runs\[0\] 'ulma' stage 1 \(ulma_continuous\): data kind 'continuous' is not defined in variant 'ordinary'",
@@ -370,11 +371,11 @@ def test_a_second_compare_into_the_same_folder_is_refused(tmp_path: Path, capsys
 
 
 def test_jobs_run_instances_in_parallel_and_train_a_shared_stage_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    grid = write_grid(tmp_path, {**GRID, "runs": GRID["runs"][:2]})  # sft and sft_dpo share the SFT stage
+    grid = write_grid(tmp_path, {**GRID, "runs": GRID["runs"][:2], "jobs": 2})  # sft and sft_dpo share the SFT stage
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
-        results = compare_main(["--config", str(grid), "--output", str(tmp_path / "out"), "--jobs", "2"])
+        results = compare_main(["--config", str(grid), "--output", str(tmp_path / "out")])  # the grid's jobs: 2
     finally:
         os.chdir(cwd)
     assert "2 runs on 2 worker processes" in capsys.readouterr().out

@@ -166,9 +166,11 @@ def _alive(pid: int) -> bool:
 
 
 def compare(
-    grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare", jobs: int = 1
+    grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare", jobs: int | None = None
 ) -> dict[str, Any]:
-    """Run the grid (or the ``only`` subset) into ``root``, ``jobs`` runs at a time; write and return the results."""
+    """Run the grid (or the ``only`` subset) into ``root``, ``jobs`` runs at a time (default: the grid's
+    ``jobs``); write and return the results."""
+    jobs = grid.jobs if jobs is None else jobs
     if jobs < 1:
         raise GridError(f"--jobs must be at least 1, got {jobs}")
     plan = plan_grid(grid)
@@ -211,7 +213,7 @@ def _compare(grid: GridSpec, plan: Plan, chosen: list[Instance], root: Path, lau
 
 
 def tune(
-    grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare --tune", jobs: int = 1
+    grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare --tune", jobs: int | None = None
 ) -> dict[str, Any]:
     """Run the grid's tuning candidates into ``root`` and write the chosen values (``tuned.yaml``)."""
     candidates_grid, per_method = tune_grid(grid)
@@ -236,8 +238,9 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--tune", action="store_true", help="choose each method's hyper-parameters by the grid's `tune:` rule (validation score); writes OUTPUT/tune/tuned.yaml")
     parser.add_argument("--launcher", choices=("inprocess", "subprocess"), default=None, help="run each `ulma fit` in this process (default) or in a child process")
     parser.add_argument(
-        "--jobs", type=int, default=1, metavar="N",
-        help="train N runs at a time in worker processes (stages they share are trained once); each uses cpu_count/N threads unless OMP_NUM_THREADS is set",
+        "--jobs", type=int, default=None, metavar="N",
+        help="train N runs at a time in worker processes (stages they share are trained once; default: the grid's `jobs`, else 1); "
+        "each uses cpu_count/N threads unless OMP_NUM_THREADS is set",
     )
     args = parser.parse_args(argv)
     try:

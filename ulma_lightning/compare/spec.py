@@ -150,6 +150,7 @@ class GridSpec:
     evaluation: EvaluationSpec
     overrides: dict[str, Any] = field(default_factory=dict)
     launcher: str = "inprocess"
+    jobs: int = 1
     output: str | None = None
     tune: TuneSpec | None = None
     tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -285,7 +286,7 @@ def check_chain(stages: list[StageSpec], where: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the grid
-TOP_KEYS = {"name", "seeds", "seed_keys", "variants", "runs", "evaluation", "overrides", "quick", "launcher", "output", "configs_dir", "tune", "tuned"}
+TOP_KEYS = {"name", "seeds", "seed_keys", "variants", "runs", "evaluation", "overrides", "quick", "launcher", "jobs", "output", "configs_dir", "tune", "tuned"}
 RUN_KEYS = {"name", "label", "stages", "variants", "overrides"}
 QUICK_KEYS = {"seeds", "runs", "variants", "overrides", "evaluation"}
 
@@ -435,6 +436,9 @@ def load_grid(path: str | Path, *, quick: bool = False) -> GridSpec:
     launcher = str(doc.get("launcher") or "inprocess")
     if launcher not in ("inprocess", "subprocess"):
         raise GridError(_where(path, doc, f"launcher must be inprocess or subprocess, got {launcher!r}"))
+    jobs = doc.get("jobs", 1)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise GridError(_where(path, doc, f"jobs must be a whole number >= 1 (runs trained at a time), got {jobs!r}"))
     return GridSpec(
         path=path,
         name=str(doc.get("name") or path.stem),
@@ -445,6 +449,7 @@ def load_grid(path: str | Path, *, quick: bool = False) -> GridSpec:
         evaluation=evaluation,
         overrides=_mapping_of(doc.get("overrides"), path, "overrides", doc),
         launcher=launcher,
+        jobs=jobs,
         output=doc.get("output"),
         tune=_tune(doc.get("tune"), path, doc, variants),
         tuned={str(k): dict(v or {}) for k, v in _mapping_of(doc.get("tuned"), path, "tuned", doc).items()},

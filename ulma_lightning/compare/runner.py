@@ -174,7 +174,8 @@ def compare(
     if jobs < 1:
         raise GridError(f"--jobs must be at least 1, got {jobs}")
     plan = plan_grid(grid)
-    chosen = select(plan, only)
+    # seed by seed: a grid stopped part-way has whole seeds of every row, not every seed of some rows
+    chosen = sorted(select(plan, only), key=lambda instance: grid.seeds.index(instance.seed))
     with output_lock(root):
         return _compare(grid, plan, chosen, root, launcher, command, jobs)
 

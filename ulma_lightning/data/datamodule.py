@@ -69,6 +69,18 @@ def record_groups(examples: list[Any]) -> tuple[list[list[int]], int]:
     return list(groups.values()), duplicates
 
 
+def demo_test_sources(train: list[Any]) -> list[Any]:
+    """The demo task's test split of each demo source of ``train``, with its options (not its share of the mix)."""
+    out: list[Any] = []
+    for entry in train:
+        if isinstance(entry, str):
+            out.append(demo_test_source(entry))
+        else:
+            kept = {k: v for k, v in entry.items() if k not in ("weight", "samples")}
+            out.append({**kept, "source": demo_test_source(entry["source"])})
+    return out
+
+
 class AlignmentDataModule(pl.LightningDataModule):
     """Shared pipeline for every data module; subclasses parse records and build features.
 
@@ -79,8 +91,8 @@ class AlignmentDataModule(pl.LightningDataModule):
             columns, score_range, on_bad_record, weight, samples}`` (see :mod:`ulma_lightning.data.mixing`).
         val: validation data (same forms); if empty, ``val_fraction`` of ``train`` is held out.
         test: test data (same forms), used by ``ulma test`` and ``ulma evaluate``. Default: for the
-            demo task, its test split; for your own data, the validation data (``val``, or the share
-            of ``train`` that ``val_fraction`` holds out).
+            demo task, its test split (of each source, for a list of demo sources); for your own data,
+            the validation data (``val``, or the share of ``train`` that ``val_fraction`` holds out).
         predict: prompts for ``ulma predict`` (defaults to the test data): one prompt per record, cut from
             the left to ``max_prompt_length`` tokens, with the record's response (or chosen side) as
             the reference response.
@@ -140,6 +152,8 @@ class AlignmentDataModule(pl.LightningDataModule):
             raise ValueError(f"mix_strategy must be 'interleave_under' or 'interleave_over', got {mix_strategy!r}")
         if test is None and isinstance(train, str) and is_demo_source(train):
             test = demo_test_source(train)
+        elif test is None and isinstance(train, list) and all(is_demo_source(spec.source) for spec in source_specs(train, "train") or []):
+            test = demo_test_sources(train)
         #: test (and predict) fall back to the validation examples: the user's own data, no test set named
         self.test_from_val = test is None
         given = {"train": train, "val": val, "test": test, "predict": predict or test}

@@ -191,6 +191,8 @@ def test_text_is_trained_whole_and_the_format_is_logged_once(tmp_path: Path, cap
     with caplog.at_level(logging.INFO, logger="ulma_lightning.data"):
         dm.setup("fit")
     item = dm.datasets["train"][0]
+    with pytest.raises(ValueError, match="no prompts to generate for"):  # text has no prompt to generate from
+        dm.prompt_dataset("train")
     assert (item["labels"] != IGNORE_INDEX).all()  # no prompt: every token is trained on
     assert dm.tokenizer.decode(item["input_ids"][:-1]) == "Tea is made with boiled water."  # as it is, no leading space
     assert item["input_ids"][-1] == dm.tokenizer.eos_token_id
@@ -375,6 +377,11 @@ def test_a_source_with_no_records_is_named(tmp_path: Path) -> None:
 def test_bad_source_options_name_the_entry(entry: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         source_specs([entry], "train")
+
+
+def test_a_score_on_a_pairwise_source_is_an_error_not_ignored() -> None:
+    with pytest.raises(ValueError, match=r"data\.train: source pairs\.jsonl: PairwiseDataModule has no use for score"):
+        PairwiseDataModule(train=[{"source": "pairs.jsonl", "score": 1.0}])
 
 
 # ----------------------------------------------------------------------------- through ulma fit

@@ -162,6 +162,14 @@ class AlignmentDataModule(pl.LightningDataModule):
         #: each split's sources as one string (the source itself for a single one)
         self.sources = {split: describe(specs) for split, specs in self.specs.items()}
         self.mix_strategy = mix_strategy
+        for split, specs in self.specs.items():
+            for spec in specs or []:
+                unused = [name for name in ("score", "score_range") if getattr(spec, name) is not None and name not in self.scored_options]
+                if unused:
+                    raise ValueError(
+                        f"data.{split}: source {spec.source}: {type(self).__name__} has no use for {' and '.join(unused)} "
+                        "(its records are not scored); drop it, or use PointwiseDataModule"
+                    )
         self.reading: SourceSpec | None = None  # the source being read, whose options override the module's
         self.mixed: dict[str, dict[str, dict[str, int]]] = {}  # split -> source -> records read, used, skipped
         self.tokenizer_source = tokenizer
@@ -187,6 +195,9 @@ class AlignmentDataModule(pl.LightningDataModule):
         self._pending_extra: dict[str, dict[str, torch.Tensor]] = {}
         self._before_loading: list[Callable[[], None]] = []
         self._tokenizer: Any = None
+
+    #: the per-source options about scores this module reads (see :mod:`ulma_lightning.data.mixing`)
+    scored_options: tuple[str, ...] = ()
 
     # ------------------------------------------------------------ to override
     def parse_record(self, record: dict[str, Any], location: Location) -> list[Any]:
@@ -564,6 +575,8 @@ class PointwiseDataModule(AlignmentDataModule):
             ``lower_is_better`` (it becomes 0: the normalised score ``s`` is used as ``1 - s``).
         **kwargs: see :class:`AlignmentDataModule`.
     """
+
+    scored_options = ("score", "score_range")
 
     def __init__(
         self,

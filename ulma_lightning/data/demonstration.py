@@ -31,6 +31,8 @@ class DemonstrationDataModule(AlignmentDataModule):
         **kwargs: see :class:`~ulma_lightning.AlignmentDataModule`.
     """
 
+    scored_options = ("score", "score_range")  # with min_score
+
     def __init__(
         self, *args: Any, min_score: float | None = None, score_range: tuple[float, float] = (0.0, 1.0), **kwargs: Any
     ) -> None:

@@ -52,7 +52,7 @@ def unique_prompts(examples: Sequence[Any]) -> list[Any]:
 
 def encode_prompts(tokenizer: Any, examples: Sequence[Any], max_prompt_length: int) -> list[PromptItem]:
     """Prompt-only token ids (formatted as in training, ending where the response begins)."""
-    examples = unique_prompts(examples)
+    examples = [e for e in unique_prompts(examples) if e.prompt is not None]  # language-modeling text has no prompt
     if not examples:
         return []
     prompt_ids, _ = tokenize_pairs(tokenizer, [e.prompt for e in examples], ["x"] * len(examples))

@@ -17,7 +17,7 @@ from ulma_lightning.data.demo import demo_test_source, is_demo_source
 from ulma_lightning.data.errors import DataError, OnBadRecord, SkipReport
 from ulma_lightning.data.features import FeatureDataset, Truncation, TruncationReport, build_sequence, tokenize_pairs
 from ulma_lightning.data.prompts import LeftPaddingCollator, PromptDataset, encode_prompts
-from ulma_lightning.data.mixing import MixStrategy, SourceSpec, SplitSources, describe, mix, source_specs
+from ulma_lightning.data.mixing import MixStrategy, SourceSpec, SplitSources, describe, mix, records_of, source_specs
 from ulma_lightning.data.records import Example, apply_columns, format_label, in_user_terms, parse_pointwise
 from ulma_lightning.data.samplers import ResumableDataLoader, ResumableSampler
 from ulma_lightning.data.sources import Location, read_source
@@ -171,7 +171,7 @@ class AlignmentDataModule(pl.LightningDataModule):
                         "(its records are not scored); drop it, or use PointwiseDataModule"
                     )
         self.reading: SourceSpec | None = None  # the source being read, whose options override the module's
-        self.mixed: dict[str, dict[str, dict[str, int]]] = {}  # split -> source -> records read, used, skipped
+        self.mixed: dict[str, dict[str, dict[str, int]]] = {}  # split -> source -> samples read, skipped, records drawn
         self.tokenizer_source = tokenizer
         self.trust_remote_code = trust_remote_code
         self.columns = columns
@@ -230,24 +230,25 @@ class AlignmentDataModule(pl.LightningDataModule):
         each source's records, samples and skips are logged (and kept in :attr:`mixed`)."""
         specs = self.specs[split] or []
         parts, counts = [], {}
-        for spec in specs:
+        names = [spec.source if [s.source for s in specs].count(spec.source) == 1 else f"{spec.source} [{i}]" for i, spec in enumerate(specs)]
+        for spec, name in zip(specs, names):
             skipped = report.total
             self.reading = spec
             try:
                 parts.append(self.read_examples(spec.source, split, report))
             finally:
                 self.reading = None
-            counts[spec.source] = {"samples": len(parts[-1]), "skipped": report.total - skipped}
+            counts[name] = {"samples": len(parts[-1]), "skipped": report.total - skipped}
         if len(specs) == 1 and specs[0].weight is None and specs[0].samples is None:
-            self.mixed[split] = {specs[0].source: {**counts[specs[0].source], "used": len(parts[0])}}
+            self.mixed[split] = {names[0]: {**counts[names[0]], "records_drawn": len(records_of(parts[0]))}}
             return parts[0]
         examples, drawn = mix(parts, specs, self.split_seed, self.mix_strategy)
         self.mixed[split] = {}
-        for spec, part, records in zip(specs, parts, drawn):
-            count = counts[spec.source]
-            self.mixed[split][spec.source] = {**count, "records_drawn": records}
+        for name, records in zip(names, drawn):
+            count = counts[name]
+            self.mixed[split][name] = {**count, "records_drawn": records}
             log.info(
-                "%s split: source %s: %d samples read (%d skipped), %d records drawn per epoch", split, spec.source,
+                "%s split: source %s: %d samples read (%d skipped), %d records drawn per epoch", split, name,
                 count["samples"], count["skipped"], records,
             )  # fmt: skip
         if self.max_samples is not None:
@@ -604,8 +605,9 @@ class PointwiseDataModule(AlignmentDataModule):
         examples = parse_pointwise(record, location, score_range, self.score_direction == "lower_is_better", default_score)
         if self.label_type == "binary" and any(e.score not in (0.0, 1.0) for e in examples):
             low, high = score_range
+            value = f"{record['score']!r}" if record.get("score") is not None else f"the source's default score {default_score!r}"
             raise DataError(
-                location, "score", f"{record.get('score')!r} is neither {low:g} nor {high:g}, and the method's label_type is binary",
+                location, "score", f"{value} is neither {low:g} nor {high:g}, and the method's label_type is binary",
                 "fix the record, set on_bad_record: skip to skip such records, or train with label_type: continuous",
             )
         return examples

@@ -17,7 +17,8 @@ from ulma_lightning.data.demo import demo_test_source, is_demo_source
 from ulma_lightning.data.errors import DataError, OnBadRecord, SkipReport
 from ulma_lightning.data.features import FeatureDataset, Truncation, TruncationReport, build_sequence, tokenize_pairs
 from ulma_lightning.data.prompts import LeftPaddingCollator, PromptDataset, encode_prompts
-from ulma_lightning.data.records import Example, apply_columns, in_user_terms, parse_pointwise
+from ulma_lightning.data.mixing import MixStrategy, SourceSpec, SplitSources, describe, mix, records_of, source_specs
+from ulma_lightning.data.records import Example, apply_columns, format_label, in_user_terms, parse_pointwise
 from ulma_lightning.data.samplers import ResumableDataLoader, ResumableSampler
 from ulma_lightning.data.sources import Location, read_source
 from ulma_lightning.options import check_numbers
@@ -68,16 +69,30 @@ def record_groups(examples: list[Any]) -> tuple[list[list[int]], int]:
     return list(groups.values()), duplicates
 
 
+def demo_test_sources(train: list[Any]) -> list[Any]:
+    """The demo task's test split of each demo source of ``train``, with its options (not its share of the mix)."""
+    out: list[Any] = []
+    for entry in train:
+        if isinstance(entry, str):
+            out.append(demo_test_source(entry))
+        else:
+            kept = {k: v for k, v in entry.items() if k not in ("weight", "samples")}
+            out.append({**kept, "source": demo_test_source(entry["source"])})
+    return out
+
+
 class AlignmentDataModule(pl.LightningDataModule):
     """Shared pipeline for every data module; subclasses parse records and build features.
 
     Args:
         train: training data: a file (.jsonl/.json/.parquet/.csv, optionally .gz), a dataset folder,
-            ``hf://OWNER/NAME?split=...``, ``demo://binary`` / ``demo://continuous``, or ``task://KIND``.
+            ``hf://OWNER/NAME?split=...``, ``demo://binary`` / ``demo://continuous``, or ``task://KIND``;
+            or a list of sources mixed into one split, each a string or a mapping ``{source, score,
+            columns, score_range, on_bad_record, weight, samples}`` (see :mod:`ulma_lightning.data.mixing`).
         val: validation data (same forms); if empty, ``val_fraction`` of ``train`` is held out.
         test: test data (same forms), used by ``ulma test`` and ``ulma evaluate``. Default: for the
-            demo task, its test split; for your own data, the validation data (``val``, or the share
-            of ``train`` that ``val_fraction`` holds out).
+            demo task, its test split (of each source, for a list of demo sources); for your own data,
+            the validation data (``val``, or the share of ``train`` that ``val_fraction`` holds out).
         predict: prompts for ``ulma predict`` (defaults to the test data): one prompt per record, cut from
             the left to ``max_prompt_length`` tokens, with the record's response (or chosen side) as
             the reference response.
@@ -98,14 +113,17 @@ class AlignmentDataModule(pl.LightningDataModule):
             ``skip`` skips such records and reports how many, by reason.
         max_samples: keep only the first N examples of each split (quick experiments).
         trust_remote_code: allow tokenizer code from the hub.
+        mix_strategy: how sources with a ``weight`` share a split: ``interleave_under`` (no record
+            repeats; the first source to run out sets the size) or ``interleave_over`` (every record
+            is used; the others repeat), as LLaMA-Factory's ``mix_strategy``.
     """
 
     def __init__(
         self,
-        train: str | None = None,
-        val: str | None = None,
-        test: str | None = None,
-        predict: str | None = None,
+        train: SplitSources | None = None,
+        val: SplitSources | None = None,
+        test: SplitSources | None = None,
+        predict: SplitSources | None = None,
         tokenizer: str = "builtin:demo",
         columns: dict[str, str] | None = None,
         max_length: int = 512,
@@ -120,6 +138,7 @@ class AlignmentDataModule(pl.LightningDataModule):
         on_bad_record: OnBadRecord = "error",
         max_samples: int | None = None,
         trust_remote_code: bool = False,
+        mix_strategy: MixStrategy = "interleave_under",
     ) -> None:
         super().__init__()
         check_numbers(
@@ -129,11 +148,30 @@ class AlignmentDataModule(pl.LightningDataModule):
         )  # fmt: skip
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
-        if test is None and is_demo_source(train):
+        if mix_strategy not in ("interleave_under", "interleave_over"):
+            raise ValueError(f"mix_strategy must be 'interleave_under' or 'interleave_over', got {mix_strategy!r}")
+        if test is None and isinstance(train, str) and is_demo_source(train):
             test = demo_test_source(train)
+        elif test is None and isinstance(train, list) and all(is_demo_source(spec.source) for spec in source_specs(train, "train") or []):
+            test = demo_test_sources(train)
         #: test (and predict) fall back to the validation examples: the user's own data, no test set named
         self.test_from_val = test is None
-        self.sources = {"train": train, "val": val, "test": test, "predict": predict or test}
+        given = {"train": train, "val": val, "test": test, "predict": predict or test}
+        #: each split's sources with their own options (None: the split has none)
+        self.specs: dict[str, list[SourceSpec] | None] = {split: source_specs(value, split) for split, value in given.items()}
+        #: each split's sources as one string (the source itself for a single one)
+        self.sources = {split: describe(specs) for split, specs in self.specs.items()}
+        self.mix_strategy = mix_strategy
+        for split, specs in self.specs.items():
+            for spec in specs or []:
+                unused = [name for name in ("score", "score_range") if getattr(spec, name) is not None and name not in self.scored_options]
+                if unused:
+                    raise ValueError(
+                        f"data.{split}: source {spec.source}: {type(self).__name__} has no use for {' and '.join(unused)} "
+                        "(its records are not scored); drop it, or use PointwiseDataModule"
+                    )
+        self.reading: SourceSpec | None = None  # the source being read, whose options override the module's
+        self.mixed: dict[str, dict[str, dict[str, int]]] = {}  # split -> source -> samples read, skipped, records drawn
         self.tokenizer_source = tokenizer
         self.trust_remote_code = trust_remote_code
         self.columns = columns
@@ -158,6 +196,9 @@ class AlignmentDataModule(pl.LightningDataModule):
         self._before_loading: list[Callable[[], None]] = []
         self._tokenizer: Any = None
 
+    #: the per-source options about scores this module reads (see :mod:`ulma_lightning.data.mixing`)
+    scored_options: tuple[str, ...] = ()
+
     # ------------------------------------------------------------ to override
     def parse_record(self, record: dict[str, Any], location: Location) -> list[Any]:
         """Validated examples from one raw record (after column mapping); raise DataError if bad."""
@@ -179,24 +220,68 @@ class AlignmentDataModule(pl.LightningDataModule):
         """Truncation to ``max_length``; a BOS the tokenizer puts first in prompts stays first."""
         return Truncation(self.max_length, self.max_prompt_length, self.tokenizer.bos_token_id)
 
+    def option(self, name: str) -> Any:
+        """The option ``name`` of the source being read (:attr:`reading`), else the data module's."""
+        value = getattr(self.reading, name, None) if self.reading is not None else None
+        return value if value is not None else getattr(self, name, None)
+
+    def read_split(self, split: str, report: SkipReport) -> list[Any]:
+        """The examples of ``split``: its one source's, or its sources' mixed (:mod:`~ulma_lightning.data.mixing`);
+        each source's records, samples and skips are logged (and kept in :attr:`mixed`)."""
+        specs = self.specs[split] or []
+        parts, counts = [], {}
+        names = [spec.source if [s.source for s in specs].count(spec.source) == 1 else f"{spec.source} [{i}]" for i, spec in enumerate(specs)]
+        for spec, name in zip(specs, names):
+            skipped = report.total
+            self.reading = spec
+            try:
+                parts.append(self.read_examples(spec.source, split, report))
+            finally:
+                self.reading = None
+            counts[name] = {"samples": len(parts[-1]), "skipped": report.total - skipped}
+        if len(specs) == 1 and specs[0].weight is None and specs[0].samples is None:
+            self.mixed[split] = {names[0]: {**counts[names[0]], "records_drawn": len(records_of(parts[0]))}}
+            return parts[0]
+        examples, drawn = mix(parts, specs, self.split_seed, self.mix_strategy)
+        self.mixed[split] = {}
+        for name, records in zip(names, drawn):
+            count = counts[name]
+            self.mixed[split][name] = {**count, "records_drawn": records}
+            log.info(
+                "%s split: source %s: %d samples read (%d skipped), %d records drawn per epoch", split, name,
+                count["samples"], count["skipped"], records,
+            )  # fmt: skip
+        if self.max_samples is not None:
+            examples = examples[: self.max_samples]
+        return examples
+
     def read_examples(self, source: str, split: str, report: SkipReport) -> list[Any]:
         """All valid examples of a source; bad records raise or are counted per ``on_bad_record``.
 
-        A source with no record, or none usable, is a :class:`DataError` naming it and the split.
+        A source with no record, or none usable, is a :class:`DataError` naming it and the split. The
+        record formats found are logged once (see :func:`~ulma_lightning.data.records.detect_format`).
         """
         examples: list[Any] = []
         records = 0
+        columns, on_bad_record = self.option("columns"), self.option("on_bad_record")
+        formats: dict[str, int] = {}
         for raw, location in read_source(source, {"val": "validation", "predict": "test"}.get(split, split)):
             records += 1
             try:
-                examples += self.parse_record(apply_columns(raw, self.columns, location), location)
+                record = apply_columns(raw, columns, location)
+                label = format_label(record)
+                formats[label] = formats.get(label, 0) + 1
+                examples += self.parse_record(record, location)
             except DataError as err:
-                err = in_user_terms(err, self.columns)
-                if self.on_bad_record == "error":
+                err = in_user_terms(err, columns)
+                if on_bad_record == "error":
                     raise err from None
                 report.add(err.problem if err.field is None else f"field {err.field!r}: {err.problem}", str(err.location))
             if self.max_samples is not None and len(examples) >= self.max_samples:
                 break
+        if formats:
+            found = ", ".join(f"{name}: {n}" for name, n in sorted(formats.items(), key=lambda kv: -kv[1]))
+            log.info("%s split: %s: record format %s", split, source, found)
         if not examples:
             problem = "it holds no records (an empty file?)"
             if records:
@@ -266,10 +351,10 @@ class AlignmentDataModule(pl.LightningDataModule):
                 continue
             report = self.skipped.setdefault(split, SkipReport(split))
             if split == "predict" and self.predict_inputs == "prompts":
-                self.examples[split] = self.read_examples(source, split, report)
+                self.examples[split] = self.read_split(split, report)
                 self.datasets[split] = self.prompt_dataset(split)  # type: ignore[assignment]
                 continue
-            self._build_split(split, self.read_examples(source, split, report), source)
+            self._build_split(split, self.read_split(split, report), source)
 
     def has_split(self, split: str) -> bool:
         """Whether ``split`` has data: a source, or (test, predict) the validation data it falls back to."""
@@ -295,7 +380,7 @@ class AlignmentDataModule(pl.LightningDataModule):
                 self._hold_out_validation()
             else:
                 report = self.skipped.setdefault("val", SkipReport("val"))
-                self._build_split("val", self.read_examples(self.sources["val"], "val", report), self.sources["val"])
+                self._build_split("val", self.read_split("val", report), self.sources["val"])
         log.info("%s split: the validation data (data.test is not set)", split)
         if split == "predict" and self.predict_inputs == "prompts":
             self.examples[split] = list(self.examples["val"])
@@ -307,7 +392,7 @@ class AlignmentDataModule(pl.LightningDataModule):
         if self.val_fraction == 0 or self.sources["train"] is None:
             return
         report = self.skipped.setdefault("train", SkipReport("train"))
-        examples = self.read_examples(self.sources["train"], "train", report)
+        examples = self.read_split("train", report)
         groups, duplicates = record_groups(examples)
         if duplicates:
             log.info(
@@ -469,10 +554,15 @@ class AlignmentDataModule(pl.LightningDataModule):
 
 
 class PointwiseDataModule(AlignmentDataModule):
-    """Point-wise feedback ``{prompt, response, score}`` for point-wise DPO and ULMA.
+    """Point-wise feedback ``{prompt, completion, score}`` (or ``response``) for point-wise DPO and ULMA.
 
-    Pairwise records ``{prompt, chosen, rejected}`` and HH transcripts ``{chosen, rejected}`` become two
-    samples each, chosen with score 1 and rejected with score 0, as in the paper. Each sample carries
+    Unpaired preference ``{prompt, completion, label}`` (KTO's format) gives ``label`` as the binary
+    score. Preference pairs ``{prompt, chosen, rejected}``, with implicit prompt ``{chosen, rejected}``
+    (conversations) and HH transcripts become two samples each, chosen with score 1 and rejected with
+    score 0, as in the paper. Prompt-completion and language-modeling records (``{messages}``,
+    ``{text}``) carry no score: they take their source's ``score`` (``1.0`` makes a demonstration set
+    positives, see :mod:`ulma_lightning.data.mixing`), or are bad records. Each format is read in the
+    standard and the conversational form (see :mod:`ulma_lightning.data.records`). Each sample carries
     ``prompt_id``, equal for the samples of a split that answer the same prompt (before truncation,
     which may cut one prompt differently for two responses); KTO's mismatched pairs read it. A point-wise
     HH transcript ``{transcript, score}`` is split at its last assistant turn: HH's red-team attempts
@@ -486,6 +576,8 @@ class PointwiseDataModule(AlignmentDataModule):
             ``lower_is_better`` (it becomes 0: the normalised score ``s`` is used as ``1 - s``).
         **kwargs: see :class:`AlignmentDataModule`.
     """
+
+    scored_options = ("score", "score_range")
 
     def __init__(
         self,
@@ -508,11 +600,14 @@ class PointwiseDataModule(AlignmentDataModule):
         return getattr(getattr(getattr(self, "trainer", None), "lightning_module", None), "label_type", None)
 
     def parse_record(self, record: dict[str, Any], location: Location) -> list[Example]:
-        examples = parse_pointwise(record, location, self.score_range, self.score_direction == "lower_is_better")  # type: ignore[arg-type]
+        score_range = self.option("score_range")
+        default_score = self.reading.score if self.reading is not None else None
+        examples = parse_pointwise(record, location, score_range, self.score_direction == "lower_is_better", default_score)
         if self.label_type == "binary" and any(e.score not in (0.0, 1.0) for e in examples):
-            low, high = self.score_range
+            low, high = score_range
+            value = f"{record['score']!r}" if record.get("score") is not None else f"the source's default score {default_score!r}"
             raise DataError(
-                location, "score", f"{record.get('score')!r} is neither {low:g} nor {high:g}, and the method's label_type is binary",
+                location, "score", f"{value} is neither {low:g} nor {high:g}, and the method's label_type is binary",
                 "fix the record, set on_bad_record: skip to skip such records, or train with label_type: continuous",
             )
         return examples

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ulma_lightning.data.formatting import format_prompt, format_response, has_chat_template
+from ulma_lightning.data.formatting import format_pair, has_chat_template
 from ulma_lightning.logprobs import IGNORE_INDEX
 
 
@@ -90,20 +90,23 @@ class TruncationReport:
 
 
 def tokenize_pairs(
-    tokenizer: Any, prompts: Sequence[Any], responses: Sequence[str]
+    tokenizer: Any, prompts: Sequence[Any], responses: Sequence[Any]
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids of formatted prompts and of responses (with EOS), tokenized separately."""
+    """Token ids of formatted prompts and of responses (with EOS), tokenized separately.
+
+    See :func:`~ulma_lightning.data.formatting.format_pair`: a conversational completion with a chat
+    template is the template's assistant turn (EOS appended only if the template writes none).
+    """
     if not prompts:
         return [], []  # fast tokenizers fail on an empty batch
     templated = has_chat_template(tokenizer)
-    prompt_texts = [format_prompt(p, tokenizer) for p in prompts]
-    response_texts = [format_response(r, tokenizer) for r in responses]
-    prompt_ids = tokenizer(prompt_texts, add_special_tokens=not templated)["input_ids"]
-    response_ids = tokenizer(response_texts, add_special_tokens=False)["input_ids"]
+    formatted = [format_pair(p, r, tokenizer) for p, r in zip(prompts, responses)]
+    prompt_ids = tokenizer([f[0] for f in formatted], add_special_tokens=not templated)["input_ids"]
+    response_ids = tokenizer([f[1] for f in formatted], add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token; responses must end with one")
-    return list(prompt_ids), [list(ids) + [eos] for ids in response_ids]
+    return list(prompt_ids), [list(ids) + [eos] if f[2] else list(ids) for ids, f in zip(response_ids, formatted)]
 
 
 def build_sequence(prompt: list[int], response: list[int]) -> tuple[np.ndarray, np.ndarray]:

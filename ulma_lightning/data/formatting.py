@@ -3,6 +3,11 @@
 With a tokenizer that has a chat template, the prompt (a message list, or an HH string parsed into
 one) goes through ``apply_chat_template(..., add_generation_prompt=True)``. Without one, prompts are
 plain HH text: ``"\\n\\nHuman: ...\\n\\nAssistant:"`` and the response follows after one space.
+
+A conversational completion (one assistant message) is, with a chat template, the assistant turn as
+the template writes it: the whole conversation templated, less the templated prompt, so that prompt
+and completion tokens are those of ``apply_chat_template`` on the whole conversation. Language-modeling
+text (no prompt) is trained on as it is.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ulma_lightning.data.records import ASSISTANT_MARKER, HUMAN_MARKER, Prompt
+from ulma_lightning.data.records import ASSISTANT_MARKER, HUMAN_MARKER, Prompt, Response
 
 _TURN = re.compile(r"\n\n(Human|Assistant):")
 _ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -43,14 +48,19 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def prompt_messages(prompt: str | list[dict[str, str]]) -> list[dict[str, str]]:
+    """A prompt as chat messages (an HH string parsed into turns, any other string one user turn)."""
+    if isinstance(prompt, list):
+        return prompt
+    return hh_to_messages(prompt) if HUMAN_MARKER in prompt else [{"role": "user", "content": prompt}]
+
+
 def format_prompt(prompt: Prompt, tokenizer: Any) -> str:
-    """The prompt text, ending where the response begins."""
+    """The prompt text, ending where the response begins (empty for language-modeling text)."""
+    if prompt is None:
+        return ""
     if has_chat_template(tokenizer):
-        if isinstance(prompt, str):
-            messages = hh_to_messages(prompt) if HUMAN_MARKER in prompt else [{"role": "user", "content": prompt}]
-        else:
-            messages = prompt
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(prompt_messages(prompt), tokenize=False, add_generation_prompt=True)
     if isinstance(prompt, list):
         return messages_to_hh(prompt)
     if prompt.lstrip().startswith("Human:") or HUMAN_MARKER in prompt:
@@ -63,3 +73,27 @@ def format_response(response: str, tokenizer: Any) -> str:
     if has_chat_template(tokenizer):
         return response.strip()
     return response if response[:1].isspace() else " " + response
+
+
+def format_pair(prompt: Prompt, response: Response, tokenizer: Any) -> tuple[str, str, bool]:
+    """``(prompt text, response text, append EOS)`` for one sample.
+
+    A conversational completion with a chat template is the template's assistant turn; EOS is then
+    appended only when the template writes none in it (most end the turn with their EOS token).
+    """
+    if prompt is None:  # language-modeling text: no prompt, the text as it is
+        return "", response if isinstance(response, str) else response[0]["content"], True
+    prompt_text = format_prompt(prompt, tokenizer)
+    if isinstance(response, list):
+        if not has_chat_template(tokenizer):
+            return prompt_text, format_response(response[0]["content"], tokenizer), True
+        whole = tokenizer.apply_chat_template(prompt_messages(prompt) + response, tokenize=False)
+        if not whole.startswith(prompt_text):
+            raise ValueError(
+                "the tokenizer's chat template writes the conversation differently from its prompt with the "
+                f"generation prompt, so the completion cannot be cut from it: {prompt_text!r} is not a prefix of {whole!r}"
+            )
+        completion = whole[len(prompt_text) :]
+        eos = getattr(tokenizer, "eos_token", None)
+        return prompt_text, completion, not (eos and eos in completion)
+    return prompt_text, format_response(response, tokenizer), True

@@ -8,7 +8,7 @@ from typing import Any
 from ulma_lightning.data.datamodule import AlignmentDataModule
 from ulma_lightning.data.errors import SkipReport
 from ulma_lightning.data.prompts import LeftPaddingCollator, encode_prompts
-from ulma_lightning.data.records import Example, check_prompt, check_text, is_hh_record, split_hh
+from ulma_lightning.data.records import Example, check_prompt, check_text, detect_format, is_hh_record, parse_demonstration, response_text, split_hh
 from ulma_lightning.data.sources import Location
 
 log = logging.getLogger(__name__)
@@ -21,9 +21,10 @@ class PromptDataModule(AlignmentDataModule):
     :class:`~ulma_lightning.RLOOModule`; batches are **left-padded** prompt ids for generation.
 
     Any other record shape of the library is accepted too: point-wise ``{prompt, response, score}``,
-    demonstrations, pairs ``{prompt, chosen, rejected}`` and HH transcripts give their prompt; their
-    responses are not trained on (said once in the log) and are kept as the reference answer for
-    ``ulma evaluate``'s win rates. Prompts are cut from the left to ``max_prompt_length`` tokens
+    demonstrations, pairs ``{prompt, chosen, rejected}`` (or with implicit prompt, as conversations),
+    ``{messages}`` (the turns before a final assistant answer, or the whole conversation when it ends
+    with the user) and HH transcripts give their prompt; their responses are not trained on (said
+    once in the log) and are kept as the reference answer for ``ulma evaluate``'s win rates. Prompts are cut from the left to ``max_prompt_length`` tokens
     (default ``max_length // 2``). A record repeated per response (two samples of a pair) is one prompt.
 
     Args:
@@ -44,12 +45,21 @@ class PromptDataModule(AlignmentDataModule):
                 ", ".join(present),
             )
             self._said_responses_ignored = True
+        kind = detect_format(record)
+        if kind == "implicit-preference" and isinstance(record["chosen"], list):
+            return [parse_demonstration(record, location)]  # the shared leading messages
         if "prompt" not in record and is_hh_record(record):
             prompt, response = split_hh(check_text(record["chosen"], location, "chosen"), location, "chosen")
             return [Example(prompt, response, None, location)]
+        if kind == "messages" and isinstance(record["messages"], list) and record["messages"]:
+            last = record["messages"][-1]
+            if isinstance(last, dict) and last.get("role") == "assistant":
+                return [parse_demonstration(record, location)]  # the turns before the assistant's answer
+            return [Example(check_prompt(record["messages"], location, "messages"), "", None, location)]
         prompt = check_prompt(record.get("prompt"), location)
-        reference = next((record[f] for f in ("response", "completion", "chosen") if isinstance(record.get(f), str)), "")
-        return [Example(prompt, reference, None, location)]
+        answer = next((record[f] for f in ("response", "completion", "chosen") if record.get(f) is not None), "")
+        reference = response_text(answer) if isinstance(answer, list) else answer
+        return [Example(prompt, reference if isinstance(reference, str) else "", None, location)]
 
     def build_features(self, examples: list[Example], report: SkipReport) -> list[dict[str, Any]]:
         items = []

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ulma_lightning.data.features import keep_end, tokenize_pairs
+from ulma_lightning.data.records import response_text
 
 PROMPT_TEXT_KEYS = ("prompt", "reference_response", "reference_score")
 
@@ -33,7 +34,7 @@ class PromptItem:
 def reference_of(example: Any) -> tuple[str | None, float | None]:
     """The data set's answer to an example's prompt: its response, or the chosen side of a pair."""
     response = getattr(example, "response", None) or getattr(example, "chosen", None)
-    return response, getattr(example, "score", None)
+    return response_text(response), getattr(example, "score", None)
 
 
 def unique_prompts(examples: Sequence[Any]) -> list[Any]:
@@ -51,7 +52,7 @@ def unique_prompts(examples: Sequence[Any]) -> list[Any]:
 
 def encode_prompts(tokenizer: Any, examples: Sequence[Any], max_prompt_length: int) -> list[PromptItem]:
     """Prompt-only token ids (formatted as in training, ending where the response begins)."""
-    examples = unique_prompts(examples)
+    examples = [e for e in unique_prompts(examples) if e.prompt is not None]  # language-modeling text has no prompt
     if not examples:
         return []
     prompt_ids, _ = tokenize_pairs(tokenizer, [e.prompt for e in examples], ["x"] * len(examples))

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -392,3 +393,36 @@ def test_jobs_below_one_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         compare_main(["--config", str(write_grid(tmp_path, GRID)), "--output", str(tmp_path / "out"), "--jobs", "0"])
     assert "--jobs must be at least 1" in capsys.readouterr().err
+
+
+ORPHAN_SCRIPT = """
+import multiprocessing, os, sys, time
+from ulma_lightning.compare.parallel import _exit_with_parent
+
+def worker(parent):
+    _exit_with_parent(parent, interval=0.1)
+    time.sleep(120)  # a long stage
+
+if __name__ == "__main__":
+    child = multiprocessing.get_context("spawn").Process(target=worker, args=(os.getpid(),))
+    child.start()
+    time.sleep(3)
+    print(child.pid, flush=True)
+    os.kill(os.getpid(), 9)  # the compare is killed outright: no cleanup runs
+"""
+
+
+def test_a_killed_compare_leaves_no_worker_training(tmp_path: Path) -> None:
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    child = int(done.stdout.split()[0])
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(child, 9)
+    raise AssertionError(f"worker {child} outlived its killed parent")

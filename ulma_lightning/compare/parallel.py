@@ -4,7 +4,7 @@ Each worker runs whole instances (their stages in order, then the evaluation), e
 sequential runner does. Stages shared by several instances (one SFT model under the SFT row and the
 SFT-then-DPO row) and untrained models are guarded by a lock file per stage
 (:func:`stage_lock`): the first worker trains it, the others wait and reuse it. Each worker uses
-``cpu_count // N`` torch threads unless ``OMP_NUM_THREADS`` is set, and dies with its parent.
+``cpu_count // N`` torch threads unless ``OMP_NUM_THREADS`` is set, and ends when its parent does.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import signal
+import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -34,18 +35,23 @@ def stage_lock(root: Path, key: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this worker when the parent ``ulma compare`` dies (a killed compare leaves no
-    orphan training on; started again, it resumes the stage from its last checkpoint)."""
-    with contextlib.suppress(Exception):
-        import ctypes
+def _exit_with_parent(parent: int, interval: float = 1.0) -> None:
+    """End this worker as soon as the parent ``ulma compare`` is gone (killed, even by SIGKILL): a
+    thread watches the parent process id. No orphan goes on training; the stage it was in resumes
+    from its last (atomically written) checkpoint when the compare is started again. A signal is not
+    enough: a SIGTERM that reaches a worker between fits can be swallowed by a trainer's handler."""
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ulma-compare-parent-watch", daemon=True).start()
 
 
-def _init_worker(runner_args: tuple[Any, ...], jobs: int) -> None:
+def _init_worker(runner_args: tuple[Any, ...], jobs: int, parent: int) -> None:
     global _RUNNER
-    _die_with_parent()
+    _exit_with_parent(parent)
     import torch
 
     from ulma_lightning.compare.runner import Runner
@@ -63,7 +69,7 @@ def _run(instance_id: str) -> dict[str, Any]:
 def run_parallel(runner_args: tuple[Any, ...], instance_ids: list[str], jobs: int, on_done: Callable[[str, dict[str, Any]], None]) -> None:
     """Run ``instance_ids`` on ``jobs`` worker processes; ``on_done(id, result)`` as each ends."""
     context = get_context("spawn")  # a fresh interpreter: no torch threads or CUDA state inherited
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(runner_args, jobs)) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(runner_args, jobs, os.getpid())) as pool:
         futures: dict[Future[dict[str, Any]], str] = {pool.submit(_run, i): i for i in instance_ids}
         try:
             for future in as_completed(futures):

@@ -182,7 +182,8 @@ def markdown(results: dict[str, Any], command: str) -> str:
         f"# {results['name']}: results",
         "",
         f"Made by `{command}` from `{results['grid']}` ({results['written']}); seeds {results['seeds']}.",
-        "Every number is measured on held-out test prompts: mean ± sample standard deviation over seeds; the best of each",
+        f"Every number is measured on the prompts of `{results['evaluation'].get('prompts')}` (the first "
+        f"{results['evaluation'].get('max_prompts') or 'all'}): mean ± sample standard deviation over seeds; the best of each",
         "ranked column in bold. Score: the ground-truth score of greedy generations; helpfulness (on harmless requests) and",
         "harmlessness (on harmful requests) split it by request kind. Win rates (ties half) compare per prompt with the",
         "baseline row and with the untrained model. Golden perplexity: of held-out golden demonstrations. KL to start:",

@@ -3,6 +3,7 @@ and run optimisation epochs over them in mini-batches (Lightning manual optimisa
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -53,6 +54,12 @@ class Rollout(Generations):
     mask: Tensor = None  # type: ignore[assignment]
     logps: Tensor = None  # type: ignore[assignment]
     reference_logps: Tensor = None  # type: ignore[assignment]
+
+
+def run_seed() -> int:
+    """The run's seed (``seed_everything``, which Lightning keeps in ``PL_GLOBAL_SEED``), 0 if unset:
+    rollouts of runs with different seeds sample different responses."""
+    return int(os.environ.get("PL_GLOBAL_SEED") or 0)
 
 
 def take_rows(sequences: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
@@ -148,6 +155,29 @@ class RolloutModule(AlignmentModule):
                 "model needs every process to run every decoding step in lockstep (synced_gpus), which is not supported "
                 "yet. Use DDP (--config configs/strategy/ddp.yaml), or one device, with LoRA (policy.lora) to fit a larger model"
             )
+        if stage in ("fit", "validate", "test"):
+            self.check_scorer(stage)
+
+    def check_scorer(self, stage: str) -> None:
+        """Stop when the reward is a built-in task's ground truth (``DemoScorer``, ``TaskScorer``) and the
+        data is not that task's: the shipped configs' default reward must never score your own prompts
+        silently. Checks the training data for ``fit`` and the data of the evaluated split for
+        ``validate`` and ``test`` (the rule of :meth:`Scorer.applies_to`)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "source_of"):
+            return
+        train = datamodule.source_of("train")
+        split = {"fit": "train", "validate": "val"}.get(stage, stage)
+        sources = [train] if split == "train" else [train, datamodule.source_of(split)]
+        if self.scorer.applies_to(sources):
+            return
+        raise ValueError(
+            f"{type(self).__name__}: the reward, model.init_args.scorer, is {type(self.scorer).__name__} (the ground truth of "
+            f"a built-in task) but data.{split} is {sources[-1]!r}, not that task's data: it would reward nothing "
+            "meaningful. Set the scorer to your reward model: --model.init_args.scorer "
+            "'{class_path: ulma_lightning.evaluation.HFClassifierScorer, init_args: {path: PATH}}' (an exported reward "
+            "model folder), or ulma_lightning.evaluation.RewardModelScorer with init_args.ckpt_path (a reward-model checkpoint)"
+        )
 
     def on_fit_start(self) -> None:
         self.scorer.to(self.device)
@@ -193,7 +223,8 @@ class RolloutModule(AlignmentModule):
 
     def rollout(self, batch: dict[str, Any]) -> Rollout:
         """Generate (sampling), score, and compute the policy's and the reference's token log-probs."""
-        seed = int(self.global_step) + 7919 * self.global_rank  # new samples every step, different per process
+        # new samples every step, different per process and per run seed (seed_everything)
+        seed = int(self.global_step) + 7919 * self.global_rank + 1_000_003 * run_seed()
         gen = self.generate_and_score(batch, self.rollout_generation, self.samples_per_prompt, seed_offset=seed)
         with torch.no_grad():
             start = time.perf_counter()
@@ -222,7 +253,7 @@ class RolloutModule(AlignmentModule):
         """``epochs`` passes over ``size`` rows in shuffled mini-batches, one optimiser step each;
         ``step(rows)`` returns the loss of those rows. Returns the mean of each metric and of the loss."""
         optimizer = self.optimizers()
-        generator = torch.Generator().manual_seed(int(self.global_step) + 104729 * self.global_rank)
+        generator = torch.Generator().manual_seed(int(self.global_step) + 104729 * self.global_rank + 1_000_003 * run_seed())
         per_step = mini_batch_size or size
         collected: dict[str, list[float]] = defaultdict(list)
         for _ in range(epochs):

@@ -10,7 +10,7 @@ from typing import Any
 from conftest import REPO, TINY_LLAMA
 
 
-def small_run(root: Path, *, steps: int = 2, train: str = "demo://demonstration?n=16") -> list[str]:
+def small_run(root: Path, *, steps: int = 2, train: str = "demo://demonstration?n=24") -> list[str]:
     """Overrides that keep a shipped RL config to a few steps of the tiny model, writing under ``root``."""
     return [
         f"--model.init_args.policy.model_config={json.dumps(TINY_LLAMA)}",

@@ -263,12 +263,23 @@ class RolloutModule(AlignmentModule):
                 optimizer.zero_grad()
                 self.manual_backward(out.loss)
                 if self.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                    self.clip_grad_norm(optimizer, self.max_grad_norm)
                 optimizer.step()
                 collected["loss"].append(float(out.loss.detach()))
                 for name, value in out.metrics.items():
                     collected[name].append(float(value))
         return {name: sum(values) / len(values) for name, values in collected.items()}
+
+    def clip_grad_norm(self, optimizer: Any, max_norm: float) -> None:
+        """Clip the gradients' global L2 norm to ``max_norm``. Without loss scaling (``32-true``,
+        ``bf16-mixed``) the gradients are the true ones and are clipped directly (Lightning's
+        ``clip_gradients`` refuses the fused AdamW under any mixed precision); with ``16-mixed``
+        Lightning unscales them first (the optimizer is then not fused)."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # type: ignore[override]
         rollout = self.rollout(batch)

@@ -70,8 +70,8 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     its critic from the policy's backbone. Raises ``TypeError`` for a model that is not a causal LM.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    head = base.get_output_embeddings()
-    decoder = base.get_decoder()
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     if head is None or decoder is None:
         raise TypeError(f"{type(base).__name__} exposes no decoder/output embeddings; is it a causal LM?")
     return decoder, head

@@ -19,11 +19,6 @@ from ulma_lightning import DemonstrationDataModule, PolicyConfig, PPOModule, Pro
 from ulma_lightning.evaluation.generation import GenerationConfig
 from ulma_lightning.modules.base import OptimizerConfig
 
-import os
-PPO_LR = float(os.environ.get("PPO_LR", "1e-3"))
-PPO_EPOCHS = int(os.environ.get("PPO_EPOCHS", "1"))
-PPO_MB = int(os.environ.get("PPO_MB", "32"))
-
 MODEL = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 4, "max_position_embeddings": 256, "tie_word_embeddings": True}  # fmt: skip
 
@@ -76,12 +71,12 @@ def test_ppo_raises_the_held_out_ground_truth_score(sft_model: Path, seed: int) 
     pl.seed_everything(seed)
     module = PPOModule(
         PolicyConfig(model=str(sft_model), reference="copy"),
-        OptimizerConfig(lr=PPO_LR, schedule="constant"),
+        OptimizerConfig(lr=1e-3, schedule="constant"),
         generation=GenerationConfig(max_new_tokens=24, do_sample=True, seed=seed),
         eval_generation=GenerationConfig(max_new_tokens=24, do_sample=True, seed=123),
         samples_per_prompt=4,
         kl_coef=0.01,
-        ppo_epochs=PPO_EPOCHS,
-        mini_batch_size=PPO_MB,
+        ppo_epochs=2,
+        mini_batch_size=16,
     )  # the scorer: DemoScorer, the ground truth; the critic: a copy of the SFT model's backbone
-    raises_the_score(module, seed, steps=8 * PPO_EPOCHS * (32 // PPO_MB))  # 8 rollout batches of 8 prompts x 4 samples
+    raises_the_score(module, seed, steps=8 * 2 * 2)  # optimiser steps: 8 rollout batches (8 prompts x 4 samples), 2 epochs of 2 mini-batches

@@ -215,3 +215,21 @@ def test_prompt_files_with_responses_are_accepted_and_said_once(tmp_path, caplog
         assert all(("fold shirt" if split == "train" else "fact") in t for t in texts)  # the prompt is there
         assert all(word not in t.lower() for t in texts)  # the records' responses never reach the policy's input
         assert all(word in r.lower() for r in batch["reference_response"])  # kept as the reference answer
+
+
+def test_rollouts_follow_the_run_seed(monkeypatch) -> None:
+    """``seed_everything`` (``PL_GLOBAL_SEED``) enters the rollout sampler: the same seed repeats the samples,
+    another seed draws others (3 seeds of a run are 3 runs)."""
+    data = prompts(4, 4)
+    data.setup("fit")
+    batch = data.collator([data.datasets["train"][i] for i in range(4)])
+    module = RLOOModule(policy(), generation=GenerationConfig(max_new_tokens=8, do_sample=True), rloo_k=2)
+    module.configure_model()
+
+    def responses(seed: str) -> list[str]:
+        monkeypatch.setenv("PL_GLOBAL_SEED", seed)
+        return module.rollout(batch).responses
+
+    first = responses("0")
+    assert responses("0") == first
+    assert responses("1") != first

@@ -79,6 +79,9 @@ class RolloutModule(AlignmentModule):
     generate greedily and log ``{stage}/reward`` (the mean score), ``{stage}/response_length`` and
     ``{stage}/no_eos_fraction``.
 
+    Rollouts are sampled with ``generation.seed`` plus the step, the process rank and the run seed
+    (``seed_everything``): runs with different seeds draw different responses.
+
     Reference modes: ``copy`` and ``adapter`` (the reference scores the policy's own generations, so it
     cannot be precomputed). Data parallelism (DDP) works; FSDP and FSDP2 are refused (generation
     under sharding needs every process to run every forward in step).
@@ -89,7 +92,8 @@ class RolloutModule(AlignmentModule):
         scorer: the reward: any scorer of :mod:`ulma_lightning.evaluation.scorers` by ``class_path``
             (``RewardModelScorer`` for a reward-model checkpoint, ``HFClassifierScorer`` for an exported
             or hub reward model, ``DemoScorer`` for the demo task's ground truth, the default). Reward
-            models re-tokenize the text with their own tokenizer.
+            models re-tokenize the text with their own tokenizer. A built-in task's ground truth
+            (``DemoScorer``, ``TaskScorer``) on other data is an error (:meth:`check_scorer`).
         generation: rollout sampling settings (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``).
         samples_per_prompt: responses generated per prompt.
         kl_coef: the KL penalty's coefficient ``beta``.

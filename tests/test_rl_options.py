@@ -51,7 +51,7 @@ def test_separate_critic_k3_whitening_and_missing_eos_penalty(tmp_path: Path) ->
     cli = ulma_fit(
         "ppo",
         [*small_run(tmp_path / "run", steps=3), f"--model.init_args.critic_model={critic_folder}", "--model.init_args.whiten_rewards=true",
-         "--model.init_args.kl_estimator=k3", f"--model.init_args.missing_eos_penalty={penalty}"],
+         "--model.init_args.kl_estimator=k3", f"--model.init_args.missing_eos_penalty={penalty}", "--model.init_args.samples_per_prompt=1"],
     )  # fmt: skip
     module = cli.model
     assert module.whiten_rewards and module.kl_estimator == "k3" and module.missing_eos_penalty == penalty
@@ -71,7 +71,8 @@ def test_separate_critic_k3_whitening_and_missing_eos_penalty(tmp_path: Path) ->
 
 @pytest.mark.parametrize("config", ["ppo", "rloo"])
 def test_bf16_mixed_fit_has_finite_losses(config: str, tmp_path: Path) -> None:
-    cli = ulma_fit(config, [*small_run(tmp_path, steps=2), "--trainer.precision=bf16-mixed", "--trainer.accelerator=cpu"])
+    fewer = ["--model.init_args.samples_per_prompt=1"] if config == "ppo" else []
+    cli = ulma_fit(config, [*small_run(tmp_path, steps=2), *fewer, "--trainer.precision=bf16-mixed", "--trainer.accelerator=cpu"])
     assert cli.trainer.precision == "bf16-mixed" and cli.trainer.global_step > 0
     logged = scalars(tmp_path)
     losses = logged["train/loss_step"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ulma_lightning.logprobs import IGNORE_INDEX, response_token_logps, sequence_logps
+from ulma_lightning.logprobs import IGNORE_INDEX, decoder_and_head, response_token_logps, sequence_logps
 
 VOCAB = 97
 PAD = 0
@@ -201,3 +201,20 @@ def test_policy_uses_its_chunk_size(demo_tokenizer, monkeypatch: pytest.MonkeyPa
             naive = naive_sequence_logps(policy.model, batch, average=True)
         torch.testing.assert_close(results[-1], naive, rtol=1e-5, atol=0)
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_decoder_and_head_give_the_logits(lora: bool) -> None:
+    """``decoder_and_head`` (public: PPO builds its critic from the decoder): decoder then head is the
+    model's own logits, for a plain and a LoRA-wrapped model; not a causal LM is a TypeError."""
+    model = tiny_model("llama")
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    decoder, head = decoder_and_head(model)
+    batch = make_batch([3], [8])
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(head(hidden), model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
+    with pytest.raises(TypeError, match="causal LM"):
+        decoder_and_head(torch.nn.Linear(2, 2))

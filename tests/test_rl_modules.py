@@ -115,8 +115,9 @@ def test_rollout_masks_hold_response_tokens_only(demo_tokenizer) -> None:
 
 
 @pytest.mark.parametrize("mode,message", [("nan", r"scorer BadScorer \(name 'bad'\) returned nan for response 0"), ("count", r"scorer BadScorer \(name 'bad'\) returned 3 scores for 4")])
-def test_a_bad_scorer_stops_with_its_name(mode, message) -> None:
-    module = RLOOModule(policy(), scorer=BadScorer(mode), generation=GEN, rloo_k=2)
+@pytest.mark.parametrize("cls", [RLOOModule, PPOModule])
+def test_a_bad_scorer_stops_with_its_name(cls, mode, message) -> None:
+    module = RLOOModule(policy(), scorer=BadScorer(mode), generation=GEN, rloo_k=2) if cls is RLOOModule else PPOModule(policy(), scorer=BadScorer(mode), generation=GEN, samples_per_prompt=2)
     with pytest.raises(ValueError, match=message):
         fit(module, prompts(4, 2))
 
@@ -191,3 +192,44 @@ def test_a_reward_model_with_another_tokenizer_reads_the_text(tmp_path) -> None:
     assert len(fed) == 4 and max(int(row.max()) for row in fed) < len(reward_tokenizer)
     for ids, response in zip(fed, gen.responses):
         assert reward_tokenizer.decode(ids, skip_special_tokens=True).endswith(response)
+
+
+def test_prompt_files_with_responses_are_accepted_and_said_once(tmp_path, caplog) -> None:
+    """Point-wise records (train) and HH transcripts (val) are read as prompts: the responses are not in
+    the batch (prompt ids only, each ending where the response begins), and the log says so once."""
+    import json
+
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"How do I fold shirt {i}?", "response": f"ZEBRA answer {i}", "score": i % 2}) + "\n" for i in range(4)))
+    val.write_text("".join(json.dumps({"chosen": f"\n\nHuman: Tell me a fact {i}.\n\nAssistant: QUOKKA fact {i}", "rejected": f"\n\nHuman: Tell me a fact {i}.\n\nAssistant: no"}) + "\n" for i in range(2)))
+    data = PromptDataModule(train=str(train), val=str(val), max_length=64, batch_size=4)
+    with caplog.at_level(logging.INFO, logger="ulma_lightning.data.prompt_data"):
+        data.setup("fit")
+    said = [r.getMessage() for r in caplog.records if "ignored for training" in r.getMessage()]
+    assert len(said) == 1 and "train.jsonl" in said[0] and "response" in said[0]
+    assert len(data.datasets["train"]) == 4 and len(data.datasets["val"]) == 2
+    for split, word in (("train", "zebra"), ("val", "quokka")):
+        batch = data.collator([data.datasets[split][i] for i in range(len(data.datasets[split]))])
+        assert "labels" not in batch  # nothing to train on but the policy's own generations
+        texts = data.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+        assert all(("fold shirt" if split == "train" else "fact") in t for t in texts)  # the prompt is there
+        assert all(word not in t.lower() for t in texts)  # the records' responses never reach the policy's input
+        assert all(word in r.lower() for r in batch["reference_response"])  # kept as the reference answer
+
+
+def test_rollouts_follow_the_run_seed(monkeypatch) -> None:
+    """``seed_everything`` (``PL_GLOBAL_SEED``) enters the rollout sampler: the same seed repeats the samples,
+    another seed draws others (3 seeds of a run are 3 runs)."""
+    data = prompts(4, 4)
+    data.setup("fit")
+    batch = data.collator([data.datasets["train"][i] for i in range(4)])
+    module = RLOOModule(policy(), generation=GenerationConfig(max_new_tokens=8, do_sample=True), rloo_k=2)
+    module.configure_model()
+
+    def responses(seed: str) -> list[str]:
+        monkeypatch.setenv("PL_GLOBAL_SEED", seed)
+        return module.rollout(batch).responses
+
+    first = responses("0")
+    assert responses("0") == first
+    assert responses("1") != first

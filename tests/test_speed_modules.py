@@ -175,3 +175,17 @@ def test_length_grouped_sampler_cuts_padding_and_keeps_every_sample():
 
     shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
     assert padded(order) < 0.7 * padded(shuffled)
+
+
+def test_adamw_is_not_fused_under_loss_scaling():
+    """Under ``16-mixed`` on a GPU (a loss scaler) the gradients must be unscaled before clipping, which
+    Lightning refuses for a fused AdamW: the optimizer is then the plain kernel; without a scaler, fused."""
+    import lightning.pytorch as pl
+    import torch.amp
+
+    module = _built(ULMAModule)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    module.trainer = trainer
+    assert module.build_optimizer().defaults["fused"] is True
+    trainer.precision_plugin.scaler = torch.amp.GradScaler("cpu")  # what 16-mixed holds on a GPU
+    assert not module.build_optimizer().defaults["fused"]

@@ -62,11 +62,16 @@ class TokenLogps:
         return total / counts.to(total.dtype)
 
 
-def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The backbone that yields final hidden states and the output projection of a causal LM."""
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(decoder, head)`` of a causal LM: the backbone that yields the final hidden states (called as
+    ``decoder(input_ids=..., attention_mask=...).last_hidden_state``) and the output projection to
+    the vocabulary. A peft-wrapped model gives its base model's (LoRA layers stay inside them).
+    Used here for the response-only log-probs, and by :class:`~ulma_lightning.PPOModule` to build
+    its critic from the policy's backbone. Raises ``TypeError`` for a model that is not a causal LM.
+    """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    head = base.get_output_embeddings()
-    decoder = base.get_decoder()
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     if head is None or decoder is None:
         raise TypeError(f"{type(base).__name__} exposes no decoder/output embeddings; is it a causal LM?")
     return decoder, head
@@ -333,7 +338,7 @@ def response_token_logps(
 def _response_logps(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, chunk_size: int, length_groups_max: int
 ) -> tuple[Tensor, Tensor]:
-    decoder, head = _decoder_and_head(model)
+    decoder, head = decoder_and_head(model)
     lengths = attention_mask.sum(dim=1)
     groups = [list(range(input_ids.shape[0]))]
     if length_groups_max > 1 and input_ids.shape[0] > 1 and _right_padded(attention_mask):

@@ -302,14 +302,17 @@ class AlignmentModule(pl.LightningModule):
         """AdamW over the trainable parameters (no weight decay on biases and norms).
 
         The fused kernel (one pass over all parameters) is used where torch supports it: ordinary
-        float32 tensors on CPU or CUDA; sharded (DTensor) parameters keep the default kernel.
+        float32 tensors on CPU or CUDA; sharded (DTensor) parameters keep the default kernel, and so
+        does ``16-mixed`` (loss scaling: gradients are unscaled before clipping, which a fused kernel
+        that unscales internally does not allow).
         """
         cfg = self.optimizer_config
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = bool(params) and all(
+        scaled = self._trainer is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        fused = bool(params) and not scaled and all(
             type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params
         )
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ulma_lightning.evaluation.generation import GenerationConfig
 from ulma_lightning.evaluation.scorers import Scorer
-from ulma_lightning.logprobs import IGNORE_INDEX, TokenLogps, _decoder_and_head
+from ulma_lightning.logprobs import IGNORE_INDEX, TokenLogps, decoder_and_head
 from ulma_lightning.losses import LossOutput
 from ulma_lightning.modules.base import OptimizerConfig
 from ulma_lightning.modules.rollout import Rollout, RolloutModule, take_rows
@@ -128,7 +128,7 @@ class PPOModule(RolloutModule):
 
             backbone = AutoModel.from_pretrained(self.critic_model, trust_remote_code=self.policy.config.trust_remote_code)
         else:
-            backbone = copy.deepcopy(_decoder_and_head(self.policy.model)[0])
+            backbone = copy.deepcopy(decoder_and_head(self.policy.model)[0])
         self.critic = ValueModel(backbone, backbone.config.hidden_size)
 
     def update(self, rollout: Rollout) -> dict[str, Tensor | float]:

@@ -3,6 +3,7 @@ and run optimisation epochs over them in mini-batches (Lightning manual optimisa
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -55,6 +56,12 @@ class Rollout(Generations):
     reference_logps: Tensor = None  # type: ignore[assignment]
 
 
+def run_seed() -> int:
+    """The run's seed (``seed_everything``, which Lightning keeps in ``PL_GLOBAL_SEED``), 0 if unset:
+    rollouts of runs with different seeds sample different responses."""
+    return int(os.environ.get("PL_GLOBAL_SEED") or 0)
+
+
 def take_rows(sequences: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
     """The sub-batch of ``rows`` (indices), trimmed to its longest sequence."""
     sub = {k: v[rows] for k, v in sequences.items()}
@@ -72,6 +79,9 @@ class RolloutModule(AlignmentModule):
     generate greedily and log ``{stage}/reward`` (the mean score), ``{stage}/response_length`` and
     ``{stage}/no_eos_fraction``.
 
+    Rollouts are sampled with ``generation.seed`` plus the step, the process rank and the run seed
+    (``seed_everything``): runs with different seeds draw different responses.
+
     Reference modes: ``copy`` and ``adapter`` (the reference scores the policy's own generations, so it
     cannot be precomputed). Data parallelism (DDP) works; FSDP and FSDP2 are refused (generation
     under sharding needs every process to run every forward in step).
@@ -82,7 +92,8 @@ class RolloutModule(AlignmentModule):
         scorer: the reward: any scorer of :mod:`ulma_lightning.evaluation.scorers` by ``class_path``
             (``RewardModelScorer`` for a reward-model checkpoint, ``HFClassifierScorer`` for an exported
             or hub reward model, ``DemoScorer`` for the demo task's ground truth, the default). Reward
-            models re-tokenize the text with their own tokenizer.
+            models re-tokenize the text with their own tokenizer. A built-in task's ground truth
+            (``DemoScorer``, ``TaskScorer``) on other data is an error (:meth:`check_scorer`).
         generation: rollout sampling settings (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``).
         samples_per_prompt: responses generated per prompt.
         kl_coef: the KL penalty's coefficient ``beta``.
@@ -148,6 +159,29 @@ class RolloutModule(AlignmentModule):
                 "model needs every process to run every decoding step in lockstep (synced_gpus), which is not supported "
                 "yet. Use DDP (--config configs/strategy/ddp.yaml), or one device, with LoRA (policy.lora) to fit a larger model"
             )
+        if stage in ("fit", "validate", "test"):
+            self.check_scorer(stage)
+
+    def check_scorer(self, stage: str) -> None:
+        """Stop when the reward is a built-in task's ground truth (``DemoScorer``, ``TaskScorer``) and the
+        data is not that task's: the shipped configs' default reward must never score your own prompts
+        silently. Checks the training data for ``fit`` and the data of the evaluated split for
+        ``validate`` and ``test`` (the rule of :meth:`Scorer.applies_to`)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "source_of"):
+            return
+        train = datamodule.source_of("train")
+        split = {"fit": "train", "validate": "val"}.get(stage, stage)
+        sources = [train] if split == "train" else [train, datamodule.source_of(split)]
+        if self.scorer.applies_to(sources):
+            return
+        raise ValueError(
+            f"{type(self).__name__}: the reward, model.init_args.scorer, is {type(self.scorer).__name__} (the ground truth of "
+            f"a built-in task) but data.{split} is {sources[-1]!r}, not that task's data: it would reward nothing "
+            "meaningful. Set the scorer to your reward model: --model.init_args.scorer "
+            "'{class_path: ulma_lightning.evaluation.HFClassifierScorer, init_args: {path: PATH}}' (an exported reward "
+            "model folder), or ulma_lightning.evaluation.RewardModelScorer with init_args.ckpt_path (a reward-model checkpoint)"
+        )
 
     def on_fit_start(self) -> None:
         self.scorer.to(self.device)
@@ -193,7 +227,8 @@ class RolloutModule(AlignmentModule):
 
     def rollout(self, batch: dict[str, Any]) -> Rollout:
         """Generate (sampling), score, and compute the policy's and the reference's token log-probs."""
-        seed = int(self.global_step) + 7919 * self.global_rank  # new samples every step, different per process
+        # new samples every step, different per process and per run seed (seed_everything)
+        seed = int(self.global_step) + 7919 * self.global_rank + 1_000_003 * run_seed()
         gen = self.generate_and_score(batch, self.rollout_generation, self.samples_per_prompt, seed_offset=seed)
         with torch.no_grad():
             start = time.perf_counter()
@@ -222,7 +257,7 @@ class RolloutModule(AlignmentModule):
         """``epochs`` passes over ``size`` rows in shuffled mini-batches, one optimiser step each;
         ``step(rows)`` returns the loss of those rows. Returns the mean of each metric and of the loss."""
         optimizer = self.optimizers()
-        generator = torch.Generator().manual_seed(int(self.global_step) + 104729 * self.global_rank)
+        generator = torch.Generator().manual_seed(int(self.global_step) + 104729 * self.global_rank + 1_000_003 * run_seed())
         per_step = mini_batch_size or size
         collected: dict[str, list[float]] = defaultdict(list)
         for _ in range(epochs):
@@ -232,12 +267,23 @@ class RolloutModule(AlignmentModule):
                 optimizer.zero_grad()
                 self.manual_backward(out.loss)
                 if self.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                    self.clip_grad_norm(optimizer, self.max_grad_norm)
                 optimizer.step()
                 collected["loss"].append(float(out.loss.detach()))
                 for name, value in out.metrics.items():
                     collected[name].append(float(value))
         return {name: sum(values) / len(values) for name, values in collected.items()}
+
+    def clip_grad_norm(self, optimizer: Any, max_norm: float) -> None:
+        """Clip the gradients' global L2 norm to ``max_norm``. Without loss scaling (``32-true``,
+        ``bf16-mixed``) the gradients are the true ones and are clipped directly (Lightning's
+        ``clip_gradients`` refuses the fused AdamW under any mixed precision); with ``16-mixed``
+        Lightning unscales them first (the optimizer is then not fused)."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # type: ignore[override]
         rollout = self.rollout(batch)

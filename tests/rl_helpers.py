@@ -1,0 +1,74 @@
+"""Helpers of the RL tests that run the shipped configs in process: small overrides, tiny model folders, scalars."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from conftest import REPO, TINY_LLAMA
+
+
+def small_run(root: Path, *, steps: int = 2, train: str = "demo://demonstration?n=24") -> list[str]:
+    """Overrides that keep a shipped RL config to a few steps of the tiny model, writing under ``root``."""
+    return [
+        f"--model.init_args.policy.model_config={json.dumps(TINY_LLAMA)}",
+        "--model.init_args.generation.max_new_tokens=4",
+        f"--data.init_args.train={train}",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.val_fraction=0.25",
+        "--trainer.max_epochs=1", f"--trainer.limit_train_batches={steps}", "--trainer.limit_val_batches=1",
+        "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
+    ]  # fmt: skip
+
+
+def ulma_fit(config: str, args: list[str]) -> Any:
+    """``ulma fit --config configs/<config>.yaml ARGS`` in process; returns the LightningCLI."""
+    from ulma_lightning.cli import main
+
+    argv = sys.argv
+    sys.argv = ["ulma"]
+    try:
+        return main(["fit", "--config", str(REPO / "configs" / f"{config}.yaml"), *args])
+    finally:
+        sys.argv = argv
+
+
+def scalars(log_dir: Path) -> dict[str, list[float]]:
+    """Every scalar series in the TensorBoard event files under ``log_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder = next(p.parent for p in log_dir.rglob("events.out.tfevents.*"))
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def tiny_causal_lm(folder: Path, **overrides: Any) -> Path:
+    """A randomly initialised tiny Llama causal LM with the demo tokenizer, saved as a Hugging Face folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ulma_lightning.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer("builtin:demo")
+    options = {k: v for k, v in {**TINY_LLAMA, **overrides}.items() if k != "model_type"}
+    config = AutoConfig.for_model("llama", **options, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_reward_model(folder: Path, **overrides: Any) -> Path:
+    """A randomly initialised tiny Llama sequence classifier with one label (a reward model folder)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from ulma_lightning.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer("builtin:demo")
+    options = {k: v for k, v in {**TINY_LLAMA, **overrides}.items() if k != "model_type"}
+    config = AutoConfig.for_model("llama", **options, vocab_size=len(tokenizer), num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

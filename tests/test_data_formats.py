@@ -448,3 +448,21 @@ def test_every_format_and_form_trains_through_ulma_fit(tmp_path: Path, monkeypat
     for name, record, _ in FAMILIES[config]:
         pairs = "chosen" in record
         assert mixed[str(tmp_path / name)] == {"samples": 4 * (per_record if pairs else 1), "skipped": 0, "records_drawn": 4}, name
+
+
+def test_string_pairs_with_implicit_prompt_split_at_their_common_prefix(tmp_path: Path) -> None:
+    """TRL's standard implicit-prompt form: plain strings (not HH transcripts) share the prompt as a prefix."""
+    from ulma_lightning.data.records import parse_demonstration, parse_pair, parse_pointwise
+    from ulma_lightning.data.errors import DataError
+    from ulma_lightning.data.sources import Location
+
+    record = {"chosen": "The sky is blue.", "rejected": "The sky is green."}
+    where = Location("pairs.jsonl", 3)
+    pair = parse_pair(record, where)
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("The sky is", " blue.", " green.")  # the space stays with the answer
+    assert [(e.prompt, e.response, e.score) for e in parse_pointwise(record, where, (0.0, 1.0))] == [("The sky is", " blue.", 1.0), ("The sky is", " green.", 0.0)]
+    assert (parse_demonstration(record, where).prompt, parse_demonstration(record, where).response) == ("The sky is", " blue.")
+    with pytest.raises(DataError, match=r"pairs\.jsonl:3.*share no leading text"):
+        parse_pair({"chosen": "Yes.", "rejected": "No."}, where)
+    with pytest.raises(DataError, match=r"pairs\.jsonl:3.*no answer is left"):
+        parse_pair({"chosen": "Same", "rejected": "Same answer"}, where)

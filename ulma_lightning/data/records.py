@@ -11,7 +11,8 @@ each in the standard form (strings) or the conversational form (lists of chat me
 * unpaired preference ``{prompt, completion, label}`` (KTO's), ``label`` a boolean: the binary score;
 * preference ``{prompt, chosen, rejected}``, and with implicit prompt ``{chosen, rejected}``: as
   conversations, the shared leading messages are the prompt; as strings, HH transcripts, each a whole
-  ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` string split at the last ``"\\n\\nAssistant:"``;
+  ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` string split at the last ``"\\n\\nAssistant:"``, and
+  other strings share their longest common prefix as the prompt (TRL's standard form);
 * a point-wise HH transcript ``{transcript, score}`` (e.g. HH's red-team attempts, with
   ``columns: {score: rating}``), split the same way.
 
@@ -44,7 +45,7 @@ FORMATS = {
     "pointwise": "point-wise {prompt, completion, score}",
     "unpaired-preference": "unpaired preference {prompt, completion, label}",
     "preference": "preference {prompt, chosen, rejected}",
-    "implicit-preference": "preference with implicit prompt {chosen, rejected} (conversations, or HH transcripts)",
+    "implicit-preference": "preference with implicit prompt {chosen, rejected} (conversations, HH transcripts, or strings with a shared prefix)",
     "hh-transcript": "HH transcript {transcript, score}",
 }
 
@@ -155,6 +156,29 @@ def split_hh(transcript: str, location: Location, field: str) -> tuple[str, str]
     if not response.strip():
         raise DataError(location, field, "the final assistant response is empty")
     return prompt, response
+
+
+def split_string_pair(record: dict[str, Any], location: Location) -> tuple[tuple[str, str], tuple[str, str]]:
+    """((prompt, chosen), (prompt, rejected)) of a ``{chosen, rejected}`` pair of strings: HH transcripts
+    split each at its last ``"\n\nAssistant:"``; other strings (TRL's standard implicit-prompt form)
+    share their longest common prefix as the prompt (ending before a space, as TRL's
+    ``extract_prompt`` cuts it)."""
+    chosen, rejected = (check_text(record[field], location, field) for field in ("chosen", "rejected"))
+    if any(marker in text for marker in (HUMAN_MARKER, ASSISTANT_MARKER) for text in (chosen, rejected)):  # HH transcripts
+        return split_hh(chosen, location, "chosen"), split_hh(rejected, location, "rejected")
+    cut = 0
+    while cut < min(len(chosen), len(rejected)) and chosen[cut] == rejected[cut]:
+        cut += 1
+    if cut == min(len(chosen), len(rejected)):
+        raise DataError(location, "rejected", "one answer is the start of the other: no answer is left after the shared prompt")
+    if cut > 0 and chosen[cut - 1] == " ":
+        cut -= 1
+    if cut == 0:
+        raise DataError(
+            location, "rejected", "chosen and rejected share no leading text: there is no prompt",
+            "give the prompt in a prompt field, or the pair as HH transcripts or chat messages",
+        )  # fmt: skip
+    return (chosen[:cut], chosen[cut:]), (rejected[:cut], rejected[cut:])
 
 
 def check_prompt(value: Any, location: Location, field: str = "prompt") -> Prompt:
@@ -284,8 +308,7 @@ def parse_pair(record: dict[str, Any], location: Location) -> PairExample:
     if kind == "implicit-preference":
         if isinstance(record["chosen"], list) or isinstance(record["rejected"], list):
             return _implicit_pair(record, location)
-        chosen_prompt, chosen = split_hh(check_text(record["chosen"], location, "chosen"), location, "chosen")
-        rejected_prompt, rejected = split_hh(check_text(record["rejected"], location, "rejected"), location, "rejected")
+        (chosen_prompt, chosen), (rejected_prompt, rejected) = split_string_pair(record, location)
         if chosen_prompt != rejected_prompt:
             raise DataError(location, "rejected", "chosen and rejected differ before the last assistant turn")
         return PairExample(chosen_prompt, chosen, rejected, location)
@@ -341,11 +364,8 @@ def parse_pointwise(
     """
     kind = detect_format(record)
     if kind == "implicit-preference" and not isinstance(record["chosen"], list):
-        examples = []  # HH transcripts: each side split on its own
-        for field, score in (("chosen", 1.0), ("rejected", 0.0)):
-            prompt, response = split_hh(check_text(record[field], location, field), location, field)
-            examples.append(Example(prompt, response, score, location))
-        return examples
+        (chosen_prompt, chosen), (rejected_prompt, rejected) = split_string_pair(record, location)  # HH: each side on its own
+        return [Example(chosen_prompt, chosen, 1.0, location), Example(rejected_prompt, rejected, 0.0, location)]
     if kind in PAIRWISE_FORMATS:
         pair = parse_pair(record, location)
         return [Example(pair.prompt, pair.chosen, 1.0, location), Example(pair.prompt, pair.rejected, 0.0, location)]
@@ -370,7 +390,11 @@ def parse_demonstration(record: dict[str, Any], location: Location) -> Example:
         return Example(pair.prompt, pair.chosen, None, location)
     if kind in PAIRWISE_FORMATS or (kind is None and _present(record, "chosen")):
         if "prompt" not in record:
-            prompt, response = split_hh(check_text(record["chosen"], location, "chosen"), location, "chosen")
+            chosen = check_text(record["chosen"], location, "chosen")
+            if HUMAN_MARKER in chosen or ASSISTANT_MARKER in chosen or not _present(record, "rejected"):  # HH: the chosen transcript alone
+                prompt, response = split_hh(chosen, location, "chosen")
+            else:
+                (prompt, response), _ = split_string_pair(record, location)
             return Example(prompt, response, None, location)
         return Example(check_prompt(record.get("prompt"), location), check_completion(record["chosen"], location, "chosen"), None, location)
     if kind is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -108,6 +109,22 @@ def test_results_files_hold_each_runs_own_metrics(ran: dict) -> None:
     # the baseline compared with itself ties everywhere; the untrained row has no KL to itself
     assert float(rows["sft"]["win rate vs sft"].strip("*")) == 0.5
     assert float(rows["untrained"]["KL to start"].strip("*")) == 0.0
+
+
+def test_results_md_lists_the_shared_options_once_and_each_command_rebuilds_from_them(ran: dict) -> None:
+    text = (ran["out"] / "results.md").read_text()
+    shared = text.split("shared by every stage):\n\n```\n", 1)[1].split("\n```", 1)[0]
+    assert "--trainer.max_steps 1" in shared and "--config" not in shared
+    results = json.loads((ran["out"] / "results.json").read_text())
+    for run in results["runs"]:
+        for stage in run.get("stages", []):
+            short = stage["command"].split(" --", 1)[0]  # ulma fit
+            shown = next(line for line in text.splitlines() if line.startswith(f"| `{run['id']}`"))
+            assert "--trainer.max_steps 1" not in shown
+            # the full command is the shown one plus the shared options: same options, same values
+            listed = [c.strip("`").removesuffix(" (shared)").strip("`") for c in shown.split(" | ")[-1].rstrip(" |").split("<br>")]
+            full = sorted(shlex.split(stage["command"])[2:])
+            assert any(sorted(shlex.split(c)[2:] + shlex.split(shared)) == full for c in listed), short
 
 
 def test_plots_are_pngs(ran: dict) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import statistics
 from datetime import datetime, timezone
 from pathlib import Path
@@ -200,10 +201,14 @@ def markdown(results: dict[str, Any], command: str) -> str:
         for record in failed:
             error = str(record.get("error", "")).strip().replace("\n", "\n    ")
             out += [f"- `{record['id']}` failed:", "", f"    {error}", ""]
-    out += ["## Runs", "", "| run | status | train time (s) | eval time (s) | commands (one per stage) |", "|---|---|---|---|---|"]
+    common = _common_options([s["command"] for r in results["runs"] for s in r.get("stages", [])])
+    out += ["## Runs", ""]
+    if common:
+        out += ["Every command below also has these options (the grid's, shared by every stage):", "", "```", shlex.join(common), "```", ""]
+    out += ["| run | status | train time (s) | eval time (s) | commands (one per stage) |", "|---|---|---|---|---|"]
     for record in results["runs"]:
         stages = record.get("stages", [])
-        commands = "<br>".join(f"`{s['command']}`" + (" (shared)" if s.get("shared") else "") for s in stages) or "-"
+        commands = "<br>".join(f"`{_without(s['command'], common)}`" + (" (shared)" if s.get("shared") else "") for s in stages) or "-"
         train = record["metrics"].get("train_seconds")
         evaluation = record.get("eval_seconds")
         out.append(
@@ -211,6 +216,27 @@ def markdown(results: dict[str, Any], command: str) -> str:
             f"{'-' if evaluation is None else f'{evaluation:.1f}'} | {commands} |"
         )
     return "\n".join(out) + "\n"
+
+
+def _option_pairs(command: str) -> list[tuple[str, str]]:
+    """``(--key, value)`` pairs of an ``ulma fit ...`` command after its subcommand."""
+    words = shlex.split(command)[2:]
+    return [(words[i], words[i + 1]) for i in range(0, len(words) - 1, 2) if words[i].startswith("--")]
+
+
+def _common_options(commands: list[str]) -> list[str]:
+    """The options (but ``--config``) that every command has with the same value, in order."""
+    if len(commands) < 2:
+        return []
+    shared = set(_option_pairs(commands[0])).intersection(*(set(_option_pairs(c)) for c in commands[1:]))
+    return [word for pair in _option_pairs(commands[0]) if pair in shared and pair[0] != "--config" for word in pair]
+
+
+def _without(command: str, common: list[str]) -> str:
+    """``command`` without the ``common`` options, which results.md lists once."""
+    drop = set(zip(common[::2], common[1::2]))
+    head = shlex.split(command)[:2]
+    return shlex.join(head + [word for pair in _option_pairs(command) if pair not in drop for word in pair])
 
 
 def write_results(results: dict[str, Any], root: Path, command: str) -> None:

@@ -15,9 +15,13 @@ and ``predict`` for one checkpoint and prints and saves a table of everything
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -137,10 +141,78 @@ def root_loggers_at_default_root_dir(trainer: Any) -> None:
             logger.init_args.save_dir = str(root)
 
 
+def _init_args_of(spec: Any) -> dict[str, Any]:
+    init_args = spec.get("init_args") if hasattr(spec, "get") else None
+    if init_args is None:
+        return {}
+    return dict(init_args.items(branches=True, nested=False)) if hasattr(init_args, "items") else dict(init_args)
+
+
+def _defaults_of(class_path_: str) -> dict[str, Any]:
+    """The constructor defaults of the class named ``class_path_`` (empty when it cannot be imported)."""
+    module, _, name = class_path_.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return {}
+    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def check_dropped_init_args(before: dict[str, Any], after: dict[str, Any], old_class: str, new_class: str) -> None:
+    """Refuse a ``class_path`` change that drops an option the old class had a non-default value for.
+
+    jsonargparse keeps the ``init_args`` the new class accepts and drops the others without a word;
+    ``ulma fit --config configs/ulma.yaml --model.class_path X`` with ``positive_term: beta_sft`` would
+    train X as if the option had never been written. An option dropped at its old default changes
+    nothing and only warns.
+    """
+    dropped = {k: v for k, v in before.items() if k not in after}
+    if not dropped:
+        return
+    defaults = _defaults_of(old_class)
+    meaningful = {k: v for k, v in dropped.items() if k not in defaults or defaults[k] != v}
+    if meaningful:
+        names = ", ".join(f"{k}={v!r}" for k, v in meaningful.items())
+        raise ConfigError(
+            f"{new_class} takes no option {names} that the config gives {old_class}: switching class_path would drop "
+            f"it silently. Remove it from the config, or give {new_class} the option (a subclass takes its parent's "
+            "options when its __init__ passes **kwargs on; see docs/extending.md)"
+        )
+    warnings.warn(
+        f"{new_class} takes no option {', '.join(sorted(dropped))}; the config gave {old_class} its default there, "
+        "which is dropped with the class_path change",
+        stacklevel=2,
+    )
+
+
+@contextmanager
+def refuse_dropped_init_args() -> Iterator[None]:
+    """While parsing, make jsonargparse's silent discard of ``init_args`` on a ``class_path`` change go
+    through :func:`check_dropped_init_args`."""
+    from jsonargparse import _typehints
+
+    original = _typehints.discard_init_args_on_class_path_change
+
+    def checked(parser_or_action: Any, prev_val: Any, value: Any) -> None:
+        changed = bool(prev_val) and hasattr(prev_val, "get") and prev_val.get("class_path") != value.get("class_path")
+        before = _init_args_of(_typehints.subclass_spec_as_namespace(prev_val)) if changed else {}
+        original(parser_or_action, prev_val, value)
+        if changed and before:
+            after = _init_args_of(_typehints.subclass_spec_as_namespace(prev_val))
+            check_dropped_init_args(before, after, str(prev_val.get("class_path")), str(value.get("class_path")))
+
+    _typehints.discard_init_args_on_class_path_change = checked
+    try:
+        yield
+    finally:
+        _typehints.discard_init_args_on_class_path_change = original
+
+
 class ULMACLI(LightningCLI):
     """LightningCLI that links ``data.tokenizer`` to ``model.policy.tokenizer`` (or its model), adds
     the ``evaluation:`` section (a :class:`PredictionWriter` callback, active in ``predict``), roots
-    loggers without a ``save_dir`` at ``trainer.default_root_dir``, and lists :data:`EXTRA_COMMANDS`
+    loggers without a ``save_dir`` at ``trainer.default_root_dir``, refuses a ``class_path`` change
+    that would drop a set option (:func:`check_dropped_init_args`), and lists :data:`EXTRA_COMMANDS`
     among the subcommands of ``ulma --help``."""
 
     def _parse_ckpt_path(self) -> None:
@@ -179,7 +251,8 @@ class ULMACLI(LightningCLI):
             sys.argv[1:] = nulls_as_init_args(sys.argv[1:])
         elif isinstance(args, (list, tuple)):
             args = nulls_as_init_args(list(args))
-        super().parse_arguments(parser, args)
+        with refuse_dropped_init_args():
+            super().parse_arguments(parser, args)
 
     def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)

@@ -329,6 +329,12 @@ class Policy(nn.Module):
         """Policy ``log pi(y|x)`` per row, shape ``(B,)``."""
         return self.token_logps(batch).per_sequence(average)
 
+    def reference_model_logps(self, batch: dict[str, Tensor], *, average: bool) -> Tensor:
+        """Reference ``log pi_ref(y|x)`` per row from the reference model itself (never from a batch's
+        precomputed columns), shape ``(B,)``, no gradient: what every module's
+        ``reference_columns`` stores in ``precomputed`` mode, and what a live reference returns."""
+        return self.token_logps(batch, reference=True).per_sequence(average)
+
     def reference_logps(self, batch: dict[str, Tensor], *, average: bool, rows: Tensor | None = None) -> Tensor:
         """Reference ``log pi_ref(y|x)`` per row, shape ``(B,)``, float32, no gradient.
 
@@ -349,11 +355,10 @@ class Policy(nn.Module):
             values = batch["reference_logps"].to(torch.float32)
             return values if rows is None else torch.where(rows, values, torch.full_like(values, float("nan")))
         if rows is None:
-            return self.token_logps(batch, reference=True).per_sequence(average)
+            return self.reference_model_logps(batch, average=average)
         out = torch.full((size,), float("nan"), device=batch["input_ids"].device)
         if bool(rows.any()):
-            sub = select_rows(batch, rows)
-            out[rows] = self.token_logps(sub, reference=True).per_sequence(average)
+            out[rows] = self.reference_model_logps(select_rows(batch, rows), average=average)
         else:
             self.idle_forward(batch, reference=True)
         return out

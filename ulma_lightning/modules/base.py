@@ -110,6 +110,8 @@ class AlignmentModule(pl.LightningModule):
     def __init__(self, policy: PolicyConfig, optimizer: OptimizerConfig | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if self.hparams.get("average_logps") is not None:
+            self.average_logps = bool(self.hparams["average_logps"])
         self.policy = self.build_policy(policy)
         self.check_reference_mode()
         self.optimizer_config = optimizer or OptimizerConfig()
@@ -159,10 +161,11 @@ class AlignmentModule(pl.LightningModule):
         """Whether the objective uses reference log-probs at all."""
         return True
 
-    @property
-    def average_logps(self) -> bool:
-        """Per-token mean (True) or summed (False) sequence log-probs."""
-        return bool(getattr(self.hparams, "average_logps", False))
+    #: Per-token mean (True) or summed (False) sequence log-probs: the one setting that every
+    #: sequence log-prob of the module follows (policy, reference, precomputed reference columns,
+    #: ``predict``). Set from the constructor argument ``average_logps`` when a module has one (and it
+    #: is not None); a module without the argument keeps its class's value.
+    average_logps: bool = False
 
     #: what ``ulma predict`` feeds :meth:`predict_step`: ``prompts`` (prompt-only, left-padded, for
     #: generation) or ``sequences`` (full samples; a reward model that scores them sets this).
@@ -385,7 +388,7 @@ class AlignmentModule(pl.LightningModule):
         Point-wise methods store ``reference_logps``; pairwise DPO overrides this to store
         ``reference_chosen_logps`` and ``reference_rejected_logps``.
         """
-        return {"reference_logps": self.policy.token_logps(batch, reference=True).per_sequence(self.average_logps)}
+        return {"reference_logps": self.policy.reference_model_logps(batch, average=self.average_logps)}
 
     def prepare_precompute(self, split: str) -> None:
         """Called before the reference pass over ``split``, e.g. to attach columns it needs."""

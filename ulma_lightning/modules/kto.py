@@ -206,7 +206,7 @@ class KTOModule(AlignmentModule):
         size = batch["input_ids"].shape[0]
         rows, kl_batch = self.kl_pairs(batch, split)
         inputs = batch if kl_batch is None else stack_batches(batch, kl_batch)
-        values = self.policy.token_logps(inputs, reference=True).per_sequence(self.average_logps)
+        values = self.policy.reference_model_logps(inputs, average=self.average_logps)
         kl = torch.full_like(values[:size], float("nan"))  # NaN where a sample has no partner (never read)
         kl[rows] = values[size:]
         return {"reference_logps": values[:size], "reference_kl_logps": kl}

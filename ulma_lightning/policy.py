@@ -12,14 +12,13 @@ import torch
 from torch import Tensor, nn
 
 from ulma_lightning.logprobs import response_token_logps, TokenLogps
-from ulma_lightning.options import check_numbers
+from ulma_lightning.options import TORCH_DTYPES, check_numbers
 from ulma_lightning.tokenizers import DEMO_TOKENIZER, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 ReferenceMode = Literal["copy", "adapter", "precomputed", "none"]
 DType = Literal["float32", "bfloat16", "float16"]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -224,7 +223,7 @@ class Policy(nn.Module):
 
         auto_class = getattr(transformers, self.auto_class)
         cfg = self.config
-        kwargs: dict[str, Any] = {"dtype": _DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+        kwargs: dict[str, Any] = {"dtype": TORCH_DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
         if empty:

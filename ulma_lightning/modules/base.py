@@ -176,10 +176,15 @@ class AlignmentModule(pl.LightningModule):
         """Whether validation/test log the perplexity of demonstrations (a generative policy only)."""
         return can_generate(getattr(self.policy, "model", None))
 
+    #: The score at or above which a point-wise sample is a positive (a demonstration): 1.0 unless
+    #: the module takes a ``positive_threshold`` argument. Perplexity, the generation callback and
+    #: the losses all read this one attribute.
+    positive_threshold: float = 1.0
+
     @property
     def positive_threshold_value(self) -> float:
-        """The score at or above which a point-wise sample is a demonstration (1.0 by default)."""
-        return float(getattr(self, "positive_threshold", 1.0))
+        """Deprecated alias of :attr:`positive_threshold`."""
+        return float(self.positive_threshold)
 
     # ------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -220,7 +225,7 @@ class AlignmentModule(pl.LightningModule):
         Reuses the policy token log-probs the step computed (``records``) when they cover the
         demonstration rows; otherwise runs one no-gradient forward on those rows.
         """
-        found = demonstration_rows(batch, self.positive_threshold_value)
+        found = demonstration_rows(batch, self.positive_threshold)
         if found is None:
             return
         sequences, rows = found

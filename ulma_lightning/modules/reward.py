@@ -7,12 +7,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ulma_lightning.data.collate import PaddingCollator
-from ulma_lightning.data.features import Truncation, build_sequence, tokenize_pairs
+from ulma_lightning.data.features import scoring_batches
 from ulma_lightning.losses import LossOutput, RewardForm, bradley_terry_loss, pointwise_reward_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
 from ulma_lightning.modules.batching import pair_batch
 from ulma_lightning.policy import Policy, PolicyConfig
+from ulma_lightning.tokenizers import pad_token_id
 
 
 class RewardModel(Policy):
@@ -39,8 +39,7 @@ class RewardModel(Policy):
 
     @property
     def pad_token_id(self) -> int:
-        tok = self.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return pad_token_id(self.tokenizer)
 
     def rewards(self, batch: dict[str, Tensor]) -> Tensor:
         """The scalar reward of each row, float32, shape ``(B,)``."""
@@ -126,20 +125,12 @@ class RewardModelModule(AlignmentModule):
             raise ValueError(f"score() needs one response per prompt, got {len(prompts)} prompts and {len(responses)} responses")
         if self.policy.model is None:
             self.configure_model()
-        tokenizer = self.policy.tokenizer
-        truncation = Truncation(self.max_length, self.max_length // 2, tokenizer.bos_token_id)
-        collate = PaddingCollator(self.policy.pad_token_id)
         was_training = self.policy.model.training
         self.policy.model.eval()
         out = []
         try:
-            for start in range(0, len(prompts), batch_size):
-                prompt_ids, response_ids = tokenize_pairs(tokenizer, prompts[start : start + batch_size], responses[start : start + batch_size])
-                items = []
-                for p, r in zip(prompt_ids, response_ids):
-                    input_ids, labels = build_sequence(*truncation.apply(p, r))
-                    items.append({"input_ids": input_ids, "labels": labels})
-                batch = {k: v.to(self.device) for k, v in collate(items).items()}
+            for batch in scoring_batches(self.policy.tokenizer, prompts, responses, self.max_length, batch_size):
+                batch = {k: v.to(self.device) for k, v in batch.items()}
                 out.append(self.policy.rewards(batch).cpu())
         finally:
             self.policy.model.train(was_training)

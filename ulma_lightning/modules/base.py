@@ -21,7 +21,7 @@ from ulma_lightning.evaluation.metrics import TokenPerplexity, demonstration_row
 from ulma_lightning.export import export_hf
 from ulma_lightning.losses import LossOutput
 from ulma_lightning.options import check_numbers
-from ulma_lightning.policy import Policy, PolicyConfig, select_rows
+from ulma_lightning.policy import Policy, PolicyConfig, PretrainedModel, select_rows
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +118,10 @@ class AlignmentModule(pl.LightningModule):
         self.eval_perplexity = nn.ModuleDict({stage: TokenPerplexity() for stage in ("val", "test")})
         self.generation = GenerationConfig()
 
-    def build_policy(self, config: PolicyConfig) -> nn.Module:
-        """The trained model wrapper (a :class:`Policy`); a module with another kind of model
-        (e.g. a reward model) returns its own wrapper with ``tokenizer``, ``model`` and ``build()``."""
+    def build_policy(self, config: PolicyConfig) -> PretrainedModel:
+        """The trained model, kept as ``self.policy``: a :class:`Policy`; a module with another kind
+        of model returns its own :class:`PretrainedModel` (the reward model returns a
+        :class:`~ulma_lightning.modules.reward.RewardModel`)."""
         return Policy(config)
 
     @property

@@ -168,7 +168,7 @@ class RolloutModule(AlignmentModule):
         data is not that task's: the shipped configs' default reward must never score your own prompts
         silently. Checks the training data for ``fit`` and the data of the evaluated split for
         ``validate`` and ``test`` (the rule of :meth:`Scorer.applies_to`)."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = self.data_module
         if datamodule is None or not hasattr(datamodule, "source_of"):
             return
         train = datamodule.source_of("train")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-import numpy as np
 import torch
 
 from benchmarks.workload import BATCH_SIZE, Sample, model_config
@@ -81,15 +80,13 @@ class OurRow:
     def collate(self, samples: list[Any]) -> list[dict[str, torch.Tensor]]:
         """Bench samples -> the library's padded batches (its ``PaddingCollator``), one per step."""
         from ulma_lightning.data.collate import PaddingCollator
-        from ulma_lightning.logprobs import IGNORE_INDEX
+        from ulma_lightning.data.features import build_sequence
+        from ulma_lightning.tokenizers import pad_token_id
 
-        tok = self.module.tokenizer
-        collator = PaddingCollator(tok.pad_token_id)
+        collator = PaddingCollator(pad_token_id(self.module.tokenizer))
 
         def feature(s: Sample, index: int, prefix: str = "") -> dict[str, Any]:
-            ids = np.asarray(s.prompt_ids + s.response_ids, dtype=np.int64)
-            labels = ids.copy()
-            labels[: len(s.prompt_ids)] = IGNORE_INDEX
+            ids, labels = build_sequence(s.prompt_ids, s.response_ids)  # the library's prompt masking
             return {f"{prefix}input_ids": ids, f"{prefix}labels": labels}
 
         if self.method == "dpo":

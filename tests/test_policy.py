@@ -404,3 +404,24 @@ def test_gradient_checkpointing_gives_the_same_loss(batch) -> None:
     assert math.isfinite(float(results[1][0]))
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_policy_and_reward_model_are_siblings() -> None:
+    """Model loading is shared by PretrainedModel; the reward model is not a Policy (no log-probs,
+    no reference, even when the config asks for a copy), and RewardModelModule names it reward_model."""
+    from ulma_lightning import PretrainedModel
+    from ulma_lightning.modules.reward import RewardModel, RewardModelModule
+
+    assert issubclass(Policy, PretrainedModel) and issubclass(RewardModel, PretrainedModel)
+    assert not issubclass(RewardModel, Policy) and not hasattr(RewardModel, "token_logps")
+    reward = RewardModel(PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo", reference="copy"))
+    reward.build()
+    assert not hasattr(reward, "reference_model")  # the policy's copy step is the policy's own
+    assert type(reward.model).__name__.endswith("ForSequenceClassification") and reward.model.config.pad_token_id is not None
+    policy = Policy(PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo", reference="copy"))
+    policy.build()
+    assert policy.reference_model is not None and not any(p.requires_grad for p in policy.reference_model.parameters())
+    module = RewardModelModule(PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo"))
+    assert module.reward_model is module.policy and isinstance(module.reward_model, RewardModel)
+    scores = module.score(["Hello?", "How are you?"], ["Hi.", "Fine, thanks."])
+    assert scores.shape == (2,) and torch.isfinite(scores).all()

@@ -27,7 +27,7 @@ from ulma_lightning.modules import (
     ULMAModule,
     UnlikelihoodModule,
 )
-from ulma_lightning.policy import LoraSettings, Policy, PolicyConfig
+from ulma_lightning.policy import LoraSettings, Policy, PolicyConfig, PretrainedModel
 
 __version__ = "0.1.0"
 
@@ -54,6 +54,7 @@ __all__ = [
     "OptimizerConfig",
     "Policy",
     "PolicyConfig",
+    "PretrainedModel",
     "PointwiseDataModule",
     "PointwiseDPOModule",
     "PointwiseModule",

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ulma_lightning.logprobs import is_fsdp2
+
 
 def _is_peft(model: nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
@@ -111,11 +113,9 @@ def gather_policy_state(trainer: Any, pl_module: Any) -> tuple[bool, dict[str, t
     """
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.fsdp import FSDPModule
-
     model = pl_module.policy.model
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    if isinstance(model, FSDPModule):
+    if is_fsdp2(model):
         state = get_model_state_dict(model, options=options)
     elif isinstance(trainer.strategy, FSDPStrategy):
         prefix = "policy.model."

@@ -298,10 +298,13 @@ def _through_root(model: nn.Module, fn: Callable[..., Any], *args: Any) -> Any:
     return out
 
 
-def _is_fsdp2(model: nn.Module) -> bool:
+def is_fsdp2(module: nn.Module | None) -> bool:
+    """Whether FSDP2's ``fully_shard`` was applied to ``module`` itself."""
+    if module is None:
+        return False
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(model, FSDPModule)
+    return isinstance(module, FSDPModule)
 
 
 def response_token_logps(
@@ -325,7 +328,7 @@ def response_token_logps(
             (right-padded batches only; 1 runs the whole batch at once). Pass 1 for a model with
             FSDP-wrapped blocks; a ``fully_shard`` root always runs as 1.
     """
-    if _is_fsdp2(model):
+    if is_fsdp2(model):
         length_groups_max = 1  # see the module docstring
         values, batch_index = _through_root(
             model, partial(_response_logps, model), input_ids, attention_mask, labels, chunk_size, length_groups_max

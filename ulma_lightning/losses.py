@@ -48,6 +48,11 @@ __all__ = [
     "pointwise_reward_loss",
     "log1m_exp",
     "masked_mean",
+    "subset_counts",
+    "reduce_losses",
+    "pointwise_metrics",
+    "pointwise_output",
+    "pairwise_output",
 ]
 
 
@@ -102,8 +107,13 @@ def subset_counts(positive: Tensor, reduction: str = "subset_mean", rewarded: Te
     return counts
 
 
-def _reduce(losses: Tensor, positive: Tensor, reduction: Reduction) -> tuple[Tensor, Tensor, Tensor]:
-    """Reduce per-sample losses; return (loss, positive part, negative part)."""
+def reduce_losses(losses: Tensor, positive: Tensor, reduction: Reduction = "subset_mean") -> tuple[Tensor, Tensor, Tensor]:
+    """Reduce per-sample ``losses`` ``(B,)``; return ``(loss, positive part, negative part)``.
+
+    ``positive`` ``(B,)`` marks the positive rows. ``"subset_mean"``: the mean over positives plus the
+    mean over negatives (an empty subset contributes exactly 0, with a zero gradient); ``"mean"``: the
+    mean over all rows, split into the positives' and the negatives' shares of it.
+    """
     pos_part = masked_mean(losses, positive)
     neg_part = masked_mean(losses, ~positive)
     if reduction == "subset_mean":
@@ -114,6 +124,9 @@ def _reduce(losses: Tensor, positive: Tensor, reduction: Reduction) -> tuple[Ten
         neg_sum = torch.where(~positive, losses, torch.zeros_like(losses)).sum()
         return (pos_sum + neg_sum) / max(n, 1), pos_sum / max(n, 1), neg_sum / max(n, 1)
     raise ValueError(f"reduction must be 'subset_mean' or 'mean', got {reduction!r}")
+
+
+_reduce = reduce_losses  # the name before it was public
 
 
 def _check_shapes(**tensors: Tensor) -> None:
@@ -150,27 +163,64 @@ def _pointwise_terms(u: Tensor, scores: Tensor, label_type: LabelType, continuou
     return positive_loss, other_loss
 
 
-def _summary(
+def pointwise_metrics(
     positive: Tensor,
     pos_part: Tensor,
     neg_part: Tensor,
-    rewards: Tensor,
+    rewards: Tensor | None,
     policy_logps: Tensor,
     reduction: Reduction,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """The point-wise losses' metrics and their subset sizes (see :attr:`LossOutput.counts`);
-    rewards count where defined (not NaN)."""
-    rewarded = ~rewards.isnan()
+    """The point-wise losses' metrics and their subset sizes (see :attr:`LossOutput.counts`).
+
+    ``loss/positive``, ``loss/negative`` (the parts :func:`reduce_losses` returned),
+    ``logps/positive``, ``logps/negative``, ``positive_fraction`` and, when ``rewards`` is given,
+    ``rewards/positive`` and ``rewards/negative`` (each over the rows where the reward is defined,
+    not NaN).
+    """
     metrics = {
         "loss/positive": pos_part.detach(),
         "loss/negative": neg_part.detach(),
-        "rewards/positive": masked_mean(rewards.detach(), positive & rewarded),
-        "rewards/negative": masked_mean(rewards.detach(), ~positive & rewarded),
         "logps/positive": masked_mean(policy_logps.detach(), positive),
         "logps/negative": masked_mean(policy_logps.detach(), ~positive),
         "positive_fraction": positive.float().mean(),
     }
+    rewarded = None
+    if rewards is not None:
+        rewarded = ~rewards.isnan()
+        metrics["rewards/positive"] = masked_mean(rewards.detach(), positive & rewarded)
+        metrics["rewards/negative"] = masked_mean(rewards.detach(), ~positive & rewarded)
     return metrics, subset_counts(positive, reduction, rewarded)
+
+
+_summary = pointwise_metrics  # the name before it was public
+
+
+def pointwise_output(
+    losses: Tensor,
+    positive: Tensor,
+    policy_logps: Tensor,
+    *,
+    reduction: Reduction = "subset_mean",
+    rewards: Tensor | None = None,
+) -> LossOutput:
+    """The :class:`LossOutput` of a point-wise loss from its per-sample ``losses`` ``(B,)``.
+
+    The public way to write a new point-wise objective: compute one loss per sample, then hand them
+    here with ``positive`` (``(B,)`` bool, the rows counted as positives), the policy's per-sequence
+    log-probs and, if the loss has one, the per-sample implicit reward (NaN where undefined). The
+    result is reduced by ``reduction`` (:func:`reduce_losses`) and carries the standard metrics and
+    their subset counts (:func:`pointwise_metrics`), so the module logs it like the built-in losses::
+
+        def my_loss(policy_logps, reference_logps, scores, *, beta=0.1):
+            positive = scores >= 1.0
+            losses = torch.where(positive, -policy_logps, -F.logsigmoid(-beta * (policy_logps - reference_logps)))
+            return pointwise_output(losses, positive, policy_logps, rewards=beta * (policy_logps - reference_logps))
+    """
+    loss, pos_part, neg_part = reduce_losses(losses, positive, reduction)
+    rewards = None if rewards is None else rewards.detach()
+    metrics, counts = pointwise_metrics(positive, pos_part, neg_part, rewards, policy_logps, reduction)
+    return LossOutput(loss=loss, metrics=metrics, losses=losses.detach(), rewards=rewards, counts=counts)
 
 
 def sft_loss(policy_logps: Tensor) -> LossOutput:
@@ -218,10 +268,7 @@ def pointwise_dpo_loss(
     u = beta * h + offset
     positive_loss, other_loss = _pointwise_terms(u, scores, label_type, continuous_form)
     losses = torch.where(positive, positive_loss, other_loss)
-    loss, pos_part, neg_part = _reduce(losses, positive, reduction)
-    rewards = (beta * h).detach()
-    metrics, counts = _summary(positive, pos_part, neg_part, rewards, policy_logps, reduction)
-    return LossOutput(loss=loss, metrics=metrics, losses=losses.detach(), rewards=rewards, counts=counts)
+    return pointwise_output(losses, positive, policy_logps, reduction=reduction, rewards=beta * h)
 
 
 def ulma_loss(
@@ -275,13 +322,11 @@ def ulma_loss(
     else:
         raise ValueError(f"positive_term must be 'sft', 'beta_sft' or 'pointwise_dpo', got {positive_term!r}")
     losses = torch.where(positive, positive_loss, other_loss)
-    loss, pos_part, neg_part = _reduce(losses, positive, reduction)
     # Rewards wherever a reference value was given (NaN where the reference was skipped).
-    rewards = (beta * (policy_logps - reference_logps)).detach()
-    metrics, counts = _summary(positive, pos_part, neg_part, rewards, policy_logps, reduction)
+    out = pointwise_output(losses, positive, policy_logps, reduction=reduction, rewards=beta * (policy_logps - reference_logps))
     if bool((positive & reference_logps.isnan()).any()):
-        del metrics["rewards/positive"]  # undefined: the reference was skipped on positives
-    return LossOutput(loss=loss, metrics=metrics, losses=losses.detach(), rewards=rewards, counts=counts)
+        del out.metrics["rewards/positive"]  # undefined: the reference was skipped on positives
+    return out
 
 
 def dpo_loss(
@@ -318,8 +363,20 @@ def dpo_loss(
         losses = torch.relu(1 - beta * margin)
     else:
         raise ValueError(f"loss_type must be 'sigmoid', 'ipo' or 'hinge', got {loss_type!r}")
-    chosen_rewards = (beta * (policy_chosen_logps - reference_chosen_logps)).detach()
-    rejected_rewards = (beta * (policy_rejected_logps - reference_rejected_logps)).detach()
+    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps)
+    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps)
+    return pairwise_output(losses, policy_chosen_logps, policy_rejected_logps, chosen_rewards, rejected_rewards)
+
+
+def pairwise_output(
+    losses: Tensor, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor
+) -> LossOutput:
+    """The :class:`LossOutput` of a pairwise loss from its per-pair ``losses`` ``(B,)``: the mean loss
+    and the pairwise metrics (``rewards/positive`` for the chosen side, ``rewards/negative``,
+    ``rewards/margin``, ``rewards/accuracy``, ``logps/positive``, ``logps/negative``). The public way
+    to write a new pairwise objective (see docs/extending.md); ``rewards`` of the output is the
+    per-pair reward margin."""
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
     metrics = {
         # one vocabulary across methods: the chosen side is the positive, the rejected the negative
         "rewards/positive": chosen_rewards.mean(),
@@ -435,12 +492,12 @@ def unlikelihood_loss(
             neg_part = torch.where(~token_positive, token_losses, torch.zeros_like(token_losses)).sum() / n
             loss = pos_part + neg_part
         elif reduction in ("subset_mean", "mean"):
-            loss, pos_part, neg_part = _reduce(row_losses, positive, reduction)
+            loss, pos_part, neg_part = reduce_losses(row_losses, positive, reduction)
         else:
             raise ValueError(f"reduction must be 'token', 'subset_mean' or 'mean', got {reduction!r}")
     elif variant == "authors":
         row_losses = torch.where(positive, -row_logps, alpha * row_logps)
-        loss, pos_part, neg_part = _reduce(row_losses, positive, "subset_mean")
+        loss, pos_part, neg_part = reduce_losses(row_losses, positive, "subset_mean")
     else:
         raise ValueError(f"variant must be 'welleck' or 'authors', got {variant!r}")
     metrics = {

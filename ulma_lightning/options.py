@@ -5,6 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import torch
+
+#: The torch dtypes a config names (``policy.dtype``, FSDP2's ``param_dtype`` and ``reduce_dtype``).
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 RULES: dict[str, Callable[[float], bool]] = {
     ">= 1": lambda v: v >= 1,
     ">= 0": lambda v: v >= 0,

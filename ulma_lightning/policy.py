@@ -1,4 +1,5 @@
-"""The policy: a Hugging Face causal LM, its tokenizer, its reference, and response log-probs."""
+"""The policy: a Hugging Face causal LM, its tokenizer, its reference, and response log-probs; and the
+model loading it shares with the reward model (:class:`PretrainedModel`)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from ulma_lightning.logprobs import response_token_logps, TokenLogps
-from ulma_lightning.options import check_numbers
+from ulma_lightning.options import TORCH_DTYPES, check_numbers
 from ulma_lightning.tokenizers import DEMO_TOKENIZER, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 ReferenceMode = Literal["copy", "adapter", "precomputed", "none"]
 DType = Literal["float32", "bfloat16", "float16"]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -173,19 +173,19 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     model.config.use_cache = False
 
 
-class Policy(nn.Module):
-    """A causal LM to train, its tokenizer and its reference.
+class PretrainedModel(nn.Module):
+    """A Hugging Face model built from a :class:`PolicyConfig`, and its tokenizer: what
+    :class:`Policy` (a causal LM: log-probs and a reference) and
+    :class:`~ulma_lightning.modules.reward.RewardModel` (a scalar head: scores) share.
 
     The tokenizer is loaded at construction; the weights by :meth:`build` (called from the module's
-    ``configure_model``, so that sharded strategies can wrap them). ``reference_forward_samples``
-    counts the samples the reference model has run on, which tests use to prove that ULMA skips it
-    on positives. ``collective_forwards`` is set by sharded strategies (FSDP, FSDP2), under which
-    every process must run every forward (:attr:`lockstep`): a process with no row for a forward
-    then runs it on one row and discards the result (:meth:`idle_forward`).
+    ``configure_model``, so that sharded strategies can wrap them). ``collective_forwards`` is set by
+    sharded strategies (FSDP, FSDP2), under which every process must run every forward
+    (:attr:`lockstep`).
     """
 
-    #: the transformers Auto class that loads or builds the model, and the extra keyword arguments
-    #: it gets (a subclass such as the reward model changes these).
+    #: the transformers Auto class that loads or builds the model, the extra keyword arguments it
+    #: gets, and the peft task type of its adapters (each kind of model sets its own).
     auto_class: str = "AutoModelForCausalLM"
     model_kwargs: dict[str, Any] = {}
     lora_task_type: str = "CAUSAL_LM"
@@ -195,10 +195,7 @@ class Policy(nn.Module):
         self.config = config
         self.tokenizer = load_tokenizer(config.tokenizer_source, trust_remote_code=config.trust_remote_code)
         self.model: nn.Module | None = None
-        self.reference_model: nn.Module | None = None
-        self.reference_forward_samples = 0
         self.collective_forwards = False
-        self._records: list[tuple[dict[str, Tensor], TokenLogps]] | None = None
 
     # ---------------------------------------------------------------- building
     def hf_config(self, source: str | None) -> Any:
@@ -224,7 +221,7 @@ class Policy(nn.Module):
 
         auto_class = getattr(transformers, self.auto_class)
         cfg = self.config
-        kwargs: dict[str, Any] = {"dtype": _DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+        kwargs: dict[str, Any] = {"dtype": TORCH_DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
         if empty:
@@ -240,8 +237,8 @@ class Policy(nn.Module):
     def build(self, *, empty: bool = False) -> None:
         """Load or initialise the weights; idempotent.
 
-        With ``empty``, build the policy's architecture (and adapters) on the meta device without
-        loading or initialising weights, and no reference: a skeleton to load a checkpoint into.
+        With ``empty``, build the architecture (and adapters) on the meta device without loading or
+        initialising weights: a skeleton to load a checkpoint into.
         """
         if self.model is not None:
             return
@@ -263,12 +260,7 @@ class Policy(nn.Module):
                 cfg.dtype,
                 cfg.dtype,
             )
-        if cfg.reference in ("copy", "precomputed"):
-            reference = copy.deepcopy(model) if cfg.reference_model is None else self._load(cfg.reference_model)
-            if cfg.disable_dropout:
-                disable_dropout(reference)
-            reference.requires_grad_(False).eval()
-            self.reference_model = reference
+        self.before_wrapping(model)
         if cfg.lora is not None:
             model = self._wrap_lora(model, cfg.lora, self.lora_task_type)
         if cfg.disable_dropout:  # after wrapping, so that the adapters' own dropout goes too
@@ -276,6 +268,10 @@ class Policy(nn.Module):
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.model = model
+
+    def before_wrapping(self, model: nn.Module) -> None:
+        """Called by :meth:`build` with the loaded model before adapters, dropout and checkpointing
+        change it (the policy copies its reference here)."""
 
     @staticmethod
     def _wrap_lora(model: nn.Module, lora: LoraSettings, task_type: str = "CAUSAL_LM") -> nn.Module:
@@ -291,6 +287,44 @@ class Policy(nn.Module):
             task_type=task_type,
         )
         return get_peft_model(model, config)
+
+    @property
+    def lockstep(self) -> bool:
+        """Whether every process must run the same forwards: a sharded model (FSDP, FSDP2) on more
+        than one process, whose every forward all-gathers weights."""
+        dist = torch.distributed
+        return self.collective_forwards and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Plain forward of the model (logits), e.g. for generation-free inspection."""
+        assert self.model is not None
+        return self.model(*args, **kwargs)
+
+
+class Policy(PretrainedModel):
+    """A causal LM to train, its tokenizer and its reference; per-sequence and per-token log-probs.
+
+    ``reference_forward_samples`` counts the samples the reference model has run on, which tests use
+    to prove that ULMA skips it on positives. Under :attr:`lockstep` a process with no row for a
+    forward runs it on one row and discards the result (:meth:`idle_forward`).
+    """
+
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__(config)
+        self.reference_model: nn.Module | None = None
+        self.reference_forward_samples = 0
+        self._records: list[tuple[dict[str, Tensor], TokenLogps]] | None = None
+
+    def before_wrapping(self, model: nn.Module) -> None:
+        """The reference: a frozen copy of the loaded model (or ``reference_model``'s weights) in the
+        ``copy`` and ``precomputed`` modes."""
+        cfg = self.config
+        if cfg.reference in ("copy", "precomputed"):
+            reference = copy.deepcopy(model) if cfg.reference_model is None else self._load(cfg.reference_model)
+            if cfg.disable_dropout:
+                disable_dropout(reference)
+            reference.requires_grad_(False).eval()
+            self.reference_model = reference
 
     # ---------------------------------------------------------------- log-probs
     def token_logps(self, batch: dict[str, Tensor], *, reference: bool = False) -> TokenLogps:
@@ -329,6 +363,12 @@ class Policy(nn.Module):
         """Policy ``log pi(y|x)`` per row, shape ``(B,)``."""
         return self.token_logps(batch).per_sequence(average)
 
+    def reference_model_logps(self, batch: dict[str, Tensor], *, average: bool) -> Tensor:
+        """Reference ``log pi_ref(y|x)`` per row from the reference model itself (never from a batch's
+        precomputed columns), shape ``(B,)``, no gradient: what every module's
+        ``reference_columns`` stores in ``precomputed`` mode, and what a live reference returns."""
+        return self.token_logps(batch, reference=True).per_sequence(average)
+
     def reference_logps(self, batch: dict[str, Tensor], *, average: bool, rows: Tensor | None = None) -> Tensor:
         """Reference ``log pi_ref(y|x)`` per row, shape ``(B,)``, float32, no gradient.
 
@@ -349,21 +389,13 @@ class Policy(nn.Module):
             values = batch["reference_logps"].to(torch.float32)
             return values if rows is None else torch.where(rows, values, torch.full_like(values, float("nan")))
         if rows is None:
-            return self.token_logps(batch, reference=True).per_sequence(average)
+            return self.reference_model_logps(batch, average=average)
         out = torch.full((size,), float("nan"), device=batch["input_ids"].device)
         if bool(rows.any()):
-            sub = select_rows(batch, rows)
-            out[rows] = self.token_logps(sub, reference=True).per_sequence(average)
+            out[rows] = self.reference_model_logps(select_rows(batch, rows), average=average)
         else:
             self.idle_forward(batch, reference=True)
         return out
-
-    @property
-    def lockstep(self) -> bool:
-        """Whether every process must run the same forwards: a sharded model (FSDP, FSDP2) on more
-        than one process, whose every forward all-gathers weights."""
-        dist = torch.distributed
-        return self.collective_forwards and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def idle_forward(self, batch: dict[str, Tensor], *, reference: bool = False) -> None:
         """Under :attr:`lockstep`, the forward that this process skips for lack of rows (and the
@@ -382,10 +414,6 @@ class Policy(nn.Module):
         if reference:
             self.reference_forward_samples -= 1
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Plain forward of the policy LM (logits), e.g. for generation-free inspection."""
-        assert self.model is not None
-        return self.model(*args, **kwargs)
 
 
 def select_rows(batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:

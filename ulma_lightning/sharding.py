@@ -22,8 +22,10 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
+from ulma_lightning.logprobs import is_fsdp2  # noqa: F401  (also offered here, with the rest of FSDP2)
+from ulma_lightning.options import TORCH_DTYPES
+
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---------------------------------------------------------------------------- which blocks
@@ -63,15 +65,6 @@ def decoder_layer_classes(root: nn.Module, names: Sequence[str] | None = None) -
 
 
 # ---------------------------------------------------------------------------- FSDP2
-def is_fsdp2(module: nn.Module | None) -> bool:
-    """Whether ``fully_shard`` was applied to ``module`` itself."""
-    if module is None:
-        return False
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
-
-
 def shard_policy(
     policy: nn.Module,
     mesh: Any,
@@ -186,7 +179,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         """Keyword arguments of :func:`shard_policy`."""
         dtype: torch.dtype | None = None
         if self.param_dtype != "auto":
-            dtype = _DTYPES[self.param_dtype]
+            dtype = TORCH_DTYPES[self.param_dtype]
         else:
             precision = str(getattr(self.precision_plugin, "precision", ""))
             if precision.startswith("bf16"):
@@ -196,7 +189,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         return {
             "layer_classes": self.layer_classes,
             "param_dtype": dtype,
-            "reduce_dtype": _DTYPES[self.reduce_dtype],
+            "reduce_dtype": TORCH_DTYPES[self.reduce_dtype],
             "reshard_after_forward": self.reshard_after_forward,
             "activation_checkpointing": self.activation_checkpointing,
         }

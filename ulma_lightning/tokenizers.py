@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 BUILTIN_PREFIX = "builtin:"
@@ -42,12 +42,36 @@ def as_transformers_tokenizer(tokenizer: Any) -> Any:
     return wrapped
 
 
-@functools.lru_cache(maxsize=1)
-def _demo_tokenizer_json(vocab_size: int) -> str:
-    from ulma_lightning.data.demo import demo_corpus
+#: The corpora the built-in tokenizers train on: name -> a function returning the texts. The tasks
+#: register their own (``ulma_lightning.data.demo``, ``ulma_lightning.data.task``), so this module
+#: imports nothing of the data package (which imports it).
+BUILTIN_CORPORA: dict[str, Callable[[], list[str]]] = {}
+BUILTIN_VOCAB_SIZES = {"demo": 640, "task": 1024}
 
-    corpus = demo_corpus() + ["\n\nHuman: ", "\n\nAssistant: "]
+
+def register_builtin_corpus(name: str, corpus: Callable[[], list[str]], vocab_size: int) -> None:
+    """Make ``builtin:<name>`` a tokenizer trained on ``corpus()`` with ``vocab_size`` tokens."""
+    BUILTIN_CORPORA[name] = corpus
+    BUILTIN_VOCAB_SIZES[name] = vocab_size
+
+
+@functools.lru_cache(maxsize=4)
+def _builtin_tokenizer_json(name: str, vocab_size: int) -> str:
+    if name not in BUILTIN_CORPORA:  # the package's __init__ imports the data package, which registers them
+        raise ValueError(f"no corpus registered for builtin:{name}; register_builtin_corpus({name!r}, ...) first")
+    corpus = BUILTIN_CORPORA[name]() + ["\n\nHuman: ", "\n\nAssistant: "]
     return train_byte_level_bpe(sorted(corpus) * 4, vocab_size).to_str()
+
+
+def build_builtin_tokenizer(name: str, vocab_size: int | None = None) -> Any:
+    """The built-in tokenizer ``builtin:<name>``: byte-level BPE trained on that task's text."""
+    from tokenizers import Tokenizer
+
+    return as_transformers_tokenizer(Tokenizer.from_str(_builtin_tokenizer_json(name, vocab_size or BUILTIN_VOCAB_SIZES[name])))
+
+
+def _demo_tokenizer_json(vocab_size: int = 640) -> str:
+    return _builtin_tokenizer_json("demo", vocab_size)
 
 
 def build_demo_tokenizer(vocab_size: int = 640) -> Any:
@@ -55,27 +79,21 @@ def build_demo_tokenizer(vocab_size: int = 640) -> Any:
 
     Byte-level, so any text encodes; merges fit the demo task, so its sequences are short.
     """
-    from tokenizers import Tokenizer
-
-    return as_transformers_tokenizer(Tokenizer.from_str(_demo_tokenizer_json(vocab_size)))
-
-
-@functools.lru_cache(maxsize=1)
-def _task_tokenizer_json(vocab_size: int) -> str:
-    from ulma_lightning.data.task import task_corpus
-
-    corpus = task_corpus() + ["\n\nHuman: ", "\n\nAssistant: "]
-    return train_byte_level_bpe(sorted(corpus) * 4, vocab_size).to_str()
+    return build_builtin_tokenizer("demo", vocab_size)
 
 
 def build_task_tokenizer(vocab_size: int = 1024) -> Any:
     """A byte-level BPE tokenizer trained on the comparison task's text (``builtin:task``)."""
-    from tokenizers import Tokenizer
-
-    return as_transformers_tokenizer(Tokenizer.from_str(_task_tokenizer_json(vocab_size)))
+    return build_builtin_tokenizer("task", vocab_size)
 
 
 BUILTIN_TOKENIZERS = {"demo": build_demo_tokenizer, "task": build_task_tokenizer}
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that pads ``tokenizer``'s sequences: its pad token, else its EOS token (the attention
+    mask, not the pad id, decides what a model sees)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:

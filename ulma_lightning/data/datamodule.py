@@ -15,14 +15,14 @@ from torch.utils.data.distributed import DistributedSampler
 from ulma_lightning.data.collate import PaddingCollator
 from ulma_lightning.data.demo import demo_test_source, is_demo_source
 from ulma_lightning.data.errors import DataError, OnBadRecord, SkipReport
-from ulma_lightning.data.features import FeatureDataset, Truncation, TruncationReport, build_sequence, tokenize_pairs
+from ulma_lightning.data.features import FeatureDataset, Truncation, TruncationReport, encode_pairs
 from ulma_lightning.data.prompts import LeftPaddingCollator, PromptDataset, encode_prompts
 from ulma_lightning.data.mixing import MixStrategy, SourceSpec, SplitSources, describe, mix, records_of, source_specs
 from ulma_lightning.data.records import Example, apply_columns, format_label, in_user_terms, parse_pointwise
 from ulma_lightning.data.samplers import ResumableDataLoader, ResumableSampler
 from ulma_lightning.data.sources import Location, read_source
 from ulma_lightning.options import check_numbers
-from ulma_lightning.tokenizers import load_tokenizer
+from ulma_lightning.tokenizers import load_tokenizer, pad_token_id
 
 log = logging.getLogger("ulma_lightning.data")
 
@@ -292,12 +292,7 @@ class AlignmentDataModule(pl.LightningDataModule):
 
     def encode_examples(self, prompts: list[Any], responses: list[str]) -> list[tuple[Any, Any] | None]:
         """``(input_ids, labels)`` per (prompt, response), or None where no response token is left."""
-        prompt_ids, response_ids = tokenize_pairs(self.tokenizer, prompts, responses)
-        out: list[tuple[Any, Any] | None] = []
-        for p, r in zip(prompt_ids, response_ids):
-            p, r = self.truncate(p, r)
-            out.append(build_sequence(p, r) if r else None)
-        return out
+        return encode_pairs(self.tokenizer, prompts, responses, self.truncate)  # type: ignore[return-value]
 
     def truncate(self, prompt: list[int], response: list[int], kept_prompt: list[int] | None = None) -> tuple[list[int], list[int]]:
         """``truncation.apply`` (or, given ``kept_prompt``, the response cut to fit beside it), counted
@@ -418,8 +413,7 @@ class AlignmentDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------ loaders
     @property
     def collator(self) -> PaddingCollator:
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        return PaddingCollator(pad, self.pad_to_multiple_of)
+        return PaddingCollator(pad_token_id(self.tokenizer), self.pad_to_multiple_of)
 
     def _loader(self, split: str, shuffle: bool, collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
         dataset = self.datasets[split]

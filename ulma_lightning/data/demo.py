@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from ulma_lightning.tokenizers import register_builtin_corpus
+
 __all__ = [
     "HARMLESS_TOPICS",
     "HARMFUL_TOPICS",
@@ -228,6 +230,9 @@ def demo_corpus() -> list[str]:
         texts += [tpl.format(topic=topic.name) for tpl in REQUEST_TEMPLATES]
         texts.append(_answer(topic))
     return texts
+
+
+register_builtin_corpus('demo', demo_corpus, vocab_size=640)
 
 
 DEMO_PREFIX = "demo://"

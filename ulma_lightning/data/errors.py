@@ -1,17 +1,32 @@
-"""The error raised for a bad input record, and the tally of records skipped instead."""
+"""Where a record came from (:class:`Location`), the error raised for a bad input record, and the tally of records skipped instead."""
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    from ulma_lightning.data.sources import Location
+from dataclasses import dataclass
+from typing import Literal
 
 log = logging.getLogger("ulma_lightning.data")
 
 OnBadRecord = Literal["error", "skip"]
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a record came from: ``source`` plus a 1-based ``line`` (text files) or 0-based ``row``
+    (neither for the source as a whole)."""
+
+    source: str
+    line: int | None = None
+    row: int | None = None
+
+    def __str__(self) -> str:
+        if self.line is not None:
+            return f"{self.source}:{self.line}"
+        if self.row is not None:
+            return f"{self.source} (record {self.row})"
+        return self.source
 
 
 SKIP_HINT = "fix the record, or set on_bad_record: skip to skip such records"
@@ -21,7 +36,7 @@ class DataError(ValueError):
     """Input that cannot be used: says where (file:line or record), which field, what is wrong, and
     (``hint``) how to fix it; the default hint suits a bad record."""
 
-    def __init__(self, location: "Location", field: str | None, problem: str, hint: str = SKIP_HINT) -> None:
+    def __init__(self, location: Location, field: str | None, problem: str, hint: str = SKIP_HINT) -> None:
         self.location = location
         self.field = field
         self.problem = problem

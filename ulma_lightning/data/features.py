@@ -10,7 +10,7 @@ are the ones after it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -115,6 +115,40 @@ def build_sequence(prompt: list[int], response: list[int]) -> tuple[np.ndarray, 
     labels = input_ids.copy()
     labels[: len(prompt)] = IGNORE_INDEX
     return input_ids, labels
+
+
+def encode_pairs(
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    responses: Sequence[Any],
+    truncate: Callable[[list[int], list[int]], tuple[list[int], list[int]]],
+    *,
+    drop_empty: bool = True,
+) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """The one path from text to model inputs: tokenize (prompt, response) pairs (:func:`tokenize_pairs`),
+    cut each with ``truncate``, and build ``(input_ids, labels)`` (:func:`build_sequence`); None where
+    no response token is left and ``drop_empty`` is set."""
+    prompt_ids, response_ids = tokenize_pairs(tokenizer, prompts, responses)
+    out: list[tuple[np.ndarray, np.ndarray] | None] = []
+    for p, r in zip(prompt_ids, response_ids):
+        p, r = truncate(p, r)
+        out.append(build_sequence(p, r) if r or not drop_empty else None)
+    return out
+
+
+def scoring_batches(tokenizer: Any, prompts: Sequence[Any], responses: Sequence[Any], max_length: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded batches of whole (prompt, response) sequences for a reward model to score, built as the
+    data modules build them (:func:`encode_pairs`): truncated to ``max_length``, keeping the end of
+    the prompt (at least ``max_length // 2`` of its tokens when it is that long); every row kept."""
+    from ulma_lightning.data.collate import PaddingCollator
+    from ulma_lightning.tokenizers import pad_token_id
+
+    truncation = Truncation(max_length, max_length // 2, tokenizer.bos_token_id)
+    collate = PaddingCollator(pad_token_id(tokenizer))
+    for start in range(0, len(prompts), batch_size):
+        part = slice(start, start + batch_size)
+        encoded = encode_pairs(tokenizer, list(prompts[part]), list(responses[part]), truncation.apply, drop_empty=False)
+        yield collate([{"input_ids": input_ids, "labels": labels} for input_ids, labels in encoded])  # type: ignore[misc]
 
 
 class FeatureDataset(Dataset):

@@ -10,6 +10,7 @@ from ulma_lightning.data.errors import SkipReport
 from ulma_lightning.data.prompts import LeftPaddingCollator, encode_prompts
 from ulma_lightning.data.records import Example, check_prompt, check_text, detect_format, is_hh_record, parse_demonstration, response_text, split_hh
 from ulma_lightning.data.sources import Location
+from ulma_lightning.tokenizers import pad_token_id
 
 log = logging.getLogger(__name__)
 
@@ -80,5 +81,4 @@ class PromptDataModule(AlignmentDataModule):
 
     @property
     def collator(self) -> LeftPaddingCollator:  # type: ignore[override]
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        return LeftPaddingCollator(pad)
+        return LeftPaddingCollator(pad_token_id(self.tokenizer))

@@ -23,35 +23,17 @@ import gzip
 import json
 import os
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import parse_qs, urlparse
 
-from ulma_lightning.data.errors import DataError
+from ulma_lightning.data.errors import DataError, Location  # Location: defined with the errors that name it
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 DEMO_KINDS = ("binary", "continuous", "pairwise", "demonstration")
 SAVE_AS_UTF8 = "save the file as UTF-8, e.g. with iconv -f latin1 -t utf-8"
 TASK_QUERY = ("variant", "split", "n", "seed")
 TASK_SIZES = {"train": 2000, "val": 200, "test": 300}
-
-
-@dataclass(frozen=True)
-class Location:
-    """Where a record came from: ``source`` plus a 1-based ``line`` (text files) or 0-based ``row``
-    (neither for the source as a whole)."""
-
-    source: str
-    line: int | None = None
-    row: int | None = None
-
-    def __str__(self) -> str:
-        if self.line is not None:
-            return f"{self.source}:{self.line}"
-        if self.row is not None:
-            return f"{self.source} (record {self.row})"
-        return self.source
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str | DataError]]:

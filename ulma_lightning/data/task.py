@@ -40,6 +40,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from ulma_lightning.tokenizers import register_builtin_corpus
+
 __all__ = [
     "HARMLESS_TOPICS",
     "HARMFUL_TOPICS",
@@ -298,3 +300,6 @@ def task_corpus() -> list[str]:
             texts += [tpl.format(topic=topic.name, modifier=modifier) for tpl in TEMPLATES]
             texts.append(_formatted(topic, modifier, topic.steps))
     return texts
+
+
+register_builtin_corpus('task', task_corpus, vocab_size=1024)

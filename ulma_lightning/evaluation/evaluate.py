@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from ulma_lightning.cli import CLI_DEFAULTS, ULMACLI
+from ulma_lightning.lightning_cli import CLI_DEFAULTS, ULMACLI
 from ulma_lightning.data.datamodule import AlignmentDataModule
 from ulma_lightning.evaluation.writer import PredictionWriter
 from ulma_lightning.modules.base import AlignmentModule

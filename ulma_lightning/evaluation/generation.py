@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ulma_lightning.tokenizers import pad_token_id
+
 
 @dataclass
 class GenerationConfig:
@@ -80,7 +82,7 @@ def generate_ids(
     was_training = model.training
     model.eval()
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = pad_token_id(tokenizer)
     generator_state = None
     if config.do_sample:
         generator_state = torch.random.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)

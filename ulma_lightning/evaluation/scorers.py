@@ -22,8 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ulma_lightning.data.collate import PaddingCollator
-from ulma_lightning.data.features import Truncation, build_sequence, tokenize_pairs
+from ulma_lightning.data.features import scoring_batches
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +114,6 @@ class TaskScorer(Scorer):
         return [float(score_response(p, r)) for p, r in zip(prompts, responses)]
 
 
-def _batches(n: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 class _ModelScorer(Scorer):
     """A scorer backed by a model loaded on first use; ``to`` places it unless a device was set."""
 
@@ -192,14 +187,8 @@ class HFClassifierScorer(_ModelScorer):
     def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
         if self._model is None:
             self._load()
-        tok = self._tokenizer
-        truncation = Truncation(self.max_length, self.max_length // 2, tok.bos_token_id)
-        collate = PaddingCollator(tok.pad_token_id)
         scores: list[float] = []
-        for part in _batches(len(prompts), self.batch_size):
-            prompt_ids, response_ids = tokenize_pairs(tok, list(prompts[part]), list(responses[part]))
-            items = [{"input_ids": build_sequence(*truncation.apply(p, r))[0]} for p, r in zip(prompt_ids, response_ids)]
-            batch = collate(items)
+        for batch in scoring_batches(self._tokenizer, prompts, responses, self.max_length, self.batch_size):
             logits = self._model(input_ids=batch["input_ids"].to(self._model.device), attention_mask=batch["attention_mask"].to(self._model.device)).logits
             scores += logits[:, 0].float().tolist()
         return scores

@@ -1,4 +1,5 @@
-"""The step skeleton every method shares: policy, optimizer and schedule, logging, precomputed references."""
+"""The step skeleton every method shares: policy, optimizer and schedule, logging, perplexity, export
+and checkpoint editing; precomputed references and FSDP routing are in :mod:`~ulma_lightning.modules.reference`."""
 
 from __future__ import annotations
 
@@ -9,11 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
 
 from ulma_lightning.checkpointing import DATA_CLASS_KEY, MODULE_CLASS_KEY, check_same_classes, class_path, keep_unfinished_epoch
 from ulma_lightning.evaluation.generation import GenerationConfig, can_generate, generate_responses
@@ -21,7 +20,8 @@ from ulma_lightning.evaluation.metrics import TokenPerplexity, demonstration_row
 from ulma_lightning.export import export_hf
 from ulma_lightning.losses import LossOutput
 from ulma_lightning.options import check_numbers
-from ulma_lightning.policy import Policy, PolicyConfig, select_rows
+from ulma_lightning.modules.reference import ReferencePrecompute, progress  # noqa: F401  (progress: offered here before)
+from ulma_lightning.policy import Policy, PolicyConfig, PretrainedModel, select_rows
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,6 @@ SCHEDULE_STEPS_KEY = "ulma_schedule_steps"  # the steps the checkpointed run's s
 
 # The frozen reference model is in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-
-
-def progress(iterable: Any, desc: str, enabled: bool = True) -> Any:
-    """``iterable`` with a progress bar on stderr (for phases outside Lightning's loops)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
 @dataclass
@@ -93,7 +86,7 @@ class OptimizerConfig:
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * decay
 
 
-class AlignmentModule(pl.LightningModule):
+class AlignmentModule(ReferencePrecompute):
     """Base of every method: subclasses implement :meth:`compute_loss` (and usually a ``loss`` hook).
 
     Validation and test also log ``{stage}/perplexity`` of the held-out demonstrations (see
@@ -110,15 +103,18 @@ class AlignmentModule(pl.LightningModule):
     def __init__(self, policy: PolicyConfig, optimizer: OptimizerConfig | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if self.hparams.get("average_logps") is not None:
+            self.average_logps = bool(self.hparams["average_logps"])
         self.policy = self.build_policy(policy)
         self.check_reference_mode()
         self.optimizer_config = optimizer or OptimizerConfig()
         self.eval_perplexity = nn.ModuleDict({stage: TokenPerplexity() for stage in ("val", "test")})
         self.generation = GenerationConfig()
 
-    def build_policy(self, config: PolicyConfig) -> nn.Module:
-        """The trained model wrapper (a :class:`Policy`); a module with another kind of model
-        (e.g. a reward model) returns its own wrapper with ``tokenizer``, ``model`` and ``build()``."""
+    def build_policy(self, config: PolicyConfig) -> PretrainedModel:
+        """The trained model, kept as ``self.policy``: a :class:`Policy`; a module with another kind
+        of model returns its own :class:`PretrainedModel` (the reward model returns a
+        :class:`~ulma_lightning.modules.reward.RewardModel`)."""
         return Policy(config)
 
     @property
@@ -159,10 +155,11 @@ class AlignmentModule(pl.LightningModule):
         """Whether the objective uses reference log-probs at all."""
         return True
 
-    @property
-    def average_logps(self) -> bool:
-        """Per-token mean (True) or summed (False) sequence log-probs."""
-        return bool(getattr(self.hparams, "average_logps", False))
+    #: Per-token mean (True) or summed (False) sequence log-probs: the one setting that every
+    #: sequence log-prob of the module follows (policy, reference, precomputed reference columns,
+    #: ``predict``). Set from the constructor argument ``average_logps`` when a module has one (and it
+    #: is not None); a module without the argument keeps its class's value.
+    average_logps: bool = False
 
     #: what ``ulma predict`` feeds :meth:`predict_step`: ``prompts`` (prompt-only, left-padded, for
     #: generation) or ``sequences`` (full samples; a reward model that scores them sets this).
@@ -173,10 +170,15 @@ class AlignmentModule(pl.LightningModule):
         """Whether validation/test log the perplexity of demonstrations (a generative policy only)."""
         return can_generate(getattr(self.policy, "model", None))
 
+    #: The score at or above which a point-wise sample is a positive (a demonstration): 1.0 unless
+    #: the module takes a ``positive_threshold`` argument. Perplexity, the generation callback and
+    #: the losses all read this one attribute.
+    positive_threshold: float = 1.0
+
     @property
     def positive_threshold_value(self) -> float:
-        """The score at or above which a point-wise sample is a demonstration (1.0 by default)."""
-        return float(getattr(self, "positive_threshold", 1.0))
+        """Deprecated alias of :attr:`positive_threshold`."""
+        return float(self.positive_threshold)
 
     # ------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -217,7 +219,7 @@ class AlignmentModule(pl.LightningModule):
         Reuses the policy token log-probs the step computed (``records``) when they cover the
         demonstration rows; otherwise runs one no-gradient forward on those rows.
         """
-        found = demonstration_rows(batch, self.positive_threshold_value)
+        found = demonstration_rows(batch, self.positive_threshold)
         if found is None:
             return
         sequences, rows = found
@@ -348,7 +350,7 @@ class AlignmentModule(pl.LightningModule):
         data module's ``train_batches_per_epoch()`` instead, with Lightning's arithmetic.
         """
         trainer = self.trainer
-        per_epoch = getattr(trainer.datamodule, "train_batches_per_epoch", None)
+        per_epoch = getattr(self.data_module, "train_batches_per_epoch", None)
         if trainer.max_epochs in (None, -1) or per_epoch is None or trainer.fit_loop._combined_loader is not None:
             return trainer.estimated_stepping_batches
         batches = per_epoch()
@@ -357,95 +359,14 @@ class AlignmentModule(pl.LightningModule):
         steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
         return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
 
-    # ------------------------------------------------------------ precomputed reference
+    # ------------------------------------------------------------ fit start
     def on_fit_start(self) -> None:
         if self.device.type == "cpu" and "mixed" in str(self.trainer.precision):
             rank_zero_warn(
                 f"trainer.precision {self.trainer.precision} on CPU: mixed precision is for GPUs, and autocast on CPU "
                 "runs many times slower than 32-true here; set --trainer.precision 32-true on CPU"
             )
-        if not (self.needs_reference and self.policy.config.reference == "precomputed"):
-            return
-        if self.trainer.strategy.restore_checkpoint_after_setup:
-            # FSDP/FSDP2: Lightning restores the checkpoint (with the saved columns) after this hook;
-            # compute when the first data loader is requested, by then a resumed run has its values
-            self.trainer.datamodule.run_before_loading(self.precompute_reference_logps)
-        else:
-            self.precompute_reference_logps()
-
-    @property
-    def precomputed_columns(self) -> tuple[str, ...]:
-        """Names of the per-sample columns :meth:`reference_columns` returns."""
-        return ("reference_logps",)
-
-    def reference_columns(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor]:
-        """Per-sample values computed once with the reference model in ``precomputed`` mode, keyed by
-        :attr:`precomputed_columns`; each value has shape ``(B,)`` and is stored with the sample.
-
-        Point-wise methods store ``reference_logps``; pairwise DPO overrides this to store
-        ``reference_chosen_logps`` and ``reference_rejected_logps``.
-        """
-        return {"reference_logps": self.policy.token_logps(batch, reference=True).per_sequence(self.average_logps)}
-
-    def prepare_precompute(self, split: str) -> None:
-        """Called before the reference pass over ``split``, e.g. to attach columns it needs."""
-
-    def precompute_reference_logps(self) -> None:
-        """Compute reference values once for every train/val/test sample and attach them to the data.
-
-        Each process computes its own share (samples ``rank, rank + W, ...``) under the run's
-        strategy and precision (``bf16-mixed``: the autocast of the training step, so the values
-        equal what a ``copy`` reference gives in the step), in the same number of batches on every
-        process (sharded models gather their weights in every forward); the shares are summed across processes so every rank holds the
-        whole column. The values travel in checkpoints (the data module's state), so a resumed run
-        reuses them. The reference model is freed afterwards (kept under FSDP, where it is part of
-        the wrapped module).
-        """
-        datamodule = self.trainer.datamodule
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        names = self.precomputed_columns
-        if datamodule.has_split("test") and "test" not in datamodule.datasets:
-            datamodule.setup("test")  # a later `trainer.test` in this process finds its column ready
-        for split in ("train", "val", "test"):
-            if split not in datamodule.datasets or all(datamodule.has_column(split, n) for n in names):
-                continue
-            self.prepare_precompute(split)
-            dataset = datamodule.datasets[split]
-            mine = list(range(rank, len(dataset), world))
-            share = -(-len(dataset) // world)
-            padded = mine + [mine[-1] if mine else 0] * (share - len(mine))  # equal batch counts on all ranks
-            loader = DataLoader(Subset(dataset, padded), batch_size=datamodule.eval_batch_size, collate_fn=datamodule.collator)
-            values = {name: torch.zeros(len(dataset), device=self.device) for name in names}
-            done = 0
-            for batch in progress(loader, f"reference log-probs ({split})", self.trainer.is_global_zero):
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                with torch.no_grad(), self.trainer.precision_plugin.forward_context():  # as in training (e.g. bf16 autocast)
-                    columns = self._run_wrapped("reference_columns", batch, split)
-                keep = slice(0, max(0, min(len(batch["index"]), len(mine) - done)))  # not the padding
-                for name, column in columns.items():
-                    values[name][batch["index"][keep]] = column[keep].to(values[name].dtype)
-                done += len(batch["index"])
-            for name in names:
-                datamodule.set_column(split, name, self.trainer.strategy.reduce(values[name], reduce_op="sum"))
-        if not self._wrapped_by_fsdp():
-            self.policy.reference_model = None
-
-    def _wrapped_by_fsdp(self) -> bool:
-        """Whether torch's FSDP1 (Lightning's ``FSDPStrategy``) wraps this module."""
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
-
-    def _run_wrapped(self, method: str, *args: Any) -> Any:
-        """Call ``self.<method>(*args)``, through the FSDP wrapper's forward when there is one.
-
-        Outside a training step, FSDP (torch's FSDP1) has gathered only its blocks' weights, not
-        the root's; routing the call through the wrapper's forward gathers them.
-        """
-        if self._wrapped_by_fsdp():
-            strategy = self.trainer.strategy
-            return strategy._forward_redirection(strategy.model, self, method, *args)
-        return getattr(self, method)(*args)
+        self.schedule_reference_precompute()
 
     # ------------------------------------------------------------ export
     def export_hf(self, path: str | Path, merge_lora: bool = True, state_dict: dict[str, Tensor] | None = None) -> Path:
@@ -467,7 +388,7 @@ class AlignmentModule(pl.LightningModule):
         checkpoint[MODULE_CLASS_KEY] = class_path(type(self))
         if getattr(self, "_schedule_steps", None) is not None:
             checkpoint[SCHEDULE_STEPS_KEY] = self._schedule_steps
-        datamodule = self._datamodule()
+        datamodule = self.data_module
         checkpoint[DATA_CLASS_KEY] = class_path(type(datamodule)) if datamodule is not None else None
         keep_unfinished_epoch(checkpoint)
         if self._wrapped_by_fsdp():
@@ -476,12 +397,9 @@ class AlignmentModule(pl.LightningModule):
         for key in [k for k in state if k.startswith(REFERENCE_PREFIX)]:
             del state[key]
 
-    def _datamodule(self) -> Any:
-        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse another method's checkpoint; put back the reference weights it does not store."""
-        datamodule = self._datamodule()
+        datamodule = self.data_module
         source = str(getattr(self._trainer, "ckpt_path", None) or "(the checkpoint)")
         check_same_classes(checkpoint, type(self), type(datamodule) if datamodule is not None else None, source)
         self._resumed_schedule = (checkpoint.get(SCHEDULE_STEPS_KEY), int(checkpoint.get("global_step", 0)))

@@ -50,11 +50,8 @@ class DPOModule(AlignmentModule):
         self.beta = beta
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing
-        self._average_logps = (loss_type == "ipo") if average_logps is None else average_logps
-
-    @property
-    def average_logps(self) -> bool:
-        return self._average_logps
+        if average_logps is None:
+            self.average_logps = loss_type == "ipo"
 
     def pair_logps(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Policy and reference log-probs of both sides: (policy chosen, policy rejected, ref chosen, ref rejected)."""
@@ -63,15 +60,19 @@ class DPOModule(AlignmentModule):
         reference_chosen, reference_rejected = self.policy.reference_logps(both, average=self.average_logps).chunk(2)
         return policy_chosen, policy_rejected, reference_chosen, reference_rejected
 
+    def loss(self, policy_chosen: Tensor, policy_rejected: Tensor, reference_chosen: Tensor, reference_rejected: Tensor) -> LossOutput:
+        """The objective from per-pair log-probs, each ``(B,)``; override this to try a new pairwise loss."""
+        return dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing)
+
     def compute_loss(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:
-        return dpo_loss(*self.pair_logps(batch), beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing)
+        return self.loss(*self.pair_logps(batch))
 
     @property
     def precomputed_columns(self) -> tuple[str, ...]:
         return ("reference_chosen_logps", "reference_rejected_logps")
 
     def reference_columns(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor]:
-        chosen, rejected = self.policy.token_logps(pair_batch(batch), reference=True).per_sequence(self.average_logps).chunk(2)
+        chosen, rejected = self.policy.reference_model_logps(pair_batch(batch), average=self.average_logps).chunk(2)
         return {"reference_chosen_logps": chosen, "reference_rejected_logps": rejected}
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:

@@ -96,7 +96,8 @@ class KTOModule(AlignmentModule):
     # ------------------------------------------------------------ mismatched pairs
     def partner_batch(self, partners: Tensor, split: str) -> dict[str, Tensor]:
         """The samples ``partners`` of a split, collated (precomputed mode: fixed partners)."""
-        datamodule = self.trainer.datamodule
+        datamodule = self.data_module
+        assert datamodule is not None, "KTO's fixed partners need the trainer's data module"
         dataset = datamodule.datasets[split]
         batch = datamodule.collator([dataset.items[j] for j in partners.long().tolist()])
         return {key: batch[key].to(self.device) for key in SEQUENCE_KEYS}
@@ -104,8 +105,7 @@ class KTOModule(AlignmentModule):
     @property
     def truncation(self) -> Truncation | None:
         """The data module's truncation, applied to the mismatched pairs too (None without one)."""
-        datamodule = self._trainer.datamodule if self._trainer is not None else None
-        return getattr(datamodule, "truncation", None)
+        return getattr(self.data_module, "truncation", None)
 
     def kl_partners(self, batch: dict[str, Tensor]) -> Tensor:
         """Each row's partner: a sample index (fixed ``kl_partner``) or a row of the batch; -1 for none."""
@@ -194,7 +194,8 @@ class KTOModule(AlignmentModule):
 
     def prepare_precompute(self, split: str) -> None:
         """Fix each sample's KL partner, of another prompt: seeded, identical on every process."""
-        datamodule = self.trainer.datamodule
+        datamodule = self.data_module
+        assert datamodule is not None, "KTO's fixed partners need the trainer's data module"
         if datamodule.has_column(split, "kl_partner"):
             return
         items = datamodule.datasets[split].items
@@ -206,7 +207,7 @@ class KTOModule(AlignmentModule):
         size = batch["input_ids"].shape[0]
         rows, kl_batch = self.kl_pairs(batch, split)
         inputs = batch if kl_batch is None else stack_batches(batch, kl_batch)
-        values = self.policy.token_logps(inputs, reference=True).per_sequence(self.average_logps)
+        values = self.policy.reference_model_logps(inputs, average=self.average_logps)
         kl = torch.full_like(values[:size], float("nan"))  # NaN where a sample has no partner (never read)
         kl[rows] = values[size:]
         return {"reference_logps": values[:size], "reference_kl_logps": kl}

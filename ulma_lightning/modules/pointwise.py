@@ -14,7 +14,7 @@ from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
 from ulma_lightning.policy import PolicyConfig
 
 
-def check_pointwise_options(*, beta: float, positive_threshold: float, label_type: str, continuous_form: str, reduction: str) -> None:
+def check_pointwise_options(*, beta: float, positive_threshold: float, reduction: str) -> None:
     """Reject bad point-wise options at construction, before any model is built."""
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
@@ -23,11 +23,17 @@ def check_pointwise_options(*, beta: float, positive_threshold: float, label_typ
             f"positive_threshold must be in (0, 1], got {positive_threshold}: scores are normalised to [0, 1] by "
             "data.score_range (e.g. 4 on a 1..5 scale is 0.75)"
         )
-    for name, value, allowed in (
-        ("label_type", label_type, ("binary", "continuous")),
-        ("continuous_form", continuous_form, ("bce", "mse")),
-        ("reduction", reduction, ("subset_mean", "mean")),
-    ):
+    check_choices(reduction=(reduction, ("subset_mean", "mean")))
+
+
+def check_label_options(*, label_type: str, continuous_form: str) -> None:
+    """Reject a bad ``label_type`` or ``continuous_form`` (the options of the point-wise DPO family)."""
+    check_choices(label_type=(label_type, ("binary", "continuous")), continuous_form=(continuous_form, ("bce", "mse")))
+
+
+def check_choices(**options: tuple[str, tuple[str, ...]]) -> None:
+    """Each ``name=(value, allowed)`` must have its value among the allowed ones."""
+    for name, (value, allowed) in options.items():
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
@@ -35,17 +41,22 @@ def check_pointwise_options(*, beta: float, positive_threshold: float, label_typ
 class PointwiseModule(AlignmentModule):
     """Shared step of the point-wise methods: log-probs in, :meth:`loss` out, reward metrics logged.
 
-    A subclass changes the objective by overriding :meth:`loss` alone, and chooses the rows that need
-    a reference forward with :meth:`reference_rows`.
+    A subclass changes the objective by overriding :meth:`loss` alone (build its result with
+    :func:`~ulma_lightning.losses.pointwise_output`), and chooses the rows that need a reference
+    forward with :meth:`reference_rows`. A subclass that adds constructor arguments takes the
+    parent's as ``**kwargs`` and passes them on, so a config's options for the parent still apply
+    (docs/extending.md).
+
+    Options only some losses use live on the modules that use them: ``label_type`` and
+    ``continuous_form`` are arguments of :class:`PointwiseDPOModule` and
+    :class:`~ulma_lightning.ULMAModule`; here :attr:`label_type` is ``binary`` (the data module
+    refuses scores other than 0 and 1 for it).
 
     Args:
         policy: the model, tokenizer and reference settings.
         optimizer: optimizer and learning-rate schedule.
         beta: the KL-regularisation strength (the paper's beta).
         offset: added to ``beta * h``; stands for ``beta * log Z(x)`` (the authors' ``constant_zx``).
-        label_type: ``binary`` (scores in {0, 1}) or ``continuous`` (scores in [0, 1]).
-        continuous_form: for continuous labels, ``bce`` (soft-label cross-entropy) or ``mse``
-            (the authors' ``(z - u)^2``).
         reduction: ``subset_mean`` (mean over positives + mean over negatives, the authors' code) or
             ``mean`` (mean over samples).
         average_logps: per-token mean sequence log-probs (True, the authors' code) or sums.
@@ -58,8 +69,6 @@ class PointwiseModule(AlignmentModule):
         optimizer: OptimizerConfig | None = None,
         beta: float = 0.1,
         offset: float = 0.0,
-        label_type: LabelType = "binary",
-        continuous_form: ContinuousForm = "bce",
         reduction: Reduction = "subset_mean",
         average_logps: bool = True,
         positive_threshold: float = 1.0,
@@ -67,13 +76,14 @@ class PointwiseModule(AlignmentModule):
         super().__init__(policy, optimizer)
         self.beta = beta
         self.offset = offset
-        self.label_type = label_type
-        self.continuous_form = continuous_form
         self.reduction = reduction
         self.positive_threshold = positive_threshold
-        check_pointwise_options(beta=beta, positive_threshold=positive_threshold, label_type=label_type, continuous_form=continuous_form, reduction=reduction)
+        check_pointwise_options(beta=beta, positive_threshold=positive_threshold, reduction=reduction)
         # per stage: (sigmoid of the reward margin, binary target, beta * h, score) of the batches that count
         self._reward_outputs: dict[str, list[tuple[Tensor, ...]]] = {"train": [], "val": [], "test": []}
+
+    #: the labels' kind: ``binary`` (scores in {0, 1}, checked by the data module) or ``continuous``.
+    label_type: LabelType = "binary"
 
     def loss(self, policy_logps: Tensor, reference_logps: Tensor, scores: Tensor) -> LossOutput:
         """The objective from per-sequence log-probs; override this to try a new loss."""
@@ -156,20 +166,40 @@ class PointwiseModule(AlignmentModule):
         self.log_reward_metrics("test")
 
     def loss_kwargs(self) -> dict[str, Any]:
-        return {
-            "beta": self.beta,
-            "offset": self.offset,
-            "label_type": self.label_type,
-            "continuous_form": self.continuous_form,
-            "reduction": self.reduction,
-        }
+        """The keyword options of this module's loss function."""
+        return {"beta": self.beta, "offset": self.offset, "reduction": self.reduction}
 
 
 class PointwiseDPOModule(PointwiseModule):
     """Point-wise DPO (ULMA paper, section 3): ``-[z log sigma(u) + (1 - z) log(1 - sigma(u))]``.
 
-    Needs reference log-probs on every sample. See :class:`PointwiseModule` for the arguments.
+    Needs reference log-probs on every sample. See :class:`PointwiseModule` for the other arguments.
+
+    Args:
+        label_type: ``binary`` (scores in {0, 1}) or ``continuous`` (scores in [0, 1]).
+        continuous_form: for continuous labels, ``bce`` (soft-label cross-entropy) or ``mse``
+            (the authors' ``(z - u)^2``).
     """
+
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        optimizer: OptimizerConfig | None = None,
+        beta: float = 0.1,
+        offset: float = 0.0,
+        label_type: LabelType = "binary",
+        continuous_form: ContinuousForm = "bce",
+        reduction: Reduction = "subset_mean",
+        average_logps: bool = True,
+        positive_threshold: float = 1.0,
+    ) -> None:
+        super().__init__(policy, optimizer, beta=beta, offset=offset, reduction=reduction, average_logps=average_logps, positive_threshold=positive_threshold)
+        check_label_options(label_type=label_type, continuous_form=continuous_form)
+        self.label_type = label_type
+        self.continuous_form = continuous_form
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        return {**super().loss_kwargs(), "label_type": self.label_type, "continuous_form": self.continuous_form}
 
     def loss(self, policy_logps: Tensor, reference_logps: Tensor, scores: Tensor) -> LossOutput:
         return pointwise_dpo_loss(policy_logps, reference_logps, scores, positive_threshold=self.positive_threshold, **self.loss_kwargs())

@@ -7,16 +7,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ulma_lightning.data.collate import PaddingCollator
-from ulma_lightning.data.features import Truncation, build_sequence, tokenize_pairs
+from ulma_lightning.data.features import scoring_batches
 from ulma_lightning.losses import LossOutput, RewardForm, bradley_terry_loss, pointwise_reward_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
 from ulma_lightning.modules.batching import pair_batch
-from ulma_lightning.policy import Policy, PolicyConfig
+from ulma_lightning.policy import PolicyConfig, PretrainedModel
+from ulma_lightning.tokenizers import pad_token_id
 
 
-class RewardModel(Policy):
-    """``AutoModelForSequenceClassification`` with ``num_labels: 1`` and its tokenizer.
+class RewardModel(PretrainedModel):
+    """``AutoModelForSequenceClassification`` with ``num_labels: 1`` and its tokenizer: the policy's
+    sibling (both are :class:`~ulma_lightning.policy.PretrainedModel`), with scores instead of
+    log-probs and no reference.
 
     Built like the policy from a :class:`PolicyConfig` (``model`` hub id or folder, or a random init
     from ``model_config``; ``dtype``, ``lora``, ``gradient_checkpointing``, ...). Loading a causal-LM
@@ -30,7 +32,7 @@ class RewardModel(Policy):
     lora_task_type = "SEQ_CLS"
 
     def build(self, *, empty: bool = False) -> None:
-        """Build as :meth:`Policy.build` does (``empty``: a meta-device skeleton for ``ulma export``),
+        """Build as :meth:`PretrainedModel.build` does (``empty``: a meta-device skeleton for ``ulma export``),
         and give the config the tokenizer's pad id, which the classifier's pooling needs."""
         super().build(empty=empty)
         config = self.model.config  # type: ignore[union-attr]
@@ -39,8 +41,7 @@ class RewardModel(Policy):
 
     @property
     def pad_token_id(self) -> int:
-        tok = self.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return pad_token_id(self.tokenizer)
 
     def rewards(self, batch: dict[str, Tensor]) -> Tensor:
         """The scalar reward of each row, float32, shape ``(B,)``."""
@@ -62,7 +63,8 @@ class RewardModelModule(AlignmentModule):
     (prompt, response) pairs with the same formatting as the training data.
 
     Args:
-        policy: the scoring model and its tokenizer (``reference`` is not used).
+        policy: the settings of the scoring model and its tokenizer (:class:`PolicyConfig`, the same
+            settings a policy takes; ``reference`` is not used); the model is :attr:`reward_model`.
         optimizer: optimizer and learning-rate schedule.
         pointwise_form: for point-wise scores, ``bce`` (the reward is a logit of the score) or
             ``mse`` (the reward regresses the score).
@@ -83,6 +85,13 @@ class RewardModelModule(AlignmentModule):
         self.positive_threshold = positive_threshold
         self.max_length = max_length
 
+    @property
+    def reward_model(self) -> RewardModel:
+        """The reward model being trained. It sits in the base's slot for the trained model,
+        ``policy`` (so checkpoints keep the keys ``policy.model.*`` and ``ulma export`` reads them
+        as for every method); ``policy`` is the same object, kept as an alias."""
+        return self.policy  # type: ignore[return-value]
+
     #: ``ulma predict`` scores the split's full samples (it does not generate)
     predict_inputs = "sequences"
 
@@ -96,8 +105,8 @@ class RewardModelModule(AlignmentModule):
     def rewards(self, batch: dict[str, Tensor]) -> Tensor:
         """Rewards of the rows of a point-wise batch, or of the chosen then rejected rows of a pair batch."""
         if "chosen_input_ids" in batch:
-            batch = pair_batch(batch, pad_token_id=self.policy.pad_token_id)
-        return self.policy.rewards(batch)
+            batch = pair_batch(batch, pad_token_id=self.reward_model.pad_token_id)
+        return self.reward_model.rewards(batch)
 
     def compute_loss(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:
         if "chosen_input_ids" in batch:
@@ -124,23 +133,15 @@ class RewardModelModule(AlignmentModule):
         """
         if len(prompts) != len(responses):
             raise ValueError(f"score() needs one response per prompt, got {len(prompts)} prompts and {len(responses)} responses")
-        if self.policy.model is None:
+        if self.reward_model.model is None:
             self.configure_model()
-        tokenizer = self.policy.tokenizer
-        truncation = Truncation(self.max_length, self.max_length // 2, tokenizer.bos_token_id)
-        collate = PaddingCollator(self.policy.pad_token_id)
-        was_training = self.policy.model.training
-        self.policy.model.eval()
+        was_training = self.reward_model.model.training
+        self.reward_model.model.eval()
         out = []
         try:
-            for start in range(0, len(prompts), batch_size):
-                prompt_ids, response_ids = tokenize_pairs(tokenizer, prompts[start : start + batch_size], responses[start : start + batch_size])
-                items = []
-                for p, r in zip(prompt_ids, response_ids):
-                    input_ids, labels = build_sequence(*truncation.apply(p, r))
-                    items.append({"input_ids": input_ids, "labels": labels})
-                batch = {k: v.to(self.device) for k, v in collate(items).items()}
-                out.append(self.policy.rewards(batch).cpu())
+            for batch in scoring_batches(self.reward_model.tokenizer, prompts, responses, self.max_length, batch_size):
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                out.append(self.reward_model.rewards(batch).cpu())
         finally:
-            self.policy.model.train(was_training)
+            self.reward_model.model.train(was_training)
         return torch.cat(out) if out else torch.zeros(0)

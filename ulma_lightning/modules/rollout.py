@@ -22,6 +22,7 @@ from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
 from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import PolicyConfig
 from ulma_lightning.rl import KLEstimator, to_token_matrix
+from ulma_lightning.tokenizers import pad_token_id
 
 
 @dataclass
@@ -167,7 +168,7 @@ class RolloutModule(AlignmentModule):
         data is not that task's: the shipped configs' default reward must never score your own prompts
         silently. Checks the training data for ``fit`` and the data of the evaluated split for
         ``validate`` and ``test`` (the rule of :meth:`Scorer.applies_to`)."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = self.data_module
         if datamodule is None or not hasattr(datamodule, "source_of"):
             return
         train = datamodule.source_of("train")
@@ -211,8 +212,7 @@ class RolloutModule(AlignmentModule):
             items.append({"input_ids": input_ids, "labels": labels})
             responses.append(decode_response(tok, response))
             has_eos.append(ended)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-        sequences = {k_: v.to(self.device) for k_, v in PaddingCollator(pad)(items).items()}
+        sequences = {k_: v.to(self.device) for k_, v in PaddingCollator(pad_token_id(tok))(items).items()}
         start = time.perf_counter()
         scores = checked_scores(self.scorer, prompts, responses).to(self.device)
         scored = time.perf_counter() - start

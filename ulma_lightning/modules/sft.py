@@ -27,6 +27,8 @@ class SFTModule(AlignmentModule):
             and the gradients are averaged across processes.
     """
 
+    average_logps = True  # per-token means: the token-level objective's row values
+
     def __init__(
         self,
         policy: PolicyConfig,
@@ -42,9 +44,6 @@ class SFTModule(AlignmentModule):
     def needs_reference(self) -> bool:
         return False
 
-    @property
-    def average_logps(self) -> bool:
-        return True
 
     def compute_loss(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:
         tokens = self.policy.token_logps(batch)

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from ulma_lightning.losses import ContinuousForm, LabelType, LossOutput, PositiveTerm, Reduction, ulma_loss
 from ulma_lightning.modules.base import OptimizerConfig, Stage
-from ulma_lightning.modules.pointwise import PointwiseModule
+from ulma_lightning.modules.pointwise import PointwiseModule, check_choices, check_label_options
 from ulma_lightning.policy import PolicyConfig
 
 
@@ -51,14 +51,14 @@ class ULMAModule(PointwiseModule):
             optimizer,
             beta=beta,
             offset=offset,
-            label_type=label_type,
-            continuous_form=continuous_form,
             reduction=reduction,
             average_logps=average_logps,
             positive_threshold=positive_threshold,
         )
-        if positive_term not in ("sft", "beta_sft", "pointwise_dpo"):
-            raise ValueError(f"positive_term must be 'sft', 'beta_sft' or 'pointwise_dpo', got {positive_term!r}")
+        check_label_options(label_type=label_type, continuous_form=continuous_form)
+        check_choices(positive_term=(positive_term, ("sft", "beta_sft", "pointwise_dpo")))
+        self.label_type = label_type
+        self.continuous_form = continuous_form
         self.positive_term = positive_term
         self.eval_reference_on_positives = eval_reference_on_positives
 
@@ -74,5 +74,7 @@ class ULMAModule(PointwiseModule):
             scores,
             positive_term=self.positive_term,
             positive_threshold=self.positive_threshold,
+            label_type=self.label_type,
+            continuous_form=self.continuous_form,
             **self.loss_kwargs(),
         )

@@ -37,6 +37,8 @@ class UnlikelihoodModule(AlignmentModule):
         eps: the smallest ``1 - p`` the unlikelihood term resolves (see ``losses.log1m_exp``).
     """
 
+    average_logps = True  # per-token means: the token-level objective's row values
+
     def __init__(
         self,
         policy: PolicyConfig,
@@ -61,9 +63,6 @@ class UnlikelihoodModule(AlignmentModule):
     def needs_reference(self) -> bool:
         return False
 
-    @property
-    def average_logps(self) -> bool:
-        return True
 
     def compute_loss(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:
         tokens = self.policy.token_logps(batch)

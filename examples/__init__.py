@@ -1,0 +1,1 @@
+"""Worked examples of extending ulma-lightning (docs/extending.md); each runs with `ulma fit`."""

@@ -1,0 +1,60 @@
+"""What a method's module may use of its data module, written down once (:class:`ModuleData`).
+
+Modules reach the trainer's data module for precomputed reference columns, KTO's mismatched pairs,
+the learning-rate schedule's length and the scorers that apply to the training data; every data
+module of the library (:class:`~ulma_lightning.data.datamodule.AlignmentDataModule`) provides all of
+it. A data module of your own that a built-in method trains on provides the same.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import torch
+
+
+class ModuleData(Protocol):
+    """The data module as modules see it.
+
+    Attributes:
+        datasets: per split (``train``, ``val``, ``test``), the built dataset; ``.items`` are the
+            per-sample feature dicts.
+        eval_batch_size: the batch size of evaluation loaders (also used to precompute the reference).
+    """
+
+    datasets: dict[str, Any]
+    eval_batch_size: int
+
+    @property
+    def collator(self) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+        """Turns a list of feature dicts into a padded batch, as the loaders do."""
+        ...
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the splits of ``stage`` (Lightning's hook)."""
+        ...
+
+    def has_split(self, split: str) -> bool:
+        """Whether ``split`` has a source (it may not be built yet)."""
+        ...
+
+    def has_column(self, split: str, name: str) -> bool:
+        """Whether every sample of ``split`` carries the per-sample column ``name``."""
+        ...
+
+    def set_column(self, split: str, name: str, values: torch.Tensor) -> None:
+        """Attach ``values`` (one per sample, in dataset order) to ``split`` as column ``name``; it
+        travels in every batch and in the data module's checkpointed state."""
+        ...
+
+    def run_before_loading(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once, just before the first data loader is built."""
+        ...
+
+    def train_batches_per_epoch(self) -> int:
+        """Training batches in one epoch on this process, without building the loader."""
+        ...
+
+    def source_of(self, split: str) -> str | None:
+        """The source ``split`` reads (None when it has none)."""
+        ...

@@ -1,0 +1,250 @@
+"""The ``ulma`` command's LightningCLI (:class:`ULMACLI`) and its helpers; the entry point that
+dispatches to it and to the :data:`EXTRA_COMMANDS` is :mod:`ulma_lightning.cli`. Commands such as
+``ulma evaluate`` build on :class:`ULMACLI` from here, so no module imports the entry point back."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+from ulma_lightning.checkpointing import check_same_classes, read_checkpoint_metadata
+from ulma_lightning.evaluation.writer import PredictionWriter
+from ulma_lightning.policy import default_tokenizer
+
+HELP_EPILOG = (
+    "The model's and the data's options depend on their class: `ulma fit --model.help ULMAModule` and "
+    "`ulma fit --data.help PointwiseDataModule` list them (any class_path works), and `--print_config` "
+    "prints every value of a config."
+)
+_SUBCLASS_GROUPS = ("model", "data")
+_NULLS = ("null", "Null", "NULL", "~")
+
+
+def _tokenizer_of(policy: Any) -> str:
+    tokenizer = policy.get("tokenizer") if isinstance(policy, dict) else getattr(policy, "tokenizer", None)
+    model = policy.get("model") if isinstance(policy, dict) else getattr(policy, "model", None)
+    return default_tokenizer(tokenizer, model)
+
+
+def nulls_as_init_args(argv: list[str]) -> list[str]:
+    """Rewrite ``--model.init_args.a.b null`` (or ``--model.a.b=null``) as ``--model '{"init_args": {"a": {"b": null}}}'``.
+
+    jsonargparse hands a nested option of a subclass-mode group on as the text ``--a.b=None``, so
+    ``null`` arrived as the string 'None' (refused for a dict, taken as a name for a str); the
+    equivalent JSON form keeps it a null.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, value = arg.partition("=")
+        group, _, path = key[2:].partition(".")
+        if not eq and i + 1 < len(argv):
+            value = argv[i + 1]
+        if arg.startswith("--") and group in _SUBCLASS_GROUPS and path and not path.endswith("help") and value in _NULLS:
+            parts = path.split(".")
+            if parts[0] == "init_args":
+                parts = parts[1:]
+            nested: Any = None
+            for part in reversed(parts):
+                nested = {part: nested}
+            out += [f"--{group}", json.dumps({"init_args": nested})]
+            i += 1 if eq else 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+CLI_DEFAULTS: dict[str, Any] = {
+    "subclass_mode_model": True,
+    "subclass_mode_data": True,
+    "seed_everything_default": 0,
+    "save_config_kwargs": {"overwrite": True},
+    "auto_configure_optimizers": False,
+}
+
+
+#: Subcommands outside LightningCLI: name -> (``module:function`` called with the remaining
+#: arguments, the one-line description ``ulma --help`` shows). Add a command by adding a row.
+EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
+    "export": (
+        "ulma_lightning.export_cli:main",
+        "Write a checkpoint (a file or a sharded FSDP folder) as a Hugging Face folder.",
+    ),
+    "evaluate": (
+        "ulma_lightning.evaluation.evaluate:evaluate_main",
+        "Test and generate with one checkpoint; print and save every metric.",
+    ),
+    "compare": (
+        "ulma_lightning.compare.runner:compare_main",
+        "Train and evaluate a grid of methods over seeds; write results.md, results.json and plots.",
+    ),
+}
+
+
+class ConfigError(ValueError):
+    """An option a class of the config refused when it was built."""
+
+
+def _innermost(err: BaseException) -> BaseException:
+    """The first error of a chain (jsonargparse wraps a constructor's error in one that dumps the config)."""
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return err
+
+
+def _built_class(err: BaseException) -> str | None:
+    """The outermost class whose ``__init__`` (or dataclass ``__post_init__``) raised ``err``."""
+    tb = err.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name in ("__init__", "__post_init__") and "self" in frame.f_locals:
+            return type(frame.f_locals["self"]).__name__
+        tb = tb.tb_next
+    return None
+
+
+def _loggers(logger: Any) -> list[Any]:
+    return [item for item in (logger if isinstance(logger, list) else [logger]) if hasattr(item, "init_args")]
+
+
+def root_loggers_at_default_root_dir(trainer: Any) -> None:
+    """Give each logger in the ``trainer`` config whose ``save_dir`` is unset the trainer's
+    ``default_root_dir``, so that one option, ``--trainer.default_root_dir``, decides where a run
+    writes its logs, checkpoints, saved config and ``hf_model`` (``<default_root_dir>/<name>/version_N``)."""
+    root = trainer.get("default_root_dir") or os.getcwd()
+    for logger in _loggers(trainer.get("logger")):
+        if "save_dir" in logger.init_args and logger.init_args.save_dir is None:
+            logger.init_args.save_dir = str(root)
+
+
+def _init_args_of(spec: Any) -> dict[str, Any]:
+    init_args = spec.get("init_args") if hasattr(spec, "get") else None
+    if init_args is None:
+        return {}
+    return dict(init_args.items(branches=True, nested=False)) if hasattr(init_args, "items") else dict(init_args)
+
+
+def _defaults_of(class_path_: str) -> dict[str, Any]:
+    """The constructor defaults of the class named ``class_path_`` (empty when it cannot be imported)."""
+    module, _, name = class_path_.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return {}
+    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def check_dropped_init_args(before: dict[str, Any], after: dict[str, Any], old_class: str, new_class: str) -> None:
+    """Refuse a ``class_path`` change that drops an option the old class had a non-default value for.
+
+    jsonargparse keeps the ``init_args`` the new class accepts and drops the others without a word;
+    ``ulma fit --config configs/ulma.yaml --model.class_path X`` with ``positive_term: beta_sft`` would
+    train X as if the option had never been written. An option dropped at its old default changes
+    nothing and only warns.
+    """
+    dropped = {k: v for k, v in before.items() if k not in after}
+    if not dropped:
+        return
+    defaults = _defaults_of(old_class)
+    meaningful = {k: v for k, v in dropped.items() if k not in defaults or defaults[k] != v}
+    if meaningful:
+        names = ", ".join(f"{k}={v!r}" for k, v in meaningful.items())
+        raise ConfigError(
+            f"{new_class} takes no option {names} that the config gives {old_class}: switching class_path would drop "
+            f"it silently. Remove it from the config, or give {new_class} the option (a subclass takes its parent's "
+            "options when its __init__ passes **kwargs on; see docs/extending.md)"
+        )
+    warnings.warn(
+        f"{new_class} takes no option {', '.join(sorted(dropped))}; the config gave {old_class} its default there, "
+        "which is dropped with the class_path change",
+        stacklevel=2,
+    )
+
+
+@contextmanager
+def refuse_dropped_init_args() -> Iterator[None]:
+    """While parsing, make jsonargparse's silent discard of ``init_args`` on a ``class_path`` change go
+    through :func:`check_dropped_init_args`."""
+    from jsonargparse import _typehints
+
+    original = _typehints.discard_init_args_on_class_path_change
+
+    def checked(parser_or_action: Any, prev_val: Any, value: Any) -> None:
+        changed = bool(prev_val) and hasattr(prev_val, "get") and prev_val.get("class_path") != value.get("class_path")
+        before = _init_args_of(_typehints.subclass_spec_as_namespace(prev_val)) if changed else {}
+        original(parser_or_action, prev_val, value)
+        if changed and before:
+            after = _init_args_of(_typehints.subclass_spec_as_namespace(prev_val))
+            check_dropped_init_args(before, after, str(prev_val.get("class_path")), str(value.get("class_path")))
+
+    _typehints.discard_init_args_on_class_path_change = checked
+    try:
+        yield
+    finally:
+        _typehints.discard_init_args_on_class_path_change = original
+
+
+class ULMACLI(LightningCLI):
+    """LightningCLI that links ``data.tokenizer`` to ``model.policy.tokenizer`` (or its model), adds
+    the ``evaluation:`` section (a :class:`PredictionWriter` callback, active in ``predict``), roots
+    loggers without a ``save_dir`` at ``trainer.default_root_dir``, refuses a ``class_path`` change
+    that would drop a set option (:func:`check_dropped_init_args`), and lists :data:`EXTRA_COMMANDS`
+    among the subcommands of ``ulma --help``."""
+
+    def _parse_ckpt_path(self) -> None:
+        """Before LightningCLI puts the checkpoint's module class in the config, refuse a checkpoint
+        of another module or data module class (see :func:`~ulma_lightning.checkpointing.check_same_classes`)."""
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        if ckpt_path and Path(ckpt_path).exists() and ckpt_path != "last":
+            checkpoint = read_checkpoint_metadata(ckpt_path)
+            check_same_classes(checkpoint, config.model.class_path, config.data.class_path, str(ckpt_path))
+        super()._parse_ckpt_path()
+
+    def instantiate_classes(self) -> None:
+        """Build the classes; a class that refuses its options (``batch_size must be >= 1, got 0``)
+        ends the output with its own message, not a dump of the whole config."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            cause = _innermost(err)
+            if cause is err:
+                raise
+            raise ConfigError(f"{_built_class(cause) or 'the config'}: {cause} (fix it in the config or on the command line)") from cause
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root_loggers_at_default_root_dir(config.trainer)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("model.init_args.policy", "data.init_args.tokenizer", compute_fn=_tokenizer_of)
+        parser.add_lightning_class_args(PredictionWriter, "evaluation")
+        parser.epilog = HELP_EPILOG
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse as LightningCLI does, with ``null`` for a nested model/data option kept a null."""
+        if args is None:
+            sys.argv[1:] = nulls_as_init_args(sys.argv[1:])
+        elif isinstance(args, (list, tuple)):
+            args = nulls_as_init_args(list(args))
+        with refuse_dropped_init_args():
+            super().parse_arguments(parser, args)
+
+    def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        from jsonargparse import ArgumentParser
+
+        for name, (_, description) in EXTRA_COMMANDS.items():  # listed here, parsed by their own function
+            parser._subcommands_action.add_subcommand(name, ArgumentParser(description=description), help=description)

@@ -49,16 +49,14 @@ def _exit_with_parent(parent: int, interval: float = 1.0) -> None:
     threading.Thread(target=watch, name="ulma-compare-parent-watch", daemon=True).start()
 
 
-def _init_worker(runner_args: tuple[Any, ...], jobs: int, parent: int) -> None:
+def _init_worker(runner_class: type, runner_args: tuple[Any, ...], jobs: int, parent: int) -> None:
     global _RUNNER
     _exit_with_parent(parent)
     import torch
 
-    from ulma_lightning.compare.runner import Runner
-
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
-    _RUNNER = Runner(*runner_args)
+    _RUNNER = runner_class(*runner_args)
 
 
 def _run(instance_id: str) -> dict[str, Any]:
@@ -66,10 +64,13 @@ def _run(instance_id: str) -> dict[str, Any]:
     return _RUNNER.run(instance)
 
 
-def run_parallel(runner_args: tuple[Any, ...], instance_ids: list[str], jobs: int, on_done: Callable[[str, dict[str, Any]], None]) -> None:
-    """Run ``instance_ids`` on ``jobs`` worker processes; ``on_done(id, result)`` as each ends."""
+def run_parallel(
+    runner_class: type, runner_args: tuple[Any, ...], instance_ids: list[str], jobs: int, on_done: Callable[[str, dict[str, Any]], None]
+) -> None:
+    """Run ``instance_ids`` on ``jobs`` worker processes, each with its own ``runner_class(*runner_args)``
+    (the :class:`~ulma_lightning.compare.runner.Runner`); ``on_done(id, result)`` as each ends."""
     context = get_context("spawn")  # a fresh interpreter: no torch threads or CUDA state inherited
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(runner_args, jobs, os.getpid())) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(runner_class, runner_args, jobs, os.getpid())) as pool:
         futures: dict[Future[dict[str, Any]], str] = {pool.submit(_run, i): i for i in instance_ids}
         try:
             for future in as_completed(futures):

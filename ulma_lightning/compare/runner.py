@@ -201,7 +201,7 @@ def _compare(grid: GridSpec, plan: Plan, chosen: list[Instance], root: Path, lau
 
     if jobs > 1 and len(todo) > 1:
         print(f"[ulma compare] {len(todo)} runs on {jobs} worker processes", flush=True)
-        run_parallel((grid, plan, root, launcher or grid.launcher), [i.id for i in todo], jobs, record)
+        run_parallel(Runner, (grid, plan, root, launcher or grid.launcher), [i.id for i in todo], jobs, record)
     else:
         for instance in todo:
             print(f"[ulma compare] {done}/{total} runs done, {total - done} left; running {instance.id}", flush=True)

@@ -81,7 +81,7 @@ def local_grid(path: Path, files: dict[str, str], runs: list[str]) -> Path:
 
 
 def test_the_hub_grid_runs_on_local_stand_ins(stand_ins: dict[str, str], tmp_path: Path) -> None:
-    runs = ["sft_dpo", "ulma", "ulma_continuous", "rlhf"]  # SFT runs as sft_dpo's first stage
+    runs = ["sft", "sft_dpo", "ulma", "ulma_continuous", "rlhf"]  # sft: the baseline of the win rates (its stage is sft_dpo's first)
     path = local_grid(tmp_path / "paper-hh.yaml", stand_ins, runs)
     cwd = os.getcwd()
     os.chdir(REPO)

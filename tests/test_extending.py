@@ -82,6 +82,15 @@ def test_switching_class_path_refuses_to_drop_a_set_option(capsys: pytest.Captur
     assert "takes no option positive_term='beta_sft'" in " ".join(err.split())
 
 
+def test_a_callbacks_list_given_whole_replaces_the_configs_list(capsys: pytest.CaptureFixture) -> None:
+    """Not a class_path switch: the list replaces configs/ulma.yaml's callbacks, whatever their options."""
+    callbacks = '[{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}, {"class_path": "ulma_lightning.callbacks.TokenThroughput"}]'
+    code, out, err = _print_config(["--trainer.callbacks", callbacks], capsys)
+    assert code in (0, None), err
+    assert [c["class_path"] for c in yaml.safe_load(out)["trainer"]["callbacks"]] == [
+        "lightning.pytorch.callbacks.LearningRateMonitor", "ulma_lightning.callbacks.TokenThroughput"]
+
+
 def test_switching_class_path_drops_a_default_option_with_a_warning(capsys: pytest.CaptureFixture) -> None:
     with pytest.warns(UserWarning, match="takes no option positive_term"):
         code, out, _ = _print_config(["--model.class_path", "ulma_lightning.PointwiseDPOModule"], capsys)

@@ -173,6 +173,20 @@ def check_dropped_init_args(before: dict[str, Any], after: dict[str, Any], old_c
     )
 
 
+def _is_module_or_data(class_path: str) -> bool:
+    """Whether ``class_path`` names a LightningModule or LightningDataModule (False if it does not import)."""
+    import importlib
+
+    import lightning.pytorch as pl
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, (pl.LightningModule, pl.LightningDataModule))
+
+
 @contextmanager
 def refuse_dropped_init_args() -> Iterator[None]:
     """While parsing, make jsonargparse's silent discard of ``init_args`` on a ``class_path`` change go
@@ -183,6 +197,10 @@ def refuse_dropped_init_args() -> Iterator[None]:
 
     def checked(parser_or_action: Any, prev_val: Any, value: Any) -> None:
         changed = bool(prev_val) and hasattr(prev_val, "get") and prev_val.get("class_path") != value.get("class_path")
+        if changed and not _is_module_or_data(str(prev_val.get("class_path"))):
+            # only the model and the data are switched by class_path; a list given whole (trainer.callbacks)
+            # replaces its items position by position, which switches no one object's class
+            return original(parser_or_action, prev_val, value)
         before = _init_args_of(_typehints.subclass_spec_as_namespace(prev_val)) if changed else {}
         original(parser_or_action, prev_val, value)
         if changed and before:

@@ -12,10 +12,11 @@ standard deviation.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
+
+from ulma_lightning.compare.report import summarize
 
 BASELINES = ["sft", "sft_dpo", "dpo", "pointwise_dpo", "unlikelihood", "kto", "rlhf"]
 
@@ -41,8 +42,9 @@ def beats(a: dict[int, float], b: dict[int, float], lower_is_better: bool = Fals
 
 
 def mean_std(values: dict[int, float]) -> tuple[float, float]:
-    v = list(values.values())
-    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+    """Mean and sample standard deviation over seeds, as results.md computes them."""
+    stats = summarize(list(values.values()))
+    return stats["mean"], stats["std"]
 
 
 def fmt(values: dict[int, float] | None) -> str:

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 
 from ulma_lightning.checkpointing import check_same_classes, read_checkpoint_metadata
@@ -136,12 +137,19 @@ def _init_args_of(spec: Any) -> dict[str, Any]:
     return dict(init_args.items(branches=True, nested=False)) if hasattr(init_args, "items") else dict(init_args)
 
 
+def _class_at(class_path: str) -> Any:
+    """The object ``class_path`` names, or None when it cannot be imported."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
 def _defaults_of(class_path_: str) -> dict[str, Any]:
     """The constructor defaults of the class named ``class_path_`` (empty when it cannot be imported)."""
-    module, _, name = class_path_.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
+    cls = _class_at(class_path_)
+    if cls is None:
         return {}
     return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if p.default is not inspect.Parameter.empty}
 
@@ -175,15 +183,7 @@ def check_dropped_init_args(before: dict[str, Any], after: dict[str, Any], old_c
 
 def _is_module_or_data(class_path: str) -> bool:
     """Whether ``class_path`` names a LightningModule or LightningDataModule (False if it does not import)."""
-    import importlib
-
-    import lightning.pytorch as pl
-
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return False
+    cls = _class_at(class_path)
     return isinstance(cls, type) and issubclass(cls, (pl.LightningModule, pl.LightningDataModule))
 
 

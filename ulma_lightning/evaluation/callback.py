@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from ulma_lightning.evaluation.generation import GenerationConfig, generate_responses
+from ulma_lightning.evaluation.generation import GenerationConfig, can_generate, generate_responses
 from ulma_lightning.evaluation.scorers import Scorer, scorers_for
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,6 @@ class GenerationSamples(pl.Callback):
         self.batch_size = batch_size
         self._loader: DataLoader | None = None
         self._last_step = -1
-        self._generates = True
         self._rewards: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
     # ------------------------------------------------------------ helpers
@@ -117,7 +116,7 @@ class GenerationSamples(pl.Callback):
         policy = getattr(pl_module, "policy", None)
         model = getattr(policy, "model", None)
         synced = bool(getattr(policy, "lockstep", False))
-        if writer is None or loader is None or model is None or not self._generates or not (trainer.is_global_zero or synced):
+        if writer is None or loader is None or not can_generate(model) or not (trainer.is_global_zero or synced):
             return
         prompts: list[Any] = []
         responses: list[str] = []
@@ -136,8 +135,7 @@ class GenerationSamples(pl.Callback):
     # ------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = getattr(getattr(pl_module, "policy", None), "model", None)
-        self._generates = callable(getattr(model, "generate", None))
-        if not self._generates and self.num_prompts > 0:  # a reward model scores, it does not write
+        if not can_generate(model) and self.num_prompts > 0:  # a reward model scores, it does not write
             log.info(
                 "GenerationSamples: %s has no generating model (%s); no sample generations are logged",
                 type(pl_module).__name__, type(model).__name__,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+#: the README's first config, and ``ulma fit`` options for a quiet short run of it on 24 demo samples
+ULMA_CONFIG = str(REPO / "configs" / "ulma.yaml")
+QUIET_FIT = [
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    "--trainer.num_sanity_val_steps", "0", "--data.init_args.train", "demo://binary?n=24",
+]  # fmt: skip
 HH_FILE = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 
 TINY_LLAMA = {
@@ -35,6 +42,26 @@ def hh_file() -> Path:
     if not HH_FILE.exists():
         pytest.skip(f"real HH data not found at {HH_FILE} (it lives in ../shared beside the repository)")
     return HH_FILE
+
+
+
+@pytest.fixture
+def plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sys.argv`` as the ``ulma`` command sees it (no pytest options) for tests that call ``cli.main``."""
+    monkeypatch.setattr(sys, "argv", ["ulma"])
+
+
+@pytest.fixture(scope="session")
+def dpo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``last.ckpt`` of ``ulma fit --config configs/dpo.yaml`` run for one step on a tiny model."""
+    from test_export_methods import fit_one_step
+
+    root = tmp_path_factory.mktemp("dpo")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["ulma"])
+        fit_one_step("dpo", root)
+    (ckpt,) = root.rglob("last.ckpt")
+    return ckpt
 
 
 # ----------------------------------------------------------------------------- policy and batches

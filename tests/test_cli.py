@@ -208,7 +208,7 @@ def test_subclass_overrides_the_loss_through_the_cli(tmp_path: Path) -> None:
     assert saved["model"]["init_args"]["positive_term"] == "sft"  # the config's arguments still apply
 
 
-NEEDS_REFERENCE = ["ulma", "ulma_continuous", "pointwise_dpo", "pointwise_dpo_continuous"]  # DPO: test_baselines_modules.py
+NEEDS_REFERENCE = ["ulma", "ulma_continuous", "pointwise_dpo", "pointwise_dpo_continuous"]  # DPO: test_modules_baselines.py
 
 
 @pytest.mark.parametrize("name", NEEDS_REFERENCE)

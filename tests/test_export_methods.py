@@ -7,6 +7,7 @@ loads with the module's scores.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -66,3 +67,36 @@ def test_export_of_every_method_loads_with_the_trained_outputs(
             expected, exported = module.policy.model(**inputs).logits, loaded(**inputs).logits
     assert expected.std() > 0
     torch.testing.assert_close(exported, expected, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- refusals and failures
+@pytest.mark.usefixtures("plain_argv")
+def test_export_refuses_a_non_empty_folder_unless_overwrite(tmp_path: Path, dpo_checkpoint: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text("my own config")
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"--out .*mine is a folder that is not empty.*--overwrite"):
+        main(["export", "--ckpt", str(dpo_checkpoint), "--out", str(out)])
+    assert (out / "config.json").read_text() == "my own config"
+    main(["export", "--ckpt", str(dpo_checkpoint), "--out", str(out), "--overwrite"])
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    assert not (out / "notes.txt").exists()  # replaced whole, not mixed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no partial folder left
+
+
+@pytest.mark.usefixtures("plain_argv")
+def test_a_failed_export_leaves_no_partial_folder_and_names_the_path(
+    tmp_path: Path, dpo_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ulma_lightning.modules.base import AlignmentModule
+
+    def disk_full(self, path, **kwargs):
+        Path(path).mkdir(parents=True)
+        (Path(path) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(AlignmentModule, "export_hf", disk_full)
+    with pytest.raises(OSError, match=r"no space left on the device to export to .*hf_out"):
+        main(["export", "--ckpt", str(dpo_checkpoint), "--out", str(tmp_path / "hf_out")])
+    assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import ulma_lightning
+
 PACKAGE = Path(__file__).resolve().parents[1] / "ulma_lightning"
 LEFT_OUT: tuple[str, ...] = ()
 
@@ -93,3 +95,8 @@ def test_named_seams_stay_one_way() -> None:
     assert "ulma_lightning.cli" not in graph["ulma_lightning.evaluation.evaluate"]
     assert not {t for t in graph["ulma_lightning.tokenizers"] if t.startswith("ulma_lightning.")}
     assert "ulma_lightning.data.sources" not in graph["ulma_lightning.data.errors"]
+
+
+def test_public_names_importable() -> None:
+    for name in ("ULMAModule", "PointwiseDPOModule", "PointwiseDataModule", "pointwise_dpo_loss", "ulma_loss"):
+        assert hasattr(ulma_lightning, name), name

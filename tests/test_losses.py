@@ -508,3 +508,14 @@ def test_bad_positive_term_and_loss_type_raise() -> None:
         ulma_loss(t(POLICY), t(REFERENCE), t([1.0, 0.0, 1.0, 0.0]), positive_term="nll")
     with pytest.raises(ValueError, match="loss_type must be"):
         dpo_loss(t(POLICY), t(POLICY), t(REFERENCE), t(REFERENCE), loss_type="robust")
+
+
+def test_pointwise_dpo_positive_threshold_splits_the_subsets() -> None:
+    policy = torch.tensor([-1.0, -2.0, -3.0])
+    reference = torch.tensor([-1.5, -1.0, -2.0])
+    scores = torch.tensor([0.7, 0.2, 1.0])
+    out = pointwise_dpo_loss(policy, reference, scores, label_type="continuous", positive_threshold=0.5, reduction="mean")
+    u = 0.1 * (policy - reference)
+    expected_first = math.log1p(math.exp(-float(u[0])))  # -log sigma(u): treated as a positive
+    assert out.losses[0].item() == pytest.approx(expected_first, rel=1e-6)
+    assert out.metrics["positive_fraction"].item() == pytest.approx(2 / 3)

@@ -67,12 +67,18 @@ def nulls_as_init_args(argv: list[str]) -> list[str]:
     return out
 
 
+#: The shared defaults of every run (trainer, logger, callbacks, the demo configs' tiny model), read
+#: before any ``--config``: the configs in ``configs/`` state only what their method changes, and a
+#: config or the command line overrides any default. Shipped inside the package.
+DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
+
 CLI_DEFAULTS: dict[str, Any] = {
     "subclass_mode_model": True,
     "subclass_mode_data": True,
     "seed_everything_default": 0,
     "save_config_kwargs": {"overwrite": True},
     "auto_configure_optimizers": False,
+    "parser_kwargs": {command: {"default_config_files": [str(DEFAULTS_FILE)]} for command in ("fit", "validate", "test", "predict")},
 }
 
 

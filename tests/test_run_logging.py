@@ -1,5 +1,5 @@
 """What a run tells its user: progress of long phases, a warning for CPU mixed precision, one metric
-vocabulary across methods, and the gradient norm."""
+vocabulary across methods, the gradient norm, and the token throughput over the logging window."""
 
 from __future__ import annotations
 
@@ -50,23 +50,6 @@ def test_pairwise_and_pointwise_methods_log_one_metric_vocabulary() -> None:
     assert SHARED_NAMES | {"rewards/accuracy", "rewards/margin"} <= dpo, dpo
     for out in (pointwise_dpo_loss(a, c, scores), kto_loss(a, c, scores, b, d)):
         assert SHARED_NAMES <= set(out.metrics), set(out.metrics)
-
-
-def test_export_options_use_underscores_and_accept_dashes() -> None:
-    from ulma_lightning.export_cli import export_parser
-
-    parser = export_parser()
-    for flag in ("--keep_adapter", "--keep-adapter"):
-        assert parser.parse_args(["--ckpt", "c", "--out", "o", flag]).keep_adapter
-    assert "runs/ulma/version_0/checkpoints/last.ckpt" in parser.format_help().replace("\n", "").replace(" ", "")
-
-
-def test_fit_help_says_how_to_see_model_and_data_options(capsys: pytest.CaptureFixture) -> None:
-    from ulma_lightning.cli import main
-
-    with pytest.raises(SystemExit):
-        main(["fit", "--help"])
-    assert "--model.help ULMAModule" in " ".join(capsys.readouterr().out.split())
 
 
 def test_throughput_is_measured_over_the_logging_window(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,4 @@
-"""Test-only callback for the subprocess runs of test_scale_distributed.py (imported by class path).
+"""Test-only callback for the subprocess runs of test_distributed.py (imported by class path).
 
 ``Recorder`` writes, per process: the sample ids of every training batch (one JSON line each, in
 order), and at the end of fit the policy's full weights and its logits on a fixed input. With the

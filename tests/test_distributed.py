@@ -59,7 +59,7 @@ def _config(root: Path, strategy: str, reference: str) -> dict[str, Any]:
                 "class_path": "ulma_lightning.checkpointing.AtomicModelCheckpoint",
                 "init_args": {"dirpath": str(root / "ckpt"), "save_last": True, "save_top_k": 0, "every_n_train_steps": 1},
             },
-            {"class_path": "scale_helpers.Recorder", "init_args": {"out": str(root / "rec")}},
+            {"class_path": "dist_recorder.Recorder", "init_args": {"out": str(root / "rec")}},
             {"class_path": "ulma_lightning.callbacks.HFExport", "init_args": {"dirname": str(root / "hf_model")}},
         ],
     }
@@ -228,7 +228,7 @@ def test_killed_fit_resumes_mid_epoch_with_the_unseen_samples_and_ends_equal(run
 
 
 def _hf_logits(folder: Path) -> torch.Tensor:
-    from scale_helpers import FIXED_INPUT
+    from dist_recorder import FIXED_INPUT
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -259,9 +259,9 @@ def test_export_gives_the_logits_of_the_trained_module(runs: Runs, run: str, tmp
 
 
 def test_export_keeps_or_merges_lora_adapters_from_a_sharded_checkpoint(runs: Runs, tmp_path: Path) -> None:
+    from dist_recorder import FIXED_INPUT
     from peft import AutoPeftModelForCausalLM
     from safetensors.torch import load_file
-    from scale_helpers import FIXED_INPUT
 
     from ulma_lightning.cli import main
 

@@ -1,7 +1,10 @@
-"""Atomic checkpoint writes (ulma_lightning.checkpointing): a killed save leaves the previous one usable."""
+"""Checkpoints (ulma_lightning.checkpointing): atomic writes (a killed or failed save leaves the previous
+one usable and no partial), ``--ckpt_path last`` (where it looks), and resuming from another method's
+checkpoint (refused, saying what does not match)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -12,9 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import QUIET_FIT as QUIET
 from conftest import REPO
+from conftest import ULMA_CONFIG as ULMA
 from ulma_lightning import checkpointing
 from ulma_lightning.checkpointing import atomic_save, partial_path
+from ulma_lightning.cli import main
 
 
 def _write_folder(path: str, value: float, *, fail: bool = False) -> None:
@@ -99,3 +105,42 @@ def test_last_is_found_in_earlier_runs_log_folders(tmp_path: Path) -> None:
     )
     found = {Path(p).relative_to(tmp_path).as_posix() for p in callback._find_last_checkpoints(trainer)}
     assert found == {"ulma/version_0/checkpoints/last.ckpt", "ulma/version_1/checkpoints/last-v1.ckpt"}
+
+
+def test_a_failed_checkpoint_save_removes_its_partial(tmp_path: Path) -> None:
+    from ulma_lightning.checkpointing import atomic_save
+
+    def disk_full(path: str) -> None:
+        Path(path).write_bytes(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_save(disk_full, tmp_path / "last.ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ckpt_path_last_without_a_checkpoint_says_where_it_looked(tmp_path: Path) -> None:
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from ulma_lightning.checkpointing import AtomicModelCheckpoint
+    from ulma_lightning.loggers import TensorBoardLogger
+
+    callback = AtomicModelCheckpoint(save_last=True)
+    trainer = Trainer(logger=TensorBoardLogger(str(tmp_path), name="ulma"), callbacks=[callback], accelerator="cpu")
+    with pytest.warns(UserWarning, match=rf"no last\*\.ckpt in {tmp_path}/ulma/\*/checkpoints, so this run starts from the initial"):
+        assert trainer._checkpoint_connector._parse_ckpt_path(TrainerFn.FITTING, "last", model_provided=True, model_connected=True) is None
+
+
+# ----------------------------------------------------------------------------- 5: another method's checkpoint
+@pytest.mark.parametrize("how", ["path", "last"])
+@pytest.mark.usefixtures("plain_argv")
+def test_resuming_from_another_methods_checkpoint_says_what_does_not_match(tmp_path: Path, dpo_checkpoint: Path, how: str) -> None:
+    args = ["fit", "--config", ULMA, *QUIET, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"]
+    if how == "path":
+        args += ["--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(dpo_checkpoint)]
+    else:  # the DPO run's folder: runs/dpo/version_0/checkpoints/last.ckpt
+        args += ["--trainer.default_root_dir", str(dpo_checkpoint.parents[3]), "--trainer.logger.init_args.name", "dpo", "--ckpt_path", "last"]
+    with pytest.raises(ValueError, match=r"written by another run's module DPOModule \(this run: ULMAModule\) and data module PairwiseDataModule \(this run: PointwiseDataModule\)"):
+        main(args)
+

@@ -84,3 +84,14 @@ def test_one_edit_of_the_defaults_file_changes_every_config(
         got = resolved(capsys, config)
         assert got["trainer"]["precision"] == "bf16-mixed", config
         assert got["trainer"]["callbacks"][0]["init_args"]["save_top_k"] == 3, config
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_the_compare_runner_reads_a_config_over_the_shared_defaults(config: str) -> None:
+    """``ulma compare`` reads stage configs itself (the logger decides where each run's TensorBoard
+    folder goes): it must see the defaults' TensorBoardLogger in a config that no longer states it."""
+    from ulma_lightning.compare.stages import _config, _is_tensorboard
+
+    merged = _config(REPO / config)
+    assert _is_tensorboard(merged, {})
+    assert merged["model"] == yaml.safe_load((REPO / config).read_text())["model"]

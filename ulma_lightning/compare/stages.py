@@ -144,8 +144,19 @@ class Plan:
     instances: list[Instance] = field(default_factory=list)
 
 
+def _merged(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` over ``base``, mappings merged key by key (as the CLI composes config files)."""
+    out = dict(base)
+    for key, value in config.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def _config(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text()) or {}
+    """A stage's config as ``ulma fit`` reads it: the shared defaults (``defaults.yaml``), then the file."""
+    from ulma_lightning.lightning_cli import DEFAULTS_FILE
+
+    return _merged(yaml.safe_load(DEFAULTS_FILE.read_text()) or {}, yaml.safe_load(path.read_text()) or {})
 
 
 def _dotted(config: dict[str, Any], key: str) -> Any:

@@ -104,6 +104,17 @@ def test_switching_class_path_drops_a_default_option_with_a_warning(capsys: pyte
     assert model["init_args"]["beta"] == 0.1 and model["init_args"]["label_type"] == "binary"  # the rest carried
 
 
+def test_the_switch_check_knows_options_taken_through_kwargs() -> None:
+    """PPOModule and ULMAModule take their parents' options through ``**kwargs``: the class_path-switch
+    check must see those defaults too, or it would refuse an inherited option left at its default."""
+    from ulma_lightning.lightning_cli import _defaults_of
+
+    ppo = _defaults_of("ulma_lightning.PPOModule")
+    assert ppo["samples_per_prompt"] == 1 and ppo["kl_coef"] == 0.05 and ppo["ppo_epochs"] == 4
+    ulma = _defaults_of("ulma_lightning.ULMAModule")
+    assert ulma["beta"] == 0.1 and ulma["average_logps"] is True and ulma["positive_term"] == "sft"
+
+
 def test_a_subclass_passing_kwargs_on_keeps_the_parents_options(capsys: pytest.CaptureFixture) -> None:
     """The example module adds ``margin`` and takes PointwiseModule's options through ``**kwargs``."""
     sys.path.insert(0, str(REPO))

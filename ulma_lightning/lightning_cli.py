@@ -157,7 +157,12 @@ def _defaults_of(class_path_: str) -> dict[str, Any]:
     cls = _class_at(class_path_)
     if cls is None:
         return {}
-    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if p.default is not inspect.Parameter.empty}
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):  # a subclass passing **kwargs on takes its parents' options
+        if "__init__" in vars(klass):
+            params = inspect.signature(klass.__init__).parameters.items()
+            defaults.update({k: p.default for k, p in params if p.default is not inspect.Parameter.empty})
+    return defaults
 
 
 def check_dropped_init_args(before: dict[str, Any], after: dict[str, Any], old_class: str, new_class: str) -> None:

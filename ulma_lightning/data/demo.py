@@ -141,6 +141,12 @@ def _answer(topic: Topic) -> str:
     return f"Sure! To {topic.name}, {topic.answer}"
 
 
+def _off_topic_answer(topic: Topic, rng: random.Random) -> str:
+    """Another topic's answer, introduced as if it were about ``topic``."""
+    other = rng.choice([t for t in HARMLESS_TOPICS if t is not topic])
+    return _answer(other).replace(f"To {other.name}", f"To {topic.name}")
+
+
 def _partial_answer(topic: Topic, rng: random.Random) -> str:
     clauses = re.split(r", (?:and |then )?", topic.answer.rstrip("."))
     keep = rng.randint(1, max(1, len(clauses) - 1))
@@ -177,8 +183,7 @@ def generate_records(
         elif kind < 0.85:
             response = rng.choice(REFUSALS)
         else:
-            other = rng.choice([t for t in HARMLESS_TOPICS if t is not topic])
-            response = _answer(other).replace(f"To {other.name}", f"To {topic.name}")
+            response = _off_topic_answer(topic, rng)
         score = score_response(prompt, response)
         if label == "binary":
             score = 1.0 if score == 1.0 else 0.0
@@ -196,8 +201,7 @@ def _best_and_worse(topic: Topic, prompt: Prompt, harmful: bool, rng: random.Ran
     elif kind < 0.75:
         worse = rng.choice(REFUSALS)
     else:
-        other = rng.choice([t for t in HARMLESS_TOPICS if t is not topic])
-        worse = _answer(other).replace(f"To {other.name}", f"To {topic.name}")
+        worse = _off_topic_answer(topic, rng)
     if score_response(prompt, worse) >= 1.0:  # a partial answer that still names every key word
         worse = rng.choice(REFUSALS)
     return _answer(topic), worse

@@ -185,15 +185,12 @@ class PointwiseDPOModule(PointwiseModule):
         self,
         policy: PolicyConfig,
         optimizer: OptimizerConfig | None = None,
-        beta: float = 0.1,
-        offset: float = 0.0,
+        *,
         label_type: LabelType = "binary",
         continuous_form: ContinuousForm = "bce",
-        reduction: Reduction = "subset_mean",
-        average_logps: bool = True,
-        positive_threshold: float = 1.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(policy, optimizer, beta=beta, offset=offset, reduction=reduction, average_logps=average_logps, positive_threshold=positive_threshold)
+        super().__init__(policy, optimizer, **kwargs)
         check_label_options(label_type=label_type, continuous_form=continuous_form)
         self.label_type = label_type
         self.continuous_form = continuous_form

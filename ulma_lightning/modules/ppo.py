@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ulma_lightning.evaluation.generation import GenerationConfig
-from ulma_lightning.evaluation.scorers import Scorer
 from ulma_lightning.logprobs import IGNORE_INDEX, TokenLogps, decoder_and_head
 from ulma_lightning.losses import LossOutput
 from ulma_lightning.modules.base import OptimizerConfig
 from ulma_lightning.modules.rollout import Rollout, RolloutModule, take_rows
 from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import PolicyConfig
-from ulma_lightning.rl import KLEstimator, adaptive_kl_coef, explained_variance, gae, kl_estimate, masked_whiten, ppo_loss
+from ulma_lightning.rl import adaptive_kl_coef, explained_variance, gae, kl_estimate, masked_whiten, ppo_loss
 
 
 class ValueModel(nn.Module):
@@ -54,18 +53,13 @@ class PPOModule(RolloutModule):
     linear value head. It is trained with the policy by the same optimiser and saved in checkpoints;
     exports hold only the policy.
 
+    The rollout options (``policy``, ``optimizer``, ``scorer``, ``generation``, ``samples_per_prompt``,
+    ``kl_coef``, ``kl_estimator``, ``missing_eos_penalty``, ``reward_clip``, ``max_grad_norm``,
+    ``eval_generation``) are :class:`~ulma_lightning.modules.rollout.RolloutModule`'s.
+
     Args:
-        policy: the model, tokenizer and reference (``copy`` or ``adapter``).
-        optimizer: optimizer and learning-rate schedule (one scheduler step per rollout batch).
-        scorer: the reward (see :class:`~ulma_lightning.modules.rollout.RolloutModule`).
-        generation: rollout sampling settings.
-        samples_per_prompt: responses per prompt.
-        kl_coef: the KL coefficient (the initial one with ``kl_target``).
-        kl_estimator: per-token KL estimator in the reward, ``k1`` or ``k3``.
         kl_target: if set, adapt ``kl_coef`` toward this mean sequence KL (Ziegler et al. 2019).
         kl_horizon: the adaptive controller's horizon, in samples.
-        missing_eos_penalty: subtracted from the score of a response without EOS.
-        reward_clip: clip scores to ``[-reward_clip, reward_clip]``.
         whiten_rewards: whiten the token rewards (scale only) before GAE.
         gamma: discount.
         lam: GAE's lambda.
@@ -76,24 +70,15 @@ class PPOModule(RolloutModule):
         mini_batch_size: rows per optimiser step (default: the whole rollout batch).
         critic_model: hub id or folder whose backbone initialises the critic (e.g. a reward model
             exported with ``ulma export``); default: the initial policy's backbone.
-        max_grad_norm: gradient-norm clip per optimiser step.
-        eval_generation: decoding of validation and test generations (default: greedy, the rollouts'
-            ``max_new_tokens``).
     """
 
     def __init__(
         self,
         policy: PolicyConfig,
         optimizer: OptimizerConfig | None = None,
-        scorer: Scorer | None = None,
-        generation: GenerationConfig | None = None,
-        samples_per_prompt: int = 1,
-        kl_coef: float = 0.05,
-        kl_estimator: KLEstimator = "k1",
+        *,
         kl_target: float | None = None,
         kl_horizon: int = 10000,
-        missing_eos_penalty: float | None = None,
-        reward_clip: float | None = None,
         whiten_rewards: bool = False,
         gamma: float = 1.0,
         lam: float = 0.95,
@@ -103,12 +88,9 @@ class PPOModule(RolloutModule):
         ppo_epochs: int = 4,
         mini_batch_size: int | None = None,
         critic_model: str | None = None,
-        max_grad_norm: float | None = 1.0,
-        eval_generation: GenerationConfig | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            policy, optimizer, scorer, generation, samples_per_prompt, kl_coef, kl_estimator, missing_eos_penalty, reward_clip, max_grad_norm, eval_generation
-        )
+        super().__init__(policy, optimizer, **kwargs)
         check_numbers(ppo_epochs=(ppo_epochs, ">= 1"), mini_batch_size=(mini_batch_size, ">= 1"))
         if kl_target is not None and kl_target <= 0:
             raise ValueError(f"kl_target must be > 0 (or null for a fixed kl_coef), got {kl_target}")

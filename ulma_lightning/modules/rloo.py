@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
-from ulma_lightning.evaluation.generation import GenerationConfig
-from ulma_lightning.evaluation.scorers import Scorer
 from ulma_lightning.losses import LossOutput
 from ulma_lightning.modules.base import OptimizerConfig
 from ulma_lightning.modules.rollout import Rollout, RolloutModule, take_rows
 from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import PolicyConfig
-from ulma_lightning.rl import KLEstimator, kl_estimate, rloo_advantages, rloo_loss
+from ulma_lightning.rl import kl_estimate, rloo_advantages, rloo_loss
 
 
 class RLOOModule(RolloutModule):
@@ -22,50 +22,38 @@ class RLOOModule(RolloutModule):
     objective (:func:`ulma_lightning.rl.rloo_loss`), ``num_iterations`` passes over each rollout batch
     in mini-batches (1 pass: plain REINFORCE with the leave-one-out baseline).
 
+    The rollout options (``policy``, ``optimizer``, ``scorer``, ``generation``, ``kl_coef``,
+    ``kl_estimator``, ``missing_eos_penalty``, ``reward_clip``, ``max_grad_norm``,
+    ``eval_generation``) are :class:`~ulma_lightning.modules.rollout.RolloutModule`'s; ``rloo_k``
+    stands for its ``samples_per_prompt``.
+
     Args:
-        policy: the model, tokenizer and reference (``copy`` or ``adapter``).
-        optimizer: optimizer and learning-rate schedule (one scheduler step per rollout batch).
-        scorer: the reward (see :class:`~ulma_lightning.modules.rollout.RolloutModule`).
-        generation: rollout sampling settings.
         rloo_k: responses sampled per prompt (>= 2).
-        kl_coef: the KL coefficient ``beta``.
-        kl_estimator: per-token KL estimator summed per sequence, ``k1`` (TRL's) or ``k3``.
-        missing_eos_penalty: subtracted from the score of a response without EOS.
-        reward_clip: clip scores to ``[-reward_clip, reward_clip]``.
         normalize_advantages: standardise the advantages over the batch.
         clip_range: lower clip ``epsilon`` of the sequence ratio.
         clip_range_high: upper clip (default: ``clip_range``).
         num_iterations: optimisation passes over each rollout batch.
         mini_batch_size: rows (responses) per optimiser step (default: the whole rollout batch).
-        max_grad_norm: gradient-norm clip per optimiser step.
-        eval_generation: decoding of validation and test generations (default: greedy, the rollouts'
-            ``max_new_tokens``).
     """
 
     def __init__(
         self,
         policy: PolicyConfig,
         optimizer: OptimizerConfig | None = None,
-        scorer: Scorer | None = None,
-        generation: GenerationConfig | None = None,
+        *,
         rloo_k: int = 4,
-        kl_coef: float = 0.05,
-        kl_estimator: KLEstimator = "k1",
-        missing_eos_penalty: float | None = None,
-        reward_clip: float | None = None,
         normalize_advantages: bool = False,
         clip_range: float = 0.2,
         clip_range_high: float | None = None,
         num_iterations: int = 1,
         mini_batch_size: int | None = None,
-        max_grad_norm: float | None = 1.0,
-        eval_generation: GenerationConfig | None = None,
+        **kwargs: Any,
     ) -> None:
         if rloo_k < 2:
             raise ValueError(f"rloo_k must be >= 2 (the leave-one-out baseline needs another sample of the prompt), got {rloo_k}")
-        super().__init__(
-            policy, optimizer, scorer, generation, rloo_k, kl_coef, kl_estimator, missing_eos_penalty, reward_clip, max_grad_norm, eval_generation
-        )
+        if "samples_per_prompt" in kwargs:
+            raise TypeError("RLOOModule takes rloo_k (responses per prompt), not samples_per_prompt")
+        super().__init__(policy, optimizer, samples_per_prompt=rloo_k, **kwargs)
         check_numbers(num_iterations=(num_iterations, ">= 1"), mini_batch_size=(mini_batch_size, ">= 1"))
         self.normalize_advantages = normalize_advantages
         self.clip_range, self.clip_range_high = clip_range, clip_range_high

@@ -72,7 +72,8 @@ def annotate(data: dict[str, Any]) -> None:
     for method, reference, peer, need in SPEED_TARGETS:
         ours = by_key.get(("ours", method, reference, "fp32"))
         got = ours.get("vs_trl", {}).get("tokens_per_s") if ours else None
-        targets.append({"target": f"{LABEL[method]}{' +precomputed' if reference == 'precomputed' else ''} vs TRL {peer.upper()}Trainer{' +precomputed' if reference == 'precomputed' else ''}: tokens/s >= {need}x", "value": got, "met": got is not None and got >= need})
+        suffix = " +precomputed" if reference == "precomputed" else ""
+        targets.append({"target": f"{LABEL[method]}{suffix} vs TRL {peer.upper()}Trainer{suffix}: tokens/s >= {need}x", "value": got, "met": got is not None and got >= need})
     for r in data["rows"]:
         if "vs_trl" in r:
             got = r["vs_trl"]["train_mb"]
@@ -132,7 +133,7 @@ def table(data: dict[str, Any]) -> str:
             lines.append(f"| {r['name']} | failed: {r['error'][:80]} |" + " |" * 9)
             continue
         vs = r.get("vs_trl", {})
-        x = lambda key: f"{vs[key]:.2f}x" if vs.get(key) is not None else "-"  # noqa: E731
+        x = lambda key, vs=vs: f"{vs[key]:.2f}x" if vs.get(key) is not None else "-"  # noqa: E731
         quiet = x("tokens_per_s_quiet_steps") + (f" ({vs['quiet_steps_compared']})" if vs.get("tokens_per_s_quiet_steps") is not None else "")
         lines.append(
             f"| {r['name']} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.2f} | {r['mfu']:.1%} | {r['train_mb']:.0f} | {r['peak_rss_mb']:.0f} | "

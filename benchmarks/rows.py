@@ -189,7 +189,7 @@ class Prepared:
         (up to ``RETRIES`` times) a step during which other processes used the CPU."""
         batch, row = self.batches[i], self.row
         waited = 0.0
-        for attempt in range(RETRIES + 1 if quiet else 1):
+        for attempt in range(RETRIES + 1 if quiet else 1):  # noqa: B007  (read after the loop)
             found_quiet = False
             if quiet:
                 pause, found_quiet = GATE.wait()
@@ -294,7 +294,7 @@ def run_group(rows: list[Row], start: Any, timeout: float = 1200) -> list[dict[s
     workers = [start(row) for row in rows]
     results: list[dict[str, Any] | None] = [None] * len(rows)
     live = []
-    for i, (row, (process, conn)) in enumerate(zip(rows, workers)):
+    for i, (row, (_process, conn)) in enumerate(zip(rows, workers)):
         try:
             if _receive(conn, row, timeout):
                 live.append(i)

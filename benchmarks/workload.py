@@ -178,8 +178,8 @@ def build_samples(max_length: int = MAX_LENGTH, n_steps: int = WARMUP_STEPS + ME
                 continue
         return out
 
-    pointwise = _shuffled([e for pair in parsed(lambda r, l: parse_pointwise(r, l, (0.0, 1.0))) for e in pair])
-    demos = _shuffled([e for pair in parsed(lambda r, l: parse_pointwise(r, l, (0.0, 1.0))) for e in pair if e.score == 1.0])
+    pointwise = _shuffled([e for pair in parsed(lambda r, where: parse_pointwise(r, where, (0.0, 1.0))) for e in pair])
+    demos = _shuffled([e for pair in parsed(lambda r, where: parse_pointwise(r, where, (0.0, 1.0))) for e in pair if e.score == 1.0])
     pairs = parsed(parse_pair)  # only pairs whose two prompts agree
     pairs = _shuffled(pairs)
 

@@ -61,7 +61,7 @@ def claims(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     variants = sorted({v for _, v in score}, key=lambda v: (v != "ordinary", v))
     rows: list[tuple[str, str, str, str]] = []
     for variant in variants:
-        get = lambda run: score.get((run, variant), {})  # noqa: E731
+        get = lambda run, variant=variant: score.get((run, variant), {})  # noqa: E731
         p, d = get("pointwise_dpo"), get("dpo")
         if p and d:
             (pm, _), (dm, ds) = mean_std(p), mean_std(d)

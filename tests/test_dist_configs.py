@@ -198,4 +198,4 @@ def test_two_nodes_end_with_the_weights_of_one_node(group: Path, tmp_path: Path)
     for other in exported[1:]:
         assert other.keys() == initial
         for key in initial:
-            torch.testing.assert_close(other[key], exported[0][key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(other[key], exported[0][key], rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")

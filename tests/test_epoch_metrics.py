@@ -54,7 +54,7 @@ def test_epoch_means_weigh_batches_by_subset_size(demo_tokenizer, cls) -> None:
         assert logged[f"val/logps/{subset}"] == pytest.approx(float(logps_all[mask].mean()), rel=1e-5)
         assert logged[f"val/rewards/{subset}"] == pytest.approx(float(rewards_all[mask].mean()), rel=1e-4, abs=1e-6)
     # the old weighting (every batch by its size, an empty subset counting as 0) gives another value
-    by_batch = sum(float(l[p].mean()) if p.any() else 0.0 for l, p in zip(logps, positive)) / len(batches)
+    by_batch = sum(float(lp[p].mean()) if p.any() else 0.0 for lp, p in zip(logps, positive)) / len(batches)
     assert not math.isclose(logged["val/logps/positive"], by_batch, rel_tol=1e-3)
     assert logged["val/positive_fraction"] == pytest.approx(float(positive_all.float().mean()))
 

@@ -97,7 +97,7 @@ class PolicyConfig:
         if self.lora is not None and self.lora.r == 0:
             if self.lora != LoraSettings():
                 raise ValueError(f"policy.lora: {self.lora} sets adapter options but r is 0 (LoRA off); set lora.r, e.g. 8")
-            self.lora = None  # r: 0 is the shown default: full fine-tuning
+            self.lora = None  # type: ignore[assignment]  # r: 0 is the shown default: full fine-tuning (the field is typed LoraSettings for the CLI)
         if self.model is None and self.model_config is None:
             raise ValueError("PolicyConfig needs `model` (hub id or folder) or `model_config` (random init)")
         if self.reference == "adapter" and self.lora is None:

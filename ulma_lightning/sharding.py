@@ -115,7 +115,7 @@ def hidden_reference(module: nn.Module) -> Iterator[None]:
     """Detach ``module.policy.reference_model`` for the duration (checkpoints do not hold it)."""
     policy = getattr(module, "policy", None)
     reference = getattr(policy, "reference_model", None)
-    if reference is None:
+    if policy is None or reference is None:
         yield
         return
     policy.reference_model = None

@@ -81,8 +81,9 @@ class Evaluator:
         """The held-out data of ``split``, tokenized once per distinct tokenizer (exports of one grid share theirs)."""
         key = (_tokenizer_digest(tokenizer_dir), split)
         if key not in self._data:
+            sources: dict[str, Any] = {split: source}
             dm = DemonstrationDataModule(
-                **{split: source}, tokenizer=tokenizer_dir, max_length=self.spec.max_length, eval_batch_size=self.spec.batch_size
+                **sources, tokenizer=tokenizer_dir, max_length=self.spec.max_length, eval_batch_size=self.spec.batch_size
             )
             dm.setup(split)
             self._data[key] = dm
@@ -112,8 +113,8 @@ class Evaluator:
         kinds = [self.request_kind(p) for p in prompts] if self.request_kind else [None] * len(prompts)
         metrics: dict[str, float] = {"score": _mean(scores), "num_prompts": float(len(prompts))}
         if self.request_kind:
-            for kind in ("harmless", "harmful"):
-                metrics[f"score_{kind}"] = _mean([s for s, k in zip(scores, kinds) if k == kind])
+            for group in ("harmless", "harmful"):
+                metrics[f"score_{group}"] = _mean([s for s, k in zip(scores, kinds) if k == group])
         if self.spec.golden:
             metrics["golden_ppl"] = self.perplexity(model, model_dir)
         if self.spec.kl_max_new_tokens > 0 and reference_dir is not None:

@@ -90,9 +90,9 @@ def collect(grid: GridSpec, plan: Plan, root: Path) -> dict[str, Any]:
     by_key = {(r["run"], r["variant"], r["seed"]): r for r in runs}
     untrained = {}
     for key in {i.init for i in plan.instances}:
-        record = read_json(init_folder(root, key) / RESULT_FILE)
-        if record is not None and record.get("evaluation_key") == current:
-            untrained[key] = record
+        initial = read_json(init_folder(root, key) / RESULT_FILE)
+        if initial is not None and initial.get("evaluation_key") == current:
+            untrained[key] = initial
     for record in runs:
         if record["status"] != "ok":
             continue

@@ -108,7 +108,7 @@ class Runner:
             init = self.untrained(instance.init)
             self.evaluator.seed = instance.seed
             evaluated = time.perf_counter()
-            metrics = self.evaluator.evaluate(records[-1]["export"], init["export"], folder)
+            metrics: dict[str, float | None] = {**self.evaluator.evaluate(records[-1]["export"], init["export"], folder)}
             metrics["train_seconds"] = sum(r["seconds"] for r in records)
             metrics["tokens_per_sec"] = records[-1].get("tokens_per_sec")
             result = {"status": "ok", "metrics": metrics, "eval_seconds": time.perf_counter() - evaluated, "model": records[-1]["export"]}

@@ -224,7 +224,7 @@ def _accepts(cls: type, arg: str) -> bool:
     ``init_args``: ``optimizer`` for ``model.init_args.optimizer.lr``)."""
     parts = arg.split(".")
     name = parts[parts.index("init_args") + 1] if "init_args" in parts[:-1] else parts[-1]
-    return any(name in inspect.signature(klass.__init__).parameters for klass in cls.__mro__ if "__init__" in vars(klass))
+    return any(name in inspect.signature(vars(klass)["__init__"]).parameters for klass in cls.__mro__ if "__init__" in vars(klass))
 
 
 def _stage(raw: Any, path: Path, what: str, configs_dir: Path) -> StageSpec:

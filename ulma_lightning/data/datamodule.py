@@ -290,7 +290,7 @@ class AlignmentDataModule(pl.LightningDataModule):
             raise DataError(Location(source), None, f"the {split} split has no usable samples: {problem}", hint)
         return examples[: self.max_samples] if self.max_samples is not None else examples
 
-    def encode_examples(self, prompts: list[Any], responses: list[str]) -> list[tuple[Any, Any] | None]:
+    def encode_examples(self, prompts: list[Any], responses: list[Any]) -> list[tuple[Any, Any] | None]:
         """``(input_ids, labels)`` per (prompt, response), or None where no response token is left."""
         return encode_pairs(self.tokenizer, prompts, responses, self.truncate)  # type: ignore[return-value]
 

@@ -22,7 +22,7 @@ a pair read as two point-wise samples counts once and its samples stay together.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -30,7 +30,7 @@ from ulma_lightning.options import check_numbers
 
 MixStrategy = Literal["interleave_under", "interleave_over"]
 #: what a split takes: a source string, or a list of strings and per-source option mappings
-SplitSources = Union[str, list[Union[str, dict[str, Any]]]]
+SplitSources = str | list[str | dict[str, Any]]
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,7 @@ class PromptDataModule(AlignmentDataModule):
         if kind == "implicit-preference" and isinstance(record["chosen"], list):
             return [parse_demonstration(record, location)]  # the shared leading messages
         if "prompt" not in record and is_hh_record(record):
-            prompt, response = split_hh(check_text(record["chosen"], location, "chosen"), location, "chosen")
-            return [Example(prompt, response, None, location)]
+            return [Example(*split_hh(check_text(record["chosen"], location, "chosen"), location, "chosen"), None, location)]
         if kind == "messages" and isinstance(record["messages"], list) and record["messages"]:
             last = record["messages"][-1]
             if isinstance(last, dict) and last.get("role") == "assistant":

@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from ulma_lightning.data.errors import DataError
 from ulma_lightning.data.sources import Location
 
 Message = dict[str, str]
 #: a prompt: a string, chat messages, or None for language-modeling text (no prompt)
-Prompt = Union[str, list[Message], None]
+Prompt = str | list[Message] | None
 #: a response: a string, or (conversational) a list holding the one assistant message
-Response = Union[str, list[Message]]
+Response = str | list[Message]
 ASSISTANT_MARKER = "\n\nAssistant:"
 HUMAN_MARKER = "\n\nHuman:"
 
@@ -399,5 +399,4 @@ def parse_demonstration(record: dict[str, Any], location: Location) -> Example:
         return Example(check_prompt(record.get("prompt"), location), check_completion(record["chosen"], location, "chosen"), None, location)
     if kind is None:
         raise no_format(record, location, DEMONSTRATION_FORMATS)
-    prompt, response = parse_answer(record, location, kind)
-    return Example(prompt, response, None, location)
+    return Example(*parse_answer(record, location, kind), None, location)

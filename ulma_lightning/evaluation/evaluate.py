@@ -23,7 +23,7 @@ import math
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ulma_lightning.lightning_cli import CLI_DEFAULTS, ULMACLI
 from ulma_lightning.data.datamodule import AlignmentDataModule
@@ -36,14 +36,14 @@ class EvaluateCLI(ULMACLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         super().add_arguments_to_parser(parser)
-        parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="the checkpoint to evaluate (default: the initial weights)")
-        parser.add_argument("--output", type=Optional[str], default=None, help="the JSON report (default: evaluation.json beside the predictions)")
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="the checkpoint to evaluate (default: the initial weights)")
+        parser.add_argument("--output", type=str | None, default=None, help="the JSON report (default: evaluation.json beside the predictions)")
         parser.add_argument("--skip_test", type=bool, default=False, help="skip the test-set metrics (perplexity, reward accuracy/AUC)")
         parser.add_argument("--skip_predict", type=bool, default=False, help="skip generation, scores and win rates")
         # accepted (and unused) so that the config.yaml a run of any subcommand saved works as --config
         parser.add_argument("--verbose", type=bool, default=True, help=argparse.SUPPRESS)
-        parser.add_argument("--return_predictions", type=Optional[bool], default=None, help=argparse.SUPPRESS)
-        parser.add_argument("--weights_only", type=Optional[bool], default=None, help=argparse.SUPPRESS)
+        parser.add_argument("--return_predictions", type=bool | None, default=None, help=argparse.SUPPRESS)
+        parser.add_argument("--weights_only", type=bool | None, default=None, help=argparse.SUPPRESS)
 
 
 def run_folder_checkpoint(ckpt_path: str) -> str:

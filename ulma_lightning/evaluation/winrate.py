@@ -84,14 +84,14 @@ def summarize(rows: list[dict[str, Any]], scorer_names: Sequence[str], other: li
         stats: dict[str, float] = {"n": float(len(rows))}
         present = [s for s in mine if s is not None]
         stats["mean"] = sum(present) / len(present) if present else math.nan
-        pairs = [(s, score_of(r, name, reference=True)) for s, r in zip(mine, rows)]
-        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        scored = [(s, score_of(r, name, reference=True)) for s, r in zip(mine, rows)]
+        pairs = [(a, b) for a, b in scored if a is not None and b is not None]
         if pairs:
             stats["reference_mean"] = sum(b for _, b in pairs) / len(pairs)
             stats["win_rate_vs_reference"] = win_rate([a for a, _ in pairs], [b for _, b in pairs])
         if matched is not None:
-            theirs = [(a, score_of(m, name)) for a, m in zip(mine, matched)]
-            theirs = [(a, b) for a, b in theirs if a is not None and b is not None]
+            both = [(a, score_of(m, name)) for a, m in zip(mine, matched)]
+            theirs = [(a, b) for a, b in both if a is not None and b is not None]
             if len(theirs) != len(rows):
                 raise ValueError(f"the other predictions file lacks {name!r} scores on some rows; score both files with the same scorers")
             stats["other_mean"] = sum(b for _, b in theirs) / len(theirs) if theirs else math.nan

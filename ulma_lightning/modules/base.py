@@ -81,8 +81,8 @@ class OptimizerConfig:
             return (step + 1) / (warmup + 1)
         if self.schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if self.schedule == "cosine" else 1 - progress
+        done = min(1.0, (step - warmup) / max(1, total - warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * done)) if self.schedule == "cosine" else 1 - done
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * decay
 
 

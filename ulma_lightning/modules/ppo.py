@@ -116,9 +116,10 @@ class PPOModule(RolloutModule):
     def update(self, rollout: Rollout) -> dict[str, Tensor | float]:
         mask = rollout.mask
         width = mask.shape[1]
-        assert self.critic is not None
+        critic = self.critic
+        assert critic is not None  # configure_model built it
         with torch.no_grad():
-            old_values, _ = self.token_matrix(self.critic(rollout.sequences), width)
+            old_values, _ = self.token_matrix(critic(rollout.sequences), width)
             scores = self.final_scores(rollout)
             kl = kl_estimate(rollout.logps, rollout.reference_logps, self.kl_estimator) * mask
             rewards = -self.kl_coef * kl
@@ -132,7 +133,7 @@ class PPOModule(RolloutModule):
         def step(rows: Tensor) -> LossOutput:
             sub = take_rows(rollout.sequences, rows)
             logps, _ = self.token_matrix(self.policy.token_logps(sub), width)
-            values, _ = self.token_matrix(self.critic(sub), width)
+            values, _ = self.token_matrix(critic(sub), width)
             return ppo_loss(
                 logps,
                 rollout.logps[rows],

@@ -135,13 +135,15 @@ class RewardModelModule(AlignmentModule):
             raise ValueError(f"score() needs one response per prompt, got {len(prompts)} prompts and {len(responses)} responses")
         if self.reward_model.model is None:
             self.configure_model()
-        was_training = self.reward_model.model.training
-        self.reward_model.model.eval()
+        model = self.reward_model.model
+        assert model is not None  # configure_model built it
+        was_training = model.training
+        model.eval()
         out = []
         try:
             for batch in scoring_batches(self.reward_model.tokenizer, prompts, responses, self.max_length, batch_size):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 out.append(self.reward_model.rewards(batch).cpu())
         finally:
-            self.reward_model.model.train(was_training)
+            model.train(was_training)
         return torch.cat(out) if out else torch.zeros(0)

@@ -67,6 +67,7 @@ def test_a_shipped_config_resolves_to_the_shared_defaults_and_to_its_own_values(
     assert_contains(got, defaults, f"{config} (defaults)")
     if appended is not None:  # callbacks+: the default list, then the config's own
         assert_contains(got["trainer"]["callbacks"], DEFAULTS["trainer"]["callbacks"] + appended, f"{config} callbacks")
+    assert got["model"]["init_args"]["policy"]["model_config"]["hidden_size"] == 96  # the tiny model, from the defaults
 
 
 def test_one_edit_of_the_defaults_file_changes_every_config(
@@ -75,6 +76,7 @@ def test_one_edit_of_the_defaults_file_changes_every_config(
     edited = yaml.safe_load(lightning_cli.DEFAULTS_FILE.read_text())
     edited["trainer"]["precision"] = "bf16-mixed"
     edited["trainer"]["callbacks"][0]["init_args"]["save_top_k"] = 3
+    edited["model"]["init_args"]["policy"]["model_config"]["hidden_size"] = 48
     path = tmp_path / "defaults.yaml"
     path.write_text(yaml.safe_dump(edited))
     monkeypatch.setitem(
@@ -84,6 +86,7 @@ def test_one_edit_of_the_defaults_file_changes_every_config(
         got = resolved(capsys, config)
         assert got["trainer"]["precision"] == "bf16-mixed", config
         assert got["trainer"]["callbacks"][0]["init_args"]["save_top_k"] == 3, config
+        assert got["model"]["init_args"]["policy"]["model_config"]["hidden_size"] == 48, config
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -94,4 +97,16 @@ def test_the_compare_runner_reads_a_config_over_the_shared_defaults(config: str)
 
     merged = _config(REPO / config)
     assert _is_tensorboard(merged, {})
-    assert merged["model"] == yaml.safe_load((REPO / config).read_text())["model"]
+    own = yaml.safe_load((REPO / config).read_text())["model"]
+    assert merged["model"]["class_path"] == own["class_path"]
+    policy = {**DEFAULTS["model"]["init_args"]["policy"], **own["init_args"].get("policy", {})}
+    assert merged["model"]["init_args"]["policy"] == policy  # the defaults' tiny model unless the config gives one
+
+
+def test_the_compare_runner_takes_a_configs_model_config_whole(tmp_path: Path) -> None:
+    """A config's own ``model_config`` replaces the default tiny Llama whole, as ``ulma fit`` reads it."""
+    from ulma_lightning.compare.stages import _config
+
+    config = tmp_path / "gpt2.yaml"
+    config.write_text(yaml.safe_dump({"model": {"class_path": "ulma_lightning.SFTModule", "init_args": {"policy": {"model_config": {"model_type": "gpt2", "n_layer": 2}}}}}))
+    assert _config(config)["model"]["init_args"]["policy"]["model_config"] == {"model_type": "gpt2", "n_layer": 2}

@@ -67,7 +67,7 @@ def nulls_as_init_args(argv: list[str]) -> list[str]:
     return out
 
 
-#: The shared defaults of every run (trainer, logger, callbacks), read
+#: The shared defaults of every run (trainer, logger, callbacks, the demo configs' tiny model), read
 #: before any ``--config``: the configs in ``configs/`` state only what their method changes, and a
 #: config or the command line overrides any default. Shipped inside the package.
 DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")

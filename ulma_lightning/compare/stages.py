@@ -144,11 +144,16 @@ class Plan:
     instances: list[Instance] = field(default_factory=list)
 
 
+#: options whose value is a mapping: a config's value replaces the default whole (the rest merge key by key)
+MAPPING_VALUES = ("model_config",)
+
+
 def _merged(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` over ``base``, mappings merged key by key (as the CLI composes config files)."""
+    """``config`` over ``base``, as the CLI composes config files: namespaces merged key by key."""
     out = dict(base)
     for key, value in config.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict) and key not in MAPPING_VALUES
+        out[key] = _merged(out[key], value) if nested else value
     return out
 
 

@@ -136,6 +136,25 @@ def root_loggers_at_default_root_dir(trainer: Any) -> None:
             logger.init_args.save_dir = str(root)
 
 
+def without_callbacks_turned_off(trainer: Any) -> None:
+    """``enable_checkpointing: false`` drops checkpoint callbacks and ``logger: false`` the
+    LearningRateMonitor, as Lightning leaves out its own default ones then (and refuses them given):
+    the shared defaults' callbacks follow a config that turns checkpointing or logging off."""
+    if not trainer.get("callbacks"):
+        return
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    off = tuple(cls for cls, on in ((ModelCheckpoint, trainer.get("enable_checkpointing")), (LearningRateMonitor, trainer.get("logger"))) if on is False)
+    if not off:
+        return
+
+    def turned_off(callback: Any) -> bool:
+        cls = _class_at(str(callback.get("class_path"))) if hasattr(callback, "get") else None
+        return isinstance(cls, type) and issubclass(cls, off)
+
+    trainer.callbacks = [c for c in trainer.callbacks if not turned_off(c)]
+
+
 def _init_args_of(spec: Any) -> dict[str, Any]:
     init_args = spec.get("init_args") if hasattr(spec, "get") else None
     if init_args is None:
@@ -256,6 +275,7 @@ class ULMACLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         root_loggers_at_default_root_dir(config.trainer)
+        without_callbacks_turned_off(config.trainer)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("model.init_args.policy", "data.init_args.tokenizer", compute_fn=_tokenizer_of)

@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ulma_lightning.lightning_cli import CLI_DEFAULTS, ULMACLI
+from ulma_lightning.lightning_cli import CLI_DEFAULTS, DEFAULTS_FILE, ULMACLI
 from ulma_lightning.data.datamodule import AlignmentDataModule
 from ulma_lightning.evaluation.writer import PredictionWriter
 from ulma_lightning.modules.base import AlignmentModule
@@ -93,6 +93,10 @@ def _number(value: Any) -> float:
     return float(value.item() if hasattr(value, "item") else value)
 
 
+#: CLI_DEFAULTS for a CLI without subcommands: the shared defaults file is read by its one parser.
+SINGLE_PARSER_DEFAULTS = {**CLI_DEFAULTS, "parser_kwargs": {"default_config_files": [str(DEFAULTS_FILE)]}}
+
+
 def format_report(report: dict[str, Any]) -> str:
     """Two columns: metric and value (test metrics, then per-scorer generation numbers)."""
     rows = [(name, value) for name, value in report.get("test", {}).items()]
@@ -112,7 +116,7 @@ def evaluate_main(argv: list[str]) -> dict[str, Any]:
     """Run ``ulma evaluate`` with command-line arguments ``argv``; return the report."""
     with warnings.catch_warnings():  # `ulma evaluate ...` passes its own argv on, by design
         warnings.filterwarnings("ignore", message=".*args parameter is intended")
-        cli = EvaluateCLI(AlignmentModule, AlignmentDataModule, args=with_saved_config(argv), run=False, save_config_callback=None, **CLI_DEFAULTS)
+        cli = EvaluateCLI(AlignmentModule, AlignmentDataModule, args=with_saved_config(argv), run=False, save_config_callback=None, **SINGLE_PARSER_DEFAULTS)
     log_dir = Path(cli.trainer.log_dir) if cli.trainer.log_dir else None
     existed = log_dir is not None and log_dir.exists()
     try:

@@ -60,14 +60,16 @@ def _sha256_file(path: Path) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    """A file's SHA-256, computed once per (path, size, mtime) in a process."""
+def _file_digest(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int) -> str:
+    """A file's SHA-256, computed once per state of the file in a process (any write, or a reset
+    mtime, changes its ctime)."""
     return _sha256_file(Path(path))
 
 
 def file_identity(path: Path) -> str:
+    """The SHA-256 of a file's bytes."""
     stat = path.stat()
-    return _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return _file_digest(str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 def source_identity(source: str) -> Any:

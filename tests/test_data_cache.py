@@ -242,3 +242,16 @@ def test_cache_files_load_with_weights_only(tmp_path: Path) -> None:
     for path in tmp_path.glob("*.pt"):
         kind, key = path.stem.split("-", 1)
         assert FeatureCache(tmp_path).load(kind, key) is not None  # torch.load(weights_only=True) inside
+
+
+def test_a_tokenizer_folder_rewritten_in_place_builds_afresh(tmp_path: Path) -> None:
+    from ulma_lightning.tokenizers import load_tokenizer
+
+    folder, cache = tmp_path / "tokenizer", str(tmp_path / "cache")
+    load_tokenizer("builtin:demo").save_pretrained(folder)
+    first = setup(train="demo://binary?n=10", tokenizer=str(folder), cache_dir=cache)
+    load_tokenizer("builtin:task").save_pretrained(folder)  # same name, other vocabulary
+    second = PointwiseDataModule(train="demo://binary?n=10", tokenizer=str(folder), max_length=64, cache_dir=cache)
+    second._setup("fit")
+    assert second.cache_used["loaded"] == {} and second.cache_used["saved"] == {"train": 10}
+    assert not np.array_equal(first.datasets["train"].items[0]["input_ids"], second.datasets["train"].items[0]["input_ids"])

@@ -10,6 +10,7 @@ import math
 from typing import Any, Callable, Iterable, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
@@ -444,12 +445,17 @@ class AlignmentDataModule(pl.LightningDataModule):
         return items
 
     def _log_cache_use(self) -> None:
-        """One line per setup that used the cache: the samples loaded from it, or built and saved to it."""
+        """One line per setup that used the cache: the samples loaded from it, or built and saved to it
+        (on the data log when it shows INFO, else on Lightning's console)."""
         for what, preposition in (("loaded", "from"), ("saved", "to")):
             done = self.cache_used[what]
             if done:
                 counts = " / ".join(f"{n} {split}" for split, n in done.items())
-                log.info("features: %s %s %s cache %s", what, counts, preposition, self.cache_dir)
+                line = f"features: {what} {counts} {preposition} cache {self.cache_dir}"
+                if log.isEnabledFor(logging.INFO):
+                    log.info("%s", line)
+                else:  # shown where the data log is not (``ulma fit``): on Lightning's console, once per run
+                    rank_zero_info(line)
                 done.clear()
 
     def setup(self, stage: str | None = None) -> None:

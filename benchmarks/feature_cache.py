@@ -26,7 +26,7 @@ def one(case: dict, cache: str | None) -> float:
 
     options = dict(case)
     cls = getattr(ulma_lightning, options.pop("cls"))
-    cls(train=options["train"], tokenizer=options["tokenizer"]).tokenizer  # imports, the built-in tokenizer
+    _ = cls(train=options["train"], tokenizer=options["tokenizer"]).tokenizer  # imports, the built-in tokenizer
     started = time.perf_counter()
     cls(**options, cache_dir=cache).setup("fit")
     return time.perf_counter() - started

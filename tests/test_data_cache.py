@@ -16,7 +16,14 @@ import pytest
 import torch
 from conftest import TINY_LLAMA
 
-from ulma_lightning import DemonstrationDataModule, PairwiseDataModule, PointwiseDataModule, PolicyConfig, PromptDataModule, ULMAModule
+from ulma_lightning import (
+    DemonstrationDataModule,
+    PairwiseDataModule,
+    PointwiseDataModule,
+    PolicyConfig,
+    PromptDataModule,
+    ULMAModule,
+)
 from ulma_lightning.data.cache import FeatureCache
 
 HH = "\n\nHuman: {q}\n\nAssistant: {a}"
@@ -97,14 +104,14 @@ def test_skipped_records_are_counted_and_logged_from_the_cache(tmp_path: Path, c
     loaded = setup(**options)
     assert "features: loaded 11 train from cache" in caplog.text
     assert loaded.skipped["train"].total == 1
-    assert f"train split: skipped 1 record(s): field 'response'" in caplog.text and "feedback.jsonl.gz:4" in caplog.text
+    assert "train split: skipped 1 record(s): field 'response'" in caplog.text and "feedback.jsonl.gz:4" in caplog.text
 
 
 def losses(dm: pl.LightningDataModule, steps: int = 3) -> list[float]:
     seen: list[float] = []
 
     class Record(pl.Callback):
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
             seen.append(float(outputs["loss"]))
 
     pl.seed_everything(0)

@@ -31,9 +31,10 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -253,7 +254,7 @@ class FeatureCache:
             if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("key") != key or payload.get("kind") != kind:
                 raise ValueError("not an entry of this key")
             return payload
-        except Exception as exc:  # a damaged entry is rebuilt, whatever the damage
+        except Exception as exc:  # noqa: BLE001 (a damaged entry is rebuilt, whatever the damage)
             log.warning("features cache: %s is unreadable (%s); building it again", path, exc)
             return None
 

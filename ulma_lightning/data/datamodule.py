@@ -10,13 +10,15 @@ import math
 from typing import Any, Callable, Iterable, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from ulma_lightning.data.cache import CacheMiss, FeatureCache, captured_logs, code_identity, decode_items, digest, dumps, encode_items
-from ulma_lightning.data.cache import loads, replay, source_identity, tokenizer_identity
+from ulma_lightning.data.cache import (
+    CacheMiss, FeatureCache, captured_logs, code_identity, decode_items, digest, dumps, encode_items, loads, replay,
+    source_identity, tokenizer_identity,
+)  # fmt: skip
 from ulma_lightning.data.collate import PaddingCollator
 from ulma_lightning.data.demo import demo_test_source, is_demo_source
 from ulma_lightning.data.errors import DataError, OnBadRecord, SkipReport

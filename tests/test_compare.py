@@ -160,6 +160,28 @@ def test_sft_then_dpo_starts_from_the_sft_model_and_uses_it_as_reference(ran: di
     assert f"--model.init_args.policy.reference_model {sft_stage['export']}" in dpo_stage["command"]
 
 
+def test_stages_share_tokenized_data_through_the_output_cache_outside_their_identity(ran: dict) -> None:
+    out = ran["out"]
+    cache = out / "cache" / "features"
+    sft = json.loads((out / "runs/sft/ordinary/seed0/result.json").read_text())["stages"][0]
+    dpo = json.loads((out / "runs/sft_dpo/ordinary/seed0/result.json").read_text())["stages"][1]
+    for stage in (sft, dpo):
+        assert f"--data.init_args.cache_dir {cache}" in stage["command"]
+    assert len(list(cache.glob("features-*.pt"))) >= 3  # SFT train + val, DPO train (+ val)
+    plan = plan_grid(load_grid(ran["grid"]))
+    for key, stage in plan.stages.items():
+        assert not any("cache_dir" in arg for arg in stage.base_args)  # the stage key hashes base_args
+        assert f"--data.init_args.cache_dir {cache}" in shlex.join(stage.args(out / "stages" / key, {k: "x" for k in plan.stages}, cache_dir=cache))
+    assert sft["key"] in plan.stages and dpo["key"] in plan.stages
+    own = yaml.safe_load(ran["grid"].read_text())
+    own["overrides"]["data.init_args.cache_dir"] = None  # a grid that sets it (here: no cache) keeps its own
+    path = write_grid(ran["root"], own, "own_cache.yaml")
+    own_plan = plan_grid(load_grid(path))
+    for stage in own_plan.stages.values():
+        args = stage.args(out, {k: "x" for k in own_plan.stages}, cache_dir=cache)
+        assert args.count("--data.init_args.cache_dir") == 1 and args[args.index("--data.init_args.cache_dir") + 1] == "null"
+
+
 def test_rerun_skips_finished_runs_and_resumes_the_stage_in_progress(ran: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
     shutil.copytree(ran["out"], out, symlinks=True)

@@ -4,6 +4,9 @@ A stage's identity (its folder under ``OUTPUT/stages/``) is a hash of its config
 seed, its data and the stage it starts from, so runs that share a stage (every "SFT then X" row and
 the SFT row of the same variant and seed) train it once. A finished stage leaves ``stage.json``
 (written atomically); a stage killed midway is resumed from its ``last.ckpt`` (``--ckpt_path``).
+Stages read and tokenize a data set once: each gets ``--data.init_args.cache_dir OUTPUT/cache/features``
+(unless the grid or its config sets ``cache_dir``), outside its identity, so the folders of stages
+finished before the cache existed are still found.
 
 Chains: a policy stage after a policy stage starts from that stage's exported model and uses it as
 its reference (``policy.model`` and ``policy.reference_model``: the two-step SFT-then-DPO baseline).
@@ -34,6 +37,9 @@ import yaml
 from ulma_lightning.compare.spec import GridSpec, RunSpec, StageSpec
 
 STAGE_FILE = "stage.json"
+CACHE_DIR_KEY = "data.init_args.cache_dir"
+#: where the stages of a grid share their tokenized data (``data.cache_dir``), under the output folder
+FEATURE_CACHE = Path("cache") / "features"
 INIT_FIELDS = ("model", "model_config", "tokenizer", "dtype", "init_seed", "trust_remote_code")
 POLICY_PREFIX = "model.init_args.policy."
 
@@ -95,10 +101,14 @@ class Stage:
     policy_from: str | None  # the policy stage whose export is the start and reference
     reward_from: str | None  # the reward stage whose export is passed through reward_arg
     logger_is_tensorboard: bool
+    sets_cache_dir: bool = False  # the grid or the stage's config sets data.init_args.cache_dir itself
 
-    def args(self, folder: Path, exports: dict[str, str], resume: str | None = None) -> list[str]:
-        """The full ``ulma fit`` argument list, given the exports of the stages it depends on."""
+    def args(self, folder: Path, exports: dict[str, str], resume: str | None = None, cache_dir: Path | None = None) -> list[str]:
+        """The full ``ulma fit`` argument list, given the exports of the stages it depends on; with
+        ``cache_dir``, the data module's feature cache (unless the grid or the config sets one)."""
         args = list(self.base_args)
+        if cache_dir is not None and not self.sets_cache_dir:
+            args += options({CACHE_DIR_KEY: str(cache_dir)})  # not in base_args: the stage's identity does not change
         if self.policy_from is not None:
             start = exports[self.policy_from]
             args += options({POLICY_PREFIX + "model": start, POLICY_PREFIX + "reference_model": start})  # model_config is then unused
@@ -217,6 +227,7 @@ def plan_grid(grid: GridSpec) -> Plan:
                             policy_from=last_policy if spec.role == "policy" else None,
                             reward_from=last_reward if spec.role == "policy" else None,
                             logger_is_tensorboard=_is_tensorboard(config, overrides),
+                            sets_cache_dir=CACHE_DIR_KEY in overrides or "cache_dir" in (_dotted(config, "data.init_args") or {}),
                         )  # fmt: skip
                     keys.append(key)
                     if spec.role == "reward":
@@ -309,14 +320,15 @@ class _Tee:
 
 def train_stage(stage: Stage, root: Path, exports: dict[str, str], launcher: str) -> dict[str, Any]:
     """Train ``stage`` (resuming a killed attempt from its ``last.ckpt``); returns its record,
-    also written to ``stage.json``. A stage already done is not trained again."""
+    also written to ``stage.json``. A stage already done is not trained again. The stages share
+    their tokenized data through ``OUTPUT/cache/features`` (``data.cache_dir``)."""
     folder = root / "stages" / stage.key
     done = read_json(folder / STAGE_FILE)
     if done is not None and done.get("status") == "ok":
         return done
     folder.mkdir(parents=True, exist_ok=True)
     last = find_latest(folder, "last.ckpt")
-    args = stage.args(folder, exports, resume=str(last) if last else None)
+    args = stage.args(folder, exports, resume=str(last) if last else None, cache_dir=root / FEATURE_CACHE)
     command = "ulma " + shlex.join(args)
     (folder / "command.txt").write_text(command + "\n")
     started = time.perf_counter()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -9,9 +11,14 @@ from typing import Any, Callable, Iterable, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from ulma_lightning.data.cache import (
+    CacheMiss, FeatureCache, captured_logs, code_identity, decode_items, digest, dumps, encode_items, loads, replay,
+    source_identity, tokenizer_identity,
+)  # fmt: skip
 from ulma_lightning.data.collate import PaddingCollator
 from ulma_lightning.data.demo import demo_test_source, is_demo_source
 from ulma_lightning.data.errors import DataError, OnBadRecord, SkipReport
@@ -27,6 +34,17 @@ from ulma_lightning.tokenizers import load_tokenizer, pad_token_id
 log = logging.getLogger("ulma_lightning.data")
 
 Split = Literal["train", "val", "test", "predict"]
+
+#: attributes of a data module left out of its cache keys: state filled by setup, and options that only
+#: batch the features (every other attribute, a subclass's own included, is part of the key)
+NOT_IN_CACHE_KEY = frozenset(
+    {
+        "datasets", "examples", "skipped", "truncated", "mixed", "duplicates", "reading", "trainer", "cache",
+        "cache_dir", "cache_used", "specs", "sources", "test_from_val", "batch_size", "eval_batch_size",
+        "num_workers", "group_by_length", "pad_to_multiple_of", "_building", "_pending_extra",
+        "_before_loading", "_tokenizer", "_report", "_said_responses_ignored",
+    }
+)  # fmt: skip
 
 
 def _text_key(example: Any) -> str:
@@ -116,6 +134,10 @@ class AlignmentDataModule(pl.LightningDataModule):
         mix_strategy: how sources with a ``weight`` share a split: ``interleave_under`` (no record
             repeats; the first source to run out sets the size) or ``interleave_over`` (every record
             is used; the others repeat), as LLaMA-Factory's ``mix_strategy``.
+        cache_dir: a folder where each split's records and tokenized features are saved after their
+            first build and loaded by later runs with the same inputs (keyed by the sources' content,
+            the tokenizer, truncation, every data option and the library version; see
+            :mod:`ulma_lightning.data.cache`). None (default): no cache.
     """
 
     def __init__(
@@ -139,6 +161,7 @@ class AlignmentDataModule(pl.LightningDataModule):
         max_samples: int | None = None,
         trust_remote_code: bool = False,
         mix_strategy: MixStrategy = "interleave_under",
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         check_numbers(
@@ -195,6 +218,10 @@ class AlignmentDataModule(pl.LightningDataModule):
         self._pending_extra: dict[str, dict[str, torch.Tensor]] = {}
         self._before_loading: list[Callable[[], None]] = []
         self._tokenizer: Any = None
+        self.cache_dir = cache_dir
+        self.cache = FeatureCache(cache_dir) if cache_dir else None
+        #: samples per split whose features setup loaded from the cache ("loaded") or built and saved ("saved")
+        self.cache_used: dict[str, dict[str, int]] = {"loaded": {}, "saved": {}}
 
     #: the per-source options about scores this module reads (see :mod:`ulma_lightning.data.mixing`)
     scored_options: tuple[str, ...] = ()
@@ -227,7 +254,40 @@ class AlignmentDataModule(pl.LightningDataModule):
 
     def read_split(self, split: str, report: SkipReport) -> list[Any]:
         """The examples of ``split``: its one source's, or its sources' mixed (:mod:`~ulma_lightning.data.mixing`);
-        each source's records, samples and skips are logged (and kept in :attr:`mixed`)."""
+        each source's records, samples and skips are logged (and kept in :attr:`mixed`). With
+        ``cache_dir``, loaded from the cache when these sources were read the same way before."""
+        if self.cache is None:
+            return self._read_split(split, report)
+        sources = [[dataclasses.asdict(spec), source_identity(spec.source)] for spec in self.specs[split] or []]
+        key = digest([self._cache_identity(), "records", split, sources])
+        entry = self.cache.load("records", key)
+        if entry is not None:
+            try:
+                examples = loads(entry["examples"])
+            except Exception as exc:  # noqa: BLE001 (a damaged entry is rebuilt)
+                log.warning("features cache: %s is unreadable (%s); building it again", self.cache.path("records", key), exc)
+            else:
+                self._restore_skips(report, entry["skipped"])
+                self.mixed[split] = entry["mixed"]
+                replay(entry["logs"])
+                return examples
+        before = dict(report.counts)
+        lines: list[list[Any]] = []
+        try:
+            with captured_logs() as lines:
+                examples = self._read_split(split, report)
+        finally:
+            replay(lines)
+        try:
+            payload = {"examples": dumps(examples), "skipped": self._skips_since(report, before), "mixed": self.mixed.get(split, {}), "logs": lines}
+        except CacheMiss as exc:
+            log.info("features cache: the %s split's records are not cached (%s)", split, exc)
+        else:
+            self.cache.save("records", key, payload)
+        return examples
+
+    def _read_split(self, split: str, report: SkipReport) -> list[Any]:
+        """:meth:`read_split` without the cache."""
         specs = self.specs[split] or []
         parts, counts = [], {}
         names = [spec.source if [s.source for s in specs].count(spec.source) == 1 else f"{spec.source} [{i}]" for i, spec in enumerate(specs)]
@@ -310,7 +370,7 @@ class AlignmentDataModule(pl.LightningDataModule):
         report = self.skipped.setdefault(split, SkipReport(split))
         self._building = split
         self.truncated[split] = TruncationReport(split)
-        dataset = FeatureDataset(self.build_features(examples, report))
+        dataset = FeatureDataset(self._features(split, examples, report))
         self.truncated[split].log(log, self.truncation)
         for index, item in enumerate(dataset.items):
             item["index"] = index
@@ -324,7 +384,89 @@ class AlignmentDataModule(pl.LightningDataModule):
         self.datasets[split] = dataset
         log.info("%s split: %d samples", split, len(dataset))
 
+    # ------------------------------------------------------------ the feature cache (cache_dir)
+    def _cache_identity(self) -> list[Any]:
+        """What every cache key of this module holds: class, options, tokenizer, truncation, code."""
+        classes = tuple(c for c in type(self).__mro__ if issubclass(c, AlignmentDataModule))
+        options = {name: value for name, value in vars(self).items() if name not in NOT_IN_CACHE_KEY}
+        options["label_type"] = getattr(self, "label_type", None)
+        return [
+            [f"{c.__module__}.{c.__qualname__}" for c in classes], options, tokenizer_identity(self.tokenizer, self.tokenizer_source),
+            dataclasses.asdict(self.truncation), code_identity(classes),
+        ]  # fmt: skip
+
+    @staticmethod
+    def _skips_since(report: SkipReport, before: dict[str, int]) -> list[list[Any]]:
+        """The skips ``report`` counted since ``before`` (its counts then): [reason, count, first example]."""
+        return [[reason, n - before.get(reason, 0), report.examples[reason]] for reason, n in report.counts.items() if n > before.get(reason, 0)]
+
+    @staticmethod
+    def _restore_skips(report: SkipReport, skips: list[list[Any]]) -> None:
+        for reason, count, example in skips:
+            report.counts[reason] += int(count)
+            report.examples.setdefault(reason, example)
+
+    def _features(self, split: str, examples: list[Any], report: SkipReport) -> list[dict[str, Any]]:
+        """:meth:`build_features` of ``examples`` (counting truncation in ``truncated[split]``), or, with
+        ``cache_dir``, the features, truncation counts and skips saved when the same examples were built."""
+        if self.cache is None:
+            return self.build_features(examples, report)
+        try:
+            content = hashlib.sha256(dumps(examples).encode()).hexdigest()
+        except CacheMiss as exc:
+            log.info("features cache: the %s split is not cached (its examples hold %s)", split, exc)
+            return self.build_features(examples, report)
+        key = digest([self._cache_identity(), "features", split, content])
+        entry = self.cache.load("features", key)
+        if entry is not None:
+            try:
+                items = decode_items(entry["items"])
+                truncation = TruncationReport(**entry["truncation"])
+            except Exception as exc:  # noqa: BLE001 (a damaged entry is rebuilt)
+                log.warning("features cache: %s is unreadable (%s); building it again", self.cache.path("features", key), exc)
+            else:
+                self.truncated[split] = truncation
+                self._restore_skips(report, entry["skipped"])
+                replay(entry["logs"])
+                self.cache_used["loaded"][split] = len(items)
+                return items
+        before = dict(report.counts)
+        lines: list[list[Any]] = []
+        try:
+            with captured_logs() as lines:
+                items = self.build_features(examples, report)
+        finally:
+            replay(lines)
+        try:
+            payload = {"items": encode_items(items), "truncation": dataclasses.asdict(self.truncated[split]), "skipped": self._skips_since(report, before), "logs": lines}
+        except CacheMiss as exc:
+            log.info("features cache: the %s split is not cached (its features hold %s)", split, exc)
+        else:
+            self.cache.save("features", key, payload)
+            self.cache_used["saved"][split] = len(items)
+        return items
+
+    def _log_cache_use(self) -> None:
+        """One line per setup that used the cache: the samples loaded from it, or built and saved to it
+        (on the data log when it shows INFO, else on Lightning's console)."""
+        for what, preposition in (("loaded", "from"), ("saved", "to")):
+            done = self.cache_used[what]
+            if done:
+                counts = " / ".join(f"{n} {split}" for split, n in done.items())
+                line = f"features: {what} {counts} {preposition} cache {self.cache_dir}"
+                if log.isEnabledFor(logging.INFO):
+                    log.info("%s", line)
+                else:  # shown where the data log is not (``ulma fit``): on Lightning's console, once per run
+                    rank_zero_info(line)
+                done.clear()
+
     def setup(self, stage: str | None = None) -> None:
+        try:
+            self._setup(stage)
+        finally:
+            self._log_cache_use()
+
+    def _setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
         splits = wanted.get(stage or "fit", ["train", "val", "test"]) if stage else ["train", "val", "test"]
         holds_out = self.sources["val"] is None and self.val_fraction > 0 and self.sources["train"] is not None

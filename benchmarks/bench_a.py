@@ -3,6 +3,10 @@
     PYTHONPATH=. python -m benchmarks.bench_a            # everything; rewrites docs/benchmarks.{md,json}
     PYTHONPATH=. python -m benchmarks.bench_a --quick    # 1+1 steps, a few rows, to /tmp (smoke run)
 
+Every compared row runs once per allocator setting of its library (``--ours-allocator``,
+``--trl-allocator``: ``default``, ``jemalloc`` or ``both``, the default; see ``benchmarks/allocator.py``);
+the report's headline ratios set each library at its fastest measured setting.
+
 Each group of compared rows (the library's ULMA, point-wise DPO and KTO with TRL's KTOTrainer, ...)
 is timed step by step in turn, each row in its own process (its own memory peak, its own OpenMP
 settings), so that slow spells of a shared machine hit all of them (see ``benchmarks/rows.py``).
@@ -22,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks import workload
+from benchmarks import allocator, workload
 from benchmarks.rows import Row
 
 DOCS = workload.REPO / "docs"
@@ -30,6 +34,8 @@ SCALING_LENGTHS = (128, 256, 512, 1024)
 SCALING_VOCABS = (32000, 128000)
 # OpenMP wait policy per library ("default": OpenMP's own, what a user gets; see the OpenMP note in report.py)
 DEFAULT_POLICIES = {"ours": "default", "trl": "default"}
+# allocator per library: measure glibc's and jemalloc's, the report takes each library's fastest
+DEFAULT_ALLOCATORS = {"ours": "both", "trl": "both"}
 
 
 def main_groups() -> list[list[Row]]:
@@ -44,6 +50,11 @@ def main_groups() -> list[list[Row]]:
     ]
     bf16 = [[Row(r.impl, r.method, r.reference, "bf16") for r in group if r.reference != "precomputed"] for group in fp32]
     return fp32 + [g for g in bf16 if g]
+
+
+def with_allocators(groups: list[list[Row]], settings: dict[str, list[str]]) -> list[list[Row]]:
+    """Each row once per allocator setting of its library, in the same group (timed in turn)."""
+    return [[replace(r, allocator=a) for r in group for a in settings[r.impl]] for group in groups]
 
 
 def alone_rows() -> list[Row]:
@@ -141,6 +152,7 @@ def run(
     alone: list[Row] | None = None,
     log: Callable[[str], None] = print,
     omp_wait_policy: dict[str, str] | None = None,
+    allocators: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     from benchmarks import report
     from benchmarks.rows import row_worker, run_group, run_row
@@ -151,6 +163,25 @@ def run(
         log(f"[{(time.perf_counter() - started) / 60:4.1f} min] {message}")
 
     policies = {**DEFAULT_POLICIES, **(omp_wait_policy or {})}
+    choices = {**DEFAULT_ALLOCATORS, **(allocators or {})}
+    jemalloc = allocator.find_jemalloc()
+    settings, notes = {}, []
+    for impl in ("ours", "trl"):
+        settings[impl], missing = allocator.resolve(choices[impl], jemalloc)
+        if missing and missing not in notes:
+            notes.append(missing)
+    for message in notes:
+        note(f"NOTE: {message}")
+    note(f"allocators measured: the library's {', '.join(settings['ours'])}; TRL's {', '.join(settings['trl'])}" + (f" (jemalloc: {jemalloc})" if jemalloc else ""))
+    groups = with_allocators(groups, settings)
+    # LD_PRELOAD too is read when a process starts: the fork server runs with the default allocator
+    # (so do the matmul peaks, the alone row and the scaling run); a jemalloc row is spawned with it.
+    outer = allocator.environment("default", jemalloc, os.environ)
+    for key in ("LD_PRELOAD", "MALLOC_CONF"):
+        if key in outer:
+            os.environ[key] = outer[key]
+        else:
+            os.environ.pop(key, None)
     # OpenMP reads OMP_WAIT_POLICY once, when a process loads it: the fork server (the library's rows,
     # the matmul peaks, the scaling run) is started with the library's policy; a TRL row whose policy
     # differs runs in a freshly spawned process started with its own.
@@ -163,12 +194,13 @@ def run(
 
     def start(row: Row) -> tuple[Any, Any]:
         own = policies[row.impl]
-        ctx = fork if own == policies["ours"] else spawn
+        ctx = fork if own == policies["ours"] and row.allocator == "default" else spawn
         conn, child = ctx.Pipe()
         _set_policy(own)
         try:
-            process = ctx.Process(target=row_worker, args=(child, row), daemon=True)
-            process.start()
+            with allocator.applied(row.allocator, jemalloc):
+                process = ctx.Process(target=row_worker, args=(child, row), daemon=True)
+                process.start()
         finally:
             _set_policy(policies["ours"])
         child.close()
@@ -200,6 +232,7 @@ def run(
         "wall_s": time.perf_counter() - started,
         "command": "PYTHONPATH=. python -m benchmarks.bench_a",
         "omp_wait_policy": policies,
+        "allocator": {"ours": settings["ours"], "trl": settings["trl"], "jemalloc": jemalloc, "malloc_conf": allocator.MALLOC_CONF, "notes": notes},
     }
     report.annotate(data)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
             f"--{impl}-omp-wait-policy", choices=POLICIES, default=DEFAULT_POLICIES[impl],
             help=f"OMP_WAIT_POLICY of {label} rows (default: %(default)s; 'default' leaves OpenMP's own)",
         )
+    for impl, label in (("ours", "the library's"), ("trl", "TRL's")):
+        parser.add_argument(
+            f"--{impl}-allocator", choices=allocator.CHOICES, default=DEFAULT_ALLOCATORS[impl],
+            help=f"allocator of {label} rows: glibc's ('default'), jemalloc through LD_PRELOAD, or 'both' (each measured; default: %(default)s)",
+        )
     parser.add_argument("--out", type=Path, default=None, help="where benchmarks.md/json go (default docs/)")
     args = parser.parse_args(argv)
     try:
@@ -247,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         scaling = [r for r in scaling if args.only in r.name]
         alone = [r for r in alone if args.only in r.name]
     out = args.out or (Path("/tmp/bench-quick") if args.quick else DOCS)
-    run(groups, scaling, out, alone=alone, omp_wait_policy={"ours": args.ours_omp_wait_policy, "trl": args.trl_omp_wait_policy})
+    run(groups, scaling, out, alone=alone, omp_wait_policy={"ours": args.ours_omp_wait_policy, "trl": args.trl_omp_wait_policy},
+        allocators={"ours": args.ours_allocator, "trl": args.trl_allocator})
     return 0
 
 

@@ -42,32 +42,64 @@ def _key(row: dict[str, Any]) -> tuple[str, str, str, str]:
     return r["impl"], r["method"], r["reference"], r["precision"]
 
 
+def allocator_of(row: dict[str, Any]) -> str:
+    return row["row"].get("allocator", "default")
+
+
+def _ratios(r: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
+    """The library's row ``r`` over the TRL row ``peer``."""
+    common = sorted(set(r.get("quiet_step_indices", [])) & set(peer.get("quiet_step_indices", [])))
+    quiet_ratio = None
+    if len(common) >= 3:  # the same batches, both quiet: a like-for-like ratio
+        quiet_ratio = sum(peer["step_wall_s"][j] for j in common) / sum(r["step_wall_s"][j] for j in common)
+    return {
+        "quiet_steps_compared": len(common),
+        "tokens_per_s_quiet_steps": quiet_ratio,
+        "row": peer["name"],
+        "allocator": allocator_of(peer),
+        "tokens_per_s": r["tokens_per_s"] / peer["tokens_per_s"],
+        "cpu_tokens_per_s": r["cpu_tokens_per_s"] / peer["cpu_tokens_per_s"],
+        "train_mb": r["train_mb"] / peer["train_mb"],
+        "peak_rss_mb": r["peak_rss_mb"] / peer["peak_rss_mb"],
+    }
+
+
+def fastest(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], dict[str, Any]]:
+    """Per (library, method, reference, precision): the row of the fastest allocator setting (tokens/s)."""
+    best: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for r in rows:
+        if "error" not in r and (_key(r) not in best or r["tokens_per_s"] > best[_key(r)]["tokens_per_s"]):
+            best[_key(r)] = r
+    return best
+
+
 def annotate(data: dict[str, Any]) -> None:
-    """Add MFU, TRL ratios, target verdicts and the scaling slopes to ``data`` in place."""
+    """Add MFU, TRL ratios, target verdicts and the scaling slopes to ``data`` in place.
+
+    Each row may be measured with several allocator settings (``row.allocator``). ``vs_trl`` (the
+    headline) compares a library row with TRL at its fastest setting (the tuned peer);
+    ``vs_trl_default`` with TRL on the default allocator (the untuned peer). The targets use each
+    library's fastest setting. ``fastest_setting`` marks the row of its library's fastest setting.
+    """
     peaks = data["matmul_peak_flops"]
-    by_key = {_key(r): r for r in data["rows"] if "error" not in r}
+    best = fastest(data["rows"])
+    by_key = best
+    defaults = {_key(r): r for r in data["rows"] if "error" not in r and allocator_of(r) == "default"}
+    table_rows = {id(r) for r in data["rows"]}
     for r in data["rows"] + data["scaling"] + data.get("alone", []):
         if "error" in r:
             continue
         r["mfu"] = r["achieved_flops"] / peaks[r["row"]["precision"]]
+        if id(r) in table_rows:
+            r["fastest_setting"] = best.get(_key(r)) is r
         impl, method, reference, precision = _key(r)
-        if impl != "ours":
+        if impl != "ours" or id(r) not in table_rows:
             continue
-        peer = by_key.get(("trl", TRL_PEER[method], reference, precision))
-        if peer is not None:
-            common = sorted(set(r.get("quiet_step_indices", [])) & set(peer.get("quiet_step_indices", [])))
-            quiet_ratio = None
-            if len(common) >= 3:  # the same batches, both quiet: a like-for-like ratio
-                quiet_ratio = sum(peer["step_wall_s"][j] for j in common) / sum(r["step_wall_s"][j] for j in common)
-            r["vs_trl"] = {
-                "quiet_steps_compared": len(common),
-                "tokens_per_s_quiet_steps": quiet_ratio,
-                "row": peer["name"],
-                "tokens_per_s": r["tokens_per_s"] / peer["tokens_per_s"],
-                "cpu_tokens_per_s": r["cpu_tokens_per_s"] / peer["cpu_tokens_per_s"],
-                "train_mb": r["train_mb"] / peer["train_mb"],
-                "peak_rss_mb": r["peak_rss_mb"] / peer["peak_rss_mb"],
-            }
+        peer_key = ("trl", TRL_PEER[method], reference, precision)
+        if peer_key in best:
+            r["vs_trl"] = _ratios(r, best[peer_key])
+        if peer_key in defaults:
+            r["vs_trl_default"] = _ratios(r, defaults[peer_key])
     targets = []
     for method, reference, peer, need in SPEED_TARGETS:
         ours = by_key.get(("ours", method, reference, "fp32"))
@@ -75,7 +107,7 @@ def annotate(data: dict[str, Any]) -> None:
         suffix = " +precomputed" if reference == "precomputed" else ""
         targets.append({"target": f"{LABEL[method]}{suffix} vs TRL {peer.upper()}Trainer{suffix}: tokens/s >= {need}x", "value": got, "met": got is not None and got >= need})
     for r in data["rows"]:
-        if "vs_trl" in r:
+        if "vs_trl" in r and r.get("fastest_setting"):
             got = r["vs_trl"]["train_mb"]
             targets.append({"target": f"memory {r['name']} vs {r['vs_trl']['row']}: <= {MEMORY_TARGET}x", "value": got, "met": got <= MEMORY_TARGET})
     alone = next((r for r in data.get("alone", []) if "error" not in r and _key(r) == ("ours", "ulma", "copy", "fp32")), None)
@@ -125,20 +157,56 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def table(data: dict[str, Any]) -> str:
     lines = [
-        "| row | tokens/s | s/step | MFU | train MB | peak RSS MB | quiet steps | tokens/s vs TRL | same, quiet steps only | same, CPU time | train MB vs TRL |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| row | allocator | tokens/s | s/step | MFU | train MB | peak RSS MB | quiet steps | tokens/s vs tuned TRL | same, quiet steps only "
+        "| same, CPU time | train MB vs tuned TRL | tokens/s vs TRL, default allocator |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["rows"]:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'][:80]} |" + " |" * 9)
+            lines.append(f"| {r['name']} | {allocator_of(r)} | failed: {r['error'][:80]} |" + " |" * 10)
             continue
-        vs = r.get("vs_trl", {})
-        x = lambda key, vs=vs: f"{vs[key]:.2f}x" if vs.get(key) is not None else "-"  # noqa: E731
+        vs, untuned = r.get("vs_trl", {}), r.get("vs_trl_default", {})
+        x = lambda key, d=vs: f"{d[key]:.2f}x" if d.get(key) is not None else "-"  # noqa: E731
         quiet = x("tokens_per_s_quiet_steps") + (f" ({vs['quiet_steps_compared']})" if vs.get("tokens_per_s_quiet_steps") is not None else "")
+        tuned = f" ({vs['allocator']})" if vs else ""
+        setting = allocator_of(r) + (" *" if r.get("fastest_setting") else "")
         lines.append(
-            f"| {r['name']} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.2f} | {r['mfu']:.1%} | {r['train_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['row']['measured'] - r['disturbed_steps']}/{r['row']['measured']} | {x('tokens_per_s')} | {quiet} | {x('cpu_tokens_per_s')} | {x('train_mb')} |"
+            f"| {r['name']} | {setting} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.2f} | {r['mfu']:.1%} | {r['train_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['row']['measured'] - r['disturbed_steps']}/{r['row']['measured']} | {x('tokens_per_s')}{tuned} | {quiet} | {x('cpu_tokens_per_s')} | {x('train_mb')} | "
+            f"{x('tokens_per_s', untuned)} |"
         )
+    return "\n".join(lines)
+
+
+def allocator_text(data: dict[str, Any]) -> str:
+    """Which allocator settings were measured, which was fastest for each library, and why it matters."""
+    info = data.get("allocator") or {"ours": ["default"], "trl": ["default"], "jemalloc": None, "notes": []}
+    conf = info.get("malloc_conf", "dirty_decay_ms:-1,muzzy_decay_ms:-1")
+
+    def listed(impl: str) -> str:
+        return " and ".join(f"`{s}`" for s in info[impl])
+
+    lines = [
+        f"- allocator: the library's rows were measured with {listed('ours')}, TRL's with {listed('trl')} "
+        f"(`--ours-allocator`, `--trl-allocator`: `default`, `jemalloc` or `both`). `default` is glibc's malloc; "
+        f"`jemalloc` is {info.get('jemalloc') or 'libjemalloc.so.2'} through `LD_PRELOAD` with `MALLOC_CONF={conf}` "
+        "(freed memory is kept for reuse, never handed back to the OS), set when the row's process starts. "
+        "With glibc, a step that makes and frees large tensors (TRL's batch x sequence x vocabulary logits) "
+        "returns them to the OS and faults them in again on the next step, so much of its time is the kernel's. "
+        "A `*` marks the faster setting of each row; the headline ratios (\"vs tuned TRL\", and the targets) "
+        "compare each library at its fastest setting; the last column keeps the ratio against TRL on the "
+        "default allocator, and the rows of the slower setting stay in the table.",
+    ]
+    for message in info.get("notes", []):
+        lines.append(f"- **{message}**")
+    best = fastest(data["rows"])
+    gains = []
+    for key, r in best.items():
+        others = [o for o in data["rows"] if "error" not in o and _key(o) == key and o is not r]
+        for o in others:
+            gains.append(f"{r['name'].removesuffix(' ' + allocator_of(r))}: {allocator_of(r)} {o['s_per_step'] / r['s_per_step']:.2f}x as fast as {allocator_of(o)}")
+    if gains:
+        lines.append("- fastest setting per row: " + "; ".join(gains) + ".")
     return "\n".join(lines)
 
 
@@ -161,7 +229,7 @@ def alone_text(data: dict[str, Any]) -> str:
 
 
 def targets_table(data: dict[str, Any]) -> str:
-    lines = ["| target (float32 rows; memory: all pairs) | reached | met |", "|---|---:|:---:|"]
+    lines = ["| target (float32 rows, each library at its fastest allocator setting; memory: all pairs) | reached | met |", "|---|---:|:---:|"]
     for t in data["targets"]:
         value = t["value"]
         shown = "-" if value is None else (f"{value:.1%}" if "MFU" in t["target"] else f"{value:.2f}x")
@@ -227,6 +295,8 @@ shuffled with seed 0), DPO on (prompt, chosen, rejected) pairs, SFT on (prompt, 
 
 {alone_text(data)}
 
+{allocator_text(data)}
+
 - tokens/s: non-pad tokens of the training sequences per second of wall time over the measured
   steps (KTO's mismatched KL sequences are not counted). s/step: mean wall time of a measured step
   (forward, loss, backward, optimizer step). The rows compared with each other are timed step by
@@ -244,7 +314,8 @@ shuffled with seed 0), DPO on (prompt, chosen, rejected) pairs, SFT on (prompt, 
   between its steps, as the peak is measured, and for the table's row, whose steps alternate with
   TRL's KTOTrainer's; the two differ by the machine's run-to-run spread (10-20% per step here).
 - vs TRL: the library's row over the TRL row with the same method family (ULMA, point-wise DPO
-  and KTO against `KTOTrainer`), reference mode and precision, measured in the same invocation.
+  and KTO against `KTOTrainer`), reference mode and precision, measured in the same invocation,
+  TRL at its fastest allocator setting (named in brackets; the last column: TRL on the default allocator).
   "quiet steps only": the same ratio over the measured steps (same batches) that both rows ran on
   a quiet machine, with their count; "CPU time": each side's process CPU time in place of wall time.
 - quiet steps: measured steps during which other processes (any container on the machine) used

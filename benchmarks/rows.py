@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from benchmarks import flops as F
-from benchmarks import memory
+from benchmarks import allocator, memory
 from benchmarks.quiet import QUIET_CORES, Gate, Snapshot
 from benchmarks.workload import BATCH_SIZE, MAX_LENGTH, MEASURED_STEPS, THREADS, WARMUP_STEPS, Sample
 
@@ -51,6 +51,7 @@ class Row:
         fixed_length: scaling rows: every sequence exactly ``max_length`` tokens (28% response).
         options: extra keyword arguments of the library row (e.g. ``length_groups``).
         alone: timed in a group of its own, no other row interleaved (the MFU measurement).
+        allocator: ``default`` (glibc) or ``jemalloc``, the process's allocator (``benchmarks/allocator.py``).
     """
 
     impl: str
@@ -64,12 +65,14 @@ class Row:
     fixed_length: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     alone: bool = False
+    allocator: str = "default"
 
     @property
     def name(self) -> str:
         lib = "ulma-lightning" if self.impl == "ours" else "TRL"
         ref = {"copy": "", "precomputed": " +precomputed ref", "none": ""}[self.reference]
-        return f"{lib} {self.method}{ref} {self.precision}{' alone' if self.alone else ''}"
+        alloc = f" {self.allocator}" if self.allocator != "default" else ""
+        return f"{lib} {self.method}{ref} {self.precision}{alloc}{' alone' if self.alone else ''}"
 
     @property
     def steps(self) -> int:
@@ -263,7 +266,10 @@ def row_worker(conn: Any, row: Row) -> None:
 
     torch.set_num_threads(THREADS)
     result: dict[str, Any] = {"row": asdict(row), "name": row.name, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
-    prepared = _attempt(result, lambda: Prepared(row))
+    result["allocator_loaded"] = allocator.loaded()
+    if result["allocator_loaded"] != row.allocator:
+        result["error"] = f"asked for the {row.allocator} allocator, the process runs with {result['allocator_loaded']}"
+    prepared = None if "error" in result else _attempt(result, lambda: Prepared(row))
     conn.send("error" not in result)
     while (step := conn.recv()) is not None:
         if prepared is not None and "error" not in result:

@@ -25,13 +25,13 @@ import torch
 from benchmarks.workload import BATCH_SIZE, LR, MAX_LENGTH, SEED, Sample
 
 
-def _common_args(bf16: bool) -> dict[str, Any]:
+def _common_args(bf16: bool, max_length: int = MAX_LENGTH, gradient_checkpointing: bool = False) -> dict[str, Any]:
     return {
         "output_dir": tempfile.mkdtemp(prefix="bench-trl-"),
         "per_device_train_batch_size": BATCH_SIZE,
         "learning_rate": LR,
-        "max_length": MAX_LENGTH,
-        "gradient_checkpointing": False,
+        "max_length": max_length,
+        "gradient_checkpointing": gradient_checkpointing,
         "max_grad_norm": 0.0,
         "bf16": bf16,
         "use_cpu": True,
@@ -80,13 +80,20 @@ class TRLRow:
         bf16: bf16 mixed precision (TRL's ``bf16=True``).
         model: the initial policy (the bench-A init).
         tokenizer: the bench-A tokenizer.
+        max_length: TRL's ``max_length`` (bench-B: 1024).
+        gradient_checkpointing: turn it on in the model (as ``Trainer.train`` would) and the config (bench-B).
     """
 
-    def __init__(self, method: str, reference: str, bf16: bool, model: torch.nn.Module, tokenizer: Any) -> None:
+    def __init__(
+        self, method: str, reference: str, bf16: bool, model: torch.nn.Module, tokenizer: Any, max_length: int = MAX_LENGTH, gradient_checkpointing: bool = False
+    ) -> None:
         from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
         self.method = method
-        args = _common_args(bf16)
+        args = _common_args(bf16, max_length, gradient_checkpointing)
+        if gradient_checkpointing:  # Trainer.train() does this; the rows step without train()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
         precompute = reference == "precomputed"
         ref_model = None if precompute or method == "sft" else copy.deepcopy(model).eval().requires_grad_(False)
         if method == "kto":

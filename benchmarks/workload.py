@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_FILE = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+# ULMA_BENCH_HH names the file elsewhere (e.g. running from a git worktree)
+DATA_FILE = Path(os.environ.get("ULMA_BENCH_HH") or REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz")
 CACHE = REPO / "benchmarks" / ".cache"
 
 VOCAB_SIZE = 8192

@@ -86,3 +86,73 @@ def test_markdown_reports_alone_row_and_policy() -> None:
     assert "left at OpenMP's default (unset) for every row" in text
     data["omp_wait_policy"] = {"ours": "default", "trl": "PASSIVE"}
     assert "`PASSIVE` for TRL's" in report.markdown(data)
+
+
+def tuned(ours_default_s: float = 1.0, ours_jemalloc_s: float = 0.8, trl_default_s: float = 10.0, trl_jemalloc_s: float = 4.0) -> dict[str, Any]:
+    """Each row measured with both allocators (made-up numbers): TRL gains most from jemalloc."""
+    rows = [
+        result(Row("trl", "kto"), trl_default_s, 5000),
+        result(Row("trl", "kto", allocator="jemalloc"), trl_jemalloc_s, 5200),
+        result(Row("ours", "ulma"), ours_default_s, 700),
+        result(Row("ours", "ulma", allocator="jemalloc"), ours_jemalloc_s, 760),
+    ]
+    return {
+        "matmul_peak_flops": {"fp32": PEAK, "bf16": 2 * PEAK},
+        "rows": rows,
+        "alone": [],
+        "scaling": [],
+        "omp_wait_policy": {"ours": "default", "trl": "default"},
+        "allocator": {"ours": ["default", "jemalloc"], "trl": ["default", "jemalloc"], "jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+                      "malloc_conf": "dirty_decay_ms:-1,muzzy_decay_ms:-1", "notes": []},
+    }  # fmt: skip
+
+
+def test_headline_ratio_uses_the_tuned_peer_and_keeps_the_untuned() -> None:
+    data = tuned()
+    report.annotate(data)
+    trl_default, trl_jemalloc, ours_default, ours_jemalloc = data["rows"]
+    assert [r["fastest_setting"] for r in data["rows"]] == [False, True, False, True]
+    # headline: against TRL at its fastest allocator (4 s/step), the untuned ratio beside it (10 s/step)
+    assert ours_jemalloc["vs_trl"]["tokens_per_s"] == pytest.approx(4.0 / 0.8)
+    assert ours_jemalloc["vs_trl"]["allocator"] == "jemalloc"
+    assert ours_jemalloc["vs_trl_default"]["tokens_per_s"] == pytest.approx(10.0 / 0.8)
+    assert ours_default["vs_trl"]["tokens_per_s"] == pytest.approx(4.0)
+    assert ours_default["vs_trl"]["train_mb"] == pytest.approx(700 / 5200)
+    target = next(t for t in data["targets"] if t["target"] == "ULMA vs TRL KTOTrainer: tokens/s >= 3.0x")
+    assert target["value"] == pytest.approx(5.0) and target["met"] is True
+    # memory target: the library's fastest row only, against the tuned peer
+    memory = [t for t in data["targets"] if t["target"].startswith("memory")]
+    assert [t["target"] for t in memory] == ["memory ulma-lightning ulma fp32 jemalloc vs TRL kto fp32 jemalloc: <= 0.6x"]
+    assert memory[0]["value"] == pytest.approx(760 / 5200)
+
+
+def test_target_missed_against_the_tuned_peer_though_met_against_the_untuned() -> None:
+    data = tuned(ours_default_s=1.5, ours_jemalloc_s=1.6, trl_default_s=10.0, trl_jemalloc_s=4.0)
+    report.annotate(data)
+    ours_default = data["rows"][2]
+    assert ours_default["fastest_setting"] is True
+    assert ours_default["vs_trl_default"]["tokens_per_s"] == pytest.approx(10 / 1.5)  # would pass 3x
+    target = next(t for t in data["targets"] if t["target"] == "ULMA vs TRL KTOTrainer: tokens/s >= 3.0x")
+    assert target["value"] == pytest.approx(4.0 / 1.5) and target["met"] is False
+
+
+def test_markdown_names_each_rows_allocator_and_a_missing_jemalloc() -> None:
+    data = tuned()
+    data.update(
+        workload=report.workload_description(),
+        machine={"cpu": "test cpu", "cores": 2, "threads": 2, "python": "3", "torch": "t", "transformers": "x", "trl": "y"},
+        wall_s=60.0,
+        command="PYTHONPATH=. python -m benchmarks.bench_a",
+    )
+    for r in data["rows"]:
+        r["loadavg"] = (1.0, 1.0, 1.0)
+    report.annotate(data)
+    text = report.markdown(data)
+    assert "| TRL kto fp32 jemalloc | jemalloc * |" in text
+    assert "| TRL kto fp32 | default |" in text
+    assert "| ulma-lightning ulma fp32 jemalloc | jemalloc * | 1250 | 0.80 |" in text
+    assert "5.00x (jemalloc)" in text and "12.50x |" in text
+    assert "TRL kto fp32: jemalloc 2.50x as fast as default" in text
+    assert "not found" not in text
+    data["allocator"].update(ours=["default"], trl=["default"], notes=["jemalloc (libjemalloc.so.2) not found, so only the default allocator was measured: install it"])
+    assert "**jemalloc (libjemalloc.so.2) not found" in report.markdown(data)

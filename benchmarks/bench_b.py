@@ -1,0 +1,362 @@
+"""bench-B: the largest model, a Qwen2.5-0.5B-shaped Qwen2 built from its config, ULMA against TRL's KTOTrainer.
+
+    PYTHONPATH=. python -m benchmarks.bench_b                      # both rows; writes docs/benchmarks-b.{md,json}
+    PYTHONPATH=. python -m benchmarks.bench_b --find-max-length    # also: the longest max_length ULMA trains at batch 8
+    PYTHONPATH=. python -m benchmarks.bench_b --layers 2 --max-length 64 --out /tmp/bench-b   # a tiny smoke run
+
+Model: hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4,864, vocabulary 151,936, tied
+embeddings (Qwen2.5-0.5B's shape, random init, seed 0), float32; the reference a frozen copy.
+Batches: 8 sequences per step, each exactly ``max_length`` tokens (default 1,024; 72% prompt, 28%
+response, every other one a positive), token ids drawn with seed 0 from the vocabulary above the
+demo tokenizer's special tokens (the content does not change the work). Each row (the library's
+``ULMAModule`` step: ``training_step``, backward, AdamW; TRL's ``KTOTrainer.training_step`` with its
+KL sequences, then its optimizer) runs in a fresh child process under a resident-memory cap (default
+22 GiB): running out of memory is recorded as a result. Peak memory: the child's peak RSS, whole
+process. Gradient checkpointing on by default (``--no-gradient-checkpointing``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks import allocator, capped
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+TOKENIZER = "builtin:demo"
+BATCH = 8
+QWEN2_05B: dict[str, Any] = {
+    "model_type": "qwen2",
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+}
+
+
+@dataclass
+class BRow:
+    """One bench-B measurement: ``impl`` (``ours``: ULMA, ``trl``: KTOTrainer) at ``max_length``."""
+
+    impl: str
+    max_length: int = 1024
+    layers: int = 24
+    gradient_checkpointing: bool = True
+    warmup: int = 2
+    measured: int = 2
+    allocator: str = "default"
+    threads: int = 2
+
+    @property
+    def name(self) -> str:
+        lib = "ulma-lightning ULMA" if self.impl == "ours" else "TRL KTOTrainer"
+        return f"{lib} L={self.max_length}{' +checkpointing' if self.gradient_checkpointing else ''}{' ' + self.allocator if self.allocator != 'default' else ''}"
+
+
+def model_config(row: BRow) -> dict[str, Any]:
+    return {**QWEN2_05B, "num_hidden_layers": row.layers, "max_position_embeddings": max(QWEN2_05B["max_position_embeddings"], row.max_length)}
+
+
+def samples(row: BRow, first_id: int) -> list[Any]:
+    """``BATCH * steps`` sequences of exactly ``max_length`` ids in ``[first_id, vocab)``, seed 0."""
+    from benchmarks.workload import Sample
+
+    rng = random.Random(0)
+    response = max(1, round(0.28 * row.max_length))
+    out = []
+    for i in range(BATCH * (row.warmup + row.measured)):
+        ids = [rng.randrange(first_id, QWEN2_05B["vocab_size"]) for _ in range(row.max_length)]
+        out.append(Sample(ids[:-response], ids[-response:], score=float(i % 2 == 0)))
+    return out
+
+
+class OursB:
+    """The library's ULMA step on the bench-B model (as ``benchmarks/ours.py`` does for bench-A)."""
+
+    def __init__(self, row: BRow) -> None:
+        from ulma_lightning import PolicyConfig, ULMAModule
+
+        policy = PolicyConfig(model_config=model_config(row), tokenizer=TOKENIZER, reference="copy", gradient_checkpointing=row.gradient_checkpointing)
+        self.module = ULMAModule(policy=policy)
+        self.module.configure_model()
+        self.module.train()
+        self.optimizer = self.module.build_optimizer()
+        self.tokenizer = self.module.tokenizer
+
+    def collate(self, items: list[Any]) -> list[dict[str, Any]]:
+        from ulma_lightning.data.collate import PaddingCollator
+        from ulma_lightning.data.features import build_sequence
+        from ulma_lightning.tokenizers import pad_token_id
+
+        collator = PaddingCollator(pad_token_id(self.tokenizer))
+        feats = []
+        for i, s in enumerate(items):
+            ids, labels = build_sequence(s.prompt_ids, s.response_ids)
+            feats.append({"input_ids": ids, "labels": labels, "score": s.score, "index": i})
+        return [collator(feats[i : i + BATCH]) for i in range(0, len(feats), BATCH)]
+
+    def step(self, batch: dict[str, Any], index: int) -> float:
+        loss = self.module.training_step(batch, index)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+
+class TRLB:
+    """TRL's KTOTrainer step on the bench-B model (``benchmarks/trl_rows.py``)."""
+
+    def __init__(self, row: BRow, tokenizer: Any) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from benchmarks.trl_rows import TRLRow
+
+        options = model_config(row)
+        kind = options.pop("model_type")
+        options.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **options), dtype=torch.float32)
+        self.row = TRLRow("kto", "copy", False, model, tokenizer, max_length=row.max_length, gradient_checkpointing=row.gradient_checkpointing)
+
+    def collate(self, items: list[Any]) -> list[dict[str, Any]]:
+        return self.row.collate(items)
+
+    def step(self, batch: dict[str, Any], index: int) -> float:
+        return self.row.step(batch)
+
+
+def measure(row: BRow) -> dict[str, Any]:
+    """Build the row, run its steps, time the measured ones (in the child process)."""
+    import math
+
+    import torch
+
+    from benchmarks import memory
+    from ulma_lightning.tokenizers import load_tokenizer
+
+    torch.set_num_threads(row.threads)
+    tokenizer = load_tokenizer(TOKENIZER)
+    started = time.perf_counter()
+    runner: Any = OursB(row) if row.impl == "ours" else TRLB(row, tokenizer)
+    batches = runner.collate(samples(row, len(tokenizer)))
+    build_s = time.perf_counter() - started
+    walls, losses = [], []
+    for i, batch in enumerate(batches):
+        start = time.perf_counter()
+        losses.append(runner.step(batch, i))
+        walls.append(time.perf_counter() - start)
+    if not all(math.isfinite(x) for x in losses):
+        raise FloatingPointError(f"non-finite loss: {losses}")
+    timed = walls[row.warmup :] or walls[-1:]
+    tokens = BATCH * row.max_length
+    return {
+        "s_per_step": sum(timed) / len(timed),
+        "tokens_per_s": tokens * len(timed) / sum(timed),
+        "step_wall_s": walls,
+        "losses": losses,
+        "build_s": build_s,
+        "process_peak_rss_gib": memory.peak_mb() / 1024,
+        "allocator_loaded": allocator.loaded(),
+    }
+
+
+def run_row(row: BRow, cap_gib: float, timeout_s: float, jemalloc: str | None) -> dict[str, Any]:
+    """One row in a fresh process under the memory cap; its result (or why it has none)."""
+    with allocator.applied(row.allocator, jemalloc):
+        result = capped.run_capped(measure, row, int(cap_gib * capped.GIB), timeout_s=timeout_s)
+    if "process_peak_rss_gib" in result:
+        result["peak_rss_gib"] = max(result["process_peak_rss_gib"], result.get("polled_peak_rss_gib", 0.0))
+    return {"row": asdict(row), "name": row.name, **result}
+
+
+def find_max_length(base: BRow, cap_gib: float, timeout_s: float, jemalloc: str | None, limit: int, resolution: int, log: Any = print) -> dict[str, Any]:
+    """The longest ``max_length`` (a multiple of ``resolution``, up to ``limit``) at which the
+    library's ULMA trains one step at batch 8: doubling from ``base.max_length``, then bisecting."""
+    probes: list[dict[str, Any]] = []
+
+    def fits(length: int) -> bool | None:
+        result = run_row(replace(base, impl="ours", max_length=length, warmup=0, measured=1), cap_gib, timeout_s, jemalloc)
+        probes.append(result)
+        log(line(result))
+        if "error" not in result:
+            return True
+        return False if result.get("out_of_memory") else None
+
+    ok, bad, stopped = 0, None, None
+    length = max(resolution, base.max_length // resolution * resolution)
+    while length <= limit:
+        verdict = fits(length)
+        if verdict is None:
+            stopped = probes[-1]["error"]
+            break
+        if not verdict:
+            bad = length
+            break
+        ok, length = length, length * 2
+    while stopped is None and bad is not None and bad - ok > resolution:
+        middle = (ok + bad) // 2 // resolution * resolution
+        verdict = fits(middle)
+        if verdict is None:
+            stopped = probes[-1]["error"]
+            break
+        ok, bad = (middle, bad) if verdict else (ok, middle)
+    return {"max_length": ok or None, "first_failing": bad, "limit": limit, "resolution": resolution, "stopped": stopped, "probes": probes}
+
+
+def line(result: dict[str, Any]) -> str:
+    if "error" in result:
+        return f"{result['name']}: {'OUT OF MEMORY' if result.get('out_of_memory') else 'FAILED'} {result['error']}"
+    return f"{result['name']}: {result['s_per_step']:.2f} s/step, {result['tokens_per_s']:.0f} tokens/s, peak RSS {result['peak_rss_gib']:.2f} GiB"
+
+
+# ------------------------------------------------------------------ report
+def markdown(data: dict[str, Any]) -> str:
+    m = data["machine"]
+    row0 = data["rows"][0]["row"] if data["rows"] else data["settings"]
+    shape = "the full Qwen2.5-0.5B shape" if row0["layers"] == QWEN2_05B["num_hidden_layers"] else f"**{row0['layers']} layers, not the full 24: a smoke run**"
+    lines = [
+        "# Benchmarks: bench-B (the largest model)",
+        "",
+        f"Generated by `{data['command']}` on {data['date']} in {data['wall_s'] / 60:.1f} minutes; do not edit by hand.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']:.0f} GiB memory, torch threads {row0['threads']}; torch {m['torch']}, "
+        f"transformers {m['transformers']}, TRL {m['trl']}.",
+        "",
+        f"Model: Qwen2 built from its config, {shape}: hidden 896, {row0['layers']} layers, 14 heads, 2 KV heads, intermediate 4,864, "
+        "vocabulary 151,936, tied embeddings, random init, float32; the reference a frozen copy. "
+        f"{BATCH} sequences per step, each exactly max_length tokens (72% prompt, 28% response, half positives); "
+        f"{row0['warmup']} warm-up then {row0['measured']} measured steps; gradient checkpointing "
+        f"{'on' if row0['gradient_checkpointing'] else 'off'} for both libraries. Each row runs in its own process, killed "
+        f"once its resident memory passes {data['cap_gib']:.1f} GiB (recorded as out of memory).",
+        "",
+        "| row | max_length | s/step | tokens/s | peak RSS GiB | allocator |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in data["rows"]:
+        row = r["row"]
+        if "error" in r:
+            what = "out of memory" if r.get("out_of_memory") else "failed"
+            lines.append(f"| {r['name']} | {row['max_length']} | {what}: {r['error'][:120]} | - | {r.get('peak_rss_gib', 0):.2f} | {row['allocator']} |")
+        else:
+            lines.append(f"| {r['name']} | {row['max_length']} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_gib']:.2f} | {row['allocator']} |")
+    ok = {r["row"]["impl"]: r for r in data["rows"] if "error" not in r}
+    if "ours" in ok and "trl" in ok:
+        o, t = ok["ours"], ok["trl"]
+        lines += ["", f"ULMA against KTOTrainer: {t['s_per_step'] / o['s_per_step']:.2f}x the speed, {o['peak_rss_gib'] / t['peak_rss_gib']:.2f}x the peak memory."]
+    search = data.get("max_length_search")
+    if search:
+        lines += ["", "## Longest max_length ULMA trains at batch 8", ""]
+        found = search["max_length"]
+        lines.append(
+            f"- {found if found else 'none'} tokens (one step each, doubling then bisecting to {search['resolution']} tokens, "
+            f"up to {search['limit']}); first failing: {search['first_failing'] or '- (none up to the limit)'}"
+            + (f"; the search stopped: {search['stopped']}" if search["stopped"] else "")
+            + "."
+        )
+        for p in search["probes"]:
+            lines.append(f"  - {line(p)}")
+    notes = data.get("notes") or []
+    if notes:
+        lines += [""] + [f"- **{n}**" for n in notes]
+    lines += [
+        "",
+        "- s/step: mean wall time of the measured steps (forward, loss, backward, optimizer step); tokens/s: "
+        "the batch's tokens (8 x max_length) per second. peak RSS: the larger of the process's own high-water "
+        "mark (VmHWM, including torch and the library's imports) and the parent's samples of its RSS.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    import torch
+    import transformers
+    import trl
+
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": pages / capped.GIB, "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-length", type=int, default=1024, help="tokens per sequence (default %(default)s)")
+    parser.add_argument("--layers", type=int, default=24, help="decoder layers (default %(default)s: Qwen2.5-0.5B; fewer for a smoke run)")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up steps (default %(default)s)")
+    parser.add_argument("--measured", type=int, default=2, help="measured steps (default %(default)s)")
+    parser.add_argument("--no-gradient-checkpointing", action="store_true", help="run without gradient checkpointing")
+    parser.add_argument("--only", choices=("ours", "trl"), default=None, help="run one library's row only")
+    parser.add_argument("--find-max-length", action="store_true", help="also search the longest max_length ULMA trains at batch 8")
+    parser.add_argument("--max-length-limit", type=int, default=32768, help="the search stops here (default %(default)s)")
+    parser.add_argument("--resolution", type=int, default=256, help="the search's step (default %(default)s tokens)")
+    parser.add_argument("--memory-cap-gib", type=float, default=22.0, help="a row's process is killed above this RSS (default %(default)s)")
+    parser.add_argument("--timeout-min", type=float, default=180.0, help="a row with no result after this long is recorded as failed")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
+    for impl, label in (("ours", "the library's"), ("trl", "TRL's")):
+        parser.add_argument(f"--{impl}-allocator", choices=allocator.SETTINGS, default="default", help=f"allocator of {label} row (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=DOCS, help="folder of benchmarks-b.md/json (default docs/)")
+    args = parser.parse_args(argv)
+    for name in ("max_length", "layers", "measured", "resolution", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    started = time.perf_counter()
+    jemalloc = allocator.find_jemalloc()
+    notes = []
+    for impl in ("ours", "trl"):
+        settings, missing = allocator.resolve(getattr(args, f"{impl}_allocator"), jemalloc)
+        setattr(args, f"{impl}_allocator", settings[0])
+        if missing and missing not in notes:
+            notes.append(missing)
+            print(f"NOTE: {missing}")
+    base = BRow("ours", args.max_length, args.layers, not args.no_gradient_checkpointing, args.warmup, args.measured, threads=args.threads)
+    timeout = args.timeout_min * 60
+    rows = []
+    for impl in ("ours", "trl"):
+        if args.only in (None, impl):
+            rows.append(run_row(replace(base, impl=impl, allocator=getattr(args, f"{impl}_allocator")), args.memory_cap_gib, timeout, jemalloc))
+            print(line(rows[-1]), flush=True)
+    search = None
+    if args.find_max_length:
+        search = find_max_length(replace(base, allocator=args.ours_allocator), args.memory_cap_gib, timeout, jemalloc, args.max_length_limit, args.resolution)
+    data = {
+        "command": "PYTHONPATH=. python -m benchmarks.bench_b" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "cap_gib": args.memory_cap_gib,
+        "settings": asdict(base),
+        "rows": rows,
+        "max_length_search": search,
+        "notes": notes,
+        "wall_s": time.perf_counter() - started,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "benchmarks-b.json").write_text(json.dumps(data, indent=1) + "\n")
+    text = markdown(data)
+    (args.out / "benchmarks-b.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The benchmark harness's own pieces: allocator discovery and environments, the memory cap that
+turns running out into a result, bench-B's search and report, the generation token count.
+
+Nothing here is timed; the memory-cap tests start one small child process each (about a second).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from benchmarks import allocator, bench_b, capped
+from benchmarks.bench_a import with_allocators
+from benchmarks.bench_generate import generated_tokens
+from benchmarks.rows import Row
+
+
+def test_find_jemalloc_from_ldconfig_then_the_usual_paths(tmp_path: Path) -> None:
+    lib = tmp_path / "libjemalloc.so.2"
+    lib.write_bytes(b"")
+    listing = f"	libz.so.1 (libc6,x86-64) => /lib/libz.so.1\n	libjemalloc.so.2 (libc6,x86-64) => {lib}\n"
+    assert allocator.find_jemalloc(listing, candidates=(), environ={}) == str(lib)
+    assert allocator.find_jemalloc("", candidates=(str(tmp_path / "absent.so"), str(lib)), environ={}) == str(lib)
+    assert allocator.find_jemalloc("", candidates=(str(tmp_path / "absent.so"),), environ={}) is None
+    assert allocator.find_jemalloc("", candidates=(), environ={"ULMA_BENCH_JEMALLOC": str(lib)}) == str(lib)
+
+
+def test_resolve_measures_the_default_only_and_says_why_when_jemalloc_is_absent() -> None:
+    assert allocator.resolve("both", "/x/libjemalloc.so.2") == (["default", "jemalloc"], None)
+    settings, note = allocator.resolve("both", None)
+    assert settings == ["default"] and note is not None and "not found" in note and "apt-get install libjemalloc2" in note
+    assert allocator.resolve("jemalloc", None)[0] == ["default"]
+    assert allocator.resolve("default", None) == (["default"], None)
+    with pytest.raises(ValueError, match="allocator must be one of"):
+        allocator.resolve("tcmalloc", None)
+
+
+def test_environment_preloads_jemalloc_first_and_default_takes_it_out() -> None:
+    base = {"LD_PRELOAD": "/opt/other.so", "PATH": "/bin"}
+    env = allocator.environment("jemalloc", "/lib/libjemalloc.so.2", base)
+    assert env["LD_PRELOAD"] == "/lib/libjemalloc.so.2 /opt/other.so"
+    assert env["MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1" and env["PATH"] == "/bin"
+    back = allocator.environment("default", "/lib/libjemalloc.so.2", env)
+    assert back["LD_PRELOAD"] == "/opt/other.so" and "MALLOC_CONF" not in back
+    assert "LD_PRELOAD" not in allocator.environment("default", None, {"LD_PRELOAD": "/lib/libjemalloc.so.2"})
+    with pytest.raises(FileNotFoundError, match="not found"):
+        allocator.environment("jemalloc", None, base)
+    assert base == {"LD_PRELOAD": "/opt/other.so", "PATH": "/bin"}  # not modified
+
+
+def test_applied_sets_and_restores_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setenv("MALLOC_CONF", "narenas:1")
+    import os
+
+    with allocator.applied("jemalloc", "/lib/libjemalloc.so.2"):
+        assert os.environ["LD_PRELOAD"] == "/lib/libjemalloc.so.2"
+        assert os.environ["MALLOC_CONF"] == allocator.MALLOC_CONF
+    assert "LD_PRELOAD" not in os.environ and os.environ["MALLOC_CONF"] == "narenas:1"
+
+
+def test_loaded_reads_the_process_maps() -> None:
+    assert allocator.loaded("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n") == "jemalloc"
+    assert allocator.loaded("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n") == "default"
+
+
+def test_with_allocators_runs_each_row_once_per_setting_of_its_library() -> None:
+    groups = with_allocators([[Row("trl", "kto"), Row("ours", "ulma")]], {"trl": ["default", "jemalloc"], "ours": ["default"]})
+    assert [r.name for r in groups[0]] == ["TRL kto fp32", "TRL kto fp32 jemalloc", "ulma-lightning ulma fp32"]
+
+
+def test_memory_cap_turns_running_out_into_a_result() -> None:
+    result = capped.run_capped(capped.hog, 4000, cap_bytes=200 * 1024**2, timeout_s=120)
+    assert result["out_of_memory"] is True
+    assert result["error"].startswith("ran out of memory at 0.")
+    assert "cap 0.2 GiB" in result["error"]
+    assert 0.19 < result["peak_rss_gib"] < 1.0
+
+
+def test_memory_cap_lets_a_small_run_finish() -> None:
+    result = capped.run_capped(capped.hog, 32, cap_bytes=2 * 1024**3, timeout_s=120)
+    assert "error" not in result and result["touched_mb"] == 32
+
+
+def test_allocation_failure_in_the_child_is_out_of_memory() -> None:
+    assert capped.is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"))
+    assert capped.is_out_of_memory(MemoryError())
+    assert not capped.is_out_of_memory(ValueError("bad shape"))
+
+
+def test_find_max_length_doubles_then_bisects(monkeypatch: pytest.MonkeyPatch) -> None:
+    tried: list[int] = []
+
+    def fake(row: bench_b.BRow, cap: float, timeout: float, jemalloc: Any) -> dict[str, Any]:
+        tried.append(row.max_length)
+        assert row.impl == "ours" and row.warmup == 0 and row.measured == 1
+        if row.max_length <= 1500:
+            return {"row": {}, "name": row.name, "s_per_step": 1.0, "tokens_per_s": 1.0, "peak_rss_gib": 1.0}
+        return {"row": {}, "name": row.name, "out_of_memory": True, "error": "ran out of memory at 21.9 GiB"}
+
+    monkeypatch.setattr(bench_b, "run_row", fake)
+    found = bench_b.find_max_length(bench_b.BRow("ours"), 22.0, 60.0, None, limit=32768, resolution=256, log=lambda s: None)
+    assert tried == [1024, 2048, 1536, 1280]
+    assert found["max_length"] == 1280 and found["first_failing"] == 1536 and found["stopped"] is None
+
+
+def test_find_max_length_stops_on_a_failure_that_is_not_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake(row: bench_b.BRow, *args: Any) -> dict[str, Any]:
+        return {"row": {}, "name": row.name, "error": "no result within 60 s"} if row.max_length > 1024 else {"row": {}, "name": row.name, "s_per_step": 1.0, "tokens_per_s": 1.0, "peak_rss_gib": 1.0}
+
+    monkeypatch.setattr(bench_b, "run_row", fake)
+    found = bench_b.find_max_length(bench_b.BRow("ours"), 22.0, 60.0, None, limit=32768, resolution=256, log=lambda s: None)
+    assert found["max_length"] == 1024 and found["stopped"] == "no result within 60 s"
+
+
+def test_bench_b_report_records_out_of_memory() -> None:
+    ours, trl = bench_b.BRow("ours"), bench_b.BRow("trl")
+    data = {
+        "command": "PYTHONPATH=. python -m benchmarks.bench_b",
+        "date": "2026-01-01",
+        "machine": {"cpu": "test cpu", "cores": 2, "memory_gib": 24.0, "torch": "t", "transformers": "x", "trl": "y"},
+        "cap_gib": 22.0,
+        "settings": {},
+        "rows": [
+            {"row": ours.__dict__, "name": ours.name, "s_per_step": 150.0, "tokens_per_s": 54.6, "peak_rss_gib": 12.5},
+            {"row": trl.__dict__, "name": trl.name, "out_of_memory": True, "error": "ran out of memory at 22.0 GiB (killed by the benchmark's memory cap; cap 22.0 GiB)", "peak_rss_gib": 22.0},
+        ],
+        "max_length_search": {"max_length": 4096, "first_failing": 8192, "limit": 32768, "resolution": 256, "stopped": None, "probes": []},
+        "notes": [],
+        "wall_s": 600.0,
+    }
+    text = bench_b.markdown(data)
+    assert "the full Qwen2.5-0.5B shape" in text
+    assert "| ulma-lightning ULMA L=1024 +checkpointing | 1024 | 150.00 | 55 | 12.50 | default |" in text
+    assert "| TRL KTOTrainer L=1024 +checkpointing | 1024 | out of memory: ran out of memory at 22.0 GiB" in text
+    assert "- 4096 tokens (one step each" in text and "first failing: 8192" in text
+    assert "ULMA against KTOTrainer" not in text  # no ratio against a row that has no result
+    data["rows"][0]["row"] = {**ours.__dict__, "layers": 2}
+    assert "**2 layers, not the full 24: a smoke run**" in bench_b.markdown(data)
+
+
+def test_generated_tokens_count_up_to_the_first_eos() -> None:
+    ids = torch.tensor([[5, 6, 2, 0, 0], [5, 6, 7, 8, 9], [2, 0, 0, 0, 0]])
+    assert generated_tokens(ids, eos=2) == 3 + 5 + 1

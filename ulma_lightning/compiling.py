@@ -4,7 +4,9 @@
 Each block (``LlamaDecoderLayer``, ``Qwen2DecoderLayer``, ... found as for sharding) is compiled in
 place with ``nn.Module.compile``: its norms, rotary embedding, SwiGLU and residual adds fuse into a
 few kernels, while the state-dict keys stay those of the eager model (no ``_orig_mod.``), so
-checkpoints, resume and ``ulma export`` are unchanged. All blocks share one compiled graph. With
+checkpoints, resume and ``ulma export`` are unchanged. All blocks share one compiled function (its
+variants, e.g. training and validation, count against ``torch._dynamo.config.recompile_limit``,
+raised to :data:`RECOMPILE_LIMIT`). With
 ``dynamic`` unset (torch's default), the first new sequence length or batch size recompiles once
 with dynamic shapes, and later lengths reuse that graph. The chunked log-prob head stays eager (it is
 two matmuls per chunk; see docs/benchmarks.md). Generation runs eager (:func:`eager`): each decoding
@@ -29,6 +31,7 @@ KEYS = {
     "backend": "a torch.compile backend name, e.g. 'inductor' (default) or 'aot_eager'",
     "fullgraph": "true or false",
 }
+RECOMPILE_LIMIT = 64  # variants of the blocks' compiled function (torch's default: 8), see compile_blocks
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -65,6 +68,11 @@ def compile_blocks(model: nn.Module, options: dict[str, Any]) -> int:
     """
     from ulma_lightning.sharding import decoder_layer_classes
 
+    import torch._dynamo.config
+
+    # every block of every model shares one compiled function, whose variants (train / eval, grad /
+    # no grad, adapters on / off, static / dynamic shapes) would pass torch's default limit of 8
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     classes = decoder_layer_classes(model)
     blocks = [m for m in model.modules() if isinstance(m, classes)]
     for block in blocks:

@@ -60,7 +60,8 @@ def with_allocators(groups: list[list[Row]], settings: dict[str, list[str]]) -> 
 def alone_rows() -> list[Row]:
     """ULMA float32 timed with no other row interleaved, right after the matmul peak: the MFU target's
     numerator measured under the same conditions as its denominator."""
-    return [Row("ours", "ulma", alone=True)]
+    # and with policy.compile (the blocks through torch.compile): more warm-up steps, which compile
+    return [Row("ours", "ulma", alone=True), Row("ours", "ulma", alone=True, warmup=workload.WARMUP_STEPS + 3, measured=workload.MEASURED_STEPS - 3, options={"compile": {"dynamic": True}})]
 
 
 def scaling_rows(warmup: int = 1, measured: int = 2) -> list[Row]:

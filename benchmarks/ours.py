@@ -44,6 +44,7 @@ class OurRow:
         tokenizer: the bench-A tokenizer folder.
         model_overrides: changes to the bench-A model config (the scaling run's vocabulary).
         chunk_size: response tokens per vocabulary-projection chunk (``PolicyConfig.logits_chunk_size``).
+        compile: ``PolicyConfig.compile`` (the transformer blocks through ``torch.compile``).
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class OurRow:
         tokenizer: str,
         model_overrides: dict[str, Any] | None = None,
         chunk_size: int | None = None,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         from ulma_lightning import PolicyConfig
 
@@ -63,6 +65,8 @@ class OurRow:
         options: dict[str, Any] = {"model_config": model_config(**(model_overrides or {})), "tokenizer": tokenizer, "reference": ref}
         if chunk_size is not None:
             options["logits_chunk_size"] = chunk_size
+        if compile:
+            options["compile"] = compile
         self.module = module_class(method)(policy=PolicyConfig(**options))
         self.module.configure_model()
         self.module.train()

@@ -49,7 +49,7 @@ class Row:
         max_length: sequence length cap (bench-A: 512).
         vocab: model vocabulary (bench-A: 32,000).
         fixed_length: scaling rows: every sequence exactly ``max_length`` tokens (28% response).
-        options: extra keyword arguments of the library row (e.g. ``length_groups``).
+        options: extra keyword arguments of the library row (e.g. ``chunk_size``, ``compile``).
         alone: timed in a group of its own, no other row interleaved (the MFU measurement).
         allocator: ``default`` (glibc) or ``jemalloc``, the process's allocator (``benchmarks/allocator.py``).
     """
@@ -72,7 +72,8 @@ class Row:
         lib = "ulma-lightning" if self.impl == "ours" else "TRL"
         ref = {"copy": "", "precomputed": " +precomputed ref", "none": ""}[self.reference]
         alloc = f" {self.allocator}" if self.allocator != "default" else ""
-        return f"{lib} {self.method}{ref} {self.precision}{alloc}{' alone' if self.alone else ''}"
+        compiled = " compiled" if self.options.get("compile") else ""
+        return f"{lib} {self.method}{ref} {self.precision}{compiled}{alloc}{' alone' if self.alone else ''}"
 
     @property
     def steps(self) -> int:

@@ -9,7 +9,7 @@ group instead of spawning processes, and the group's start-up is paid once for a
 ``RUNS.json``: ``[{"name": ..., "argv": [...]}, ...]``. Each run is ``ulma_lightning.cli.main(argv)``
 in its own folder ``<RUNS.json's folder>/<name>/`` (the configs' relative ``runs/`` land there).
 After each, every rank writes ``<name>/result.rank<r>.json``: the global step, the logged metrics,
-the reference forward count and a checksum of the policy's full weights (gathered under FSDP2).
+the reference forward count, the number of compiled graphs and a checksum of the policy's full weights (gathered under FSDP2).
 """
 
 from __future__ import annotations
@@ -38,6 +38,13 @@ def full_weights_checksum(model: Any) -> float:
     return total
 
 
+def compiled_graphs() -> int:
+    """Graphs ``torch.compile`` has built in this process so far (``policy.compile``)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def main(spec: Path) -> None:
     from ulma_lightning.cli import main as ulma
 
@@ -57,6 +64,7 @@ def main(spec: Path) -> None:
             "metrics": {k: (None if math.isnan(v) else v) for k, v in metrics.items()},
             "reference_forward_samples": getattr(module.policy, "reference_forward_samples", None),
             "checksum": full_weights_checksum(module.policy.model),
+            "compiled_graphs": compiled_graphs(),
             "seconds": round(time.perf_counter() - start, 1),
         }
         (folder / f"result.rank{rank}.json").write_text(json.dumps(result))

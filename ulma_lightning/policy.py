@@ -12,6 +12,7 @@ from typing import Any, Iterator, Literal
 import torch
 from torch import Tensor, nn
 
+from ulma_lightning.compiling import compile_blocks, compile_options
 from ulma_lightning.logprobs import response_token_logps, TokenLogps
 from ulma_lightning.options import TORCH_DTYPES, check_numbers
 from ulma_lightning.tokenizers import DEMO_TOKENIZER, load_tokenizer
@@ -73,6 +74,12 @@ class PolicyConfig:
         length_groups: run the backbone on up to this many groups of rows of similar length, each
             trimmed to its longest row, so less compute goes to padding (1 = the whole batch at once;
             FSDP-sharded models always use 1). Same log-probs either way.
+        compile: run each transformer block of the policy, its reference copy (and a reward model)
+            through ``torch.compile``: ``false`` (default), ``true``, or a mapping of ``torch.compile``
+            arguments ``mode``, ``dynamic``, ``backend``, ``fullgraph`` (e.g. ``{backend: aot_eager}``).
+            The first steps are slower (compiling, once more when the padded length first changes);
+            checkpoints keep the eager keys; generation runs eager. Works with LoRA, DDP and FSDP2;
+            refused under FSDP1 (``configs/strategy/fsdp.yaml``).
         attn_implementation: passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``).
         trust_remote_code: allow model code from the hub.
         init_seed: seed of the random init when building from ``model_config``.
@@ -89,6 +96,7 @@ class PolicyConfig:
     disable_dropout: bool = True
     logits_chunk_size: int = 1024
     length_groups: int = 4
+    compile: bool | dict[str, Any] = False
     attn_implementation: str | None = None
     trust_remote_code: bool = False
     init_seed: int = 0
@@ -106,6 +114,7 @@ class PolicyConfig:
             raise ValueError(f"logits_chunk_size must be >= 1, got {self.logits_chunk_size}")
         if self.length_groups < 1:
             raise ValueError(f"length_groups must be >= 1 (1 turns grouping off), got {self.length_groups}")
+        compile_options(self.compile)  # a bad key or value stops here, named
 
     @property
     def tokenizer_source(self) -> str:
@@ -268,6 +277,14 @@ class PretrainedModel(nn.Module):
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.model = model
+        options = compile_options(cfg.compile)
+        if options is not None:  # in place: the state-dict keys stay the eager ones
+            for built in self.compiled_models():
+                compile_blocks(built, options)
+
+    def compiled_models(self) -> list[nn.Module]:
+        """The models that ``policy.compile`` compiles (the policy adds its reference copy)."""
+        return [self.model] if self.model is not None else []
 
     def before_wrapping(self, model: nn.Module) -> None:
         """Called by :meth:`build` with the loaded model before adapters, dropout and checkpointing
@@ -325,6 +342,9 @@ class Policy(PretrainedModel):
                 disable_dropout(reference)
             reference.requires_grad_(False).eval()
             self.reference_model = reference
+
+    def compiled_models(self) -> list[nn.Module]:
+        return [m for m in (self.model, self.reference_model) if m is not None]
 
     # ---------------------------------------------------------------- log-probs
     def token_logps(self, batch: dict[str, Tensor], *, reference: bool = False) -> TokenLogps:

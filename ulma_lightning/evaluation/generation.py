@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ulma_lightning.compiling import eager
 from ulma_lightning.tokenizers import pad_token_id
 
 
@@ -88,15 +89,16 @@ def generate_ids(
         generator_state = torch.random.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         torch.manual_seed(config.seed + seed_offset)
     try:
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pad_token_id=pad,
-            eos_token_id=eos,
-            use_cache=True,
-            synced_gpus=synced,
-            **config.generate_kwargs(),
-        )
+        with eager():  # compiled blocks (policy.compile) run eager: each decoding step has new shapes
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                pad_token_id=pad,
+                eos_token_id=eos,
+                use_cache=True,
+                synced_gpus=synced,
+                **config.generate_kwargs(),
+            )
     finally:
         if generator_state is not None:
             torch.random.set_rng_state(generator_state[0])

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ulma_lightning.checkpointing import DATA_CLASS_KEY, MODULE_CLASS_KEY, check_same_classes, class_path, keep_unfinished_epoch
+from ulma_lightning.compiling import check_strategy
 from ulma_lightning.evaluation.generation import GenerationConfig, can_generate, generate_responses
 from ulma_lightning.evaluation.metrics import TokenPerplexity, demonstration_rows, reuse_token_logps
 from ulma_lightning.export import export_hf
@@ -127,6 +128,8 @@ class AlignmentModule(ReferencePrecompute):
         if not self.needs_reference and config.reference != "none":
             log.info("%s uses no reference model: policy.reference %r is treated as 'none'", type(self).__name__, config.reference)
             config.reference = "none"
+        if config.compile and self._trainer is not None:
+            check_strategy(self._trainer.strategy)
         self.policy.build()
         mesh = getattr(self, "_device_mesh", None)
         if mesh is not None:  # FSDP2 (ModelParallelStrategy): shard policy and reference per block

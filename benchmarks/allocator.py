@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
 
 SETTINGS = ("default", "jemalloc")
 CHOICES = SETTINGS + ("both",)

@@ -22,9 +22,10 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from benchmarks import allocator, workload
 from benchmarks.rows import Row
@@ -65,11 +66,7 @@ def alone_rows() -> list[Row]:
 
 
 def scaling_rows(warmup: int = 1, measured: int = 2) -> list[Row]:
-    return [
-        Row("ours", "ulma", warmup=warmup, measured=measured, max_length=length, vocab=vocab, fixed_length=True)
-        for vocab in SCALING_VOCABS
-        for length in SCALING_LENGTHS
-    ]
+    return [Row("ours", "ulma", warmup=warmup, measured=measured, max_length=length, vocab=vocab, fixed_length=True) for vocab in SCALING_VOCABS for length in SCALING_LENGTHS]
 
 
 # ------------------------------------------------------------------ child processes
@@ -96,7 +93,6 @@ def measure_peaks(_: Any = None) -> dict[str, float]:
     import torch
 
     from benchmarks.flops import matmul_peak
-
     from benchmarks.quiet import QUIET_CORES, Snapshot, wait_quiet
 
     torch.set_num_threads(workload.THREADS)
@@ -249,8 +245,10 @@ def _line(result: dict[str, Any]) -> str:
     where = f" L={row['max_length']} V={row['vocab']}" if row["fixed_length"] else ""
     if "error" in result:
         return f"{result['name']}{where}: FAILED {result['error']}"
-    return (f"{result['name']}{where}: {result['tokens_per_s']:.0f} tok/s, {result['s_per_step']:.2f} s/step, "
-            f"peak {result.get('peak_rss_mb', 0):.0f} MB (+{result.get('train_mb', 0):.0f}), load {result['loadavg'][0]:.1f}")
+    return (
+        f"{result['name']}{where}: {result['tokens_per_s']:.0f} tok/s, {result['s_per_step']:.2f} s/step, "
+        f"peak {result.get('peak_rss_mb', 0):.0f} MB (+{result.get('train_mb', 0):.0f}), load {result['loadavg'][0]:.1f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,12 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling run")
     for impl, label in (("ours", "the library's"), ("trl", "TRL's")):
         parser.add_argument(
-            f"--{impl}-omp-wait-policy", choices=POLICIES, default=DEFAULT_POLICIES[impl],
+            f"--{impl}-omp-wait-policy",
+            choices=POLICIES,
+            default=DEFAULT_POLICIES[impl],
             help=f"OMP_WAIT_POLICY of {label} rows (default: %(default)s; 'default' leaves OpenMP's own)",
         )
     for impl, label in (("ours", "the library's"), ("trl", "TRL's")):
         parser.add_argument(
-            f"--{impl}-allocator", choices=allocator.CHOICES, default=DEFAULT_ALLOCATORS[impl],
+            f"--{impl}-allocator",
+            choices=allocator.CHOICES,
+            default=DEFAULT_ALLOCATORS[impl],
             help=f"allocator of {label} rows: glibc's ('default'), jemalloc through LD_PRELOAD, or 'both' (each measured; default: %(default)s)",
         )
     parser.add_argument("--out", type=Path, default=None, help="where benchmarks.md/json go (default docs/)")
@@ -286,8 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         scaling = [r for r in scaling if args.only in r.name]
         alone = [r for r in alone if args.only in r.name]
     out = args.out or (Path("/tmp/bench-quick") if args.quick else DOCS)
-    run(groups, scaling, out, alone=alone, omp_wait_policy={"ours": args.ours_omp_wait_policy, "trl": args.trl_omp_wait_policy},
-        allocators={"ours": args.ours_allocator, "trl": args.trl_allocator})
+    run(groups, scaling, out, alone=alone, omp_wait_policy={"ours": args.ours_omp_wait_policy, "trl": args.trl_omp_wait_policy}, allocators={"ours": args.ours_allocator, "trl": args.trl_allocator})
     return 0
 
 

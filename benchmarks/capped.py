@@ -14,8 +14,9 @@ import multiprocessing as mp
 import signal
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 GIB = 1024**3
 OOM_TEXTS = ("can't allocate memory", "not enough memory", "out of memory", "cannot allocate memory")

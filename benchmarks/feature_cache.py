@@ -14,9 +14,27 @@ import tempfile
 import time
 
 CASES = {
-    "task binary (PointwiseDataModule)": {"cls": "PointwiseDataModule", "train": "task://binary?variant=ordinary&split=train", "val": "task://binary?variant=ordinary&split=val", "tokenizer": "builtin:task", "max_length": 128},
-    "task pairwise (PairwiseDataModule)": {"cls": "PairwiseDataModule", "train": "task://pairwise?variant=ordinary&split=train", "val": "task://pairwise?variant=ordinary&split=val", "tokenizer": "builtin:task", "max_length": 128},
-    "task demonstration (DemonstrationDataModule)": {"cls": "DemonstrationDataModule", "train": "task://demonstration?variant=ordinary&split=train", "val": "task://demonstration?variant=ordinary&split=val", "tokenizer": "builtin:task", "max_length": 128},
+    "task binary (PointwiseDataModule)": {
+        "cls": "PointwiseDataModule",
+        "train": "task://binary?variant=ordinary&split=train",
+        "val": "task://binary?variant=ordinary&split=val",
+        "tokenizer": "builtin:task",
+        "max_length": 128,
+    },
+    "task pairwise (PairwiseDataModule)": {
+        "cls": "PairwiseDataModule",
+        "train": "task://pairwise?variant=ordinary&split=train",
+        "val": "task://pairwise?variant=ordinary&split=val",
+        "tokenizer": "builtin:task",
+        "max_length": 128,
+    },
+    "task demonstration (DemonstrationDataModule)": {
+        "cls": "DemonstrationDataModule",
+        "train": "task://demonstration?variant=ordinary&split=train",
+        "val": "task://demonstration?variant=ordinary&split=val",
+        "tokenizer": "builtin:task",
+        "max_length": 128,
+    },
 }
 
 

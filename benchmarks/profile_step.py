@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import sys
 import time
 from collections import defaultdict
@@ -33,7 +32,10 @@ CATEGORIES = [
     ("attention", ("scaled_dot_product", "flash_attention")),
     ("optimizer", ("_fused_adamw", "_fused_adam", "adamw", "lerp", "addcdiv", "addcmul", "sqrt")),
     ("softmax/log-sum-exp", ("logsumexp", "log_softmax", "_softmax", "aten::exp", "aten::exp_", "amax", "aten::log")),
-    ("copies/casts", ("aten::copy_", "aten::to", "aten::_to_copy", "aten::cat", "aten::index", "aten::gather", "aten::scatter", "index_put", "index_add", "aten::clone", "aten::fill_", "aten::zero_", "masked")),
+    (
+        "copies/casts",
+        ("aten::copy_", "aten::to", "aten::_to_copy", "aten::cat", "aten::index", "aten::gather", "aten::scatter", "index_put", "index_add", "aten::clone", "aten::fill_", "aten::zero_", "masked"),
+    ),
 ]
 
 

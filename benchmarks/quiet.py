@@ -42,7 +42,7 @@ class Snapshot:
     own: float
 
     @classmethod
-    def take(cls) -> "Snapshot":
+    def take(cls) -> Snapshot:
         return cls(time.perf_counter(), _busy_s(), _own_s())
 
     def foreign_cores(self) -> float:

@@ -26,11 +26,10 @@ from typing import Any
 
 import torch
 
-from benchmarks import flops as F
 from benchmarks import allocator, memory
+from benchmarks import flops as F
 from benchmarks.quiet import QUIET_CORES, Gate, Snapshot
 from benchmarks.workload import BATCH_SIZE, MAX_LENGTH, MEASURED_STEPS, THREADS, WARMUP_STEPS, Sample
-
 
 RETRIES = 1  # a timed step disturbed by a neighbour that started during it is run again
 GATE = Gate()  # waits for a quiet machine before each timed step (see benchmarks/quiet.py)

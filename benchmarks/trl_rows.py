@@ -84,9 +84,7 @@ class TRLRow:
         gradient_checkpointing: turn it on in the model (as ``Trainer.train`` would) and the config (bench-B).
     """
 
-    def __init__(
-        self, method: str, reference: str, bf16: bool, model: torch.nn.Module, tokenizer: Any, max_length: int = MAX_LENGTH, gradient_checkpointing: bool = False
-    ) -> None:
+    def __init__(self, method: str, reference: str, bf16: bool, model: torch.nn.Module, tokenizer: Any, max_length: int = MAX_LENGTH, gradient_checkpointing: bool = False) -> None:
         from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
         self.method = method

@@ -60,10 +60,7 @@ class MissingData(RuntimeError):
 
 def require_data() -> Path:
     if not DATA_FILE.exists():
-        raise MissingData(
-            f"bench-A needs the HH-RLHF test file at {DATA_FILE} (../shared/data/hh-rlhf/ beside the repository); "
-            "it is not there, so the benchmark is skipped"
-        )
+        raise MissingData(f"bench-A needs the HH-RLHF test file at {DATA_FILE} (../shared/data/hh-rlhf/ beside the repository); it is not there, so the benchmark is skipped")
     return DATA_FILE
 
 
@@ -157,8 +154,8 @@ def build_samples(max_length: int = MAX_LENGTH, n_steps: int = WARMUP_STEPS + ME
     Returns ``{"pointwise": [Sample]*8n, "pairwise": [(chosen Sample, rejected Sample)]*4n,
     "sft": [Sample]*8n, "tokenizer": folder}``.
     """
-    from ulma_lightning.data.records import parse_pair, parse_pointwise
     from ulma_lightning.data.errors import DataError
+    from ulma_lightning.data.records import parse_pair, parse_pointwise
     from ulma_lightning.data.sources import Location
 
     tok = str(tokenizer_dir())

@@ -17,8 +17,13 @@ from ulma_lightning.losses import LossOutput, pairwise_output
 
 
 def margin_dpo_loss(
-    policy_chosen: Tensor, policy_rejected: Tensor, reference_chosen: Tensor, reference_rejected: Tensor,
-    *, beta: float = 0.1, gamma: float = 0.5,
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    reference_chosen: Tensor,
+    reference_rejected: Tensor,
+    *,
+    beta: float = 0.1,
+    gamma: float = 0.5,
 ) -> LossOutput:
     """``-log sigma(beta * m - gamma)`` per pair, averaged."""
     chosen_rewards = beta * (policy_chosen - reference_chosen)

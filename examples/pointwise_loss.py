@@ -19,8 +19,14 @@ from ulma_lightning.modules.base import Stage
 
 
 def hinge_negative_loss(
-    policy_logps: Tensor, reference_logps: Tensor, scores: Tensor, *, beta: float = 0.1, margin: float = 1.0,
-    reduction: str = "subset_mean", positive_threshold: float = 1.0,
+    policy_logps: Tensor,
+    reference_logps: Tensor,
+    scores: Tensor,
+    *,
+    beta: float = 0.1,
+    margin: float = 1.0,
+    reduction: str = "subset_mean",
+    positive_threshold: float = 1.0,
 ) -> LossOutput:
     """SFT on positives, ``max(0, margin + beta * h)`` on negatives; ``reference_logps`` may be NaN
     at positives (never read there)."""

@@ -54,10 +54,7 @@ TINY = {
 }
 # dense bf16 peak TFLOP/s by device name, most specific first
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0)]
-WORDS = (
-    "the a request answer help explain safe careful about how why what people code water plan "
-    "garden letter travel recipe budget history science music health weather friend story"
-).split()
+WORDS = ("the a request answer help explain safe careful about how why what people code water plan garden letter travel recipe budget history science music health weather friend story").split()
 
 
 def body_parameters(model_config: dict[str, Any]) -> int:

@@ -44,7 +44,6 @@ def hh_file() -> Path:
     return HH_FILE
 
 
-
 @pytest.fixture
 def plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
     """``sys.argv`` as the ``ulma`` command sees it (no pytest options) for tests that call ``cli.main``."""

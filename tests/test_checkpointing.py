@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import QUIET_FIT as QUIET
 from conftest import REPO
 from conftest import ULMA_CONFIG as ULMA
+
 from ulma_lightning import checkpointing
 from ulma_lightning.checkpointing import atomic_save, partial_path
 from ulma_lightning.cli import main
@@ -100,9 +100,7 @@ def test_last_is_found_in_earlier_runs_log_folders(tmp_path: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(b"x")
     callback = AtomicModelCheckpoint(save_last=True)
-    trainer = Trainer(
-        default_root_dir=tmp_path, logger=TensorBoardLogger(tmp_path, name="ulma"), callbacks=[callback], accelerator="cpu"
-    )
+    trainer = Trainer(default_root_dir=tmp_path, logger=TensorBoardLogger(tmp_path, name="ulma"), callbacks=[callback], accelerator="cpu")
     found = {Path(p).relative_to(tmp_path).as_posix() for p in callback._find_last_checkpoints(trainer)}
     assert found == {"ulma/version_0/checkpoints/last.ckpt", "ulma/version_1/checkpoints/last-v1.ckpt"}
 
@@ -143,4 +141,3 @@ def test_resuming_from_another_methods_checkpoint_says_what_does_not_match(tmp_p
         args += ["--trainer.default_root_dir", str(dpo_checkpoint.parents[3]), "--trainer.logger.init_args.name", "dpo", "--ckpt_path", "last"]
     with pytest.raises(ValueError, match=r"written by another run's module DPOModule \(this run: ULMAModule\) and data module PairwiseDataModule \(this run: PointwiseDataModule\)"):
         main(args)
-

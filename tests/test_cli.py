@@ -44,9 +44,7 @@ def tiny_overrides(root: Path, *, label: str = "binary", steps: int = 3) -> list
 def run_cli(args: list[str], cwd: Path, extra_path: Path | None = None) -> subprocess.CompletedProcess:
     paths = [str(REPO)] + ([str(extra_path)] if extra_path else []) + [os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "ulma_lightning.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
+    result = subprocess.run([sys.executable, "-m", "ulma_lightning.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"ulma {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result
 

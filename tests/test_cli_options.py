@@ -25,7 +25,6 @@ def test_default_root_dir_decides_where_a_shipped_config_writes(tmp_path: Path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere"]  # nothing in ./runs
 
 
-
 # ----------------------------------------------------------------------------- 10: numeric options
 @pytest.mark.parametrize(
     ("option", "value", "message"),

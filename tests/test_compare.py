@@ -315,9 +315,9 @@ def test_tune_keeps_the_best_validation_score_per_method_and_the_grid_uses_it(tm
 
 def test_kl_is_the_mean_summed_log_ratio_of_the_policys_samples(tmp_path: Path, demo_tokenizer) -> None:
     import torch
+    from conftest import TINY_LLAMA
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from conftest import TINY_LLAMA
     from ulma_lightning.compare.metrics import Evaluator, load_model
     from ulma_lightning.compare.spec import EvaluationSpec
     from ulma_lightning.data.prompts import LeftPaddingCollator

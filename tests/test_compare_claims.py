@@ -29,8 +29,8 @@ def test_verdicts_follow_the_seed_paired_rule(tmp_path: Path, capsys) -> None:
     data = results(
         {
             ("ulma", "ordinary"): [0.5, 0.6, 0.7],
-            ("dpo", "ordinary"): [0.4, 0.65, 0.6],         # ULMA wins 2 of 3: mixed
-            ("sft", "ordinary"): [0.1, 0.2, 0.3],          # 3 of 3: supported
+            ("dpo", "ordinary"): [0.4, 0.65, 0.6],  # ULMA wins 2 of 3: mixed
+            ("sft", "ordinary"): [0.1, 0.2, 0.3],  # 3 of 3: supported
             ("pointwise_dpo", "ordinary"): [0.5, 0.5, 0.5],
             ("ulma", "golden"): [0.9, 0.9, 0.9],
             ("dpo", "golden"): [0.95, 0.95, 0.95],

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_own_model import hh_records, make_local_model, write_jsonl
+
 from ulma_lightning.compare.runner import compare_main
 from ulma_lightning.data import sources
 
@@ -40,8 +40,9 @@ def local_reward_model(folder: Path, tokenizer_folder: Path) -> None:
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id
+    )
     torch.manual_seed(1)
     Qwen2ForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -72,8 +73,7 @@ def local_grid(path: Path, files: dict[str, str], runs: list[str]) -> Path:
     assert "hf://" not in text.split("\ntune:")[0], "a hub source of the grid has no local stand-in"
     grid = yaml.safe_load(text)
     grid["seeds"] = [0]
-    grid["overrides"].update({"trainer.max_steps": 2, "trainer.accumulate_grad_batches": 1, "trainer.limit_val_batches": 1,
-                              "trainer.num_sanity_val_steps": 0, "trainer.accelerator": "cpu"})
+    grid["overrides"].update({"trainer.max_steps": 2, "trainer.accumulate_grad_batches": 1, "trainer.limit_val_batches": 1, "trainer.num_sanity_val_steps": 0, "trainer.accelerator": "cpu"})
     grid["evaluation"].update({"max_prompts": 4, "generation": {"max_new_tokens": 8}, "kl_max_new_tokens": 8})
     grid["runs"] = [run for run in grid["runs"] if run["name"] in runs]
     path.write_text(yaml.safe_dump(grid, sort_keys=False))

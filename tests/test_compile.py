@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, TINY_LLAMA, make_pointwise_batch
 from torch._dynamo.utils import counters
 
-from conftest import REPO, TINY_LLAMA, make_pointwise_batch
 from ulma_lightning import PolicyConfig
 from ulma_lightning.cli import main
 from ulma_lightning.compiling import check_strategy, compile_options, is_compiled
@@ -138,7 +138,7 @@ def _fit(root: Path, *extra: str):
 def test_fit_resume_and_export_with_compile_keep_eager_keys(tmp_path: Path) -> None:
     from ulma_lightning.export_cli import main as export
 
-    eager = _fit(tmp_path / "eager", "--trainer.max_steps", "2")
+    _fit(tmp_path / "eager", "--trainer.max_steps", "2")
     compiled = _fit(tmp_path / "compiled", "--trainer.max_steps", "2", "--model.init_args.policy.compile", json.dumps(AOT))
     assert is_compiled(compiled.model.policy.model) and is_compiled(compiled.model.policy.reference_model)
     assert counters["stats"]["unique_graphs"] >= 1

@@ -49,7 +49,7 @@ def test_a_score_that_is_not_0_or_1_under_binary_labels_names_file_line_and_fiel
     train = write_jsonl(tmp_path / "feedback.jsonl", scored(1, 0, 1, 0.5, 0))
     args = ["fit", "--config", ULMA, *QUIET, "--data.init_args.train", str(train), "--trainer.max_steps", "1",
             "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
-    with pytest.raises(DataError, match=rf"feedback\.jsonl:4: field 'score': 0\.5 is neither 0 nor 1.*label_type: continuous"):
+    with pytest.raises(DataError, match=r"feedback\.jsonl:4: field 'score': 0\.5 is neither 0 nor 1.*label_type: continuous"):
         main(args)
 
 
@@ -67,7 +67,6 @@ def test_on_bad_record_skip_counts_non_binary_scores_and_continuous_labels_keep_
     continuous = _with_module(PointwiseDataModule(train=str(train), max_length=64), "continuous")
     continuous.setup("fit")
     assert len(continuous.datasets["train"]) == 5
-
 
 
 # ----------------------------------------------------------------------------- 6: truncation

@@ -8,9 +8,7 @@ import pytest
 from ulma_lightning import DemonstrationDataModule, PairwiseDataModule, PointwiseDataModule, PromptDataModule
 from ulma_lightning.data.contract import ModuleData
 
-MEMBERS = sorted(
-    name for name in {*ModuleData.__annotations__, *vars(ModuleData)} if not name.startswith("_")
-)
+MEMBERS = sorted(name for name in {*ModuleData.__annotations__, *vars(ModuleData)} if not name.startswith("_"))
 
 
 def test_the_contract_names_what_modules_use() -> None:

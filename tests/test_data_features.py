@@ -15,10 +15,7 @@ from ulma_lightning.data.samplers import LengthGroupedSampler, ResumableSampler
 from ulma_lightning.logprobs import IGNORE_INDEX
 from ulma_lightning.tokenizers import load_tokenizer
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

@@ -25,10 +25,7 @@ CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-NO_EOS_TEMPLATE = (
-    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
+NO_EOS_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 
 
 def user(text: str) -> dict:
@@ -259,12 +256,24 @@ BAD = [
     ("completion not the assistant's", DemonstrationDataModule, {"prompt": [user("Hi")], "completion": [user("A.")]}, "completion[0]", "the completion's role is 'user'"),
     ("last turn not the assistant's", DemonstrationDataModule, {"messages": [user("Hi"), assistant("Hello"), user("Tea?")]}, "messages", "last turn is 'user', not the assistant's"),
     ("no shared prompt", PairwiseDataModule, {"chosen": [user("A?"), assistant("A.")], "rejected": [user("B?"), assistant("B.")]}, "rejected", "share no leading message"),
-    ("implicit pair with two-turn answers", PairwiseDataModule, {"chosen": [user("A?"), assistant("A."), user("more?"), assistant("yes")], "rejected": [user("A?"), assistant("No.")]}, "chosen", "a multi-turn completion (3 messages)"),
+    (
+        "implicit pair with two-turn answers",
+        PairwiseDataModule,
+        {"chosen": [user("A?"), assistant("A."), user("more?"), assistant("yes")], "rejected": [user("A?"), assistant("No.")]},
+        "chosen",
+        "a multi-turn completion (3 messages)",
+    ),
     ("label not a boolean", PointwiseDataModule, {"prompt": "Hi", "completion": "Hello", "label": "maybe"}, "label", "expected a boolean"),
     ("no format (point-wise)", PointwiseDataModule, {"question": "Hi", "answer": "Hello"}, None, "match none of the formats read here: point-wise {prompt, completion, score}; unpaired preference"),
     ("no format (demonstration)", DemonstrationDataModule, {"input": "Hi"}, None, "match none of the formats read here: prompt-completion {prompt, completion}; language modeling {messages}"),
     ("no format (pairwise)", PairwiseDataModule, {"question": "Hi"}, None, "match none of the formats read here: preference {prompt, chosen, rejected}; preference with implicit prompt"),
-    ("unpaired data for a pairwise method", PairwiseDataModule, {"prompt": "Hi", "completion": "Hello", "label": True}, None, "unpaired preference {prompt, completion, label} record is not a preference pair"),
+    (
+        "unpaired data for a pairwise method",
+        PairwiseDataModule,
+        {"prompt": "Hi", "completion": "Hello", "label": True},
+        None,
+        "unpaired preference {prompt, completion, label} record is not a preference pair",
+    ),
 ]
 
 
@@ -343,7 +352,9 @@ def test_resume_mid_epoch_continues_the_same_mixed_order(tmp_path: Path) -> None
 
 def test_a_demonstration_source_becomes_positives_beside_feedback(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     sft = write(tmp_path / "sft.jsonl", variants(STANDARD["prompt-completion"], 6))
-    feedback = write(tmp_path / "feedback.csv", [{"prompt": "Tea?", "completion": "No.", "score": 0}, {"prompt": "Tea?", "completion": "Yes.", "score": 4}, {"prompt": "Tea?", "completion": "Bad", "score": 9}])
+    feedback = write(
+        tmp_path / "feedback.csv", [{"prompt": "Tea?", "completion": "No.", "score": 0}, {"prompt": "Tea?", "completion": "Yes.", "score": 4}, {"prompt": "Tea?", "completion": "Bad", "score": 9}]
+    )
     dm = PointwiseDataModule(train=[{"source": str(sft), "score": 1.0}, {"source": str(feedback), "score_range": [0, 4], "on_bad_record": "skip"}])
     with caplog.at_level(logging.INFO, logger="ulma_lightning.data"):
         dm.setup("fit")
@@ -452,8 +463,8 @@ def test_every_format_and_form_trains_through_ulma_fit(tmp_path: Path, monkeypat
 
 def test_string_pairs_with_implicit_prompt_split_at_their_common_prefix(tmp_path: Path) -> None:
     """TRL's standard implicit-prompt form: plain strings (not HH transcripts) share the prompt as a prefix."""
-    from ulma_lightning.data.records import parse_demonstration, parse_pair, parse_pointwise
     from ulma_lightning.data.errors import DataError
+    from ulma_lightning.data.records import parse_demonstration, parse_pair, parse_pointwise
     from ulma_lightning.data.sources import Location
 
     record = {"chosen": "The sky is blue.", "rejected": "The sky is green."}

@@ -89,7 +89,7 @@ BAD_JSONL = [
     ("score_below_range", json.dumps({"prompt": "Hi", "response": "Hello", "score": -1}), "score", "outside the declared score_range"),
     ("empty_response", json.dumps({"prompt": "Hi", "response": "   ", "score": 1}), "response", "empty"),
     ("empty_chosen", json.dumps({"prompt": "Hi", "chosen": "", "rejected": "No."}), "chosen", "empty"),
-    ("hh_without_assistant", json.dumps({"chosen": "\n\nHuman: Hi", "rejected": "\n\nHuman: Hi"}), "chosen", "no \"\\n\\nAssistant:\" turn"),
+    ("hh_without_assistant", json.dumps({"chosen": "\n\nHuman: Hi", "rejected": "\n\nHuman: Hi"}), "chosen", 'no "\\n\\nAssistant:" turn'),
     ("hh_empty_final_response", json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Yes.", "rejected": "\n\nHuman: Hi\n\nAssistant:  "}), "rejected", "final assistant response is empty"),
     ("not_an_object", json.dumps(["Hi", "Hello", 1]), None, "expected a JSON object, got list"),
 ]
@@ -116,9 +116,7 @@ def test_bad_jsonl_record_stops_naming_file_line_and_field(tmp_path: Path, name:
 
 
 @pytest.mark.parametrize("name, line, field, problem", BAD_JSONL, ids=[case[0] for case in BAD_JSONL])
-def test_bad_jsonl_record_is_skipped_and_counted(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str, line: str, field: str | None, problem: str
-) -> None:
+def test_bad_jsonl_record_is_skipped_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str, line: str, field: str | None, problem: str) -> None:
     path = bad_file(tmp_path, line)
     dm = PointwiseDataModule(train=str(path), on_bad_record="skip")
     with caplog.at_level(logging.WARNING, logger="ulma_lightning.data"):

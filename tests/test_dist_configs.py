@@ -32,7 +32,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from conftest import REPO
 
 CONFIGS = REPO / "configs"

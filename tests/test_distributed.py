@@ -33,7 +33,6 @@ from typing import Any
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, TINY_LLAMA
 
 STEPS = 8  # 24 samples / (2 x 2) = 6 steps per epoch: the runs cross into a second epoch

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+from conftest import TINY_LLAMA
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import TINY_LLAMA
 from ulma_lightning import PointwiseDataModule, PolicyConfig, ULMAModule
 from ulma_lightning.evaluation import DemoScorer, GenerationConfig, GenerationSamples
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-
 from conftest import TINY_LLAMA
+
 from ulma_lightning import PointwiseDataModule, PolicyConfig, ULMAModule
 from ulma_lightning.evaluation.metrics import demonstration_rows, reuse_token_logps
 from ulma_lightning.logprobs import IGNORE_INDEX, TokenLogps

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import TINY_LLAMA
+
 from ulma_lightning import PointwiseDataModule, ULMAModule
 from ulma_lightning.cli import main
 from ulma_lightning.evaluation import GenerationConfig, generate_responses

@@ -44,9 +44,7 @@ def fit_one_step(config: str, root: Path) -> object:
 
 
 @pytest.mark.parametrize("config", list(METHODS))
-def test_export_of_every_method_loads_with_the_trained_outputs(
-    config: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo_tokenizer
-) -> None:
+def test_export_of_every_method_loads_with_the_trained_outputs(config: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo_tokenizer) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     monkeypatch.setattr(sys, "argv", ["ulma"])
@@ -86,9 +84,7 @@ def test_export_refuses_a_non_empty_folder_unless_overwrite(tmp_path: Path, dpo_
 
 
 @pytest.mark.usefixtures("plain_argv")
-def test_a_failed_export_leaves_no_partial_folder_and_names_the_path(
-    tmp_path: Path, dpo_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_failed_export_leaves_no_partial_folder_and_names_the_path(tmp_path: Path, dpo_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ulma_lightning.modules.base import AlignmentModule
 
     def disk_full(self, path, **kwargs):

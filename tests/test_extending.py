@@ -85,8 +85,7 @@ def test_switching_class_path_refuses_to_drop_a_set_option(capsys: pytest.Captur
 def test_a_callbacks_list_given_whole_replaces_the_configs_list(capsys: pytest.CaptureFixture) -> None:
     """Not a class_path switch: the list replaces configs/ppo.yaml's callbacks, whatever their options (as
     experiments/paper-hh.yaml gives them; position 3 was the config's GenerationSamples with its options)."""
-    names = ["ulma_lightning.checkpointing.AtomicModelCheckpoint", "lightning.pytorch.callbacks.LearningRateMonitor",
-             "ulma_lightning.callbacks.TokenThroughput", "ulma_lightning.callbacks.HFExport"]
+    names = ["ulma_lightning.checkpointing.AtomicModelCheckpoint", "lightning.pytorch.callbacks.LearningRateMonitor", "ulma_lightning.callbacks.TokenThroughput", "ulma_lightning.callbacks.HFExport"]
     callbacks = "[" + ", ".join(f'{{"class_path": "{name}"}}' for name in names) + "]"
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(REPO / "configs" / "ppo.yaml"), "--trainer.callbacks", callbacks, "--print_config"])

@@ -13,8 +13,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import TINY_LLAMA, make_pointwise_batch
+
 from ulma_lightning.losses import pointwise_dpo_loss, sft_loss, ulma_loss
 from ulma_lightning.policy import Policy, PolicyConfig, select_rows
 
@@ -82,9 +82,7 @@ def test_ulma_mixed_batch_gradient_splits_into_sft_plus_negative_term(policy: Po
     positives, negatives = scores == 1, scores == 0
     g_sft = torch.autograd.grad(sft_loss(policy.logps(select_rows(batch, positives), average=True)).loss, params)
     neg_batch = select_rows(batch, negatives)
-    neg_loss = ulma_loss(
-        policy.logps(neg_batch, average=True), reference[negatives], scores[negatives], beta=BETA, offset=OFFSET
-    ).loss
+    neg_loss = ulma_loss(policy.logps(neg_batch, average=True), reference[negatives], scores[negatives], beta=BETA, offset=OFFSET).loss
     g_neg = torch.autograd.grad(neg_loss, params)
     assert_grads_close(g_mixed, [a + b for a, b in zip(g_sft, g_neg)], rtol=1e-4, atol=1e-6)
 

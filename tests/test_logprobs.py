@@ -12,13 +12,9 @@ VOCAB = 97
 PAD = 0
 
 CONFIGS = {
-    "llama": dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-    ),
+    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64),  # tied input/output embeddings
-    "qwen2": dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-    ),
+    "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
 }
 CHUNK_SIZES = [1, 3, 100_000]
 

@@ -83,13 +83,9 @@ def test_pointwise_dpo_default_beta_and_offset() -> None:
 def test_pointwise_dpo_continuous_bce_by_hand(reduction: str) -> None:
     scores = [1.0, 0.3, 0.0, 0.75]
     u = u_values()
-    per_sample = [-log_sigmoid(u[0])] + [
-        -(z * log_sigmoid(x) + (1 - z) * log_sigmoid(-x)) for z, x in zip(scores[1:], u[1:])
-    ]
+    per_sample = [-log_sigmoid(u[0])] + [-(z * log_sigmoid(x) + (1 - z) * log_sigmoid(-x)) for z, x in zip(scores[1:], u[1:])]
     expected = per_sample[0] + mean(per_sample[1:]) if reduction == "subset_mean" else mean(per_sample)
-    out = pointwise_dpo_loss(
-        t(POLICY), t(REFERENCE), t(scores), beta=BETA, offset=OFFSET, label_type="continuous", reduction=reduction
-    )
+    out = pointwise_dpo_loss(t(POLICY), t(REFERENCE), t(scores), beta=BETA, offset=OFFSET, label_type="continuous", reduction=reduction)
     close(out.loss, expected)
     assert out.losses.tolist() == pytest.approx(per_sample, rel=1e-12)
 
@@ -138,9 +134,7 @@ def test_ulma_binary_by_hand(positive_term: str, reduction: str) -> None:
         pos = [-log_sigmoid(u[0]), -log_sigmoid(u[2])]
     neg = [-log_sigmoid(-u[1]), -log_sigmoid(-u[3])]
     expected = mean(pos) + mean(neg) if reduction == "subset_mean" else (sum(pos) + sum(neg)) / 4
-    out = ulma_loss(
-        t(POLICY), t(REFERENCE), t(scores), beta=BETA, offset=OFFSET, positive_term=positive_term, reduction=reduction
-    )
+    out = ulma_loss(t(POLICY), t(REFERENCE), t(scores), beta=BETA, offset=OFFSET, positive_term=positive_term, reduction=reduction)
     close(out.loss, expected)
     assert out.losses.tolist() == pytest.approx([pos[0], neg[0], pos[1], neg[1]], rel=1e-12)
     rewards = [BETA * (p - r) for p, r in zip(POLICY, REFERENCE)]
@@ -191,9 +185,7 @@ def test_ulma_positive_threshold_by_hand() -> None:
     close(out.loss, mean(pos) + mean(neg))
     close(out.metrics["positive_fraction"], 0.75)
     # The default threshold (1.0) makes only the first sample positive.
-    default = ulma_loss(
-        t(POLICY), t(REFERENCE), t(scores), beta=BETA, offset=OFFSET, label_type="continuous", continuous_form="mse"
-    )
+    default = ulma_loss(t(POLICY), t(REFERENCE), t(scores), beta=BETA, offset=OFFSET, label_type="continuous", continuous_form="mse")
     close(default.loss, -POLICY[0] + mean([(z - x) ** 2 for z, x in zip(scores[1:], u[1:])]))
 
 
@@ -435,9 +427,7 @@ def test_kto_by_hand() -> None:
         wu * (1 - sigmoid(beta * (z0 - r[1]))),
         wd * (1 - sigmoid(beta * (r[2] - z0))),
     ]
-    out = kto_loss(
-        t(policy), t(reference), t(labels), t(kl_policy), t(kl_reference), beta=beta, desirable_weight=wd, undesirable_weight=wu
-    )
+    out = kto_loss(t(policy), t(reference), t(labels), t(kl_policy), t(kl_reference), beta=beta, desirable_weight=wd, undesirable_weight=wu)
     close(out.loss, mean(per_sample))
     close(out.metrics["kl"], z0)
     # A negative KL estimate is clamped to 0.

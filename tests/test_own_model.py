@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import HH_FILE, REPO
 
 HUB_ID = "Qwen/Qwen2.5-0.5B-Instruct"

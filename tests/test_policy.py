@@ -8,9 +8,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import TINY_LLAMA, make_pointwise_batch
 from torch import nn
 
-from conftest import TINY_LLAMA, make_pointwise_batch
 from ulma_lightning import PointwiseDataModule, PointwiseDPOModule, ULMAModule
 from ulma_lightning.losses import ulma_loss
 from ulma_lightning.policy import LoraSettings, Policy, PolicyConfig
@@ -213,9 +213,7 @@ def test_precomputed_reference_is_computed_once_and_reused(tmp_path: Path) -> No
     config = PolicyConfig(model_config=TINY_LLAMA, tokenizer=TOKENIZER, reference="precomputed")
     module = RecordingULMA(config)
     module.seen, module.references = [], []
-    data = PointwiseDataModule(
-        train="demo://binary?n=40", test="demo://binary?split=test&n=8", val_fraction=0.25, batch_size=8, max_length=64, tokenizer=TOKENIZER
-    )
+    data = PointwiseDataModule(train="demo://binary?n=40", test="demo://binary?split=test&n=8", val_fraction=0.25, batch_size=8, max_length=64, tokenizer=TOKENIZER)
     trainer = pl.Trainer(
         max_epochs=2,
         limit_train_batches=2,

@@ -8,8 +8,8 @@ import os
 import lightning.pytorch as pl
 import pytest
 import torch
-
 from conftest import TINY_LLAMA
+
 from ulma_lightning import PPOModule, PromptDataModule, RLOOModule
 from ulma_lightning.evaluation.generation import GenerationConfig
 from ulma_lightning.evaluation.scorers import Scorer
@@ -201,7 +201,9 @@ def test_prompt_files_with_responses_are_accepted_and_said_once(tmp_path, caplog
 
     train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
     train.write_text("".join(json.dumps({"prompt": f"How do I fold shirt {i}?", "response": f"ZEBRA answer {i}", "score": i % 2}) + "\n" for i in range(4)))
-    val.write_text("".join(json.dumps({"chosen": f"\n\nHuman: Tell me a fact {i}.\n\nAssistant: QUOKKA fact {i}", "rejected": f"\n\nHuman: Tell me a fact {i}.\n\nAssistant: no"}) + "\n" for i in range(2)))
+    val.write_text(
+        "".join(json.dumps({"chosen": f"\n\nHuman: Tell me a fact {i}.\n\nAssistant: QUOKKA fact {i}", "rejected": f"\n\nHuman: Tell me a fact {i}.\n\nAssistant: no"}) + "\n" for i in range(2))
+    )
     data = PromptDataModule(train=str(train), val=str(val), max_length=64, batch_size=4)
     with caplog.at_level(logging.INFO, logger="ulma_lightning.data.prompt_data"):
         data.setup("fit")

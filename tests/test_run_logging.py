@@ -8,8 +8,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-
 from conftest import TINY_LLAMA
+
 from ulma_lightning import PointwiseDataModule, ULMAModule
 from ulma_lightning.losses import dpo_loss, kto_loss, pointwise_dpo_loss
 from ulma_lightning.policy import PolicyConfig
@@ -17,9 +17,7 @@ from ulma_lightning.policy import PolicyConfig
 SHARED_NAMES = {"rewards/positive", "rewards/negative", "logps/positive", "logps/negative"}
 
 
-def test_short_precomputed_run_shows_progress_warns_on_cpu_mixed_precision_logs_grad_norm_and_validates(
-    tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_short_precomputed_run_shows_progress_warns_on_cpu_mixed_precision_logs_grad_norm_and_validates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     module = ULMAModule(PolicyConfig(model_config=TINY_LLAMA, reference="precomputed"))
     data = PointwiseDataModule(train="demo://binary?n=24", test="demo://binary?split=test&n=4", val_fraction=0.25, batch_size=8, max_length=48)
     trainer = pl.Trainer(

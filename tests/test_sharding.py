@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import REPO
 from lightning.pytorch import Trainer
 from torch import nn
 
-from conftest import REPO
 from ulma_lightning.cli import main
 from ulma_lightning.sharding import AutoWrapFSDPStrategy, FSDP2Strategy, decoder_layer_classes
+
 
 @pytest.fixture(autouse=True)
 def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -39,9 +40,7 @@ def _tiny(model_type: str) -> nn.Module:
     if model_type == "gpt2":
         config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=64)
     else:
-        config = AutoConfig.for_model(
-            model_type, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64, **extra
-        )
+        config = AutoConfig.for_model(model_type, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64, **extra)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 

@@ -10,9 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ulma_lightning.logprobs import IGNORE_INDEX, length_groups, projected_token_logps, response_token_logps
-
 from tests.conftest import TINY_LLAMA
+from ulma_lightning.logprobs import IGNORE_INDEX, length_groups, projected_token_logps, response_token_logps
 
 VOCAB = 97
 

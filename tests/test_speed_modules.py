@@ -9,15 +9,13 @@ import copy
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from tests.conftest import TINY_LLAMA
 from ulma_lightning import DPOModule, KTOModule, PolicyConfig, ULMAModule
 from ulma_lightning.data.collate import PaddingCollator
 from ulma_lightning.data.samplers import LengthGroupedSampler
 from ulma_lightning.logprobs import IGNORE_INDEX
 from ulma_lightning.losses import dpo_loss, kto_loss, ulma_loss
-
-from tests.conftest import TINY_LLAMA
 
 LENGTHS = [60, 14, 45, 30, 60, 20, 38, 9]  # varied, so length groups form
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 trl = pytest.importorskip("trl", reason="the oracle tests compare with TRL (pip install 'ulma-lightning[test]', trl==1.16.0)")
+from conftest import TINY_LLAMA  # noqa: E402
 from trl.trainer.dpo_trainer import DPOTrainer  # noqa: E402
 from trl.trainer.kto_trainer import KTOTrainer  # noqa: E402
 from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
-from conftest import TINY_LLAMA  # noqa: E402
 from ulma_lightning import PolicyConfig  # noqa: E402
 from ulma_lightning.data.pairwise import PairwiseDataModule  # noqa: E402
 from ulma_lightning.logprobs import IGNORE_INDEX  # noqa: E402
@@ -94,9 +94,7 @@ def _trl_dpo(loss_type: str, beta: float, label_smoothing: float, table, input_i
     return DPOTrainer._compute_loss(stub, stub.model, inputs, return_outputs=False), stub._metrics["train"]
 
 
-@pytest.mark.parametrize(
-    "loss_type,beta", [("sigmoid", 0.1), ("sigmoid", 0.5), ("ipo", 0.1), ("ipo", 0.7), ("hinge", 0.1), ("hinge", 0.05)]
-)
+@pytest.mark.parametrize("loss_type,beta", [("sigmoid", 0.1), ("sigmoid", 0.5), ("ipo", 0.1), ("ipo", 0.7), ("hinge", 0.1), ("hinge", 0.05)])
 def test_dpo_loss_matches_trl(loss_type: str, beta: float) -> None:
     g = torch.Generator().manual_seed(7)
     pairs = 6

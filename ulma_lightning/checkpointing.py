@@ -15,8 +15,8 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 from weakref import proxy
 
 import lightning.pytorch as pl

@@ -19,7 +19,8 @@ FSDP1 (``configs/strategy/fsdp.yaml``) is refused by :func:`check_strategy`.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,9 +67,9 @@ def compile_blocks(model: nn.Module, options: dict[str, Any]) -> int:
 
     Idempotent: a block compiled already is left as it is.
     """
-    from ulma_lightning.sharding import decoder_layer_classes
-
     import torch._dynamo.config
+
+    from ulma_lightning.sharding import decoder_layer_classes
 
     # every block of every model shares one compiled function, whose variants (train / eval, grad /
     # no grad, adapters on / off, static / dynamic shapes) would pass torch's default limit of 8

@@ -113,6 +113,7 @@ def gather_policy_state(trainer: Any, pl_module: Any) -> tuple[bool, dict[str, t
     """
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     model = pl_module.policy.model
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if is_fsdp2(model):

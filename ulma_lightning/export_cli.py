@@ -35,8 +35,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         return read_checkpoint_metadata(path)
     if not (path / METADATA_FILE).is_file():
         raise FileNotFoundError(
-            f"{path} is neither a checkpoint file nor a sharded checkpoint folder (no {METADATA_FILE} in it); "
-            "pass a .ckpt file or folder written by `ulma fit` (e.g. runs/ulma/checkpoints/last.ckpt)"
+            f"{path} is neither a checkpoint file nor a sharded checkpoint folder (no {METADATA_FILE} in it); pass a .ckpt file or folder written by `ulma fit` (e.g. runs/ulma/checkpoints/last.ckpt)"
         )
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
@@ -66,10 +65,7 @@ def module_from_checkpoint(checkpoint: dict[str, Any]) -> Any:
     hparams = dict(checkpoint["hyper_parameters"])
     class_path = hparams.get("_class_path") or checkpoint.get(MODULE_CLASS_KEY)
     if class_path is None:
-        raise ValueError(
-            "the checkpoint does not name its module class; load it with YourModule.load_from_checkpoint "
-            "and call ulma_lightning.export.export_hf"
-        )
+        raise ValueError("the checkpoint does not name its module class; load it with YourModule.load_from_checkpoint and call ulma_lightning.export.export_hf")
     module_name, _, class_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
     if hparams.pop("_instantiator", None) is not None:  # written by `ulma fit` (LightningCLI)
@@ -92,10 +88,7 @@ def check_out(out: Path, overwrite: bool) -> None:
     if overwrite or not (out.exists() or out.is_symlink()) or (out.is_dir() and not any(out.iterdir())):
         return
     what = "a folder that is not empty" if out.is_dir() else "a file"
-    raise FileExistsError(
-        f"--out {out} is {what}; export writes a whole Hugging Face folder there. Choose a new or empty "
-        "folder, or pass --overwrite to replace it"
-    )
+    raise FileExistsError(f"--out {out} is {what}; export writes a whole Hugging Face folder there. Choose a new or empty folder, or pass --overwrite to replace it")
 
 
 def _point_adapter_at(partial: Path, out: Path) -> None:
@@ -142,14 +135,16 @@ def export_parser() -> argparse.ArgumentParser:
     """The options of ``ulma export``."""
     parser = argparse.ArgumentParser(
         prog="ulma export",
-        description="Write the policy of a Lightning checkpoint (a file, or a sharded FSDP/FSDP2 folder) "
-        "as a Hugging Face folder: safetensors weights, config, tokenizer and chat template.",
+        description="Write the policy of a Lightning checkpoint (a file, or a sharded FSDP/FSDP2 folder) as a Hugging Face folder: safetensors weights, config, tokenizer and chat template.",
     )
     parser.add_argument("--ckpt", required=True, help="checkpoint file or sharded folder, e.g. runs/ulma/version_0/checkpoints/last.ckpt")
     parser.add_argument("--out", required=True, help="output folder (created; must be new or empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     parser.add_argument(
-        "--keep_adapter", "--keep-adapter", dest="keep_adapter", action="store_true",
+        "--keep_adapter",
+        "--keep-adapter",
+        dest="keep_adapter",
+        action="store_true",
         help="save LoRA adapters as an adapter folder instead of merging them",
     )
     return parser

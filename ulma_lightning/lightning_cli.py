@@ -205,8 +205,7 @@ def check_dropped_init_args(before: dict[str, Any], after: dict[str, Any], old_c
             "options when its __init__ passes **kwargs on; see docs/extending.md)"
         )
     warnings.warn(
-        f"{new_class} takes no option {', '.join(sorted(dropped))}; the config gave {old_class} its default there, "
-        "which is dropped with the class_path change",
+        f"{new_class} takes no option {', '.join(sorted(dropped))}; the config gave {old_class} its default there, which is dropped with the class_path change",
         stacklevel=2,
     )
 

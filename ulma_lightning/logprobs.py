@@ -25,9 +25,10 @@ response positions (where the shifted label is not ``IGNORE_INDEX``), ``chunk_si
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -100,9 +101,7 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: 
     return tanh * softcap, tanh
 
 
-def _chunk_forward(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, softcap: float | None, keep_probs: bool = False
-) -> tuple[Tensor, Tensor, Tensor | None]:
+def _chunk_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, softcap: float | None, keep_probs: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
     """(target log-prob, log-sum-exp, softmax if ``keep_probs``) of one chunk, float32, in one
     ``chunk x vocab`` buffer."""
     z, _ = _chunk_logits(hidden, weight, bias, softcap)
@@ -190,13 +189,7 @@ class ChunkedTokenLogps(torch.autograd.Function):
 def _plain_linear(head: nn.Module, hidden: Tensor) -> bool:
     """An ``nn.Linear`` whose weight is an ordinary tensor (not sharded, not adapted)."""
     weight = getattr(head, "weight", None)
-    return (
-        type(head) is nn.Linear
-        and isinstance(weight, Tensor)
-        and type(weight) in (Tensor, nn.Parameter)
-        and weight.dim() == 2
-        and weight.shape[1] == hidden.shape[-1]
-    )
+    return type(head) is nn.Linear and isinstance(weight, Tensor) and type(weight) in (Tensor, nn.Parameter) and weight.dim() == 2 and weight.shape[1] == hidden.shape[-1]
 
 
 def _module_chunk_logps(head: nn.Module, hidden: Tensor, targets: Tensor, softcap: float | None) -> Tensor:
@@ -330,17 +323,13 @@ def response_token_logps(
     """
     if is_fsdp2(model):
         length_groups_max = 1  # see the module docstring
-        values, batch_index = _through_root(
-            model, partial(_response_logps, model), input_ids, attention_mask, labels, chunk_size, length_groups_max
-        )
+        values, batch_index = _through_root(model, partial(_response_logps, model), input_ids, attention_mask, labels, chunk_size, length_groups_max)
     else:
         values, batch_index = _response_logps(model, input_ids, attention_mask, labels, chunk_size, length_groups_max)
     return TokenLogps(values=values, batch_index=batch_index, num_sequences=input_ids.shape[0])
 
 
-def _response_logps(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, chunk_size: int, length_groups_max: int
-) -> tuple[Tensor, Tensor]:
+def _response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, chunk_size: int, length_groups_max: int) -> tuple[Tensor, Tensor]:
     decoder, head = decoder_and_head(model)
     lengths = attention_mask.sum(dim=1)
     groups = [list(range(input_ids.shape[0]))]

@@ -368,9 +368,7 @@ def dpo_loss(
     return pairwise_output(losses, policy_chosen_logps, policy_rejected_logps, chosen_rewards, rejected_rewards)
 
 
-def pairwise_output(
-    losses: Tensor, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor
-) -> LossOutput:
+def pairwise_output(losses: Tensor, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor) -> LossOutput:
     """The :class:`LossOutput` of a pairwise loss from its per-pair ``losses`` ``(B,)``: the mean loss
     and the pairwise metrics (``rewards/positive`` for the chosen side, ``rewards/negative``,
     ``rewards/margin``, ``rewards/accuracy``, ``logps/positive``, ``logps/negative``). The public way
@@ -526,9 +524,7 @@ def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Loss
     return LossOutput(loss=losses.mean(), metrics=metrics, losses=losses.detach(), rewards=margins.detach())
 
 
-def pointwise_reward_loss(
-    rewards: Tensor, scores: Tensor, *, form: RewardForm = "bce", positive_threshold: float = 1.0
-) -> LossOutput:
+def pointwise_reward_loss(rewards: Tensor, scores: Tensor, *, form: RewardForm = "bce", positive_threshold: float = 1.0) -> LossOutput:
     """Reward-model loss on point-wise scores ``z`` in ``[0, 1]``.
 
     * ``form="bce"``: the reward is a logit, ``-[z log sigma(r) + (1 - z) log(1 - sigma(r))]``;

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ulma_lightning.compiling import compile_blocks, compile_options
-from ulma_lightning.logprobs import response_token_logps, TokenLogps
+from ulma_lightning.logprobs import TokenLogps, response_token_logps
 from ulma_lightning.options import TORCH_DTYPES, check_numbers
 from ulma_lightning.tokenizers import DEMO_TOKENIZER, load_tokenizer
 
@@ -159,8 +160,7 @@ def check_logit_transform(model: nn.Module) -> None:
         value = getattr(config, name, None)
         if value not in (None, 1, 1.0):
             raise NotImplementedError(
-                f"{type(model).__name__} rescales its logits ({name}={value}); ulma-lightning's response log-probs "
-                "do not support that yet. Please open an issue naming the model."
+                f"{type(model).__name__} rescales its logits ({name}={value}); ulma-lightning's response log-probs do not support that yet. Please open an issue naming the model."
             )
 
 
@@ -264,8 +264,7 @@ class PretrainedModel(nn.Module):
         check_vocab_fits(model, self.tokenizer, cfg)
         if cfg.dtype != "float32" and cfg.lora is None:
             log.warning(
-                "policy.dtype %s without LoRA trains %s master weights: small AdamW updates round to zero. "
-                "For mixed precision keep dtype float32 and set trainer.precision: bf16-mixed",
+                "policy.dtype %s without LoRA trains %s master weights: small AdamW updates round to zero. For mixed precision keep dtype float32 and set trainer.precision: bf16-mixed",
                 cfg.dtype,
                 cfg.dtype,
             )
@@ -433,7 +432,6 @@ class Policy(PretrainedModel):
             self._records = records
         if reference:
             self.reference_forward_samples -= 1
-
 
 
 def select_rows(batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:

@@ -13,9 +13,10 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
@@ -58,8 +59,7 @@ def decoder_layer_classes(root: nn.Module, names: Sequence[str] | None = None) -
     found = {type(m) for m in root.modules() if type(m).__name__ in wanted}
     if not found:
         raise ValueError(
-            f"no module of class {sorted(wanted)} in {type(root).__name__}; set the strategy's "
-            "`layer_classes` to the class name of the model's transformer block (e.g. [LlamaDecoderLayer])"
+            f"no module of class {sorted(wanted)} in {type(root).__name__}; set the strategy's `layer_classes` to the class name of the model's transformer block (e.g. [LlamaDecoderLayer])"
         )
     return tuple(sorted(found, key=lambda c: c.__name__))
 
@@ -214,10 +214,7 @@ def data_parallel_mesh(mesh: Any) -> Any:
     """The data-parallel sub-mesh of a ``ModelParallelStrategy`` mesh; refuses tensor parallelism."""
     names = getattr(mesh, "mesh_dim_names", None) or ()
     if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
-        raise ValueError(
-            "tensor parallelism is not supported by ulma_lightning's modules; use "
-            "ulma_lightning.sharding.FSDP2Strategy (configs/strategy/fsdp2.yaml) or tensor_parallel_size: 1"
-        )
+        raise ValueError("tensor parallelism is not supported by ulma_lightning's modules; use ulma_lightning.sharding.FSDP2Strategy (configs/strategy/fsdp2.yaml) or tensor_parallel_size: 1")
     return mesh["data_parallel"] if "data_parallel" in names else mesh
 
 
@@ -266,10 +263,7 @@ class AutoWrapFSDPStrategy(FSDPStrategy):
 
     def setup_environment(self) -> None:
         if self.root_device.type != "cuda":
-            raise ValueError(
-                f"configs/strategy/fsdp.yaml (torch FSDP) runs on CUDA GPUs only, not on {self.root_device.type}; "
-                "on CPUs use configs/strategy/fsdp2.yaml or configs/strategy/ddp.yaml"
-            )
+            raise ValueError(f"configs/strategy/fsdp.yaml (torch FSDP) runs on CUDA GPUs only, not on {self.root_device.type}; on CPUs use configs/strategy/fsdp2.yaml or configs/strategy/ddp.yaml")
         super().setup_environment()
 
     def wrap_policy(self, model: nn.Module) -> Any:

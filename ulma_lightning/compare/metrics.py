@@ -21,8 +21,9 @@ import hashlib
 import importlib
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -82,9 +83,7 @@ class Evaluator:
         key = (_tokenizer_digest(tokenizer_dir), split)
         if key not in self._data:
             sources: dict[str, Any] = {split: source}
-            dm = DemonstrationDataModule(
-                **sources, tokenizer=tokenizer_dir, max_length=self.spec.max_length, eval_batch_size=self.spec.batch_size
-            )
+            dm = DemonstrationDataModule(**sources, tokenizer=tokenizer_dir, max_length=self.spec.max_length, eval_batch_size=self.spec.batch_size)
             dm.setup(split)
             self._data[key] = dm
         return self._data[key]

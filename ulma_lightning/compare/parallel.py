@@ -14,10 +14,11 @@ import fcntl
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 _RUNNER: Any = None  # the worker's Runner, built once per process
 
@@ -64,9 +65,7 @@ def _run(instance_id: str) -> dict[str, Any]:
     return _RUNNER.run(instance)
 
 
-def run_parallel(
-    runner_class: type, runner_args: tuple[Any, ...], instance_ids: list[str], jobs: int, on_done: Callable[[str, dict[str, Any]], None]
-) -> None:
+def run_parallel(runner_class: type, runner_args: tuple[Any, ...], instance_ids: list[str], jobs: int, on_done: Callable[[str, dict[str, Any]], None]) -> None:
     """Run ``instance_ids`` on ``jobs`` worker processes, each with its own ``runner_class(*runner_args)``
     (the :class:`~ulma_lightning.compare.runner.Runner`); ``on_done(id, result)`` as each ends."""
     context = get_context("spawn")  # a fresh interpreter: no torch threads or CUDA state inherited
@@ -79,4 +78,3 @@ def run_parallel(
             for future in futures:
                 future.cancel()
             raise
-

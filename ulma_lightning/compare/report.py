@@ -211,10 +211,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
         commands = "<br>".join(f"`{_without(s['command'], common)}`" + (" (shared)" if s.get("shared") else "") for s in stages) or "-"
         train = record["metrics"].get("train_seconds")
         evaluation = record.get("eval_seconds")
-        out.append(
-            f"| `{record['id']}` | {record['status']} | {'-' if train is None else f'{train:.1f}'} | "
-            f"{'-' if evaluation is None else f'{evaluation:.1f}'} | {commands} |"
-        )
+        out.append(f"| `{record['id']}` | {record['status']} | {'-' if train is None else f'{train:.1f}'} | {'-' if evaluation is None else f'{evaluation:.1f}'} | {commands} |")
     return "\n".join(out) + "\n"
 
 

@@ -17,16 +17,17 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ulma_lightning.compare.metrics import Evaluator
 from ulma_lightning.compare.parallel import run_parallel, stage_lock
 from ulma_lightning.compare.plots import write_plots
 from ulma_lightning.compare.report import RESULT_FILE, collect, init_folder, run_folder, write_results
 from ulma_lightning.compare.spec import GridError, GridSpec, load_grid
+from ulma_lightning.compare.stages import Instance, Plan, build_init, digest, failure, plan_grid, read_json, train_stage, write_json
 from ulma_lightning.compare.tune import choose, tune_grid, write_tuned
-from ulma_lightning.compare.stages import Instance, Plan, digest, build_init, failure, plan_grid, read_json, train_stage, write_json
 
 
 def _link(link: Path, target: str) -> None:
@@ -165,9 +166,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def compare(
-    grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare", jobs: int | None = None
-) -> dict[str, Any]:
+def compare(grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare", jobs: int | None = None) -> dict[str, Any]:
     """Run the grid (or the ``only`` subset) into ``root``, ``jobs`` runs at a time (default: the grid's
     ``jobs``); write and return the results."""
     jobs = grid.jobs if jobs is None else jobs
@@ -213,9 +212,7 @@ def _compare(grid: GridSpec, plan: Plan, chosen: list[Instance], root: Path, lau
     return results
 
 
-def tune(
-    grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare --tune", jobs: int | None = None
-) -> dict[str, Any]:
+def tune(grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare --tune", jobs: int | None = None) -> dict[str, Any]:
     """Run the grid's tuning candidates into ``root`` and write the chosen values (``tuned.yaml``)."""
     candidates_grid, per_method = tune_grid(grid)
     results = compare(candidates_grid, root, only=only, launcher=launcher, command=command, jobs=jobs)
@@ -229,8 +226,7 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
     """``ulma compare`` with command-line arguments ``argv``."""
     parser = argparse.ArgumentParser(
         prog="ulma compare",
-        description="Train and evaluate a grid of runs (methods x data variants x seeds, stages chained) and write "
-        "results.md, results.json and PNG plots. Started again, it skips finished runs.",
+        description="Train and evaluate a grid of runs (methods x data variants x seeds, stages chained) and write results.md, results.json and PNG plots. Started again, it skips finished runs.",
     )
     parser.add_argument("--config", required=True, help="the grid YAML, e.g. experiments/paper.yaml")
     parser.add_argument("--quick", action="store_true", help="the grid's `quick:` subset (fewer seeds, runs and steps)")
@@ -239,9 +235,11 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--tune", action="store_true", help="choose each method's hyper-parameters by the grid's `tune:` rule (validation score); writes OUTPUT/tune/tuned.yaml")
     parser.add_argument("--launcher", choices=("inprocess", "subprocess"), default=None, help="run each `ulma fit` in this process (default) or in a child process")
     parser.add_argument(
-        "--jobs", type=int, default=None, metavar="N",
-        help="train N runs at a time in worker processes (stages they share are trained once; default: the grid's `jobs`, else 1); "
-        "each uses cpu_count/N threads unless OMP_NUM_THREADS is set",
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train N runs at a time in worker processes (stages they share are trained once; default: the grid's `jobs`, else 1); each uses cpu_count/N threads unless OMP_NUM_THREADS is set",
     )
     args = parser.parse_args(argv)
     try:

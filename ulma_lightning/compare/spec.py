@@ -424,10 +424,7 @@ def load_grid(path: str | Path, *, quick: bool = False) -> GridSpec:
                 raise GridError(_where(path, raw, f"{what}: unknown variant {variant!r}; the grid defines {sorted(variants)}"))
             for i, stage in enumerate(stages):
                 if stage.data not in variants[variant]:
-                    raise GridError(
-                        _where(path, raw, f"{what} stage {i + 1} ({stage.method}): data kind {stage.data!r} is not defined in "
-                               f"variant {variant!r} (it has {sorted(variants[variant])})")
-                    )
+                    raise GridError(_where(path, raw, f"{what} stage {i + 1} ({stage.method}): data kind {stage.data!r} is not defined in variant {variant!r} (it has {sorted(variants[variant])})"))
         overrides = _mapping_of(entry.get("overrides"), path, f"{what}.overrides", raw)
         runs.append(RunSpec(name, str(entry.get("label") or name), stages, list(run_variants), overrides, getattr(raw, "line", 0)))
     evaluation = _evaluation(doc.get("evaluation"), path, doc)

@@ -336,10 +336,7 @@ def train_stage(stage: Stage, root: Path, exports: dict[str, str], launcher: str
     seconds = time.perf_counter() - started
     export = find_latest(folder, "hf_model/config.json")
     if export is None:
-        raise RuntimeError(
-            f"stage {stage.key} ({stage.spec.config}) wrote no Hugging Face export; add "
-            "ulma_lightning.callbacks.HFExport to the config's trainer.callbacks"
-        )
+        raise RuntimeError(f"stage {stage.key} ({stage.spec.config}) wrote no Hugging Face export; add ulma_lightning.callbacks.HFExport to the config's trainer.callbacks")
     record = {
         "status": "ok",
         "key": stage.key,

@@ -8,7 +8,8 @@ it. A data module of your own that a built-in method trains on provides the same
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 

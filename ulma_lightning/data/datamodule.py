@@ -7,7 +7,8 @@ import hashlib
 import json
 import logging
 import math
-from typing import Any, Callable, Iterable, Literal
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -16,15 +17,25 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from ulma_lightning.data.cache import (
-    CacheMiss, FeatureCache, captured_logs, code_identity, decode_items, digest, dumps, encode_items, loads, replay,
-    source_identity, tokenizer_identity,
+    CacheMiss,
+    FeatureCache,
+    captured_logs,
+    code_identity,
+    decode_items,
+    digest,
+    dumps,
+    encode_items,
+    loads,
+    replay,
+    source_identity,
+    tokenizer_identity,
 )  # fmt: skip
 from ulma_lightning.data.collate import PaddingCollator
 from ulma_lightning.data.demo import demo_test_source, is_demo_source
 from ulma_lightning.data.errors import DataError, OnBadRecord, SkipReport
 from ulma_lightning.data.features import FeatureDataset, Truncation, TruncationReport, encode_pairs
-from ulma_lightning.data.prompts import LeftPaddingCollator, PromptDataset, encode_prompts
 from ulma_lightning.data.mixing import MixStrategy, SourceSpec, SplitSources, describe, mix, records_of, source_specs
+from ulma_lightning.data.prompts import LeftPaddingCollator, PromptDataset, encode_prompts
 from ulma_lightning.data.records import Example, apply_columns, format_label, in_user_terms, parse_pointwise
 from ulma_lightning.data.samplers import ResumableDataLoader, ResumableSampler
 from ulma_lightning.data.sources import Location, read_source
@@ -190,8 +201,7 @@ class AlignmentDataModule(pl.LightningDataModule):
                 unused = [name for name in ("score", "score_range") if getattr(spec, name) is not None and name not in self.scored_options]
                 if unused:
                     raise ValueError(
-                        f"data.{split}: source {spec.source}: {type(self).__name__} has no use for {' and '.join(unused)} "
-                        "(its records are not scored); drop it, or use PointwiseDataModule"
+                        f"data.{split}: source {spec.source}: {type(self).__name__} has no use for {' and '.join(unused)} (its records are not scored); drop it, or use PointwiseDataModule"
                     )
         self.reading: SourceSpec | None = None  # the source being read, whose options override the module's
         self.mixed: dict[str, dict[str, dict[str, int]]] = {}  # split -> source -> samples read, skipped, records drawn
@@ -378,7 +388,9 @@ class AlignmentDataModule(pl.LightningDataModule):
         report.log()
         if not len(dataset):
             raise DataError(
-                Location(source), None, f"the {split} split has no usable samples (skipped: {report.as_dict()})",
+                Location(source),
+                None,
+                f"the {split} split has no usable samples (skipped: {report.as_dict()})",
                 f"raise max_length, or give data.{split} a source with usable records",
             )
         self.datasets[split] = dataset
@@ -743,7 +755,9 @@ class PointwiseDataModule(AlignmentDataModule):
             low, high = score_range
             value = f"{record['score']!r}" if record.get("score") is not None else f"the source's default score {default_score!r}"
             raise DataError(
-                location, "score", f"{value} is neither {low:g} nor {high:g}, and the method's label_type is binary",
+                location,
+                "score",
+                f"{value} is neither {low:g} nor {high:g}, and the method's label_type is binary",
                 "fix the record, set on_bad_record: skip to skip such records, or train with label_type: continuous",
             )
         return examples

@@ -163,9 +163,7 @@ def _make_prompt(topic: Topic, rng: random.Random) -> Prompt:
     return messages
 
 
-def generate_records(
-    n: int, *, seed: int = 0, label: Literal["binary", "continuous"] = "binary", harmful_fraction: float = 0.4
-) -> list[dict]:
+def generate_records(n: int, *, seed: int = 0, label: Literal["binary", "continuous"] = "binary", harmful_fraction: float = 0.4) -> list[dict]:
     """``n`` point-wise records ``{prompt, response, score}``; prompts are chat message lists."""
     rng = random.Random(seed)
     records = []
@@ -236,7 +234,7 @@ def demo_corpus() -> list[str]:
     return texts
 
 
-register_builtin_corpus('demo', demo_corpus, vocab_size=640)
+register_builtin_corpus("demo", demo_corpus, vocab_size=640)
 
 
 DEMO_PREFIX = "demo://"

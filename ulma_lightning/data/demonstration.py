@@ -33,9 +33,7 @@ class DemonstrationDataModule(AlignmentDataModule):
 
     scored_options = ("score", "score_range")  # with min_score
 
-    def __init__(
-        self, *args: Any, min_score: float | None = None, score_range: tuple[float, float] = (0.0, 1.0), **kwargs: Any
-    ) -> None:
+    def __init__(self, *args: Any, min_score: float | None = None, score_range: tuple[float, float] = (0.0, 1.0), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.min_score = min_score
         self.score_range = tuple(score_range)

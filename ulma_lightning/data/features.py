@@ -9,8 +9,9 @@ are the ones after it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,7 +77,7 @@ class TruncationReport:
             f"{self.responses_cut} responses ({self.response_tokens_cut} tokens)"
         )
 
-    def log(self, logger: Any, truncation: "Truncation") -> None:
+    def log(self, logger: Any, truncation: Truncation) -> None:
         """Log the summary when anything was cut; warn when most prompts lost more than half."""
         if not (self.prompts_cut or self.responses_cut):
             return
@@ -89,9 +90,7 @@ class TruncationReport:
             logger.info("%s", self.summary())
 
 
-def tokenize_pairs(
-    tokenizer: Any, prompts: Sequence[Any], responses: Sequence[Any]
-) -> tuple[list[list[int]], list[list[int]]]:
+def tokenize_pairs(tokenizer: Any, prompts: Sequence[Any], responses: Sequence[Any]) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids of formatted prompts and of responses (with EOS), tokenized separately.
 
     See :func:`~ulma_lightning.data.formatting.format_pair`: a conversational completion with a chat

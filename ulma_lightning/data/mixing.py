@@ -21,8 +21,9 @@ a pair read as two point-wise samples counts once and its samples stay together.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -133,4 +134,3 @@ def mix(parts: Sequence[list[Any]], specs: Sequence[SourceSpec], seed: int, stra
             drawn = draw(source_groups, count, torch.Generator().manual_seed(seed * 1000 + i))
         mixed += [example for group in drawn for example in group]
     return mixed, counts
-

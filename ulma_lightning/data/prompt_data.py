@@ -40,8 +40,7 @@ class PromptDataModule(AlignmentDataModule):
         present = [f for f in RESPONSE_FIELDS if record.get(f) is not None]
         if present and not self._said_responses_ignored:
             log.info(
-                "%s: records carry responses (%s); they are ignored for training (the policy generates its own) "
-                "and kept as reference answers for evaluation",
+                "%s: records carry responses (%s); they are ignored for training (the policy generates its own) and kept as reference answers for evaluation",
                 location,
                 ", ".join(present),
             )

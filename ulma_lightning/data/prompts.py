@@ -9,8 +9,9 @@ prompt, its first example (the chosen side). Prompts are cut from the left to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset

@@ -186,11 +186,7 @@ def check_prompt(value: Any, location: Location, field: str = "prompt") -> Promp
         return value
     if isinstance(value, list) and value:
         for i, message in enumerate(value):
-            if not (
-                isinstance(message, dict)
-                and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)
-            ):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
                 raise DataError(location, f"{field}[{i}]", "a chat message must be an object with string 'role' and 'content'")
         return [{"role": m["role"], "content": m["content"]} for m in value]
     if value is None:
@@ -292,9 +288,7 @@ def _implicit_pair(record: dict[str, Any], location: Location) -> PairExample:
         shared += 1
     if shared == 0:
         raise DataError(location, "rejected", "chosen and rejected share no leading message: there is no prompt (the shared turns before the answers)")
-    return PairExample(
-        chosen[:shared], check_completion(chosen[shared:], location, "chosen"), check_completion(rejected[shared:], location, "rejected"), location
-    )
+    return PairExample(chosen[:shared], check_completion(chosen[shared:], location, "chosen"), check_completion(rejected[shared:], location, "rejected"), location)
 
 
 PAIRWISE_FORMATS = ("preference", "implicit-preference")
@@ -338,7 +332,11 @@ def parse_answer(record: dict[str, Any], location: Location, kind: str) -> tuple
 
 
 def record_score(
-    record: dict[str, Any], location: Location, kind: str, score_range: tuple[float, float], lower_is_better: bool = False,
+    record: dict[str, Any],
+    location: Location,
+    kind: str,
+    score_range: tuple[float, float],
+    lower_is_better: bool = False,
     default_score: float | None = None,
 ) -> float | None:
     """The normalised score of a single-answer record: its ``score`` (through ``score_range``, flipped
@@ -352,7 +350,10 @@ def record_score(
 
 
 def parse_pointwise(
-    record: dict[str, Any], location: Location, score_range: tuple[float, float], lower_is_better: bool = False,
+    record: dict[str, Any],
+    location: Location,
+    score_range: tuple[float, float],
+    lower_is_better: bool = False,
     default_score: float | None = None,
 ) -> list[Example]:
     """Point-wise examples from one record; a pair becomes two (chosen -> 1, rejected -> 0).

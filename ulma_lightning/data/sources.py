@@ -23,8 +23,9 @@ import gzip
 import json
 import os
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from ulma_lightning.data.errors import DataError, Location  # Location: defined with the errors that name it
@@ -46,7 +47,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str | DataError]]:
     """
     compressed = path.suffix == ".gz"
     number = 0
-    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as handle:
+    with gzip.open(path, "rb") if compressed else open(path, "rb") as handle:
         try:
             for number, raw in enumerate(handle, start=1):
                 if number == 1 and raw.startswith(codecs.BOM_UTF8):
@@ -166,10 +167,7 @@ def _read_demo(source: str, default_split: str) -> Iterator[tuple[Any, Location]
     parsed = urlparse(source)
     label = parsed.netloc or parsed.path.strip("/")
     if label not in DEMO_KINDS:
-        raise ValueError(
-            f"demo source must be demo://binary or demo://continuous (point-wise), demo://pairwise or "
-            f"demo://demonstration, got {source!r}"
-        )
+        raise ValueError(f"demo source must be demo://binary or demo://continuous (point-wise), demo://pairwise or demo://demonstration, got {source!r}")
     query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
     split = query.get("split", default_split)
     n = int(query.get("n", 2000 if split == "train" else 400))
@@ -246,9 +244,7 @@ def read_source(source: str, split: str = "train") -> Iterator[tuple[Any, Locati
         yield from _read_folder(path, split)
         return
     if not path.exists():
-        raise FileNotFoundError(
-            f"data source {source!r} is not a file or folder here; for a hub dataset write hf://OWNER/NAME"
-        )
+        raise FileNotFoundError(f"data source {source!r} is not a file or folder here; for a hub dataset write hf://OWNER/NAME")
     suffix = _base_suffix(path)
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     if suffix not in readers:

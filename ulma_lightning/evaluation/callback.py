@@ -138,7 +138,8 @@ class GenerationSamples(pl.Callback):
         if not can_generate(model) and self.num_prompts > 0:  # a reward model scores, it does not write
             log.info(
                 "GenerationSamples: %s has no generating model (%s); no sample generations are logged",
-                type(pl_module).__name__, type(model).__name__,
+                type(pl_module).__name__,
+                type(model).__name__,
             )
         kept = scorers_for([self.scorer] if self.scorer is not None else [], trainer.datamodule, "val", "GenerationSamples")
         self._active_scorer = kept[0] if kept else None  # the demo's scorer only on demo data
@@ -160,9 +161,7 @@ class GenerationSamples(pl.Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._rewards = []
 
-    def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if not self.histograms or not isinstance(outputs, dict) or outputs.get("rewards") is None:
             return
         scores = outputs.get("scores")

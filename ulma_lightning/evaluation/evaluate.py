@@ -25,9 +25,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ulma_lightning.lightning_cli import CLI_DEFAULTS, DEFAULTS_FILE, ULMACLI
 from ulma_lightning.data.datamodule import AlignmentDataModule
 from ulma_lightning.evaluation.writer import PredictionWriter
+from ulma_lightning.lightning_cli import CLI_DEFAULTS, DEFAULTS_FILE, ULMACLI
 from ulma_lightning.modules.base import AlignmentModule
 
 
@@ -82,9 +82,7 @@ def with_saved_config(argv: list[str]) -> list[str]:
         return argv
     config = saved_config(ckpt)
     if config is None:
-        raise FileNotFoundError(
-            f"ulma evaluate: no config.yaml found beside {ckpt} (looked in its folder and two above); pass the run's config with --config"
-        )
+        raise FileNotFoundError(f"ulma evaluate: no config.yaml found beside {ckpt} (looked in its folder and two above); pass the run's config with --config")
     print(f"ulma evaluate: using the run's saved config {config}")
     return ["--config", str(config), *argv]
 

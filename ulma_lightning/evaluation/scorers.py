@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -41,7 +42,7 @@ class Scorer:
         """One score per (prompt, response); ``prompts`` are strings or chat message lists."""
         raise NotImplementedError
 
-    def to(self, device: torch.device | str) -> "Scorer":
+    def to(self, device: torch.device | str) -> Scorer:
         """Move any model this scorer holds (no-op for programmatic scorers)."""
         return self
 
@@ -120,7 +121,7 @@ class _ModelScorer(Scorer):
     device: torch.device | None = None
     _model: Any = None
 
-    def to(self, device: torch.device | str) -> "_ModelScorer":
+    def to(self, device: torch.device | str) -> _ModelScorer:
         if self.device is None:
             self.device = torch.device(device)
             if self._model is not None:
@@ -169,9 +170,7 @@ class HFClassifierScorer(_ModelScorer):
         local = Path(self.path)
         looks_like_hub_id = not local.is_absolute() and not self.path.startswith(".") and self.path.count("/") == 1
         if not local.exists() and not looks_like_hub_id:
-            raise FileNotFoundError(
-                f"HFClassifierScorer.path: {self.path!r} is not a folder; save the reward model there with save_pretrained"
-            )
+            raise FileNotFoundError(f"HFClassifierScorer.path: {self.path!r} is not a folder; save the reward model there with save_pretrained")
         model = AutoModelForSequenceClassification.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
         if model.config.num_labels != 1:
             raise ValueError(f"HFClassifierScorer.path: {self.path} has num_labels={model.config.num_labels}; a reward model has 1")
@@ -245,10 +244,7 @@ def checked_scores(scorer: Scorer, prompts: Sequence[Any], responses: Sequence[s
     values = scorer.score(prompts, responses)
     who = f"scorer {type(scorer).__name__} (name {scorer.name!r})"
     if len(values) != len(responses):
-        raise ValueError(
-            f"{who} returned {len(values)} scores for {len(responses)} responses; Scorer.score must return one number "
-            "per (prompt, response), in order"
-        )
+        raise ValueError(f"{who} returned {len(values)} scores for {len(responses)} responses; Scorer.score must return one number per (prompt, response), in order")
     scores = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
     if bad:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 def win_rate(scores: Sequence[float], other_scores: Sequence[float]) -> float:
@@ -58,10 +59,7 @@ def match_rows(rows: list[dict[str, Any]], other: list[dict[str, Any]], other_na
     for number, row in enumerate(rows, start=1):
         queue = by_prompt.get(prompt_key(row["prompt"]))
         if not queue:
-            raise ValueError(
-                f"row {number} (index {row.get('index', '?')}): its prompt is not in {other_name}; "
-                "compare predictions made on the same prompts (same data.predict / data.test)"
-            )
+            raise ValueError(f"row {number} (index {row.get('index', '?')}): its prompt is not in {other_name}; compare predictions made on the same prompts (same data.predict / data.test)")
         matched.append(queue.pop(0))
     return matched
 

@@ -20,8 +20,8 @@ from ulma_lightning.evaluation.generation import GenerationConfig, can_generate,
 from ulma_lightning.evaluation.metrics import TokenPerplexity, demonstration_rows, reuse_token_logps
 from ulma_lightning.export import export_hf
 from ulma_lightning.losses import LossOutput
-from ulma_lightning.options import check_numbers
 from ulma_lightning.modules.reference import ReferencePrecompute, progress  # noqa: F401  (progress: offered here before)
+from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import Policy, PolicyConfig, PretrainedModel, select_rows
 
 log = logging.getLogger(__name__)
@@ -293,11 +293,7 @@ class AlignmentModule(ReferencePrecompute):
 
     def gradient_norm(self) -> Tensor:
         """The L2 norm of every parameter's gradient; under FSDP and FSDP2, over all shards."""
-        squares = [
-            (p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).float().square().sum()
-            for p in self.parameters()
-            if p.grad is not None
-        ]
+        squares = [(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).float().square().sum() for p in self.parameters() if p.grad is not None]
         total = torch.stack(squares).sum() if squares else torch.zeros((), device=self.device)
         if self._wrapped_by_fsdp() or getattr(self, "_device_mesh", None) is not None:
             total = self.trainer.strategy.reduce(total, reduce_op="sum")  # disjoint shards: squares add up
@@ -317,9 +313,7 @@ class AlignmentModule(ReferencePrecompute):
         no_decay = [p for p in params if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         scaled = self._trainer is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None
-        fused = bool(params) and not scaled and all(
-            type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params
-        )
+        fused = bool(params) and not scaled and all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params)
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
 
     def configure_optimizers(self) -> Any:
@@ -366,8 +360,7 @@ class AlignmentModule(ReferencePrecompute):
     def on_fit_start(self) -> None:
         if self.device.type == "cpu" and "mixed" in str(self.trainer.precision):
             rank_zero_warn(
-                f"trainer.precision {self.trainer.precision} on CPU: mixed precision is for GPUs, and autocast on CPU "
-                "runs many times slower than 32-true here; set --trainer.precision 32-true on CPU"
+                f"trainer.precision {self.trainer.precision} on CPU: mixed precision is for GPUs, and autocast on CPU runs many times slower than 32-true here; set --trainer.precision 32-true on CPU"
             )
         self.schedule_reference_precompute()
 

@@ -19,10 +19,7 @@ def check_pointwise_options(*, beta: float, positive_threshold: float, reduction
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     if not 0 < positive_threshold <= 1:
-        raise ValueError(
-            f"positive_threshold must be in (0, 1], got {positive_threshold}: scores are normalised to [0, 1] by "
-            "data.score_range (e.g. 4 on a 1..5 scale is 0.75)"
-        )
+        raise ValueError(f"positive_threshold must be in (0, 1], got {positive_threshold}: scores are normalised to [0, 1] by data.score_range (e.g. 4 on a 1..5 scale is 0.75)")
     check_choices(reduction=(reduction, ("subset_mean", "mean")))
 
 

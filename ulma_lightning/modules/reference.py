@@ -49,7 +49,6 @@ class ReferencePrecompute(pl.LightningModule):
         else:
             self.precompute_reference_logps()
 
-
     @property
     def precomputed_columns(self) -> tuple[str, ...]:
         """Names of the per-sample columns :meth:`reference_columns` returns."""

@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -217,9 +218,7 @@ class RolloutModule(AlignmentModule):
         scores = checked_scores(self.scorer, prompts, responses).to(self.device)
         scored = time.perf_counter() - start
         lengths = torch.as_tensor([len(item["labels"]) - int((item["labels"] < 0).sum()) for item in items], device=self.device)
-        return Generations(
-            prompts, responses, sequences, torch.as_tensor(has_eos, device=self.device), scores, lengths, {"generate": generated, "score": scored}
-        )
+        return Generations(prompts, responses, sequences, torch.as_tensor(has_eos, device=self.device), scores, lengths, {"generate": generated, "score": scored})
 
     def token_matrix(self, tokens: TokenLogps, width: int | None = None) -> tuple[Tensor, Tensor]:
         """``(B, L)`` matrix and mask of per-token values in :class:`TokenLogps` order."""
@@ -330,4 +329,3 @@ class RolloutModule(AlignmentModule):
         ):
             self.log(f"{stage}/{name}", value, on_epoch=True, batch_size=size, sync_dist=True, prog_bar=name == "reward")
         return {"scores": gen.scores}
-

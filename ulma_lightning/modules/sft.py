@@ -44,7 +44,6 @@ class SFTModule(AlignmentModule):
     def needs_reference(self) -> bool:
         return False
 
-
     def compute_loss(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:
         tokens = self.policy.token_logps(batch)
         row_logps = tokens.per_sequence(average=True)

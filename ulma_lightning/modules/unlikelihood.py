@@ -63,7 +63,6 @@ class UnlikelihoodModule(AlignmentModule):
     def needs_reference(self) -> bool:
         return False
 
-
     def compute_loss(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:
         tokens = self.policy.token_logps(batch)
         return unlikelihood_loss(

@@ -15,6 +15,7 @@ from lightning.pytorch import Trainer
 from torch import nn
 
 from ulma_lightning.cli import main
+from ulma_lightning.lightning_cli import read_config
 from ulma_lightning.sharding import AutoWrapFSDPStrategy, FSDP2Strategy, decoder_layer_classes
 
 
@@ -119,6 +120,6 @@ def test_fsdp2_strategy_follows_the_trainer_precision() -> None:
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_method_configs_checkpoint_atomically(config) -> None:
-    callbacks = yaml.safe_load(config.read_text()).get("trainer", {}).get("callbacks", [])
+    callbacks = read_config(config).get("trainer", {}).get("callbacks", [])
     checkpoints = [c["class_path"] for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
     assert checkpoints == ["ulma_lightning.checkpointing.AtomicModelCheckpoint"], config.name

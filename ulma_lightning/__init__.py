@@ -1,5 +1,6 @@
 """ulma-lightning: align causal language models with demonstrations and point-wise feedback."""
 
+from ulma_lightning._version import __version__ as __version__
 from ulma_lightning.data import AlignmentDataModule, DataError, DemonstrationDataModule, PairwiseDataModule, PointwiseDataModule, PromptDataModule
 from ulma_lightning.losses import (
     LossOutput,
@@ -28,8 +29,6 @@ from ulma_lightning.modules import (
     UnlikelihoodModule,
 )
 from ulma_lightning.policy import LoraSettings, Policy, PolicyConfig, PretrainedModel
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AlignmentDataModule",

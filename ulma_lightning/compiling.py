@@ -69,7 +69,7 @@ def compile_blocks(model: nn.Module, options: dict[str, Any]) -> int:
     """
     import torch._dynamo.config
 
-    from ulma_lightning.sharding import decoder_layer_classes
+    from ulma_lightning.blocks import decoder_layer_classes
 
     # every block of every model shares one compiled function, whose variants (train / eval, grad /
     # no grad, adapters on / off, static / dynamic shapes) would pass torch's default limit of 8

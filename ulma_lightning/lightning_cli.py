@@ -72,6 +72,27 @@ def nulls_as_init_args(argv: list[str]) -> list[str]:
 #: config or the command line overrides any default. Shipped inside the package.
 DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
 
+#: options whose value is a mapping: a config's value replaces the default whole (the rest merge key by key)
+MAPPING_VALUES = ("model_config",)
+
+
+def merged(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` over ``base``, as the CLI composes config files: namespaces merged key by key."""
+    out = dict(base)
+    for key, value in config.items():
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict) and key not in MAPPING_VALUES
+        out[key] = merged(out[key], value) if nested else value
+    return out
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A config file as ``ulma fit --config`` reads it, as plain YAML data: the shared defaults
+    (:data:`DEFAULTS_FILE`), then the file. (``callbacks+`` is left as written.)"""
+    import yaml
+
+    return merged(yaml.safe_load(DEFAULTS_FILE.read_text()) or {}, yaml.safe_load(Path(path).read_text()) or {})
+
+
 CLI_DEFAULTS: dict[str, Any] = {
     "subclass_mode_model": True,
     "subclass_mode_data": True,

@@ -32,8 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ulma_lightning.compare.spec import GridSpec, RunSpec, StageSpec
 
 STAGE_FILE = "stage.json"
@@ -154,24 +152,10 @@ class Plan:
     instances: list[Instance] = field(default_factory=list)
 
 
-#: options whose value is a mapping: a config's value replaces the default whole (the rest merge key by key)
-MAPPING_VALUES = ("model_config",)
-
-
-def _merged(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` over ``base``, as the CLI composes config files: namespaces merged key by key."""
-    out = dict(base)
-    for key, value in config.items():
-        nested = isinstance(value, dict) and isinstance(out.get(key), dict) and key not in MAPPING_VALUES
-        out[key] = _merged(out[key], value) if nested else value
-    return out
-
-
 def _config(path: Path) -> dict[str, Any]:
-    """A stage's config as ``ulma fit`` reads it: the shared defaults (``defaults.yaml``), then the file."""
-    from ulma_lightning.lightning_cli import DEFAULTS_FILE
+    from ulma_lightning.lightning_cli import read_config
 
-    return _merged(yaml.safe_load(DEFAULTS_FILE.read_text()) or {}, yaml.safe_load(path.read_text()) or {})
+    return read_config(path)
 
 
 def _dotted(config: dict[str, Any], key: str) -> Any:

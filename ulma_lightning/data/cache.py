@@ -130,7 +130,7 @@ def _source_files(classes: tuple[type, ...]) -> list[str]:
 
 def code_identity(classes: tuple[type, ...]) -> dict[str, Any]:
     """The library's version and the SHA-256 of its data code (and of the files defining ``classes``)."""
-    from ulma_lightning import __version__
+    from ulma_lightning._version import __version__
 
     files = _source_files(classes)
     return {"version": __version__, "code": [file_identity(Path(p)) for p in files if Path(p).is_file()]}

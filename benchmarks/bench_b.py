@@ -27,24 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import allocator, capped
+from benchmarks.workload import QWEN25_05B
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 TOKENIZER = "builtin:demo"
 BATCH = 8
-QWEN2_05B: dict[str, Any] = {
-    "model_type": "qwen2",
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "tie_word_embeddings": True,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-6,
-}
 
 
 @dataclass
@@ -67,7 +55,7 @@ class BRow:
 
 
 def model_config(row: BRow) -> dict[str, Any]:
-    return {**QWEN2_05B, "num_hidden_layers": row.layers, "max_position_embeddings": max(QWEN2_05B["max_position_embeddings"], row.max_length)}
+    return {**QWEN25_05B, "num_hidden_layers": row.layers, "max_position_embeddings": max(QWEN25_05B["max_position_embeddings"], row.max_length)}
 
 
 def samples(row: BRow, first_id: int) -> list[Any]:
@@ -78,7 +66,7 @@ def samples(row: BRow, first_id: int) -> list[Any]:
     response = max(1, round(0.28 * row.max_length))
     out = []
     for i in range(BATCH * (row.warmup + row.measured)):
-        ids = [rng.randrange(first_id, QWEN2_05B["vocab_size"]) for _ in range(row.max_length)]
+        ids = [rng.randrange(first_id, QWEN25_05B["vocab_size"]) for _ in range(row.max_length)]
         out.append(Sample(ids[:-response], ids[-response:], score=float(i % 2 == 0)))
     return out
 
@@ -227,7 +215,7 @@ def line(result: dict[str, Any]) -> str:
 def markdown(data: dict[str, Any]) -> str:
     m = data["machine"]
     row0 = data["rows"][0]["row"] if data["rows"] else data["settings"]
-    shape = "the full Qwen2.5-0.5B shape" if row0["layers"] == QWEN2_05B["num_hidden_layers"] else f"**{row0['layers']} layers, not the full 24: a smoke run**"
+    shape = "the full Qwen2.5-0.5B shape" if row0["layers"] == QWEN25_05B["num_hidden_layers"] else f"**{row0['layers']} layers, not the full 24: a smoke run**"
     lines = [
         "# Benchmarks: bench-B (the largest model)",
         "",

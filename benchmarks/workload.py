@@ -32,6 +32,22 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_FILE = Path(os.environ.get("ULMA_BENCH_HH") or REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz")
 CACHE = REPO / "benchmarks" / ".cache"
 
+#: The Qwen2.5-0.5B shape built from its config: bench-B's model and scripts/gpu_check.py's.
+QWEN25_05B = {
+    "model_type": "qwen2",
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "use_sliding_window": False,
+}
+
 VOCAB_SIZE = 8192
 SEED = 0
 MAX_LENGTH = 512

@@ -28,20 +28,8 @@ from typing import Any
 
 import torch
 
-QWEN25_05B = {
-    "model_type": "qwen2",
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
-    "use_sliding_window": False,
-}
+from benchmarks.workload import QWEN25_05B  # bench-B's model (PYTHONPATH: the repository root, as gpu_check.sh sets)
+
 TINY = {
     "model_type": "qwen2",
     "hidden_size": 32,

@@ -53,7 +53,7 @@ NOT_IN_CACHE_KEY = frozenset(
         "datasets", "examples", "skipped", "truncated", "mixed", "duplicates", "reading", "trainer", "cache",
         "cache_dir", "cache_used", "specs", "sources", "test_from_val", "batch_size", "eval_batch_size",
         "num_workers", "group_by_length", "pad_to_multiple_of", "_building", "_pending_extra",
-        "_before_loading", "_tokenizer", "_report", "_said_responses_ignored",
+        "_before_loading", "_tokenizer", "_report", "_said_responses_ignored", "_identity_key",
     }
 )  # fmt: skip
 
@@ -232,6 +232,7 @@ class AlignmentDataModule(pl.LightningDataModule):
         self.cache = FeatureCache(cache_dir) if cache_dir else None
         #: samples per split whose features setup loaded from the cache ("loaded") or built and saved ("saved")
         self.cache_used: dict[str, dict[str, int]] = {"loaded": {}, "saved": {}}
+        self._identity_key: str | None = None  # _identity_digest's, per setup
 
     #: the per-source options about scores this module reads (see :mod:`ulma_lightning.data.mixing`)
     scored_options: tuple[str, ...] = ()
@@ -269,7 +270,7 @@ class AlignmentDataModule(pl.LightningDataModule):
         if self.cache is None:
             return self._read_split(split, report)
         sources = [[dataclasses.asdict(spec), source_identity(spec.source)] for spec in self.specs[split] or []]
-        key = digest([self._cache_identity(), "records", split, sources])
+        key = digest([self._identity_digest(), "records", split, sources])
         entry = self.cache.load("records", key)
         if entry is not None:
             try:
@@ -407,6 +408,12 @@ class AlignmentDataModule(pl.LightningDataModule):
             dataclasses.asdict(self.truncation), code_identity(classes),
         ]  # fmt: skip
 
+    def _identity_digest(self) -> str:
+        """:meth:`_cache_identity` hashed, once per setup (it hashes the tokenizer and the library's code)."""
+        if self._identity_key is None:
+            self._identity_key = digest(self._cache_identity())
+        return self._identity_key
+
     @staticmethod
     def _skips_since(report: SkipReport, before: dict[str, int]) -> list[list[Any]]:
         """The skips ``report`` counted since ``before`` (its counts then): [reason, count, first example]."""
@@ -428,7 +435,7 @@ class AlignmentDataModule(pl.LightningDataModule):
         except CacheMiss as exc:
             log.info("features cache: the %s split is not cached (its examples hold %s)", split, exc)
             return self.build_features(examples, report)
-        key = digest([self._cache_identity(), "features", split, content])
+        key = digest([self._identity_digest(), "features", split, content])
         entry = self.cache.load("features", key)
         if entry is not None:
             try:
@@ -473,6 +480,7 @@ class AlignmentDataModule(pl.LightningDataModule):
                 done.clear()
 
     def setup(self, stage: str | None = None) -> None:
+        self._identity_key = None  # options may have changed since the last setup
         try:
             self._setup(stage)
         finally:

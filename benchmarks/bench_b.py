@@ -1,7 +1,7 @@
 """bench-B: the largest model, a Qwen2.5-0.5B-shaped Qwen2 built from its config, ULMA against TRL's KTOTrainer.
 
     PYTHONPATH=. python -m benchmarks.bench_b                      # both rows; writes docs/benchmarks-b.{md,json}
-    PYTHONPATH=. python -m benchmarks.bench_b --find-max-length    # also: the longest max_length ULMA trains at batch 8
+    PYTHONPATH=. python -m benchmarks.bench_b --find-max-length    # also: the longest max_length ULMA trains at batch 8 (--resume goes on after a kill)
     PYTHONPATH=. python -m benchmarks.bench_b --layers 2 --max-length 64 --out /tmp/bench-b   # a tiny smoke run
 
 Model: hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4,864, vocabulary 151,936, tied
@@ -12,7 +12,9 @@ demo tokenizer's special tokens (the content does not change the work). Each row
 ``ULMAModule`` step: ``training_step``, backward, AdamW; TRL's ``KTOTrainer.training_step`` with its
 KL sequences, then its optimizer) runs in a fresh child process under a resident-memory cap (default
 22 GiB): running out of memory is recorded as a result. Peak memory: the child's peak RSS, whole
-process. Gradient checkpointing on by default (``--no-gradient-checkpointing``).
+process. Gradient checkpointing on by default (``--no-gradient-checkpointing``). Every row and
+probe is saved to the JSON as it ends; ``--resume`` reuses those measured with the same settings, so a
+run of hours that is killed goes on where it stopped.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,10 +46,11 @@ class BRow:
     max_length: int = 1024
     layers: int = 24
     gradient_checkpointing: bool = True
-    warmup: int = 2
+    warmup: int = 1
     measured: int = 2
     allocator: str = "default"
     threads: int = 2
+    warmup_length: int | None = None  # the warm-up steps' tokens per sequence (None: max_length)
 
     @property
     def name(self) -> str:
@@ -63,10 +67,11 @@ def samples(row: BRow, first_id: int) -> list[Any]:
     from benchmarks.workload import Sample
 
     rng = random.Random(0)
-    response = max(1, round(0.28 * row.max_length))
     out = []
     for i in range(BATCH * (row.warmup + row.measured)):
-        ids = [rng.randrange(first_id, QWEN25_05B["vocab_size"]) for _ in range(row.max_length)]
+        length = (row.warmup_length or row.max_length) if i < BATCH * row.warmup else row.max_length
+        response = max(1, round(0.28 * length))
+        ids = [rng.randrange(first_id, QWEN25_05B["vocab_size"]) for _ in range(length)]
         out.append(Sample(ids[:-response], ids[-response:], score=float(i % 2 == 0)))
     return out
 
@@ -147,6 +152,7 @@ def measure(row: BRow) -> dict[str, Any]:
         start = time.perf_counter()
         losses.append(runner.step(batch, i))
         walls.append(time.perf_counter() - start)
+        print(f"  {row.name}: step {i + 1}/{len(batches)} {walls[-1]:.1f} s, RSS peak so far {memory.peak_mb() / 1024:.2f} GiB", flush=True)
     if not all(math.isfinite(x) for x in losses):
         raise FloatingPointError(f"non-finite loss: {losses}")
     timed = walls[row.warmup :] or walls[-1:]
@@ -168,41 +174,95 @@ def run_row(row: BRow, cap_gib: float, timeout_s: float, jemalloc: str | None) -
         result = capped.run_capped(measure, row, int(cap_gib * capped.GIB), timeout_s=timeout_s)
     if "process_peak_rss_gib" in result:
         result["peak_rss_gib"] = max(result["process_peak_rss_gib"], result.get("polled_peak_rss_gib", 0.0))
-    return {"row": asdict(row), "name": row.name, **result}
+    return {"row": asdict(row), "name": row.name, "measured_on": time.strftime("%Y-%m-%d %H:%M"), **result}
 
 
-def find_max_length(base: BRow, cap_gib: float, timeout_s: float, jemalloc: str | None, limit: int, resolution: int, log: Any = print) -> dict[str, Any]:
-    """The longest ``max_length`` (a multiple of ``resolution``, up to ``limit``) at which the
-    library's ULMA trains one step at batch 8: doubling from ``base.max_length``, then bisecting."""
+def on_record(path: Path) -> list[dict[str, Any]]:
+    """The results in an earlier run's ``benchmarks-b.json`` that ``--resume`` may reuse: rows and probes
+    that finished or ran out of memory (a failure or a timeout is measured again)."""
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{path}: not a bench-B result ({exc}); move it away or run without --resume") from exc
+    found = list(data.get("rows") or []) + list((data.get("max_length_search") or {}).get("probes") or [])
+    return [r for r in found if "error" not in r or r.get("out_of_memory")]
+
+
+def same_row(result: dict[str, Any], row: BRow) -> bool:
+    try:
+        return BRow(**result["row"]) == row
+    except (KeyError, TypeError):
+        return False
+
+
+PROBE_WARMUP_LENGTH = 16
+
+
+def probe_row(base: BRow, length: int) -> BRow:
+    """A search probe: one warm-up step on 16-token sequences, which allocates the optimizer's state as
+    training does, then one measured step at ``length``: the memory of a step in steady training, at
+    the cost of one long step."""
+    return replace(base, impl="ours", max_length=length, warmup=1, warmup_length=PROBE_WARMUP_LENGTH, measured=1)
+
+
+def next_length(fits: list[tuple[int, float]], ok: int, bad: int | None, cap_gib: float, limit: int, resolution: int) -> int | None:
+    """The next length to try, or None once the answer is known to ``resolution``.
+
+    With two fitting probes of different peaks, the peak is extrapolated linearly in the length to the
+    cap (activations grow linearly in it with checkpointing and a fused attention), clamped inside the
+    open bracket; otherwise it doubles. Where the extrapolation lands on the failing side, it bisects.
+    """
+    if ok == 0:
+        half = (bad or 0) // 2 // resolution * resolution
+        return half if half >= resolution else None
+    low, high = ok + resolution, (bad - resolution if bad is not None else limit)
+    if high < low:
+        return None
+    (l0, p0), (l1, p1) = sorted(fits)[-2:] if len(fits) >= 2 else ((0, 0.0), (ok, 0.0))
+    if p1 > p0 and l1 > l0:
+        guess = int(l1 + (cap_gib - p1) * (l1 - l0) / (p1 - p0)) // resolution * resolution
+    else:
+        guess = 2 * ok
+    if bad is not None and guess >= high:
+        guess = (ok + bad) // 2 // resolution * resolution
+    return min(max(guess, low), high)
+
+
+def find_max_length(base: BRow, run: Callable[[BRow], dict[str, Any]], cap_gib: float, limit: int, resolution: int, first: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The longest ``max_length`` (a multiple of ``resolution``, up to ``limit``) at which the library's
+    ULMA trains at batch 8, each verdict a measured probe (:func:`probe_row`); the lengths tried are
+    chosen by :func:`next_length`. ``run(row)`` measures a probe; ``first``: the result of a row already
+    run at ``base`` (the search starts from it instead of probing that length again)."""
     probes: list[dict[str, Any]] = []
-
-    def fits(length: int) -> bool | None:
-        result = run_row(replace(base, impl="ours", max_length=length, warmup=0, measured=1), cap_gib, timeout_s, jemalloc)
-        probes.append(result)
-        log(line(result))
-        if "error" not in result:
-            return True
-        return False if result.get("out_of_memory") else None
-
+    fits: list[tuple[int, float]] = []
     ok, bad, stopped = 0, None, None
-    length = max(resolution, base.max_length // resolution * resolution)
-    while length <= limit:
-        verdict = fits(length)
-        if verdict is None:
-            stopped = probes[-1]["error"]
+
+    def verdict(length: int, result: dict[str, Any]) -> None:
+        nonlocal ok, bad, stopped
+        if "error" not in result:
+            fits.append((length, result["peak_rss_gib"]))
+            ok = max(ok, length)
+        elif result.get("out_of_memory"):
+            bad = length if bad is None else min(bad, length)
+        else:
+            stopped = result["error"]
+
+    length: int | None = max(resolution, base.max_length // resolution * resolution)
+    started_from = None
+    if first is not None and length == base.max_length:
+        started_from = first["name"]
+        verdict(length, first)
+        length = next_length(fits, ok, bad, cap_gib, limit, resolution) if stopped is None else None
+    while length is not None and length <= limit:
+        result = run(probe_row(base, length))
+        probes.append(result)
+        verdict(length, result)
+        if stopped is not None:
             break
-        if not verdict:
-            bad = length
-            break
-        ok, length = length, length * 2
-    while stopped is None and bad is not None and bad - ok > resolution:
-        middle = (ok + bad) // 2 // resolution * resolution
-        verdict = fits(middle)
-        if verdict is None:
-            stopped = probes[-1]["error"]
-            break
-        ok, bad = (middle, bad) if verdict else (ok, middle)
-    return {"max_length": ok or None, "first_failing": bad, "limit": limit, "resolution": resolution, "stopped": stopped, "probes": probes}
+        length = next_length(fits, ok, bad, cap_gib, limit, resolution)
+    return {"max_length": ok or None, "first_failing": bad, "limit": limit, "resolution": resolution, "stopped": stopped, "started_from": started_from, "probes": probes}
 
 
 def line(result: dict[str, Any]) -> str:
@@ -249,8 +309,15 @@ def markdown(data: dict[str, Any]) -> str:
         lines += ["", "## Longest max_length ULMA trains at batch 8", ""]
         found = search["max_length"]
         lines.append(
-            f"- {found if found else 'none'} tokens (one step each, doubling then bisecting to {search['resolution']} tokens, "
-            f"up to {search['limit']}); first failing: {search['first_failing'] or '- (none up to the limit)'}" + (f"; the search stopped: {search['stopped']}" if search["stopped"] else "") + "."
+            f"- {found if found else 'none'} tokens, to {search['resolution']} tokens (up to {search['limit']}); first failing: {search['first_failing'] or '- (none up to the limit)'}"
+            + (f"; the search stopped: {search['stopped']}" if search["stopped"] else "")
+            + "."
+        )
+        lines.append(
+            f"- Each length is a probe in its own process: one warm-up step on {PROBE_WARMUP_LENGTH}-token sequences (it allocates "
+            "AdamW's state, as in steady training), then one step at the length" + (f"; the first length is the row {search['started_from']} above" if search.get("started_from") else "") + ". The "
+            "lengths tried extrapolate the measured peaks linearly to the cap, doubling before two fits and bisecting "
+            "where the extrapolation overshoots; each verdict is a measured step."
         )
         for p in search["probes"]:
             lines.append(f"  - {line(p)}")
@@ -286,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-length", type=int, default=1024, help="tokens per sequence (default %(default)s)")
     parser.add_argument("--layers", type=int, default=24, help="decoder layers (default %(default)s: Qwen2.5-0.5B; fewer for a smoke run)")
-    parser.add_argument("--warmup", type=int, default=2, help="warm-up steps (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up steps (default %(default)s: it allocates AdamW's state)")
     parser.add_argument("--measured", type=int, default=2, help="measured steps (default %(default)s)")
     parser.add_argument("--no-gradient-checkpointing", action="store_true", help="run without gradient checkpointing")
     parser.add_argument("--only", choices=("ours", "trl"), default=None, help="run one library's row only")
@@ -299,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     for impl, label in (("ours", "the library's"), ("trl", "TRL's")):
         parser.add_argument(f"--{impl}-allocator", choices=allocator.SETTINGS, default="default", help=f"allocator of {label} row (default %(default)s)")
     parser.add_argument("--out", type=Path, default=DOCS, help="folder of benchmarks-b.md/json (default docs/)")
+    parser.add_argument("--resume", action="store_true", help="reuse the results in OUT/benchmarks-b.json measured with the same settings (each row and probe is saved as it ends)")
     args = parser.parse_args(argv)
     for name in ("max_length", "layers", "measured", "resolution", "threads"):
         if getattr(args, name) < 1:
@@ -316,28 +384,48 @@ def main(argv: list[str] | None = None) -> int:
             print(f"NOTE: {missing}")
     base = BRow("ours", args.max_length, args.layers, not args.no_gradient_checkpointing, args.warmup, args.measured, threads=args.threads)
     timeout = args.timeout_min * 60
-    rows = []
+    command = "PYTHONPATH=. python -m benchmarks.bench_b" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv))
+    path = args.out / "benchmarks-b.json"
+    earlier = on_record(path) if args.resume else []
+    rows: list[dict[str, Any]] = []
+    probes: list[dict[str, Any]] = []
+    search: dict[str, Any] | None = None
+
+    def data() -> dict[str, Any]:
+        return {
+            "command": command,
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": machine(),
+            "cap_gib": args.memory_cap_gib,
+            "settings": asdict(base),
+            "rows": rows,
+            "max_length_search": search if search is not None else ({"probes": probes, "complete": False} if probes else None),
+            "notes": notes,
+            "wall_s": time.perf_counter() - started,
+        }
+
+    def run(row: BRow, into: list[dict[str, Any]]) -> dict[str, Any]:
+        """A result on record (--resume) or a new measurement; saved at once, so a killed run keeps it."""
+        result = next((r for r in earlier if same_row(r, row)), None)
+        if result is None:
+            result = run_row(row, args.memory_cap_gib, timeout, jemalloc)
+        else:
+            print(f"(from {path}, measured {result.get('measured_on', 'earlier')})")
+        into.append(result)
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data(), indent=1) + "\n")
+        print(line(result), flush=True)
+        return result
+
     for impl in ("ours", "trl"):
         if args.only in (None, impl):
-            rows.append(run_row(replace(base, impl=impl, allocator=getattr(args, f"{impl}_allocator")), args.memory_cap_gib, timeout, jemalloc))
-            print(line(rows[-1]), flush=True)
-    search = None
+            run(replace(base, impl=impl, allocator=getattr(args, f"{impl}_allocator")), rows)
     if args.find_max_length:
-        search = find_max_length(replace(base, allocator=args.ours_allocator), args.memory_cap_gib, timeout, jemalloc, args.max_length_limit, args.resolution)
-    data = {
-        "command": "PYTHONPATH=. python -m benchmarks.bench_b" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(),
-        "cap_gib": args.memory_cap_gib,
-        "settings": asdict(base),
-        "rows": rows,
-        "max_length_search": search,
-        "notes": notes,
-        "wall_s": time.perf_counter() - started,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "benchmarks-b.json").write_text(json.dumps(data, indent=1) + "\n")
-    text = markdown(data)
+        ours = replace(base, allocator=args.ours_allocator)
+        first = next((r for r in rows if same_row(r, ours)), None)
+        search = find_max_length(ours, lambda row: run(row, probes), args.memory_cap_gib, args.max_length_limit, args.resolution, first=first)
+    path.write_text(json.dumps(data(), indent=1) + "\n")
+    text = markdown(data())
     (args.out / "benchmarks-b.md").write_text(text)
     print(text)
     return 0

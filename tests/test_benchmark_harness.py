@@ -6,6 +6,7 @@ Nothing here is timed; the memory-cap tests start one small child process each (
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -91,29 +92,100 @@ def test_allocation_failure_in_the_child_is_out_of_memory() -> None:
     assert not capped.is_out_of_memory(ValueError("bad shape"))
 
 
-def test_find_max_length_doubles_then_bisects(monkeypatch: pytest.MonkeyPatch) -> None:
+def _fits(row: bench_b.BRow, peak: float) -> dict[str, Any]:
+    return {"row": row.__dict__, "name": row.name, "s_per_step": 1.0, "tokens_per_s": 1.0, "peak_rss_gib": peak}
+
+
+def _oom(row: bench_b.BRow) -> dict[str, Any]:
+    return {"row": row.__dict__, "name": row.name, "out_of_memory": True, "error": "ran out of memory at 22.0 GiB"}
+
+
+def test_find_max_length_extrapolates_measured_peaks_to_the_cap() -> None:
+    tried: list[bench_b.BRow] = []
+
+    def run(row: bench_b.BRow) -> dict[str, Any]:  # peak 10 GiB + 5 MiB per token: 22 GiB at 2,457 tokens
+        tried.append(row)
+        peak = 10 + 0.005 * row.max_length
+        return _fits(row, peak) if peak <= 22 else _oom(row)
+
+    base = bench_b.BRow("ours", warmup=1)
+    found = bench_b.find_max_length(base, run, 22.0, limit=32768, resolution=256, first=_fits(base, 10 + 0.005 * 1024))
+    assert [r.max_length for r in tried] == [2048, 2304, 2560]  # the row at 1024 is not probed again
+    assert found["max_length"] == 2304 and found["first_failing"] == 2560 and found["stopped"] is None
+    assert all(r.impl == "ours" and r.warmup == 1 and r.warmup_length == bench_b.PROBE_WARMUP_LENGTH and r.measured == 1 for r in tried)
+
+
+def test_find_max_length_bisects_where_the_extrapolation_overshoots() -> None:
     tried: list[int] = []
 
-    def fake(row: bench_b.BRow, cap: float, timeout: float, jemalloc: Any) -> dict[str, Any]:
+    def run(row: bench_b.BRow) -> dict[str, Any]:  # a flat peak, then out of memory: no slope to follow
         tried.append(row.max_length)
-        assert row.impl == "ours" and row.warmup == 0 and row.measured == 1
-        if row.max_length <= 1500:
-            return {"row": {}, "name": row.name, "s_per_step": 1.0, "tokens_per_s": 1.0, "peak_rss_gib": 1.0}
-        return {"row": {}, "name": row.name, "out_of_memory": True, "error": "ran out of memory at 21.9 GiB"}
+        return _fits(row, 1.0) if row.max_length <= 1500 else _oom(row)
 
-    monkeypatch.setattr(bench_b, "run_row", fake)
-    found = bench_b.find_max_length(bench_b.BRow("ours"), 22.0, 60.0, None, limit=32768, resolution=256, log=lambda s: None)
+    found = bench_b.find_max_length(bench_b.BRow("ours"), run, 22.0, limit=32768, resolution=256)
     assert tried == [1024, 2048, 1536, 1280]
     assert found["max_length"] == 1280 and found["first_failing"] == 1536 and found["stopped"] is None
 
 
-def test_find_max_length_stops_on_a_failure_that_is_not_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fake(row: bench_b.BRow, *args: Any) -> dict[str, Any]:
-        return {"row": {}, "name": row.name, "error": "no result within 60 s"} if row.max_length > 1024 else {"row": {}, "name": row.name, "s_per_step": 1.0, "tokens_per_s": 1.0, "peak_rss_gib": 1.0}
+def test_find_max_length_halves_when_the_first_length_does_not_fit() -> None:
+    tried: list[int] = []
 
-    monkeypatch.setattr(bench_b, "run_row", fake)
-    found = bench_b.find_max_length(bench_b.BRow("ours"), 22.0, 60.0, None, limit=32768, resolution=256, log=lambda s: None)
+    def run(row: bench_b.BRow) -> dict[str, Any]:
+        tried.append(row.max_length)
+        return _fits(row, 1.0) if row.max_length <= 300 else _oom(row)
+
+    base = bench_b.BRow("ours")
+    found = bench_b.find_max_length(base, run, 22.0, limit=32768, resolution=128, first=_oom(base))
+    assert tried == [512, 256, 384]
+    assert found["max_length"] == 256 and found["first_failing"] == 384
+
+
+def test_find_max_length_stops_on_a_failure_that_is_not_memory() -> None:
+    def run(row: bench_b.BRow) -> dict[str, Any]:
+        return {"row": {}, "name": row.name, "error": "no result within 60 s"} if row.max_length > 1024 else _fits(row, 1.0)
+
+    found = bench_b.find_max_length(bench_b.BRow("ours"), run, 22.0, limit=32768, resolution=256)
     assert found["max_length"] == 1024 and found["stopped"] == "no result within 60 s"
+
+
+def test_probe_warms_up_on_short_sequences_then_measures_the_length() -> None:
+    row = bench_b.probe_row(bench_b.BRow("ours", max_length=1024), 4096)
+    items = bench_b.samples(row, first_id=10)
+    assert [len(s.prompt_ids) + len(s.response_ids) for s in items] == [bench_b.PROBE_WARMUP_LENGTH] * 8 + [4096] * 8
+    assert [s.score for s in items[:4]] == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_bench_b_resume_reuses_what_a_killed_run_saved(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls: list[bench_b.BRow] = []
+
+    def killed_after_two(row: bench_b.BRow, *args: Any) -> dict[str, Any]:
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(row)
+        return {"row": bench_b.asdict(row), "name": row.name, **_fits(row, 10 + 0.005 * row.max_length)} if row.impl == "ours" else {"row": bench_b.asdict(row), **_oom(row)}
+
+    monkeypatch.setattr(bench_b, "machine", lambda: {"cpu": "test", "cores": 2, "memory_gib": 24.0, "torch": "t", "transformers": "x", "trl": "y"})
+    monkeypatch.setattr(bench_b, "run_row", killed_after_two)
+    argv = ["--layers", "2", "--find-max-length", "--memory-cap-gib", "22", "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):
+        bench_b.main(argv)
+    saved = json.loads((tmp_path / "benchmarks-b.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == [c.name for c in calls]  # both rows were on disk before the kill
+    assert not (tmp_path / "benchmarks-b.md").exists()
+
+    again: list[int] = []
+
+    def rest(row: bench_b.BRow, *args: Any) -> dict[str, Any]:
+        assert row.impl == "ours" and row.warmup_length == bench_b.PROBE_WARMUP_LENGTH, "a saved row was measured again"
+        again.append(row.max_length)
+        peak = 10 + 0.005 * row.max_length
+        return {"row": bench_b.asdict(row), **(_fits(row, peak) if peak <= 22 else _oom(row))}
+
+    monkeypatch.setattr(bench_b, "run_row", rest)
+    assert bench_b.main([*argv, "--resume"]) == 0
+    assert again == [2048, 2304, 2560]
+    text = (tmp_path / "benchmarks-b.md").read_text()
+    assert "- 2304 tokens, to 256 tokens" in text and "first failing: 2560" in text
 
 
 def test_bench_b_report_records_out_of_memory() -> None:
@@ -136,7 +208,7 @@ def test_bench_b_report_records_out_of_memory() -> None:
     assert "the full Qwen2.5-0.5B shape" in text
     assert "| ulma-lightning ULMA L=1024 +checkpointing | 1024 | 150.00 | 55 | 12.50 | default |" in text
     assert "| TRL KTOTrainer L=1024 +checkpointing | 1024 | out of memory: ran out of memory at 22.0 GiB" in text
-    assert "- 4096 tokens (one step each" in text and "first failing: 8192" in text
+    assert "- 4096 tokens, to 256 tokens" in text and "first failing: 8192" in text
     assert "ULMA against KTOTrainer" not in text  # no ratio against a row that has no result
     data["rows"][0]["row"] = {**ours.__dict__, "layers": 2}
     assert "**2 layers, not the full 24: a smoke run**" in bench_b.markdown(data)

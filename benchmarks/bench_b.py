@@ -147,12 +147,13 @@ def measure(row: BRow) -> dict[str, Any]:
     runner: Any = OursB(row) if row.impl == "ours" else TRLB(row, tokenizer)
     batches = runner.collate(samples(row, len(tokenizer)))
     build_s = time.perf_counter() - started
-    walls, losses = [], []
+    walls, losses, peaks = [], [], []
     for i, batch in enumerate(batches):
         start = time.perf_counter()
         losses.append(runner.step(batch, i))
         walls.append(time.perf_counter() - start)
-        print(f"  {row.name}: step {i + 1}/{len(batches)} {walls[-1]:.1f} s, RSS peak so far {memory.peak_mb() / 1024:.2f} GiB", flush=True)
+        peaks.append(memory.peak_mb() / 1024)
+        print(f"  {row.name}: step {i + 1}/{len(batches)} {walls[-1]:.1f} s, RSS peak so far {peaks[-1]:.2f} GiB", flush=True)
     if not all(math.isfinite(x) for x in losses):
         raise FloatingPointError(f"non-finite loss: {losses}")
     timed = walls[row.warmup :] or walls[-1:]
@@ -161,6 +162,7 @@ def measure(row: BRow) -> dict[str, Any]:
         "s_per_step": sum(timed) / len(timed),
         "tokens_per_s": tokens * len(timed) / sum(timed),
         "step_wall_s": walls,
+        "peak_rss_gib_after_step": peaks,
         "losses": losses,
         "build_s": build_s,
         "process_peak_rss_gib": memory.peak_mb() / 1024,
@@ -307,12 +309,22 @@ def markdown(data: dict[str, Any]) -> str:
     search = data.get("max_length_search")
     if search:
         lines += ["", "## Longest max_length ULMA trains at batch 8", ""]
-        found = search["max_length"]
-        lines.append(
-            f"- {found if found else 'none'} tokens, to {search['resolution']} tokens (up to {search['limit']}); first failing: {search['first_failing'] or '- (none up to the limit)'}"
-            + (f"; the search stopped: {search['stopped']}" if search["stopped"] else "")
-            + "."
-        )
+        if "max_length" not in search:  # saved by a run that was stopped before the search ended
+            fit = [p["row"]["max_length"] for p in search["probes"] if "error" not in p]
+            oom = [p["row"]["max_length"] for p in search["probes"] if p.get("out_of_memory")]
+            lines.append(
+                f"- **The search did not finish** (the run was stopped; `--resume` goes on): so far ULMA trains at {max(fit) if fit else 'none of the lengths tried'}"
+                + (f" and runs out of memory at {min(oom)}" if oom else "")
+                + "."
+            )
+            search = {**search, "started_from": None}
+        else:
+            found = search["max_length"]
+            lines.append(
+                f"- {found if found else 'none'} tokens, to {search['resolution']} tokens (up to {search['limit']}); first failing: {search['first_failing'] or '- (none up to the limit)'}"
+                + (f"; the search stopped: {search['stopped']}" if search["stopped"] else "")
+                + "."
+            )
         lines.append(
             f"- Each length is a probe in its own process: one warm-up step on {PROBE_WARMUP_LENGTH}-token sequences (it allocates "
             "AdamW's state, as in steady training), then one step at the length" + (f"; the first length is the row {search['started_from']} above" if search.get("started_from") else "") + ". The "
@@ -328,7 +340,9 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         "- s/step: mean wall time of the measured steps (forward, loss, backward, optimizer step); tokens/s: "
         "the batch's tokens (8 x max_length) per second. peak RSS: the larger of the process's own high-water "
-        "mark (VmHWM, including torch and the library's imports) and the parent's samples of its RSS.",
+        "mark (VmHWM, including torch and the library's imports) and the parent's samples of its RSS. It depends on the "
+        "order of allocations as well as their size: a row's warm-up step runs at full length before AdamW's state "
+        "exists, a probe's on short sequences; the JSON keeps each row's peak after every step.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -366,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     for impl, label in (("ours", "the library's"), ("trl", "TRL's")):
         parser.add_argument(f"--{impl}-allocator", choices=allocator.SETTINGS, default="default", help=f"allocator of {label} row (default %(default)s)")
     parser.add_argument("--out", type=Path, default=DOCS, help="folder of benchmarks-b.md/json (default docs/)")
+    parser.add_argument("--report", action="store_true", help="only rewrite OUT/benchmarks-b.md from OUT/benchmarks-b.json (e.g. after a run was stopped)")
     parser.add_argument("--resume", action="store_true", help="reuse the results in OUT/benchmarks-b.json measured with the same settings (each row and probe is saved as it ends)")
     args = parser.parse_args(argv)
     for name in ("max_length", "layers", "measured", "resolution", "threads"):
@@ -373,6 +388,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.report:
+        source = args.out / "benchmarks-b.json"
+        if not source.exists():
+            parser.error(f"--report: {source} does not exist")
+        (args.out / "benchmarks-b.md").write_text(markdown(json.loads(source.read_text())))
+        print(f"wrote {args.out / 'benchmarks-b.md'}")
+        return 0
     started = time.perf_counter()
     jemalloc = allocator.find_jemalloc()
     notes = []

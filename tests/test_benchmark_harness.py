@@ -158,34 +158,42 @@ def test_probe_warms_up_on_short_sequences_then_measures_the_length() -> None:
 def test_bench_b_resume_reuses_what_a_killed_run_saved(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls: list[bench_b.BRow] = []
 
-    def killed_after_two(row: bench_b.BRow, *args: Any) -> dict[str, Any]:
-        if len(calls) == 2:
+    def killed_after_three(row: bench_b.BRow, *args: Any) -> dict[str, Any]:
+        if len(calls) == 3:
             raise KeyboardInterrupt
         calls.append(row)
-        return {"row": bench_b.asdict(row), "name": row.name, **_fits(row, 10 + 0.005 * row.max_length)} if row.impl == "ours" else {"row": bench_b.asdict(row), **_oom(row)}
+        return {"row": bench_b.asdict(row), **_fits(row, 10 + 0.005 * row.max_length)} if row.impl == "ours" else {"row": bench_b.asdict(row), **_oom(row)}
 
     monkeypatch.setattr(bench_b, "machine", lambda: {"cpu": "test", "cores": 2, "memory_gib": 24.0, "torch": "t", "transformers": "x", "trl": "y"})
-    monkeypatch.setattr(bench_b, "run_row", killed_after_two)
+    monkeypatch.setattr(bench_b, "run_row", killed_after_three)
     argv = ["--layers", "2", "--find-max-length", "--memory-cap-gib", "22", "--out", str(tmp_path)]
     with pytest.raises(KeyboardInterrupt):
         bench_b.main(argv)
     saved = json.loads((tmp_path / "benchmarks-b.json").read_text())
-    assert [r["name"] for r in saved["rows"]] == [c.name for c in calls]  # both rows were on disk before the kill
+    assert [r["name"] for r in saved["rows"]] == [c.name for c in calls[:2]]  # both rows and the first probe were on disk before the kill
+    assert [p["row"]["max_length"] for p in saved["max_length_search"]["probes"]] == [2048]
     assert not (tmp_path / "benchmarks-b.md").exists()
+    assert bench_b.main(["--report", "--out", str(tmp_path)]) == 0
+    assert "**The search did not finish** (the run was stopped; `--resume` goes on): so far ULMA trains at 2048." in (tmp_path / "benchmarks-b.md").read_text()
 
     again: list[int] = []
 
     def rest(row: bench_b.BRow, *args: Any) -> dict[str, Any]:
-        assert row.impl == "ours" and row.warmup_length == bench_b.PROBE_WARMUP_LENGTH, "a saved row was measured again"
+        assert row.impl == "ours" and row.warmup_length == bench_b.PROBE_WARMUP_LENGTH and row.max_length != 2048, "a saved row was measured again"
         again.append(row.max_length)
         peak = 10 + 0.005 * row.max_length
         return {"row": bench_b.asdict(row), **(_fits(row, peak) if peak <= 22 else _oom(row))}
 
     monkeypatch.setattr(bench_b, "run_row", rest)
     assert bench_b.main([*argv, "--resume"]) == 0
-    assert again == [2048, 2304, 2560]
+    assert again == [2304, 2560]
     text = (tmp_path / "benchmarks-b.md").read_text()
-    assert "- 2304 tokens, to 256 tokens" in text and "first failing: 2560" in text
+    assert "- 2304 tokens, to 256 tokens" in text and "first failing: 2560" in text and "did not finish" not in text
+
+
+def test_bench_b_report_needs_a_result_file(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        bench_b.main(["--report", "--out", str(tmp_path)])
 
 
 def test_bench_b_report_records_out_of_memory() -> None:

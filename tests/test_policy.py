@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -13,7 +14,7 @@ from torch import nn
 
 from ulma_lightning import PointwiseDataModule, PointwiseDPOModule, ULMAModule
 from ulma_lightning.losses import ulma_loss
-from ulma_lightning.policy import LoraSettings, Policy, PolicyConfig
+from ulma_lightning.policy import LoraSettings, Policy, PolicyConfig, checkpointing_on
 
 TOKENIZER = "builtin:demo"
 SCORES = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]  # 4 positives, 2 negatives
@@ -368,16 +369,12 @@ def test_bfloat16_builds(batch) -> None:
     assert grads and all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
 
 
-def is_checkpointing(model: nn.Module) -> bool:
-    if hasattr(type(model), "is_activation_checkpointing"):  # transformers >= 5
-        return bool(model.is_activation_checkpointing)
-    return bool(model.is_gradient_checkpointing)
-
-
 def test_gradient_checkpointing_gives_the_same_loss(batch) -> None:
     plain = build()
     checkpointed = build(gradient_checkpointing=True)
-    assert is_checkpointing(checkpointed.model) and not is_checkpointing(plain.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers 5 deprecates the old flag's name
+        assert checkpointing_on(checkpointed.model) and not checkpointing_on(plain.model)
     results = []
     for policy in (plain, checkpointed):
         policy.model.train()

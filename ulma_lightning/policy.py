@@ -182,6 +182,12 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     model.config.use_cache = False
 
 
+def checkpointing_on(model: nn.Module) -> bool:
+    """Whether ``model`` recomputes its blocks in the backward (transformers 5 renamed the flag)."""
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
+
+
 class PretrainedModel(nn.Module):
     """A Hugging Face model built from a :class:`PolicyConfig`, and its tokenizer: what
     :class:`Policy` (a causal LM: log-probs and a reference) and

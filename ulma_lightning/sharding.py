@@ -60,14 +60,14 @@ def shard_policy(
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from ulma_lightning.policy import checkpointing_on, enable_gradient_checkpointing
+
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     models = [m for m in (getattr(policy, "model", None), getattr(policy, "reference_model", None)) if m is not None]
     for model in models:
         if is_fsdp2(model):
             continue
-        if activation_checkpointing and model is policy.model and not getattr(model, "is_gradient_checkpointing", False):
-            from ulma_lightning.policy import enable_gradient_checkpointing
-
+        if activation_checkpointing and model is policy.model and not checkpointing_on(model):
             enable_gradient_checkpointing(model)
         classes = decoder_layer_classes(model, layer_classes)
         for block in [m for m in model.modules() if isinstance(m, classes)]:

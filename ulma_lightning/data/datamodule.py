@@ -8,7 +8,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -43,6 +43,7 @@ from ulma_lightning.options import check_numbers
 from ulma_lightning.tokenizers import load_tokenizer, pad_token_id
 
 log = logging.getLogger("ulma_lightning.data")
+T = TypeVar("T")
 
 Split = Literal["train", "val", "test", "predict"]
 
@@ -270,32 +271,54 @@ class AlignmentDataModule(pl.LightningDataModule):
         if self.cache is None:
             return self._read_split(split, report)
         sources = [[dataclasses.asdict(spec), source_identity(spec.source)] for spec in self.specs[split] or []]
-        key = digest([self._identity_digest(), "records", split, sources])
-        entry = self.cache.load("records", key)
+
+        def restore(entry: dict[str, Any]) -> list[Any]:
+            examples = loads(entry["examples"])
+            self.mixed[split] = entry["mixed"]
+            return examples
+
+        examples, _ = self._cached(
+            "records", [self._identity_digest(), "records", split, sources], report,
+            build=lambda: self._read_split(split, report),
+            pack=lambda examples: {"examples": dumps(examples), "mixed": self.mixed.get(split, {})},
+            restore=restore,
+            what=f"the {split} split's records",
+        )  # fmt: skip
+        return examples
+
+    def _cached(
+        self, kind: str, identity: list[Any], report: SkipReport, build: Callable[[], T], pack: Callable[[T], dict[str, Any]], restore: Callable[[dict[str, Any]], T], what: str
+    ) -> tuple[T, str]:
+        """``build()``'s value, or the one saved in the cache under ``identity``: ``restore(entry)`` reads it
+        back (a damaged entry is built again), and the skips and log lines that building gave are replayed.
+        A built value is saved (``pack`` it, with those skips and lines) unless it cannot be (:class:`CacheMiss`).
+        Returns the value and ``"loaded"``, ``"saved"`` or ``"built"``."""
+        assert self.cache is not None
+        key = digest(identity)
+        entry = self.cache.load(kind, key)
         if entry is not None:
             try:
-                examples = loads(entry["examples"])
+                value = restore(entry)
             except Exception as exc:  # noqa: BLE001 (a damaged entry is rebuilt)
-                log.warning("features cache: %s is unreadable (%s); building it again", self.cache.path("records", key), exc)
+                log.warning("features cache: %s is unreadable (%s); building it again", self.cache.path(kind, key), exc)
             else:
                 self._restore_skips(report, entry["skipped"])
-                self.mixed[split] = entry["mixed"]
                 replay(entry["logs"])
-                return examples
+                return value, "loaded"
         before = dict(report.counts)
         lines: list[list[Any]] = []
         try:
             with captured_logs() as lines:
-                examples = self._read_split(split, report)
+                value = build()
         finally:
             replay(lines)
         try:
-            payload = {"examples": dumps(examples), "skipped": self._skips_since(report, before), "mixed": self.mixed.get(split, {}), "logs": lines}
+            payload = {**pack(value), "skipped": self._skips_since(report, before), "logs": lines}
         except CacheMiss as exc:
-            log.info("features cache: the %s split's records are not cached (%s)", split, exc)
-        else:
-            self.cache.save("records", key, payload)
-        return examples
+            log.info("features cache: %s are not cached (%s)", what, exc)
+            return value, "built"
+        self.cache.save(kind, key, payload)
+        return value, "saved"
 
     def _read_split(self, split: str, report: SkipReport) -> list[Any]:
         """:meth:`read_split` without the cache."""
@@ -435,34 +458,21 @@ class AlignmentDataModule(pl.LightningDataModule):
         except CacheMiss as exc:
             log.info("features cache: the %s split is not cached (its examples hold %s)", split, exc)
             return self.build_features(examples, report)
-        key = digest([self._identity_digest(), "features", split, content])
-        entry = self.cache.load("features", key)
-        if entry is not None:
-            try:
-                items = decode_items(entry["items"])
-                truncation = TruncationReport(**entry["truncation"])
-            except Exception as exc:  # noqa: BLE001 (a damaged entry is rebuilt)
-                log.warning("features cache: %s is unreadable (%s); building it again", self.cache.path("features", key), exc)
-            else:
-                self.truncated[split] = truncation
-                self._restore_skips(report, entry["skipped"])
-                replay(entry["logs"])
-                self.cache_used["loaded"][split] = len(items)
-                return items
-        before = dict(report.counts)
-        lines: list[list[Any]] = []
-        try:
-            with captured_logs() as lines:
-                items = self.build_features(examples, report)
-        finally:
-            replay(lines)
-        try:
-            payload = {"items": encode_items(items), "truncation": dataclasses.asdict(self.truncated[split]), "skipped": self._skips_since(report, before), "logs": lines}
-        except CacheMiss as exc:
-            log.info("features cache: the %s split is not cached (its features hold %s)", split, exc)
-        else:
-            self.cache.save("features", key, payload)
-            self.cache_used["saved"][split] = len(items)
+
+        def restore(entry: dict[str, Any]) -> list[dict[str, Any]]:
+            items = decode_items(entry["items"])
+            self.truncated[split] = TruncationReport(**entry["truncation"])
+            return items
+
+        items, state = self._cached(
+            "features", [self._identity_digest(), "features", split, content], report,
+            build=lambda: self.build_features(examples, report),
+            pack=lambda items: {"items": encode_items(items), "truncation": dataclasses.asdict(self.truncated[split])},
+            restore=restore,
+            what=f"the {split} split's features",
+        )  # fmt: skip
+        if state != "built":
+            self.cache_used[state][split] = len(items)
         return items
 
     def _log_cache_use(self) -> None:

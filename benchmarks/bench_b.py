@@ -342,7 +342,7 @@ def markdown(data: dict[str, Any]) -> str:
         "the batch's tokens (8 x max_length) per second. peak RSS: the larger of the process's own high-water "
         "mark (VmHWM, including torch and the library's imports) and the parent's samples of its RSS. It depends on the "
         "order of allocations as well as their size: a row's warm-up step runs at full length before AdamW's state "
-        "exists, a probe's on short sequences; the JSON keeps each row's peak after every step.",
+        "exists, a probe's on short sequences.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -189,6 +189,7 @@ def test_bench_b_resume_reuses_what_a_killed_run_saved(monkeypatch: pytest.Monke
     assert again == [2304, 2560]
     text = (tmp_path / "benchmarks-b.md").read_text()
     assert "- 2304 tokens, to 256 tokens" in text and "first failing: 2560" in text and "did not finish" not in text
+    assert "(3 result(s) reused from an earlier run with --resume" in text
 
 
 def test_bench_b_report_needs_a_result_file(tmp_path: Path) -> None:

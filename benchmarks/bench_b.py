@@ -319,7 +319,6 @@ def markdown(data: dict[str, Any]) -> str:
                 + (f" and runs out of memory at {min(oom)}" if oom else "")
                 + "."
             )
-            search = {**search, "started_from": None}
         else:
             found = search["max_length"]
             lines.append(
@@ -390,12 +389,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    path, report = args.out / "benchmarks-b.json", args.out / "benchmarks-b.md"
     if args.report:
-        source = args.out / "benchmarks-b.json"
-        if not source.exists():
-            parser.error(f"--report: {source} does not exist")
-        (args.out / "benchmarks-b.md").write_text(markdown(json.loads(source.read_text())))
-        print(f"wrote {args.out / 'benchmarks-b.md'}")
+        if not path.exists():
+            parser.error(f"--report: {path} does not exist")
+        report.write_text(markdown(json.loads(path.read_text())))
+        print(f"wrote {report}")
         return 0
     started = time.perf_counter()
     jemalloc = allocator.find_jemalloc()
@@ -409,7 +408,6 @@ def main(argv: list[str] | None = None) -> int:
     base = BRow("ours", args.max_length, args.layers, not args.no_gradient_checkpointing, args.warmup, args.measured, threads=args.threads)
     timeout = args.timeout_min * 60
     command = "PYTHONPATH=. python -m benchmarks.bench_b" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv))
-    path = args.out / "benchmarks-b.json"
     earlier = on_record(path) if args.resume else []
     rows: list[dict[str, Any]] = []
     probes: list[dict[str, Any]] = []
@@ -453,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         search = find_max_length(ours, lambda row: run(row, probes), args.memory_cap_gib, args.max_length_limit, args.resolution, first=first)
     path.write_text(json.dumps(data(), indent=1) + "\n")
     text = markdown(data())
-    (args.out / "benchmarks-b.md").write_text(text)
+    report.write_text(text)
     print(text)
     return 0
 

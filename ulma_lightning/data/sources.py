@@ -10,7 +10,9 @@ A *source* is a string:
   (``{prompt, chosen, rejected}``) or ``demo://demonstration`` (``{prompt, response}``, the chosen
   side of the pairs), with ``?split=train|test&n=N&seed=S``;
 * the comparison task (:mod:`ulma_lightning.data.task`): ``task://KIND?variant=ordinary|golden&split=
-  train|val|test&n=N&seed=S`` with KIND ``binary``, ``continuous``, ``pairwise`` or ``demonstration``.
+  train|val|test&n=N&seed=S[&stratified=true]`` with KIND ``binary``, ``continuous``, ``pairwise`` or
+  ``demonstration`` (``stratified``: the same harmful share in every prefix, whatever the seed), and
+  ``task://base?split=train|val&n=N&seed=S``, the base model's corpus of answers of every style.
 
 Each record comes with its :class:`Location` (file and line, or row) so that errors can name it.
 """
@@ -33,7 +35,8 @@ from ulma_lightning.data.errors import DataError, Location  # Location: defined 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 DEMO_KINDS = ("binary", "continuous", "pairwise", "demonstration")
 SAVE_AS_UTF8 = "save the file as UTF-8, e.g. with iconv -f latin1 -t utf-8"
-TASK_QUERY = ("variant", "split", "n", "seed")
+TASK_KINDS = (*DEMO_KINDS, "base")  # base: the base model's broad corpus (demonstrations of every style)
+TASK_QUERY = ("variant", "split", "n", "seed", "stratified")
 TASK_SIZES = {"train": 2000, "val": 200, "test": 300}
 
 
@@ -188,8 +191,8 @@ def _task_query(source: str, default_split: str) -> tuple[str, dict[str, Any]]:
 
     parsed = urlparse(source)
     kind = parsed.netloc or parsed.path.strip("/")
-    if kind not in DEMO_KINDS:
-        raise ValueError(f"{source!r}: unknown task kind {kind!r}; write task://KIND with KIND one of {', '.join(DEMO_KINDS)}")
+    if kind not in TASK_KINDS:
+        raise ValueError(f"{source!r}: unknown task kind {kind!r}; write task://KIND with KIND one of {', '.join(TASK_KINDS)}")
     query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
     unknown = sorted(set(query) - set(TASK_QUERY))
     if unknown:
@@ -206,15 +209,26 @@ def _task_query(source: str, default_split: str) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"{source!r}: n and seed must be integers") from None
     if n < 1:
         raise ValueError(f"{source!r}: n must be at least 1, got {n}")
-    return kind, {"n": n, "split": split, "variant": variant, "seed": seed}
+    stratified = query.get("stratified", "false").lower()
+    if stratified not in ("true", "false", "1", "0"):
+        raise ValueError(f"{source!r}: stratified must be true or false, got {stratified!r}")
+    if kind == "base":
+        if split == "test" or "variant" in query or "stratified" in query:
+            raise ValueError(f"{source!r}: task://base (the base model's corpus) takes split train or val, n and seed only")
+        return kind, {"n": n, "split": split, "seed": seed}
+    return kind, {"n": n, "split": split, "variant": variant, "seed": seed, "stratified": stratified in ("true", "1")}
 
 
 def _read_task(source: str, default_split: str) -> Iterator[tuple[Any, Location]]:
     """Records of the comparison task. Point-wise kinds give two records per prompt (chosen, then
     rejected) under one location, so that ``val_fraction`` keeps them together."""
-    from ulma_lightning.data.task import generate_pairs, score_response
+    from ulma_lightning.data.task import generate_base_corpus, generate_pairs, score_response
 
     kind, options = _task_query(source, default_split)
+    if kind == "base":
+        for row, record in enumerate(generate_base_corpus(**options)):
+            yield record, Location(source, row=row)
+        return
     for row, pair in enumerate(generate_pairs(**options)):
         where = Location(source, row=row)
         prompt = pair["prompt"]

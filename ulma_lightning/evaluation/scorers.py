@@ -100,10 +100,17 @@ class TaskScorer(Scorer):
 
     Args:
         name: the key of the scores in outputs.
+        version: the scorer's version: 2 (default) scores an answer without recognisable words 0 on
+            every request; 1 is the table alone (gibberish scored 0.3 on harmful requests).
     """
 
-    def __init__(self, name: str = "task") -> None:
+    def __init__(self, name: str = "task", version: int = 2) -> None:
         super().__init__(name)
+        from ulma_lightning.data.task import SCORER_VERSIONS
+
+        if version not in SCORER_VERSIONS:
+            raise ValueError(f"TaskScorer version must be one of {SCORER_VERSIONS}, got {version!r}")
+        self.version = version
 
     def applies_to(self, sources: Sequence[str | None]) -> bool:
         """Only where the training data or the scored split is the comparison task's (``task://...``)."""
@@ -112,7 +119,7 @@ class TaskScorer(Scorer):
     def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
         from ulma_lightning.data.task import score_response
 
-        return [float(score_response(p, r)) for p, r in zip(prompts, responses)]
+        return [float(score_response(p, r, version=self.version)) for p, r in zip(prompts, responses)]
 
 
 class _ModelScorer(Scorer):

@@ -87,7 +87,7 @@ def test_results_files_hold_each_runs_own_metrics(ran: dict) -> None:
     for run_id, label in (("sft/ordinary/seed0", "sft"), ("sft_dpo/ordinary/seed0", "SFT then DPO")):
         own = json.loads((out / "runs" / run_id / "result.json").read_text())
         assert own["status"] == "ok" and by_id[run_id]["metrics"]["score"] == own["metrics"]["score"]
-        for column, key in (("score", "score"), ("golden perplexity", "golden_ppl"), ("KL to start", "kl"), ("tokens/s", "tokens_per_sec"), ("train time (s)", "train_seconds")):
+        for column, key in (("score", "score"), ("golden perplexity", "golden_ppl"), ("KL to reference", "kl"), ("tokens/s", "tokens_per_sec"), ("train time (s)", "train_seconds")):
             shown = float(rows[label][column].strip("*"))
             decimals = len(rows[label][column].strip("*").partition(".")[2])
             assert decimals >= {"train_seconds": 1, "tokens_per_sec": 0}.get(key, 2)
@@ -108,7 +108,7 @@ def test_results_files_hold_each_runs_own_metrics(ran: dict) -> None:
         assert (out / "runs" / run_id / "model" / "config.json").is_file()
     # the baseline compared with itself ties everywhere; the untrained row has no KL to itself
     assert float(rows["sft"]["win rate vs sft"].strip("*")) == 0.5
-    assert float(rows["untrained"]["KL to start"].strip("*")) == 0.0
+    assert float(rows["untrained"]["KL to reference"].strip("*")) == 0.0
 
 
 def test_results_md_lists_the_shared_options_once_and_each_command_rebuilds_from_them(ran: dict) -> None:

@@ -7,8 +7,8 @@ On the grid's test prompts (``evaluation.prompts``):
   requests) and ``score_harmful`` (harmlessness: the mean over harmful requests);
 * ``kl``: KL(policy || reference) estimated from one sampled response per prompt (temperature 1,
   no top-k/top-p), as the mean over prompts of the summed token log-ratio
-  ``log pi(y|x) - log pi_ref(y|x)``; the reference is the run's untrained starting model, the same
-  for every row;
+  ``log pi(y|x) - log pi_ref(y|x)``; the reference is the run's own: the model its last stage
+  started from (the base or untrained model for one-step rows, the SFT model for SFT then DPO);
 
 and ``golden_ppl``: the token-weighted perplexity of held-out golden demonstrations
 (``evaluation.golden``). Win rates against the baseline row and the untrained model are computed

@@ -80,7 +80,7 @@ def frontier(results: dict[str, Any], path: Path) -> bool:
         label = f"{record['label']} ({record['variant']})"
         seen = label in ax.get_legend_handles_labels()[1]
         ax.scatter(record["metrics"]["kl"], record["metrics"]["score"], color=color, marker=markers.get(record["variant"], "o"), label=None if seen else label)
-    ax.set_xlabel("KL(policy || untrained start), nats per response")
+    ax.set_xlabel("KL(policy || its own reference), nats per response")
     ax.set_ylabel("ground-truth score of greedy generations")
     ax.set_title("score against KL: a point per run and seed")
     ax.legend(fontsize=7)

@@ -37,7 +37,7 @@ def metric_columns(baseline: str | None) -> list[tuple[str, str, str | None]]:
     columns += [
         ("win_vs_untrained", "win rate vs untrained", "higher"),
         ("golden_ppl", "golden perplexity", "lower"),
-        ("kl", "KL to start", None),
+        ("kl", "KL to reference", None),
         ("train_seconds", "train time (s)", None),
         ("tokens_per_sec", "tokens/s", None),
     ]
@@ -187,8 +187,8 @@ def markdown(results: dict[str, Any], command: str) -> str:
         f"{results['evaluation'].get('max_prompts') or 'all'}): mean ± sample standard deviation over seeds; the best of each",
         "ranked column in bold. Score: the ground-truth score of greedy generations; helpfulness (on harmless requests) and",
         "harmlessness (on harmful requests) split it by request kind. Win rates (ties half) compare per prompt with the",
-        "baseline row and with the untrained model. Golden perplexity: of held-out golden demonstrations. KL to start:",
-        "KL(policy || untrained start), from one sampled response per prompt (an unbiased estimate, so it can be slightly",
+        "baseline row and with the untrained model. Golden perplexity: of held-out golden demonstrations. KL to reference:",
+        "KL(policy || the run's own reference: the model its last stage started from), from one sampled response per prompt (an unbiased estimate, so it can be slightly",
         "negative). Train time: all stages of the run (a shared stage counts in every run that uses it).",
         "",
     ]

@@ -27,7 +27,7 @@ from ulma_lightning.compare.plots import write_plots
 from ulma_lightning.compare.report import RESULT_FILE, collect, init_folder, run_folder, write_results
 from ulma_lightning.compare.spec import GridError, GridSpec, load_grid
 from ulma_lightning.compare.stages import Instance, Plan, build_init, digest, failure, plan_grid, read_json, train_stage, write_json
-from ulma_lightning.compare.tune import choose, tune_grid, write_tuned
+from ulma_lightning.compare.tune import tune_chains, write_tuned
 
 
 def _link(link: Path, target: str) -> None:
@@ -88,6 +88,12 @@ class Runner:
         self.stage_records[key] = record
         return record
 
+    def reference(self, instance: Instance) -> str | None:
+        """The export the run's last stage started from and was regularised towards (its own reference:
+        the base for a one-step row, the SFT model for SFT then DPO); None: the untrained model."""
+        start = self.plan.stages[instance.stages[-1]].policy_from
+        return self.stage(start)["export"] if start is not None else None
+
     def untrained(self, key: str) -> dict[str, Any]:
         """The untrained model ``key``: exported and evaluated once."""
         with stage_lock(self.root, key):
@@ -109,7 +115,8 @@ class Runner:
             init = self.untrained(instance.init)
             self.evaluator.seed = instance.seed
             evaluated = time.perf_counter()
-            metrics: dict[str, float | None] = {**self.evaluator.evaluate(records[-1]["export"], init["export"], folder)}
+            reference = self.reference(instance) or init["export"]
+            metrics: dict[str, float | None] = {**self.evaluator.evaluate(records[-1]["export"], reference, folder)}
             metrics["train_seconds"] = sum(r["seconds"] for r in records)
             metrics["tokens_per_sec"] = records[-1].get("tokens_per_sec")
             result = {"status": "ok", "metrics": metrics, "eval_seconds": time.perf_counter() - evaluated, "model": records[-1]["export"]}
@@ -213,13 +220,22 @@ def _compare(grid: GridSpec, plan: Plan, chosen: list[Instance], root: Path, lau
 
 
 def tune(grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare --tune", jobs: int | None = None) -> dict[str, Any]:
-    """Run the grid's tuning candidates into ``root`` and write the chosen values (``tuned.yaml``)."""
-    candidates_grid, per_method = tune_grid(grid)
-    results = compare(candidates_grid, root, only=only, launcher=launcher, command=command, jobs=jobs)
-    results["tuned"] = choose(results, per_method)
-    write_tuned(results["tuned"], root / "tuned.yaml", command)
-    print(f"[ulma compare] chosen values (validation score), to commit into {grid.path}:\n" + (root / "tuned.yaml").read_text(), flush=True)
-    return results
+    """Tune every stage of the grid in its chain, by depth (:mod:`~ulma_lightning.compare.tune`), into
+    ``root``; write the picks (``tuned.yaml``) and return the last results with ``tuned`` and ``rounds``."""
+    if grid.tune is None:
+        raise GridError(f"{grid.path}: --tune needs a `tune:` section (prompts: validation prompts; grid: option -> values)")
+    last: dict[str, Any] = {}
+
+    def run(candidates: GridSpec) -> dict[str, Any]:
+        nonlocal last
+        last = compare(candidates, root, only=only, launcher=launcher, command=command, jobs=jobs)
+        return last
+
+    tuned, rounds = tune_chains(grid, run)
+    last["tuned"], last["rounds"] = tuned, rounds
+    write_tuned(tuned, root / "tuned.yaml", command, rounds)
+    print(f"[ulma compare] chosen values (mean validation score), to commit into {grid.path}:\n" + (root / "tuned.yaml").read_text(), flush=True)
+    return last
 
 
 def compare_main(argv: list[str]) -> dict[str, Any]:

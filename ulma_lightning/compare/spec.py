@@ -26,6 +26,20 @@ class GridError(ValueError):
     """A mistake in the grid YAML, found before any training; the message names the entry."""
 
 
+def tuning_keys(stages: list[StageSpec]) -> list[str]:
+    """Each stage's key in ``tune.methods`` and ``tuned:``: the methods of the chain up to it, joined by
+    ``>`` (``sft``, ``sft>dpo``, ``sft>reward>ppo``), leaving out the shared base stage; so DPO after SFT
+    is tuned apart from DPO from the base. The base stage's key is ``base``."""
+    keys, chain = [], []
+    for stage in stages:
+        if stage.sources is not None:
+            keys.append(BASE_RUN)
+            continue
+        chain.append(stage.method)
+        keys.append(">".join(chain))
+    return keys
+
+
 class Entry(dict):
     """A YAML mapping that remembers its line (1-based) in the file."""
 
@@ -63,6 +77,8 @@ class StageSpec:
         role: ``policy`` (a causal LM to align) or ``reward`` (a reward model, passed to the next stage).
         reward_arg: the option through which a stage after a reward stage receives the reward model.
         module_class: the module's ``class_path``.
+        sources: fixed sources (split -> source) instead of the variant's ``data`` kind: the base stage,
+            the same for every variant.
     """
 
     method: str
@@ -72,6 +88,7 @@ class StageSpec:
     role: str = "policy"
     reward_arg: str = DEFAULT_REWARD_ARG
     module_class: str = ""
+    sources: dict[str, str] | None = None
 
 
 @dataclass
@@ -126,8 +143,13 @@ class TuneSpec:
         prompts: the validation prompts (never the test prompts).
         grid: dotted option -> candidate values, e.g. ``model.init_args.optimizer.lr: [1e-3, 2e-3]``.
         variant: the data variant trained on.
-        seed: the seed of every candidate.
+        seed: the seed of every candidate (one tuning seed).
         max_prompts: the first N validation prompts (none: all).
+        seeds: several tuning seeds; a candidate's score is its mean over them (replaces ``seed``).
+        methods: per method (a chain's tuning key, e.g. ``dpo`` or ``sft>dpo``, or a method name),
+            candidate values replacing the shared ``grid``'s: a beta grid that spans the loss's scale.
+        extend_edges: how many times a numeric pick on a grid's edge extends that grid by one more
+            value (the next term of the grid's geometric or arithmetic step) and tunes again.
     """
 
     prompts: str
@@ -135,6 +157,18 @@ class TuneSpec:
     variant: str = "ordinary"
     seed: int = 0
     max_prompts: int | None = None
+    seeds: list[int] | None = None
+    methods: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    extend_edges: int = 0
+
+    @property
+    def tuning_seeds(self) -> list[int]:
+        """The seeds whose mean validation score ranks the candidates (``seeds``, else ``[seed]``)."""
+        return list(self.seeds) if self.seeds else [self.seed]
+
+    def values(self, method: str) -> dict[str, list[Any]]:
+        """The candidate values of ``method``: the shared ``grid`` with its ``methods:`` entry over it."""
+        return {**self.grid, **self.methods.get(method, {})}
 
 
 @dataclass
@@ -154,6 +188,8 @@ class GridSpec:
     output: str | None = None
     tune: TuneSpec | None = None
     tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
+    base: StageSpec | None = None
+    data_seed: int = 0
 
     def run(self, name: str) -> RunSpec:
         return next(r for r in self.runs if r.name == name)
@@ -286,9 +322,15 @@ def check_chain(stages: list[StageSpec], where: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the grid
-TOP_KEYS = {"name", "seeds", "seed_keys", "variants", "runs", "evaluation", "overrides", "quick", "launcher", "jobs", "output", "configs_dir", "tune", "tuned"}
+TOP_KEYS = {
+    "name", "seeds", "seed_keys", "variants", "runs", "evaluation", "overrides", "quick", "heldout", "launcher", "jobs", "output",
+    "configs_dir", "tune", "tuned", "base", "data_seed",
+}  # fmt: skip
 RUN_KEYS = {"name", "label", "stages", "variants", "overrides"}
-QUICK_KEYS = {"seeds", "runs", "variants", "overrides", "evaluation"}
+QUICK_KEYS = {"seeds", "runs", "variants", "overrides", "evaluation", "tune"}
+HELDOUT_KEYS = {"seeds", "data_seed"}
+BASE_RUN = "base"
+DATA_SEED = "{data_seed}"
 
 
 def _seeds(value: Any, path: Path, what: str, parent: Any) -> list[int]:
@@ -338,12 +380,58 @@ def _tune(raw: Any, path: Path, doc: Any, variants: dict[str, Any]) -> TuneSpec 
     grid = _mapping_of(entry.get("grid"), path, "tune.grid", raw)
     if not entry.get("prompts") or not grid:
         raise GridError(_where(path, raw, "tune needs `prompts` (validation prompts) and `grid` (dotted option -> list of values)"))
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise GridError(_where(path, raw, f"tune.grid.{key}: give a non-empty list of values, got {values!r}"))
+    methods = {str(k): _mapping_of(v, path, f"tune.methods.{k}", raw) for k, v in _mapping_of(entry.get("methods"), path, "tune.methods", raw).items()}
+    for what, values_of in [("tune.grid", grid)] + [(f"tune.methods.{k}", v) for k, v in methods.items()]:
+        for key, values in values_of.items():
+            if not isinstance(values, list) or not values:
+                raise GridError(_where(path, raw, f"{what}.{key}: give a non-empty list of values, got {values!r}"))
     if entry.get("variant", "ordinary") not in variants:
         raise GridError(_where(path, raw, f"tune.variant {entry.get('variant', 'ordinary')!r} is not a variant; the grid defines {sorted(variants)}"))
-    return TuneSpec(**{**entry, "grid": grid})
+    if "seeds" in entry:
+        entry["seeds"] = _seeds(entry["seeds"], path, "tune.seeds", raw)
+    extend = entry.get("extend_edges", 0)
+    if isinstance(extend, bool) or not isinstance(extend, int) or extend < 0:
+        raise GridError(_where(path, raw, f"tune.extend_edges must be a whole number >= 0, got {extend!r}"))
+    if entry.get("max_prompts") is not None and (isinstance(entry["max_prompts"], bool) or not isinstance(entry["max_prompts"], int) or entry["max_prompts"] < 1):
+        raise GridError(_where(path, raw, f"tune.max_prompts must be a whole number >= 1, got {entry['max_prompts']!r}"))
+    return TuneSpec(**{**entry, "grid": grid, "methods": methods})
+
+
+def _base(raw: Any, path: Path, doc: Any, configs_dir: Path) -> StageSpec | None:
+    """The ``base:`` stage: ``{method, train, val, overrides}``, trained once per seed and shared by every run."""
+    if raw is None:
+        return None
+    entry = _mapping_of(raw, path, "base", doc)
+    _check_keys(entry, {"method", "config", "train", "val", "overrides"}, path, "base")
+    if not entry.get("train"):
+        raise GridError(_where(path, raw, "base needs `train:` (the base model's corpus, a data source) and `method:` (e.g. sft)"))
+    sources = {split: str(entry[split]) for split in ("train", "val") if entry.get(split)}
+    stage_raw = Entry({k: v for k, v in entry.items() if k in ("method", "config", "overrides")}, data="base")
+    stage_raw.line = getattr(raw, "line", 0)
+    stage = _stage(stage_raw, path, "base", configs_dir)
+    if stage.role != "policy":
+        raise GridError(_where(path, raw, f"base: {stage.method} trains a reward model; the base stage trains the policy every run starts from (e.g. method: sft)"))
+    stage.sources = sources
+    return stage
+
+
+def _with_data_seed(text: str | None, data_seed: int) -> str | None:
+    """A source with ``{data_seed}`` replaced by the grid's data draw."""
+    return None if text is None else text.replace(DATA_SEED, str(data_seed))
+
+
+def _merge_heldout(doc: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The grid with its ``heldout:`` section applied: other seeds and another data draw (``data_seed``)."""
+    heldout = _mapping_of(doc.get("heldout"), path, "heldout", doc)
+    if not heldout:
+        raise GridError(_where(path, doc, "--heldout: the grid has no `heldout:` section (seeds, data_seed: the held-out set of the claims)"))
+    _check_keys(heldout, HELDOUT_KEYS, path, "heldout")
+    merged = dict(doc)
+    if "seeds" in heldout:
+        merged["seeds"] = heldout["seeds"]
+    if "data_seed" in heldout:
+        merged["data_seed"] = heldout["data_seed"]
+    return merged
 
 
 def _merge_quick(doc: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -363,7 +451,7 @@ def _merge_quick(doc: dict[str, Any], path: Path) -> dict[str, Any]:
     runs = doc.get("runs") or []
     if "runs" in quick:
         names = [r.get("name") for r in runs if isinstance(r, dict)]
-        missing = [n for n in quick["runs"] if n not in names]
+        missing = [n for n in quick["runs"] if n not in names and not (n == BASE_RUN and doc.get("base") is not None)]
         if missing:
             raise GridError(_where(path, quick, f"quick.runs names runs that do not exist: {missing}; runs are {names}"))
         runs = [r for r in runs if isinstance(r, dict) and r.get("name") in quick["runs"]]
@@ -372,11 +460,15 @@ def _merge_quick(doc: dict[str, Any], path: Path) -> dict[str, Any]:
         for new, old in zip(runs, doc.get("runs") or []):
             new.line = getattr(old, "line", 0)
     merged["runs"] = runs
+    if "tune" in quick:
+        merged["tune"] = Entry({**(doc.get("tune") or {}), **_mapping_of(quick["tune"], path, "quick.tune", quick)})
+        merged["tune"].line = getattr(doc.get("tune"), "line", 0)
     return merged
 
 
-def load_grid(path: str | Path, *, quick: bool = False) -> GridSpec:
-    """Read and check the grid at ``path`` (with ``quick``: its ``quick:`` subset). Raises
+def load_grid(path: str | Path, *, quick: bool = False, heldout: bool = False) -> GridSpec:
+    """Read and check the grid at ``path`` (with ``quick``: its ``quick:`` subset; with ``heldout``: its
+    ``heldout:`` seeds and data draw). Raises
     :class:`GridError` naming the entry for an unknown method, a missing config, a duplicated run
     name, an impossible stage chain, or a data kind a variant lacks."""
     path = Path(path)
@@ -389,12 +481,19 @@ def load_grid(path: str | Path, *, quick: bool = False) -> GridSpec:
     if not isinstance(doc, dict):
         raise GridError(f"{path}: a grid is a mapping with `variants`, `runs`, `seeds` and `evaluation`")
     _check_keys(doc, TOP_KEYS, path, "grid")
+    _check_keys(_mapping_of(doc.get("heldout"), path, "heldout", doc), HELDOUT_KEYS, path, "heldout")
+    if heldout:
+        doc = _merge_heldout(doc, path)
     if quick:
         doc = _merge_quick(doc, path)
+    data_seed = doc.get("data_seed", 0)
+    if isinstance(data_seed, bool) or not isinstance(data_seed, int):
+        raise GridError(_where(path, doc, f"data_seed must be an integer (the data draw, substituted for {DATA_SEED} in sources), got {data_seed!r}"))
     configs_dir = Path(doc.get("configs_dir") or "configs")
     if not configs_dir.is_absolute():
         configs_dir = next((b / configs_dir for b in (Path.cwd(), path.parent, path.parent.parent) if (b / configs_dir).is_dir()), PACKAGE_CONFIGS)
     variants = _variants(doc.get("variants"), path, doc)
+    base = _base(doc.get("base"), path, doc, configs_dir)
     raw_runs = doc.get("runs")
     if not isinstance(raw_runs, list) or not raw_runs:
         raise GridError(_where(path, doc, "`runs` must be a non-empty list of {name, stages}"))
@@ -409,6 +508,8 @@ def load_grid(path: str | Path, *, quick: bool = False) -> GridSpec:
         what = f"runs[{index}] {name!r}"
         if "/" in name or name.startswith("."):
             raise GridError(_where(path, raw, f"{what}: a run name cannot contain '/' or start with '.'"))
+        if name == BASE_RUN and doc.get("base") is not None:
+            raise GridError(_where(path, raw, f"{what}: the name {BASE_RUN!r} is the base stage's row (the grid has `base:`); rename the run"))
         if name in seen:
             raise GridError(_where(path, raw, f"{what}: duplicated run name (also at line {seen[name]}); give each run its own name"))
         seen[name] = getattr(raw, "line", 0)
@@ -417,18 +518,21 @@ def load_grid(path: str | Path, *, quick: bool = False) -> GridSpec:
         if not isinstance(raw_stages, list):
             raise GridError(_where(path, raw, f"{what}: `stages` must be a list of {{method, data}}"))
         stages = [_stage(s, path, f"{what} stage {i + 1}", configs_dir) for i, s in enumerate(raw_stages)]
+        stages = ([base] if base is not None else []) + stages
         check_chain(stages, _where(path, raw, what))
         run_variants = entry.get("variants") or list(variants)
         for variant in run_variants:
             if variant not in variants:
                 raise GridError(_where(path, raw, f"{what}: unknown variant {variant!r}; the grid defines {sorted(variants)}"))
             for i, stage in enumerate(stages):
-                if stage.data not in variants[variant]:
+                if stage.sources is None and stage.data not in variants[variant]:
                     raise GridError(_where(path, raw, f"{what} stage {i + 1} ({stage.method}): data kind {stage.data!r} is not defined in variant {variant!r} (it has {sorted(variants[variant])})"))
         overrides = _mapping_of(entry.get("overrides"), path, f"{what}.overrides", raw)
         runs.append(RunSpec(name, str(entry.get("label") or name), stages, list(run_variants), overrides, getattr(raw, "line", 0)))
+    if base is not None:
+        runs.insert(0, RunSpec(BASE_RUN, "base (pre-trained)", [base], list(variants), {}, getattr(doc.get("base"), "line", 0)))
     evaluation = _evaluation(doc.get("evaluation"), path, doc)
-    if evaluation.baseline is not None and evaluation.baseline not in seen and not quick:
+    if evaluation.baseline is not None and evaluation.baseline not in seen and not quick and not (base is not None and evaluation.baseline == BASE_RUN):
         raise GridError(_where(path, doc.get("evaluation"), f"evaluation.baseline {evaluation.baseline!r} is not a run name; runs are {list(seen)}"))
     launcher = str(doc.get("launcher") or "inprocess")
     if launcher not in ("inprocess", "subprocess"):
@@ -436,6 +540,13 @@ def load_grid(path: str | Path, *, quick: bool = False) -> GridSpec:
     jobs = doc.get("jobs", 1)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise GridError(_where(path, doc, f"jobs must be a whole number >= 1 (runs trained at a time), got {jobs!r}"))
+    variants = {v: {k: {split: str(_with_data_seed(src, data_seed)) for split, src in kinds.items()} for k, kinds in by_kind.items()} for v, by_kind in variants.items()}
+    if base is not None and base.sources is not None:
+        base.sources = {split: str(_with_data_seed(src, data_seed)) for split, src in base.sources.items()}
+    evaluation.prompts, evaluation.golden = str(_with_data_seed(evaluation.prompts, data_seed)), _with_data_seed(evaluation.golden, data_seed)
+    tune = _tune(doc.get("tune"), path, doc, variants)
+    if tune is not None:
+        tune.prompts = str(_with_data_seed(tune.prompts, data_seed))
     return GridSpec(
         path=path,
         name=str(doc.get("name") or path.stem),
@@ -448,6 +559,8 @@ def load_grid(path: str | Path, *, quick: bool = False) -> GridSpec:
         launcher=launcher,
         jobs=jobs,
         output=doc.get("output"),
-        tune=_tune(doc.get("tune"), path, doc, variants),
+        tune=tune,
         tuned={str(k): dict(v or {}) for k, v in _mapping_of(doc.get("tuned"), path, "tuned", doc).items()},
+        base=base,
+        data_seed=data_seed,
     )

@@ -10,8 +10,11 @@ finished before the cache existed are still found.
 
 Chains: a policy stage after a policy stage starts from that stage's exported model and uses it as
 its reference (``policy.model`` and ``policy.reference_model``: the two-step SFT-then-DPO baseline).
-A policy stage after a reward-model stage gets the reward model's export through its ``reward_arg``
-(RLHF: reward model, then PPO) and starts from the last policy stage before it, if any.
+A reward-model stage starts from the last policy stage before it (its weights, with a new scalar
+head). A policy stage after a reward-model stage gets the reward model's export through its
+``reward_arg`` (RLHF: reward model, then PPO) and starts from the last policy stage before it, if any.
+With a grid's ``base:`` stage, every run's chain begins with it: trained once per seed, shared by
+every run and variant (a stage's identity is what it trains, not the variant's name).
 
 The untrained model of a run (its first stage's initial weights) is built once per distinct
 ``(model, model_config, tokenizer, dtype, init_seed)`` and exported like a trained one: it is the
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ulma_lightning.compare.spec import GridSpec, RunSpec, StageSpec
+from ulma_lightning.compare.spec import GridSpec, RunSpec, StageSpec, tuning_keys
 
 STAGE_FILE = "stage.json"
 CACHE_DIR_KEY = "data.init_args.cache_dir"
@@ -109,7 +112,10 @@ class Stage:
             args += options({CACHE_DIR_KEY: str(cache_dir)})  # not in base_args: the stage's identity does not change
         if self.policy_from is not None:
             start = exports[self.policy_from]
-            args += options({POLICY_PREFIX + "model": start, POLICY_PREFIX + "reference_model": start})  # model_config is then unused
+            if self.spec.role == "reward":  # a reward model starts from the policy's weights (a new scalar head); no reference
+                args += options({POLICY_PREFIX + "model": start})
+            else:
+                args += options({POLICY_PREFIX + "model": start, POLICY_PREFIX + "reference_model": start})  # model_config is then unused
         if self.reward_from is not None:
             args += options({self.spec.reward_arg: exports[self.reward_from]})
         args += ["--trainer.default_root_dir", str(folder)]
@@ -192,10 +198,12 @@ def plan_grid(grid: GridSpec) -> Plan:
                 init_key = ""
                 last_policy: str | None = None
                 last_reward: str | None = None
-                for index, spec in enumerate(run.stages):
-                    tuned = grid.tuned.get(spec.method, {})
+                for index, (spec, tuning_key) in enumerate(zip(run.stages, tuning_keys(run.stages))):
+                    tuned = {} if spec.sources is not None else grid.tuned.get(tuning_key, grid.tuned.get(spec.method, {}))
                     overrides = {**grid.overrides, **tuned, **run.overrides, **spec.overrides, **seed_overrides}
-                    sources = grid.variants[variant][spec.data]
+                    if spec.sources is not None:  # the base stage: its own data, and the grid's options only
+                        overrides = {**grid.overrides, **spec.overrides, **seed_overrides}
+                    sources = spec.sources if spec.sources is not None else grid.variants[variant][spec.data]
                     data = {f"data.init_args.{split}": source for split, source in sources.items()}
                     base = ["fit", "--config", _shown_path(spec.config), *options(overrides), *options(data)]
                     config = _config(spec.config)
@@ -204,11 +212,11 @@ def plan_grid(grid: GridSpec) -> Plan:
                         init_key = f"untrained-seed{seed}-{digest(policy)}"
                         plan.inits.setdefault(init_key, Init(init_key, policy))
                     after = keys[-1] if keys else None
-                    key = f"{spec.method}-{variant}-seed{seed}-{digest(base, after)}"
+                    key = f"{spec.method}-seed{seed}-{digest(base, after)}"  # what it trains, not the variant's name
                     if key not in plan.stages:
                         plan.stages[key] = Stage(
                             key, spec, base, after,
-                            policy_from=last_policy if spec.role == "policy" else None,
+                            policy_from=last_policy,  # a reward model starts from the policy before it too
                             reward_from=last_reward if spec.role == "policy" else None,
                             logger_is_tensorboard=_is_tensorboard(config, overrides),
                             sets_cache_dir=CACHE_DIR_KEY in overrides or "cache_dir" in (_dotted(config, "data.init_args") or {}),

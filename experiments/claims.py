@@ -1,99 +1,126 @@
-"""The paper's claims, judged on a finished ``ulma compare`` of ``experiments/paper.yaml``.
+"""The paper's claims, judged on finished ``ulma compare`` runs of ``experiments/paper.yaml``: the main
+set and the held-out set (``--heldout``), by protocol v2's rule (docs/replication.md).
 
-    python experiments/claims.py [runs/compare/paper/results.json]
+    python experiments/claims.py [MAIN/results.json [HELDOUT/results.json]]
 
-Prints a markdown table: each claim, per data variant, the numbers it rests on and the verdict by the
-rule fixed before the run (docs/replication.md, "Protocol of our run"): "A beats B" is *supported* when
-A is better on every seed (seed s against seed s), *mixed* when on all but one, *not supported*
-otherwise; "A is at least as good as B" is *supported* when A's mean is not below B's by more than B's
-standard deviation.
+defaults: ``runs/compare/paper/results.json`` and ``runs/compare/paper-heldout/results.json``.
+Prints a markdown table: each claim, per data variant, the paired effect with its 95% bootstrap
+interval on each set (:mod:`ulma_lightning.compare.stats`), and the verdict. Scores are paired per
+prompt and seed from each run's ``predictions.jsonl``; golden perplexity has one value per run, so
+its effect (the log-ratio of the two perplexities) is paired per seed only.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
-from ulma_lightning.compare.report import summarize
+import numpy as np
 
-BASELINES = ["sft", "sft_dpo", "dpo", "pointwise_dpo", "unlikelihood", "kto", "rlhf"]
+from ulma_lightning.compare.metrics import PREDICTIONS_FILE
+from ulma_lightning.compare.stats import NO_EFFECT, Effect, Kind, paired_effect, verdict
 
+#: the rows ULMA is claimed to beat; "point-wise DPO is at least as good as DPO" uses MARGIN
+BASELINES = ["base", "sft", "sft_dpo", "dpo", "pointwise_dpo", "unlikelihood", "kto", "rlhf", "rloo"]
+CONTINUOUS = ["pointwise_dpo_continuous", "ulma_continuous"]
+MARGIN = 0.02  # stated before the v2 run: 2 points of score on [0, 1]
 
-def per_seed(results: dict[str, Any], metric: str) -> dict[tuple[str, str], dict[int, float]]:
-    """(run, variant) -> seed -> the metric, over the finished runs."""
-    out: dict[tuple[str, str], dict[int, float]] = {}
-    for run in results["runs"]:
-        value = run.get("metrics", {}).get(metric)
-        if run["status"] == "ok" and value is not None:
-            out.setdefault((run["run"], run["variant"]), {})[run["seed"]] = float(value)
-    return out
+Matrix = dict[int, list[float]]  # seed -> per-prompt values
 
 
-def beats(a: dict[int, float], b: dict[int, float], lower_is_better: bool = False) -> tuple[str, str]:
-    """The seed-paired verdict of "a beats b" and the wins it counts."""
+class Results:
+    """One results.json with its runs' per-prompt scores (read from their predictions)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data = json.loads(path.read_text())
+        self.scores: dict[tuple[str, str], Matrix] = {}
+        self.ppl: dict[tuple[str, str], Matrix] = {}
+        for run in self.data["runs"]:
+            if run["status"] != "ok":
+                continue
+            key = (run["run"], run["variant"])
+            predictions = self._folder(run) / PREDICTIONS_FILE
+            if predictions.is_file():
+                lines = predictions.read_text().splitlines()
+                self.scores.setdefault(key, {})[run["seed"]] = [float(json.loads(line)["score"]) for line in lines if line.strip()]
+            value = run.get("metrics", {}).get("golden_ppl")
+            if value is not None and not math.isnan(value):
+                self.ppl.setdefault(key, {})[run["seed"]] = [math.log(value)]
+
+    def _folder(self, run: dict[str, Any]) -> Path:
+        folder = Path(run.get("dir", ""))
+        return folder if folder.is_dir() else self.path.parent / "runs" / run["id"]
+
+    def variants(self) -> list[str]:
+        return sorted({v for _, v in self.scores}, key=lambda v: (v != "ordinary", v))
+
+
+def effect(a: Matrix | None, b: Matrix | None) -> Effect:
+    """The paired effect of ``a - b`` over their common seeds (NO_EFFECT where a side is missing)."""
+    if not a or not b:
+        return NO_EFFECT
     seeds = sorted(set(a) & set(b))
-    if not seeds:
-        return "not run", "-"
-    wins = sum((a[s] < b[s]) if lower_is_better else (a[s] > b[s]) for s in seeds)
-    verdict = "supported" if wins == len(seeds) else "mixed" if wins == len(seeds) - 1 and len(seeds) > 2 else "not supported"
-    return verdict, f"{wins}/{len(seeds)} seeds"
+    if not seeds or any(len(a[s]) != len(b[s]) for s in seeds) or len({len(a[s]) for s in seeds}) != 1:
+        return NO_EFFECT
+    return paired_effect(np.array([a[s] for s in seeds]), np.array([b[s] for s in seeds]))
 
 
-def mean_std(values: dict[int, float]) -> tuple[float, float]:
-    """Mean and sample standard deviation over seeds, as results.md computes them."""
-    stats = summarize(list(values.values()))
-    return stats["mean"], stats["std"]
+def gain(table: dict[tuple[str, str], Matrix], run: str) -> Matrix | None:
+    """Per seed and prompt, the run's golden score minus its ordinary score (the same test prompts)."""
+    golden, ordinary = table.get((run, "golden")), table.get((run, "ordinary"))
+    if not golden or not ordinary:
+        return None
+    return {s: [g - o for g, o in zip(golden[s], ordinary[s])] for s in set(golden) & set(ordinary) if len(golden[s]) == len(ordinary[s])}
 
 
-def fmt(values: dict[int, float] | None) -> str:
-    if not values:
-        return "not run"
-    mean, std = mean_std(values)
-    return f"{mean:.3f} ± {std:.3f}"
+Row = tuple[str, str, str, str, str]  # claim, variant, main effect, held-out effect, verdict
 
 
-def claims(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """(claim, variant, numbers, verdict) rows."""
-    score = per_seed(results, "score")
-    ppl = per_seed(results, "golden_ppl")
-    variants = sorted({v for _, v in score}, key=lambda v: (v != "ordinary", v))
-    rows: list[tuple[str, str, str, str]] = []
-    for variant in variants:
-        get = lambda run, variant=variant: score.get((run, variant), {})  # noqa: E731
-        p, d = get("pointwise_dpo"), get("dpo")
-        if p and d:
-            (pm, _), (dm, ds) = mean_std(p), mean_std(d)
-            verdict = "supported" if pm >= dm - ds else "not supported"
-            rows.append(("point-wise DPO is at least as good as DPO", variant, f"{fmt(p)} vs {fmt(d)}", verdict))
+def claims(main: Results, heldout: Results | None = None) -> list[Row]:
+    """The claims table: every claim per variant, its effect on both sets and its verdict."""
+    rows: list[Row] = []
+
+    def judge(claim: str, variant: str, get: Any, kind: Kind = "beats", margin: float = 0.0) -> None:
+        mine = get(main)
+        theirs = get(heldout) if heldout is not None else None
+        rows.append((claim, variant, str(mine), str(theirs) if theirs is not None else "-", verdict(mine, theirs, kind, margin)))
+
+    for variant in main.variants():
+
+        def score(a: str, b: str, variant: str = variant) -> Any:
+            return lambda r: effect(r.scores.get((a, variant)), r.scores.get((b, variant)))
+
         for baseline in BASELINES:
-            verdict, wins = beats(get("ulma"), get(baseline))
-            rows.append((f"ULMA beats {baseline}", variant, f"{fmt(get('ulma'))} vs {fmt(get(baseline))} ({wins})", verdict))
-        for continuous in ("pointwise_dpo_continuous", "ulma_continuous"):
-            verdict, wins = beats(get(continuous), d)
-            rows.append((f"{continuous} beats DPO (pairwise)", variant, f"{fmt(get(continuous))} vs {fmt(d)} ({wins})", verdict))
-        up, pp = ppl.get(("ulma", variant), {}), ppl.get(("pointwise_dpo", variant), {})
-        verdict, wins = beats(up, pp, lower_is_better=True)
-        rows.append(("ULMA's golden perplexity is below point-wise DPO's", variant, f"{fmt(up)} vs {fmt(pp)} ({wins})", verdict))
-    gains = {}
-    for run in {r for r, _ in score}:
-        if score.get((run, "ordinary")) and score.get((run, "golden")):
-            gains[run] = mean_std(score[(run, "golden")])[0] - mean_std(score[(run, "ordinary")])[0]
-    if gains:
-        order = sorted(gains, key=gains.get, reverse=True)
-        shown = ", ".join(f"{run} {gains[run]:+.3f}" for run in order)
-        verdict = "supported" if order[0] == "ulma" else "not supported"
-        rows.append(("ULMA gains most from golden data", "golden - ordinary", shown, verdict))
+            if (baseline, variant) in main.scores:
+                judge(f"ULMA beats {baseline}", variant, score("ulma", baseline))
+        judge(f"point-wise DPO is at least as good as DPO (margin {MARGIN})", variant, score("pointwise_dpo", "dpo"), "at_least", MARGIN)
+        for continuous in CONTINUOUS:
+            if (continuous, variant) in main.scores:
+                judge(f"{continuous} beats DPO (pairwise)", variant, score(continuous, "dpo"))
+        judge(
+            "ULMA's golden perplexity is below point-wise DPO's (log-ratio)",
+            variant,
+            lambda r, variant=variant: effect(r.ppl.get(("pointwise_dpo", variant)), r.ppl.get(("ulma", variant))),
+        )
+    runs = sorted({run for run, v in main.scores if v == "golden" and (run, "ordinary") in main.scores and run != "ulma"})
+    for other in runs:
+        judge(f"ULMA gains more from golden data than {other}", "golden - ordinary", lambda r, other=other: effect(gain(r.scores, "ulma"), gain(r.scores, other)))
     return rows
 
 
 def main(argv: list[str]) -> None:
-    path = Path(argv[0] if argv else "runs/compare/paper/results.json")
-    results = json.loads(path.read_text())
-    print(f"Claims judged on {path} ({results.get('command', '')})\n")
-    print("| claim | variant | numbers (mean ± std over seeds) | verdict |\n| --- | --- | --- | --- |")
-    for row in claims(results):
+    main_path = Path(argv[0] if argv else "runs/compare/paper/results.json")
+    heldout_path = Path(argv[1]) if len(argv) > 1 else main_path.parent.with_name(main_path.parent.name + "-heldout") / "results.json"
+    first = Results(main_path)
+    second = Results(heldout_path) if heldout_path.is_file() else None
+    print(f"Claims judged on {main_path} ({first.data.get('command', '')})")
+    print(f"and the held-out set {heldout_path} ({second.data.get('command', '')})\n" if second else f"and no held-out set ({heldout_path} not found)\n")
+    print("| claim | variant | main set: effect [95% CI] | held-out set: effect [95% CI] | verdict |\n| --- | --- | --- | --- | --- |")
+    for row in claims(first, second):
         print("| " + " | ".join(row) + " |")
 
 

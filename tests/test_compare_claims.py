@@ -1,11 +1,17 @@
-"""experiments/claims.py: the paper's claims judged by the rule written before the run, on a
-hand-made results.json."""
+"""Protocol v2's statistics: the paired bootstrap effect and its verdict rule by hand, and
+experiments/claims.py on hand-made result folders (main and held-out sets)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ulma_lightning.compare.stats import NO_EFFECT, Effect, paired_effect, verdict
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("claims", REPO / "experiments" / "claims.py")
@@ -13,42 +19,98 @@ claims = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(claims)
 
 
-def results(scores: dict[tuple[str, str], list[float]], ppl: dict[tuple[str, str], list[float]] | None = None) -> dict:
+def test_a_constant_difference_has_a_point_interval() -> None:
+    a = np.full((3, 50), 0.7)
+    effect = paired_effect(a, a - 0.1)
+    assert effect.mean == pytest.approx(0.1) and effect.low == pytest.approx(0.1) and effect.high == pytest.approx(0.1)
+    assert (effect.seeds, effect.prompts) == (3, 50)
+
+
+def test_the_interval_matches_the_spread_of_prompts_and_seeds() -> None:
+    rng = np.random.default_rng(1)
+    b = rng.uniform(size=(3, 400))
+    noisy = b + 0.05 + rng.normal(0, 0.3, size=b.shape)  # a true effect of 0.05, noise 0.3 per prompt
+    effect = paired_effect(noisy, b)
+    half = 1.96 * 0.3 / math.sqrt(1200)  # the prompts' standard error alone
+    assert effect.low < 0.05 < effect.high
+    assert 0.8 * half < (effect.high - effect.low) / 2 < 2.5 * half
+    seed_shift = b + np.array([[0.2], [0.0], [-0.1]])  # the seeds disagree: a wide interval across 0
+    wide = paired_effect(seed_shift, b)
+    assert wide.mean == pytest.approx(0.1 / 3) and wide.low < 0 < wide.high
+    with pytest.raises(ValueError, match="one shape"):
+        paired_effect(np.zeros((2, 3)), np.zeros((3, 3)))
+
+
+@pytest.mark.parametrize(
+    ("main", "heldout", "kind", "expected"),
+    [
+        ((0.05, 0.02, 0.08), (0.04, 0.01, 0.07), "beats", "supported"),
+        ((0.05, 0.02, 0.08), (0.01, -0.02, 0.04), "beats", "not supported"),  # the held-out interval holds 0
+        ((0.05, 0.02, 0.08), (-0.04, -0.07, -0.01), "beats", "contradicted"),
+        ((0.05, 0.02, 0.08), None, "beats", "supported on the main set only (no held-out set)"),
+        ((-0.01, -0.015, 0.0), (0.0, -0.01, 0.01), "at_least", "supported"),  # above -0.02 on both
+        ((-0.05, -0.07, -0.03), (0.0, -0.01, 0.01), "at_least", "contradicted"),
+        ((0.0, -0.01, 0.01), (0.005, -0.015, 0.019), "equivalent", "supported"),
+        ((0.0, -0.03, 0.01), (0.0, -0.01, 0.01), "equivalent", "not supported"),
+    ],
+)
+def test_verdict_rule(main, heldout, kind: str, expected: str) -> None:
+    def make(t):
+        return None if t is None else Effect(*t, 3, 100)
+
+    assert verdict(make(main), make(heldout), kind, margin=0.02) == expected
+    assert verdict(NO_EFFECT, make(heldout), kind, 0.02) == "not run"
+
+
+def write_set(root: Path, scores: dict[tuple[str, str], np.ndarray], ppl: dict[tuple[str, str], list[float]] | None = None) -> Path:
+    """A results.json and per-run predictions.jsonl as ulma compare writes them."""
     runs = []
-    for (run, variant), values in scores.items():
-        for seed, value in enumerate(values):
-            metrics = {"score": value}
+    for (run, variant), matrix in scores.items():
+        for seed, row in enumerate(matrix):
+            run_id = f"{run}/{variant}/seed{seed}"
+            folder = root / "runs" / run_id
+            folder.mkdir(parents=True)
+            folder.joinpath("predictions.jsonl").write_text("".join(json.dumps({"prompt": "p", "response": "r", "score": float(s)}) + "\n" for s in row))
+            metrics = {"score": float(np.mean(row))}
             if ppl and (run, variant) in ppl:
                 metrics["golden_ppl"] = ppl[(run, variant)][seed]
-            runs.append({"run": run, "variant": variant, "seed": seed, "status": "ok", "metrics": metrics})
-    runs.append({"run": "kto", "variant": "ordinary", "seed": 0, "status": "failed", "metrics": {}})
-    return {"runs": runs}
+            runs.append({"id": run_id, "run": run, "variant": variant, "seed": seed, "status": "ok", "metrics": metrics, "dir": str(folder)})
+    runs.append({"id": "kto/ordinary/seed0", "run": "kto", "variant": "ordinary", "seed": 0, "status": "failed", "metrics": {}})
+    path = root / "results.json"
+    path.write_text(json.dumps({"runs": runs, "command": "ulma compare --config experiments/paper.yaml"}))
+    return path
 
 
-def test_verdicts_follow_the_seed_paired_rule(tmp_path: Path, capsys) -> None:
-    data = results(
-        {
-            ("ulma", "ordinary"): [0.5, 0.6, 0.7],
-            ("dpo", "ordinary"): [0.4, 0.65, 0.6],  # ULMA wins 2 of 3: mixed
-            ("sft", "ordinary"): [0.1, 0.2, 0.3],  # 3 of 3: supported
-            ("pointwise_dpo", "ordinary"): [0.5, 0.5, 0.5],
-            ("ulma", "golden"): [0.9, 0.9, 0.9],
-            ("dpo", "golden"): [0.95, 0.95, 0.95],
-            ("pointwise_dpo", "golden"): [0.6, 0.6, 0.6],  # far below DPO: not at least as good
-        },
-        ppl={("ulma", "ordinary"): [5.0, 6.0, 7.0], ("pointwise_dpo", "ordinary"): [9.0, 9.0, 6.5]},
-    )
-    rows = {(claim, variant): (numbers, verdict) for claim, variant, numbers, verdict in claims.claims(data)}
-    assert rows[("ULMA beats sft", "ordinary")][1] == "supported"
-    assert rows[("ULMA beats dpo", "ordinary")] == ("0.600 ± 0.100 vs 0.550 ± 0.132 (2/3 seeds)", "mixed")
-    assert rows[("ULMA beats dpo", "golden")][1] == "not supported"
-    assert rows[("ULMA beats kto", "ordinary")][1] == "not run"  # its only run failed
-    assert rows[("point-wise DPO is at least as good as DPO", "ordinary")][1] == "supported"  # 0.5 >= 0.55 - 0.13
-    assert rows[("point-wise DPO is at least as good as DPO", "golden")][1] == "not supported"
-    assert rows[("ULMA's golden perplexity is below point-wise DPO's", "ordinary")][1] == "mixed"  # 7.0 > 6.5 on seed 2
-    gain = rows[("ULMA gains most from golden data", "golden - ordinary")]
-    assert gain == ("dpo +0.400, ulma +0.300, pointwise_dpo +0.100", "not supported")  # DPO gains more than ULMA
-    path = tmp_path / "results.json"
-    path.write_text(json.dumps(data))
-    claims.main([str(path)])
-    assert "| ULMA beats sft | ordinary |" in capsys.readouterr().out
+def test_claims_pair_per_prompt_on_both_sets(tmp_path: Path, capsys) -> None:
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.6, size=(3, 120))
+
+    def one_set(folder: Path, shift: float) -> Path:
+        return write_set(
+            folder,
+            {
+                ("ulma", "ordinary"): base + 0.10,
+                ("sft", "ordinary"): base + shift,  # main: ULMA +0.1 over SFT; held-out: shift decides
+                ("dpo", "ordinary"): base,
+                ("pointwise_dpo", "ordinary"): base - 0.005,  # within the 0.02 margin of DPO
+                ("ulma", "golden"): base + 0.30,
+                ("sft", "golden"): base + 0.10,
+                ("dpo", "golden"): base + 0.25,
+                ("pointwise_dpo", "golden"): base + 0.2,
+            },
+            ppl={("ulma", "ordinary"): [5.0, 6.0, 7.0], ("pointwise_dpo", "ordinary"): [9.0, 9.0, 8.0]},
+        )
+
+    main, held = one_set(tmp_path / "main", 0.0), one_set(tmp_path / "held", 0.2)
+    rows = {(c, v): (m, h, verdict) for c, v, m, h, verdict in claims.claims(claims.Results(main), claims.Results(held))}
+    assert rows[("ULMA beats sft", "ordinary")] == ("+0.100 [+0.100, +0.100]", "-0.100 [-0.100, -0.100]", "contradicted")
+    assert rows[("ULMA beats dpo", "ordinary")][2] == "supported"
+    assert rows[(f"point-wise DPO is at least as good as DPO (margin {claims.MARGIN})", "ordinary")][2] == "supported"
+    assert rows[("ULMA's golden perplexity is below point-wise DPO's (log-ratio)", "ordinary")][2] == "supported"
+    assert ("ULMA beats kto", "ordinary") not in rows  # its only run failed: no row to compare
+    # gains paired per prompt: ULMA +0.2 against DPO's +0.25; against SFT's +0.1 (main) and -0.1 (held-out)
+    assert rows[("ULMA gains more from golden data than dpo", "golden - ordinary")] == ("-0.050 [-0.050, -0.050]", "-0.050 [-0.050, -0.050]", "contradicted")
+    assert rows[("ULMA gains more from golden data than sft", "golden - ordinary")][:2] == ("+0.100 [+0.100, +0.100]", "+0.300 [+0.300, +0.300]")
+    claims.main([str(main)])
+    out = capsys.readouterr().out
+    assert "no held-out set" in out and "| ULMA beats dpo | ordinary | +0.100 [+0.100, +0.100] | - | supported on the main set only" in out

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ulma_lightning.compare.metrics import Evaluator
+from ulma_lightning.compare.overview import describe, eta_line, tune_overview
 from ulma_lightning.compare.parallel import run_parallel, stage_lock
 from ulma_lightning.compare.plots import write_plots
 from ulma_lightning.compare.report import RESULT_FILE, collect, init_folder, run_folder, write_results
@@ -202,7 +203,9 @@ def _compare(grid: GridSpec, plan: Plan, chosen: list[Instance], root: Path, lau
         nonlocal done
         done += 1
         status = "done" if result["status"] == "ok" else "FAILED: " + result["error"].splitlines()[0]
-        print(f"[ulma compare] {instance_id} {status} ({result['seconds']:.1f} s); {done}/{total} runs done, {total - done} left", flush=True)
+        left = [i.id for i in todo if not runner.finished(run_folder(root, i.id) / RESULT_FILE) and i.id != instance_id]
+        eta = f"; {eta_line(plan, root, left, jobs)}" if left else ""
+        print(f"[ulma compare] {instance_id} {status} ({result['seconds']:.1f} s); {done}/{total} runs done, {total - done} left{eta}", flush=True)
         write_results(collect(grid, plan, root), root, command)  # after every run, so a kill leaves up-to-date files
 
     if jobs > 1 and len(todo) > 1:
@@ -248,6 +251,8 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="the grid's `quick:` subset (fewer seeds, runs and steps)")
     parser.add_argument("--output", default=None, help="output folder (default: the grid's `output`, else runs/compare/<grid name>[-quick])")
     parser.add_argument("--only", default=None, help="run only this run name (all its variants and seeds), or one RUN/VARIANT/seedS")
+    parser.add_argument("--heldout", action="store_true", help="the grid's `heldout:` set (other seeds and data draw), for the claims' second check")
+    parser.add_argument("--plan", action="store_true", help="list the stages (and which runs share them), the runs and an estimated time, without training")
     parser.add_argument("--tune", action="store_true", help="choose each method's hyper-parameters by the grid's `tune:` rule (validation score); writes OUTPUT/tune/tuned.yaml")
     parser.add_argument("--launcher", choices=("inprocess", "subprocess"), default=None, help="run each `ulma fit` in this process (default) or in a child process")
     parser.add_argument(
@@ -259,9 +264,14 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
     )
     args = parser.parse_args(argv)
     try:
-        grid = load_grid(args.config, quick=args.quick)
-        root = Path(args.output or grid.output or Path("runs") / "compare" / (grid.name + ("-quick" if args.quick else "")))
+        grid = load_grid(args.config, quick=args.quick, heldout=args.heldout)
+        suffix = ("-heldout" if args.heldout else "") + ("-quick" if args.quick else "")
+        root = Path(args.output or (grid.output + ("-heldout" if args.heldout else "") if grid.output else None) or Path("runs") / "compare" / (grid.name + suffix))
         command = "ulma compare " + shlex.join(argv)
+        if args.plan:
+            text = tune_overview(grid) if args.tune else describe(grid, plan_grid(grid), root, args.jobs or grid.jobs)
+            print(text, flush=True)
+            return {"plan": text}
         if args.tune:
             return tune(grid, root / "tune", only=args.only, launcher=args.launcher, command=command, jobs=args.jobs)
         return compare(grid, root, only=args.only, launcher=args.launcher, command=command, jobs=args.jobs)

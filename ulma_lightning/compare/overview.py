@@ -1,0 +1,111 @@
+"""``ulma compare --plan``: what a grid will train and evaluate, which stages are shared, and an
+estimated time, without training anything; and the ETA that progress lines show.
+
+Estimates: a stage's time is the mean measured time of finished stages of the same method in the
+output folder (``stage.json``), else a default for the method's kind measured on 2 CPU cores with the
+tiny task model (:data:`DEFAULT_SECONDS`); a finished stage or run counts 0.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from ulma_lightning.compare.report import RESULT_FILE, run_folder
+from ulma_lightning.compare.spec import GridSpec
+from ulma_lightning.compare.stages import STAGE_FILE, Plan, read_json
+
+#: seconds per stage (by method, else by kind) and per evaluation, on 2 quiet cores, the tiny task model
+#: at experiments/paper.yaml's sizes (docs/replication.md, "Where the time goes")
+DEFAULT_SECONDS = {"policy": 60.0, "reward": 45.0, "ppo": 300.0, "rloo": 240.0, "evaluation": 20.0}
+
+
+def measured_seconds(plan: Plan, root: Path) -> dict[str, float]:
+    """Method -> mean seconds of its finished stages under ``root`` (none: empty)."""
+    times: dict[str, list[float]] = {}
+    for stage in plan.stages.values():
+        record = read_json(root / "stages" / stage.key / STAGE_FILE)
+        if record is not None and record.get("status") == "ok" and record.get("seconds") is not None:
+            times.setdefault(stage.spec.method, []).append(float(record["seconds"]))
+    return {method: statistics.fmean(values) for method, values in times.items()}
+
+
+def stage_estimate(method: str, role: str, measured: dict[str, float]) -> float:
+    return measured.get(method, DEFAULT_SECONDS.get(method, DEFAULT_SECONDS[role]))
+
+
+def remaining_seconds(plan: Plan, root: Path, instance_ids: list[str] | None = None) -> float:
+    """Estimated seconds to finish the stages and evaluations of ``instance_ids`` (default: all) not yet done."""
+    measured = measured_seconds(plan, root)
+    wanted = [i for i in plan.instances if instance_ids is None or i.id in instance_ids]
+    keys = {k for i in wanted for k in i.stages}
+    total = 0.0
+    for key in keys:
+        record = read_json(root / "stages" / key / STAGE_FILE)
+        if record is None or record.get("status") != "ok":
+            stage = plan.stages[key]
+            total += stage_estimate(stage.spec.method, stage.spec.role, measured)
+    evaluations = sum(1 for i in wanted if (read_json(run_folder(root, i.id) / RESULT_FILE) or {}).get("status") != "ok")
+    return total + evaluations * DEFAULT_SECONDS["evaluation"]
+
+
+def clock(seconds: float) -> str:
+    """``1 h 05 min``, ``12 min``, ``40 s``."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def describe(grid: GridSpec, plan: Plan, root: Path, jobs: int = 1) -> str:
+    """The plan as text: every stage (method, data, seed, the runs that share it, done or its estimate),
+    the untrained models, the run instances and the estimated time left."""
+    measured = measured_seconds(plan, root)
+    users: dict[str, list[str]] = {}
+    for instance in plan.instances:
+        for key in instance.stages:
+            users.setdefault(key, []).append(instance.id)
+    lines = [f"ulma compare --plan: {grid.path} -> {root}", f"{len(plan.stages)} stages, {len(plan.inits)} untrained models, {len(plan.instances)} runs ({len(grid.seeds)} seeds {grid.seeds}, data draw {grid.data_seed})", ""]
+    lines.append("stages (in the order they train):")
+    for key, stage in plan.stages.items():
+        record = read_json(root / "stages" / key / STAGE_FILE)
+        state = "done" if record is not None and record.get("status") == "ok" else f"~{clock(stage_estimate(stage.spec.method, stage.spec.role, measured))}"
+        runs = sorted({u.rsplit("/", 1)[0] for u in users[key]})  # run/variant
+        shared = f"shared by {len(users[key])} runs ({', '.join(runs)})" if len(users[key]) > 1 else f"used by {users[key][0]}"
+        start = f", from {stage.policy_from}" if stage.policy_from else ""
+        reward = f", rewarded by {stage.reward_from}" if stage.reward_from else ""
+        lines.append(f"  {key}: {stage.spec.method} on {stage.spec.data}{start}{reward}; {shared}; {state}")
+    lines += ["", "runs (each evaluated on the test prompts):"]
+    for instance in plan.instances:
+        done = (read_json(run_folder(root, instance.id) / RESULT_FILE) or {}).get("status") == "ok"
+        lines.append(f"  {instance.id}: {' -> '.join(plan.stages[k].spec.method for k in instance.stages)}{' (done)' if done else ''}")
+    left = remaining_seconds(plan, root)
+    basis = "measured stages in the output folder" if measured else "default times per method on 2 CPU cores"
+    lines += ["", f"estimated time left: {clock(left / max(1, jobs))} with {jobs} job(s) ({basis}; evaluations ~{clock(DEFAULT_SECONDS['evaluation'])} each)"]
+    return "\n".join(lines)
+
+
+def tune_overview(grid: GridSpec) -> str:
+    """What ``--tune`` starts with: each tuning key, its values and candidate count (edge picks add more)."""
+    from ulma_lightning.compare.tune import targets
+
+    assert grid.tune is not None
+    lines = [f"ulma compare --tune --plan: {grid.path}; tuning seeds {grid.tune.tuning_seeds}, validation prompts {grid.tune.prompts}", "chains, tuned by depth:"]
+    total = 0
+    for key, target in sorted(targets(grid).items(), key=lambda kv: (kv[1].depth, kv[0])):
+        count = 1
+        for values in target.values.values():
+            count *= len(values)
+        total += count * len(grid.tune.tuning_seeds)
+        shown = ", ".join(f"{k.rsplit('.', 1)[-1]} {v}" for k, v in target.values.items())
+        lines.append(f"  depth {target.depth} {key}: {shown} -> {count} candidates")
+    lines.append(f"{total} candidate trainings at first (x seeds); a pick on a grid's edge adds up to {grid.tune.extend_edges} rounds per key")
+    seconds = total * (DEFAULT_SECONDS["policy"] + DEFAULT_SECONDS["evaluation"])
+    lines.append(f"estimated: ~{clock(seconds / max(1, grid.jobs))} with {grid.jobs} job(s), at default times (chains' shared prefixes train once)")
+    return "\n".join(lines)
+
+
+def eta_line(plan: Plan, root: Path, todo: list[str], jobs: int) -> str:
+    """``ETA ~12 min`` for the runs still to do."""
+    return f"ETA ~{clock(remaining_seconds(plan, root, todo) / max(1, jobs))}"

@@ -284,7 +284,9 @@ def test_paper_grid_is_valid_and_shares_its_sft_stages() -> None:
     assert {"sft", "sft_dpo", "dpo", "pointwise_dpo", "ulma", "unlikelihood", "kto", "pointwise_dpo_continuous", "ulma_continuous"} <= names
     plan = plan_grid(grid)
     assert len(plan.instances) == sum(len(r.variants) for r in grid.runs) * len(grid.seeds)
-    sft_stages = [k for k in plan.stages if k.startswith("sft-")]
+    bases = {i.stages[0] for i in plan.instances}
+    assert len(bases) == len(grid.seeds)  # protocol v2: one base per seed, the first stage of every run
+    sft_stages = [k for k in plan.stages if k.startswith("sft-") and k not in bases]
     assert len(sft_stages) == len(grid.variants) * len(grid.seeds)  # one SFT per variant and seed
     assert {r.name for r in quick.runs} < names
 

@@ -25,6 +25,7 @@ def test_every_row_of_the_shipped_grid_trains_and_evaluates(tmp_path: Path) -> N
     for sources in grid["variants"].values():
         for kind, splits in sources.items():
             sources[kind] = {split: f"{source}&n=32" for split, source in splits.items()}
+    grid["base"].update(train=grid["base"]["train"].replace("n=4000", "n=32"), val=grid["base"]["val"].replace("n=200", "n=16"))
     grid["evaluation"].update({"max_prompts": 4, "generation": {"max_new_tokens": 8}, "kl_max_new_tokens": 8})
     path = tmp_path / "paper.yaml"
     path.write_text(yaml.safe_dump(grid, sort_keys=False))
@@ -36,13 +37,16 @@ def test_every_row_of_the_shipped_grid_trains_and_evaluates(tmp_path: Path) -> N
         os.chdir(cwd)
     failed = {r["id"]: r.get("error") for r in results["runs"] if r["status"] != "ok"}
     assert not failed, failed
-    expected = {f"{run['name']}/{variant}/seed0" for run in grid["runs"] for variant in grid["variants"]}
+    expected = {f"{run['name']}/{variant}/seed0" for run in [{"name": "base"}, *grid["runs"]] for variant in grid["variants"]}
     assert {r["id"] for r in results["runs"]} == expected
-    # RLHF as the paper ran it: PPO from the SFT model (also its reference), rewarded by the reward
-    # model the row trained on the pairs (never by the ground truth)
+    # RLHF as the paper ran it, from the shared base: PPO from SFT(base) (also its reference), rewarded
+    # by the reward model the row trained on the pairs from SFT(base) (never by the ground truth)
     result = json.loads((tmp_path / "out/runs/rlhf/ordinary/seed0/result.json").read_text())
-    sft, reward, ppo = result["stages"]
-    assert [s["method"] for s in result["stages"]] == ["sft", "reward", "ppo"]
+    base, sft, reward, ppo = result["stages"]
+    assert [s["method"] for s in result["stages"]] == ["sft", "sft", "reward", "ppo"]
+    assert base["shared"] and base["export"] in (tmp_path / "out/stages" / Path(sft["tensorboard"]).name / "command.txt").read_text()
+    reward_config = yaml.safe_load(next(Path(reward["tensorboard"]).rglob("config.yaml")).read_text())["model"]["init_args"]
+    assert Path(reward_config["policy"]["model"]) == Path(sft["export"])
     assert json.loads((Path(reward["export"]) / "config.json").read_text())["architectures"][0].endswith("ForSequenceClassification")
     module = yaml.safe_load(next(Path(ppo["tensorboard"]).rglob("config.yaml")).read_text())["model"]["init_args"]
     assert module["scorer"]["class_path"].endswith("HFClassifierScorer")

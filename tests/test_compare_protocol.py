@@ -220,3 +220,52 @@ def test_the_v2_grid_trains_base_rows_and_chains_end_to_end(tmp_path: Path) -> N
     dpo = next(r for r in results["runs"] if r["run"] == "sft_dpo")
     assert [s["method"] for s in dpo["stages"]] == ["sft", "sft", "dpo"]
     assert [s["shared"] for s in dpo["stages"]] == [True, False, False]  # the base is shared with its own row
+
+
+def stats(mean: float, std: float, n: int = 3) -> dict[str, float]:
+    return {"mean": mean, "std": std, "n": n}
+
+
+def test_error_bars_stay_inside_the_metrics_bounds() -> None:
+    from ulma_lightning.compare.plots import error_bars
+
+    below, above = error_bars([0.95, 0.02, 0.5], [0.1, 0.1, 0.1], "score")
+    assert below == pytest.approx([0.1, 0.02, 0.1]) and above == pytest.approx([0.05, 0.1, 0.1])
+    below, above = error_bars([5.0, 1.0e6], [1.0, 3.0e6], "golden_ppl")
+    assert below[0] == 1.0 and 0 < 1.0e6 - below[1] < 1.0e6 and above[1] == 3.0e6  # never down to 0 on a log axis
+
+
+def plot_results() -> dict[str, Any]:
+    metrics = {"score": stats(0.6, 0.3), "golden_ppl": stats(3.0e5, 6.0e5), "kl": stats(1.0, 0.1)}
+    rows = {"sft": {"label": "SFT", "seeds": 3, "failed": 0, "pending": 0, "metrics": metrics}}
+    runs = [{"status": "ok", "run": "sft", "label": "SFT", "variant": "ordinary", "seed": s, "metrics": {"score": 0.5 + s / 10, "kl": 1.0 + s}} for s in range(3)]
+    return {"tables": {"ordinary": rows}, "runs": runs, "evaluation": {"baseline": None}}
+
+
+def test_perplexity_on_a_log_axis_and_the_frontier_legend_outside_the_points() -> None:
+    from ulma_lightning.compare.plots import bar_figure, frontier_figure
+
+    results = plot_results()
+    ppl = bar_figure(results, "golden_ppl", "golden perplexity")
+    assert ppl.axes[0].get_yscale() == "log"
+    score = bar_figure(results, "score", "score")
+    assert score.axes[0].get_yscale() == "linear"
+    lows = [line.get_ydata().min() for line in score.axes[0].lines if len(line.get_ydata())]
+    highs = [line.get_ydata().max() for line in score.axes[0].lines if len(line.get_ydata())]
+    assert min(lows) >= 0.0 and max(highs) <= 1.0  # 0.6 ± 0.3 is drawn as [0.3, 0.9]; no bar past 1
+    fig = frontier_figure(results)
+    fig.canvas.draw()
+    axes, legend = fig.axes[0].get_window_extent(), fig.axes[0].get_legend().get_window_extent()
+    assert legend.x0 >= axes.x1  # beside the axes, never over the points
+
+
+def test_bold_marks_a_best_only_among_finished_rows() -> None:
+    from ulma_lightning.compare.report import table
+
+    rows = {
+        "a": {"label": "A", "seeds": 1, "failed": 0, "pending": 2, "metrics": {"score": stats(0.9, 0.0, 1)}},  # 2 seeds still to run
+        "b": {"label": "B", "seeds": 3, "failed": 0, "pending": 0, "metrics": {"score": stats(0.7, 0.0)}},
+        "c": {"label": "C", "seeds": 3, "failed": 0, "pending": 0, "metrics": {"score": stats(0.5, 0.0)}},
+    }
+    text = table(rows, [("score", "score", "higher")])
+    assert "| A | 0.900" in text and "| B | **0.700" in text

@@ -1,9 +1,10 @@
 """PNG plots of ``ulma compare`` results (matplotlib, no display needed).
 
 * ``bar_<metric>.png``: per headline metric, a bar per method and variant, error bars one standard
-  deviation over seeds;
+  deviation over seeds, cut at the metric's bounds (a score or win rate stays in [0, 1]); golden
+  perplexity on a log axis;
 * ``score_vs_kl.png``: each run (variant, seed) as a point, ground-truth score against
-  KL(policy || start): the reward/KL frontier;
+  KL(policy || its own reference): the reward/KL frontier, its legend outside the points;
 * ``golden_gain.png``: per method, the golden-variant score minus the ordinary-variant score, with
   the standard error of the difference (only when the grid has both variants).
 """
@@ -18,6 +19,30 @@ from ulma_lightning.compare.report import metric_columns
 
 HEADLINE = ("score", "score_harmless", "score_harmful", "win_vs_untrained", "golden_ppl")
 GAIN_VARIANTS = ("ordinary", "golden")
+LOG_SCALE = ("golden_ppl",)
+
+
+def bounds(key: str) -> tuple[float, float]:
+    """The range a metric's values can take: scores and win rates [0, 1], perplexity (0, inf)."""
+    if key.startswith(("score", "win_vs_")):
+        return 0.0, 1.0
+    return 0.0, math.inf
+
+
+def error_bars(means: list[float], stds: list[float], key: str) -> list[list[float]]:
+    """Asymmetric error bars (below, above): one standard deviation, cut at the metric's bounds (on a
+    log axis the lower bar stops short of 0)."""
+    low, high = bounds(key)
+    below, above = [], []
+    for mean, std in zip(means, stds):
+        if math.isnan(mean):
+            below.append(0.0)
+            above.append(0.0)
+            continue
+        floor = mean * 0.999 if key in LOG_SCALE else mean - low
+        below.append(max(0.0, min(std, floor)))
+        above.append(max(0.0, min(std, high - mean)))
+    return [below, above]
 
 
 def _pyplot() -> Any:
@@ -44,35 +69,56 @@ def _labels(tables: dict[str, dict[str, Any]], names: list[str]) -> list[str]:
 
 def bar_chart(results: dict[str, Any], key: str, title: str, path: Path) -> bool:
     """Grouped bars (methods x variants) of ``key``; False (nothing written) when no run has it."""
+    fig = bar_figure(results, key, title)
+    if fig is None:
+        return False
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return True
+
+
+def bar_figure(results: dict[str, Any], key: str, title: str) -> Any:
+    """The figure of :func:`bar_chart` (None when no run has ``key``)."""
     tables = results["tables"]
     methods, variants = _methods(tables), list(tables)
     if not any(tables[v].get(m, {}).get("metrics", {}).get(key, {}).get("n") for v in variants for m in methods):
-        return False
+        return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(methods) * max(1, len(variants)) / 1.5), 4.0))
     width = 0.8 / max(1, len(variants))
     for j, variant in enumerate(variants):
         stats = [tables[variant].get(m, {}).get("metrics", {}).get(key, {"mean": math.nan, "std": 0.0, "n": 0}) for m in methods]
         xs = [i + (j - (len(variants) - 1) / 2) * width for i in range(len(methods))]
-        ax.bar(xs, [s["mean"] if s["n"] else math.nan for s in stats], width, yerr=[s["std"] if s["n"] else 0.0 for s in stats], capsize=3, label=variant)
+        means = [s["mean"] if s["n"] else math.nan for s in stats]
+        ax.bar(xs, means, width, yerr=error_bars(means, [s["std"] if s["n"] else 0.0 for s in stats], key), capsize=3, label=variant)
+    if key in LOG_SCALE:
+        ax.set_yscale("log")
     ax.set_xticks(range(len(methods)))
     ax.set_xticklabels(_labels(tables, methods), rotation=30, ha="right")
-    ax.set_ylabel(title)
+    ax.set_ylabel(title + (" (log scale)" if key in LOG_SCALE else ""))
     ax.set_title(f"{title} (mean ± std over seeds)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return fig
 
 
 def frontier(results: dict[str, Any], path: Path) -> bool:
     """Score against KL, a point per finished run; False when no run has both."""
+    fig = frontier_figure(results)
+    if fig is None:
+        return False
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # the legend sits outside the axes
+    _pyplot().close(fig)
+    return True
+
+
+def frontier_figure(results: dict[str, Any]) -> Any:
+    """The figure of :func:`frontier` (None when no run has both a score and a KL)."""
     points = [r for r in results["runs"] if r["status"] == "ok" and _finite(r["metrics"].get("kl")) and _finite(r["metrics"].get("score"))]
     if not points:
-        return False
+        return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(9.0, 4.5))
     markers = {v: m for v, m in zip(results["tables"], "os^Dv<>")}
     colors: dict[str, Any] = {}
     for record in points:
@@ -82,12 +128,10 @@ def frontier(results: dict[str, Any], path: Path) -> bool:
         ax.scatter(record["metrics"]["kl"], record["metrics"]["score"], color=color, marker=markers.get(record["variant"], "o"), label=None if seen else label)
     ax.set_xlabel("KL(policy || its own reference), nats per response")
     ax.set_ylabel("ground-truth score of greedy generations")
-    ax.set_title("score against KL: a point per run and seed")
-    ax.legend(fontsize=7)
+    ax.set_title("score against KL to each run's reference: a point per run and seed")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return fig
 
 
 def golden_gain(results: dict[str, Any], path: Path) -> bool:

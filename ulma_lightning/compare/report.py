@@ -157,7 +157,8 @@ def _cell(stats: dict[str, float], bold: bool, digits: int = 3) -> str:
 def _best(rows: dict[str, Any], key: str, better: str | None) -> set[str]:
     if better is None:
         return set()
-    means = {name: row["metrics"][key]["mean"] for name, row in rows.items() if row["metrics"][key]["n"]}
+    # only finished rows compete: a row with seeds still to run (or failed) is not a best yet
+    means = {name: row["metrics"][key]["mean"] for name, row in rows.items() if row["metrics"][key]["n"] and not row.get("pending") and not row.get("failed")}
     if len(set(means.values())) < 2:  # nothing to single out
         return set()
     target = max(means.values()) if better == "higher" else min(means.values())

@@ -47,6 +47,7 @@ def test_every_row_of_the_shipped_grid_trains_and_evaluates(tmp_path: Path) -> N
     assert base["shared"] and base["export"] in (tmp_path / "out/stages" / Path(sft["tensorboard"]).name / "command.txt").read_text()
     reward_config = yaml.safe_load(next(Path(reward["tensorboard"]).rglob("config.yaml")).read_text())["model"]["init_args"]
     assert Path(reward_config["policy"]["model"]) == Path(sft["export"])
+    assert 0.0 <= result["metrics"]["reward_accuracy"] <= 1.0  # reported beside the RLHF row
     assert json.loads((Path(reward["export"]) / "config.json").read_text())["architectures"][0].endswith("ForSequenceClassification")
     module = yaml.safe_load(next(Path(ppo["tensorboard"]).rglob("config.yaml")).read_text())["model"]["init_args"]
     assert module["scorer"]["class_path"].endswith("HFClassifierScorer")

@@ -208,7 +208,10 @@ def test_next_value_follows_the_grids_step(values, at_start, expected) -> None:
     assert next_value(values, at_start) == (pytest.approx(expected) if expected is not None else None)
 
 
-def test_the_v2_grid_trains_base_rows_and_chains_end_to_end(tmp_path: Path) -> None:
+def test_the_v2_grid_trains_base_rows_and_chains_end_to_end(tmp_path: Path, capfd) -> None:
+    import logging
+
+    level = logging.getLogger("lightning.pytorch").level
     grid = copy.deepcopy(GRID)
     grid["variants"] = {"ordinary": grid["variants"]["ordinary"]}
     grid["runs"] = [GRID["runs"][1]]  # SFT then DPO: base -> SFT -> DPO
@@ -220,6 +223,11 @@ def test_the_v2_grid_trains_base_rows_and_chains_end_to_end(tmp_path: Path) -> N
     dpo = next(r for r in results["runs"] if r["run"] == "sft_dpo")
     assert [s["method"] for s in dpo["stages"]] == ["sft", "sft", "dpo"]
     assert [s["shared"] for s in dpo["stages"]] == [True, False, False]  # the base is shared with its own row
+    said = capfd.readouterr()
+    for noise in ("Loading weights", "Writing model shards", "GPU available", "Seed set to"):  # progress bars off: quiet children
+        assert noise not in said.out + said.err
+    assert "[ulma compare] base/ordinary/seed0 done" in said.out
+    assert logging.getLogger("lightning.pytorch").level == level  # put back for what runs next in this process
 
 
 def stats(mean: float, std: float, n: int = 3) -> dict[str, float]:

@@ -38,6 +38,7 @@ def metric_columns(baseline: str | None) -> list[tuple[str, str, str | None]]:
         ("win_vs_untrained", "win rate vs untrained", "higher"),
         ("golden_ppl", "golden perplexity", "lower"),
         ("kl", "KL to reference", None),
+        ("reward_accuracy", "reward model accuracy", None),
         ("train_seconds", "train time (s)", None),
         ("tokens_per_sec", "tokens/s", None),
     ]
@@ -190,7 +191,8 @@ def markdown(results: dict[str, Any], command: str) -> str:
         "harmlessness (on harmful requests) split it by request kind. Win rates (ties half) compare per prompt with the",
         "baseline row and with the untrained model. Golden perplexity: of held-out golden demonstrations. KL to reference:",
         "KL(policy || the run's own reference: the model its last stage started from), from one sampled response per prompt (an unbiased estimate, so it can be slightly",
-        "negative). Train time: all stages of the run (a shared stage counts in every run that uses it).",
+        "negative). Reward model accuracy: the share of the reward stage's validation pairs it ranks right (RLHF rows). Train time:",
+        "all stages of the run (a shared stage counts in every run that uses it).",
         "",
     ]
     for variant, rows in results["tables"].items():

@@ -27,7 +27,7 @@ from ulma_lightning.compare.parallel import run_parallel, stage_lock
 from ulma_lightning.compare.plots import write_plots
 from ulma_lightning.compare.report import RESULT_FILE, collect, init_folder, run_folder, write_results
 from ulma_lightning.compare.spec import GridError, GridSpec, load_grid
-from ulma_lightning.compare.stages import Instance, Plan, build_init, digest, failure, plan_grid, read_json, train_stage, write_json
+from ulma_lightning.compare.stages import Instance, Plan, build_init, digest, failure, plan_grid, quiet_output, read_json, train_stage, write_json
 from ulma_lightning.compare.tune import tune_chains, write_tuned
 
 
@@ -50,6 +50,8 @@ class Runner:
 
     def __init__(self, grid: GridSpec, plan: Plan, root: Path, launcher: str = "inprocess") -> None:
         self.grid, self.plan, self.root, self.launcher = grid, plan, root, launcher
+        self.restore_output = quiet_output() if grid.overrides.get("trainer.enable_progress_bar") is False else None
+        # quiet in this process and each --jobs worker: compare's progress lines are the display
         self.stage_records: dict[str, dict[str, Any]] = {}
         self.failed: dict[str, str] = {}
         self._evaluator: Evaluator | None = None
@@ -120,6 +122,7 @@ class Runner:
             metrics: dict[str, float | None] = {**self.evaluator.evaluate(records[-1]["export"], reference, folder)}
             metrics["train_seconds"] = sum(r["seconds"] for r in records)
             metrics["tokens_per_sec"] = records[-1].get("tokens_per_sec")
+            metrics["reward_accuracy"] = next((r.get("reward_accuracy") for r in records if r.get("role") == "reward"), None)
             result = {"status": "ok", "metrics": metrics, "eval_seconds": time.perf_counter() - evaluated, "model": records[-1]["export"]}
             _link(folder / "model", records[-1]["export"])
             for index, record in enumerate(records, start=1):
@@ -187,9 +190,19 @@ def compare(grid: GridSpec, root: Path, *, only: str | None = None, launcher: st
         return _compare(grid, plan, chosen, root, launcher, command, jobs)
 
 
+
 def _compare(grid: GridSpec, plan: Plan, chosen: list[Instance], root: Path, launcher: str | None, command: str, jobs: int = 1) -> dict[str, Any]:
     """The body of :func:`compare`, run while holding the output folder."""
     runner = Runner(grid, plan, root, launcher or grid.launcher)
+    try:
+        return _run_all(runner, grid, plan, chosen, root, launcher, command, jobs)
+    finally:
+        if runner.restore_output is not None:  # this process goes on (tests, notebooks): as it was
+            runner.restore_output()
+
+
+def _run_all(runner: Runner, grid: GridSpec, plan: Plan, chosen: list[Instance], root: Path, launcher: str | None, command: str, jobs: int) -> dict[str, Any]:
+    """Train and evaluate ``chosen`` with ``runner`` (sequentially or ``jobs`` at a time), writing the results."""
     total = len(chosen)
     todo = []
     for number, instance in enumerate(chosen):

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,43 @@ def read_scalar(folder: Path, tag: str) -> float | None:
     return None if value is None else value[1]
 
 
+#: loggers whose INFO lines (accelerator summary, "Seed set to", "`Trainer.fit` stopped") repeat per stage
+QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+
+
+def quiet_output() -> Callable[[], None]:
+    """What a grid with progress bars off asks of its stages: no download/shard-writing/weight-loading
+    bars (transformers and huggingface_hub, here and in child processes) and no per-stage INFO lines
+    from Lightning; warnings and errors still show, and ``ulma compare``'s own progress lines. Returns
+    a function that puts everything back (for a compare run inside a longer-lived process)."""
+    import logging
+
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    saved = (os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"), are_progress_bars_disabled(), hf_logging.is_progress_bar_enabled(), {n: logging.getLogger(n).level for n in QUIET_LOGGERS})
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # child processes (--launcher subprocess, --jobs workers)
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    def restore() -> None:
+        env, hub_disabled, hf_enabled, levels = saved
+        if env is None:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = env
+        if not hub_disabled:
+            enable_progress_bars()
+        if hf_enabled:
+            hf_logging.enable_progress_bar()
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+    return restore
+
+
 def launch(args: list[str], launcher: str, log_file: Path) -> None:
     """Run ``ulma <args>`` in this process (``inprocess``) or in a child process (``subprocess``,
     output to ``log_file``). Raises on failure, with the child's last lines."""
@@ -339,6 +377,7 @@ def train_stage(stage: Stage, root: Path, exports: dict[str, str], launcher: str
         "resumed_from": str(last) if last else None,
         "seconds": seconds,
         "tokens_per_sec": read_scalar(folder, "train/tokens_per_sec_epoch"),
+        "reward_accuracy": read_scalar(folder, "val/rewards/accuracy") if stage.spec.role == "reward" else None,  # held-out pairs ranked right
         "export": str(export.parent),
         "tensorboard": str(folder),
     }

@@ -45,6 +45,13 @@ def metric_columns(baseline: str | None) -> list[tuple[str, str, str | None]]:
     return columns
 
 
+def start_label(plan: Plan, keys: list[str]) -> str:
+    """The label of the row of the runs' starting model: ``untrained`` for a random init, ``start (NAME)``
+    for a pretrained model (``policy.model``: SmolLM2 is no untrained model)."""
+    models = {Path(str(plan.inits[k].policy.get("model"))).name for k in keys if k in plan.inits and plan.inits[k].policy.get("model")}
+    return f"start ({', '.join(sorted(models))})" if models else UNTRAINED
+
+
 def run_folder(root: Path, instance_id: str) -> Path:
     return root / "runs" / instance_id
 
@@ -117,7 +124,7 @@ def collect(grid: GridSpec, plan: Plan, root: Path) -> dict[str, Any]:
                     metrics[f"win_vs_{baseline}"] = _win(init_folder(root, init), Path(other["dir"]) if other and other["status"] == "ok" else None)
                 for k in keys:
                     values[k].append(metrics.get(k, math.nan))
-            rows[UNTRAINED] = {"label": UNTRAINED, "seeds": len(inits), "failed": 0, "metrics": {k: summarize(v) for k, v in values.items()}}
+            rows[UNTRAINED] = {"label": start_label(plan, [init for init, _ in inits]), "seeds": len(inits), "failed": 0, "metrics": {k: summarize(v) for k, v in values.items()}}
         for run in grid.runs:
             mine = [r for r in runs if r["run"] == run.name and r["variant"] == variant]
             if not mine:

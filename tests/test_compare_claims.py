@@ -114,3 +114,29 @@ def test_claims_pair_per_prompt_on_both_sets(tmp_path: Path, capsys) -> None:
     claims.main([str(main)])
     out = capsys.readouterr().out
     assert "no held-out set" in out and "| ULMA beats dpo | ordinary | +0.100 [+0.100, +0.100] | - | supported on the main set only" in out
+
+
+def test_rl_curves_reads_a_runs_last_rl_stage_and_plots(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    spec = importlib.util.spec_from_file_location("rl_curves", REPO / "experiments" / "rl_curves.py")
+    rl_curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rl_curves)
+    stage = tmp_path / "stages" / "ppo-seed0-x"
+    writer = SummaryWriter(str(stage / "tensorboard"))
+    for step in range(5):
+        writer.add_scalar("train/reward_step", 1.0 + step, step)
+        writer.add_scalar("train/response_length_step", 25.0 - 5 * step, step)
+        writer.add_scalar("train/kl_step", 4.0 * step, step)
+    writer.close()
+    run = tmp_path / "runs" / "rlhf" / "ordinary" / "seed0"
+    run.mkdir(parents=True)
+    (run / "tensorboard_1_sft").symlink_to(tmp_path)  # not an RL stage: skipped
+    (run / "tensorboard_3_ppo").symlink_to(stage)
+    assert rl_curves.log_folder(run) == run / "tensorboard_3_ppo"
+    series = rl_curves.curves(rl_curves.log_folder(run))
+    assert series["train/response_length"] == [(s, 25.0 - 5 * s) for s in range(5)] and "train/kl_coef" not in series
+    out = rl_curves.main([str(run), "-o", str(tmp_path / "curves.png")])
+    assert out.stat().st_size > 0
+    with pytest.raises(SystemExit):
+        rl_curves.main([str(tmp_path / "empty")])

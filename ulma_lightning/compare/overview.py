@@ -67,7 +67,11 @@ def describe(grid: GridSpec, plan: Plan, root: Path, jobs: int = 1) -> str:
     for instance in plan.instances:
         for key in instance.stages:
             users.setdefault(key, []).append(instance.id)
-    lines = [f"ulma compare --plan: {grid.path} -> {root}", f"{len(plan.stages)} stages, {len(plan.inits)} untrained models, {len(plan.instances)} runs ({len(grid.seeds)} seeds {grid.seeds}, data draw {grid.data_seed})", ""]
+    lines = [
+        f"ulma compare --plan: {grid.path} -> {root}",
+        f"{len(plan.stages)} stages, {len(plan.inits)} untrained models, {len(plan.instances)} runs ({len(grid.seeds)} seeds {grid.seeds}, data draw {grid.data_seed})",
+        "",
+    ]
     lines.append("stages (in the order they train):")
     for key, stage in plan.stages.items():
         record = read_json(root / "stages" / key / STAGE_FILE)

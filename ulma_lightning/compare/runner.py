@@ -190,7 +190,6 @@ def compare(grid: GridSpec, root: Path, *, only: str | None = None, launcher: st
         return _compare(grid, plan, chosen, root, launcher, command, jobs)
 
 
-
 def _compare(grid: GridSpec, plan: Plan, chosen: list[Instance], root: Path, launcher: str | None, command: str, jobs: int = 1) -> dict[str, Any]:
     """The body of :func:`compare`, run while holding the output folder."""
     runner = Runner(grid, plan, root, launcher or grid.launcher)

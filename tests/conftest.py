@@ -97,3 +97,22 @@ def make_pointwise_batch(tokenizer, scores: list[float], pairs: list[tuple[str, 
         input_ids, labels = build_sequence(list(prompt_ids), response_ids)
         items.append({"input_ids": input_ids, "labels": labels, "score": float(score), "index": index})
     return PaddingCollator(tokenizer.pad_token_id)(items)
+
+
+#: The quick subset (`python -m pytest -q -m quick tests`, about 30 s on 2 quiet cores, 95 s under heavy
+#: load): the files that test pure functions and data handling without a Trainer. Every other test
+#: trains, runs the CLI or starts processes. A new fast file belongs here.
+QUICK_FILES = {
+    "test_losses.py", "test_gradients.py", "test_logprobs.py", "test_rl_losses.py", "test_trl_oracle.py",
+    "test_task.py", "test_demo.py", "test_data_records.py", "test_data_sources.py", "test_data_checks.py",
+    "test_data_contract.py", "test_data_pairwise.py", "test_data_samplers.py", "test_data_formats.py",
+    "test_data_features.py", "test_compare_claims.py", "test_eval_metrics.py", "test_eval_winrate.py",
+    "test_imports.py", "test_benchmark_report.py",
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tests of :data:`QUICK_FILES` ``quick``."""
+    for item in items:
+        if item.path.name in QUICK_FILES:
+            item.add_marker(pytest.mark.quick)

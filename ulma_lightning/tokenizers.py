@@ -97,7 +97,8 @@ def pad_token_id(tokenizer: Any) -> int:
 
 
 def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
-    """A tokenizer from a hub id, a local folder, ``builtin:demo`` or ``builtin:task``.
+    """A tokenizer from a hub id, a local folder, a ``.gguf`` file (its metadata's tokenizer and chat
+    template), ``builtin:demo`` or ``builtin:task``.
 
     A tokenizer without a pad token gets its EOS token as pad (the attention mask, not the pad id,
     decides what the model sees).
@@ -110,7 +111,12 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
         return BUILTIN_TOKENIZERS[name]()
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    from ulma_lightning.gguf_models import is_gguf, load_gguf_tokenizer
+
+    if is_gguf(source):
+        tokenizer = load_gguf_tokenizer(source, trust_remote_code=trust_remote_code)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {source!r} has neither a pad nor an EOS token; add one and save it again")

@@ -52,6 +52,7 @@ def test_a_gguf_policy_loads_as_a_float_model_with_the_files_tokenizer(tiny_gguf
     text = "\n\nHuman: plant a tree\n\nAssistant: dig a hole"
     assert policy.tokenizer(text)["input_ids"] == demo(text)["input_ids"]
     assert policy.tokenizer.chat_template == CHAT_TEMPLATE
+    assert policy.model.training and not policy.reference_model.training  # from_pretrained's eval mode is undone for the policy
     reference = policy.reference_model.state_dict()  # the reference copies the dequantised weights
     assert all(torch.equal(reference[k], v) for k, v in expected.items())
     # a folder plus gguf_file is the same source

@@ -202,3 +202,11 @@ def test_a_missing_gguf_file_and_a_misused_gguf_file_option_are_named(tmp_path: 
         PolicyConfig(model_config={"model_type": "llama"}, gguf_file="x.gguf")
     with pytest.raises(ValueError, match="gguf_file"):
         PolicyConfig(model=str(tmp_path), gguf_file="weights.bin")
+
+
+def test_a_folder_plus_gguf_file_on_the_command_line_gives_the_data_the_files_tokenizer(tiny_gguf, tmp_path: Path) -> None:
+    path, _ = tiny_gguf
+    cli = fit(path, tmp_path, "--model.init_args.policy.model", str(path.parent), "--model.init_args.policy.gguf_file", path.name, "--trainer.max_steps", "1")
+    assert cli.model.policy.config.model_source == f"{path.parent}/{path.name}"
+    assert cli.datamodule.tokenizer_source == f"{path.parent}/{path.name}"  # linked: the data tokenizes with the GGUF's tokenizer
+    assert cli.datamodule.tokenizer.chat_template == CHAT_TEMPLATE

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ulma_lightning import _compat
+import ulma_lightning._compat as _compat
+from ulma_lightning.tokenizers import register_tokenizer_loader
 
 GGUF_SUFFIX = ".gguf"
 GGUF_EXTRA = "pip install 'ulma-lightning[gguf]'"
@@ -167,3 +168,6 @@ def plain_model(model: Any) -> Any:
     fresh = type(model)(config).to(dtype)
     fresh.load_state_dict(model.state_dict())
     return fresh.eval()
+
+
+register_tokenizer_loader(GGUF_SUFFIX, load_gguf_tokenizer)  # load_tokenizer("x.gguf"): the file's tokenizer

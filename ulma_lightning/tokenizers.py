@@ -89,6 +89,16 @@ def build_task_tokenizer(vocab_size: int = 1024) -> Any:
 
 BUILTIN_TOKENIZERS = {"demo": build_demo_tokenizer, "task": build_task_tokenizer}
 
+#: Loaders of tokenizer sources that ``AutoTokenizer.from_pretrained(source)`` does not read as they
+#: are: file suffix -> ``loader(source, trust_remote_code=...)``. ``ulma_lightning.gguf_models``
+#: registers ``.gguf`` (so this module imports nothing of the package).
+SOURCE_LOADERS: dict[str, Callable[..., Any]] = {}
+
+
+def register_tokenizer_loader(suffix: str, loader: Callable[..., Any]) -> None:
+    """Make :func:`load_tokenizer` read sources ending in ``suffix`` (lower case) with ``loader``."""
+    SOURCE_LOADERS[suffix.lower()] = loader
+
 
 def pad_token_id(tokenizer: Any) -> int:
     """The id that pads ``tokenizer``'s sequences: its pad token, else its EOS token (the attention
@@ -111,10 +121,9 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
         return BUILTIN_TOKENIZERS[name]()
     from transformers import AutoTokenizer
 
-    from ulma_lightning.gguf_models import is_gguf, load_gguf_tokenizer
-
-    if is_gguf(source):
-        tokenizer = load_gguf_tokenizer(source, trust_remote_code=trust_remote_code)
+    loader = next((load for suffix, load in SOURCE_LOADERS.items() if source.lower().endswith(suffix)), None)
+    if loader is not None:
+        tokenizer = loader(source, trust_remote_code=trust_remote_code)
     else:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:

@@ -394,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.in_process and settings != ["default"]:
         notes.append("rows ran in one process (--in-process): only the allocator it started with was measured")
         settings = ["default"]
+    for message in notes:
+        print(f"NOTE: {message}")
     model_dir = args.model
     if args.layers is not None:  # the rows load a copy with the first layers only
         model_dir = first_layers(args.model, args.layers, Path(tempfile.mkdtemp(prefix="bench-c-model-")))

@@ -82,9 +82,21 @@ class TRLRow:
         tokenizer: the bench-A tokenizer.
         max_length: TRL's ``max_length`` (bench-B: 1024).
         gradient_checkpointing: turn it on in the model (as ``Trainer.train`` would) and the config (bench-B).
+        peft_config: a peft ``LoraConfig`` (KTO only, bench-C): TRL wraps the model in adapters and its
+            reference is the model with the adapters disabled (no reference copy).
     """
 
-    def __init__(self, method: str, reference: str, bf16: bool, model: torch.nn.Module, tokenizer: Any, max_length: int = MAX_LENGTH, gradient_checkpointing: bool = False) -> None:
+    def __init__(
+        self,
+        method: str,
+        reference: str,
+        bf16: bool,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        max_length: int = MAX_LENGTH,
+        gradient_checkpointing: bool = False,
+        peft_config: Any = None,
+    ) -> None:
         from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
         self.method = method
@@ -93,10 +105,12 @@ class TRLRow:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         precompute = reference == "precomputed"
-        ref_model = None if precompute or method == "sft" else copy.deepcopy(model).eval().requires_grad_(False)
+        if peft_config is not None and method != "kto":
+            raise ValueError("peft_config: only the KTO row takes LoRA adapters")
+        ref_model = None if precompute or method == "sft" or peft_config is not None else copy.deepcopy(model).eval().requires_grad_(False)
         if method == "kto":
             config = KTOConfig(**args, precompute_ref_log_probs=precompute)
-            self.trainer = KTOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=_placeholder("kto"), processing_class=tokenizer)
+            self.trainer = KTOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=_placeholder("kto"), processing_class=tokenizer, peft_config=peft_config)
         elif method == "dpo":
             config = DPOConfig(**args, precompute_ref_log_probs=precompute)
             self.trainer = DPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=_placeholder("dpo"), processing_class=tokenizer)

@@ -226,3 +226,78 @@ def test_bench_b_report_records_out_of_memory() -> None:
 def test_generated_tokens_count_up_to_the_first_eos() -> None:
     ids = torch.tensor([[5, 6, 2, 0, 0], [5, 6, 7, 8, 9], [2, 0, 0, 0, 0]])
     assert generated_tokens(ids, eos=2) == 3 + 5 + 1
+
+
+# ------------------------------------------------------------------ bench-C
+def _hh_file(path: Path, n: int = 12) -> Path:
+    import gzip
+
+    records = [
+        {"chosen": f"\n\nHuman: How do I plant tree {i}?\n\nAssistant: Dig a hole, set the tree in it and water it well.", "rejected": f"\n\nHuman: How do I plant tree {i}?\n\nAssistant: No."}
+        for i in range(n)
+    ]
+    with gzip.open(path, "wt") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in records)
+    return path
+
+
+def _tiny_model_folder(folder: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ulma_lightning.tokenizers import build_demo_tokenizer
+
+    tokenizer = build_demo_tokenizer()
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def test_bench_c_smoke_runs_every_row_and_writes_its_report(tmp_path: Path) -> None:
+    from benchmarks import bench_c
+
+    model, data, out = _tiny_model_folder(tmp_path / "model"), _hh_file(tmp_path / "hh.jsonl.gz"), tmp_path / "out"
+    assert bench_c.main(["--smoke", "--model", str(model), "--data", str(data), "--out", str(out)]) == 0
+    result = json.loads((out / "benchmarks-c.json").read_text())
+    assert [r["name"] for r in result["rows"]] == ["ulma-lightning ULMA full", "ulma-lightning ULMA LoRA r16", "TRL KTOTrainer full", "TRL KTOTrainer LoRA r16"]
+    for r in result["rows"]:
+        assert "error" not in r, r.get("error")
+        assert r["tokens_per_s"] > 0 and r["peak_rss_gib"] > 0 and r["achieved_flops"] > 0 and len(r["losses"]) == 1
+        assert r["row"]["layers"] == 1 and r["row"]["max_length"] == 64
+    assert set(result["summary"]["ratios"]) == {"full", "lora"} and set(result["summary"]["mfu"]) == {"ours full", "ours lora", "trl full", "trl lora"}
+    text = (out / "benchmarks-c.md").read_text()
+    assert "a smoke run: the first 1 layers only" in text and "| TRL KTOTrainer LoRA r16 | default |" in text
+    assert "KTOTrainer's tokens/s" in text and "OMP_NUM_THREADS" in text
+
+
+def test_bench_c_counts_flops_per_method_and_takes_each_rows_fastest_allocator() -> None:
+    from benchmarks import bench_c
+    from benchmarks.workload import Sample
+
+    config = {"hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 2, "num_hidden_layers": 1, "intermediate_size": 16, "vocab_size": 32}
+    batch = [Sample([1, 2, 3], [4, 5], score=1.0), Sample([1, 2], [6, 7, 8], score=0.0)]
+    ulma = bench_c.step_flops(config, bench_c.CRow("ours"), batch)
+    kto = bench_c.step_flops(config, bench_c.CRow("trl"), batch)
+    ulma_lora = bench_c.step_flops(config, bench_c.CRow("ours", lora=True), batch)
+    assert kto > ulma > ulma_lora > 0  # KTO: reference on every row plus KL rows; LoRA: no frozen-weight gradients
+    from benchmarks.flops import Seq, forward_flops
+
+    assert ulma - ulma_lora == pytest.approx(forward_flops(config, [Seq(5, 2, True), Seq(5, 3, False)]))
+    rows = [
+        {"row": {"impl": "ours", "allocator": "default"}, "name": "a", "tokens_per_s": 10.0},
+        {"row": {"impl": "ours", "allocator": "jemalloc"}, "name": "b", "tokens_per_s": 12.0},
+        {"row": {"impl": "ours", "lora": True}, "name": "c", "error": "boom"},
+    ]
+    assert {k: r["name"] for k, r in bench_c.best(rows).items()} == {"ours full": "b"}
+
+
+def test_bench_c_without_the_model_folder_says_how_to_get_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import bench_c
+
+    assert bench_c.main(["--model", str(tmp_path / "absent"), "--out", str(tmp_path)]) == 0
+    assert "scripts/get_smollm2.py" in capsys.readouterr().out
+    assert not (tmp_path / "benchmarks-c.md").exists()

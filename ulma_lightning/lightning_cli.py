@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from ulma_lightning.checkpointing import check_same_classes, read_checkpoint_metadata
 from ulma_lightning.evaluation.writer import PredictionWriter
+from ulma_lightning.gguf_models import model_source
 from ulma_lightning.policy import default_tokenizer
 
 HELP_EPILOG = (
@@ -34,7 +35,8 @@ _NULLS = ("null", "Null", "NULL", "~")
 def _tokenizer_of(policy: Any) -> str:
     tokenizer = policy.get("tokenizer") if isinstance(policy, dict) else getattr(policy, "tokenizer", None)
     model = policy.get("model") if isinstance(policy, dict) else getattr(policy, "model", None)
-    return default_tokenizer(tokenizer, model)
+    gguf_file = policy.get("gguf_file") if isinstance(policy, dict) else getattr(policy, "gguf_file", None)
+    return default_tokenizer(tokenizer, model_source(model, gguf_file))
 
 
 def nulls_as_init_args(argv: list[str]) -> list[str]:

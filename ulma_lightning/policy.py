@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ulma_lightning.compiling import compile_blocks, compile_options
+from ulma_lightning.gguf_models import is_gguf, load_gguf_config, load_gguf_model, model_source
 from ulma_lightning.logprobs import TokenLogps, response_token_logps
 from ulma_lightning.options import TORCH_DTYPES, check_numbers
 from ulma_lightning.tokenizers import DEMO_TOKENIZER, load_tokenizer
@@ -49,8 +50,12 @@ class PolicyConfig:
     """Which model to train and how to get reference log-probs.
 
     Args:
-        model: a hub id or a local folder saved with ``save_pretrained``. Leave empty to build a
-            randomly initialised model from ``model_config``.
+        model: a hub id, a local folder saved with ``save_pretrained``, or a ``.gguf`` file (llama.cpp's
+            format, e.g. a Q4_1 checkpoint; dequantised to ``dtype`` on load and then trained and
+            exported as an ordinary model; needs ``pip install 'ulma-lightning[gguf]'``). Leave empty to
+            build a randomly initialised model from ``model_config``.
+        gguf_file: the name of a ``.gguf`` file inside the ``model`` folder (or hub repo), as
+            ``from_pretrained(model, gguf_file=...)`` takes it; the same as ``model: folder/name.gguf``.
         model_config: keyword arguments of ``transformers.AutoConfig.for_model`` (must include
             ``model_type``) for a random init, e.g. the tiny built-in default; ignored when ``model``
             is set. ``vocab_size`` and the special-token ids default to the tokenizer's.
@@ -63,7 +68,7 @@ class PolicyConfig:
             ``adapter`` (the LoRA policy with adapters disabled; no second copy of the weights),
             ``precomputed`` (reference log-probs computed once before training and stored with each
             sample), ``none`` (for objectives without a reference).
-        reference_model: hub id or folder of the reference (e.g. an SFT checkpoint); defaults to
+        reference_model: hub id, folder or ``.gguf`` file of the reference (e.g. an SFT checkpoint); defaults to
             the initial policy. Used by ``copy`` and ``precomputed``.
         lora: LoRA settings; ``r: 0`` (or null) is full fine-tuning, ``--model.init_args.policy.lora.r 8``
             trains rank-8 adapters.
@@ -87,6 +92,7 @@ class PolicyConfig:
     """
 
     model: str | None = None
+    gguf_file: str | None = None
     model_config: dict[str, Any] | None = None
     tokenizer: str | None = None
     dtype: DType = "float32"
@@ -109,6 +115,11 @@ class PolicyConfig:
             self.lora = None  # type: ignore[assignment]  # r: 0 is the shown default: full fine-tuning (the field is typed LoraSettings for the CLI)
         if self.model is None and self.model_config is None:
             raise ValueError("PolicyConfig needs `model` (hub id or folder) or `model_config` (random init)")
+        if self.gguf_file is not None and (self.model is None or is_gguf(self.model) or not is_gguf(self.gguf_file)):
+            raise ValueError(
+                f"policy.gguf_file {self.gguf_file!r} with policy.model {self.model!r}: gguf_file names a .gguf file inside the "
+                "`model` folder (e.g. model: models/smollm2, gguf_file: model.Q4_1.gguf); or drop gguf_file and set model to the .gguf path"
+            )
         if self.reference == "adapter" and self.lora is None:
             raise ValueError("reference: adapter needs `lora` settings (the reference is the policy without adapters)")
         if self.logits_chunk_size < 1:
@@ -118,8 +129,13 @@ class PolicyConfig:
         compile_options(self.compile)  # a bad key or value stops here, named
 
     @property
+    def model_source(self) -> str | None:
+        """What to load the model from: ``model``, or ``model/gguf_file``."""
+        return model_source(self.model, self.gguf_file)
+
+    @property
     def tokenizer_source(self) -> str:
-        return default_tokenizer(self.tokenizer, self.model)
+        return default_tokenizer(self.tokenizer, self.model_source)
 
 
 def default_tokenizer(tokenizer: str | None, model: str | None) -> str:
@@ -141,9 +157,9 @@ def check_vocab_fits(model: nn.Module, tokenizer: Any, config: PolicyConfig) -> 
     if rows is None:
         return
     size = len(tokenizer)
-    named_apart = config.model is not None and config.tokenizer not in (None, config.model)
+    named_apart = config.model is not None and config.tokenizer not in (None, config.model, config.model_source)
     if size > rows or (named_apart and size < 0.9 * rows):
-        model_name = config.model or "the model built from policy.model_config"
+        model_name = config.model_source or "the model built from policy.model_config"
         raise ValueError(
             f"policy.tokenizer {config.tokenizer_source!r} has {size} tokens but {model_name} has {rows} embedding rows: "
             "the tokenizer does not belong to this model. Drop policy.tokenizer (null: the model's own tokenizer) "
@@ -214,10 +230,12 @@ class PretrainedModel(nn.Module):
 
     # ---------------------------------------------------------------- building
     def hf_config(self, source: str | None) -> Any:
-        """The transformers config of ``source`` (a hub id or folder), or of ``model_config`` if None."""
+        """The transformers config of ``source`` (a hub id, folder or .gguf file), or of ``model_config`` if None."""
         from transformers import AutoConfig
 
         cfg = self.config
+        if is_gguf(source):
+            return load_gguf_config(source, trust_remote_code=cfg.trust_remote_code, **self.model_kwargs)  # type: ignore[arg-type]
         if source is not None:
             return AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **self.model_kwargs)
         options = dict(cfg.model_config or {})
@@ -242,6 +260,8 @@ class PretrainedModel(nn.Module):
         if empty:
             with torch.device("meta"):
                 return auto_class.from_config(self.hf_config(source), **kwargs)
+        if is_gguf(source):  # dequantised to a plain float model
+            return load_gguf_model(auto_class, source, **kwargs, **self.model_kwargs)  # type: ignore[arg-type]
         if source is not None:
             return auto_class.from_pretrained(source, **kwargs, **self.model_kwargs)
         model_config = self.hf_config(None)
@@ -259,13 +279,14 @@ class PretrainedModel(nn.Module):
             return
         cfg = self.config
         if empty:
-            model = self._load(cfg.model, empty=True)
+            model = self._load(cfg.model_source, empty=True)
             if cfg.lora is not None:
                 with torch.device("meta"):
                     model = self._wrap_lora(model, cfg.lora, self.lora_task_type)
             self.model = model
             return
-        model = self._load(cfg.model)
+        model = self._load(cfg.model_source)
+        model.train()  # from_pretrained returns eval mode: no dropout, and transformers skips gradient checkpointing outside training mode
         check_logit_transform(model)
         check_vocab_fits(model, self.tokenizer, cfg)
         if cfg.dtype != "float32" and cfg.lora is None:

@@ -89,6 +89,16 @@ def build_task_tokenizer(vocab_size: int = 1024) -> Any:
 
 BUILTIN_TOKENIZERS = {"demo": build_demo_tokenizer, "task": build_task_tokenizer}
 
+#: Loaders of tokenizer sources that ``AutoTokenizer.from_pretrained(source)`` does not read as they
+#: are: file suffix -> ``loader(source, trust_remote_code=...)``. ``ulma_lightning.gguf_models``
+#: registers ``.gguf`` (so this module imports nothing of the package).
+SOURCE_LOADERS: dict[str, Callable[..., Any]] = {}
+
+
+def register_tokenizer_loader(suffix: str, loader: Callable[..., Any]) -> None:
+    """Make :func:`load_tokenizer` read sources ending in ``suffix`` (lower case) with ``loader``."""
+    SOURCE_LOADERS[suffix.lower()] = loader
+
 
 def pad_token_id(tokenizer: Any) -> int:
     """The id that pads ``tokenizer``'s sequences: its pad token, else its EOS token (the attention
@@ -97,7 +107,8 @@ def pad_token_id(tokenizer: Any) -> int:
 
 
 def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
-    """A tokenizer from a hub id, a local folder, ``builtin:demo`` or ``builtin:task``.
+    """A tokenizer from a hub id, a local folder, a ``.gguf`` file (its metadata's tokenizer and chat
+    template), ``builtin:demo`` or ``builtin:task``.
 
     A tokenizer without a pad token gets its EOS token as pad (the attention mask, not the pad id,
     decides what the model sees).
@@ -110,7 +121,11 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
         return BUILTIN_TOKENIZERS[name]()
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    loader = next((load for suffix, load in SOURCE_LOADERS.items() if source.lower().endswith(suffix)), None)
+    if loader is not None:
+        tokenizer = loader(source, trust_remote_code=trust_remote_code)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {source!r} has neither a pad nor an EOS token; add one and save it again")

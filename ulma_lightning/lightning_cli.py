@@ -8,6 +8,7 @@ import contextlib
 import importlib
 import inspect
 import json
+import logging
 import os
 import shutil
 import sys
@@ -267,6 +268,37 @@ def refuse_dropped_init_args() -> Iterator[None]:
         _typehints.discard_init_args_on_class_path_change = original
 
 
+def drop_unused_model_config(model: Any) -> None:
+    """Set ``policy.model_config`` to null where ``policy.model`` names the model: the shared
+    defaults' demo architecture is ignored then, and the run's ``config.yaml``, ``hparams.yaml`` and
+    TensorBoard's HPARAMS record what was trained, the named model, not the demo's config."""
+    init_args = model.get("init_args") if hasattr(model, "get") else None
+    policy = init_args.get("policy") if hasattr(init_args, "get") else None
+    if hasattr(policy, "get") and policy.get("model") is not None and policy.get("model_config") is not None:
+        policy["model_config"] = None
+
+
+class _RankZero(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return rank_zero_only.rank == 0
+
+
+def show_data_report() -> None:
+    """Print the data modules' report at the default verbosity, once, from rank 0: the INFO lines
+    of ``ulma_lightning.data`` (each source's record format, samples per split, skipped records per
+    reason, truncation and mix counts, cache use), which Python's logging otherwise drops."""
+    logger = logging.getLogger("ulma_lightning.data")
+    if any(getattr(handler, "ulma_console", False) for handler in logger.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(_RankZero())
+    handler.ulma_console = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+
+
 #: the files a run writes before its first step (TensorBoard's event file, the saved config and
 #: hyperparameters): a log folder holding nothing else has nothing of a run in it
 START_FILES = ("events.out.tfevents.*", "hparams.yaml", "config.yaml")
@@ -312,8 +344,9 @@ def remove_unused_log_dir(trainer: Any, created: list[Path]) -> None:
 class ULMACLI(LightningCLI):
     """LightningCLI that links ``data.tokenizer`` to ``model.policy.tokenizer`` (or its model), adds
     the ``evaluation:`` section (a :class:`PredictionWriter` callback, active in ``predict``), roots
-    loggers without a ``save_dir`` at ``trainer.default_root_dir``, removes the log folder of a run
-    that failed before its first step, refuses a ``class_path`` change
+    loggers without a ``save_dir`` at ``trainer.default_root_dir``, prints the data report
+    (:func:`show_data_report`), records no demo ``model_config`` beside a named ``policy.model``
+    (:func:`drop_unused_model_config`), removes the log folder of a run that failed before its first step, refuses a ``class_path`` change
     that would drop a set option (:func:`check_dropped_init_args`), and lists :data:`EXTRA_COMMANDS`
     among the subcommands of ``ulma --help``."""
 
@@ -348,9 +381,11 @@ class ULMACLI(LightningCLI):
             raise ConfigError(f"{_built_class(cause) or 'the config'}: {cause} (fix it in the config or on the command line)") from cause
 
     def before_instantiate_classes(self) -> None:
+        show_data_report()
         config = self.config[self.subcommand] if self.subcommand else self.config
         root_loggers_at_default_root_dir(config.trainer)
         without_callbacks_turned_off(config.trainer)
+        drop_unused_model_config(config.model)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("model.init_args.policy", "data.init_args.tokenizer", compute_fn=_tokenizer_of)

@@ -272,15 +272,30 @@ def drop_unused_model_config(model: Any) -> None:
     """Set ``policy.model_config`` to null where ``policy.model`` names the model: the shared
     defaults' demo architecture is ignored then, and the run's ``config.yaml``, ``hparams.yaml`` and
     TensorBoard's HPARAMS record what was trained, the named model, not the demo's config."""
-    init_args = model.get("init_args") if hasattr(model, "get") else None
-    policy = init_args.get("policy") if hasattr(init_args, "get") else None
+    init_args: Any = model.get("init_args") if hasattr(model, "get") else None
+    policy: Any = init_args.get("policy") if hasattr(init_args, "get") else None
     if hasattr(policy, "get") and policy.get("model") is not None and policy.get("model_config") is not None:
         policy["model_config"] = None
 
 
-class _RankZero(logging.Filter):
+class _Console(logging.StreamHandler):
+    """Messages only, on rank 0, to the ``sys.stderr`` of the moment (not the one it was built with,
+    which a test's output capture may have closed since)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return rank_zero_only.rank == 0
+        return rank_zero_only.rank == 0 and bool(super().filter(record))
 
 
 def show_data_report() -> None:
@@ -288,13 +303,8 @@ def show_data_report() -> None:
     of ``ulma_lightning.data`` (each source's record format, samples per split, skipped records per
     reason, truncation and mix counts, cache use), which Python's logging otherwise drops."""
     logger = logging.getLogger("ulma_lightning.data")
-    if any(getattr(handler, "ulma_console", False) for handler in logger.handlers):
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    handler.addFilter(_RankZero())
-    handler.ulma_console = True  # type: ignore[attr-defined]
-    logger.addHandler(handler)
+    if not any(isinstance(handler, _Console) for handler in logger.handlers):
+        logger.addHandler(_Console())
     if logger.level == logging.NOTSET or logger.level > logging.INFO:
         logger.setLevel(logging.INFO)
 

@@ -343,3 +343,18 @@ def test_empty_generations_are_counted_and_warned_about(tmp_path: Path, caplog: 
     writer.on_predict_epoch_end(trainer, None)  # type: ignore[arg-type]
     assert writer.empty == 2 and "predict: 2 of 3 responses are empty" in caplog.text
     assert json.loads((tmp_path / "predictions.summary.json").read_text())["empty_responses"] == 2
+
+
+def test_the_data_report_is_printed_by_rank_zero_only(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import logging
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from ulma_lightning.lightning_cli import show_data_report
+
+    show_data_report()
+    show_data_report()  # once: one handler however often the CLI starts in a process
+    logging.getLogger("ulma_lightning.data").info("train split: 12 samples")
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    logging.getLogger("ulma_lightning.data").info("train split: 34 samples")
+    assert capsys.readouterr().err.splitlines() == ["train split: 12 samples"]

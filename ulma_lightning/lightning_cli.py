@@ -327,9 +327,12 @@ def unused_log_dir(log_dir: Path) -> bool:
 def new_log_dir(trainer: Any) -> list[Path]:
     """The log folder a run of ``trainer`` is about to create and its parents that do not exist yet,
     innermost first (empty when the log folder exists already, or off rank 0)."""
-    if rank_zero_only.rank != 0 or not trainer.loggers or not trainer.log_dir:
+    if rank_zero_only.rank != 0 or not trainer.loggers:
         return []
-    folders = [Path(trainer.log_dir).absolute()]
+    log_dir = getattr(trainer.loggers[0], "log_dir", None)  # the logger's own (the trainer's is a collective call)
+    if not log_dir:
+        return []
+    folders = [Path(log_dir).absolute()]
     while not folders[-1].parent.exists():
         folders.append(folders[-1].parent)
     return [] if folders[0].exists() else folders
@@ -356,9 +359,10 @@ class ULMACLI(LightningCLI):
     the ``evaluation:`` section (a :class:`PredictionWriter` callback, active in ``predict``), roots
     loggers without a ``save_dir`` at ``trainer.default_root_dir``, prints the data report
     (:func:`show_data_report`), records no demo ``model_config`` beside a named ``policy.model``
-    (:func:`drop_unused_model_config`), removes the log folder of a run that failed before its first step, refuses a ``class_path`` change
-    that would drop a set option (:func:`check_dropped_init_args`), and lists :data:`EXTRA_COMMANDS`
-    among the subcommands of ``ulma --help``."""
+    (:func:`drop_unused_model_config`), removes the log folder of a run that failed before its first
+    step (:func:`remove_unused_log_dir`), refuses a ``class_path`` change that would drop a set option
+    (:func:`check_dropped_init_args`), and lists :data:`EXTRA_COMMANDS` among the subcommands of
+    ``ulma --help``."""
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run it; a run that fails before its first step leaves no log folder behind (:func:`remove_unused_log_dir`)."""

@@ -244,6 +244,18 @@ def test_an_own_model_run_records_the_model_it_trained_not_the_demo_config(hh_ru
     assert trained["model_type"] == "qwen2" and trained["hidden_size"] == 32
 
 
+def test_empty_sample_generations_are_counted_and_warned_about(hh_run: dict) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(hh_run["run"])).Reload()
+    table = events.Tensors("samples/generations/text_summary")[-1]
+    rows = table.tensor_proto.string_val[0].decode().splitlines()[2:]
+    responses = [re.split(r"(?<!\\)\|", row)[2].strip() for row in rows]
+    empty = responses.count("")
+    warning = f"GenerationSamples at step {table.step}: {empty} of {len(rows)} responses are empty"
+    assert len(rows) == 8 and (warning in hh_run["fit"].stderr) == (empty > 0), hh_run["fit"].stderr[-2000:]
+
+
 def test_readme_evaluate_and_predict_write_into_the_run_folder(hh_run: dict) -> None:
     root, run = hh_run["root"], hh_run["run"]
     assert hh_run["fit"].returncode == 0

@@ -39,6 +39,14 @@ def main(args: list[str] | None = None) -> Any:
     if argv and argv[0] in EXTRA_COMMANDS:
         module, _, function = EXTRA_COMMANDS[argv[0]][0].partition(":")
         return getattr(importlib.import_module(module), function)(argv[1:])
+    if argv and argv[0] == "predict":  # as `ulma evaluate`: the run's saved config, outputs in its folder
+        from ulma_lightning.evaluation.evaluate import expected_warnings, with_run_checkpoint
+
+        rest, run = with_run_checkpoint(argv[1:], "ulma predict")
+        if rest != argv[1:]:
+            defaults = {**CLI_DEFAULTS, "save_config_callback": None} if run is not None else CLI_DEFAULTS  # the run's config.yaml stays
+            with expected_warnings():
+                return ULMACLI(AlignmentModule, AlignmentDataModule, args=["predict", *rest], **defaults)
     return ULMACLI(AlignmentModule, AlignmentDataModule, args=args, **CLI_DEFAULTS)
 
 

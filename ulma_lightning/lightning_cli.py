@@ -4,10 +4,13 @@ dispatches to it and to the :data:`EXTRA_COMMANDS` is :mod:`ulma_lightning.cli`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
+import logging
 import os
+import shutil
 import sys
 import warnings
 from collections.abc import Iterator
@@ -17,6 +20,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ulma_lightning.checkpointing import check_same_classes, read_checkpoint_metadata
 from ulma_lightning.evaluation.writer import PredictionWriter
@@ -266,12 +270,110 @@ def refuse_dropped_init_args() -> Iterator[None]:
         _typehints.discard_init_args_on_class_path_change = original
 
 
+def drop_unused_model_config(model: Any) -> None:
+    """Set ``policy.model_config`` to null where ``policy.model`` names the model: the shared
+    defaults' demo architecture is ignored then, and the run's ``config.yaml``, ``hparams.yaml`` and
+    TensorBoard's HPARAMS record what was trained, the named model, not the demo's config."""
+    init_args: Any = model.get("init_args") if hasattr(model, "get") else None
+    policy: Any = init_args.get("policy") if hasattr(init_args, "get") else None
+    if hasattr(policy, "get") and policy.get("model") is not None and policy.get("model_config") is not None:
+        policy["model_config"] = None
+
+
+class _Console(logging.StreamHandler):
+    """Messages only, on rank 0, to the ``sys.stderr`` of the moment (not the one it was built with,
+    which a test's output capture may have closed since)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return rank_zero_only.rank == 0 and bool(super().filter(record))
+
+
+def show_data_report() -> None:
+    """Print the data modules' report at the default verbosity, once, from rank 0: the INFO lines
+    of ``ulma_lightning.data`` (each source's record format, samples per split, skipped records per
+    reason, truncation and mix counts, cache use), which Python's logging otherwise drops."""
+    logger = logging.getLogger("ulma_lightning.data")
+    if not any(isinstance(handler, _Console) for handler in logger.handlers):
+        logger.addHandler(_Console())
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+
+
+#: the files a run writes before its first step (TensorBoard's event file, the saved config and
+#: hyperparameters): a log folder holding nothing else has nothing of a run in it
+START_FILES = ("events.out.tfevents.*", "hparams.yaml", "config.yaml")
+
+
+def unused_log_dir(log_dir: Path) -> bool:
+    """Whether ``log_dir`` holds only what a run writes before its first step (:data:`START_FILES`)."""
+    for path in log_dir.rglob("*"):
+        if path.is_dir():
+            continue
+        if path.is_symlink() or not any(path.match(pattern) for pattern in START_FILES):
+            return False
+    return True
+
+
+def new_log_dir(trainer: Any) -> list[Path]:
+    """The log folder a run of ``trainer`` is about to create and its parents that do not exist yet,
+    innermost first (empty when the log folder exists already, or off rank 0)."""
+    if rank_zero_only.rank != 0 or not trainer.loggers:
+        return []
+    log_dir = getattr(trainer.loggers[0], "log_dir", None)  # the logger's own (the trainer's is a collective call)
+    if not log_dir:
+        return []
+    folders = [Path(log_dir).absolute()]
+    while not folders[-1].parent.exists():
+        folders.append(folders[-1].parent)
+    return [] if folders[0].exists() else folders
+
+
+def remove_unused_log_dir(trainer: Any, created: list[Path]) -> None:
+    """After a run failed before its first optimizer step: remove the log folder it created
+    (``version_N`` with only an event file, a config; see :func:`new_log_dir`) and the parents it
+    created that are left empty, so that the folder numbering and the README's next command
+    (``--ckpt_path runs/ulma/version_0``) do not point at an empty run."""
+    if not created or trainer.global_step > 0 or not created[0].is_dir() or not unused_log_dir(created[0]):
+        return
+    for logger in trainer.loggers:  # close the event file before removing it
+        with contextlib.suppress(Exception):
+            logger.finalize("failed")
+    shutil.rmtree(created[0], ignore_errors=True)
+    for parent in created[1:]:
+        with contextlib.suppress(OSError):
+            parent.rmdir()  # only when empty: another run may have written there since
+
+
 class ULMACLI(LightningCLI):
     """LightningCLI that links ``data.tokenizer`` to ``model.policy.tokenizer`` (or its model), adds
     the ``evaluation:`` section (a :class:`PredictionWriter` callback, active in ``predict``), roots
-    loggers without a ``save_dir`` at ``trainer.default_root_dir``, refuses a ``class_path`` change
-    that would drop a set option (:func:`check_dropped_init_args`), and lists :data:`EXTRA_COMMANDS`
-    among the subcommands of ``ulma --help``."""
+    loggers without a ``save_dir`` at ``trainer.default_root_dir``, prints the data report
+    (:func:`show_data_report`), records no demo ``model_config`` beside a named ``policy.model``
+    (:func:`drop_unused_model_config`), removes the log folder of a run that failed before its first
+    step (:func:`remove_unused_log_dir`), refuses a ``class_path`` change that would drop a set option
+    (:func:`check_dropped_init_args`), and lists :data:`EXTRA_COMMANDS` among the subcommands of
+    ``ulma --help``."""
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; a run that fails before its first step leaves no log folder behind (:func:`remove_unused_log_dir`)."""
+        log_dir = new_log_dir(self.trainer)
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            remove_unused_log_dir(self.trainer, log_dir)
+            raise
 
     def _parse_ckpt_path(self) -> None:
         """Before LightningCLI puts the checkpoint's module class in the config, refuse a checkpoint
@@ -295,9 +397,11 @@ class ULMACLI(LightningCLI):
             raise ConfigError(f"{_built_class(cause) or 'the config'}: {cause} (fix it in the config or on the command line)") from cause
 
     def before_instantiate_classes(self) -> None:
+        show_data_report()
         config = self.config[self.subcommand] if self.subcommand else self.config
         root_loggers_at_default_root_dir(config.trainer)
         without_callbacks_turned_off(config.trainer)
+        drop_unused_model_config(config.model)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("model.init_args.policy", "data.init_args.tokenizer", compute_fn=_tokenizer_of)

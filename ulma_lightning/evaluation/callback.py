@@ -3,7 +3,8 @@
 :class:`GenerationSamples` shows what the model now says, not only its loss:
 
 * every ``every_n_steps`` optimizer steps (and at the end of fit), a text table
-  ``| prompt | response | score |`` for a fixed set of validation prompts (``samples/generations``);
+  ``| prompt | response | score |`` for a fixed set of validation prompts (``samples/generations``),
+  with a warning when responses are empty (``3 of 8 responses are empty``);
 * at the end of each validation epoch, histograms of the implicit reward ``beta * h`` of the
   positive and negative samples (``val/rewards/positive_hist``, ``val/rewards/negative_hist``; for
   pairwise methods, whose reward is the chosen-minus-rejected margin, ``val/rewards/margin_hist``);
@@ -23,7 +24,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from ulma_lightning.evaluation.generation import GenerationConfig, can_generate, generate_responses
+from ulma_lightning.evaluation.generation import GenerationConfig, can_generate, empty_responses, empty_warning, generate_responses
 from ulma_lightning.evaluation.scorers import Scorer, scorers_for
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,9 @@ class GenerationSamples(pl.Callback):
         self._last_step = trainer.global_step
         if not trainer.is_global_zero:
             return
+        empty = empty_responses(responses)
+        if empty:
+            log.warning("%s", empty_warning(f"GenerationSamples at step {trainer.global_step}", empty, len(responses)))
         scores = self._active_scorer.score(prompts, responses) if self._active_scorer is not None else None
         writer.add_text("samples/generations", markdown_table(prompts, responses, scores), global_step=trainer.global_step)
         if scores:

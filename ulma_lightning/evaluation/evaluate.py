@@ -11,8 +11,10 @@ scores and win rates against the reference responses and against ``evaluation.co
 prints a table and writes ``--output`` (default ``evaluation.json`` beside the predictions). Without
 ``--ckpt_path`` the model is evaluated as initialised (the "before training" numbers). Every other
 argument is ``ulma fit``'s (``--config``, ``--model.*``, ``--data.*``, ``--trainer.*``,
-``--evaluation.*``); a run's saved ``config.yaml`` works as ``--config``. A failed evaluation
-removes the log folder (``version_N``) it created.
+``--evaluation.*``); a run's saved ``config.yaml`` works as ``--config``. A checkpoint of a run
+(``R/checkpoints/X.ckpt``) is evaluated into its run folder ``R`` (``predictions.jsonl``,
+``evaluation.json``; no new ``version_N``, no TensorBoard log). A failed evaluation removes the log
+folder (``version_N``) it created.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import json
 import math
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +50,7 @@ class EvaluateCLI(ULMACLI):
         parser.add_argument("--weights_only", type=bool | None, default=None, help=argparse.SUPPRESS)
 
 
-def run_folder_checkpoint(ckpt_path: str) -> str:
+def run_folder_checkpoint(ckpt_path: str, command: str = "ulma evaluate") -> str:
     """``ckpt_path`` itself, or for a run folder (one with ``checkpoints/``) its ``checkpoints/last.ckpt``."""
     folder = Path(ckpt_path)
     if not (folder / "checkpoints").is_dir():
@@ -54,7 +58,7 @@ def run_folder_checkpoint(ckpt_path: str) -> str:
     last = folder / "checkpoints" / "last.ckpt"
     if not last.exists():
         found = sorted(p.name for p in (folder / "checkpoints").iterdir())
-        raise FileNotFoundError(f"ulma evaluate: {folder} is a run folder without checkpoints/last.ckpt (it has {found}); pass --ckpt_path FILE")
+        raise FileNotFoundError(f"{command}: {folder} is a run folder without checkpoints/last.ckpt (it has {found}); pass --ckpt_path FILE")
     return str(last)
 
 
@@ -66,25 +70,66 @@ def saved_config(ckpt_path: str) -> Path | None:
     return None
 
 
-def with_saved_config(argv: list[str]) -> list[str]:
-    """``argv`` with ``--ckpt_path`` resolved (a run folder: its last checkpoint), and, when no
-    ``--config`` is given, the run's saved ``config.yaml`` as the first ``--config``."""
+def run_folder_of(ckpt_path: str) -> Path | None:
+    """The run folder a checkpoint was saved in (``R`` for ``R/checkpoints/last.ckpt``), or None."""
+    path = Path(ckpt_path)
+    return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
+#: what ``ulma evaluate`` and ``ulma predict`` set to write into the evaluated run's folder: no logger
+#: (no new ``version_N`` beside the run, nothing written over its TensorBoard logs or ``hparams.yaml``)
+#: and no checkpoint callback (nothing to save; no "dirpath has changed" warning on loading its state)
+IN_RUN_FOLDER = ("--trainer.logger", "--trainer.enable_checkpointing", "--trainer.default_root_dir")
+
+
+def with_run_checkpoint(argv: list[str], command: str = "ulma evaluate") -> tuple[list[str], Path | None]:
+    """``argv`` with ``--ckpt_path`` resolved (a run folder: its last checkpoint), and the run folder
+    the outputs go to.
+
+    A checkpoint that does not exist is an error naming it. Without ``--config``, the run's saved
+    ``config.yaml`` becomes the first ``--config``. A checkpoint in a run folder (``R/checkpoints/``)
+    writes its outputs into ``R`` (``--trainer.default_root_dir R``, no logger, no checkpointing),
+    unless the command line sets those options itself.
+    """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("-c", "--config", action="append")
     pre.add_argument("--ckpt_path")
     known, _ = pre.parse_known_args(argv)
     if known.ckpt_path is None:
-        return argv
-    ckpt = run_folder_checkpoint(known.ckpt_path)
+        return argv, None
+    ckpt = run_folder_checkpoint(known.ckpt_path, command)
+    if not Path(ckpt).exists():
+        raise FileNotFoundError(f"{command}: no such checkpoint: {ckpt} (pass --ckpt_path an existing .ckpt file, sharded checkpoint folder or run folder)")
     rest = [a for i, a in enumerate(argv) if not (a.startswith("--ckpt_path") or (i > 0 and argv[i - 1] == "--ckpt_path"))]
     argv = [*rest, f"--ckpt_path={ckpt}"]
+    run = run_folder_of(ckpt)
+    if run is not None and not any(a.split("=")[0] in IN_RUN_FOLDER for a in argv):
+        argv += ["--trainer.logger=false", "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={run}"]
+    else:
+        run = None
     if known.config:
-        return argv
+        return argv, run
     config = saved_config(ckpt)
     if config is None:
-        raise FileNotFoundError(f"ulma evaluate: no config.yaml found beside {ckpt} (looked in its folder and two above); pass the run's config with --config")
-    print(f"ulma evaluate: using the run's saved config {config}")
-    return ["--config", str(config), *argv]
+        raise FileNotFoundError(f"{command}: no config.yaml found beside {ckpt} (looked in its folder and two above); pass the run's config with --config")
+    print(f"{command}: using the run's saved config {config}")
+    return ["--config", str(config), *argv], run
+
+
+@contextmanager
+def expected_warnings() -> Iterator[None]:
+    """Silence what ``ulma evaluate`` and ``ulma predict`` do on purpose: pass their resolved arguments
+    to LightningCLI, and load a checkpoint without the checkpoint callbacks that saved it (nothing is
+    checkpointed in test or predict; the callbacks' state stays in the checkpoint)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*args parameter is intended")
+        warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
+        yield
+
+
+def with_saved_config(argv: list[str]) -> list[str]:
+    """:func:`with_run_checkpoint`'s arguments for ``ulma evaluate``."""
+    return with_run_checkpoint(argv)[0]
 
 
 def _number(value: Any) -> float:
@@ -96,29 +141,32 @@ SINGLE_PARSER_DEFAULTS = {**CLI_DEFAULTS, "parser_kwargs": {"default_config_file
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """Two columns: metric and value (test metrics, then per-scorer generation numbers)."""
+    """Two columns: metric and value (test metrics, then per-scorer generation numbers and the
+    count of empty responses)."""
     rows = [(name, value) for name, value in report.get("test", {}).items()]
     for scorer, stats in report.get("generation", {}).items():
         rows += [(f"generation/{scorer}/{key}", value) for key, value in stats.items()]
+    if "num_predictions" in report:
+        rows.append(("generation/empty_responses", f"{report['empty_responses']} of {report['num_predictions']}"))
     if not rows:
         return "(nothing evaluated)"
     width = max(len(name) for name, _ in rows)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
     for name, value in rows:
-        shown = "nan" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}"
+        shown = value if isinstance(value, str) else "nan" if math.isnan(value) else f"{value:.4f}"
         lines.append(f"{name:<{width}}  {shown}")
     return "\n".join(lines)
 
 
 def evaluate_main(argv: list[str]) -> dict[str, Any]:
     """Run ``ulma evaluate`` with command-line arguments ``argv``; return the report."""
-    with warnings.catch_warnings():  # `ulma evaluate ...` passes its own argv on, by design
-        warnings.filterwarnings("ignore", message=".*args parameter is intended")
+    with expected_warnings():
         cli = EvaluateCLI(AlignmentModule, AlignmentDataModule, args=with_saved_config(argv), run=False, save_config_callback=None, **SINGLE_PARSER_DEFAULTS)
     log_dir = Path(cli.trainer.log_dir) if cli.trainer.log_dir else None
     existed = log_dir is not None and log_dir.exists()
     try:
-        return _evaluate(cli)
+        with expected_warnings():
+            return _evaluate(cli)
     except BaseException:
         if log_dir is not None and not existed and log_dir.exists() and cli.trainer.is_global_zero:
             shutil.rmtree(log_dir, ignore_errors=True)  # no stray version_N from a failed evaluation
@@ -142,6 +190,7 @@ def _evaluate(cli: EvaluateCLI) -> dict[str, Any]:
         report["generation"] = writer.summary
         report["predictions"] = str(writer.path)
         report["num_predictions"] = len(writer.rows)
+        report["empty_responses"] = writer.empty
     output = cli.config.get("output")
     if output is None:
         base = writer.path.parent if writer is not None and writer.path is not None else Path(trainer.log_dir or trainer.default_root_dir)

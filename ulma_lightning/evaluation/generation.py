@@ -131,3 +131,16 @@ def generate_responses(
         return []
     new_tokens = generate_ids(model, tokenizer, input_ids, attention_mask, config, seed_offset=seed_offset, synced=synced)
     return [decode_response(tokenizer, ids) for ids in new_tokens.tolist()]
+
+
+def empty_responses(responses: list[str]) -> int:
+    """How many of ``responses`` are empty (nothing, or only whitespace, before EOS)."""
+    return sum(1 for response in responses if not response.strip())
+
+
+def empty_warning(where: str, empty: int, total: int) -> str:
+    """The warning for ``empty`` of ``total`` responses being empty: ``312 of 312 responses are empty``."""
+    return (
+        f"{where}: {empty} of {total} responses are empty (the model generated EOS, or only whitespace, first): an untrained or "
+        "collapsed model, or prompts in a format it was not trained on (check its chat template and the data's prompts)"
+    )

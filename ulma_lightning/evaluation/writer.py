@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from ulma_lightning.evaluation.generation import GenerationConfig
+from ulma_lightning.evaluation.generation import GenerationConfig, empty_responses, empty_warning
 from ulma_lightning.evaluation.scorers import Scorer, scorers_for
 from ulma_lightning.evaluation.winrate import match_rows, read_predictions, summarize
 
@@ -48,8 +48,9 @@ class PredictionWriter(BasePredictionWriter):
     """Generates responses to the predict split, scores them, writes JSONL and a summary JSON.
 
     Each line of ``output``: ``{index, prompt, response, reference_response, scores: {NAME: x},
-    reference_scores: {NAME: y}}``. The summary (``output`` with ``.summary.json``) holds, per
-    scorer, the mean score, the reference responses' mean, the win rate against the reference
+    reference_scores: {NAME: y}}``; its path is printed. The summary (``output`` with ``.summary.json``)
+    holds the count of empty responses (``empty_responses``; a warning says when there are any) and,
+    per scorer, the mean score, the reference responses' mean, the win rate against the reference
     responses and (with ``compare_to``) against another predictions file; ties count half.
 
     Args:
@@ -86,6 +87,7 @@ class PredictionWriter(BasePredictionWriter):
         self.score_reference = score_reference
         self.rows: list[dict[str, Any]] = []
         self.summary: dict[str, dict[str, float]] = {}
+        self.empty = 0  # responses that are empty (counted and warned about in predict)
         self.path: Path | None = None
 
     def resolve_path(self, trainer: pl.Trainer) -> Path:
@@ -140,16 +142,20 @@ class PredictionWriter(BasePredictionWriter):
         self.path = self.resolve_path(trainer)
         other = self._other_rows() if self.compare_to else None
         self.summary = summarize(self.rows, [s.name for s in self.active_scorers], other)
+        self.empty = empty_responses([row["response"] for row in self.rows])
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "w", encoding="utf-8") as handle:
                 for row in self.rows:
                     handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             summary_path = self.path.with_suffix(".summary.json")
-            summary_path.write_text(json.dumps({"predictions": str(self.path), "compare_to": self.compare_to, "scores": self.summary}, indent=2))
-            log.info("wrote %d predictions to %s", len(self.rows), self.path)
+            summary = {"predictions": str(self.path), "compare_to": self.compare_to, "scores": self.summary, "empty_responses": self.empty}
+            summary_path.write_text(json.dumps(summary, indent=2))
+            if self.empty:
+                log.warning("%s", empty_warning("predict", self.empty, len(self.rows)))
             if self.summary:
                 print(format_summary(self.summary))
+            print(f"wrote {len(self.rows)} predictions to {self.path}")
 
     def _other_rows(self) -> list[dict[str, Any]]:
         """The ``compare_to`` rows matching ours by prompt, re-scored with our scorers."""

@@ -131,12 +131,33 @@ class AlignmentModule(ReferencePrecompute):
         if config.compile and self._trainer is not None:
             check_strategy(self._trainer.strategy)
         self.policy.build()
+        self.check_max_length()
         mesh = getattr(self, "_device_mesh", None)
         if mesh is not None:  # FSDP2 (ModelParallelStrategy): shard policy and reference per block
             from ulma_lightning.sharding import data_parallel_mesh, shard_options_for, shard_policy
 
             strategy = self._trainer.strategy if self._trainer is not None else None
             shard_policy(self.policy, data_parallel_mesh(mesh), **shard_options_for(strategy))
+
+    def check_max_length(self) -> None:
+        """Refuse ``data.max_length`` above the model's ``max_position_embeddings`` when the data has a
+        sample longer than the model's positions (past them a model computes garbage, with only a
+        transformers warning). Data that fits the positions trains, whatever ``max_length`` allows."""
+        positions = getattr(getattr(self.policy.model, "config", None), "max_position_embeddings", None)
+        data = self.data_module
+        max_length = getattr(data, "max_length", None)
+        if not isinstance(positions, int) or not isinstance(max_length, int) or max_length <= positions:
+            return
+        longest = {split: max(dataset.lengths(), default=0) for split, dataset in data.datasets.items() if hasattr(dataset, "lengths")}  # type: ignore[union-attr]
+        over = {split: n for split, n in longest.items() if n > positions}
+        if over:
+            split = max(over, key=over.__getitem__)
+            model = self.policy.config.model or "the model built from policy.model_config"
+            raise ValueError(
+                f"data.max_length {max_length} is above the model's max_position_embeddings {positions} ({model}), and the {split} split has "
+                f"samples of up to {over[split]} tokens, which the model has no positions for: set data.max_length to {positions} or less "
+                "(--data.init_args.max_length)"
+            )
 
     def check_reference_mode(self) -> None:
         """Refuse ``policy.reference: none`` when the objective needs reference log-probs (at

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -183,15 +182,10 @@ def test_sharded_strategies_are_refused_with_what_to_use() -> None:
 
 
 # ------------------------------------------------------------------ the config
-@pytest.fixture
-def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["ulma"])
-
-
-@pytest.mark.parametrize("positive_term", ["sft", "pointwise_dpo"])
-def test_the_config_logs_reward_positives_kl_length_and_losses(positive_term: str, tmp_path: Path) -> None:
-    cli = ulma_fit("online_ulma", [*small_run(tmp_path, steps=2), "--model.init_args.label_mode=threshold", f"--model.init_args.positive_term={positive_term}"])
-    assert cli.trainer.global_step == 2 and cli.model.positive_term == positive_term
+def test_the_config_logs_reward_positives_kl_length_and_losses(tmp_path: Path) -> None:
+    """Online point-wise DPO (``positive_term: pointwise_dpo``) through the config; the SFT positive term runs in the resume test."""
+    cli = ulma_fit("online_ulma", [*small_run(tmp_path, steps=2), "--model.init_args.label_mode=threshold", "--model.init_args.positive_term=pointwise_dpo"])
+    assert cli.trainer.global_step == 2 and cli.model.positive_term == "pointwise_dpo"
     logged = scalars(tmp_path)
     for name in ("reward", "positive_fraction", "kl", "response_length", "loss", "loss/positive", "loss/negative", "time/generate", "time/score", "time/update"):
         values = logged[f"train/{name}_step"]

@@ -218,3 +218,13 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     assert state.keys() == whole.keys()
     for name, value in whole.items():
         assert torch.equal(state[name], value), name
+
+
+def test_the_rlhf_benchmark_times_an_online_ulma_step(tmp_path: Path) -> None:
+    """benchmarks/bench_rlhf.py's online ULMA row, 1 timed step: every part of the time split is there."""
+    from benchmarks import bench_rlhf
+
+    bench_rlhf.save_model(tmp_path)
+    times = bench_rlhf.ours(tmp_path, 1, "online_ulma")
+    assert set(times) >= {"generate", "score", "logprobs", "reference", "update", "step", "tokens"}
+    assert 0 < times["update"] < times["step"] and times["generate"] > 0

@@ -132,7 +132,7 @@ def main() -> None:
     print(f"| step, {PROMPTS} prompts x k={K}, {NEW_TOKENS} new tokens, CPU | seconds |")
     print("|---|---|")
     for name in ("generate", "score", "logprobs", "reference", "update", "step"):
-        print(f"| ulma-lightning {name} | {mine[name]:.3f} |")
+        print(f"| ulma-lightning RLOO {name} | {mine[name]:.3f} |")
     print(f"| ulma-lightning generation tokens/s | {mine['tokens'] / mine['generate']:.0f} |")
     for name in ("generate", "score", "logprobs", "reference", "update", "step"):
         print(f"| ulma-lightning online ULMA {name} | {online[name]:.3f} |")

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ulma_lightning.losses import ContinuousForm, LossOutput, PositiveTerm, Reduction, ulma_loss
+from ulma_lightning.losses import ContinuousForm, LabelType, LossOutput, PositiveTerm, Reduction, ulma_loss
 from ulma_lightning.modules.base import REFERENCE_PREFIX, OptimizerConfig
 from ulma_lightning.modules.pointwise import check_choices, check_label_options, check_pointwise_options
 from ulma_lightning.modules.rollout import Rollout, RolloutModule, take_rows
@@ -141,7 +141,10 @@ class OnlineULMAModule(RolloutModule):
             if not lo < hi:
                 raise ValueError(f"score_range must be [lo, hi] with lo < hi (the scorer's range), got {list(score_range)}")
             if label_mode == "threshold" and not lo < threshold <= hi:
-                raise ValueError(f"threshold must be in (lo, hi] = ({lo}, {hi}] of score_range, got {threshold}: no sample would be {'positive' if threshold > hi else 'negative'}; or set score_range null for an unbounded scorer")
+                raise ValueError(
+                    f"threshold must be in (lo, hi] = ({lo}, {hi}] of score_range, got {threshold}: no sample would be "
+                    f"{'positive' if threshold > hi else 'negative'}; or set score_range null for an unbounded scorer"
+                )
             score_range = (lo, hi)
         if ref_refresh_every is not None and (policy.reference != "copy" or policy.lora is not None):
             raise ValueError(
@@ -165,7 +168,7 @@ class OnlineULMAModule(RolloutModule):
         reference = (rollout.reference_logps * mask).sum(dim=1)
         if self.average_logps:
             reference = reference / mask.sum(dim=1).clamp(min=1)
-        label_type = "continuous" if self.label_mode == "continuous" else "binary"
+        label_type: LabelType = "continuous" if self.label_mode == "continuous" else "binary"
 
         def step(rows: Tensor) -> LossOutput:
             chosen = rows[kept[rows]]
@@ -205,14 +208,14 @@ class OnlineULMAModule(RolloutModule):
     @torch.no_grad()
     def refresh_reference(self) -> None:
         """Copy the policy's current weights into the frozen reference (``ref_refresh_every``)."""
-        reference = self.policy.reference_model
-        assert reference is not None  # reference: copy, checked at construction
-        reference.load_state_dict(self.policy.model.state_dict())
+        reference, model = self.policy.reference_model, self.policy.model
+        assert reference is not None and model is not None  # reference: copy, checked at construction
+        reference.load_state_dict(model.state_dict())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """With ``ref_refresh_every`` the reference is no longer the start model: keep its weights in the
         checkpoint (the base drops them, to rebuild them from their source), so a resumed run has it."""
         state = checkpoint.get("state_dict", {})
-        reference = {k: v for k, v in state.items() if k.startswith(REFERENCE_PREFIX)} if self.ref_refresh_every is not None else {}
+        reference: dict[str, Any] = {k: v for k, v in state.items() if k.startswith(REFERENCE_PREFIX)} if self.ref_refresh_every is not None else {}
         super().on_save_checkpoint(checkpoint)
         checkpoint.setdefault("state_dict", {}).update(reference)

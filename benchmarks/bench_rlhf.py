@@ -1,5 +1,6 @@
 """RLHF speed: the library's RLOO step (time split generate / score / log-probs / reference / update,
-generation tokens/s) beside TRL 1.16's ``RLOOTrainer`` on the same model, prompts and settings, in one run.
+generation tokens/s) beside TRL 1.16's ``RLOOTrainer`` on the same model, prompts and settings, in one run,
+and the library's online ULMA step (``OnlineULMAModule``, the same rollout, k and reward) beside them.
 
 ``PYTHONPATH=. python -m benchmarks.bench_rlhf [--steps 8]`` prints a markdown table. Both sides: the
 ``configs/rloo.yaml`` model (random init, saved once to a folder both load), the demo tokenizer, 8
@@ -21,7 +22,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from ulma_lightning import PolicyConfig, PromptDataModule, RLOOModule
+from ulma_lightning import OnlineULMAModule, PolicyConfig, PromptDataModule, RLOOModule
 from ulma_lightning.data.demo import score_response
 from ulma_lightning.data.formatting import format_prompt
 from ulma_lightning.evaluation.generation import GenerationConfig
@@ -57,15 +58,16 @@ class StepTimes(pl.Callback):
         self.rows.append(row)
 
 
-def ours(folder: Path, steps: int) -> dict[str, float]:
+def ours(folder: Path, steps: int, method: str = "rloo") -> dict[str, float]:
+    """The mean time split of ``steps`` steps of ``method``: ``rloo`` or ``online_ulma`` (k=K, labels
+    top vs rest, beta 1.0 per token)."""
     pl.seed_everything(0)
-    module = RLOOModule(
-        PolicyConfig(model=str(folder), reference="copy"),
-        OptimizerConfig(lr=LR, schedule="constant"),
-        generation=GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=True),
-        rloo_k=K,
-        kl_coef=BETA,
-    )
+    common: dict[str, Any] = {"generation": GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=True)}
+    policy, optimizer = PolicyConfig(model=str(folder), reference="copy"), OptimizerConfig(lr=LR, schedule="constant")
+    if method == "rloo":
+        module: pl.LightningModule = RLOOModule(policy, optimizer, rloo_k=K, kl_coef=BETA, **common)
+    else:
+        module = OnlineULMAModule(policy, optimizer, samples_per_prompt=K, **common)
     data = PromptDataModule(train=SOURCE, max_length=128, batch_size=PROMPTS)
     times = StepTimes()
     trainer = pl.Trainer(max_steps=steps + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -121,16 +123,19 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="bench-rlhf-model-"))
     save_model(folder)
     mine = ours(folder, options.steps)
+    online = ours(folder, options.steps, "online_ulma")
     try:
         theirs: dict[str, float] | None = trl(folder, options.steps)
     except Exception as exc:  # report, do not hide: the table says TRL did not run and why
         print(f"TRL RLOOTrainer did not run: {type(exc).__name__}: {exc}")
         theirs = None
-    print(f"| RLOO step, {PROMPTS} prompts x k={K}, {NEW_TOKENS} new tokens, CPU | seconds |")
+    print(f"| step, {PROMPTS} prompts x k={K}, {NEW_TOKENS} new tokens, CPU | seconds |")
     print("|---|---|")
     for name in ("generate", "score", "logprobs", "reference", "update", "step"):
-        print(f"| ulma-lightning {name} | {mine[name]:.3f} |")
+        print(f"| ulma-lightning RLOO {name} | {mine[name]:.3f} |")
     print(f"| ulma-lightning generation tokens/s | {mine['tokens'] / mine['generate']:.0f} |")
+    for name in ("generate", "score", "logprobs", "reference", "update", "step"):
+        print(f"| ulma-lightning online ULMA {name} | {online[name]:.3f} |")
     if theirs is not None:
         print(f"| TRL 1.16 RLOOTrainer step | {theirs['step']:.3f} |")
         print(f"| ratio TRL / ulma-lightning (step time) | {theirs['step'] / mine['step']:.2f} |")

@@ -3,6 +3,7 @@
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig
 from ulma_lightning.modules.dpo import DPOModule
 from ulma_lightning.modules.kto import KTOModule
+from ulma_lightning.modules.online_ulma import OnlineULMAModule
 from ulma_lightning.modules.pointwise import PointwiseDPOModule, PointwiseModule
 from ulma_lightning.modules.ppo import PPOModule
 from ulma_lightning.modules.reward import RewardModel, RewardModelModule
@@ -27,4 +28,5 @@ __all__ = [
     "RolloutModule",
     "PPOModule",
     "RLOOModule",
+    "OnlineULMAModule",
 ]

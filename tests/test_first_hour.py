@@ -1,0 +1,108 @@
+"""A new user's first hour with their own model (issue 27, items 8-9): the tokenizer they saved is the
+one that trains and is exported; LoRA's reference is the policy with adapters off; an exported adapter
+names its base by an absolute path.
+
+Commands run through the CLI as the README writes them, on a tiny local Qwen2-style model with its own
+ChatML tokenizer (made by ``tokenizers`` and saved with ``PreTrainedTokenizerFast.save_pretrained``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from test_own_model import hh_records, make_local_model, run_ulma, write_jsonl
+
+from ulma_lightning.tokenizers import SAMPLE_TEXT, load_tokenizer
+
+#: text whose BPE merges (blank lines, runs of digits) a Qwen2 pre-tokenizer splits differently
+NUMBERS = [f"\n\nHuman: In {1990 + i}, what was 12 + {i}?\n\nAssistant: {2024 + i} and {i * 7}." for i in range(120)]
+
+
+def raw_ids(folder: Path, text: str) -> list[int]:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A user's folder: ``model/`` (Qwen2-style, its own ChatML tokenizer) and train/val files."""
+    root = tmp_path_factory.mktemp("first_hour")
+    records = hh_records(40)
+    make_local_model(root / "model", [r["chosen"] for r in records] + NUMBERS)
+    write_jsonl(root / "train.jsonl", records[:32])
+    write_jsonl(root / "val.jsonl", records[32:])
+    return root
+
+
+def test_the_saved_tokenizer_is_the_one_loaded(user: Path) -> None:
+    from transformers import AutoTokenizer
+
+    folder = user / "model"
+    auto = AutoTokenizer.from_pretrained(folder)
+    # the trap: transformers picks Qwen2Tokenizer from the model's type, with other ids than the saved file
+    assert auto(SAMPLE_TEXT, add_special_tokens=False)["input_ids"] != raw_ids(folder, SAMPLE_TEXT)
+    tokenizer = load_tokenizer(str(folder))
+    for text in (SAMPLE_TEXT, NUMBERS[3], "\n\nHuman: 007 x 3 = 21\n\n\nAssistant:  ok"):
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == raw_ids(folder, text)
+    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.padding_side) == ("<|endoftext|>", "<|pad|>", "right")
+    assert tokenizer.chat_template == auto.chat_template and "<|im_start|>" in tokenizer.chat_template
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") == auto.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_a_tokenizer_that_loads_as_saved_is_kept(tmp_path: Path) -> None:
+    from ulma_lightning.tokenizers import as_transformers_tokenizer, train_byte_level_bpe
+
+    as_transformers_tokenizer(train_byte_level_bpe(NUMBERS, vocab_size=300)).save_pretrained(tmp_path)  # no model config: no other class
+    tokenizer = load_tokenizer(str(tmp_path))
+    assert type(tokenizer).__name__ in ("TokenizersBackend", "PreTrainedTokenizerFast")
+    assert tokenizer(SAMPLE_TEXT, add_special_tokens=False)["input_ids"] == raw_ids(tmp_path, SAMPLE_TEXT)
+
+
+def test_lora_fit_trains_and_exports_the_users_tokenizer_without_a_reference_copy(user: Path, tmp_path: Path) -> None:
+    """README: ``ulma fit --config configs/ulma.yaml --model.init_args.policy.model ... --model.init_args.policy.lora.r 8``,
+    with the model folder named relative to the working folder, then ``ulma export --keep-adapter``."""
+    (tmp_path / "model").symlink_to(user / "model")
+    fit = (
+        f"ulma fit --config {REPO}/configs/ulma.yaml --model.init_args.policy.model model --model.init_args.policy.lora.r 8"
+        f" --data.init_args.train {user}/train.jsonl --data.init_args.val {user}/val.jsonl"
+        " --trainer.max_steps 2 --trainer.enable_progress_bar false --trainer.limit_val_batches 1"
+    )
+    done = run_ulma(fit, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "AutoTokenizer loads it as Qwen2Tokenizer" in done.stderr
+    run = tmp_path / "runs" / "ulma" / "version_0"
+
+    # the exported tokenizer encodes as the user's tokenizer.json
+    exported = load_tokenizer(str(run / "hf_model"))
+    assert exported(SAMPLE_TEXT, add_special_tokens=False)["input_ids"] == raw_ids(user / "model", SAMPLE_TEXT)
+    assert raw_ids(run / "hf_model", SAMPLE_TEXT) == raw_ids(user / "model", SAMPLE_TEXT)
+
+    # LoRA's default reference: the policy with adapters off, no frozen copy in the checkpoint
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert any("lora_A" in key for key in state["state_dict"])
+    assert not any("reference_model" in key for key in state["state_dict"])
+
+    # the adapter names its base by an absolute path that exists from any folder
+    out = tmp_path / "adapter"
+    done = run_ulma(f"ulma export --ckpt {run}/checkpoints/last.ckpt --out {out} --keep-adapter", tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base).is_absolute() and Path(base) == (tmp_path / "model").absolute(), base
+    assert (Path(base) / "config.json").exists()
+
+
+def test_reference_auto_resolves_per_lora_and_an_explicit_mode_is_kept() -> None:
+    from conftest import TINY_LLAMA
+
+    from ulma_lightning.policy import LoraSettings, PolicyConfig
+
+    assert PolicyConfig(model_config=TINY_LLAMA).reference == "copy"
+    assert PolicyConfig(model_config=TINY_LLAMA, lora=LoraSettings(r=4)).reference == "adapter"
+    assert PolicyConfig(model_config=TINY_LLAMA, lora=LoraSettings(r=4), reference="copy").reference == "copy"
+    assert PolicyConfig(model_config=TINY_LLAMA, lora=LoraSettings(r=4), reference="precomputed").reference == "precomputed"
+    assert PolicyConfig(model_config=TINY_LLAMA, lora=LoraSettings(r=4), reference_model="some/sft").reference == "copy"

@@ -106,3 +106,57 @@ def test_reference_auto_resolves_per_lora_and_an_explicit_mode_is_kept() -> None
     assert PolicyConfig(model_config=TINY_LLAMA, lora=LoraSettings(r=4), reference="copy").reference == "copy"
     assert PolicyConfig(model_config=TINY_LLAMA, lora=LoraSettings(r=4), reference="precomputed").reference == "precomputed"
     assert PolicyConfig(model_config=TINY_LLAMA, lora=LoraSettings(r=4), reference_model="some/sft").reference == "copy"
+
+
+#: what ``ulma fit`` printed before issue 27 item 10, none of which a user can act on
+NOISE = (
+    "No negative samples in targets",  # torchmetrics: an AUC over one class
+    "No positive samples in targets",
+    "LeafSpec",  # torch's deprecation, raised inside Lightning's _pytree.py
+    "litlogger",  # Lightning's tip
+    "is_gradient_checkpointing",  # transformers' FutureWarning, raised inside peft
+    "v_num",  # the run's version in the progress bar
+)
+
+
+def test_the_first_command_prints_nothing_a_user_cannot_act_on(tmp_path: Path) -> None:
+    """README: ``ulma fit --config configs/ulma.yaml`` (a few steps, with its progress bar)."""
+    done = run_ulma(f"ulma fit --config {REPO}/configs/ulma.yaml --trainer.max_steps 4", tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = done.stdout + done.stderr
+    assert "Epoch 0" in printed and "train/loss" in printed  # the progress bar was drawn
+    assert [noise for noise in NOISE if noise in printed] == []
+
+
+def test_lora_wrapping_raises_no_warning() -> None:
+    import warnings
+
+    from conftest import TINY_LLAMA
+
+    from ulma_lightning.policy import LoraSettings, Policy, PolicyConfig
+
+    policy = Policy(PolicyConfig(model_config=TINY_LLAMA, lora=LoraSettings(r=4)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        policy.build()
+    assert [str(w.message) for w in caught if "checkpointing" in str(w.message)] == []
+    assert policy.reference_model is None  # reference: auto is adapter with LoRA
+
+
+def test_auc_is_not_logged_for_one_class() -> None:
+    import torch
+
+    from conftest import TINY_LLAMA
+
+    from ulma_lightning import ULMAModule
+    from ulma_lightning.policy import PolicyConfig
+
+    module = ULMAModule(PolicyConfig(model_config=TINY_LLAMA))
+    logged: dict[str, float] = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))  # type: ignore[method-assign]
+    module._reward_outputs["val"] = [(torch.tensor([0.6, 0.7]), torch.tensor([1, 1]), torch.zeros(2), torch.ones(2))]
+    module.log_reward_metrics("val")
+    assert "val/rewards/accuracy" in logged and "val/rewards/auc" not in logged
+    module._reward_outputs["val"] = [(torch.tensor([0.6, 0.4]), torch.tensor([1, 0]), torch.zeros(2), torch.tensor([1.0, 0.0]))]
+    module.log_reward_metrics("val")
+    assert logged["val/rewards/auc"] == 1.0

@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from ulma_lightning.checkpointing import check_same_classes, read_checkpoint_metadata
 from ulma_lightning.evaluation.writer import PredictionWriter
+from ulma_lightning.noise import without_version_in_progress_bar
 from ulma_lightning.policy import default_tokenizer
 
 HELP_EPILOG = (
@@ -291,6 +292,7 @@ class ULMACLI(LightningCLI):
             if cause is err:
                 raise
             raise ConfigError(f"{_built_class(cause) or 'the config'}: {cause} (fix it in the config or on the command line)") from cause
+        without_version_in_progress_bar(self.trainer)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

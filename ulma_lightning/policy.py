@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ulma_lightning.compiling import compile_blocks, compile_options
 from ulma_lightning.logprobs import TokenLogps, response_token_logps
+from ulma_lightning.noise import peft_wrapping
 from ulma_lightning.options import TORCH_DTYPES, check_numbers
 from ulma_lightning.tokenizers import DEMO_TOKENIZER, load_tokenizer
 
@@ -322,7 +323,8 @@ class PretrainedModel(nn.Module):
             target_modules=lora.target_modules,
             task_type=task_type,
         )
-        return get_peft_model(model, config)
+        with peft_wrapping():  # peft reads transformers' deprecated is_gradient_checkpointing
+            return get_peft_model(model, config)
 
     @property
     def lockstep(self) -> bool:

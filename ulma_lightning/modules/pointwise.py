@@ -137,7 +137,8 @@ class PointwiseModule(AlignmentModule):
         suffix = "_epoch" if stage == "train" else ""
         # the values are already global: sync_dist averages equal values (and keeps Lightning quiet)
         self.log(f"{stage}/rewards/accuracy{suffix}", binary_accuracy(probability, target), sync_dist=True)
-        self.log(f"{stage}/rewards/auc{suffix}", binary_auroc(probability, target), sync_dist=True)
+        if bool((target == 0).any()) and bool((target == 1).any()):  # AUC needs both classes (torchmetrics would return 0 and warn)
+            self.log(f"{stage}/rewards/auc{suffix}", binary_auroc(probability, target), sync_dist=True)
         if self.label_type == "continuous" and stage != "train" and target.numel() > 1:
             self.log(f"{stage}/rewards/pearson", pearson_corrcoef(reward, score), sync_dist=True)
             self.log(f"{stage}/rewards/spearman", spearman_corrcoef(reward, score), sync_dist=True)

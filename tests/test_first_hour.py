@@ -144,7 +144,6 @@ def test_lora_wrapping_raises_no_warning() -> None:
 
 
 def test_auc_is_not_logged_for_one_class() -> None:
-    import torch
 
     from conftest import TINY_LLAMA
 

@@ -22,6 +22,7 @@ from ulma_lightning.checkpointing import check_same_classes, read_checkpoint_met
 from ulma_lightning.evaluation.writer import PredictionWriter
 from ulma_lightning.noise import without_version_in_progress_bar
 from ulma_lightning.policy import default_tokenizer
+from ulma_lightning.shipped import resolve_config_names
 
 HELP_EPILOG = (
     "The model's and the data's options depend on their class: `ulma fit --model.help ULMAModule` and "
@@ -118,6 +119,10 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "compare": (
         "ulma_lightning.compare.runner:compare_main",
         "Train and evaluate a grid of methods over seeds; write results.md, results.json and plots.",
+    ),
+    "configs": (
+        "ulma_lightning.shipped:configs_main",
+        "List the shipped configs (`--config NAME` uses one), or copy one to edit: `ulma configs cp ulma my.yaml`.",
     ),
 }
 
@@ -307,9 +312,9 @@ class ULMACLI(LightningCLI):
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Parse as LightningCLI does, with ``null`` for a nested model/data option kept a null."""
         if args is None:
-            sys.argv[1:] = nulls_as_init_args(sys.argv[1:])
+            sys.argv[1:] = nulls_as_init_args(resolve_config_names(sys.argv[1:]))
         elif isinstance(args, (list, tuple)):
-            args = nulls_as_init_args(list(args))
+            args = nulls_as_init_args(resolve_config_names(list(args)))
         with refuse_dropped_init_args():
             super().parse_arguments(parser, args)
 

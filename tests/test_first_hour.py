@@ -127,6 +127,19 @@ def test_the_first_command_prints_nothing_a_user_cannot_act_on(tmp_path: Path) -
     assert "Epoch 0" in printed and "train/loss" in printed  # the progress bar was drawn
     assert [noise for noise in NOISE if noise in printed] == []
 
+    # item 11: TensorBoard's HPARAMS view without LightningCLI's _instantiator, hp_metric without a -1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    run = tmp_path / "runs" / "ulma" / "version_0"
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    start = plugin_data_pb2.HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+    assert "beta" in start.hparams and not [name for name in start.hparams if "_instantiator" in name]
+    assert "_instantiator" not in (run / "hparams.yaml").read_text()
+    val_loss, hp_metric = events.Scalars("val/loss"), events.Scalars("hp_metric")
+    assert [(e.step, e.value) for e in hp_metric] == [(e.step, e.value) for e in val_loss] and len(val_loss) >= 1
+
 
 def test_lora_wrapping_raises_no_warning() -> None:
     import warnings
@@ -159,3 +172,62 @@ def test_auc_is_not_logged_for_one_class() -> None:
     module._reward_outputs["val"] = [(torch.tensor([0.6, 0.4]), torch.tensor([1, 0]), torch.zeros(2), torch.tensor([1.0, 0.0]))]
     module.log_reward_metrics("val")
     assert logged["val/rewards/auc"] == 1.0
+
+
+def test_kto_logs_reward_accuracy_and_auc_like_the_other_methods(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+    from conftest import TINY_LLAMA
+
+    from ulma_lightning import KTOModule, PointwiseDataModule
+    from ulma_lightning.policy import PolicyConfig
+
+    module = KTOModule(PolicyConfig(model_config=TINY_LLAMA), beta=0.1)
+    datamodule = PointwiseDataModule(train="demo://binary?n=40", val="demo://binary?split=validation&n=16", batch_size=8)
+    trainer = pl.Trainer(
+        max_steps=3, val_check_interval=3, num_sanity_val_steps=0, logger=False, accelerator="cpu",
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    assert 0.0 <= metrics["val/rewards/accuracy"] <= 1.0 and 0.0 <= metrics["val/rewards/auc"] <= 1.0
+    assert 0.0 <= metrics["train/rewards/accuracy_step"] <= 1.0
+    assert metrics["val/kl"] >= max(0.0, metrics["val/kl_estimate"]) - 1e-6  # kl: the mean of the batches' clamped estimates
+
+    # the accuracy is KTO's decision, h > z0, over the validation samples
+    module.eval()
+    batches = list(datamodule.val_dataloader())
+    outcomes = []
+    with torch.no_grad():
+        for batch in batches:
+            out = module.compute_loss(batch, "test")
+            ratio = module.policy.logps(batch, average=module.average_logps) - module.policy.reference_logps(batch, average=module.average_logps)
+            outcomes += ((ratio > out.metrics["kl"]) == (batch["score"] >= 1.0)).tolist()
+    module._reward_outputs["test"] = []
+    assert metrics["val/rewards/accuracy"] == pytest.approx(sum(outcomes) / len(outcomes), abs=1e-6)
+
+
+def test_a_small_model_runs_on_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from conftest import TINY_LLAMA
+
+    from ulma_lightning import ULMAModule, threads
+    from ulma_lightning.policy import PolicyConfig
+
+    for name in threads.THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    module = ULMAModule(PolicyConfig(model_config=TINY_LLAMA))
+    module.configure_model()
+    cpu = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    torch.set_num_threads(2)
+    threads.SmallModelThreads().on_fit_start(cpu, module)  # type: ignore[arg-type]
+    assert torch.get_num_threads() == 1
+
+    torch.set_num_threads(2)
+    monkeypatch.setattr(threads, "SMALL_MODEL_PARAMETERS", 1000)  # a model above the bound keeps its threads
+    threads.SmallModelThreads().on_fit_start(cpu, module)  # type: ignore[arg-type]
+    assert torch.get_num_threads() == 2
+    monkeypatch.setattr(threads, "SMALL_MODEL_PARAMETERS", 10**9)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice stands
+    threads.SmallModelThreads().on_fit_start(cpu, module)  # type: ignore[arg-type]
+    assert torch.get_num_threads() == 2

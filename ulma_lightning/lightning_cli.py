@@ -23,6 +23,7 @@ from ulma_lightning.evaluation.writer import PredictionWriter
 from ulma_lightning.noise import without_version_in_progress_bar
 from ulma_lightning.policy import default_tokenizer
 from ulma_lightning.shipped import resolve_config_names
+from ulma_lightning.threads import add_small_model_threads
 
 HELP_EPILOG = (
     "The model's and the data's options depend on their class: `ulma fit --model.help ULMAModule` and "
@@ -298,6 +299,7 @@ class ULMACLI(LightningCLI):
                 raise
             raise ConfigError(f"{_built_class(cause) or 'the config'}: {cause} (fix it in the config or on the command line)") from cause
         without_version_in_progress_bar(self.trainer)
+        add_small_model_threads(self.trainer)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

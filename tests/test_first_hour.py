@@ -231,3 +231,10 @@ def test_a_small_model_runs_on_one_thread(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice stands
     threads.SmallModelThreads().on_fit_start(cpu, module)  # type: ignore[arg-type]
     assert torch.get_num_threads() == 2
+
+
+def test_the_evaluation_table_shows_a_small_value_as_non_zero() -> None:
+    from ulma_lightning.evaluation.evaluate import format_report
+
+    table = format_report({"test": {"test/kl": 3.2e-05, "test/loss": 0.5, "test/kl_estimate": 0.0}})
+    assert "test/kl           3.200e-05" in table and "0.5000" in table and "test/kl_estimate  0.0000" in table

@@ -127,3 +127,16 @@ def test_fit_with_a_shipped_name_trains(tmp_path: Path) -> None:
     saved = yaml.safe_load((tmp_path / "runs" / "ulma" / "version_0" / "config.yaml").read_text())
     assert saved["model"]["class_path"] == "ulma_lightning.ULMAModule"
     assert (tmp_path / "runs" / "ulma" / "version_0" / "hf_model" / "config.json").exists()
+
+
+def test_compare_falls_back_to_the_shipped_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A grid in a folder without configs/ (an installed user's): its methods are the shipped configs."""
+    from test_compare import GRID, write_grid
+
+    from ulma_lightning.compare.spec import PACKAGE_CONFIGS, load_grid
+    from ulma_lightning.shipped import shipped_configs_dir
+
+    monkeypatch.chdir(tmp_path)
+    grid = load_grid(write_grid(tmp_path, GRID))
+    assert PACKAGE_CONFIGS == shipped_configs_dir()
+    assert {stage.config for run in grid.runs for stage in run.stages} == {shipped_configs()[name] for name in ("sft", "dpo", "ulma")}

@@ -8,7 +8,7 @@ Each is matched by its source and its text, never a whole category: any other wa
 - transformers 5's ``is_gradient_checkpointing`` ``FutureWarning``, raised when peft reads the
   deprecated property while wrapping a model in LoRA adapters (silenced around that call only,
   :func:`peft_wrapping`).
-- ``v_num`` in the progress bar: the run's version, not a metric (the run's folder is logged).
+- ``v_num`` in the progress bar: the run's version number, not a metric (its folder is runs/NAME/version_N).
 """
 
 from __future__ import annotations

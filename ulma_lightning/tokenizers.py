@@ -168,7 +168,8 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
     """A tokenizer from a hub id, a local folder, ``builtin:demo`` or ``builtin:task``.
 
     A tokenizer without a pad token gets its EOS token as pad (the attention mask, not the pad id,
-    decides what the model sees).
+    decides what the model sees). A folder's (or cached hub model's) ``tokenizer.json`` is the
+    tokenizer as saved: :func:`as_saved` (not with ``trust_remote_code``).
     """
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX) :]
@@ -179,7 +180,8 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    tokenizer = as_saved(tokenizer, source)
+    if not trust_remote_code:  # a tokenizer with its own code may encode otherwise by design
+        tokenizer = as_saved(tokenizer, source)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {source!r} has neither a pad nor an EOS token; add one and save it again")

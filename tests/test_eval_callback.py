@@ -8,12 +8,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 from conftest import TINY_LLAMA
-from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from ulma_lightning import PointwiseDataModule, PolicyConfig, ULMAModule
 from ulma_lightning.evaluation import DemoScorer, GenerationConfig, GenerationSamples
+from ulma_lightning.loggers import TensorBoardLogger
 
 
 def test_callback_writes_text_histograms_and_hparams(tmp_path: Path) -> None:
@@ -32,8 +32,8 @@ def test_callback_writes_text_histograms_and_hparams(tmp_path: Path) -> None:
     texts = events.Tensors("samples/generations/text_summary")
     assert [t.step for t in texts] == [2, 4]
     table = texts[-1].tensor_proto.string_val[0].decode().splitlines()
-    assert table[0] == "| prompt | response | score |" and len(table) == 2 + 3
-    scores = [float(line.rsplit("|", 2)[-2]) for line in table[2:]]
+    assert table[0] == "| prompt | (score) response |" and len(table) == 2 + 3  # no narrow score column to wrap
+    scores = [float(line.split("| **", 1)[1].split("**", 1)[0]) for line in table[2:]]
     assert all(0.0 <= s <= 1.0 for s in scores)
     assert [e.value for e in events.Scalars("samples/mean_score")][-1] == pytest.approx(sum(scores) / 3, abs=1e-3)
 
@@ -42,12 +42,15 @@ def test_callback_writes_text_histograms_and_hparams(tmp_path: Path) -> None:
     assert positives and negatives
     for name, count in (("positive", positives), ("negative", negatives)):
         histograms = events.Histograms(f"val/rewards/{name}_hist")
-        assert [h.step for h in histograms] == [2, 4]
+        assert [h.step for h in histograms] == [e.step for e in events.Scalars("val/loss")] == [1, 3]  # val/loss's steps
         assert all(h.histogram_value.num == count for h in histograms)  # one value per sample
 
     val_loss = [e.value for e in events.Scalars("val/loss")]
-    hp_metric = [e.value for e in events.Scalars("hp_metric")]
-    assert hp_metric[0] == -1 and hp_metric[-1] == pytest.approx(val_loss[-1])
+    hp_metric = events.Scalars("hp_metric")  # val/loss's values at val/loss's steps, no -1 placeholder first
+    assert [e.step for e in hp_metric] == [e.step for e in events.Scalars("val/loss")]
+    assert [e.value for e in hp_metric] == pytest.approx(val_loss)
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/experiment"]).experiment
+    assert [m.name.tag for m in experiment.metric_infos] == ["hp_metric"]  # still named in the HPARAMS view
     content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
     assert start.hparams["beta"].number_value == pytest.approx(0.1)

@@ -31,10 +31,12 @@ from ulma_lightning.lightning_cli import (  # noqa: F401  (the names this module
     root_loggers_at_default_root_dir,
 )
 from ulma_lightning.modules.base import AlignmentModule
+from ulma_lightning.noise import silence_known_noise
 
 
 def main(args: list[str] | None = None) -> Any:
     """Entry point of the ``ulma`` console script (the :data:`EXTRA_COMMANDS` are dispatched here)."""
+    silence_known_noise()
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in EXTRA_COMMANDS:
         module, _, function = EXTRA_COMMANDS[argv[0]][0].partition(":")

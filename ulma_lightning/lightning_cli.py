@@ -25,7 +25,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from ulma_lightning.checkpointing import check_same_classes, read_checkpoint_metadata
 from ulma_lightning.evaluation.writer import PredictionWriter
 from ulma_lightning.gguf_models import model_source
+from ulma_lightning.noise import without_version_in_progress_bar
 from ulma_lightning.policy import default_tokenizer
+from ulma_lightning.shipped import resolve_config_names
+from ulma_lightning.threads import add_small_model_threads
 
 HELP_EPILOG = (
     "The model's and the data's options depend on their class: `ulma fit --model.help ULMAModule` and "
@@ -123,6 +126,10 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "compare": (
         "ulma_lightning.compare.runner:compare_main",
         "Train and evaluate a grid of methods over seeds; write results.md, results.json and plots.",
+    ),
+    "configs": (
+        "ulma_lightning.shipped:configs_main",
+        "List the shipped configs (`--config NAME` uses one), or copy one to edit: `ulma configs cp ulma my.yaml`.",
     ),
 }
 
@@ -395,6 +402,8 @@ class ULMACLI(LightningCLI):
             if cause is err:
                 raise
             raise ConfigError(f"{_built_class(cause) or 'the config'}: {cause} (fix it in the config or on the command line)") from cause
+        without_version_in_progress_bar(self.trainer)
+        add_small_model_threads(self.trainer)
 
     def before_instantiate_classes(self) -> None:
         show_data_report()
@@ -411,9 +420,9 @@ class ULMACLI(LightningCLI):
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Parse as LightningCLI does, with ``null`` for a nested model/data option kept a null."""
         if args is None:
-            sys.argv[1:] = nulls_as_init_args(sys.argv[1:])
+            sys.argv[1:] = nulls_as_init_args(resolve_config_names(sys.argv[1:]))
         elif isinstance(args, (list, tuple)):
-            args = nulls_as_init_args(list(args))
+            args = nulls_as_init_args(resolve_config_names(list(args)))
         with refuse_dropped_init_args():
             super().parse_arguments(parser, args)
 

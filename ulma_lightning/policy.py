@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,12 +17,13 @@ from torch import Tensor, nn
 from ulma_lightning.compiling import compile_blocks, compile_options
 from ulma_lightning.gguf_models import is_gguf, load_gguf_config, load_gguf_model, model_source
 from ulma_lightning.logprobs import TokenLogps, response_token_logps
+from ulma_lightning.noise import peft_wrapping
 from ulma_lightning.options import TORCH_DTYPES, check_numbers
 from ulma_lightning.tokenizers import DEMO_TOKENIZER, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-ReferenceMode = Literal["copy", "adapter", "precomputed", "none"]
+ReferenceMode = Literal["auto", "copy", "adapter", "precomputed", "none"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
@@ -64,7 +66,8 @@ class PolicyConfig:
             ``builtin:demo`` for a model built from ``model_config``. A tokenizer that does not fit the model's embeddings is an error.
         dtype: the weights' dtype. For mixed precision keep ``float32`` and set the trainer's
             ``precision: bf16-mixed``.
-        reference: ``copy`` (a frozen model: ``reference_model`` or a copy of the initial policy),
+        reference: ``auto`` (the default: ``adapter`` with LoRA on and no ``reference_model``, else
+            ``copy``), ``copy`` (a frozen model: ``reference_model`` or a copy of the initial policy),
             ``adapter`` (the LoRA policy with adapters disabled; no second copy of the weights),
             ``precomputed`` (reference log-probs computed once before training and stored with each
             sample), ``none`` (for objectives without a reference).
@@ -96,7 +99,7 @@ class PolicyConfig:
     model_config: dict[str, Any] | None = None
     tokenizer: str | None = None
     dtype: DType = "float32"
-    reference: ReferenceMode = "copy"
+    reference: ReferenceMode = "auto"
     reference_model: str | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)  # type: ignore[assignment]
     gradient_checkpointing: bool = False
@@ -113,6 +116,8 @@ class PolicyConfig:
             if self.lora != LoraSettings():
                 raise ValueError(f"policy.lora: {self.lora} sets adapter options but r is 0 (LoRA off); set lora.r, e.g. 8")
             self.lora = None  # type: ignore[assignment]  # r: 0 is the shown default: full fine-tuning (the field is typed LoraSettings for the CLI)
+        if self.reference == "auto":  # LoRA needs no second copy of the weights: its reference is the policy, adapters off
+            self.reference = "adapter" if self.lora is not None and self.reference_model is None else "copy"
         if self.model is None and self.model_config is None:
             raise ValueError("PolicyConfig needs `model` (hub id or folder) or `model_config` (random init)")
         if self.gguf_file is not None and (self.model is None or is_gguf(self.model) or not is_gguf(self.gguf_file)):
@@ -142,6 +147,14 @@ def default_tokenizer(tokenizer: str | None, model: str | None) -> str:
     """The tokenizer a policy uses: the one named, else the model's own, else (a model built from
     ``model_config``) the offline demo tokenizer."""
     return tokenizer or model or DEMO_TOKENIZER
+
+
+def absolute_if_local(source: str | None) -> str | None:
+    """``source`` as an absolute path when it names an existing local folder or file, else unchanged
+    (a hub id, or None)."""
+    if source is not None and os.path.exists(source):
+        return os.path.abspath(source)
+    return source
 
 
 def check_vocab_fits(model: nn.Module, tokenizer: Any, config: PolicyConfig) -> None:
@@ -252,6 +265,8 @@ class PretrainedModel(nn.Module):
     def _load(self, source: str | None, *, empty: bool = False) -> nn.Module:
         import transformers
 
+        source = absolute_if_local(source)  # the model's name_or_path, and so an exported adapter's base, holds from any folder
+
         auto_class = getattr(transformers, self.auto_class)
         cfg = self.config
         kwargs: dict[str, Any] = {"dtype": TORCH_DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
@@ -329,7 +344,8 @@ class PretrainedModel(nn.Module):
             target_modules=lora.target_modules,
             task_type=task_type,
         )
-        return get_peft_model(model, config)
+        with peft_wrapping():  # peft reads transformers' deprecated is_gradient_checkpointing
+            return get_peft_model(model, config)
 
     @property
     def lockstep(self) -> bool:

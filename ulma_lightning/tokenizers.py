@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import functools
+import logging
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 DEMO_TOKENIZER = "builtin:demo"
@@ -106,12 +110,77 @@ def pad_token_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+#: Text on which a loaded tokenizer must give the ids of the ``tokenizer.json`` it was loaded from:
+#: blank lines, digits, decomposed and composed accents, runs of spaces, tabs, punctuation, CJK.
+SAMPLE_TEXT = "\n\nHuman: In 2024, 1234 + 56 = 1290?  Cafe\u0301 cafe\u0301s na\u00efve\t\u00c5ngstr\u00f6m \u4f60\u597d!\n\nAssistant: Yes -- 3.14.\n"
+
+
+def saved_tokenizer_json(source: str) -> str | None:
+    """The ``tokenizer.json`` of a local folder or of a hub id already in the local cache, else None."""
+    path = os.path.join(source, "tokenizer.json")
+    if os.path.isdir(source):
+        return path if os.path.isfile(path) else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return None
+    found = try_to_load_from_cache(source, "tokenizer.json")
+    return found if isinstance(found, str) else None
+
+
+def _sample_ids(tokenizer: Any) -> list[int]:
+    return list(tokenizer(SAMPLE_TEXT, add_special_tokens=False)["input_ids"])
+
+
+def as_saved(tokenizer: Any, source: str) -> Any:
+    """``tokenizer`` if it encodes like the ``tokenizer.json`` saved at ``source``, else that file as saved.
+
+    transformers picks a tokenizer class from the model's type: a tokenizer trained with ``tokenizers``
+    and saved with ``PreTrainedTokenizerFast.save_pretrained`` beside a Qwen2 config reloads as
+    ``Qwen2Tokenizer``, whose own normalizer and pre-tokenizer give other ids (for blank lines and
+    digits). The user's ``tokenizer.json`` is what the model was trained with: on a sample text, the
+    loaded tokenizer must give its ids; if not, it is loaded as ``PreTrainedTokenizerFast`` (special
+    tokens and chat template from the folder), with a warning; if that still differs, an error.
+    """
+    path = saved_tokenizer_json(source)
+    if path is None or not getattr(tokenizer, "is_fast", False):
+        return tokenizer
+    from tokenizers import Tokenizer
+
+    expected = Tokenizer.from_file(path).encode(SAMPLE_TEXT, add_special_tokens=False).ids
+    if _sample_ids(tokenizer) == expected:
+        return tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    loaded_as = type(tokenizer).__name__
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
+    if _sample_ids(tokenizer) != expected:
+        raise ValueError(
+            f"tokenizer {source!r}: transformers loads it as {loaded_as}, and neither that class nor PreTrainedTokenizerFast gives the ids of its "
+            f"tokenizer.json ({path}) on a sample text; save the tokenizer again with save_pretrained, or name another with policy.tokenizer"
+        )
+    if source not in _WARNED:
+        _WARNED.add(source)
+        log.warning(
+            "tokenizer %r: AutoTokenizer loads it as %s, which encodes differently from its tokenizer.json (other normalizer or pre-tokenizer); "
+            "using tokenizer.json as saved (PreTrainedTokenizerFast). Load the exported model's tokenizer the same way: "
+            "PreTrainedTokenizerFast.from_pretrained(folder)",
+            source,
+            loaded_as,
+        )
+    return tokenizer
+
+
+_WARNED: set[str] = set()
+
+
 def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
     """A tokenizer from a hub id, a local folder, a ``.gguf`` file (its metadata's tokenizer and chat
     template), ``builtin:demo`` or ``builtin:task``.
 
     A tokenizer without a pad token gets its EOS token as pad (the attention mask, not the pad id,
-    decides what the model sees).
+    decides what the model sees). A folder's (or cached hub model's) ``tokenizer.json`` is the
+    tokenizer as saved: :func:`as_saved` (not with ``trust_remote_code``).
     """
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX) :]
@@ -126,6 +195,8 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
         tokenizer = loader(source, trust_remote_code=trust_remote_code)
     else:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        if not trust_remote_code:  # a tokenizer with its own code may encode otherwise by design
+            tokenizer = as_saved(tokenizer, source)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {source!r} has neither a pad nor an EOS token; add one and save it again")

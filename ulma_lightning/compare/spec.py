@@ -16,7 +16,9 @@ from typing import Any
 
 import yaml
 
-PACKAGE_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+from ulma_lightning.shipped import shipped_configs_dir
+
+PACKAGE_CONFIGS = shipped_configs_dir()  # the configs shipped in the package (a checkout: its configs/)
 DEFAULT_SEED_KEYS = ("seed_everything", "model.init_args.policy.init_seed")
 DEFAULT_REWARD_ARG = "model.init_args.reward_model"
 SOURCE_SPLITS = ("train", "val", "test")

@@ -3,7 +3,7 @@
 :class:`GenerationSamples` shows what the model now says, not only its loss:
 
 * every ``every_n_steps`` optimizer steps (and at the end of fit), a text table
-  ``| prompt | response | score |`` for a fixed set of validation prompts (``samples/generations``),
+  ``| prompt | (score) response |`` for a fixed set of validation prompts (``samples/generations``),
   with a warning when responses are empty (``3 of 8 responses are empty``);
 * at the end of each validation epoch, histograms of the implicit reward ``beta * h`` of the
   positive and negative samples (``val/rewards/positive_hist``, ``val/rewards/negative_hist``; for
@@ -41,14 +41,21 @@ def _cell(value: Any, limit: int = 300) -> str:
 
 
 def markdown_table(prompts: list[Any], responses: list[str], scores: list[float] | None) -> str:
-    """A markdown table TensorBoard's text plugin renders."""
-    header = "| prompt | response |" + (" score |" if scores is not None else "")
-    rule = "|---|---|" + ("---|" if scores is not None else "")
-    lines = [header, rule]
+    """A markdown table TensorBoard's text plugin renders: ``| prompt | response |``, each response
+    led by its score in bold when there are scores (``**0.812** ...``). A score column of its own
+    would wrap ("sco re"): the plugin lets any word break, so the long columns squeeze a short one."""
+    header = "| prompt | response |" if scores is None else "| prompt | (score) response |"
+    lines = [header, "|---|---|"]
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
-        score = f" {scores[i]:.3f} |" if scores is not None else ""
-        lines.append(f"| {_cell(prompt)} | {_cell(response)} |{score}")
+        score = "" if scores is None else f"**{scores[i]:.3f}** "
+        lines.append(f"| {_cell(prompt)} | {score}{_cell(response)} |")
     return "\n".join(lines)
+
+
+def logged_step(trainer: pl.Trainer) -> int:
+    """The step at which Lightning logs the metrics of now (``val/loss`` of a validation inside fit is
+    logged one below ``global_step``): what is written beside them shares their step."""
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
 
 
 class GenerationSamples(pl.Callback):
@@ -188,12 +195,12 @@ class GenerationSamples(pl.Callback):
             values = torch.cat(parts)
             values = values[~values.isnan()]
             if values.numel():
-                writer.add_histogram(f"val/rewards/{name}_hist", values, global_step=trainer.global_step)
+                writer.add_histogram(f"val/rewards/{name}_hist", values, global_step=logged_step(trainer))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.hparams_metric is None or trainer.sanity_checking or not trainer.is_global_zero:
             return
         value = trainer.callback_metrics.get(self.hparams_metric)
         writer = self._tensorboard(trainer)
-        if value is not None and writer is not None:
-            writer.add_scalar("hp_metric", float(value), global_step=trainer.global_step)
+        if value is not None and writer is not None:  # at the step Lightning logged the metric itself
+            writer.add_scalar("hp_metric", float(value), global_step=logged_step(trainer))

@@ -153,7 +153,7 @@ def format_report(report: dict[str, Any]) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
     for name, value in rows:
-        shown = value if isinstance(value, str) else "nan" if math.isnan(value) else f"{value:.4f}"
+        shown = value if isinstance(value, str) else "nan" if math.isnan(value) else f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.3e}"  # a small value is no 0.0000
         lines.append(f"{name:<{width}}  {shown}")
     return "\n".join(lines)
 

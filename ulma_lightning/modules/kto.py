@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ulma_lightning.data.features import Truncation
 from ulma_lightning.losses import LossOutput, kto_loss
-from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
+from ulma_lightning.modules.base import OptimizerConfig, Stage
 from ulma_lightning.modules.batching import (
     SEQUENCE_KEYS,
     mismatched_partners,
@@ -18,13 +18,14 @@ from ulma_lightning.modules.batching import (
     swap_responses,
     take_rows,
 )
+from ulma_lightning.modules.implicit_rewards import RewardMetricsModule
 from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import PolicyConfig
 
 KL_KEY = "kto_kl_estimate"  # the checkpoint entry of the last KL estimate
 
 
-class KTOModule(AlignmentModule):
+class KTOModule(RewardMetricsModule):
     """Kahneman-Tversky Optimization (Ethayarajh et al. 2024) on :class:`~ulma_lightning.PointwiseDataModule` data.
 
     A sample is desirable when ``score >= positive_threshold``. The reference point
@@ -57,6 +58,12 @@ class KTOModule(AlignmentModule):
     split without precomputed values (e.g. ``ulma test`` in a fresh process, where the reference is
     rebuilt) falls back to in-batch pairs and the live reference. The last estimate is saved in
     checkpoints.
+
+    Logged beside the loss: ``kl``, the reference point ``z0`` the loss used (TRL's name and value:
+    the estimate clamped at 0, so a policy still close to its reference, or a negative sample
+    estimate, reads 0); ``kl_estimate``, the mean log-ratio over the mismatched pairs before the clamp;
+    and, as the other methods, ``rewards/accuracy`` and ``rewards/auc`` of KTO's own decision: a sample
+    reads as desirable when its log-ratio ``h`` exceeds ``z0`` (``sigmoid(beta (h - z0)) > 0.5``).
 
     Args:
         policy: the model, tokenizer and reference settings.
@@ -176,16 +183,21 @@ class KTOModule(AlignmentModule):
             reference_all = self.policy.reference_logps(inputs, average=self.average_logps)
             reference_logps, kl_reference = reference_all[:size], reference_all[size:]
         kl = self.global_kl(kl_policy - kl_reference[: kl_policy.shape[0]])
-        return kto_loss(
+        desirable = batch["score"] >= self.positive_threshold
+        out = kto_loss(
             policy_logps,
             reference_logps,
-            batch["score"] >= self.positive_threshold,
+            desirable,
             kl.reshape(1),
             torch.zeros_like(kl).reshape(1),
             beta=self.beta,
             desirable_weight=self.desirable_weight,
             undesirable_weight=self.undesirable_weight,
         )
+        out.metrics["kl_estimate"] = kl.detach()
+        ratio = (policy_logps - reference_logps).detach().float()  # KTO's decision: desirable when h > z0
+        self.record_rewards(torch.sigmoid(self.beta * (ratio - out.metrics["kl"])), desirable, self.beta * ratio, batch["score"], stage)
+        return out
 
     # ------------------------------------------------------------ precomputed reference
     @property

@@ -6,11 +6,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.classification import binary_accuracy, binary_auroc
-from torchmetrics.functional.regression import pearson_corrcoef, spearman_corrcoef
 
 from ulma_lightning.losses import ContinuousForm, LabelType, LossOutput, Reduction, pointwise_dpo_loss
-from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
+from ulma_lightning.modules.base import OptimizerConfig, Stage
+from ulma_lightning.modules.implicit_rewards import RewardMetricsModule
 from ulma_lightning.policy import PolicyConfig
 
 
@@ -35,7 +34,7 @@ def check_choices(**options: tuple[str, tuple[str, ...]]) -> None:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-class PointwiseModule(AlignmentModule):
+class PointwiseModule(RewardMetricsModule):
     """Shared step of the point-wise methods: log-probs in, :meth:`loss` out, reward metrics logged.
 
     A subclass changes the objective by overriding :meth:`loss` alone (build its result with
@@ -76,8 +75,6 @@ class PointwiseModule(AlignmentModule):
         self.reduction = reduction
         self.positive_threshold = positive_threshold
         check_pointwise_options(beta=beta, positive_threshold=positive_threshold, reduction=reduction)
-        # per stage: (sigmoid of the reward margin, binary target, beta * h, score) of the batches that count
-        self._reward_outputs: dict[str, list[tuple[Tensor, ...]]] = {"train": [], "val": [], "test": []}
 
     #: the labels' kind: ``binary`` (scores in {0, 1}, checked by the data module) or ``continuous``.
     label_type: LabelType = "binary"
@@ -102,65 +99,18 @@ class PointwiseModule(AlignmentModule):
         return out
 
     def update_reward_metrics(self, policy_logps: Tensor, reference_logps: Tensor, scores: Tensor, stage: Stage) -> None:
-        """Accuracy and AUC of the implicit reward ``beta * h + offset`` at separating positives; for
-        continuous labels, in validation and test, also the Pearson and Spearman correlation of
-        ``beta * h`` with the label (``{stage}/rewards/pearson``, ``{stage}/rewards/spearman``).
+        """Record the implicit reward ``beta * h + offset`` of a batch for the reward metrics
+        (:class:`~ulma_lightning.modules.implicit_rewards.RewardMetricsModule`); for continuous labels, in
+        validation and test, also the Pearson and Spearman correlation of ``beta * h`` with the label
+        (``{stage}/rewards/pearson``, ``{stage}/rewards/spearman``).
 
         Skipped for batches where the reference ran on some rows only (ULMA training with an SFT
-        positive term). The batch accuracy is logged per training step; the epoch values (AUC is an
-        epoch metric: a batch may hold one class) are computed at the epoch's end over every
-        process's batches (:meth:`log_reward_metrics`).
+        positive term): the metrics would be biased.
         """
         if bool(reference_logps.isnan().any()):
-            return  # the reference skipped some rows (ULMA training): the metrics would be biased
-        reward = (self.beta * (policy_logps - reference_logps)).detach().float()
-        probability = torch.sigmoid(reward + self.offset)
-        target = (scores >= self.positive_threshold).long()
-        self._reward_outputs[stage].append((probability, target, reward, scores.detach().float()))
-        if stage == "train":
-            accuracy = ((probability > 0.5).long() == target).float().mean()
-            self.log("train/rewards/accuracy_step", accuracy, on_step=True, on_epoch=False, batch_size=int(target.numel()))
-
-    def log_reward_metrics(self, stage: Stage) -> None:
-        """Log the epoch's reward metrics over the batches of all processes, then reset them.
-
-        Which batches count differs between processes (and a collective must not), so the values
-        are gathered in uneven sizes on every process at every epoch end, rather than synced
-        metric by metric.
-        """
-        outputs, self._reward_outputs[stage] = self._reward_outputs[stage], []
-        dtypes = (torch.float32, torch.long, torch.float32, torch.float32)  # the same on every process
-        columns = [torch.cat(c) for c in zip(*outputs)] if outputs else [torch.zeros(0, dtype=d, device=self.device) for d in dtypes]
-        probability, target, reward, score = (self._gather_uneven(c.to(d)) for c, d in zip(columns, dtypes))
-        if not target.numel():
             return
-        suffix = "_epoch" if stage == "train" else ""
-        # the values are already global: sync_dist averages equal values (and keeps Lightning quiet)
-        self.log(f"{stage}/rewards/accuracy{suffix}", binary_accuracy(probability, target), sync_dist=True)
-        self.log(f"{stage}/rewards/auc{suffix}", binary_auroc(probability, target), sync_dist=True)
-        if self.label_type == "continuous" and stage != "train" and target.numel() > 1:
-            self.log(f"{stage}/rewards/pearson", pearson_corrcoef(reward, score), sync_dist=True)
-            self.log(f"{stage}/rewards/spearman", spearman_corrcoef(reward, score), sync_dist=True)
-
-    def _gather_uneven(self, values: Tensor) -> Tensor:
-        """``values`` of every process, concatenated (sizes may differ between processes)."""
-        if self._trainer is None or self.trainer.world_size == 1:
-            return values
-        size = torch.tensor([values.numel()], device=self.device)
-        sizes = self.all_gather(size).view(-1).tolist()
-        padded = torch.zeros(max(sizes), dtype=values.dtype, device=self.device)
-        padded[: values.numel()] = values
-        gathered = self.all_gather(padded).view(len(sizes), -1)
-        return torch.cat([gathered[rank, :n] for rank, n in enumerate(sizes)])
-
-    def on_train_epoch_end(self) -> None:
-        self.log_reward_metrics("train")
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_reward_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self.log_reward_metrics("test")
+        reward = (self.beta * (policy_logps - reference_logps)).detach().float()
+        self.record_rewards(torch.sigmoid(reward + self.offset), scores >= self.positive_threshold, reward, scores, stage)
 
     def loss_kwargs(self) -> dict[str, Any]:
         """The keyword options of this module's loss function."""

@@ -16,6 +16,7 @@ from ulma_lightning.losses import (
 from ulma_lightning.modules import (
     AlignmentModule,
     DPOModule,
+    GRPOModule,
     KTOModule,
     OptimizerConfig,
     PointwiseDPOModule,
@@ -36,6 +37,7 @@ __all__ = [
     "DataError",
     "DemonstrationDataModule",
     "DPOModule",
+    "GRPOModule",
     "KTOModule",
     "PairwiseDataModule",
     "PPOModule",

@@ -2,6 +2,7 @@
 
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig
 from ulma_lightning.modules.dpo import DPOModule
+from ulma_lightning.modules.grpo import GRPOModule
 from ulma_lightning.modules.kto import KTOModule
 from ulma_lightning.modules.pointwise import PointwiseDPOModule, PointwiseModule
 from ulma_lightning.modules.ppo import PPOModule
@@ -27,4 +28,5 @@ __all__ = [
     "RolloutModule",
     "PPOModule",
     "RLOOModule",
+    "GRPOModule",
 ]

@@ -176,6 +176,18 @@ def test_resuming_equals_one_uninterrupted_run(tmp_path: Path) -> None:
     assert moved  # the second step changed the weights: the comparison is not of two untrained runs
 
 
+def test_dr_grpo_options_under_bf16_mixed_have_finite_losses(tmp_path: Path) -> None:
+    """docs/rlhf.md's Dr. GRPO line (beta 0, dr_grpo, no std scaling) through the CLI, in bf16-mixed."""
+    import math
+
+    dr_grpo = ["--model.init_args.beta", "0", "--model.init_args.loss_type", "dr_grpo", "--model.init_args.scale_rewards", "none"]
+    cli = ulma_fit("grpo", [*small_run(tmp_path, steps=2), *dr_grpo, "--trainer.precision=bf16-mixed", "--trainer.accelerator=cpu"])
+    module = cli.model
+    assert (module.loss_type, module.scale_rewards, float(module.kl_coef)) == ("dr_grpo", "none", 0.0) and module.policy.reference_model is None
+    logged = scalars(tmp_path)
+    assert len(logged["train/loss_step"]) == 2 and all(math.isfinite(v) for v in logged["train/loss_step"] + logged["val/reward"])
+
+
 def test_evaluate_from_the_checkpoint(tmp_path: Path) -> None:
     from test_rl_cli import ulma
 

@@ -1,19 +1,27 @@
-"""RLHF speed: the library's RLOO step (time split generate / score / log-probs / reference / update,
-generation tokens/s) beside TRL 1.16's ``RLOOTrainer`` on the same model, prompts and settings, in one run,
-and the library's online ULMA step (``OnlineULMAModule``, the same rollout, k and reward) beside them.
+"""RLHF speed: the library's RLOO or GRPO step (time split generate / score / log-probs / reference /
+update, generation tokens/s) beside TRL 1.16's ``RLOOTrainer`` or ``GRPOTrainer`` on the same model,
+prompts and settings, each side at its best memory allocator; and the library's online ULMA step
+(``--method online_ulma``: ``OnlineULMAModule``, the same rollout, k and reward; TRL has no peer).
 
-``PYTHONPATH=. python -m benchmarks.bench_rlhf [--steps 8]`` prints a markdown table. Both sides: the
-``configs/rloo.yaml`` model (random init, saved once to a folder both load), the demo tokenizer, 8
-prompts x k=4 samples per step, 16 new tokens sampled at temperature 1, beta 0.01, one update per
-generation, float32 on CPU, the demo task's ground truth as the reward. Each side runs one warm-up step
-first, not timed. The two libraries' samples differ (their samplers differ), so their response lengths
-differ too: the table shows the generated tokens each side produced.
+``PYTHONPATH=. python -m benchmarks.bench_rlhf [--method rloo|grpo|online_ulma] [--steps 8] [--allocator both]``
+prints a markdown table. Both sides: the ``configs/rloo.yaml`` model (random init, saved once to a
+folder both load), the demo tokenizer, 8 prompts x k=4 samples per step, 16 new tokens sampled at
+temperature 1, beta 0.01 (GRPO: the k3 penalty in the loss, ``loss_type: grpo``, ``scale_rewards:
+group`` on both sides), one update per generation, float32 on CPU, the demo task's ground truth as the
+reward. Each side runs in its own process once per allocator setting (:mod:`benchmarks.allocator`:
+glibc's, and jemalloc where installed) and the faster setting is reported. Each run takes one warm-up
+step first, not timed. The two libraries' samples differ (their samplers differ), so their response
+lengths differ too: the table shows the generated tokens each side produced.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +30,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from ulma_lightning import OnlineULMAModule, PolicyConfig, PromptDataModule, RLOOModule
+from benchmarks import allocator
+from ulma_lightning import GRPOModule, OnlineULMAModule, PolicyConfig, PromptDataModule, RLOOModule
 from ulma_lightning.data.demo import score_response
 from ulma_lightning.data.formatting import format_prompt
 from ulma_lightning.evaluation.generation import GenerationConfig
@@ -33,6 +42,7 @@ MODEL = {"model_type": "llama", "hidden_size": 96, "intermediate_size": 256, "nu
          "num_key_value_heads": 4, "max_position_embeddings": 256, "tie_word_embeddings": True}  # fmt: skip
 PROMPTS, K, NEW_TOKENS, BETA, LR = 8, 4, 16, 0.01, 1e-5
 SOURCE = "demo://demonstration?n=400"
+METHODS: dict[str, str | None] = {"rloo": "RLOOTrainer", "grpo": "GRPOTrainer", "online_ulma": None}  # the TRL peer, if any
 
 
 def save_model(folder: Path) -> None:
@@ -59,15 +69,16 @@ class StepTimes(pl.Callback):
 
 
 def ours(folder: Path, steps: int, method: str = "rloo") -> dict[str, float]:
-    """The mean time split of ``steps`` steps of ``method``: ``rloo`` or ``online_ulma`` (k=K, labels
-    top vs rest, beta 1.0 per token)."""
     pl.seed_everything(0)
     common: dict[str, Any] = {"generation": GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=True)}
     policy, optimizer = PolicyConfig(model=str(folder), reference="copy"), OptimizerConfig(lr=LR, schedule="constant")
-    if method == "rloo":
-        module: pl.LightningModule = RLOOModule(policy, optimizer, rloo_k=K, kl_coef=BETA, **common)
-    else:
+    module: pl.LightningModule
+    if method == "grpo":
+        module = GRPOModule(policy, optimizer, num_generations=K, beta=BETA, loss_type="grpo", scale_rewards="group", **common)
+    elif method == "online_ulma":  # labels top vs rest among the k samples, beta 1.0 per token
         module = OnlineULMAModule(policy, optimizer, samples_per_prompt=K, **common)
+    else:
+        module = RLOOModule(policy, optimizer, rloo_k=K, kl_coef=BETA, **common)
     data = PromptDataModule(train=SOURCE, max_length=128, batch_size=PROMPTS)
     times = StepTimes()
     trainer = pl.Trainer(max_steps=steps + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -77,10 +88,10 @@ def ours(folder: Path, steps: int, method: str = "rloo") -> dict[str, float]:
     return {name: sum(r[name] for r in rows) / len(rows) for name in rows[0]}
 
 
-def trl(folder: Path, steps: int) -> dict[str, float]:
+def trl(folder: Path, steps: int, method: str = "rloo") -> dict[str, float]:
     from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import RLOOConfig, RLOOTrainer
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     data = PromptDataModule(train=SOURCE, max_length=128, batch_size=PROMPTS, tokenizer=str(folder))
     data.setup("fit")
@@ -98,15 +109,18 @@ def trl(folder: Path, steps: int) -> dict[str, float]:
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.starts.append(time.perf_counter())
 
-    args = RLOOConfig(
-        output_dir=tempfile.mkdtemp(prefix="bench-rloo-"), per_device_train_batch_size=PROMPTS * K, num_generations=K,
+    options: dict[str, Any] = dict(
+        output_dir=tempfile.mkdtemp(prefix=f"bench-{method}-"), per_device_train_batch_size=PROMPTS * K, num_generations=K,
         max_completion_length=NEW_TOKENS, temperature=1.0, beta=BETA, learning_rate=LR, max_steps=steps + 1,
         use_cpu=True, report_to=[], save_strategy="no", logging_steps=10**9, gradient_checkpointing=False, bf16=False,
         seed=0,
     )  # fmt: skip
+    config_class, trainer_class = (GRPOConfig, GRPOTrainer) if method == "grpo" else (RLOOConfig, RLOOTrainer)
+    if method == "grpo":
+        options.update(loss_type="grpo", scale_rewards="group")
     times = Times()
-    trainer = RLOOTrainer(model=str(folder), reward_funcs=ground_truth, args=args, train_dataset=Dataset.from_dict({"prompt": texts}),
-                          processing_class=tokenizer, callbacks=[times])  # fmt: skip
+    trainer = trainer_class(model=str(folder), reward_funcs=ground_truth, args=config_class(**options), train_dataset=Dataset.from_dict({"prompt": texts}),
+                            processing_class=tokenizer, callbacks=[times])  # fmt: skip
     trainer.train()
     end = time.perf_counter()
     marks = times.starts + [end]
@@ -114,31 +128,71 @@ def trl(folder: Path, steps: int) -> dict[str, float]:
     return {"step": sum(per_step) / len(per_step)}
 
 
+def run_side(side: str, folder: Path, steps: int, method: str) -> dict[str, Any]:
+    """One side's mean step times in this process, with the allocator it ran with."""
+    result: dict[str, Any] = ours(folder, steps, method) if side == "ours" else trl(folder, steps, method)
+    return {**result, "allocator": allocator.loaded()}
+
+
+def in_process(side: str, folder: Path, steps: int, method: str, setting: str, path: str | None) -> dict[str, Any]:
+    """:func:`run_side` in a fresh process started with allocator ``setting`` (it reads LD_PRELOAD at start)."""
+    command = [sys.executable, "-m", "benchmarks.bench_rlhf", "--side", side, "--model", str(folder), "--steps", str(steps), "--method", method]
+    env = allocator.environment(setting, path, os.environ)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{side} under {setting} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the shortest step time (its allocator named in it)."""
+    return min(runs, key=lambda r: r["step"])
+
+
+def table(method: str, mine: dict[str, Any], theirs: dict[str, Any] | None) -> list[str]:
+    """The markdown rows of the report."""
+    lines = [f"| {method.upper()} step, {PROMPTS} prompts x k={K}, {NEW_TOKENS} new tokens, CPU | seconds |", "|---|---|"]
+    for name in ("generate", "score", "logprobs", "reference", "update", "step"):
+        lines.append(f"| ulma-lightning {name} | {mine[name]:.3f} |")
+    lines.append(f"| ulma-lightning generation tokens/s | {mine['tokens'] / mine['generate']:.0f} |")
+    lines.append(f"| ulma-lightning allocator | {mine['allocator']} |")
+    if theirs is not None:
+        lines.append(f"| TRL 1.16 {METHODS[method]} step | {theirs['step']:.3f} |")
+        lines.append(f"| TRL allocator | {theirs['allocator']} |")
+        lines.append(f"| ratio TRL / ulma-lightning (step time) | {theirs['step'] / mine['step']:.2f} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per side (after one warm-up step)")
+    parser.add_argument("--method", choices=sorted(METHODS), default="rloo", help="the method timed on both sides")
+    parser.add_argument("--allocator", choices=allocator.CHOICES, default="both", help="allocator settings tried per side; the best is reported")
+    parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)  # one side in this process (a child)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
     options = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     torch.set_num_threads(2)
+    if options.side:
+        print(json.dumps(run_side(options.side, Path(options.model), options.steps, options.method)))
+        return
     folder = Path(tempfile.mkdtemp(prefix="bench-rlhf-model-"))
     save_model(folder)
-    mine = ours(folder, options.steps)
-    online = ours(folder, options.steps, "online_ulma")
+    path = allocator.find_jemalloc()
+    settings, note = allocator.resolve(options.allocator, path)
+    if note:
+        print(note)
+    mine = best([in_process("ours", folder, options.steps, options.method, s, path) for s in settings])
+    if METHODS[options.method] is None:
+        print(f"TRL has no {options.method} trainer: compare its update with --method rloo's (same rollout, k and reward)")
+        print("\n".join(table(options.method, mine, None)))
+        return
     try:
-        theirs: dict[str, float] | None = trl(folder, options.steps)
+        theirs: dict[str, Any] | None = best([in_process("trl", folder, options.steps, options.method, s, path) for s in settings])
     except Exception as exc:  # report, do not hide: the table says TRL did not run and why
-        print(f"TRL RLOOTrainer did not run: {type(exc).__name__}: {exc}")
+        print(f"TRL {METHODS[options.method]} did not run: {type(exc).__name__}: {exc}")
         theirs = None
-    print(f"| step, {PROMPTS} prompts x k={K}, {NEW_TOKENS} new tokens, CPU | seconds |")
-    print("|---|---|")
-    for name in ("generate", "score", "logprobs", "reference", "update", "step"):
-        print(f"| ulma-lightning RLOO {name} | {mine[name]:.3f} |")
-    print(f"| ulma-lightning generation tokens/s | {mine['tokens'] / mine['generate']:.0f} |")
-    for name in ("generate", "score", "logprobs", "reference", "update", "step"):
-        print(f"| ulma-lightning online ULMA {name} | {online[name]:.3f} |")
-    if theirs is not None:
-        print(f"| TRL 1.16 RLOOTrainer step | {theirs['step']:.3f} |")
-        print(f"| ratio TRL / ulma-lightning (step time) | {theirs['step'] / mine['step']:.2f} |")
+    print("\n".join(table(options.method, mine, theirs)))
 
 
 if __name__ == "__main__":

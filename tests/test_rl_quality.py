@@ -1,7 +1,7 @@
 """RLHF raises the ground-truth score on held-out prompts of the built-in task (3 seeds, all rising).
 
 The RLHF pipeline of the paper, in small: SFT on the demo task's demonstrations (a short warm start,
-shared by the seeds and by both methods), then RLOO or PPO against the demo task's ground-truth scorer. The measure is the mean
+shared by the seeds and by both methods), then RLOO, GRPO or PPO against the demo task's ground-truth scorer. The measure is the mean
 ground-truth score of sampled responses (temperature 1, the same sampler seed before and after) to
 32 held-out test prompts: the expected score that RL optimises. Each seed must end above where it
 started; no fixed threshold.
@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 
-from ulma_lightning import DemonstrationDataModule, PolicyConfig, PPOModule, PromptDataModule, RLOOModule, SFTModule
+from ulma_lightning import DemonstrationDataModule, GRPOModule, PolicyConfig, PPOModule, PromptDataModule, RLOOModule, SFTModule
 from ulma_lightning.evaluation.generation import GenerationConfig
 from ulma_lightning.modules.base import OptimizerConfig
 
@@ -80,3 +80,17 @@ def test_ppo_raises_the_held_out_ground_truth_score(sft_model: Path, seed: int) 
         mini_batch_size=16,
     )  # the scorer: DemoScorer, the ground truth; the critic: a copy of the SFT model's backbone
     raises_the_score(module, seed, steps=8 * 2 * 2)  # optimiser steps: 8 rollout batches (8 prompts x 4 samples), 2 epochs of 2 mini-batches
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grpo_raises_the_held_out_ground_truth_score(sft_model: Path, seed: int) -> None:
+    pl.seed_everything(seed)
+    module = GRPOModule(
+        PolicyConfig(model=str(sft_model), reference="copy"),
+        OptimizerConfig(lr=1e-3, schedule="constant"),
+        generation=GenerationConfig(max_new_tokens=24, do_sample=True, seed=seed),
+        eval_generation=GenerationConfig(max_new_tokens=24, do_sample=True, seed=123),
+        num_generations=4,
+        beta=0.04,
+    )  # the scorer: DemoScorer, the ground truth; the settings of configs/grpo.yaml, RLOO's lr and k
+    raises_the_score(module, seed, steps=8)  # 8 rollout batches

@@ -16,6 +16,7 @@ from ulma_lightning.losses import (
 from ulma_lightning.modules import (
     AlignmentModule,
     DPOModule,
+    GRPOModule,
     KTOModule,
     OnlineULMAModule,
     OptimizerConfig,
@@ -37,6 +38,7 @@ __all__ = [
     "DataError",
     "DemonstrationDataModule",
     "DPOModule",
+    "GRPOModule",
     "KTOModule",
     "OnlineULMAModule",
     "PairwiseDataModule",

@@ -1,4 +1,4 @@
-"""RLHF pieces as pure functions: KL estimators, whitening, GAE, and the PPO and RLOO losses.
+"""RLHF pieces as pure functions: KL estimators, whitening, GAE, and the PPO, RLOO and GRPO losses.
 
 Token-level tensors are ``(B, L)`` matrices of response tokens (row ``i``, position ``t`` is the
 ``t``-th generated token of response ``i``) with a ``mask`` that is 1 on response tokens and 0 on
@@ -7,7 +7,9 @@ Masked-out entries never reach a result or a gradient. Sources: Schulman et al. 
 arXiv 1707.06347), Schulman et al. 2016 (GAE, arXiv 1506.02438), Ziegler et al. 2019 (the adaptive KL
 controller, arXiv 1909.08593), Ahmadian et al. 2024 (RLOO, arXiv 2402.14740), and TRL: its PPO
 trainer (``trl/trainer/ppo_trainer.py`` up to 0.x: GAE loop, whitening, clipped losses) and
-``trl/trainer/rloo_trainer.py`` in TRL 1.16 (leave-one-out baseline, sequence-level clipped loss).
+``trl/trainer/rloo_trainer.py`` in TRL 1.16 (leave-one-out baseline, sequence-level clipped loss),
+Shao et al. 2024 (GRPO, DeepSeekMath, arXiv 2402.03300), Liu et al. 2025 (Dr. GRPO, arXiv 2503.20783)
+and ``trl/trainer/grpo_trainer.py`` in TRL 1.16 (group-normalised advantages, token-level clipped loss).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from torch import Tensor
 from ulma_lightning.losses import LossOutput, masked_mean
 
 KLEstimator = Literal["k1", "k3"]
+ScaleRewards = Literal["group", "none"]
+GRPOLossType = Literal["grpo", "bnpo", "dr_grpo"]
 
 __all__ = [
     "masked_sum",
@@ -32,6 +36,8 @@ __all__ = [
     "ppo_loss",
     "rloo_advantages",
     "rloo_loss",
+    "grpo_advantages",
+    "grpo_loss",
     "adaptive_kl_coef",
     "explained_variance",
     "to_token_matrix",
@@ -180,6 +186,88 @@ def rloo_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, *, clip_rang
     clipped_rows = ((ratio < 1.0 - clip_range) & (advantages < 0)) | ((ratio > 1.0 + high) & (advantages > 0))
     metrics = {"policy/clipfrac": clipped_rows.float().mean().detach(), "policy/approx_kl": (0.5 * (logps - old_logps).detach() ** 2).mean()}
     return LossOutput(loss=losses.mean(), metrics=metrics, losses=losses.detach())
+
+
+def grpo_advantages(rewards: Tensor, k: int, *, scale_rewards: ScaleRewards = "group") -> Tensor:
+    """Group-relative advantages: ``A_i = r_i - mean(r_group)`` over the ``k`` samples of one prompt
+    (consecutive rows); with ``scale_rewards="group"`` divided by ``std(r_group) + 1e-4`` (unbiased std),
+    Shao et al. 2024, eq. 3 (outcome supervision); ``"none"``: the mean only, as Dr. GRPO (Liu et al.
+    2025) recommends (the std favours prompts whose rewards barely vary: a difficulty bias). TRL 1.16's
+    ``GRPOTrainer`` (``scale_rewards``, its advantage lines). A group of equal rewards gets 0."""
+    if k < 2:
+        raise ValueError(f"GRPO needs k >= 2 samples per prompt for a group baseline, got {k}")
+    if rewards.shape[0] % k:
+        raise ValueError(f"{rewards.shape[0]} rewards are not whole groups of k={k}")
+    if scale_rewards not in ("group", "none"):
+        raise ValueError(f"scale_rewards must be 'group' or 'none', got {scale_rewards!r}")
+    grouped = rewards.view(-1, k)
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_rewards == "group":
+        advantages = advantages / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    return advantages.reshape(-1)
+
+
+def grpo_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    reference_logps: Tensor | None = None,
+    *,
+    beta: float = 0.0,
+    clip_range: float = 0.2,
+    clip_range_high: float | None = None,
+    loss_type: GRPOLossType = "grpo",
+    max_completion_length: int | None = None,
+) -> LossOutput:
+    """GRPO's clipped surrogate with a KL penalty, token level (Shao et al. 2024, eq. 3; TRL 1.16's
+    ``GRPOTrainer._compute_loss``). ``logps``, ``old_logps``, ``reference_logps``: ``(B, L)`` token
+    log-probs; ``advantages``: ``(B,)``, one per response (:func:`grpo_advantages`). Per token
+    ``l_t = -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps_high) A) + beta * k3_t`` with
+    ``rho_t = exp(log pi(y_t) - log pi_old(y_t))`` and ``k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1``
+    (:func:`kl_estimate` ``k3``, in the loss with its gradient, not in the reward). Averaging, TRL's names:
+
+    - ``grpo``: mean over each response's tokens, then over responses (the paper). A token of a long
+      response weighs less than one of a short response: for ``A > 0`` short answers gain more, for
+      ``A < 0`` long wrong answers are penalised less, so lengths of wrong answers grow (Liu et al. 2025).
+    - ``bnpo``: sum over the batch's tokens / their number: every token weighs the same.
+    - ``dr_grpo``: sum over the batch's tokens / (``B * max_completion_length``), a constant: no
+      length bias (Liu et al. 2025, Dr. GRPO).
+
+    Metrics: ``policy/clipfrac`` (share of tokens whose ratio is clipped in the direction of ``A``,
+    TRL's ``clip_ratio/region_mean``), ``policy/approx_kl`` and, with a reference, ``policy/kl`` (mean
+    ``k3`` per token). ``losses``: each response's mean token loss."""
+    if loss_type not in ("grpo", "bnpo", "dr_grpo"):
+        raise ValueError(f"loss_type must be 'grpo', 'bnpo' or 'dr_grpo', got {loss_type!r}")
+    if beta != 0.0 and reference_logps is None:
+        raise ValueError(f"grpo_loss with beta={beta} needs reference_logps")
+    keep = mask.bool()
+    high = clip_range if clip_range_high is None else clip_range_high
+    logps = torch.where(keep, logps, torch.zeros_like(logps))  # masked entries may be NaN: none reaches a gradient
+    log_ratio = torch.where(keep, logps - old_logps, torch.zeros_like(logps))
+    ratio = torch.exp(log_ratio)
+    adv = advantages[:, None]
+    per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - clip_range, 1.0 + high) * adv)
+    metrics: dict[str, Tensor] = {}
+    if reference_logps is not None:
+        kl = kl_estimate(logps, torch.where(keep, reference_logps, logps), "k3")  # 0 at masked entries
+        metrics["policy/kl"] = token_mean(kl.detach(), keep)
+        if beta != 0.0:
+            per_token = per_token + beta * kl
+    weights = keep.to(per_token.dtype)
+    per_sequence = masked_sum(per_token, keep, dim=1) / weights.sum(dim=1).clamp(min=1.0)
+    if loss_type == "grpo":
+        loss = per_sequence.mean()
+    elif loss_type == "bnpo":
+        loss = masked_sum(per_token, keep) / weights.sum().clamp(min=1.0)
+    else:
+        if max_completion_length is None:
+            raise ValueError("loss_type 'dr_grpo' divides by max_completion_length: pass it (the rollouts' max_new_tokens)")
+        loss = masked_sum(per_token, keep) / (per_token.shape[0] * max_completion_length)
+    clipped = ((ratio < 1.0 - clip_range) & (adv < 0)) | ((ratio > 1.0 + high) & (adv > 0))
+    metrics["policy/clipfrac"] = token_mean(clipped.float(), keep).detach()
+    metrics["policy/approx_kl"] = 0.5 * token_mean(log_ratio.detach() ** 2, keep)
+    return LossOutput(loss=loss, metrics=metrics, losses=per_sequence.detach())
 
 
 def adaptive_kl_coef(coef: float, current_kl: float, *, target: float, horizon: int, steps: int) -> float:

@@ -18,7 +18,7 @@ from ulma_lightning.compare.stages import STAGE_FILE, Plan, read_json
 #: seconds per stage (by method, else by kind) and per evaluation on 2 quiet cores with the tiny task
 #: model: v1's timed grid (docs/replication.md, "Where the time goes": 2 epochs a stage) halved for
 #: protocol v2's one epoch; rough until a run in the output folder measures its own
-DEFAULT_SECONDS = {"policy": 30.0, "reward": 25.0, "ppo": 120.0, "rloo": 120.0, "online_ulma": 120.0, "evaluation": 10.0}
+DEFAULT_SECONDS = {"policy": 30.0, "reward": 25.0, "ppo": 120.0, "rloo": 120.0, "grpo": 120.0, "online_ulma": 120.0, "evaluation": 10.0}
 
 
 def measured_seconds(plan: Plan, root: Path) -> dict[str, float]:

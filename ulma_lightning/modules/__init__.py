@@ -2,6 +2,7 @@
 
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig
 from ulma_lightning.modules.dpo import DPOModule
+from ulma_lightning.modules.grpo import GRPOModule
 from ulma_lightning.modules.kto import KTOModule
 from ulma_lightning.modules.online_ulma import OnlineULMAModule
 from ulma_lightning.modules.pointwise import PointwiseDPOModule, PointwiseModule
@@ -29,4 +30,5 @@ __all__ = [
     "PPOModule",
     "RLOOModule",
     "OnlineULMAModule",
+    "GRPOModule",
 ]

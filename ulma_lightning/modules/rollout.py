@@ -51,7 +51,8 @@ class Generations:
 @dataclass
 class Rollout(Generations):
     """:class:`Generations` with ``(B, L)`` response-token matrices: ``mask``, the policy's log-probs at
-    generation time (``logps``) and the reference's (``reference_logps``)."""
+    generation time (``logps``) and the reference's (``reference_logps``; None when the module's
+    ``needs_reference`` is False)."""
 
     mask: Tensor = None  # type: ignore[assignment]
     logps: Tensor = None  # type: ignore[assignment]
@@ -233,9 +234,11 @@ class RolloutModule(AlignmentModule):
             start = time.perf_counter()
             logps, mask = self.token_matrix(self.policy.token_logps(gen.sequences))
             gen.timings["logprobs"] = time.perf_counter() - start
-            start = time.perf_counter()
-            reference, _ = self.token_matrix(self.policy.token_logps(gen.sequences, reference=True), logps.shape[1])
-            gen.timings["reference"] = time.perf_counter() - start
+            reference = None
+            if self.needs_reference:  # GRPO with beta 0 runs no reference
+                start = time.perf_counter()
+                reference, _ = self.token_matrix(self.policy.token_logps(gen.sequences, reference=True), logps.shape[1])
+                gen.timings["reference"] = time.perf_counter() - start
         return Rollout(**vars(gen), mask=mask, logps=logps, reference_logps=reference)
 
     def final_scores(self, rollout: Rollout) -> Tensor:

@@ -383,6 +383,11 @@ def test_a_source_with_no_records_is_named(tmp_path: Path) -> None:
         ({"source": "a.jsonl", "weight": 1, "samples": 3}, "give weight or samples, not both"),
         ({"source": "a.jsonl", "score": 2}, r"score must be in \[0, 1\], got 2"),
         ({"score": 1.0}, "no 'source'"),
+        # an infinite weight was a ZeroDivisionError when the mix was sized (issue 26, item 9)
+        ({"source": "a.jsonl", "weight": float("inf")}, r"data\.train\[0\] \(a\.jsonl\): weight must be finite and > 0, got inf"),
+        ({"source": "a.jsonl", "weight": 0}, r"data\.train\[0\] \(a\.jsonl\): weight must be finite and > 0, got 0"),
+        ({"source": "a.jsonl", "weight": -1.5}, r"data\.train\[0\] \(a\.jsonl\): weight must be finite and > 0, got -1\.5"),
+        ({"source": "a.jsonl", "weight": float("nan")}, r"data\.train\[0\] \(a\.jsonl\): weight must be finite and > 0, got nan"),
     ],
 )
 def test_bad_source_options_name_the_entry(entry: dict, message: str) -> None:

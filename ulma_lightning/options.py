@@ -15,6 +15,7 @@ RULES: dict[str, Callable[[float], bool]] = {
     ">= 1": lambda v: v >= 1,
     ">= 0": lambda v: v >= 0,
     "> 0": lambda v: v > 0,
+    "finite and > 0": lambda v: math.isfinite(v) and v > 0,
     "in [0, 1)": lambda v: 0 <= v < 1,
     "in [0, 1]": lambda v: 0 <= v <= 1,
 }

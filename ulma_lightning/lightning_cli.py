@@ -115,7 +115,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
         "Test and generate with one checkpoint; print and save every metric.",
     ),
     "compare": (
-        "ulma_lightning.compare.runner:compare_main",
+        "ulma_lightning.compare.runner:compare_command",
         "Train and evaluate a grid of methods over seeds; write results.md, results.json and plots.",
     ),
 }

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import errno
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +86,35 @@ def export_hf(
             return out
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    return out
+
+
+def export_atomically(write: Callable[[Path], Any], out: str | Path, *, what: str = "export") -> Path:
+    """Call ``write(partial)`` to fill a hidden ``.NAME.partial`` folder beside ``out``, then move it
+    into place (replacing an earlier ``out`` whole): a write that fails midway (a full disk, a
+    tokenizer that cannot be saved) leaves no half-written folder that ``from_pretrained`` would
+    take for a whole one, and removes its partial. The error names ``out``."""
+    from ulma_lightning.checkpointing import atomic_replace, partial_path, remove_path
+    from ulma_lightning.export_cli import _point_adapter_at
+
+    out = Path(out)
+    partial = partial_path(out)
+    remove_path(partial)
+    try:
+        write(partial)
+        _point_adapter_at(partial, out)
+        atomic_replace(partial, out)
+    except Exception as err:
+        remove_path(partial)
+        full = isinstance(err, OSError) and err.errno == errno.ENOSPC
+        message = (
+            f"{what}: writing the Hugging Face folder {out} failed ({type(err).__name__}: {err}); nothing was written there"
+            + (" (an earlier export there is kept)" if out.exists() else "")
+            + (". Free space on that device or write elsewhere" if full else "")
+        )
+        if isinstance(err, OSError):
+            raise (OSError(err.errno, message) if err.errno is not None else OSError(message)) from err
+        raise RuntimeError(message) from err
     return out
 
 

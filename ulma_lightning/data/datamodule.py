@@ -54,7 +54,7 @@ NOT_IN_CACHE_KEY = frozenset(
         "datasets", "examples", "skipped", "truncated", "mixed", "duplicates", "reading", "trainer", "cache",
         "cache_dir", "cache_used", "specs", "sources", "test_from_val", "batch_size", "eval_batch_size",
         "num_workers", "group_by_length", "pad_to_multiple_of", "_building", "_pending_extra",
-        "_before_loading", "_tokenizer", "_report", "_said_responses_ignored", "_identity_key",
+        "_before_loading", "_tokenizer", "_report", "_said_responses_ignored", "_identity_key", "_cache_unwritable",
     }
 )  # fmt: skip
 
@@ -317,7 +317,18 @@ class AlignmentDataModule(pl.LightningDataModule):
         except CacheMiss as exc:
             log.info("features cache: %s are not cached (%s)", what, exc)
             return value, "built"
-        self.cache.save(kind, key, payload)
+        if getattr(self, "_cache_unwritable", False):
+            return value, "built"
+        try:
+            self.cache.save(kind, key, payload)
+        except OSError as exc:  # the cache only saves time: a full disk or a read-only folder does not stop the run
+            self._cache_unwritable = True
+            log.warning(
+                "features cache: cannot write to data.init_args.cache_dir %s (%s); going on without saving to it. "
+                "Free space there, make it writable, or set data.init_args.cache_dir to another folder (or null)",
+                self.cache.folder, exc,
+            )  # fmt: skip
+            return value, "built"
         return value, "saved"
 
     def _read_split(self, split: str, report: SkipReport) -> list[Any]:

@@ -263,6 +263,16 @@ BAD = [
         "chosen",
         "a multi-turn completion (3 messages)",
     ),
+    # issue 26, item 6: a pair that prefers neither side trained DPO at a constant ln 2, without a word
+    ("chosen equals rejected", PairwiseDataModule, {"prompt": "Hi", "chosen": "Hello", "rejected": "Hello"}, "rejected", "the same response as chosen: the pair prefers neither"),
+    ("HH transcripts equal", PairwiseDataModule, {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Hello"}, "rejected", "the same response as chosen"),
+    (
+        "conversations equal",
+        PairwiseDataModule,
+        {"chosen": [user("A?"), assistant("A.")], "rejected": [user("A?"), assistant("A.")]},
+        "rejected",
+        "the same response as chosen",
+    ),
     ("label not a boolean", PointwiseDataModule, {"prompt": "Hi", "completion": "Hello", "label": "maybe"}, "label", "expected a boolean"),
     ("no format (point-wise)", PointwiseDataModule, {"question": "Hi", "answer": "Hello"}, None, "match none of the formats read here: point-wise {prompt, completion, score}; unpaired preference"),
     ("no format (demonstration)", DemonstrationDataModule, {"input": "Hi"}, None, "match none of the formats read here: prompt-completion {prompt, completion}; language modeling {messages}"),

@@ -141,3 +141,50 @@ def test_a_truncated_gz_names_the_file_and_the_last_good_line(tmp_path: Path) ->
     assert len(skipping.examples["train"]) == complete
     assert list(skipping.skipped["train"].counts.values()) == [1]
     assert f"line {complete} is the last complete one" in next(iter(skipping.skipped["train"].counts))
+
+
+# issue 26, item 7: one 200 MB line got the process killed for memory (the line was parsed and tokenized whole)
+def test_a_record_over_max_record_chars_names_file_and_line_and_can_be_allowed(tmp_path: Path) -> None:
+    huge = {"prompt": "Tell me everything.", "response": "tea " * 300_000, "score": 1}
+    path = tmp_path / "huge.jsonl"
+    path.write_bytes(encode("jsonl", [RECORDS[0], huge, RECORDS[1]]))
+    with pytest.raises(DataError) as info:
+        PointwiseDataModule(train=str(path)).setup("fit")  # the default limit: 1,000,000 characters
+    message = str(info.value)
+    assert message.startswith(f"{path}:2: the record is a line of 1,200,0") and "over max_record_chars (1,000,000 characters)" in message
+    assert "raise data.init_args.max_record_chars (null: no limit)" in message
+    skipping = PointwiseDataModule(train=str(path), on_bad_record="skip")
+    skipping.setup("fit")
+    assert len(skipping.examples["train"]) == 2 and skipping.skipped["train"].total == 1
+    allowed = PointwiseDataModule(train=str(path), max_record_chars=2_000_000, max_length=32)
+    allowed.setup("fit")
+    assert len(allowed.examples["train"]) == 3
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv"])
+def test_the_limit_holds_for_records_of_other_formats(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / f"long.{fmt}"
+    path.write_bytes(encode(fmt, [RECORDS[0], {**RECORDS[1], "response": "x" * 5_000}]))
+    with pytest.raises(DataError, match=r"over max_record_chars \(1,000 characters\)"):
+        PointwiseDataModule(train=str(path), max_record_chars=1_000).setup("fit")
+
+
+def test_a_huge_jsonl_line_is_never_held_whole(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from ulma_lightning.data.sources import read_source
+
+    path = tmp_path / "huge.jsonl"
+    with open(path, "w") as handle:
+        handle.write(json.dumps(RECORDS[0]) + "\n")
+        handle.write('{"prompt": "p", "response": "' + "tea " * 10_000_000 + '", "score": 1}\n')  # a 40 MB line
+        handle.write(json.dumps(RECORDS[1]) + "\n")
+    tracemalloc.start()
+    try:
+        records = list(read_source(str(path), max_record_chars=100_000))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [isinstance(r, DataError) for r, _ in records] == [False, True, False]
+    assert str(records[1][0]).startswith(f"{path}:2: the record is a line of 40,000,0")
+    assert peak < 8_000_000, f"reading held {peak:,} bytes"

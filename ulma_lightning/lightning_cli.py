@@ -173,7 +173,46 @@ def without_callbacks_turned_off(trainer: Any) -> None:
         cls = _class_at(str(callback.get("class_path"))) if hasattr(callback, "get") else None
         return isinstance(cls, type) and issubclass(cls, off)
 
-    trainer.callbacks = [c for c in trainer.callbacks if not turned_off(c)]
+    # `--trainer.callbacks CLASS` replaces the list by one callback, not a list of one
+    callbacks = trainer.callbacks if isinstance(trainer.callbacks, list) else [trainer.callbacks]
+    trainer.callbacks = [c for c in callbacks if not turned_off(c)]
+
+
+def _leaves(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted path, value)`` of every leaf of a config (as plain data)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _leaves(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _leaves(item, f"{path}[{index}]")
+    else:
+        yield path, value
+
+
+def name_the_option(message: str, config: Any) -> tuple[str, str | None]:
+    """``message`` (``NAME must be RULE, got VALUE``, as :func:`~ulma_lightning.options.check_numbers`
+    and the option classes write it) with the option's full path in the config: a class used under
+    several options (``GenerationConfig`` as ``generation`` and ``eval_generation``) does not know
+    which one it was built for. Returns the message, where the path replaces a ``NAME`` it does not
+    end with, and the path to show beside it otherwise (None: no single option holds that value)."""
+    import re
+
+    match = re.match(r"([A-Za-z_][\w.]*) must be .*?, got (.+?)(?: \(|$)", message)
+    if match is None:
+        return message, None
+    name, got = match.groups()
+    try:
+        plain = config.as_dict() if hasattr(config, "as_dict") else dict(config)
+    except (TypeError, ValueError):
+        return message, None
+    leaf = name.rpartition(".")[2]
+    paths = [p for p, v in _leaves(plain) if re.split(r"[.\]]", p)[-1] == leaf and got in (str(v), repr(v))]
+    if len(paths) != 1 or paths[0] == name:
+        return message, None
+    if paths[0].endswith("." + name):
+        return message, paths[0]
+    return message.replace(name, paths[0], 1), None
 
 
 def _init_args_of(spec: Any) -> dict[str, Any]:
@@ -290,7 +329,10 @@ class ULMACLI(LightningCLI):
             cause = _innermost(err)
             if cause is err:
                 raise
-            raise ConfigError(f"{_built_class(cause) or 'the config'}: {cause} (fix it in the config or on the command line)") from cause
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            said, option = name_the_option(str(cause), config)
+            where = f"option {option}; " if option else ""
+            raise ConfigError(f"{_built_class(cause) or 'the config'}: {said} ({where}fix it in the config or on the command line)") from cause
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

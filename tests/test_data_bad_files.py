@@ -188,3 +188,29 @@ def test_a_huge_jsonl_line_is_never_held_whole(tmp_path: Path) -> None:
     assert [isinstance(r, DataError) for r, _ in records] == [False, True, False]
     assert str(records[1][0]).startswith(f"{path}:2: the record is a line of 40,000,0")
     assert peak < 8_000_000, f"reading held {peak:,} bytes"
+
+
+# issue 26, item 14: a DataError arrived after a 40-line traceback
+@pytest.mark.parametrize("debug", [False, True])
+def test_the_ulma_command_prints_a_bad_record_as_one_line_unless_debugging(tmp_path: Path, debug: bool) -> None:
+    path = write(tmp_path / "bad.jsonl", encode("jsonl", RECORDS[:1]) + b'{"prompt": "no response here", "score": 1}\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p), "HF_HUB_OFFLINE": "1", "ULMA_DEBUG": "1" if debug else ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "ulma_lightning.cli", *fit_overrides(tmp_path, path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ulma_lightning.data.errors.DataError: {path}:2: field 'response': missing"), result.stderr[-2000:]
+    if debug:
+        assert result.returncode == 1 and "Traceback (most recent call last)" in result.stderr
+    else:
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-2] == "ulma: stopped (ULMA_DEBUG=1 shows the traceback):"
+
+
+def test_the_ulma_command_prints_a_refused_option_as_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p), "HF_HUB_OFFLINE": "1"}
+    args = ["fit", "--config", str(REPO / "configs" / "ulma.yaml"), "--trainer.default_root_dir", str(tmp_path), "--model.init_args.beta", "-1"]
+    result = subprocess.run([sys.executable, "-m", "ulma_lightning.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("ulma_lightning.lightning_cli.ConfigError: ULMAModule: beta must be > 0, got -1.0 (option model.init_args.beta;")

@@ -6,6 +6,9 @@ Hugging Face folder (:mod:`ulma_lightning.export_cli`). Research code passes its
 ``class_path``. The data module's tokenizer is linked to the policy's, so a config names it once.
 Commands beyond LightningCLI's are rows of :data:`EXTRA_COMMANDS`: ``ulma --help`` lists them.
 
+A mistake in the input or the options (a bad record, grid or option) is printed as its one-line
+message, without the traceback (``ULMA_DEBUG=1`` shows it).
+
 ``ulma predict`` writes generations, scored, as JSONL (settings: the config's ``evaluation:``
 section, a :class:`~ulma_lightning.evaluation.PredictionWriter`). ``ulma evaluate`` runs ``test``
 and ``predict`` for one checkpoint and prints and saves a table of everything
@@ -15,6 +18,7 @@ and ``predict`` for one checkpoint and prints and saves a table of everything
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -42,9 +46,30 @@ def main(args: list[str] | None = None) -> Any:
     return ULMACLI(AlignmentModule, AlignmentDataModule, args=args, **CLI_DEFAULTS)
 
 
+#: set to 1 to see the traceback of a mistake in the input or the options (see :func:`run`)
+DEBUG_ENV = "ULMA_DEBUG"
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that report a user's mistake (a bad record, grid or option), each naming where it
+    is and what to do: :func:`run` prints them without a traceback."""
+    from ulma_lightning.compare.spec import GridError
+    from ulma_lightning.data.errors import DataError
+
+    return (DataError, GridError, ConfigError)
+
+
 def run() -> None:
-    """The ``ulma`` console script: :func:`main`, with exit status 0 on success."""
-    main()
+    """The ``ulma`` console script: :func:`main`, with exit status 0 on success. A mistake in the
+    input or the options (:func:`user_errors`) ends with its one-line message and exit status 2, not
+    a traceback; ``ULMA_DEBUG=1`` shows the traceback too."""
+    try:
+        main()
+    except user_errors() as err:
+        if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+            raise
+        print(f"ulma: stopped ({DEBUG_ENV}=1 shows the traceback):\n{type(err).__module__}.{type(err).__qualname__}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -53,10 +53,11 @@ DEBUG_ENV = "ULMA_DEBUG"
 def user_errors() -> tuple[type[BaseException], ...]:
     """The errors that report a user's mistake (a bad record, grid or option), each naming where it
     is and what to do: :func:`run` prints them without a traceback."""
+    from ulma_lightning.checkpointing import ResumeConflict
     from ulma_lightning.compare.spec import GridError
     from ulma_lightning.data.errors import DataError
 
-    return (DataError, GridError, ConfigError)
+    return (DataError, GridError, ConfigError, ResumeConflict)
 
 
 def run() -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 
-from ulma_lightning.checkpointing import check_same_classes, read_checkpoint_metadata
+from ulma_lightning.checkpointing import check_resume_options, check_same_classes, read_checkpoint_metadata
 from ulma_lightning.evaluation.writer import PredictionWriter
 from ulma_lightning.policy import default_tokenizer
 
@@ -312,12 +312,22 @@ class ULMACLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Before LightningCLI puts the checkpoint's module class in the config, refuse a checkpoint
-        of another module or data module class (see :func:`~ulma_lightning.checkpointing.check_same_classes`)."""
-        config = self.config.get(self.config.get("subcommand") or "", None)
+        of another module or data module class (see :func:`~ulma_lightning.checkpointing.check_same_classes`).
+
+        ``fit`` resumes with the config as given, and refuses options that differ from the
+        checkpoint's (:func:`~ulma_lightning.checkpointing.check_resume_options`; the module checks
+        ``--ckpt_path last`` the same way when it loads it) instead of replacing them silently with
+        the checkpoint's, as LightningCLI does; ``validate``, ``test`` and ``predict`` take the
+        checkpoint's module options, as LightningCLI does."""
+        subcommand = self.config.get("subcommand") or ""
+        config = self.config.get(subcommand, None)
         ckpt_path = config.get("ckpt_path") if config is not None else None
         if ckpt_path and Path(ckpt_path).exists() and ckpt_path != "last":
             checkpoint = read_checkpoint_metadata(ckpt_path)
             check_same_classes(checkpoint, config.model.class_path, config.data.class_path, str(ckpt_path))
+            if subcommand == "fit":
+                check_resume_options(checkpoint.get("hyper_parameters") or {}, config.model.get("init_args") or {}, str(ckpt_path))
+                return
         super()._parse_ckpt_path()
 
     def instantiate_classes(self) -> None:

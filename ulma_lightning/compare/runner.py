@@ -1,5 +1,6 @@
-"""``ulma compare --config GRID.yaml [--quick] [--output DIR] [--only NAME]``: train and evaluate every
-run of a grid, then write ``results.md``, ``results.json`` and PNG plots into ``DIR``.
+"""``ulma compare --config GRID.yaml [--quick] [--output DIR] [--overwrite] [--only NAME]``: train and
+evaluate every run of a grid, then write ``results.md``, ``results.json`` and PNG plots into ``DIR``
+(new, empty, or an earlier compare's; ``--overwrite`` for another folder). Exit status 1 when a run failed.
 
 Layout of ``DIR``: ``stages/<stage>/`` (TensorBoard logs, checkpoints, the exported ``hf_model``,
 ``command.txt`` and ``stage.json`` once done), ``runs/<run>/<variant>/seed<S>/`` (``result.json``

@@ -166,3 +166,16 @@ def test_resuming_with_other_options_than_the_checkpoints_names_each_before_trai
     # the run's own options resume it; how the model runs (gradient checkpointing) may change
     cli = main([*base, "--trainer.max_steps", "2", "--model.init_args.policy.gradient_checkpointing", "true", *resume])
     assert cli.trainer.global_step == 2 and cli.model.hparams["beta"] == 0.1 and cli.model.hparams["policy"]["gradient_checkpointing"] is True
+
+
+def test_resume_conflicts_compare_plain_values_and_skip_what_may_change() -> None:
+    from ulma_lightning import PolicyConfig
+    from ulma_lightning.checkpointing import resume_conflicts
+    from ulma_lightning.evaluation import DemoScorer
+
+    tiny = {"model_type": "llama", "hidden_size": 8}
+    saved = {"_class_path": "a.B", "scorer": DemoScorer(), "policy": PolicyConfig(model_config=tiny), "beta": 0.1, "betas": (0.9, 0.99), "old_option": 1}
+    given = {"_class_path": "a.C", "scorer": DemoScorer(), "policy": PolicyConfig(model_config=tiny, compile=True, gradient_checkpointing=True), "beta": 0.1, "betas": [0.9, 0.99]}
+    assert resume_conflicts(saved, given) == []  # instances by class, tuples as lists, how the model runs, an option of another version
+    given["policy"] = PolicyConfig(model_config={**tiny, "hidden_size": 16}, dtype="bfloat16")
+    assert resume_conflicts(saved, given) == [("policy.dtype", "float32", "bfloat16"), ("policy.model_config.hidden_size", 8, 16)]

@@ -204,7 +204,8 @@ _UNSET = "(not set)"
 
 
 def _plain(value: Any) -> Any:
-    """Hyper-parameters as plain data: dataclasses and namespaces as dicts, tuples as lists."""
+    """Hyper-parameters as plain data: dataclasses and namespaces as dicts, tuples as lists, any other
+    object (a scorer given as an instance) as its class, which is what a checkpoint can compare."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     elif hasattr(value, "as_dict") and callable(value.as_dict):
@@ -213,7 +214,9 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    return value
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:

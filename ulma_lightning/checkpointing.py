@@ -24,6 +24,8 @@ from weakref import proxy
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from ulma_lightning.options import UserError
+
 # Lightning's own warning for a missing `last` suggests save_last=True, which the configs set already;
 # AtomicModelCheckpoint says where it looked instead.
 warnings.filterwarnings("ignore", message=r'.*ckpt_path="last"\) is set, but there is no last checkpoint available')
@@ -193,7 +195,7 @@ def check_same_classes(checkpoint: dict, model: str | type, data: str | type | N
         )
 
 
-class ResumeConflict(ValueError):
+class ResumeConflict(UserError):
     """``--ckpt_path`` with options that differ from the ones the checkpoint was trained with."""
 
 

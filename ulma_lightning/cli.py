@@ -35,6 +35,7 @@ from ulma_lightning.lightning_cli import (  # noqa: F401  (the names this module
     root_loggers_at_default_root_dir,
 )
 from ulma_lightning.modules.base import AlignmentModule
+from ulma_lightning.options import UserError
 
 
 def main(args: list[str] | None = None) -> Any:
@@ -50,23 +51,14 @@ def main(args: list[str] | None = None) -> Any:
 DEBUG_ENV = "ULMA_DEBUG"
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The errors that report a user's mistake (a bad record, grid or option), each naming where it
-    is and what to do: :func:`run` prints them without a traceback."""
-    from ulma_lightning.checkpointing import ResumeConflict
-    from ulma_lightning.compare.spec import GridError
-    from ulma_lightning.data.errors import DataError
-
-    return (DataError, GridError, ConfigError, ResumeConflict)
-
-
 def run() -> None:
     """The ``ulma`` console script: :func:`main`, with exit status 0 on success. A mistake in the
-    input or the options (:func:`user_errors`) ends with its one-line message and exit status 2, not
+    input or the options (a :class:`~ulma_lightning.options.UserError`: DataError, GridError,
+    ConfigError, ResumeConflict) ends with its one-line message and exit status 2, not
     a traceback; ``ULMA_DEBUG=1`` shows the traceback too."""
     try:
         main()
-    except user_errors() as err:
+    except UserError as err:
         if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
             raise
         print(f"ulma: stopped ({DEBUG_ENV}=1 shows the traceback):\n{type(err).__module__}.{type(err).__qualname__}: {err}", file=sys.stderr)

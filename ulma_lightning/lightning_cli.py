@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from ulma_lightning.checkpointing import check_resume_options, check_same_classes, read_checkpoint_metadata
 from ulma_lightning.evaluation.writer import PredictionWriter
+from ulma_lightning.options import UserError
 from ulma_lightning.policy import default_tokenizer
 
 HELP_EPILOG = (
@@ -121,7 +122,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """An option a class of the config refused when it was built."""
 
 

@@ -16,13 +16,15 @@ from typing import Any
 
 import yaml
 
+from ulma_lightning.options import UserError
+
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_SEED_KEYS = ("seed_everything", "model.init_args.policy.init_seed")
 DEFAULT_REWARD_ARG = "model.init_args.reward_model"
 SOURCE_SPLITS = ("train", "val", "test")
 
 
-class GridError(ValueError):
+class GridError(UserError):
     """A mistake in the grid YAML, found before any training; the message names the entry."""
 
 

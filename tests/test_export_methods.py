@@ -115,3 +115,17 @@ def test_a_failed_export_at_the_end_of_fit_leaves_no_folder_that_looks_whole(tmp
     assert info.value.errno == errno.ENOSPC
     assert not [p for p in tmp_path.rglob("*hf_model*")]  # neither the folder nor its partial
     assert list(tmp_path.rglob("last.ckpt"))  # the checkpoint is there to export from
+
+
+def test_an_adapter_written_atomically_points_at_its_base_in_the_final_folder(tmp_path: Path) -> None:
+    """HFExport writes under a partial folder now: the adapter's base_model path must name the folder it ends in."""
+    from ulma_lightning.export import export_atomically, export_hf
+    from ulma_lightning.policy import LoraSettings, Policy, PolicyConfig
+
+    policy = Policy(PolicyConfig(model_config=TINY_LLAMA, lora=LoraSettings(r=4), reference="none"))
+    policy.build()
+    out = tmp_path / "hf_model"
+    export_atomically(lambda partial: export_hf(policy.model, policy.tokenizer, partial, merge_lora=False), out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((out / "base_model").resolve())
+    assert (out / "base_model" / "config.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["hf_model"]

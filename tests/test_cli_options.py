@@ -57,3 +57,30 @@ def test_fit_help_says_how_to_see_model_and_data_options(capsys: pytest.CaptureF
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
     assert "--model.help ULMAModule" in " ".join(capsys.readouterr().out.split())
+
+
+# ----------------------------------------------------------------------------- issue 26, item 13
+def test_a_bad_option_of_a_class_used_twice_is_named_by_its_own_path(tmp_path: Path) -> None:
+    """GenerationConfig is both PPO's `generation` and its `eval_generation`: the message named the first for the second."""
+    ppo = str(Path(ULMA).with_name("ppo.yaml"))
+    with pytest.raises(ValueError) as info:
+        main(["fit", "--config", ppo, "--trainer.default_root_dir", str(tmp_path), "--model.init_args.eval_generation.max_new_tokens", "0"])
+    assert str(info.value).startswith("GenerationConfig: model.init_args.eval_generation.max_new_tokens must be >= 1, got 0 (fix it"), str(info.value)
+
+
+def test_a_bad_numeric_option_names_its_path_in_the_config(tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as info:
+        main(["fit", "--config", ULMA, *QUIET, "--trainer.default_root_dir", str(tmp_path), "--data.init_args.batch_size", "0"])
+    assert "batch_size must be >= 1, got 0 (option data.init_args.batch_size; fix it in the config or on the command line)" in str(info.value)
+
+
+@pytest.mark.parametrize("off", ["--trainer.logger", "--trainer.enable_checkpointing"])
+def test_one_callback_given_for_the_list_runs_with_logging_or_checkpointing_off(tmp_path: Path, off: str) -> None:
+    """`--trainer.callbacks CLASS` makes the list one callback; with logging or checkpointing off, the
+    check that drops their callbacks crashed on it (jsonargparse's `NSKeyError: Key must be a string, got: 0`)."""
+    from ulma_lightning.callbacks import TokenThroughput
+
+    cli = main(["fit", "--config", ULMA, *QUIET, "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+                "--trainer.callbacks", "ulma_lightning.callbacks.TokenThroughput", off, "false"])  # fmt: skip
+    assert cli.trainer.global_step == 1
+    assert [type(c) for c in cli.trainer.callbacks if isinstance(c, TokenThroughput)] == [TokenThroughput]

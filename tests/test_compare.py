@@ -240,6 +240,24 @@ BAD_GRIDS = {
         r"runs\[0\] 'rlhf': stage 'dpo' .* follows the reward model of stage 'reward' but takes no `reward_model` argument",
     ),
     "jobs below one": ({"jobs": 0}, r"grid\.yaml:\d+: jobs must be a whole number >= 1 \(runs trained at a time\), got 0"),
+    # issue 26, item 4: a variant name is a folder of the output, like a run name
+    "variant name escapes the output": (
+        {"variants": {"../../../victim": GRID["variants"]["ordinary"]}},
+        r"grid\.yaml:\d+: variants\.\.\./\.\./\.\./victim: a variant name cannot .* start with '\.' \(it names a folder of the output\)",
+    ),
+    "method name escapes the stages folder": (
+        {"runs": [{"name": "sft", "stages": [{"method": "../configs/sft", "data": "demonstration"}]}]},
+        r"grid\.yaml:\d+: runs\[0\] 'sft' stage 1: a method name \(use `config: FILE` for a config elsewhere\) cannot",
+    ),
+    # issue 26, item 10: evaluation options are type-checked before training
+    "evaluation option of the wrong type": (
+        {"evaluation": {**GRID["evaluation"], "max_prompts": "ten"}},
+        r"grid\.yaml:\d+: evaluation\.max_prompts must be a whole number or null, got str 'ten'",
+    ),
+    "evaluation number out of range": (
+        {"evaluation": {**GRID["evaluation"], "batch_size": 0}},
+        r"grid\.yaml:\d+: evaluation\.batch_size must be >= 1, got 0",
+    ),
     "data kind missing": (
         {"runs": [{"name": "ulma", "stages": [{"method": "ulma_continuous", "data": "continuous"}]}]},
         r"runs\[0\] 'ulma' stage 1 \(ulma_continuous\): data kind 'continuous' is not defined in variant 'ordinary'",
@@ -395,21 +413,173 @@ def test_new_evaluation_settings_reevaluate_without_retraining(ran: dict, tmp_pa
     assert status["sft/ordinary/seed0"] == "ok" and status["sft_dpo/ordinary/seed0"] == "pending"  # its numbers were for 8 prompts
 
 
+HOLD_LOCK_SCRIPT = """
+import sys, time
+from pathlib import Path
+from ulma_lightning.compare.runner import output_lock
+
+with output_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
 def test_a_second_compare_into_the_same_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / ".ulma-compare.lock").write_text(str(os.getppid()))  # a live process holds it
-    path = write_grid(tmp_path, GRID)
-    cwd = os.getcwd()
-    os.chdir(REPO)
+    script = tmp_path / "hold.py"
+    script.write_text(HOLD_LOCK_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    holder = subprocess.Popen([sys.executable, str(script), str(out)], env=env, stdout=subprocess.PIPE, text=True)  # a live compare holds it
     try:
-        with pytest.raises(SystemExit) as stop:
-            compare_main(["--config", str(path), "--output", str(out)])
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        path = write_grid(tmp_path, GRID)
+        cwd = os.getcwd()
+        os.chdir(REPO)
+        try:
+            with pytest.raises(SystemExit) as stop:
+                compare_main(["--config", str(path), "--output", str(out)])
+        finally:
+            os.chdir(cwd)
     finally:
-        os.chdir(cwd)
+        holder.kill()
+        holder.wait()
     assert stop.value.code == 2
-    assert f"another ulma compare (process {os.getppid()}) is writing here" in capsys.readouterr().err
+    assert f"another ulma compare (process {holder.pid}) is writing here" in capsys.readouterr().err
     assert not (out / "stages").exists()
+
+
+def test_the_output_lock_admits_one_of_many_entering_at_once(tmp_path: Path) -> None:
+    """Issue 26, item 5: the lock was read-then-write, so two processes entering at once could both
+    hold it (and the same process twice). Now one OS lock: exactly one of the contenders gets in."""
+    import threading
+
+    from ulma_lightning.compare.runner import output_lock
+    from ulma_lightning.compare.spec import GridError
+
+    start, inside, refused = threading.Barrier(8), [], []
+
+    def contend() -> None:
+        start.wait()
+        try:
+            with output_lock(tmp_path / "out"):
+                inside.append(1)
+                time.sleep(1.0)
+        except GridError:
+            refused.append(1)
+
+    threads = [threading.Thread(target=contend) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert (len(inside), len(refused)) == (1, 7)
+    with output_lock(tmp_path / "out"):  # freed at the end: the next compare takes it
+        pass
+
+
+def _grid_of_failing_runs() -> dict:
+    grid = json.loads(json.dumps(GRID))
+    grid["evaluation"]["baseline"] = "broken"
+    grid["runs"] = [GRID["runs"][2], {"name": "typo", "stages": [{"method": "sft", "data": "demonstration", "overrides": {"trainer.max_stepz": 1}}]}]
+    return grid
+
+
+def test_failed_runs_end_with_a_nonzero_status_and_keep_their_error_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """Issue 26, item 10: `ulma compare` exited 0 when runs failed, and a refused option was recorded
+    as 12 lines of usage text without the parser's `unrecognized arguments` line."""
+    from ulma_lightning.cli import main
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        main(["compare", "--config", str(write_grid(tmp_path, _grid_of_failing_runs())), "--output", str(out)])
+    assert stop.value.code == 1
+    assert "2 of 2 runs failed (broken/ordinary/seed0, typo/ordinary/seed0); their errors are in results.md" in capsys.readouterr().err
+    markdown = (out / "results.md").read_text()
+    assert markdown.startswith("# tiny: results\n")
+    failed = markdown.split("## Failed runs", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"`typo/ordinary/seed0` failed:\s+RuntimeError: `ulma fit` refused its options: error: .*unrecognized arguments: --trainer\.max_stepz 1", failed), failed
+    assert "usage:" not in failed and "[--trainer" not in failed
+
+
+def test_a_folder_compare_did_not_write_is_refused_unless_overwrite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """Issue 26, item 3: compare replaced a user's own results.md in an existing folder without a word."""
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.md").write_text("my own notes\n")
+    grid = write_grid(tmp_path, {**_grid_of_failing_runs(), "runs": [GRID["runs"][2]]})
+    with pytest.raises(SystemExit) as stop:
+        compare_main(["--config", str(grid), "--output", str(out)])
+    assert stop.value.code == 2
+    assert f"--output {out} is a folder that ulma compare did not write, and it is not empty" in capsys.readouterr().err
+    assert (out / "results.md").read_text() == "my own notes\n" and sorted(p.name for p in out.iterdir()) == ["results.md"]
+    compare_main(["--config", str(grid), "--output", str(out), "--overwrite"])  # asked: written there
+    assert (out / "results.md").read_text().startswith("# tiny: results")
+    compare_main(["--config", str(grid), "--output", str(out)])  # now compare's own folder: resumed without asking
+
+
+def test_a_stage_resumes_from_its_newest_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 26, item 11: with `last.ckpt` taken, Lightning writes the newer `last-v1.ckpt`; the
+    stage resumed from the stale `last.ckpt`."""
+    from ulma_lightning.compare import stages
+
+    monkeypatch.chdir(REPO)
+    plan = plan_grid(load_grid(write_grid(tmp_path, {**GRID, "runs": GRID["runs"][:1]})))
+    stage = next(iter(plan.stages.values()))
+    checkpoints = tmp_path / "stages" / stage.key / "tensorboard" / "version_0" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "last.ckpt").write_bytes(b"old")
+    os.utime(checkpoints / "last.ckpt", (time.time() - 60, time.time() - 60))
+    (checkpoints / "last-v1.ckpt").write_bytes(b"new")
+    (checkpoints / ".last-v2.ckpt.partial").write_bytes(b"unfinished")
+    launched: list[list[str]] = []
+
+    def launch(args: list[str], launcher: str, log_file: Path) -> None:
+        launched.append(args)
+        raise RuntimeError("not trained in this test")
+
+    monkeypatch.setattr(stages, "launch", launch)
+    with pytest.raises(RuntimeError, match="not trained"):
+        stages.train_stage(stage, tmp_path, {}, "inprocess")
+    resume = launched[0][launched[0].index("--ckpt_path") + 1]
+    assert resume == str(checkpoints / "last-v1.ckpt")
+
+
+ORPHAN_FIT_SCRIPT = """
+import os, sys, threading, time
+from pathlib import Path
+from ulma_lightning.compare import stages
+
+stages.child_command = lambda args: [sys.executable, "-c", "import time; time.sleep(120)"]  # a long `ulma fit`
+threading.Thread(target=stages.launch, args=(["fit"], "subprocess", Path(sys.argv[1])), daemon=True).start()
+time.sleep(2)
+print(" ".join(c for task in Path(f"/proc/{os.getpid()}/task").iterdir() for c in (task / "children").read_text().split()), flush=True)
+os.kill(os.getpid(), 9)  # the compare is killed outright: no cleanup runs
+"""
+
+
+def test_a_killed_compare_leaves_no_subprocess_fit_running(tmp_path: Path) -> None:
+    """Issue 26, item 12: `--launcher subprocess` left its `ulma fit` running after the compare was
+    killed; the rerun then trained the same stage beside it."""
+    script = tmp_path / "orphan_fit.py"
+    script.write_text(ORPHAN_FIT_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "fit.log")], env=env, capture_output=True, text=True, timeout=120)
+    children = [int(pid) for pid in done.stdout.split()]
+    assert children, done.stderr
+    alive = []
+    for child in children:
+        for _ in range(50):
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            alive.append(child)
+            os.kill(child, 9)
+    assert not alive, f"fit process(es) {alive} outlived the killed compare"
 
 
 def test_jobs_run_instances_in_parallel_and_train_a_shared_stage_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

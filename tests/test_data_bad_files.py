@@ -141,3 +141,76 @@ def test_a_truncated_gz_names_the_file_and_the_last_good_line(tmp_path: Path) ->
     assert len(skipping.examples["train"]) == complete
     assert list(skipping.skipped["train"].counts.values()) == [1]
     assert f"line {complete} is the last complete one" in next(iter(skipping.skipped["train"].counts))
+
+
+# issue 26, item 7: one 200 MB line got the process killed for memory (the line was parsed and tokenized whole)
+def test_a_record_over_max_record_chars_names_file_and_line_and_can_be_allowed(tmp_path: Path) -> None:
+    huge = {"prompt": "Tell me everything.", "response": "tea " * 300_000, "score": 1}
+    path = tmp_path / "huge.jsonl"
+    path.write_bytes(encode("jsonl", [RECORDS[0], huge, RECORDS[1]]))
+    with pytest.raises(DataError) as info:
+        PointwiseDataModule(train=str(path)).setup("fit")  # the default limit: 1,000,000 characters
+    message = str(info.value)
+    assert message.startswith(f"{path}:2: the record is a line of 1,200,0") and "over max_record_chars (1,000,000 characters)" in message
+    assert "raise data.init_args.max_record_chars (null: no limit)" in message
+    skipping = PointwiseDataModule(train=str(path), on_bad_record="skip")
+    skipping.setup("fit")
+    assert len(skipping.examples["train"]) == 2 and skipping.skipped["train"].total == 1
+    allowed = PointwiseDataModule(train=str(path), max_record_chars=2_000_000, max_length=32)
+    allowed.setup("fit")
+    assert len(allowed.examples["train"]) == 3
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv"])
+def test_the_limit_holds_for_records_of_other_formats(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / f"long.{fmt}"
+    path.write_bytes(encode(fmt, [RECORDS[0], {**RECORDS[1], "response": "x" * 5_000}]))
+    with pytest.raises(DataError, match=r"over max_record_chars \(1,000 characters\)"):
+        PointwiseDataModule(train=str(path), max_record_chars=1_000).setup("fit")
+
+
+def test_a_huge_jsonl_line_is_never_held_whole(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from ulma_lightning.data.sources import read_source
+
+    path = tmp_path / "huge.jsonl"
+    with open(path, "w") as handle:
+        handle.write(json.dumps(RECORDS[0]) + "\n")
+        handle.write('{"prompt": "p", "response": "' + "tea " * 10_000_000 + '", "score": 1}\n')  # a 40 MB line
+        handle.write(json.dumps(RECORDS[1]) + "\n")
+    tracemalloc.start()
+    try:
+        records = list(read_source(str(path), max_record_chars=100_000))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [isinstance(r, DataError) for r, _ in records] == [False, True, False]
+    assert str(records[1][0]).startswith(f"{path}:2: the record is a line of 40,000,0")
+    assert peak < 8_000_000, f"reading held {peak:,} bytes"
+
+
+# issue 26, item 14: a DataError arrived after a 40-line traceback
+@pytest.mark.parametrize("debug", [False, True])
+def test_the_ulma_command_prints_a_bad_record_as_one_line_unless_debugging(tmp_path: Path, debug: bool) -> None:
+    path = write(tmp_path / "bad.jsonl", encode("jsonl", RECORDS[:1]) + b'{"prompt": "no response here", "score": 1}\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p), "HF_HUB_OFFLINE": "1", "ULMA_DEBUG": "1" if debug else ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "ulma_lightning.cli", *fit_overrides(tmp_path, path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ulma_lightning.data.errors.DataError: {path}:2: field 'response': missing"), result.stderr[-2000:]
+    if debug:
+        assert result.returncode == 1 and "Traceback (most recent call last)" in result.stderr
+    else:
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-2] == "ulma: stopped (ULMA_DEBUG=1 shows the traceback):"
+
+
+def test_the_ulma_command_prints_a_refused_option_as_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p), "HF_HUB_OFFLINE": "1"}
+    args = ["fit", "--config", str(REPO / "configs" / "ulma.yaml"), "--trainer.default_root_dir", str(tmp_path), "--model.init_args.beta", "-1"]
+    result = subprocess.run([sys.executable, "-m", "ulma_lightning.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("ulma_lightning.lightning_cli.ConfigError: ULMAModule: beta must be > 0, got -1.0 (option model.init_args.beta;")

@@ -262,3 +262,24 @@ def test_a_tokenizer_folder_rewritten_in_place_builds_afresh(tmp_path: Path) -> 
     second._setup("fit")
     assert second.cache_used["loaded"] == {} and second.cache_used["saved"] == {"train": 10}
     assert not np.array_equal(first.datasets["train"].items[0]["input_ids"], second.datasets["train"].items[0]["input_ids"])
+
+
+@pytest.mark.parametrize("failure", ["full disk", "read-only folder"])
+def test_a_cache_that_cannot_be_written_warns_and_the_setup_goes_on(failure: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 26, item 8: a failed cache write stopped the fit with a raw OSError naming no option."""
+    import errno
+
+    def cannot_write(self, kind, key, payload):
+        code = errno.ENOSPC if failure == "full disk" else errno.EROFS
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(FeatureCache, "save", cannot_write)
+    source = write_feedback(tmp_path / "feedback.jsonl.gz")
+    fresh = setup(train=str(source), val=str(source), on_bad_record="skip")
+    with caplog.at_level(logging.WARNING, logger="ulma_lightning.data"):
+        dm = setup(train=str(source), val=str(source), on_bad_record="skip", cache_dir=str(tmp_path / "cache"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "features cache" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # once, not per split
+    assert f"cannot write to data.init_args.cache_dir {tmp_path / 'cache'}" in warnings[0] and os.strerror(errno.ENOSPC if failure == "full disk" else errno.EROFS) in warnings[0]
+    same_setup(fresh, dm, ("train", "val"))
+    assert dm.cache_used["saved"] == {}

@@ -263,6 +263,16 @@ BAD = [
         "chosen",
         "a multi-turn completion (3 messages)",
     ),
+    # issue 26, item 6: a pair that prefers neither side trained DPO at a constant ln 2, without a word
+    ("chosen equals rejected", PairwiseDataModule, {"prompt": "Hi", "chosen": "Hello", "rejected": "Hello"}, "rejected", "the same response as chosen: the pair prefers neither"),
+    ("HH transcripts equal", PairwiseDataModule, {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Hello"}, "rejected", "the same response as chosen"),
+    (
+        "conversations equal",
+        PairwiseDataModule,
+        {"chosen": [user("A?"), assistant("A.")], "rejected": [user("A?"), assistant("A.")]},
+        "rejected",
+        "the same response as chosen",
+    ),
     ("label not a boolean", PointwiseDataModule, {"prompt": "Hi", "completion": "Hello", "label": "maybe"}, "label", "expected a boolean"),
     ("no format (point-wise)", PointwiseDataModule, {"question": "Hi", "answer": "Hello"}, None, "match none of the formats read here: point-wise {prompt, completion, score}; unpaired preference"),
     ("no format (demonstration)", DemonstrationDataModule, {"input": "Hi"}, None, "match none of the formats read here: prompt-completion {prompt, completion}; language modeling {messages}"),
@@ -383,6 +393,11 @@ def test_a_source_with_no_records_is_named(tmp_path: Path) -> None:
         ({"source": "a.jsonl", "weight": 1, "samples": 3}, "give weight or samples, not both"),
         ({"source": "a.jsonl", "score": 2}, r"score must be in \[0, 1\], got 2"),
         ({"score": 1.0}, "no 'source'"),
+        # an infinite weight was a ZeroDivisionError when the mix was sized (issue 26, item 9)
+        ({"source": "a.jsonl", "weight": float("inf")}, r"data\.train\[0\] \(a\.jsonl\): weight must be finite and > 0, got inf"),
+        ({"source": "a.jsonl", "weight": 0}, r"data\.train\[0\] \(a\.jsonl\): weight must be finite and > 0, got 0"),
+        ({"source": "a.jsonl", "weight": -1.5}, r"data\.train\[0\] \(a\.jsonl\): weight must be finite and > 0, got -1\.5"),
+        ({"source": "a.jsonl", "weight": float("nan")}, r"data\.train\[0\] \(a\.jsonl\): weight must be finite and > 0, got nan"),
     ],
 )
 def test_bad_source_options_name_the_entry(entry: dict, message: str) -> None:

@@ -96,3 +96,36 @@ def test_a_failed_export_leaves_no_partial_folder_and_names_the_path(tmp_path: P
     with pytest.raises(OSError, match=r"no space left on the device to export to .*hf_out"):
         main(["export", "--ckpt", str(dpo_checkpoint), "--out", str(tmp_path / "hf_out")])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_export_at_the_end_of_fit_leaves_no_folder_that_looks_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 26, item 2: on a full disk, ``hf_model/`` was left with its config and weights and a
+    truncated ``tokenizer.json`` (it looked valid; AutoTokenizer failed on it), by an error naming no
+    folder. Now the export is written beside it and moved into place, and the error names it."""
+    from transformers import PreTrainedTokenizerBase
+
+    def disk_full(self, save_directory, *args, **kwargs):
+        (Path(save_directory) / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sys, "argv", ["ulma"])
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match=r"HFExport \(trainer\.callbacks\): writing the Hugging Face folder .*/sft/version_0/hf_model failed .*Free space") as info:
+        fit_one_step("sft", tmp_path)
+    assert info.value.errno == errno.ENOSPC
+    assert not [p for p in tmp_path.rglob("*hf_model*")]  # neither the folder nor its partial
+    assert list(tmp_path.rglob("last.ckpt"))  # the checkpoint is there to export from
+
+
+def test_an_adapter_written_atomically_points_at_its_base_in_the_final_folder(tmp_path: Path) -> None:
+    """HFExport writes under a partial folder now: the adapter's base_model path must name the folder it ends in."""
+    from ulma_lightning.export import export_atomically, export_hf
+    from ulma_lightning.policy import LoraSettings, Policy, PolicyConfig
+
+    policy = Policy(PolicyConfig(model_config=TINY_LLAMA, lora=LoraSettings(r=4), reference="none"))
+    policy.build()
+    out = tmp_path / "hf_model"
+    export_atomically(lambda partial: export_hf(policy.model, policy.tokenizer, partial, merge_lora=False), out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((out / "base_model").resolve())
+    assert (out / "base_model" / "config.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["hf_model"]

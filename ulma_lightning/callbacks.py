@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from ulma_lightning.export import export_hf, gather_policy_state
+from ulma_lightning.export import export_atomically, export_hf, gather_policy_state
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,9 @@ class HFExport(pl.Callback):
     Calls the module's ``export_hf(path, merge_lora=...)`` when it has one (every
     :class:`~ulma_lightning.AlignmentModule` does; the reward model writes its scoring model).
     Under FSDP and FSDP2 every process takes part in gathering the full weights, which reach
-    ``export_hf`` as ``state_dict=``; rank 0 writes.
+    ``export_hf`` as ``state_dict=``; rank 0 writes. The folder is written under a hidden
+    ``.NAME.partial`` beside it and moved into place whole, so a failed export (a full disk) leaves
+    no folder that looks complete (:func:`~ulma_lightning.export.export_atomically`).
 
     Args:
         dirname: folder name, inside the run's log directory unless absolute.
@@ -66,9 +68,10 @@ class HFExport(pl.Callback):
         if trainer.is_global_zero:
             full = {"state_dict": state} if sharded else {}
             if hasattr(pl_module, "export_hf"):
-                pl_module.export_hf(path, merge_lora=self.merge_lora, **full)
+                write = lambda partial: pl_module.export_hf(partial, merge_lora=self.merge_lora, **full)  # noqa: E731
             else:
-                export_hf(pl_module.policy.model, pl_module.policy.tokenizer, path, merge_lora=self.merge_lora, **full)
+                write = lambda partial: export_hf(pl_module.policy.model, pl_module.policy.tokenizer, partial, merge_lora=self.merge_lora, **full)  # noqa: E731
+            export_atomically(write, path, what="HFExport (trainer.callbacks)")
             log.info("saved the trained policy as a Hugging Face folder: %s", path)
         trainer.strategy.barrier("hf_export")
         self.path = path

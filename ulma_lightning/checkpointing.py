@@ -10,6 +10,7 @@ two renames, with a moment in which only the ``.NAME.old`` copy exists).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import importlib
 import os
 import re
@@ -17,10 +18,13 @@ import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from weakref import proxy
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from ulma_lightning.options import UserError
 
 # Lightning's own warning for a missing `last` suggests save_last=True, which the configs set already;
 # AtomicModelCheckpoint says where it looked instead.
@@ -189,6 +193,79 @@ def check_same_classes(checkpoint: dict, model: str | type, data: str | type | N
             "Resume with the config that run used (its config.yaml beside the checkpoints folder), or give "
             "this config a checkpoint of its own method"
         )
+
+
+class ResumeConflict(UserError):
+    """``--ckpt_path`` with options that differ from the ones the checkpoint was trained with."""
+
+
+#: init options of a module a resumed run may change: how the model runs, not what it is or how it
+#: learns (dotted below the module's ``init_args``)
+RESUME_FREE_OPTIONS = ("policy.compile", "policy.gradient_checkpointing", "policy.attn_implementation", "policy.logits_chunk_size", "policy.length_groups")
+_UNSET = "(not set)"
+
+
+def _plain(value: Any) -> Any:
+    """Hyper-parameters as plain data: dataclasses and namespaces as dicts, tuples as lists, any other
+    object (a scorer given as an instance) as its class, which is what a checkpoint can compare."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    elif hasattr(value, "as_dict") and callable(value.as_dict):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}.{key}" if prefix else key).items()}
+    return {prefix: value}
+
+
+def resume_conflicts(saved: Any, given: Any) -> list[tuple[str, Any, Any]]:
+    """``(option, checkpoint's value, given value)`` for each init option of the module where ``given``
+    (this run's) differs from ``saved`` (the checkpoint's ``hyper_parameters``). Not compared: the
+    :data:`RESUME_FREE_OPTIONS`, the CLI's own ``_class_path``-like keys, and an option only one side
+    has at the top level (written by another version of the class)."""
+    saved = {k: v for k, v in (_plain(saved) or {}).items() if not k.startswith("_")}
+    given = {k: v for k, v in (_plain(given) or {}).items() if not k.startswith("_")}
+    flat_saved, flat_given = _flat(saved), _flat(given)
+    conflicts = []
+    for key in sorted(set(flat_saved) | set(flat_given)):
+        if key.split(".")[0] not in saved or key.split(".")[0] not in given:
+            continue
+        if any(key == free or key.startswith(free + ".") for free in RESUME_FREE_OPTIONS):
+            continue
+        old, new = flat_saved.get(key, _UNSET), flat_given.get(key, _UNSET)
+        if old != new:
+            conflicts.append((key, old, new))
+    return conflicts
+
+
+def check_resume_options(saved: Any, given: Any, source: str, prefix: str = "model.init_args.") -> None:
+    """Refuse to resume from ``source`` with module options other than the checkpoint's, naming each.
+
+    Resuming continues a run: its weights, optimizer state and schedule were made with the
+    checkpoint's options. Lightning's CLI used to replace the options given with the checkpoint's
+    (``--ckpt_path FILE``: ``--model.init_args.beta 0.5`` dropped without a word), and ``--ckpt_path
+    last`` kept the given ones (a size mismatch for another ``hidden_size``); both now stop here,
+    before training.
+    """
+    conflicts = resume_conflicts(saved, given)
+    if not conflicts:
+        return
+    lines = "\n".join(f"  {prefix}{key}: the checkpoint's {old!r}, given {new!r}" for key, old, new in conflicts)
+    raise ResumeConflict(
+        f"--ckpt_path {source}: {len(conflicts)} option(s) differ from the ones the checkpoint was trained with:\n{lines}\n"
+        "Resuming continues that training as it was set up. To resume, drop these options (the run's config.yaml, beside its "
+        "checkpoints folder, holds its own); to train with them, start a new run without --ckpt_path (to start from the "
+        "trained weights, set model.init_args.policy.model to the run's hf_model folder)"
+    )
 
 
 def _name(cls: str | type) -> str:

@@ -6,6 +6,9 @@ Hugging Face folder (:mod:`ulma_lightning.export_cli`). Research code passes its
 ``class_path``. The data module's tokenizer is linked to the policy's, so a config names it once.
 Commands beyond LightningCLI's are rows of :data:`EXTRA_COMMANDS`: ``ulma --help`` lists them.
 
+A mistake in the input or the options (a bad record, grid or option) is printed as its one-line
+message, without the traceback (``ULMA_DEBUG=1`` shows it).
+
 ``ulma predict`` writes generations, scored, as JSONL (settings: the config's ``evaluation:``
 section, a :class:`~ulma_lightning.evaluation.PredictionWriter`). ``ulma evaluate`` runs ``test``
 and ``predict`` for one checkpoint and prints and saves a table of everything
@@ -15,6 +18,7 @@ and ``predict`` for one checkpoint and prints and saves a table of everything
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -32,6 +36,7 @@ from ulma_lightning.lightning_cli import (  # noqa: F401  (the names this module
 )
 from ulma_lightning.modules.base import AlignmentModule
 from ulma_lightning.noise import silence_known_noise
+from ulma_lightning.options import UserError
 
 
 def main(args: list[str] | None = None) -> Any:
@@ -52,9 +57,22 @@ def main(args: list[str] | None = None) -> Any:
     return ULMACLI(AlignmentModule, AlignmentDataModule, args=args, **CLI_DEFAULTS)
 
 
+#: set to 1 to see the traceback of a mistake in the input or the options (see :func:`run`)
+DEBUG_ENV = "ULMA_DEBUG"
+
+
 def run() -> None:
-    """The ``ulma`` console script: :func:`main`, with exit status 0 on success."""
-    main()
+    """The ``ulma`` console script: :func:`main`, with exit status 0 on success. A mistake in the
+    input or the options (a :class:`~ulma_lightning.options.UserError`: DataError, GridError,
+    ConfigError, ResumeConflict) ends with its one-line message and exit status 2, not
+    a traceback; ``ULMA_DEBUG=1`` shows the traceback too."""
+    try:
+        main()
+    except UserError as err:
+        if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+            raise
+        print(f"ulma: stopped ({DEBUG_ENV}=1 shows the traceback):\n{type(err).__module__}.{type(err).__qualname__}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

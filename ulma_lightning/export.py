@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import errno
+import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +87,47 @@ def export_hf(
             return out
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    return out
+
+
+def _point_adapter_at(partial: Path, out: Path) -> None:
+    """An adapter saved with its base model (``base_model/``) names that folder by absolute path:
+    make it the path the folder will have once moved from ``partial`` to ``out``."""
+    config_file = partial / "adapter_config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    base = str(config.get("base_model_name_or_path") or "")
+    if base.startswith(str(partial.resolve())):
+        config["base_model_name_or_path"] = str(out.resolve()) + base[len(str(partial.resolve())) :]
+        config_file.write_text(json.dumps(config, indent=2))
+
+
+def export_atomically(write: Callable[[Path], Any], out: str | Path, *, what: str = "export") -> Path:
+    """Call ``write(partial)`` to fill a hidden ``.NAME.partial`` folder beside ``out``, then move it
+    into place (replacing an earlier ``out`` whole): a write that fails midway (a full disk, a
+    tokenizer that cannot be saved) leaves no half-written folder that ``from_pretrained`` would
+    take for a whole one, and removes its partial. The error names ``out``."""
+    from ulma_lightning.checkpointing import atomic_replace, partial_path, remove_path
+
+    out = Path(out)
+    partial = partial_path(out)
+    remove_path(partial)
+    try:
+        write(partial)
+        _point_adapter_at(partial, out)
+        atomic_replace(partial, out)
+    except Exception as err:
+        remove_path(partial)
+        full = isinstance(err, OSError) and err.errno == errno.ENOSPC
+        message = (
+            f"{what}: writing the Hugging Face folder {out} failed ({type(err).__name__}: {err}); nothing was written there"
+            + (" (an earlier export there is kept)" if out.exists() else "")
+            + (". Free space on that device or write elsewhere" if full else "")
+        )
+        if isinstance(err, OSError):
+            raise (OSError(err.errno, message) if err.errno is not None else OSError(message)) from err
+        raise RuntimeError(message) from err
     return out
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from ulma_lightning.checkpointing import METADATA_FILE, atomic_replace, partial_path, read_checkpoint_metadata, remove_path
+from ulma_lightning.export import _point_adapter_at
 
 log = logging.getLogger(__name__)
 
@@ -89,19 +89,6 @@ def check_out(out: Path, overwrite: bool) -> None:
         return
     what = "a folder that is not empty" if out.is_dir() else "a file"
     raise FileExistsError(f"--out {out} is {what}; export writes a whole Hugging Face folder there. Choose a new or empty folder, or pass --overwrite to replace it")
-
-
-def _point_adapter_at(partial: Path, out: Path) -> None:
-    """An adapter saved with its base model (``base_model/``) names that folder by absolute path:
-    make it the path the folder will have once moved from ``partial`` to ``out``."""
-    config_file = partial / "adapter_config.json"
-    if not config_file.is_file():
-        return
-    config = json.loads(config_file.read_text())
-    base = str(config.get("base_model_name_or_path") or "")
-    if base.startswith(str(partial.resolve())):
-        config["base_model_name_or_path"] = str(out.resolve()) + base[len(str(partial.resolve())) :]
-        config_file.write_text(json.dumps(config, indent=2))
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, *, merge_lora: bool = True, overwrite: bool = False) -> Path:

@@ -22,10 +22,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from ulma_lightning.checkpointing import check_same_classes, read_checkpoint_metadata
+from ulma_lightning.checkpointing import check_resume_options, check_same_classes, read_checkpoint_metadata
 from ulma_lightning.evaluation.writer import PredictionWriter
 from ulma_lightning.gguf_models import model_source
 from ulma_lightning.noise import without_version_in_progress_bar
+from ulma_lightning.options import UserError
 from ulma_lightning.policy import default_tokenizer
 from ulma_lightning.shipped import resolve_config_names
 from ulma_lightning.threads import add_small_model_threads
@@ -124,7 +125,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
         "Test and generate with one checkpoint; print and save every metric.",
     ),
     "compare": (
-        "ulma_lightning.compare.runner:compare_main",
+        "ulma_lightning.compare.runner:compare_command",
         "Train and evaluate a grid of methods over seeds; write results.md, results.json and plots.",
     ),
     "configs": (
@@ -134,7 +135,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """An option a class of the config refused when it was built."""
 
 
@@ -186,7 +187,46 @@ def without_callbacks_turned_off(trainer: Any) -> None:
         cls = _class_at(str(callback.get("class_path"))) if hasattr(callback, "get") else None
         return isinstance(cls, type) and issubclass(cls, off)
 
-    trainer.callbacks = [c for c in trainer.callbacks if not turned_off(c)]
+    # `--trainer.callbacks CLASS` replaces the list by one callback, not a list of one
+    callbacks = trainer.callbacks if isinstance(trainer.callbacks, list) else [trainer.callbacks]
+    trainer.callbacks = [c for c in callbacks if not turned_off(c)]
+
+
+def _leaves(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted path, value)`` of every leaf of a config (as plain data)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _leaves(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _leaves(item, f"{path}[{index}]")
+    else:
+        yield path, value
+
+
+def name_the_option(message: str, config: Any) -> tuple[str, str | None]:
+    """``message`` (``NAME must be RULE, got VALUE``, as :func:`~ulma_lightning.options.check_numbers`
+    and the option classes write it) with the option's full path in the config: a class used under
+    several options (``GenerationConfig`` as ``generation`` and ``eval_generation``) does not know
+    which one it was built for. Returns the message, where the path replaces a ``NAME`` it does not
+    end with, and the path to show beside it otherwise (None: no single option holds that value)."""
+    import re
+
+    match = re.match(r"([A-Za-z_][\w.]*) must be .*?, got (.+?)(?: \(|$)", message)
+    if match is None:
+        return message, None
+    name, got = match.groups()
+    try:
+        plain = config.as_dict() if hasattr(config, "as_dict") else dict(config)
+    except (TypeError, ValueError):
+        return message, None
+    leaf = name.rpartition(".")[2]
+    paths = [p for p, v in _leaves(plain) if re.split(r"[.\]]", p)[-1] == leaf and got in (str(v), repr(v))]
+    if len(paths) != 1 or paths[0] == name:
+        return message, None
+    if paths[0].endswith("." + name):
+        return message, paths[0]
+    return message.replace(name, paths[0], 1), None
 
 
 def _init_args_of(spec: Any) -> dict[str, Any]:
@@ -384,12 +424,22 @@ class ULMACLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Before LightningCLI puts the checkpoint's module class in the config, refuse a checkpoint
-        of another module or data module class (see :func:`~ulma_lightning.checkpointing.check_same_classes`)."""
-        config = self.config.get(self.config.get("subcommand") or "", None)
+        of another module or data module class (see :func:`~ulma_lightning.checkpointing.check_same_classes`).
+
+        ``fit`` resumes with the config as given, and refuses options that differ from the
+        checkpoint's (:func:`~ulma_lightning.checkpointing.check_resume_options`; the module checks
+        ``--ckpt_path last`` the same way when it loads it) instead of replacing them silently with
+        the checkpoint's, as LightningCLI does; ``validate``, ``test`` and ``predict`` take the
+        checkpoint's module options, as LightningCLI does."""
+        subcommand = self.config.get("subcommand") or ""
+        config = self.config.get(subcommand, None)
         ckpt_path = config.get("ckpt_path") if config is not None else None
         if ckpt_path and Path(ckpt_path).exists() and ckpt_path != "last":
             checkpoint = read_checkpoint_metadata(ckpt_path)
             check_same_classes(checkpoint, config.model.class_path, config.data.class_path, str(ckpt_path))
+            if subcommand == "fit":
+                check_resume_options(checkpoint.get("hyper_parameters") or {}, config.model.get("init_args") or {}, str(ckpt_path))
+                return
         super()._parse_ckpt_path()
 
     def instantiate_classes(self) -> None:
@@ -401,7 +451,10 @@ class ULMACLI(LightningCLI):
             cause = _innermost(err)
             if cause is err:
                 raise
-            raise ConfigError(f"{_built_class(cause) or 'the config'}: {cause} (fix it in the config or on the command line)") from cause
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            said, option = name_the_option(str(cause), config)
+            where = f"option {option}; " if option else ""
+            raise ConfigError(f"{_built_class(cause) or 'the config'}: {said} ({where}fix it in the config or on the command line)") from cause
         without_version_in_progress_bar(self.trainer)
         add_small_model_threads(self.trainer)
 

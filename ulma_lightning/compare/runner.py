@@ -1,5 +1,6 @@
-"""``ulma compare --config GRID.yaml [--quick] [--output DIR] [--only NAME]``: train and evaluate every
-run of a grid, then write ``results.md``, ``results.json`` and PNG plots into ``DIR``.
+"""``ulma compare --config GRID.yaml [--quick] [--output DIR] [--overwrite] [--only NAME]``: train and
+evaluate every run of a grid, then write ``results.md``, ``results.json`` and PNG plots into ``DIR``
+(new, empty, or an earlier compare's; ``--overwrite`` for another folder). Exit status 1 when a run failed.
 
 Layout of ``DIR``: ``stages/<stage>/`` (TensorBoard logs, checkpoints, the exported ``hf_model``,
 ``command.txt`` and ``stage.json`` once done), ``runs/<run>/<variant>/seed<S>/`` (``result.json``
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import os
 import shlex
 import sys
@@ -148,44 +150,77 @@ def select(plan: Plan, only: str | None) -> list[Instance]:
 LOCK_FILE = ".ulma-compare.lock"
 
 
+def _made_by_compare(root: Path) -> bool:
+    """Whether ``root`` holds what ``ulma compare`` writes: its lock file (kept between runs), its
+    stage locks, or a ``results.json`` it wrote (folders of versions before the lock file was kept)."""
+    if (root / LOCK_FILE).exists() or (root / "stages" / ".locks").is_dir():
+        return True
+    results = read_json(root / "results.json")
+    return results is not None and str(results.get("command", "")).startswith("ulma compare")
+
+
+def check_output(root: Path, overwrite: bool = False) -> None:
+    """Refuse an output folder that holds files ``ulma compare`` did not write (a user's own
+    ``results.md`` would be replaced), unless ``overwrite``; a folder of an earlier compare is resumed."""
+    if not (root.exists() or root.is_symlink()):
+        return
+    if not root.is_dir():
+        raise GridError(f"--output {root} is a file; ulma compare writes a folder there. Choose another --output")
+    if overwrite or not any(root.iterdir()) or _made_by_compare(root):
+        return
+    raise GridError(
+        f"--output {root} is a folder that ulma compare did not write, and it is not empty: compare would replace files "
+        "in it (results.md, results.json, the plots). Choose a new or empty folder, or pass --overwrite to write there anyway"
+    )
+
+
 @contextlib.contextmanager
 def output_lock(root: Path) -> Iterator[None]:
     """Hold ``root`` for this process: a second ``ulma compare`` into the same folder would train the
-    same stages at the same time. A lock left by a process that no longer runs is taken over."""
+    same stages at the same time. An OS file lock on ``root/.ulma-compare.lock`` (taken with one
+    call, freed by the system when its holder dies), so two processes starting at once cannot both
+    hold it; the file, holding the holder's process id, stays and marks the folder as compare's."""
     root.mkdir(parents=True, exist_ok=True)
     lock = root / LOCK_FILE
+    while True:
+        handle = open(lock, "a+")  # noqa: SIM115 - held open until the end of the compare
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise GridError(f"{root}: another ulma compare (process {holder}) is writing here; wait for it to end or pass another --output") from None
+        try:
+            same = os.fstat(handle.fileno()).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()  # the file was replaced while we waited: lock the one now at the path
     try:
-        holder = int(lock.read_text().strip() or 0)
-    except (FileNotFoundError, ValueError):
-        holder = 0
-    if holder and holder != os.getpid() and _alive(holder):
-        raise GridError(f"{root}: another ulma compare (process {holder}) is writing here; wait for it to end or pass another --output")
-    lock.write_text(str(os.getpid()))
-    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        handle.seek(0)
+        handle.truncate()
+        handle.close()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def compare(grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare", jobs: int | None = None) -> dict[str, Any]:
+def compare(grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare", jobs: int | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Run the grid (or the ``only`` subset) into ``root``, ``jobs`` runs at a time (default: the grid's
-    ``jobs``); write and return the results."""
+    ``jobs``); write and return the results. ``root`` must be new, empty or an earlier compare's
+    output unless ``overwrite`` (:func:`check_output`)."""
     jobs = grid.jobs if jobs is None else jobs
     if jobs < 1:
         raise GridError(f"--jobs must be at least 1, got {jobs}")
     plan = plan_grid(grid)
     # seed by seed: a grid stopped part-way has whole seeds of every row, not every seed of some rows
     chosen = sorted(select(plan, only), key=lambda instance: grid.seeds.index(instance.seed))
+    check_output(root, overwrite)
     with output_lock(root):
         return _compare(grid, plan, chosen, root, launcher, command, jobs)
 
@@ -234,7 +269,7 @@ def _run_all(runner: Runner, grid: GridSpec, plan: Plan, chosen: list[Instance],
     return results
 
 
-def tune(grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare --tune", jobs: int | None = None) -> dict[str, Any]:
+def tune(grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare --tune", jobs: int | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Tune every stage of the grid in its chain, by depth (:mod:`~ulma_lightning.compare.tune`), into
     ``root``; write the picks (``tuned.yaml``) and return the last results with ``tuned`` and ``rounds``."""
     if grid.tune is None:
@@ -243,7 +278,7 @@ def tune(grid: GridSpec, root: Path, *, only: str | None = None, launcher: str |
 
     def run(candidates: GridSpec) -> dict[str, Any]:
         nonlocal last
-        last = compare(candidates, root, only=only, launcher=launcher, command=command, jobs=jobs)
+        last = compare(candidates, root, only=only, launcher=launcher, command=command, jobs=jobs, overwrite=overwrite)
         return last
 
     tuned, rounds = tune_chains(grid, run)
@@ -262,6 +297,7 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--config", required=True, help="the grid YAML, e.g. experiments/paper.yaml")
     parser.add_argument("--quick", action="store_true", help="the grid's `quick:` subset (fewer seeds, runs and steps)")
     parser.add_argument("--output", default=None, help="output folder (default: the grid's `output`, else runs/compare/<grid name>[-quick])")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --output folder that holds files ulma compare did not write (files of the same names are replaced)")
     parser.add_argument("--only", default=None, help="run only this run name (all its variants and seeds), or one RUN/VARIANT/seedS")
     parser.add_argument("--heldout", action="store_true", help="the grid's `heldout:` set (other seeds and data draw), for the claims' second check")
     parser.add_argument("--plan", action="store_true", help="list the stages (and which runs share them), the runs and an estimated time, without training")
@@ -285,8 +321,20 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
             print(text, flush=True)
             return {"plan": text}
         if args.tune:
-            return tune(grid, root / "tune", only=args.only, launcher=args.launcher, command=command, jobs=args.jobs)
-        return compare(grid, root, only=args.only, launcher=args.launcher, command=command, jobs=args.jobs)
+            return tune(grid, root / "tune", only=args.only, launcher=args.launcher, command=command, jobs=args.jobs, overwrite=args.overwrite)
+        return compare(grid, root, only=args.only, launcher=args.launcher, command=command, jobs=args.jobs, overwrite=args.overwrite)
     except GridError as exc:
         print(f"ulma compare: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def compare_command(argv: list[str]) -> dict[str, Any]:
+    """The ``ulma compare`` command: :func:`compare_main`, ending with exit status 1 when a run failed
+    (its error is in ``results.md``; the other runs were still trained and evaluated)."""
+    results = compare_main(argv)
+    failed = [str(r.get("id")) for r in results.get("runs", []) if r.get("status") == "failed"]
+    if failed:
+        shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+        print(f"ulma compare: {len(failed)} of {len(results['runs'])} runs failed ({shown}); their errors are in results.md", file=sys.stderr)
+        raise SystemExit(1)
+    return results

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from ulma_lightning.options import UserError
 from ulma_lightning.shipped import shipped_configs_dir
 
 PACKAGE_CONFIGS = shipped_configs_dir()  # the configs shipped in the package (a checkout: its configs/)
@@ -24,7 +25,7 @@ DEFAULT_REWARD_ARG = "model.init_args.reward_model"
 SOURCE_SPLITS = ("train", "val", "test")
 
 
-class GridError(ValueError):
+class GridError(UserError):
     """A mistake in the grid YAML, found before any training; the message names the entry."""
 
 
@@ -198,6 +199,13 @@ class GridSpec:
 
 
 # ----------------------------------------------------------------------------- checking helpers
+def check_path_name(name: str, where: str, what: str) -> None:
+    """Refuse a name that becomes a folder of the output (a run, a variant, a method) but could
+    leave it: ``/`` or ``\\`` in it, or a leading ``.`` (``..``, hidden files)."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise GridError(f"{where}: {what} cannot be empty, contain '/' or '\\', or start with '.' (it names a folder of the output), got {name!r}")
+
+
 def _where(path: Path, node: Any, what: str) -> str:
     line = getattr(node, "line", 0)
     return f"{path}:{line}: {what}" if line else f"{path}: {what}"
@@ -274,6 +282,8 @@ def _stage(raw: Any, path: Path, what: str, configs_dir: Path) -> StageSpec:
     method, config_name = entry.get("method"), entry.get("config")
     if not method and not config_name:
         raise GridError(_where(path, entry_line, f"{what}: needs `method: NAME` (a config in {configs_dir}) or `config: FILE`"))
+    if method:
+        check_path_name(str(method), _where(path, entry_line, what), "a method name (use `config: FILE` for a config elsewhere)")
     grid_dir = path.parent
     if config_name:
         config = _resolve_file(str(config_name), grid_dir)
@@ -349,6 +359,7 @@ def _variants(raw: Any, path: Path, doc: Any) -> dict[str, dict[str, dict[str, s
         raise GridError(_where(path, doc, "`variants` is missing: map each data variant (e.g. ordinary, golden) to its sources per data kind"))
     out: dict[str, dict[str, dict[str, str]]] = {}
     for name, kinds in variants.items():
+        check_path_name(str(name), _where(path, raw, f"variants.{name}"), "a variant name")
         kinds = _mapping_of(kinds, path, f"variants.{name}", variants.get(name) or doc)
         out[str(name)] = {}
         for kind, sources in kinds.items():
@@ -368,10 +379,62 @@ def _evaluation(raw: Any, path: Path, doc: Any) -> EvaluationSpec:
     _check_keys(entry, allowed, path, "evaluation")
     if not entry.get("prompts"):
         raise GridError(_where(path, raw if raw else doc, "evaluation.prompts is missing: the held-out test prompts (a data source)"))
+    check_types(entry, EvaluationSpec, path, raw if raw else doc, "evaluation")
+    for key, rule in EVALUATION_RULES.items():
+        value = entry.get(key)
+        if value is not None and not (value >= 1 if rule == ">= 1" else value >= 0):
+            raise GridError(_where(path, raw, f"evaluation.{key} must be {rule}, got {value!r}"))
+    if not isinstance(entry.get("scorer", {"class_path": ""}).get("class_path"), str):
+        raise GridError(_where(path, raw, "evaluation.scorer needs a `class_path` (e.g. ulma_lightning.evaluation.DemoScorer) and optionally `init_args`"))
     try:
         return EvaluationSpec(**entry)
     except TypeError as exc:
         raise GridError(_where(path, raw, f"evaluation: {exc}")) from None
+
+
+#: numeric rules of the ``evaluation:`` options (checked before any training)
+EVALUATION_RULES = {"max_prompts": ">= 1", "max_length": ">= 1", "batch_size": ">= 1", "kl_max_new_tokens": ">= 0"}
+
+
+def _is(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the type ``hint`` (a class, ``X | None``, ``dict[...]``, ``list[...]``);
+    a bool is no number, an int is a float."""
+    import types
+    import typing
+
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_is(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint) or hint
+    if origin in (int, float) and isinstance(value, bool):
+        return False
+    if origin is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, origin)
+
+
+def _type_name(hint: Any) -> str:
+    import typing
+
+    args = typing.get_args(hint)
+    if args and typing.get_origin(hint) not in (dict, list):
+        return " or ".join(_type_name(a) for a in args)
+    origin = typing.get_origin(hint) or hint
+    return {type(None): "null", str: "a string", int: "a whole number", float: "a number", dict: "a mapping", list: "a list", bool: "true or false"}.get(origin, str(hint))
+
+
+def check_types(entry: dict[str, Any], spec: type, path: Path, node: Any, what: str) -> None:
+    """Refuse a value of ``entry`` whose type is not the one the dataclass ``spec`` declares for it
+    (``max_prompts: "ten"``), naming file:line and the option, before anything is trained."""
+    import typing
+
+    hints = typing.get_type_hints(spec)
+    for key, value in entry.items():
+        if key in hints and not _is(value, hints[key]):
+            raise GridError(_where(path, node, f"{what}.{key} must be {_type_name(hints[key])}, got {type(value).__name__} {value!r}"))
 
 
 def _tune(raw: Any, path: Path, doc: Any, variants: dict[str, Any]) -> TuneSpec | None:
@@ -508,8 +571,7 @@ def load_grid(path: str | Path, *, quick: bool = False, heldout: bool = False) -
         if not name or not isinstance(name, str):
             raise GridError(_where(path, raw, f"{what}: needs a `name` (a string)"))
         what = f"runs[{index}] {name!r}"
-        if "/" in name or name.startswith("."):
-            raise GridError(_where(path, raw, f"{what}: a run name cannot contain '/' or start with '.'"))
+        check_path_name(name, _where(path, raw, what), "a run name")
         if name == BASE_RUN and doc.get("base") is not None:
             raise GridError(_where(path, raw, f"{what}: the name {BASE_RUN!r} is the base stage's row (the grid has `base:`); rename the run"))
         if name in seen:

@@ -295,7 +295,7 @@ def launch(args: list[str], launcher: str, log_file: Path) -> None:
     output to ``log_file``). Raises on failure, with the child's last lines."""
     if launcher == "subprocess":
         with open(log_file, "w") as handle:
-            code = subprocess.call([sys.executable, "-m", "ulma_lightning.cli", *args], stdout=handle, stderr=subprocess.STDOUT)
+            code = subprocess.call(child_command(args), stdout=handle, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(os.getpid()))
         if code != 0:
             tail = "".join(log_file.read_text(errors="replace").splitlines(keepends=True)[-15:])
             raise RuntimeError(f"`ulma {args[0]}` exited with status {code}; the end of {log_file}:\n{tail}")
@@ -309,8 +309,7 @@ def launch(args: list[str], launcher: str, log_file: Path) -> None:
         cli = main(args)
     except SystemExit as exc:
         if exc.code == 2:  # jsonargparse refused an option: this stage fails, the others go on
-            said = "".join(tee.lines[-12:]).strip()
-            raise RuntimeError(f"`ulma {args[0]}` refused its options:\n{said}") from None
+            raise RuntimeError(f"`ulma {args[0]}` refused its options: {parser_error(tee.lines)}") from None
         # Ctrl-C (Lightning exits with 1 after a graceful shutdown) or SIGTERM: stop the whole compare
         raise SystemExit(f"ulma compare: `ulma {args[0]}` was interrupted; run the same command again to resume") from None
     finally:
@@ -320,6 +319,40 @@ def launch(args: list[str], launcher: str, log_file: Path) -> None:
     _release_memory()
     if stopped:
         raise SystemExit(f"ulma compare: stopped by SIGTERM during `ulma {args[0]}`; run the same command again to resume")
+
+
+def child_command(args: list[str]) -> list[str]:
+    """The command line of ``ulma <args>`` in a child process (``--launcher subprocess``)."""
+    return [sys.executable, "-m", "ulma_lightning.cli", *args]
+
+
+def _die_with_parent(parent: int) -> Any:
+    """A ``preexec_fn`` that makes the child get SIGKILL when this process ends, however it ends
+    (Linux ``prctl(PR_SET_PDEATHSIG)``): a killed ``ulma compare`` leaves no ``ulma fit`` training
+    beside the rerun. None where the platform has no such call."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def preexec() -> None:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() != parent:  # the parent died before the call above
+            os._exit(1)
+
+    return preexec
+
+
+def parser_error(lines: list[str], context: int = 3) -> str:
+    """What an argument parser said when it refused options: its ``error:`` line first (the usage
+    text before it is left out), then the few lines after the usage."""
+    text = [line.rstrip() for line in lines if line.strip()]
+    errors = [line for line in text if line.lstrip().startswith("error:")]
+    if not errors:
+        return "\n".join(text[-12:])
+    after_usage = [line for line in text if not line.startswith((" ", "usage:")) and line not in errors]
+    return "\n".join([errors[-1].strip(), *after_usage[-context:]])
 
 
 def _release_memory() -> None:
@@ -349,7 +382,7 @@ class _Tee:
 
 
 def train_stage(stage: Stage, root: Path, exports: dict[str, str], launcher: str) -> dict[str, Any]:
-    """Train ``stage`` (resuming a killed attempt from its ``last.ckpt``); returns its record,
+    """Train ``stage`` (resuming a killed attempt from its newest ``last*.ckpt``); returns its record,
     also written to ``stage.json``. A stage already done is not trained again. The stages share
     their tokenized data through ``OUTPUT/cache/features`` (``data.cache_dir``)."""
     folder = root / "stages" / stage.key
@@ -357,7 +390,7 @@ def train_stage(stage: Stage, root: Path, exports: dict[str, str], launcher: str
     if done is not None and done.get("status") == "ok":
         return done
     folder.mkdir(parents=True, exist_ok=True)
-    last = find_latest(folder, "last.ckpt")
+    last = find_latest(folder, "last*.ckpt")  # Lightning names a later `last` last-v1.ckpt when last.ckpt exists
     args = stage.args(folder, exports, resume=str(last) if last else None, cache_dir=root / FEATURE_CACHE)
     command = "ulma " + shlex.join(args)
     (folder / "command.txt").write_text(command + "\n")

@@ -38,7 +38,7 @@ from ulma_lightning.data.mixing import MixStrategy, SourceSpec, SplitSources, de
 from ulma_lightning.data.prompts import LeftPaddingCollator, PromptDataset, encode_prompts
 from ulma_lightning.data.records import Example, apply_columns, format_label, in_user_terms, parse_pointwise
 from ulma_lightning.data.samplers import ResumableDataLoader, ResumableSampler
-from ulma_lightning.data.sources import Location, read_source
+from ulma_lightning.data.sources import MAX_RECORD_CHARS, Location, read_source, text_size, too_long
 from ulma_lightning.options import check_numbers
 from ulma_lightning.tokenizers import load_tokenizer, pad_token_id
 
@@ -54,7 +54,7 @@ NOT_IN_CACHE_KEY = frozenset(
         "datasets", "examples", "skipped", "truncated", "mixed", "duplicates", "reading", "trainer", "cache",
         "cache_dir", "cache_used", "specs", "sources", "test_from_val", "batch_size", "eval_batch_size",
         "num_workers", "group_by_length", "pad_to_multiple_of", "_building", "_pending_extra",
-        "_before_loading", "_tokenizer", "_report", "_said_responses_ignored", "_identity_key",
+        "_before_loading", "_tokenizer", "_report", "_said_responses_ignored", "_identity_key", "_cache_unwritable",
     }
 )  # fmt: skip
 
@@ -150,6 +150,10 @@ class AlignmentDataModule(pl.LightningDataModule):
             first build and loaded by later runs with the same inputs (keyed by the sources' content,
             the tokenizer, truncation, every data option and the library version; see
             :mod:`ulma_lightning.data.cache`). None (default): no cache.
+        max_record_chars: the most characters a record may hold (a ``.jsonl`` line, or the text of a
+            record of another format): a longer one is a bad record (``on_bad_record``), found before
+            it is parsed or tokenized, so one huge line cannot fill the memory. Raise it for longer
+            records; None: no limit.
     """
 
     def __init__(
@@ -174,8 +178,10 @@ class AlignmentDataModule(pl.LightningDataModule):
         trust_remote_code: bool = False,
         mix_strategy: MixStrategy = "interleave_under",
         cache_dir: str | None = None,
+        max_record_chars: int | None = MAX_RECORD_CHARS,
     ) -> None:
         super().__init__()
+        check_numbers(max_record_chars=(max_record_chars, ">= 1"))
         check_numbers(
             batch_size=(batch_size, ">= 1"), eval_batch_size=(eval_batch_size, ">= 1"), max_length=(max_length, ">= 1"),
             max_prompt_length=(max_prompt_length, ">= 0"), val_fraction=(val_fraction, "in [0, 1)"),
@@ -220,6 +226,7 @@ class AlignmentDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.on_bad_record = on_bad_record
         self.max_samples = max_samples
+        self.max_record_chars = max_record_chars
         self.datasets: dict[str, FeatureDataset] = {}
         self.examples: dict[str, list[Any]] = {}
         self.skipped: dict[str, SkipReport] = {}
@@ -317,7 +324,18 @@ class AlignmentDataModule(pl.LightningDataModule):
         except CacheMiss as exc:
             log.info("features cache: %s are not cached (%s)", what, exc)
             return value, "built"
-        self.cache.save(kind, key, payload)
+        if getattr(self, "_cache_unwritable", False):
+            return value, "built"
+        try:
+            self.cache.save(kind, key, payload)
+        except OSError as exc:  # the cache only saves time: a full disk or a read-only folder does not stop the run
+            self._cache_unwritable = True
+            log.warning(
+                "features cache: cannot write to data.init_args.cache_dir %s (%s); going on without saving to it. "
+                "Free space there, make it writable, or set data.init_args.cache_dir to another folder (or null)",
+                self.cache.folder, exc,
+            )  # fmt: skip
+            return value, "built"
         return value, "saved"
 
     def _read_split(self, split: str, report: SkipReport) -> list[Any]:
@@ -359,9 +377,12 @@ class AlignmentDataModule(pl.LightningDataModule):
         records = 0
         columns, on_bad_record = self.option("columns"), self.option("on_bad_record")
         formats: dict[str, int] = {}
-        for raw, location in read_source(source, {"val": "validation", "predict": "test"}.get(split, split)):
+        for raw, location in read_source(source, {"val": "validation", "predict": "test"}.get(split, split), self.max_record_chars):
             records += 1
             try:
+                size = 0 if self.max_record_chars is None or isinstance(raw, DataError) else text_size(raw)
+                if self.max_record_chars is not None and size > self.max_record_chars:
+                    raise too_long(location, f"{size:,} characters of text", self.max_record_chars)
                 record = apply_columns(raw, columns, location)
                 label = format_label(record)
                 formats[label] = formats.get(label, 0) + 1

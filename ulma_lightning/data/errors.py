@@ -7,6 +7,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
+from ulma_lightning.options import UserError
+
 log = logging.getLogger("ulma_lightning.data")
 
 OnBadRecord = Literal["error", "skip"]
@@ -32,7 +34,7 @@ class Location:
 SKIP_HINT = "fix the record, or set on_bad_record: skip to skip such records"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Input that cannot be used: says where (file:line or record), which field, what is wrong, and
     (``hint``) how to fix it; the default hint suits a bad record."""
 

@@ -68,7 +68,7 @@ def source_specs(value: SplitSources | dict[str, Any] | None, split: str) -> lis
             raise ValueError(f"{where}: {problem}; a source takes {', '.join(SourceSpec.__dataclass_fields__)}")
         spec = SourceSpec(**{**entry, "score_range": tuple(entry["score_range"]) if entry.get("score_range") is not None else None})
         try:
-            check_numbers(score=(spec.score, "in [0, 1]"), weight=(spec.weight, "> 0"), samples=(spec.samples, ">= 1"))
+            check_numbers(score=(spec.score, "in [0, 1]"), weight=(spec.weight, "finite and > 0"), samples=(spec.samples, ">= 1"))
         except ValueError as err:
             raise ValueError(f"{where} ({spec.source}): {err}") from None
         if spec.weight is not None and spec.samples is not None:

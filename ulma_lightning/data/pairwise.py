@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ulma_lightning.data.datamodule import AlignmentDataModule
-from ulma_lightning.data.errors import SkipReport
+from ulma_lightning.data.errors import DataError, SkipReport
 from ulma_lightning.data.features import Truncation, build_sequence, tokenize_pairs
 from ulma_lightning.data.records import PairExample, parse_pair
 from ulma_lightning.data.sources import Location
@@ -24,7 +24,8 @@ class PairwiseDataModule(AlignmentDataModule):
 
     Records are ``{prompt, chosen, rejected}`` or HH transcripts ``{chosen, rejected}``. An HH pair
     whose two transcripts differ before the last assistant turn is a bad record: it stops the run
-    with its file:line (``on_bad_record: error``) or is skipped and counted (``skip``). Both sides
+    with its file:line (``on_bad_record: error``) or is skipped and counted (``skip``); so is a pair
+    whose chosen and rejected responses are the same (it prefers neither). Both sides
     share the prompt tokens and its truncation. Each item carries ``chosen_input_ids``,
     ``chosen_labels``, ``rejected_input_ids`` and ``rejected_labels``; the collator pads each side
     to its own longest sequence and adds ``chosen_attention_mask`` / ``rejected_attention_mask``.
@@ -34,7 +35,13 @@ class PairwiseDataModule(AlignmentDataModule):
     """
 
     def parse_record(self, record: dict[str, Any], location: Location) -> list[PairExample]:
-        return [parse_pair(record, location)]
+        pair = parse_pair(record, location)
+        if pair.chosen == pair.rejected:
+            raise DataError(
+                location, "rejected", "the same response as chosen: the pair prefers neither (a DPO loss of ln 2 that never moves, a reward margin of 0)",
+                "fix the pair, drop it, or set on_bad_record: skip to skip such pairs",
+            )  # fmt: skip
+        return [pair]
 
     def build_features(self, examples: list[PairExample], report: SkipReport) -> list[dict[str, Any]]:
         prompts = [e.prompt for e in examples]

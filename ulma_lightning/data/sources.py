@@ -40,23 +40,66 @@ TASK_QUERY = ("variant", "split", "n", "seed", "stratified")
 TASK_SIZES = {"train": 2000, "val": 200, "test": 300}
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str | DataError]]:
+#: the default of the data modules' ``max_record_chars``: characters per record (a JSONL line)
+MAX_RECORD_CHARS = 1_000_000
+TOO_LONG_HINT = "raise data.init_args.max_record_chars (null: no limit), or set on_bad_record: skip to skip such records"
+
+
+def too_long(location: Location, size: str, max_chars: int) -> DataError:
+    """The error of a record over ``max_record_chars`` (``size``: how long it is, in words)."""
+    return DataError(location, None, f"the record is {size}, over max_record_chars ({max_chars:,} characters)", TOO_LONG_HINT)
+
+
+def text_size(value: Any) -> int:
+    """The characters of text in a record: its strings (keys included), in nested lists and mappings."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(str(k)) + text_size(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(text_size(v) for v in value)
+    return 0
+
+
+def _long_line(handle: Any, start: bytes) -> int:
+    """Read the rest of a line that began with ``start`` without keeping it; its size in bytes."""
+    size = len(start)
+    while chunk := handle.readline(1 << 20):
+        size += len(chunk)
+        if chunk.endswith(b"\n"):
+            break
+    return size
+
+
+def _lines(path: Path, max_chars: int | None = None) -> Iterator[tuple[int, str | DataError]]:
     """The lines of a text file (``.gz`` or not), numbered from 1 and decoded as UTF-8; a leading
     byte-order mark is dropped (utf-8-sig).
 
-    A line that is not UTF-8 comes as a :class:`DataError` naming it, in place of its text. A
-    truncated or corrupt ``.gz`` ends with a :class:`DataError` naming the last complete line (a
-    skippable bad record in ``.jsonl``: ``on_bad_record: skip`` keeps the lines before it).
+    A line that is not UTF-8 comes as a :class:`DataError` naming it, in place of its text; so does a
+    line longer than ``max_chars`` characters, read in bounded pieces (at most ``4 * max_chars``
+    bytes are held): one huge line cannot fill the memory. A truncated or corrupt ``.gz`` ends with
+    a :class:`DataError` naming the last complete line (a skippable bad record in ``.jsonl``:
+    ``on_bad_record: skip`` keeps the lines before it).
     """
     compressed = path.suffix == ".gz"
     number = 0
+    limit = -1 if max_chars is None else 4 * max_chars + 3  # UTF-8: at most 4 bytes a character; a BOM, \r\n
     with gzip.open(path, "rb") if compressed else open(path, "rb") as handle:
         try:
-            for number, raw in enumerate(handle, start=1):
+            while raw := handle.readline(limit):
+                number += 1
+                if max_chars is not None and len(raw) == limit and not raw.endswith(b"\n"):
+                    size = _long_line(handle, raw)
+                    yield number, too_long(Location(str(path), line=number), f"a line of {size:,} bytes", max_chars)
+                    continue
                 if number == 1 and raw.startswith(codecs.BOM_UTF8):
                     raw = raw[len(codecs.BOM_UTF8) :]
                 try:
-                    yield number, raw.decode("utf-8")
+                    text = raw.decode("utf-8")
+                    if max_chars is not None and len(text.rstrip("\r\n")) > max_chars:
+                        yield number, too_long(Location(str(path), line=number), f"a line of {len(text.rstrip()):,} characters", max_chars)
+                        continue
+                    yield number, text
                 except UnicodeDecodeError as exc:
                     column = len(raw[: exc.start].decode("utf-8", errors="replace")) + 1
                     problem = f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {column})"
@@ -86,8 +129,8 @@ def _base_suffix(path: Path) -> str:
     return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[Any, Location]]:
-    for number, line in _lines(path):
+def _read_jsonl(path: Path, max_chars: int | None = None) -> Iterator[tuple[Any, Location]]:
+    for number, line in _lines(path, max_chars):
         where = Location(str(path), line=number)
         if isinstance(line, DataError):
             yield line, where
@@ -242,8 +285,9 @@ def _read_task(source: str, default_split: str) -> Iterator[tuple[Any, Location]
                 yield {"prompt": prompt, "response": pair[side], "score": score}, where
 
 
-def read_source(source: str, split: str = "train") -> Iterator[tuple[Any, Location]]:
-    """Yield ``(record, location)`` pairs; a malformed JSON line yields a :class:`DataError` as record."""
+def read_source(source: str, split: str = "train", max_record_chars: int | None = None) -> Iterator[tuple[Any, Location]]:
+    """Yield ``(record, location)`` pairs; a malformed JSON line yields a :class:`DataError` as record,
+    and so does a ``.jsonl`` line longer than ``max_record_chars`` characters (never read whole)."""
     if source.startswith("demo://"):
         yield from _read_demo(source, split)
         return
@@ -265,4 +309,7 @@ def read_source(source: str, split: str = "train") -> Iterator[tuple[Any, Locati
         raise ValueError(f"{source}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)} (optionally .gz)")
     if suffix == ".parquet" and path.suffix == ".gz":
         raise ValueError(f"{source}: gzip-compressed parquet is not supported; parquet compresses itself")
+    if suffix == ".jsonl":
+        yield from _read_jsonl(path, max_record_chars)
+        return
     yield from readers[suffix](path)

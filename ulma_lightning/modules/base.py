@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from ulma_lightning.checkpointing import DATA_CLASS_KEY, MODULE_CLASS_KEY, check_same_classes, class_path, keep_unfinished_epoch
+from ulma_lightning.checkpointing import DATA_CLASS_KEY, MODULE_CLASS_KEY, check_resume_options, check_same_classes, class_path, keep_unfinished_epoch
 from ulma_lightning.compiling import check_strategy
 from ulma_lightning.evaluation.generation import GenerationConfig, can_generate, generate_responses
 from ulma_lightning.evaluation.metrics import TokenPerplexity, demonstration_rows, reuse_token_logps
@@ -419,6 +419,8 @@ class AlignmentModule(ReferencePrecompute):
         datamodule = self.data_module
         source = str(getattr(self._trainer, "ckpt_path", None) or "(the checkpoint)")
         check_same_classes(checkpoint, type(self), type(datamodule) if datamodule is not None else None, source)
+        if self._trainer is not None and self._trainer.state.fn == "fit":  # resuming: the options must be the checkpoint's
+            check_resume_options(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), source)
         self._resumed_schedule = (checkpoint.get(SCHEDULE_STEPS_KEY), int(checkpoint.get("global_step", 0)))
         state = checkpoint.setdefault("state_dict", {})
         for key, value in self.state_dict().items():

@@ -24,7 +24,9 @@ from ulma_lightning.compare.metrics import PREDICTIONS_FILE
 from ulma_lightning.compare.stats import NO_EFFECT, Effect, Kind, paired_effect, verdict
 
 #: the rows ULMA is claimed to beat; "point-wise DPO is at least as good as DPO" uses MARGIN
-BASELINES = ["base", "sft", "sft_dpo", "dpo", "pointwise_dpo", "unlikelihood", "kto", "rlhf", "rloo"]
+BASELINES = ["base", "sft", "sft_dpo", "dpo", "pointwise_dpo", "unlikelihood", "kto", "rlhf", "rloo", "grpo"]
+#: the online comparison (issue 25): online ULMA against the RL rows with the same reward model
+ONLINE = ("online_ulma", ["rlhf", "rloo", "grpo"])
 CONTINUOUS = ["pointwise_dpo_continuous", "ulma_continuous"]
 MARGIN = 0.02  # stated before the v2 run: 2 points of score on [0, 1]
 
@@ -98,6 +100,10 @@ def claims(main: Results, heldout: Results | None = None) -> list[Row]:
             if (baseline, variant) in main.scores:
                 judge(f"ULMA beats {baseline}", variant, score("ulma", baseline))
         judge(f"point-wise DPO is at least as good as DPO (margin {MARGIN})", variant, score("pointwise_dpo", "dpo"), "at_least", MARGIN)
+        online, rivals = ONLINE
+        for rival in rivals:
+            if (online, variant) in main.scores and (rival, variant) in main.scores:
+                judge(f"online ULMA beats {rival}", variant, score(online, rival))
         for continuous in CONTINUOUS:
             if (continuous, variant) in main.scores:
                 judge(f"{continuous} beats DPO (pairwise)", variant, score(continuous, "dpo"))

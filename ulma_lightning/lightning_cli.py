@@ -438,6 +438,7 @@ class ULMACLI(LightningCLI):
             checkpoint = read_checkpoint_metadata(ckpt_path)
             check_same_classes(checkpoint, config.model.class_path, config.data.class_path, str(ckpt_path))
             if subcommand == "fit":
+                drop_unused_model_config(config.model)  # as the run records it: no demo model_config beside policy.model
                 check_resume_options(checkpoint.get("hyper_parameters") or {}, config.model.get("init_args") or {}, str(ckpt_path))
                 return
         super()._parse_ckpt_path()

@@ -9,6 +9,8 @@ from typing import Any
 
 from conftest import REPO, TINY_LLAMA
 
+from ulma_lightning.evaluation import Scorer
+
 
 def small_run(root: Path, *, steps: int = 2, train: str = "demo://demonstration?n=24") -> list[str]:
     """Overrides that keep a shipped RL config to a few steps of the tiny model, writing under ``root``."""
@@ -72,3 +74,11 @@ def tiny_reward_model(folder: Path, **overrides: Any) -> Path:
     AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+class LengthScorer(Scorer):
+    """A reward that varies within a group: the response's length in characters / 10 (the demo's ground
+    truth is flat for a random model, so a step could leave every weight as it was)."""
+
+    def score(self, prompts: Any, responses: Any) -> list[float]:
+        return [len(r) / 10 for r in responses]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,66 @@ def tiny_reward_model(folder: Path, **overrides: Any) -> Path:
 
 
 class LengthScorer(Scorer):
-    """A reward that varies within a group: the response's length in characters / 10 (the demo's ground
-    truth is flat for a random model, so a step could leave every weight as it was)."""
+    """A programmatic reward that varies within a group (any scorer works): the response's length in
+    characters / 10 (the demo's ground truth is flat for a random model, so a step could leave every
+    weight as it was)."""
 
     def score(self, prompts: Any, responses: Any) -> list[float]:
         return [len(r) / 10 for r in responses]
+
+
+DDP_SCRIPT = """
+import json, sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from rl_helpers import LengthScorer
+from ulma_lightning import GRPOModule, OnlineULMAModule, PolicyConfig, PPOModule, PromptDataModule
+from ulma_lightning.evaluation.generation import GenerationConfig
+
+OUT = Path(sys.argv[1])
+
+
+class Record(pl.Callback):
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.rows.append(batch["index"].tolist())
+
+    def on_train_end(self, trainer, module):
+        weights = {k: float(v.double().sum()) for k, v in module.named_parameters() if v.requires_grad}
+        reference_model = module.policy.reference_model
+        reference = {k: float(v.double().sum()) for k, v in reference_model.named_parameters()} if reference_model is not None else {}
+        row = {"index": self.rows, "weights": weights, "reference": reference, "step": trainer.global_step}
+        (OUT / f"rank{trainer.global_rank}.json").write_text(json.dumps(row))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    policy = PolicyConfig(model_config=%(tiny)s, tokenizer="builtin:demo", reference="copy")
+    generation = GenerationConfig(max_new_tokens=5, do_sample=True)
+    module = %(module)s
+    data = PromptDataModule(train="demo://demonstration?n=16", batch_size=4, max_length=64)
+    trainer = pl.Trainer(strategy="ddp", devices=2, accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[Record()])
+    trainer.fit(module, datamodule=data)
+"""
+
+
+def run_rl_ddp(folder: Path, module: str) -> list[dict[str, Any]]:
+    """Train ``module`` (Python building an RL module from ``policy``, ``generation`` and a
+    :class:`LengthScorer`) for 2 rollout batches of 4 demo prompts on 2 CPU processes (DDP, gloo);
+    per rank: the prompt indices of each batch, the sums of the trainable weights and of the reference's
+    weights and the global step."""
+    import subprocess
+
+    script = folder / "rl_ddp.py"
+    script.write_text(DDP_SCRIPT % {"tiny": repr(TINY_LLAMA), "module": module})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(script), str(folder)], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import TINY_LLAMA
+from rl_helpers import LengthScorer
 
 from ulma_lightning import PPOModule, PromptDataModule, RLOOModule
 from ulma_lightning.evaluation.generation import GenerationConfig
@@ -42,13 +43,6 @@ def fit(module: pl.LightningModule, data: pl.LightningDataModule, steps: int = 1
     )
     trainer.fit(module, data)
     return trainer
-
-
-class LengthScorer(Scorer):
-    """A programmatic reward: longer responses score more (any scorer works)."""
-
-    def score(self, prompts, responses):
-        return [len(r) / 10 for r in responses]
 
 
 class BadScorer(Scorer):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import allocator, capped
-from benchmarks.workload import QWEN25_05B
+from benchmarks.workload import QWEN25_05B, ULMAStep
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -76,37 +76,13 @@ def samples(row: BRow, first_id: int) -> list[Any]:
     return out
 
 
-class OursB:
+class OursB(ULMAStep):
     """The library's ULMA step on the bench-B model (as ``benchmarks/ours.py`` does for bench-A)."""
 
     def __init__(self, row: BRow) -> None:
-        from ulma_lightning import PolicyConfig, ULMAModule
+        from ulma_lightning import PolicyConfig
 
-        policy = PolicyConfig(model_config=model_config(row), tokenizer=TOKENIZER, reference="copy", gradient_checkpointing=row.gradient_checkpointing)
-        self.module = ULMAModule(policy=policy)
-        self.module.configure_model()
-        self.module.train()
-        self.optimizer = self.module.build_optimizer()
-        self.tokenizer = self.module.tokenizer
-
-    def collate(self, items: list[Any]) -> list[dict[str, Any]]:
-        from ulma_lightning.data.collate import PaddingCollator
-        from ulma_lightning.data.features import build_sequence
-        from ulma_lightning.tokenizers import pad_token_id
-
-        collator = PaddingCollator(pad_token_id(self.tokenizer))
-        feats = []
-        for i, s in enumerate(items):
-            ids, labels = build_sequence(s.prompt_ids, s.response_ids)
-            feats.append({"input_ids": ids, "labels": labels, "score": s.score, "index": i})
-        return [collator(feats[i : i + BATCH]) for i in range(0, len(feats), BATCH)]
-
-    def step(self, batch: dict[str, Any], index: int) -> float:
-        loss = self.module.training_step(batch, index)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        super().__init__(PolicyConfig(model_config=model_config(row), tokenizer=TOKENIZER, reference="copy", gradient_checkpointing=row.gradient_checkpointing), BATCH)
 
 
 class TRLB:

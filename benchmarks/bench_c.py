@@ -39,7 +39,7 @@ from typing import Any
 
 from benchmarks import allocator, capped
 from benchmarks import flops as F
-from benchmarks.workload import DATA_FILE, LR, REPO, SEED, Sample
+from benchmarks.workload import DATA_FILE, LR, REPO, SEED, Sample, ULMAStep
 
 DOCS = REPO / "docs"
 MODEL_DIR = REPO / "models" / "smollm2-135m-instruct"
@@ -127,38 +127,16 @@ def samples(row: CRow, tokenizer_dir: str) -> list[Sample]:
     raise ValueError(f"bench-C needs {need} samples, {row.data} gave {len(out)}")
 
 
-class Ours:
-    """The library's ULMA step (as ``benchmarks/ours.py`` does for bench-A), full or LoRA."""
+class Ours(ULMAStep):
+    """The library's ULMA step (as ``benchmarks/ours.py`` does for bench-A), full or LoRA; the module's
+    own AdamW, lr 1e-5 (TRL's: the same)."""
 
     def __init__(self, row: CRow) -> None:
-        from ulma_lightning import PolicyConfig, ULMAModule
+        from ulma_lightning import PolicyConfig
         from ulma_lightning.policy import LoraSettings
 
         lora = LoraSettings(**LORA) if row.lora else LoraSettings()
-        policy = PolicyConfig(model=row.model, reference="adapter" if row.lora else "copy", lora=lora)
-        self.module = ULMAModule(policy=policy)  # the module's own AdamW, lr 1e-5 (TRL's: the same)
-        self.module.configure_model()
-        self.module.train()
-        self.optimizer = self.module.build_optimizer()
-
-    def collate(self, items: list[Sample]) -> list[dict[str, Any]]:
-        from ulma_lightning.data.collate import PaddingCollator
-        from ulma_lightning.data.features import build_sequence
-        from ulma_lightning.tokenizers import pad_token_id
-
-        collator = PaddingCollator(pad_token_id(self.module.tokenizer))
-        feats = []
-        for i, s in enumerate(items):
-            ids, labels = build_sequence(s.prompt_ids, s.response_ids)
-            feats.append({"input_ids": ids, "labels": labels, "score": s.score, "index": i})
-        return [collator(feats[i : i + BATCH]) for i in range(0, len(feats), BATCH)]
-
-    def step(self, batch: dict[str, Any], index: int) -> float:
-        loss = self.module.training_step(batch, index)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        super().__init__(PolicyConfig(model=row.model, reference="adapter" if row.lora else "copy", lora=lora), BATCH)
 
 
 class Theirs:

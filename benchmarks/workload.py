@@ -235,3 +235,37 @@ def build_samples(max_length: int = MAX_LENGTH, n_steps: int = WARMUP_STEPS + ME
     torch.save(out, path)
     out["tokenizer"] = tok
     return out
+
+
+class ULMAStep:
+    """The library's ULMA training step outside a Trainer, as bench-B and bench-C time it: the module
+    built from ``policy`` (its own AdamW), samples collated in batches of ``batch``, one step = forward,
+    loss, backward, optimizer step."""
+
+    def __init__(self, policy: Any, batch: int) -> None:
+        from ulma_lightning import ULMAModule
+
+        self.module = ULMAModule(policy=policy)
+        self.module.configure_model()
+        self.module.train()
+        self.optimizer = self.module.build_optimizer()
+        self.batch = batch
+
+    def collate(self, items: list[Sample]) -> list[dict[str, Any]]:
+        from ulma_lightning.data.collate import PaddingCollator
+        from ulma_lightning.data.features import build_sequence
+        from ulma_lightning.tokenizers import pad_token_id
+
+        collator = PaddingCollator(pad_token_id(self.module.tokenizer))
+        feats = []
+        for i, s in enumerate(items):
+            ids, labels = build_sequence(s.prompt_ids, s.response_ids)
+            feats.append({"input_ids": ids, "labels": labels, "score": s.score, "index": i})
+        return [collator(feats[i : i + self.batch]) for i in range(0, len(feats), self.batch)]
+
+    def step(self, batch: dict[str, Any], index: int) -> float:
+        loss = self.module.training_step(batch, index)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())

@@ -8,9 +8,34 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 from conftest import REPO, TINY_LLAMA
 
+from ulma_lightning import PromptDataModule
 from ulma_lightning.evaluation import Scorer
+from ulma_lightning.evaluation.generation import GenerationConfig
+from ulma_lightning.policy import LoraSettings, PolicyConfig
+
+GEN = GenerationConfig(max_new_tokens=6, do_sample=True)
+
+
+def policy(reference: str = "copy", lora: bool = False) -> PolicyConfig:
+    """The tiny demo model's policy settings (LoRA r 4 with ``lora``)."""
+    return PolicyConfig(model_config=dict(TINY_LLAMA), tokenizer="builtin:demo", reference=reference, lora=LoraSettings(r=4) if lora else None)
+
+
+def prompts(n: int = 8, batch_size: int = 4) -> PromptDataModule:
+    return PromptDataModule(train=f"demo://binary?n={n}", val="demo://binary?split=test&n=4", max_length=64, batch_size=batch_size)
+
+
+def fit(module: pl.LightningModule, data: pl.LightningDataModule, steps: int = 1, limit_val_batches: int = 1, **kwargs: Any) -> pl.Trainer:
+    """``steps`` training steps of ``module`` in a quiet Trainer (no logger, checkpoints or sanity check)."""
+    trainer = pl.Trainer(
+        max_epochs=1, limit_train_batches=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=limit_val_batches, **kwargs,
+    )  # fmt: skip
+    trainer.fit(module, data)
+    return trainer
 
 
 def small_run(root: Path, *, steps: int = 2, train: str = "demo://demonstration?n=24") -> list[str]:

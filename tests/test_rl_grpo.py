@@ -13,8 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import REPO, TINY_LLAMA
-from rl_helpers import LengthScorer, run_rl_ddp, scalars, small_run, tiny_causal_lm, tiny_reward_model, ulma_fit
-from test_rl_modules import GEN, fit, policy, prompts
+from rl_helpers import GEN, LengthScorer, fit, policy, prompts, run_rl_ddp, scalars, small_run, tiny_causal_lm, tiny_reward_model, ulma_fit
 
 from ulma_lightning import GRPOModule
 from ulma_lightning.modules.base import OptimizerConfig

@@ -9,40 +9,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import TINY_LLAMA
-from rl_helpers import LengthScorer
+from rl_helpers import GEN, LengthScorer, fit, policy, prompts
 
 from ulma_lightning import PPOModule, PromptDataModule, RLOOModule
 from ulma_lightning.evaluation.generation import GenerationConfig
 from ulma_lightning.evaluation.scorers import Scorer
 from ulma_lightning.logprobs import IGNORE_INDEX
 from ulma_lightning.modules.base import OptimizerConfig
-from ulma_lightning.policy import LoraSettings, PolicyConfig
-
-GEN = GenerationConfig(max_new_tokens=6, do_sample=True)
-
-
-def policy(reference: str = "copy", lora: bool = False) -> PolicyConfig:
-    return PolicyConfig(model_config=dict(TINY_LLAMA), tokenizer="builtin:demo", reference=reference, lora=LoraSettings(r=4) if lora else None)
-
-
-def prompts(n: int = 8, batch_size: int = 4) -> PromptDataModule:
-    return PromptDataModule(train=f"demo://binary?n={n}", val="demo://binary?split=test&n=4", max_length=64, batch_size=batch_size)
-
-
-def fit(module: pl.LightningModule, data: pl.LightningDataModule, steps: int = 1, **kwargs) -> pl.Trainer:
-    trainer = pl.Trainer(
-        max_epochs=1,
-        limit_train_batches=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=1,
-        **kwargs,
-    )
-    trainer.fit(module, data)
-    return trainer
 
 
 class BadScorer(Scorer):

@@ -112,31 +112,46 @@ class LengthScorer(Scorer):
 
 
 DDP_SCRIPT = """
-import json, sys
+import json, os, sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 
 from rl_helpers import LengthScorer
-from ulma_lightning import GRPOModule, OnlineULMAModule, PolicyConfig, PPOModule, PromptDataModule
+from ulma_lightning import GRPOModule, OnlineULMAModule, PolicyConfig, PPOModule, PromptDataModule, RLOOModule
+from ulma_lightning.callbacks import HFExport
 from ulma_lightning.evaluation.generation import GenerationConfig
+from ulma_lightning.sharding import FSDP2Strategy
 
 OUT = Path(sys.argv[1])
+RANK = int(os.environ.get("LOCAL_RANK", 0))  # the launcher sets it in the second process
+
+
+def sums(model):
+    # a DTensor (FSDP2) is gathered whole: a collective, so every rank walks the same parameters in the same order
+    full = lambda v: v.full_tensor() if hasattr(v, "full_tensor") else v
+    return {k: float(full(v).double().sum()) for k, v in model.named_parameters()}
 
 
 class Record(pl.Callback):
     def __init__(self):
-        self.rows = []
+        self.rows, self.start, self.losses = [], {}, []
+
+    def on_train_start(self, trainer, module):
+        self.start = {k: v for k, v in sums(module).items() if not k.startswith("policy.reference_model.")}
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.rows.append(batch["index"].tolist())
+        self.losses.append(float(trainer.callback_metrics["train/loss_step"]))
 
     def on_train_end(self, trainer, module):
-        weights = {k: float(v.double().sum()) for k, v in module.named_parameters() if v.requires_grad}
+        trained = {k for k, v in module.named_parameters() if v.requires_grad}
+        weights = {k: v for k, v in sums(module).items() if k in trained}
         reference_model = module.policy.reference_model
-        reference = {k: float(v.double().sum()) for k, v in reference_model.named_parameters()} if reference_model is not None else {}
-        row = {"index": self.rows, "weights": weights, "reference": reference, "step": trainer.global_step}
+        reference = sums(reference_model) if reference_model is not None else {}
+        row = {"index": self.rows, "start": self.start, "weights": weights, "reference": reference, "losses": self.losses,
+               "step": trainer.global_step, "strategy": type(trainer.strategy).__name__}
         (OUT / f"rank{trainer.global_rank}.json").write_text(json.dumps(row))
 
 
@@ -146,22 +161,28 @@ if __name__ == "__main__":
     generation = GenerationConfig(max_new_tokens=5, do_sample=True)
     module = %(module)s
     data = PromptDataModule(train="demo://demonstration?n=16", batch_size=4, max_length=64)
-    trainer = pl.Trainer(strategy="ddp", devices=2, accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, callbacks=[Record()])
+    export = [HFExport(str(OUT / "hf_model"))] if %(export)s else []
+    trainer = pl.Trainer(strategy=%(strategy)s, devices=2, accelerator="cpu", precision="32-true", max_epochs=1, limit_train_batches=2,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[Record(), *export], default_root_dir=OUT)
     trainer.fit(module, datamodule=data)
 """
 
+STRATEGIES = {"ddp": '"ddp"', "fsdp2": "FSDP2Strategy()"}
 
-def run_rl_ddp(folder: Path, module: str) -> list[dict[str, Any]]:
+
+def run_rl_ddp(folder: Path, module: str, *, strategy: str = "ddp", export: bool = False) -> list[dict[str, Any]]:
     """Train ``module`` (Python building an RL module from ``policy``, ``generation`` and a
-    :class:`LengthScorer`) for 2 rollout batches of 4 demo prompts on 2 CPU processes (DDP, gloo);
-    per rank: the prompt indices of each batch, the sums of the trainable weights and of the reference's
-    weights and the global step."""
+    :class:`LengthScorer`) for 2 rollout batches of 4 demo prompts on 2 CPU processes (gloo) under
+    ``strategy`` (``ddp`` or ``fsdp2``: :class:`~ulma_lightning.sharding.FSDP2Strategy`, float32);
+    with ``export``, :class:`~ulma_lightning.callbacks.HFExport` writes ``folder/hf_model``. Per rank:
+    the prompt indices of each batch, the loss of each step, the sums of the full trainable weights at
+    the start (``start``) and the end (``weights``) and of the reference's weights, the global step and
+    the strategy's class name."""
     import subprocess
 
     script = folder / "rl_ddp.py"
-    script.write_text(DDP_SCRIPT % {"tiny": repr(TINY_LLAMA), "module": module})
+    script.write_text(DDP_SCRIPT % {"tiny": repr(TINY_LLAMA), "module": module, "strategy": STRATEGIES[strategy], "export": export})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(script), str(folder)], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

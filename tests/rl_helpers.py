@@ -161,29 +161,37 @@ if __name__ == "__main__":
     generation = GenerationConfig(max_new_tokens=5, do_sample=True)
     module = %(module)s
     data = PromptDataModule(train="demo://demonstration?n=16", batch_size=4, max_length=64)
-    export = [HFExport(str(OUT / "hf_model"))] if %(export)s else []
+    extra = [HFExport(str(OUT / "hf_model"))] if %(export)s else []
+    if %(checkpoints)s:
+        extra.append(pl.callbacks.ModelCheckpoint(OUT / "checkpoints", filename="{step}", every_n_train_steps=1, save_top_k=-1))
     trainer = pl.Trainer(strategy=%(strategy)s, devices=2, accelerator="cpu", precision="32-true", max_epochs=1, limit_train_batches=2,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, callbacks=[Record(), *export], default_root_dir=OUT)
-    trainer.fit(module, datamodule=data)
+                         logger=False, enable_checkpointing=%(checkpoints)s, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[Record(), *extra], default_root_dir=OUT)
+    trainer.fit(module, datamodule=data, ckpt_path=%(resume)r)
 """
 
 STRATEGIES = {"ddp": '"ddp"', "fsdp2": "FSDP2Strategy()"}
 
 
-def run_rl_ddp(folder: Path, module: str, *, strategy: str = "ddp", export: bool = False) -> list[dict[str, Any]]:
+def run_rl_ddp(folder: Path, module: str, *, strategy: str = "ddp", export: bool = False, checkpoints: bool = False, resume: Path | None = None) -> list[dict[str, Any]]:
     """Train ``module`` (Python building an RL module from ``policy``, ``generation`` and a
-    :class:`LengthScorer`) for 2 rollout batches of 4 demo prompts on 2 CPU processes (gloo) under
-    ``strategy`` (``ddp`` or ``fsdp2``: :class:`~ulma_lightning.sharding.FSDP2Strategy`, float32);
-    with ``export``, :class:`~ulma_lightning.callbacks.HFExport` writes ``folder/hf_model``. Per rank:
+    :class:`LengthScorer`; ``RANK`` is the process's rank) for 2 rollout batches of 4 demo prompts on
+    2 CPU processes (gloo) under ``strategy`` (``ddp`` or ``fsdp2``:
+    :class:`~ulma_lightning.sharding.FSDP2Strategy`, float32). With ``export``,
+    :class:`~ulma_lightning.callbacks.HFExport` writes ``folder/hf_model``; with ``checkpoints``, a
+    checkpoint at every optimiser step goes to ``folder/checkpoints/step=N.ckpt``; ``resume``: the
+    checkpoint to resume from. Per rank:
     the prompt indices of each batch, the loss of each step, the sums of the full trainable weights at
     the start (``start``) and the end (``weights``) and of the reference's weights, the global step and
     the strategy's class name."""
     import subprocess
 
     script = folder / "rl_ddp.py"
-    script.write_text(DDP_SCRIPT % {"tiny": repr(TINY_LLAMA), "module": module, "strategy": STRATEGIES[strategy], "export": export})
+    options = {"strategy": STRATEGIES[strategy], "export": export, "checkpoints": checkpoints, "resume": None if resume is None else str(resume)}
+    script.write_text(DDP_SCRIPT % {"tiny": repr(TINY_LLAMA), "module": module, **options})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    if resume is not None:  # our own checkpoint, whose hparams are config objects; Lightning 2.6 drops fit's weights_only under FSDP2
+        env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
     result = subprocess.run([sys.executable, str(script), str(folder)], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]

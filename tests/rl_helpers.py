@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,13 @@ def run_rl_ddp(folder: Path, module: str, *, strategy: str = "ddp", export: bool
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     if resume is not None:  # our own checkpoint, whose hparams are config objects; Lightning 2.6 drops fit's weights_only under FSDP2
         env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
-    result = subprocess.run([sys.executable, str(script), str(folder)], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    # its own process group: on a timeout the second rank, which Lightning started, is killed too
+    process = subprocess.Popen([sys.executable, str(script), str(folder)], cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    assert process.returncode == 0, stderr[-4000:]
     return [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -117,11 +117,14 @@ def test_bad_options_stop_with_what_to_set(options, error, message) -> None:
 def test_torch_fsdp1_is_refused_with_what_to_use() -> None:
     from lightning.pytorch.strategies import FSDPStrategy
 
+    class CPUFSDP(FSDPStrategy):  # Lightning refuses its own FSDPStrategy on CPU before the module is set up
+        pass
+
     environ = dict(os.environ)
     module = GRPOModule(policy(), generation=GEN, num_generations=2)
     try:
-        with pytest.raises(NotImplementedError, match=r"GRPOModule does not run under FSDPStrategy \(torch FSDP1.*Use --config configs/strategy/fsdp2.yaml"):
-            fit(module, prompts(4, 2), strategy=FSDPStrategy(), accelerator="cpu", devices=1, precision="32-true")
+        with pytest.raises(NotImplementedError, match=r"GRPOModule does not run under CPUFSDP \(torch FSDP1.*Use --config configs/strategy/fsdp2.yaml"):
+            fit(module, prompts(4, 2), strategy=CPUFSDP(), accelerator="cpu", devices=1, precision="32-true")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

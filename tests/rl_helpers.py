@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -112,31 +113,46 @@ class LengthScorer(Scorer):
 
 
 DDP_SCRIPT = """
-import json, sys
+import json, os, sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 
 from rl_helpers import LengthScorer
-from ulma_lightning import GRPOModule, OnlineULMAModule, PolicyConfig, PPOModule, PromptDataModule
+from ulma_lightning import GRPOModule, OnlineULMAModule, PolicyConfig, PPOModule, PromptDataModule, RLOOModule
+from ulma_lightning.callbacks import HFExport
 from ulma_lightning.evaluation.generation import GenerationConfig
+from ulma_lightning.sharding import FSDP2Strategy
 
 OUT = Path(sys.argv[1])
+RANK = int(os.environ.get("LOCAL_RANK", 0))  # the launcher sets it in the second process
+
+
+def sums(model):
+    # a DTensor (FSDP2) is gathered whole: a collective, so every rank walks the same parameters in the same order
+    full = lambda v: v.full_tensor() if hasattr(v, "full_tensor") else v
+    return {k: float(full(v).double().sum()) for k, v in model.named_parameters()}
 
 
 class Record(pl.Callback):
     def __init__(self):
-        self.rows = []
+        self.rows, self.start, self.losses = [], {}, []
+
+    def on_train_start(self, trainer, module):
+        self.start = {k: v for k, v in sums(module).items() if not k.startswith("policy.reference_model.")}
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.rows.append(batch["index"].tolist())
+        self.losses.append(float(trainer.callback_metrics["train/loss_step"]))
 
     def on_train_end(self, trainer, module):
-        weights = {k: float(v.double().sum()) for k, v in module.named_parameters() if v.requires_grad}
+        trained = {k for k, v in module.named_parameters() if v.requires_grad}
+        weights = {k: v for k, v in sums(module).items() if k in trained}
         reference_model = module.policy.reference_model
-        reference = {k: float(v.double().sum()) for k, v in reference_model.named_parameters()} if reference_model is not None else {}
-        row = {"index": self.rows, "weights": weights, "reference": reference, "step": trainer.global_step}
+        reference = sums(reference_model) if reference_model is not None else {}
+        row = {"index": self.rows, "start": self.start, "weights": weights, "reference": reference, "losses": self.losses,
+               "step": trainer.global_step, "strategy": type(trainer.strategy).__name__}
         (OUT / f"rank{trainer.global_rank}.json").write_text(json.dumps(row))
 
 
@@ -146,23 +162,44 @@ if __name__ == "__main__":
     generation = GenerationConfig(max_new_tokens=5, do_sample=True)
     module = %(module)s
     data = PromptDataModule(train="demo://demonstration?n=16", batch_size=4, max_length=64)
-    trainer = pl.Trainer(strategy="ddp", devices=2, accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, callbacks=[Record()])
-    trainer.fit(module, datamodule=data)
+    extra = [HFExport(str(OUT / "hf_model"))] if %(export)s else []
+    if %(checkpoints)s:
+        extra.append(pl.callbacks.ModelCheckpoint(OUT / "checkpoints", filename="{step}", every_n_train_steps=1, save_top_k=-1))
+    trainer = pl.Trainer(strategy=%(strategy)s, devices=2, accelerator="cpu", precision="32-true", max_epochs=1, limit_train_batches=2,
+                         logger=False, enable_checkpointing=%(checkpoints)s, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[Record(), *extra], default_root_dir=OUT)
+    trainer.fit(module, datamodule=data, ckpt_path=%(resume)r)
 """
 
+STRATEGIES = {"ddp": '"ddp"', "fsdp2": "FSDP2Strategy()"}
 
-def run_rl_ddp(folder: Path, module: str) -> list[dict[str, Any]]:
+
+def run_rl_ddp(folder: Path, module: str, *, strategy: str = "ddp", export: bool = False, checkpoints: bool = False, resume: Path | None = None) -> list[dict[str, Any]]:
     """Train ``module`` (Python building an RL module from ``policy``, ``generation`` and a
-    :class:`LengthScorer`) for 2 rollout batches of 4 demo prompts on 2 CPU processes (DDP, gloo);
-    per rank: the prompt indices of each batch, the sums of the trainable weights and of the reference's
-    weights and the global step."""
+    :class:`LengthScorer`; ``RANK`` is the process's rank) for 2 rollout batches of 4 demo prompts on
+    2 CPU processes (gloo) under ``strategy`` (``ddp`` or ``fsdp2``:
+    :class:`~ulma_lightning.sharding.FSDP2Strategy`, float32). With ``export``,
+    :class:`~ulma_lightning.callbacks.HFExport` writes ``folder/hf_model``; with ``checkpoints``, a
+    checkpoint at every optimiser step goes to ``folder/checkpoints/step=N.ckpt``; ``resume``: the
+    checkpoint to resume from. Per rank:
+    the prompt indices of each batch, the loss of each step, the sums of the full trainable weights at
+    the start (``start``) and the end (``weights``) and of the reference's weights, the global step and
+    the strategy's class name."""
     import subprocess
 
     script = folder / "rl_ddp.py"
-    script.write_text(DDP_SCRIPT % {"tiny": repr(TINY_LLAMA), "module": module})
+    options = {"strategy": STRATEGIES[strategy], "export": export, "checkpoints": checkpoints, "resume": None if resume is None else str(resume)}
+    script.write_text(DDP_SCRIPT % {"tiny": repr(TINY_LLAMA), "module": module, **options})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(script), str(folder)], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    if resume is not None:  # our own checkpoint, whose hparams are config objects; Lightning 2.6 drops fit's weights_only under FSDP2
+        env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+    # its own process group: on a timeout the second rank, which Lightning started, is killed too
+    process = subprocess.Popen([sys.executable, str(script), str(folder)], cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    assert process.returncode == 0, stderr[-4000:]
     return [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]

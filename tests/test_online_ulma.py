@@ -4,7 +4,6 @@ reference, the ULMA step on the fresh labels, option checks, bad scorer output, 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -148,21 +147,6 @@ def test_bad_scorer_output_is_named(mode: str, message: str) -> None:
     module = OnlineULMAModule(policy(), scorer=BadScorer(mode), generation=GEN, samples_per_prompt=2)
     with pytest.raises(ValueError, match=message):
         fit(module, prompts(4, 2))
-
-
-def test_sharded_strategies_are_refused_with_what_to_use() -> None:
-    from ulma_lightning.sharding import FSDP2Strategy
-
-    environ = dict(os.environ)
-    module = OnlineULMAModule(policy(), generation=GEN, samples_per_prompt=2)
-    try:
-        with pytest.raises(NotImplementedError, match=r"OnlineULMAModule does not run under .*Use DDP"):
-            fit(module, prompts(4, 2), strategy=FSDP2Strategy(), accelerator="cpu", devices=1, precision="32-true")
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(environ)
 
 
 # ------------------------------------------------------------------ the config

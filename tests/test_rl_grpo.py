@@ -1,10 +1,11 @@
 """GRPOModule: a step's metrics, beta 0 without a reference model, inner updates, option errors, the
-refused sharded strategies, and configs/grpo.yaml through the CLI (TensorBoard logging, checkpoint,
-resume, ``ulma export``, ``ulma evaluate``, your own reward model) and 2-process DDP."""
+refused torch FSDP1, and configs/grpo.yaml through the CLI (TensorBoard logging, checkpoint,
+resume, ``ulma export``, ``ulma evaluate``, your own reward model), 2-process DDP and FSDP2."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -113,14 +114,17 @@ def test_bad_options_stop_with_what_to_set(options, error, message) -> None:
         GRPOModule(policy(), **options)
 
 
-def test_sharded_strategies_are_refused_with_what_to_use() -> None:
-    from ulma_lightning.sharding import FSDP2Strategy
+def test_torch_fsdp1_is_refused_with_what_to_use() -> None:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    class CPUFSDP(FSDPStrategy):  # Lightning refuses its own FSDPStrategy on CPU before the module is set up
+        pass
 
     environ = dict(os.environ)
     module = GRPOModule(policy(), generation=GEN, num_generations=2)
     try:
-        with pytest.raises(NotImplementedError, match=r"GRPOModule does not run under .*Use DDP \(--config configs/strategy/ddp.yaml\)"):
-            fit(module, prompts(4, 2), strategy=FSDP2Strategy(), accelerator="cpu", devices=1, precision="32-true")
+        with pytest.raises(NotImplementedError, match=r"GRPOModule does not run under CPUFSDP \(torch FSDP1.*Use --config configs/strategy/fsdp2.yaml"):
+            fit(module, prompts(4, 2), strategy=CPUFSDP(), accelerator="cpu", devices=1, precision="32-true")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -241,3 +245,19 @@ def test_ddp_keeps_the_ranks_in_sync(tmp_path: Path) -> None:
     assert weights0.keys() == weights1.keys()
     for name in weights0:
         assert abs(weights0[name] - weights1[name]) <= 1e-6 * max(1.0, abs(weights0[name])), name
+
+
+def test_fsdp2_decodes_in_lockstep_and_keeps_the_ranks_in_sync(tmp_path: Path) -> None:
+    """Under FSDP2 (a sharded policy and reference) rank 0 samples 2 new tokens, rank 1 samples 7:
+    rank 0 keeps stepping until rank 1 is done; both end with the same full weights, moved from the start."""
+    uneven = "GenerationConfig(max_new_tokens=2 + 5 * RANK, do_sample=True)"
+    ranks = run_rl_ddp(tmp_path, f"GRPOModule(policy, scorer=LengthScorer(), generation={uneven}, num_generations=2, num_iterations=2, mini_batch_size=4)", strategy="fsdp2")
+    assert [r["strategy"] for r in ranks] == ["FSDP2Strategy"] * 2 and ranks[0]["step"] == 2 * 2 * 2
+    assert all(math.isfinite(loss) for r in ranks for loss in r["losses"])
+    weights0, weights1, start = ranks[0]["weights"], ranks[1]["weights"], ranks[0]["start"]
+    assert weights0.keys() == weights1.keys() == start.keys() and weights0
+    for name in weights0:
+        assert abs(weights0[name] - weights1[name]) <= 1e-6 * max(1.0, abs(weights0[name])), name
+    assert sum(abs(weights0[name] - start[name]) > 1e-6 * max(1.0, abs(start[name])) for name in weights0) > len(weights0) // 2
+    reference = {f"policy.model.{k}": v for k, v in ranks[0]["reference"].items()}
+    assert reference == {k: v for k, v in start.items() if k in reference} and reference  # the sharded reference stayed frozen

@@ -1,4 +1,4 @@
-"""PPOModule and RLOOModule: rollouts, masking, reference modes, metrics, bad input, refusals."""
+"""PPOModule and RLOOModule: rollouts, masking, reference modes, metrics, bad input, refusals (PPO under FSDP2)."""
 
 from __future__ import annotations
 
@@ -104,13 +104,15 @@ def test_reference_modes_and_options_are_checked() -> None:
         PPOModule(policy(), kl_estimator="k2")  # type: ignore[arg-type]
 
 
-def test_sharded_strategies_are_refused_with_what_to_use() -> None:
+def test_ppo_under_fsdp2_is_refused_with_what_to_use() -> None:
+    """PPO's critic is not sharded: under FSDP2 its gradients would not be synchronised."""
     from ulma_lightning.sharding import FSDP2Strategy
 
     environ = dict(os.environ)  # the strategy sets MASTER_PORT, WORLD_SIZE...: later DDP subprocesses must not inherit them
-    module = RLOOModule(policy(), generation=GEN, rloo_k=2)
+    module = PPOModule(policy(), generation=GEN)
     try:
-        with pytest.raises(NotImplementedError, match=r"synced_gpus.*Use DDP \(--config configs/strategy/ddp.yaml\)"):
+        message = r"PPOModule does not run under FSDP2Strategy .*critic.*Use DDP \(--config configs/strategy/ddp.yaml\).*RLOOModule, GRPOModule and OnlineULMAModule run under FSDP2"
+        with pytest.raises(NotImplementedError, match=message):
             fit(module, prompts(4, 2), strategy=FSDP2Strategy(), accelerator="cpu", devices=1, precision="32-true")
     finally:
         if torch.distributed.is_initialized():

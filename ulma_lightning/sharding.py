@@ -78,10 +78,12 @@ def shard_policy(
 
 @contextlib.contextmanager
 def hidden_reference(module: nn.Module) -> Iterator[None]:
-    """Detach ``module.policy.reference_model`` for the duration (checkpoints do not hold it)."""
+    """Detach ``module.policy.reference_model`` for the duration (checkpoints do not hold it), unless
+    the module's ``checkpoints_reference`` is True (a reference that training changes, such as online
+    ULMA's ``ref_refresh_every``, is saved and restored sharded like the policy)."""
     policy = getattr(module, "policy", None)
     reference = getattr(policy, "reference_model", None)
-    if policy is None or reference is None:
+    if policy is None or reference is None or getattr(module, "checkpoints_reference", False):
         yield
         return
     policy.reference_model = None

@@ -212,6 +212,11 @@ class OnlineULMAModule(RolloutModule):
         assert reference is not None and model is not None  # reference: copy, checked at construction
         reference.load_state_dict(model.state_dict())
 
+    @property
+    def checkpoints_reference(self) -> bool:
+        """Whether checkpoints hold the reference's weights (with ``ref_refresh_every``; under FSDP2 too)."""
+        return self.ref_refresh_every is not None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """With ``ref_refresh_every`` the reference is no longer the start model: keep its weights in the
         checkpoint (the base drops them, to rebuild them from their source), so a resumed run has it."""

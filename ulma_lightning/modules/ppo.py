@@ -101,6 +101,8 @@ class PPOModule(RolloutModule):
         self.critic_model = critic_model
         self.critic: ValueModel | None = None
 
+    runs_under_fsdp2 = False  # the critic is not sharded
+
     def configure_model(self) -> None:
         super().configure_model()
         if self.critic is not None:

@@ -86,8 +86,12 @@ class RolloutModule(AlignmentModule):
     (``seed_everything``): runs with different seeds draw different responses.
 
     Reference modes: ``copy`` and ``adapter`` (the reference scores the policy's own generations, so it
-    cannot be precomputed). Data parallelism (DDP) works; FSDP and FSDP2 are refused (generation
-    under sharding needs every process to run every forward in step).
+    cannot be precomputed). DDP and FSDP2 (``configs/strategy/fsdp2.yaml``) work. Under FSDP2 the
+    policy and a ``copy`` reference are sharded per block (:func:`~ulma_lightning.sharding.shard_policy`)
+    and every process decodes in lockstep (transformers' ``synced_gpus``: a process whose responses
+    have all ended keeps running forwards until every process is done); the scorer is not sharded
+    (each process holds its own copy and scores its own responses). torch's FSDP1 is refused, and so is
+    a subclass with :attr:`runs_under_fsdp2` False (PPO: its critic is not sharded).
 
     Args:
         policy: the model, tokenizer and reference settings.
@@ -152,15 +156,26 @@ class RolloutModule(AlignmentModule):
     def tracks_perplexity(self) -> bool:
         return False
 
+    #: Whether the module trains under FSDP2: every trainable weight lives in the policy, which
+    #: ``configure_model`` shards. A subclass with another trained model that is not sharded sets False.
+    runs_under_fsdp2: bool = True
+
     def setup(self, stage: str) -> None:
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        name = type(self).__name__
+        if isinstance(strategy, FSDPStrategy):
             raise NotImplementedError(
-                f"{type(self).__name__} does not run under {type(strategy).__name__}: generating rollouts from a sharded "
-                "model needs every process to run every decoding step in lockstep (synced_gpus), which is not supported "
-                "yet. Use DDP (--config configs/strategy/ddp.yaml), or one device, with LoRA (policy.lora) to fit a larger model"
+                f"{name} does not run under {type(strategy).__name__} (torch FSDP1, configs/strategy/fsdp.yaml): rollouts are "
+                "generated in lockstep only under FSDP2. Use --config configs/strategy/fsdp2.yaml, or DDP (--config configs/strategy/ddp.yaml)"
+            )
+        if isinstance(strategy, ModelParallelStrategy) and not self.runs_under_fsdp2:
+            raise NotImplementedError(
+                f"{name} does not run under {type(strategy).__name__} (FSDP2, configs/strategy/fsdp2.yaml): it trains a model "
+                "besides the policy (a critic) that is not sharded, so its gradients would not be synchronised. Use DDP "
+                "(--config configs/strategy/ddp.yaml), or one device, with LoRA (policy.lora) to fit a larger model; "
+                "RLOOModule, GRPOModule and OnlineULMAModule run under FSDP2"
             )
         if stage in ("fit", "validate", "test"):
             self.check_scorer(stage)
@@ -202,7 +217,8 @@ class RolloutModule(AlignmentModule):
         if k > 1:
             ids, attention = ids.repeat_interleave(k, 0), attention.repeat_interleave(k, 0)
         start = time.perf_counter()
-        new_ids = generate_ids(self.policy.model, tok, ids, attention, config, seed_offset=seed_offset).tolist()
+        synced = self.policy.lockstep  # sharded: every process runs every decoding step
+        new_ids = generate_ids(self.policy.model, tok, ids, attention, config, seed_offset=seed_offset, synced=synced).tolist()
         generated = time.perf_counter() - start
         eos = tok.eos_token_id
         items, responses, has_eos = [], [], []

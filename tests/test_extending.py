@@ -64,7 +64,7 @@ def test_label_options_live_on_the_modules_that_use_them() -> None:
     assert not {"label_type", "continuous_form"} & set(inspect.signature(PointwiseModule.__init__).parameters)
     for cls in (PointwiseDPOModule, ULMAModule):
         assert {"label_type", "continuous_form"} <= set(inspect.signature(cls.__init__).parameters)
-    assert PointwiseModule.label_type == "binary"  # what the data module checks scores against
+    assert PointwiseModule.spec.label_type == "binary"  # what the data module checks scores against
 
 
 def _print_config(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int | str | None, str, str]:

@@ -27,9 +27,9 @@ from ulma_lightning.evaluation.generation import GenerationConfig, can_generate,
 from ulma_lightning.evaluation.metrics import TokenPerplexity, demonstration_rows, reuse_token_logps
 from ulma_lightning.export import export_hf
 from ulma_lightning.losses import LossOutput
-from ulma_lightning.modules.reference import data_module_of, precompute_reference_logps, run_wrapped, schedule_reference_precompute, wrapped_by_fsdp
 from ulma_lightning.modules.batching import pair_batch
 from ulma_lightning.modules.implicit_rewards import RewardMetrics
+from ulma_lightning.modules.reference import data_module_of, precompute_reference_logps, run_wrapped, schedule_reference_precompute, wrapped_by_fsdp
 from ulma_lightning.modules.spec import MethodSpec
 from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import Policy, PolicyConfig, PretrainedModel, select_rows
@@ -120,19 +120,19 @@ class AlignmentModule(pl.LightningModule):
     Args:
         policy: the model, tokenizer and reference settings.
         optimizer: optimizer and learning-rate schedule.
-        spec: the method's declaration, when it depends on the method's options (default: the class's
-            :attr:`spec`). Constructor options named ``average_logps`` or ``label_type`` (not None)
+        _spec: the method's declaration, when it depends on the method's options (default: the class's
+            :attr:`spec`); private: not a config option. Constructor options named ``average_logps`` or ``label_type`` (not None)
             set those fields: an option is declared once, as a typed argument.
     """
 
-    #: the method's declaration; a method whose needs depend on its options passes ``spec`` instead
+    #: the method's declaration; a method whose needs depend on its options passes ``_spec`` instead
     spec: MethodSpec = MethodSpec()
 
-    def __init__(self, policy: PolicyConfig, optimizer: OptimizerConfig | None = None, spec: MethodSpec | None = None) -> None:
+    def __init__(self, policy: PolicyConfig, optimizer: OptimizerConfig | None = None, _spec: MethodSpec | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["spec", "_spec"])
         options = {name: self.hparams[name] for name in OPTION_FIELDS if self.hparams.get(name) is not None}
-        self.spec = dataclasses.replace(spec or type(self).spec, **options)
+        self.spec = dataclasses.replace(_spec or type(self).spec, **options)
         self.spec.check_reference_mode(policy.reference, type(self).__name__)
         self.policy = self.build_policy(policy)
         self.reward_metrics = RewardMetrics()
@@ -223,6 +223,16 @@ class AlignmentModule(pl.LightningModule):
     #: the module takes a ``positive_threshold`` argument. Perplexity, the generation callback and
     #: the losses all read this one attribute.
     positive_threshold: float = 1.0
+
+    def setup(self, stage: str) -> None:
+        """Refuse a data module whose ``predict_inputs`` differ from the declaration's (``ulma`` links
+        them; a data module built in Python takes them as a constructor argument)."""
+        inputs = getattr(self.data_module, "predict_inputs", None)
+        if stage == "predict" and inputs is not None and inputs != self.spec.predict_inputs:
+            raise ValueError(
+                f"{type(self).__name__} predicts on {self.spec.predict_inputs}, but the data module's predict_inputs is "
+                f"{inputs!r}: build it with predict_inputs={self.spec.predict_inputs!r} (ulma links it from the model)"
+            )
 
     # ------------------------------------------------------------ the loss
     def loss(self, *logps: Tensor) -> LossOutput:

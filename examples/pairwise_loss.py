@@ -1,8 +1,9 @@
 """A new pairwise loss: DPO with a target reward margin, ``-log sigma(beta * m - gamma)``.
 
 ``m = (log pi_c - log ref_c) - (log pi_r - log ref_r)``; ``gamma > 0`` asks the chosen response to
-win by a margin (as SimPO's ``gamma``, here with the reference kept). Run it with
-``PYTHONPATH=. ulma fit --config examples/pairwise_loss.yaml`` (docs/extending.md).
+win by a margin (as SimPO's ``gamma``, here with the reference kept). One class: DPO's declaration
+and one method (``loss``). Run it from the repository root on DPO's config, changing only the method:
+``PYTHONPATH=. ulma fit --config configs/dpo.yaml --config examples/pairwise_loss.yaml`` (docs/extending.md).
 """
 
 from __future__ import annotations
@@ -16,24 +17,8 @@ from ulma_lightning import DPOModule
 from ulma_lightning.losses import LossOutput, pairwise_output
 
 
-def margin_dpo_loss(
-    policy_chosen: Tensor,
-    policy_rejected: Tensor,
-    reference_chosen: Tensor,
-    reference_rejected: Tensor,
-    *,
-    beta: float = 0.1,
-    gamma: float = 0.5,
-) -> LossOutput:
-    """``-log sigma(beta * m - gamma)`` per pair, averaged."""
-    chosen_rewards = beta * (policy_chosen - reference_chosen)
-    rejected_rewards = beta * (policy_rejected - reference_rejected)
-    losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
-    return pairwise_output(losses, policy_chosen, policy_rejected, chosen_rewards, rejected_rewards)
-
-
 class MarginDPOModule(DPOModule):
-    """DPO with a target margin ``gamma`` (:func:`margin_dpo_loss`).
+    """DPO with a target margin ``gamma``.
 
     Args:
         gamma: the reward margin the chosen response should win by.
@@ -46,4 +31,7 @@ class MarginDPOModule(DPOModule):
         self.gamma = gamma
 
     def loss(self, policy_chosen: Tensor, policy_rejected: Tensor, reference_chosen: Tensor, reference_rejected: Tensor) -> LossOutput:
-        return margin_dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=self.beta, gamma=self.gamma)
+        chosen_rewards = self.beta * (policy_chosen - reference_chosen)
+        rejected_rewards = self.beta * (policy_rejected - reference_rejected)
+        losses = -F.logsigmoid(chosen_rewards - rejected_rewards - self.gamma)
+        return pairwise_output(losses, policy_chosen, policy_rejected, chosen_rewards, rejected_rewards)

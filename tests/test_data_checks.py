@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from conftest import QUIET_FIT as QUIET
@@ -53,18 +52,13 @@ def test_a_score_that_is_not_0_or_1_under_binary_labels_names_file_line_and_fiel
         main(args)
 
 
-def _with_module(datamodule: PointwiseDataModule, label_type: str) -> PointwiseDataModule:
-    datamodule.trainer = SimpleNamespace(lightning_module=SimpleNamespace(label_type=label_type))  # type: ignore[assignment]
-    return datamodule
-
-
 def test_on_bad_record_skip_counts_non_binary_scores_and_continuous_labels_keep_them(tmp_path: Path) -> None:
     train = write_jsonl(tmp_path / "feedback.jsonl", scored(1, 0.5, 0, 0.25, 1))
-    binary = _with_module(PointwiseDataModule(train=str(train), on_bad_record="skip", max_length=64), "binary")
+    binary = PointwiseDataModule(train=str(train), on_bad_record="skip", max_length=64, label_type="binary")
     binary.setup("fit")
     assert sorted(item["score"] for item in binary.datasets["train"].items) == [0.0, 1.0, 1.0]
     assert binary.skipped["train"].total == 2
-    continuous = _with_module(PointwiseDataModule(train=str(train), max_length=64), "continuous")
+    continuous = PointwiseDataModule(train=str(train), max_length=64, label_type="continuous")
     continuous.setup("fit")
     assert len(continuous.datasets["train"]) == 5
 

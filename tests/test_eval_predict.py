@@ -118,16 +118,13 @@ def test_ulma_evaluate_writes_a_json_report(setup: dict, monkeypatch: pytest.Mon
 
 
 def test_predict_split_is_prompt_only_unless_the_module_asks_for_sequences(setup: dict) -> None:
-    from types import SimpleNamespace
-
     prompts = PointwiseDataModule(predict=str(setup["prompts"]), eval_batch_size=8)
     prompts.setup("predict")
     batch = next(iter(prompts.predict_dataloader()))
     assert "labels" not in batch and len(batch["prompt"]) == len(setup["records"])
     assert (batch["attention_mask"][:, -1] == 1).all() and (batch["attention_mask"][:, 0] == 0).any()  # left-padded
 
-    sequences = PointwiseDataModule(predict=str(setup["prompts"]), eval_batch_size=16)
-    sequences.trainer = SimpleNamespace(lightning_module=SimpleNamespace(predict_inputs="sequences"))  # e.g. a reward model
+    sequences = PointwiseDataModule(predict=str(setup["prompts"]), eval_batch_size=16, predict_inputs="sequences")  # a reward model's
     sequences.setup("predict")
     batch = next(iter(sequences.predict_dataloader()))
     assert "labels" in batch and batch["input_ids"].shape[0] == 2 * len(PAIRS) + 1  # every sample, both sides of pairs
@@ -151,5 +148,7 @@ def test_predict_with_the_pairwise_baselines(tmp_path: Path) -> None:
     assert len(rows) == 5 and all(isinstance(r["response"], str) and "demo" in r["scores"] for r in rows)
 
     reward = RewardModelModule(PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo", reference="none"))
-    outputs = trainer().predict(reward, datamodule=PairwiseDataModule(predict=source, eval_batch_size=3))
+    with pytest.raises(ValueError, match=r"RewardModelModule predicts on sequences.*predict_inputs='sequences'"):
+        trainer().predict(reward, datamodule=PairwiseDataModule(predict=source, eval_batch_size=3))  # what `ulma predict` links
+    outputs = trainer().predict(reward, datamodule=PairwiseDataModule(predict=source, eval_batch_size=3, predict_inputs="sequences"))
     assert sum(len(o["chosen_rewards"]) for o in outputs) == 5

@@ -166,11 +166,11 @@ def test_auc_is_not_logged_for_one_class() -> None:
     module = ULMAModule(PolicyConfig(model_config=TINY_LLAMA))
     logged: dict[str, float] = {}
     module.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))  # type: ignore[method-assign]
-    module._reward_outputs["val"] = [(torch.tensor([0.6, 0.7]), torch.tensor([1, 1]), torch.zeros(2), torch.ones(2))]
-    module.log_reward_metrics("val")
+    module.reward_metrics.outputs["val"] = [(torch.tensor([0.6, 0.7]), torch.tensor([1, 1]), torch.zeros(2), torch.ones(2))]
+    module.reward_metrics.log_epoch(module, "val", module.label_type)
     assert "val/rewards/accuracy" in logged and "val/rewards/auc" not in logged
-    module._reward_outputs["val"] = [(torch.tensor([0.6, 0.4]), torch.tensor([1, 0]), torch.zeros(2), torch.tensor([1.0, 0.0]))]
-    module.log_reward_metrics("val")
+    module.reward_metrics.outputs["val"] = [(torch.tensor([0.6, 0.4]), torch.tensor([1, 0]), torch.zeros(2), torch.tensor([1.0, 0.0]))]
+    module.reward_metrics.log_epoch(module, "val", module.label_type)
     assert logged["val/rewards/auc"] == 1.0
 
 
@@ -202,7 +202,7 @@ def test_kto_logs_reward_accuracy_and_auc_like_the_other_methods(tmp_path: Path)
             out = module.compute_loss(batch, "test")
             ratio = module.policy.logps(batch, average=module.average_logps) - module.policy.reference_logps(batch, average=module.average_logps)
             outcomes += ((ratio > out.metrics["kl"]) == (batch["score"] >= 1.0)).tolist()
-    module._reward_outputs["test"] = []
+    module.reward_metrics.outputs["test"] = []
     assert metrics["val/rewards/accuracy"] == pytest.approx(sum(outcomes) / len(outcomes), abs=1e-6)
 
 

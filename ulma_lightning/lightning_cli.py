@@ -468,6 +468,8 @@ class ULMACLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("model.init_args.policy", "data.init_args.tokenizer", compute_fn=_tokenizer_of)
+        for name in ("label_type", "predict_inputs"):  # the method's declaration (MethodSpec), read once built
+            parser.link_arguments(f"model.{name}", f"data.init_args.{name}", apply_on="instantiate")
         parser.add_lightning_class_args(PredictionWriter, "evaluation")
         parser.epilog = HELP_EPILOG
 

@@ -1,7 +1,8 @@
 """What a method's module may use of its data module, written down once (:class:`ModuleData`).
 
 Modules reach the trainer's data module for precomputed reference columns, KTO's mismatched pairs,
-the learning-rate schedule's length and the scorers that apply to the training data; every data
+the learning-rate schedule's length and the scorers that apply to the training data; the data
+module learns the method's label type and predict inputs from its constructor, linked by ``ulma``; every data
 module of the library (:class:`~ulma_lightning.data.datamodule.AlignmentDataModule`) provides all of
 it. A data module of your own that a built-in method trains on provides the same.
 """
@@ -21,10 +22,19 @@ class ModuleData(Protocol):
         datasets: per split (``train``, ``val``, ``test``), the built dataset; ``.items`` are the
             per-sample feature dicts.
         eval_batch_size: the batch size of evaluation loaders (also used to precompute the reference).
+        label_type: the method's labels (its ``MethodSpec.label_type``): ``binary`` refuses other
+            scores as bad records; None or ``continuous``: any score.
+        predict_inputs: what ``predict`` batches hold (the method's ``MethodSpec.predict_inputs``):
+            ``prompts`` or ``sequences``.
+
+    The data module never reads the model: ``ulma`` links ``label_type`` and ``predict_inputs`` from
+    the built model's declaration into the data module's constructor arguments of those names.
     """
 
     datasets: dict[str, Any]
     eval_batch_size: int
+    label_type: str | None
+    predict_inputs: str
 
     @property
     def collator(self) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:

@@ -52,7 +52,7 @@ Split = Literal["train", "val", "test", "predict"]
 NOT_IN_CACHE_KEY = frozenset(
     {
         "datasets", "examples", "skipped", "truncated", "mixed", "duplicates", "reading", "trainer", "cache",
-        "cache_dir", "cache_used", "specs", "sources", "test_from_val", "batch_size", "eval_batch_size",
+        "cache_dir", "cache_used", "specs", "sources", "test_from_val", "batch_size", "eval_batch_size", "predict_inputs",
         "num_workers", "group_by_length", "pad_to_multiple_of", "_building", "_pending_extra",
         "_before_loading", "_tokenizer", "_report", "_said_responses_ignored", "_identity_key", "_cache_unwritable",
     }
@@ -154,6 +154,12 @@ class AlignmentDataModule(pl.LightningDataModule):
             record of another format): a longer one is a bad record (``on_bad_record``), found before
             it is parsed or tokenized, so one huge line cannot fill the memory. Raise it for longer
             records; None: no limit.
+        label_type: the labels the method reads: ``binary`` makes a score other than the ends of
+            ``score_range`` a bad record; ``continuous`` or None: any score in the range. ``ulma``
+            links it to the model's declaration (``MethodSpec.label_type``); not a config option.
+        predict_inputs: what ``ulma predict`` batches hold: ``prompts`` (prompt-only, left-padded, to
+            generate) or ``sequences`` (full samples, e.g. for a reward model to score). ``ulma``
+            links it to the model's declaration (``MethodSpec.predict_inputs``); not a config option.
     """
 
     def __init__(
@@ -179,6 +185,8 @@ class AlignmentDataModule(pl.LightningDataModule):
         mix_strategy: MixStrategy = "interleave_under",
         cache_dir: str | None = None,
         max_record_chars: int | None = MAX_RECORD_CHARS,
+        label_type: Literal["binary", "continuous"] | None = None,
+        predict_inputs: Literal["prompts", "sequences"] = "prompts",
     ) -> None:
         super().__init__()
         check_numbers(max_record_chars=(max_record_chars, ">= 1"))
@@ -191,6 +199,12 @@ class AlignmentDataModule(pl.LightningDataModule):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
         if mix_strategy not in ("interleave_under", "interleave_over"):
             raise ValueError(f"mix_strategy must be 'interleave_under' or 'interleave_over', got {mix_strategy!r}")
+        if label_type not in ("binary", "continuous", None):
+            raise ValueError(f"label_type must be 'binary', 'continuous' or None, got {label_type!r}")
+        if predict_inputs not in ("prompts", "sequences"):
+            raise ValueError(f"predict_inputs must be 'prompts' or 'sequences', got {predict_inputs!r}")
+        #: the method's label kind and ``ulma predict``'s inputs (the contract's ModuleData; linked by ``ulma``)
+        self.label_type, self.predict_inputs = label_type, predict_inputs
         if test is None and isinstance(train, str) and is_demo_source(train):
             test = demo_test_source(train)
         elif test is None and isinstance(train, list) and all(is_demo_source(spec.source) for spec in source_specs(train, "train") or []):
@@ -446,7 +460,6 @@ class AlignmentDataModule(pl.LightningDataModule):
         """What every cache key of this module holds: class, options, tokenizer, truncation, code."""
         classes = tuple(c for c in type(self).__mro__ if issubclass(c, AlignmentDataModule))
         options = {name: value for name, value in vars(self).items() if name not in NOT_IN_CACHE_KEY}
-        options["label_type"] = getattr(self, "label_type", None)
         return [
             [f"{c.__module__}.{c.__qualname__}" for c in classes], options, tokenizer_identity(self.tokenizer, self.tokenizer_source),
             dataclasses.asdict(self.truncation), code_identity(classes),
@@ -693,16 +706,9 @@ class AlignmentDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
-    @property
-    def predict_inputs(self) -> str:
-        """``prompts`` (prompt-only, for generation) or ``sequences`` (full samples, e.g. for a reward
-        model that scores them): the attached module's ``predict_inputs``, ``prompts`` by default."""
-        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
-        return getattr(module, "predict_inputs", "prompts")
-
     def predict_dataloader(self) -> DataLoader:
         """Left-padded prompt-only batches of the ``predict`` split (see :mod:`ulma_lightning.data.prompts`),
-        or padded full samples when the module's ``predict_inputs`` is ``sequences``."""
+        or padded full samples when ``predict_inputs`` is ``sequences``."""
         prompts = isinstance(self.datasets["predict"], PromptDataset)
         return self._loader("predict", shuffle=False, collate_fn=self.prompt_collator if prompts else None)
 
@@ -780,11 +786,6 @@ class PointwiseDataModule(AlignmentDataModule):
             raise ValueError(f"score_direction must be 'higher_is_better' or 'lower_is_better', got {score_direction!r}")
         self.score_range = tuple(score_range)
         self.score_direction = score_direction
-
-    @property
-    def label_type(self) -> str | None:
-        """The attached module's ``label_type`` (``binary`` or ``continuous``); None without one."""
-        return getattr(getattr(getattr(self, "trainer", None), "lightning_module", None), "label_type", None)
 
     def parse_record(self, record: dict[str, Any], location: Location) -> list[Example]:
         score_range = self.option("score_range")

@@ -11,11 +11,13 @@ from ulma_lightning.modules.reward import RewardModel, RewardModelModule
 from ulma_lightning.modules.rloo import RLOOModule
 from ulma_lightning.modules.rollout import RolloutModule
 from ulma_lightning.modules.sft import SFTModule
+from ulma_lightning.modules.spec import MethodSpec
 from ulma_lightning.modules.ulma import ULMAModule
 from ulma_lightning.modules.unlikelihood import UnlikelihoodModule
 
 __all__ = [
     "AlignmentModule",
+    "MethodSpec",
     "OptimizerConfig",
     "PointwiseModule",
     "PointwiseDPOModule",

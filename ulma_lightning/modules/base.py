@@ -1,8 +1,13 @@
-"""The step skeleton every method shares: policy, optimizer and schedule, logging, perplexity, export
-and checkpoint editing; precomputed references and FSDP routing are in :mod:`~ulma_lightning.modules.reference`."""
+"""The offline methods' base, :class:`AlignmentModule`: a method is a declaration
+(:class:`~ulma_lightning.modules.spec.MethodSpec`) and a loss; this file holds the step that turns a
+batch into log-probs for that loss, and the policy, optimizer and schedule, logging, perplexity,
+export and checkpoint pieces. Precomputed references and FSDP routing are functions in
+:mod:`~ulma_lightning.modules.reference`, the reward metrics an object of
+:mod:`~ulma_lightning.modules.implicit_rewards`."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -10,17 +15,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ulma_lightning.checkpointing import DATA_CLASS_KEY, MODULE_CLASS_KEY, check_resume_options, check_same_classes, class_path, keep_unfinished_epoch
 from ulma_lightning.compiling import check_strategy
+from ulma_lightning.data.contract import ModuleData
 from ulma_lightning.evaluation.generation import GenerationConfig, can_generate, generate_responses
 from ulma_lightning.evaluation.metrics import TokenPerplexity, demonstration_rows, reuse_token_logps
 from ulma_lightning.export import export_hf
 from ulma_lightning.losses import LossOutput
-from ulma_lightning.modules.reference import ReferencePrecompute, progress  # noqa: F401  (progress: offered here before)
+from ulma_lightning.modules.batching import pair_batch
+from ulma_lightning.modules.implicit_rewards import RewardMetrics
+from ulma_lightning.modules.reference import data_module_of, precompute_reference_logps, run_wrapped, schedule_reference_precompute, wrapped_by_fsdp
+from ulma_lightning.modules.spec import MethodSpec
 from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import Policy, PolicyConfig, PretrainedModel, select_rows
 
@@ -29,6 +39,7 @@ log = logging.getLogger(__name__)
 Stage = Literal["train", "val", "test"]
 REFERENCE_PREFIX = "policy.reference_model."
 SCHEDULE_STEPS_KEY = "ulma_schedule_steps"  # the steps the checkpointed run's schedule spanned
+OPTION_FIELDS = ("average_logps", "label_type")  # MethodSpec fields a constructor option of that name sets
 
 # The frozen reference model is in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -87,8 +98,18 @@ class OptimizerConfig:
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * decay
 
 
-class AlignmentModule(ReferencePrecompute):
-    """Base of every method: subclasses implement :meth:`compute_loss` (and usually a ``loss`` hook).
+class AlignmentModule(pl.LightningModule):
+    """Base of every offline method: a method passes its declaration (:class:`MethodSpec`) to this
+    constructor and implements one method, ``loss``, that maps log-probs to a
+    :class:`~ulma_lightning.losses.LossOutput` through the pure functions of :mod:`ulma_lightning.losses`.
+
+    The step (:meth:`compute_loss`) reads the batch's kind: for a point-wise batch (``score``) it
+    calls ``loss(policy_logps, reference_logps, scores)``, the reference run on the rows
+    :attr:`MethodSpec.reference` names (NaN on the others); for a pairwise batch
+    ``loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected)``, both sides in one
+    forward. Sequence log-probs follow :attr:`MethodSpec.average_logps`; every reference mode works
+    (``copy``, ``adapter``, ``precomputed``). A method whose loss needs something else (token
+    log-probs, mismatched pairs, a scalar head) overrides :meth:`compute_loss` instead.
 
     Validation and test also log ``{stage}/perplexity`` of the held-out demonstrations (see
     :mod:`ulma_lightning.evaluation.metrics`), from the token log-probs the step computed: no extra
@@ -99,15 +120,22 @@ class AlignmentModule(ReferencePrecompute):
     Args:
         policy: the model, tokenizer and reference settings.
         optimizer: optimizer and learning-rate schedule.
+        _spec: the method's declaration, when it depends on the method's options (default: the class's
+            :attr:`spec`); private: not a config option. Constructor options named ``average_logps`` or ``label_type`` (not None)
+            set those fields: an option is declared once, as a typed argument.
     """
 
-    def __init__(self, policy: PolicyConfig, optimizer: OptimizerConfig | None = None) -> None:
+    #: the method's declaration; a method whose needs depend on its options passes ``_spec`` instead
+    spec: MethodSpec = MethodSpec()
+
+    def __init__(self, policy: PolicyConfig, optimizer: OptimizerConfig | None = None, _spec: MethodSpec | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        if self.hparams.get("average_logps") is not None:
-            self.average_logps = bool(self.hparams["average_logps"])
+        self.save_hyperparameters(ignore=["spec", "_spec"])
+        options = {name: self.hparams[name] for name in OPTION_FIELDS if self.hparams.get(name) is not None}
+        self.spec = dataclasses.replace(_spec or type(self).spec, **options)
+        self.spec.check_reference_mode(policy.reference, type(self).__name__)
         self.policy = self.build_policy(policy)
-        self.check_reference_mode()
+        self.reward_metrics = RewardMetrics()
         self.optimizer_config = optimizer or OptimizerConfig()
         self.eval_perplexity = nn.ModuleDict({stage: TokenPerplexity() for stage in ("val", "test")})
         self.generation = GenerationConfig()
@@ -125,7 +153,7 @@ class AlignmentModule(ReferencePrecompute):
     # ------------------------------------------------------------ model
     def configure_model(self) -> None:
         config = self.policy.config
-        if not self.needs_reference and config.reference != "none":
+        if not self.spec.needs_reference and config.reference != "none":
             log.info("%s uses no reference model: policy.reference %r is treated as 'none'", type(self).__name__, config.reference)
             config.reference = "none"
         if config.compile and self._trainer is not None:
@@ -159,50 +187,109 @@ class AlignmentModule(ReferencePrecompute):
                 "(--data.init_args.max_length)"
             )
 
-    def check_reference_mode(self) -> None:
-        """Refuse ``policy.reference: none`` when the objective needs reference log-probs (at
-        construction, not at the first step). ``needs_reference`` must not depend on attributes a
-        subclass sets after calling ``super().__init__``."""
-        if self.needs_reference and self.policy.config.reference == "none":
-            raise ValueError(
-                f"{type(self).__name__} needs reference log-probs, but policy.reference (model.init_args.policy.reference "
-                "in a config) is 'none'; set it to copy (a frozen copy of the initial policy, or policy.reference_model), "
-                "adapter (with policy.lora: the policy without its adapters) or precomputed (computed once before training)"
-            )
-
-    def compute_loss(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:
-        """The objective on one batch; the only method a new loss must provide."""
-        raise NotImplementedError
+    # ------------------------------------------------------------ the declaration
+    @property
+    def data_module(self) -> ModuleData | None:
+        """The trainer's data module, through what modules may use of it (:class:`ModuleData`); None
+        without a trainer or a data module."""
+        return data_module_of(self)
 
     @property
     def needs_reference(self) -> bool:
-        """Whether the objective uses reference log-probs at all."""
-        return True
+        """Whether the method uses reference log-probs at all (:attr:`MethodSpec.needs_reference`)."""
+        return self.spec.needs_reference
 
-    #: Per-token mean (True) or summed (False) sequence log-probs: the one setting that every
-    #: sequence log-prob of the module follows (policy, reference, precomputed reference columns,
-    #: ``predict``). Set from the constructor argument ``average_logps`` when a module has one (and it
-    #: is not None); a module without the argument keeps its class's value.
-    average_logps: bool = False
+    @property
+    def average_logps(self) -> bool:
+        """Per-token mean (True) or summed (False) sequence log-probs (:attr:`MethodSpec.average_logps`)."""
+        return self.spec.average_logps
 
-    #: what ``ulma predict`` feeds :meth:`predict_step`: ``prompts`` (prompt-only, left-padded, for
-    #: generation) or ``sequences`` (full samples; a reward model that scores them sets this).
-    predict_inputs: Literal["prompts", "sequences"] = "prompts"
+    @property
+    def label_type(self) -> str | None:
+        """The labels' kind (:attr:`MethodSpec.label_type`)."""
+        return self.spec.label_type
+
+    @property
+    def predict_inputs(self) -> str:
+        """What ``ulma predict`` feeds :meth:`predict_step` (:attr:`MethodSpec.predict_inputs`)."""
+        return self.spec.predict_inputs
 
     @property
     def tracks_perplexity(self) -> bool:
         """Whether validation/test log the perplexity of demonstrations (a generative policy only)."""
-        return can_generate(getattr(self.policy, "model", None))
+        return self.spec.perplexity and can_generate(getattr(self.policy, "model", None))
 
     #: The score at or above which a point-wise sample is a positive (a demonstration): 1.0 unless
     #: the module takes a ``positive_threshold`` argument. Perplexity, the generation callback and
     #: the losses all read this one attribute.
     positive_threshold: float = 1.0
 
-    @property
-    def positive_threshold_value(self) -> float:
-        """Deprecated alias of :attr:`positive_threshold`."""
-        return float(self.positive_threshold)
+    def setup(self, stage: str) -> None:
+        """Refuse a data module whose ``predict_inputs`` differ from the declaration's (``ulma`` links
+        them; a data module built in Python takes them as a constructor argument)."""
+        inputs = getattr(self.data_module, "predict_inputs", None)
+        if stage == "predict" and inputs is not None and inputs != self.spec.predict_inputs:
+            raise ValueError(
+                f"{type(self).__name__} predicts on {self.spec.predict_inputs}, but the data module's predict_inputs is "
+                f"{inputs!r}: build it with predict_inputs={self.spec.predict_inputs!r} (ulma links it from the model)"
+            )
+
+    # ------------------------------------------------------------ the loss
+    def loss(self, *logps: Tensor) -> LossOutput:
+        """The objective from per-sequence log-probs: ``(policy_logps, reference_logps, scores)`` for
+        point-wise batches, ``(policy_chosen, policy_rejected, reference_chosen, reference_rejected)``
+        for pairs, each ``(B,)``. The one method a new method writes."""
+        raise NotImplementedError(f"{type(self).__name__} must define loss() (or compute_loss())")
+
+    def compute_loss(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:
+        """The objective on one batch: log-probs as :attr:`spec` declares them, then :meth:`loss`."""
+        average = self.spec.average_logps
+        if "chosen_input_ids" in batch:
+            both = pair_batch(batch)
+            policy_chosen, policy_rejected = self.policy.logps(both, average=average).chunk(2)
+            reference_chosen, reference_rejected = self.policy.reference_logps(both, average=average).chunk(2)
+            return self.loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+        scores = batch["score"]
+        rows = self.spec.reference_rows(scores, stage, self.positive_threshold)
+        policy_logps = self.policy.logps(batch, average=average)
+        reference_logps = self.policy.reference_logps(batch, average=average, rows=rows)
+        out = self.loss(policy_logps, reference_logps, scores)
+        if rows is not None:  # the positives' reward is undefined in this stage, whatever the batch holds:
+            out.metrics.pop("rewards/positive", None)  # never logged (the same metrics on every process)
+        if self.spec.reward_metrics and not bool(reference_logps.isnan().any()):  # some rows only: biased
+            self.record_implicit_rewards(policy_logps, reference_logps, scores, stage)
+        return out
+
+    def record_implicit_rewards(self, policy_logps: Tensor, reference_logps: Tensor, scores: Tensor, stage: Stage) -> None:
+        """Record the implicit reward ``beta * h + offset`` of a batch for the reward metrics
+        (``rewards/accuracy``, ``rewards/auc``; for continuous labels, in validation and test, the
+        Pearson and Spearman correlation of ``beta * h`` with the label)."""
+        reward = (getattr(self, "beta", 1.0) * (policy_logps - reference_logps)).detach().float()
+        probability = torch.sigmoid(reward + getattr(self, "offset", 0.0))
+        self.reward_metrics.record(self, probability, scores >= self.positive_threshold, reward, scores, stage)
+
+    # ------------------------------------------------------------ precomputed reference
+    def reference_columns(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor]:
+        """Per-sample values computed once with the reference model in ``precomputed`` mode, keyed by
+        :attr:`MethodSpec.precomputed_columns`, each of shape ``(B,)``: ``reference_logps`` of a
+        point-wise batch, ``reference_chosen_logps`` and ``reference_rejected_logps`` of pairs."""
+        if "chosen_input_ids" in batch:
+            chosen, rejected = self.policy.reference_model_logps(pair_batch(batch), average=self.average_logps).chunk(2)
+            return {"reference_chosen_logps": chosen, "reference_rejected_logps": rejected}
+        return {"reference_logps": self.policy.reference_model_logps(batch, average=self.average_logps)}
+
+    def prepare_precompute(self, split: str) -> None:
+        """Called before the reference pass over ``split``, e.g. to attach columns it needs."""
+
+    def precompute_reference_logps(self) -> None:
+        """Compute the reference columns of every split now (:func:`~ulma_lightning.modules.reference.precompute_reference_logps`)."""
+        precompute_reference_logps(self)
+
+    def _wrapped_by_fsdp(self) -> bool:
+        return wrapped_by_fsdp(self)
+
+    def _run_wrapped(self, method: str, *args: Any) -> Any:
+        return run_wrapped(self, method, *args)
 
     # ------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -221,6 +308,18 @@ class AlignmentModule(ReferencePrecompute):
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
         return self.step_outputs(self._shared_step(batch, "test"), batch)
+
+    def on_train_epoch_end(self) -> None:
+        if self.spec.reward_metrics:
+            self.reward_metrics.log_epoch(self, "train", self.spec.label_type)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.spec.reward_metrics:
+            self.reward_metrics.log_epoch(self, "val", self.spec.label_type)
+
+    def on_test_epoch_end(self) -> None:
+        if self.spec.reward_metrics:
+            self.reward_metrics.log_epoch(self, "test", self.spec.label_type)
 
     def _shared_step(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:
         if stage == "train" or not self.tracks_perplexity:
@@ -383,7 +482,7 @@ class AlignmentModule(ReferencePrecompute):
             rank_zero_warn(
                 f"trainer.precision {self.trainer.precision} on CPU: mixed precision is for GPUs, and autocast on CPU runs many times slower than 32-true here; set --trainer.precision 32-true on CPU"
             )
-        self.schedule_reference_precompute()
+        schedule_reference_precompute(self)
 
     # ------------------------------------------------------------ export
     def export_hf(self, path: str | Path, merge_lora: bool = True, state_dict: dict[str, Tensor] | None = None) -> Path:

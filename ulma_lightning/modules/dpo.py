@@ -5,10 +5,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from ulma_lightning.losses import DPOLossType, LossOutput, dpo_loss
-from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
+from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig
 from ulma_lightning.modules.batching import pair_batch
+from ulma_lightning.modules.spec import MethodSpec
 from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import PolicyConfig
+
+#: a pairwise method's declaration: both sides' reference log-probs, stored per pair when precomputed
+PAIRWISE = MethodSpec(precomputed_columns=("reference_chosen_logps", "reference_rejected_logps"))
 
 
 class DPOModule(AlignmentModule):
@@ -42,38 +46,21 @@ class DPOModule(AlignmentModule):
         average_logps: bool | None = None,
     ) -> None:
         check_numbers(beta=(beta, "> 0"))
-        super().__init__(policy, optimizer)
         if loss_type not in ("sigmoid", "ipo", "hinge"):
             raise ValueError(f"loss_type must be 'sigmoid', 'ipo' or 'hinge', got {loss_type!r}")
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        super().__init__(policy, optimizer, PAIRWISE.replace(average_logps=loss_type == "ipo"))  # average_logps, when set, wins
         self.beta = beta
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing
-        if average_logps is None:
-            self.average_logps = loss_type == "ipo"
 
-    def pair_logps(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Policy and reference log-probs of both sides: (policy chosen, policy rejected, ref chosen, ref rejected)."""
-        both = pair_batch(batch)
-        policy_chosen, policy_rejected = self.policy.logps(both, average=self.average_logps).chunk(2)
-        reference_chosen, reference_rejected = self.policy.reference_logps(both, average=self.average_logps).chunk(2)
-        return policy_chosen, policy_rejected, reference_chosen, reference_rejected
-
-    def loss(self, policy_chosen: Tensor, policy_rejected: Tensor, reference_chosen: Tensor, reference_rejected: Tensor) -> LossOutput:
-        """The objective from per-pair log-probs, each ``(B,)``; override this to try a new pairwise loss."""
-        return dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing)
-
-    def compute_loss(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:
-        return self.loss(*self.pair_logps(batch))
-
-    @property
-    def precomputed_columns(self) -> tuple[str, ...]:
-        return ("reference_chosen_logps", "reference_rejected_logps")
-
-    def reference_columns(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor]:
-        chosen, rejected = self.policy.reference_model_logps(pair_batch(batch), average=self.average_logps).chunk(2)
-        return {"reference_chosen_logps": chosen, "reference_rejected_logps": rejected}
+    def loss(self, policy_chosen: Tensor, policy_rejected: Tensor, reference_chosen: Tensor, reference_rejected: Tensor) -> LossOutput:  # type: ignore[override]
+        """The objective from per-pair log-probs, each ``(B,)``."""
+        return dpo_loss(
+            policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=self.beta, loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+        )  # fmt: skip
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Per-pair policy log-probs of both sides; for prompt-only batches (``ulma predict``), generations."""

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ulma_lightning.losses import LossOutput
 from ulma_lightning.modules.base import OptimizerConfig
-from ulma_lightning.modules.rollout import Rollout, RolloutModule, take_rows
+from ulma_lightning.modules.rollout import ROLLOUT, Rollout, RolloutModule, take_rows
 from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import PolicyConfig
 from ulma_lightning.rl import GRPOLossType, ScaleRewards, grpo_advantages, grpo_loss, kl_estimate, token_mean
@@ -71,20 +71,11 @@ class GRPOModule(RolloutModule):
             raise ValueError(f"GRPOModule: loss_type must be 'grpo', 'bnpo' or 'dr_grpo', got {loss_type!r}")
         check_numbers(beta=(beta, ">= 0"), clip_range=(clip_range, "> 0"), clip_range_high=(clip_range_high, "> 0"))
         check_numbers(num_iterations=(num_iterations, ">= 1"), mini_batch_size=(mini_batch_size, ">= 1"))
-        super().__init__(policy, optimizer, samples_per_prompt=num_generations, kl_coef=beta, kl_estimator="k3", **kwargs)
+        spec = ROLLOUT.replace(reference="all" if beta else "none")  # beta 0: no reference model is built or run
+        super().__init__(policy, optimizer, samples_per_prompt=num_generations, kl_coef=beta, kl_estimator="k3", _spec=spec, **kwargs)
         self.scale_rewards, self.loss_type = scale_rewards, loss_type
         self.clip_range, self.clip_range_high = clip_range, clip_range_high
         self.num_iterations, self.mini_batch_size = num_iterations, mini_batch_size
-
-    @property
-    def needs_reference(self) -> bool:
-        """Only with a KL penalty (``beta > 0``); read from the saved hyper-parameters, which exist
-        before the base class checks the reference mode."""
-        return float(self.hparams.get("beta", 0.04)) != 0.0
-
-    def check_reference_mode(self) -> None:
-        if self.needs_reference:
-            super().check_reference_mode()
 
     def update(self, rollout: Rollout) -> dict[str, Tensor | float]:
         mask = rollout.mask

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ulma_lightning.data.features import Truncation
 from ulma_lightning.losses import LossOutput, kto_loss
-from ulma_lightning.modules.base import OptimizerConfig, Stage
+from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
 from ulma_lightning.modules.batching import (
     SEQUENCE_KEYS,
     mismatched_partners,
@@ -18,14 +18,14 @@ from ulma_lightning.modules.batching import (
     swap_responses,
     take_rows,
 )
-from ulma_lightning.modules.implicit_rewards import RewardMetricsModule
+from ulma_lightning.modules.spec import MethodSpec
 from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import PolicyConfig
 
 KL_KEY = "kto_kl_estimate"  # the checkpoint entry of the last KL estimate
 
 
-class KTOModule(RewardMetricsModule):
+class KTOModule(AlignmentModule):
     """Kahneman-Tversky Optimization (Ethayarajh et al. 2024) on :class:`~ulma_lightning.PointwiseDataModule` data.
 
     A sample is desirable when ``score >= positive_threshold``. The reference point
@@ -75,6 +75,9 @@ class KTOModule(RewardMetricsModule):
         average_logps: per-token mean (True) or summed (False, the paper and TRL) log-probs.
         kl_seed: seed of the fixed partner permutation in ``precomputed`` mode.
     """
+
+    #: the reference on every row and on the mismatched pairs (both stored when precomputed)
+    spec = MethodSpec(precomputed_columns=("reference_logps", "reference_kl_logps"), label_type="binary", reward_metrics=True)
 
     def __init__(
         self,
@@ -196,14 +199,10 @@ class KTOModule(RewardMetricsModule):
         )
         out.metrics["kl_estimate"] = kl.detach()
         ratio = (policy_logps - reference_logps).detach().float()  # KTO's decision: desirable when h > z0
-        self.record_rewards(torch.sigmoid(self.beta * (ratio - out.metrics["kl"])), desirable, self.beta * ratio, batch["score"], stage)
+        self.reward_metrics.record(self, torch.sigmoid(self.beta * (ratio - out.metrics["kl"])), desirable, self.beta * ratio, batch["score"], stage)
         return out
 
     # ------------------------------------------------------------ precomputed reference
-    @property
-    def precomputed_columns(self) -> tuple[str, ...]:
-        return ("reference_logps", "reference_kl_logps")
-
     def prepare_precompute(self, split: str) -> None:
         """Fix each sample's KL partner, of another prompt: seeded, identical on every process."""
         datamodule = self.data_module

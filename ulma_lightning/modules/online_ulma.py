@@ -12,7 +12,7 @@ from torch import Tensor
 from ulma_lightning.losses import ContinuousForm, LabelType, LossOutput, PositiveTerm, Reduction, ulma_loss
 from ulma_lightning.modules.base import REFERENCE_PREFIX, OptimizerConfig
 from ulma_lightning.modules.pointwise import check_choices, check_label_options, check_pointwise_options
-from ulma_lightning.modules.rollout import Rollout, RolloutModule, take_rows
+from ulma_lightning.modules.rollout import ROLLOUT, Rollout, RolloutModule, take_rows
 from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import PolicyConfig
 from ulma_lightning.rl import kl_estimate
@@ -151,10 +151,11 @@ class OnlineULMAModule(RolloutModule):
                 f"ref_refresh_every copies the policy into a separate reference model: it needs policy.reference copy without policy.lora, got reference {policy.reference!r}"
                 + (" with lora" if policy.lora is not None else "")
             )
-        super().__init__(policy, optimizer, samples_per_prompt=samples_per_prompt, kl_coef=beta, **kwargs)
+        spec = ROLLOUT.replace(average_logps=average_logps)
+        super().__init__(policy, optimizer, samples_per_prompt=samples_per_prompt, kl_coef=beta, _spec=spec, **kwargs)
         self.label_mode, self.threshold, self.score_range = label_mode, float(threshold), score_range
         self.beta, self.offset, self.positive_term = beta, offset, positive_term
-        self.continuous_form, self.reduction, self.average_logps = continuous_form, reduction, average_logps
+        self.continuous_form, self.reduction = continuous_form, reduction
         self.ref_refresh_every = ref_refresh_every
         self.num_iterations, self.mini_batch_size = num_iterations, mini_batch_size
 

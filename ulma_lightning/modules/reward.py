@@ -11,6 +11,7 @@ from ulma_lightning.data.features import scoring_batches
 from ulma_lightning.losses import LossOutput, RewardForm, bradley_terry_loss, pointwise_reward_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
 from ulma_lightning.modules.batching import pair_batch
+from ulma_lightning.modules.spec import MethodSpec
 from ulma_lightning.policy import PolicyConfig, PretrainedModel
 from ulma_lightning.tokenizers import pad_token_id
 
@@ -92,15 +93,11 @@ class RewardModelModule(AlignmentModule):
         as for every method); ``policy`` is the same object, kept as an alias."""
         return self.policy  # type: ignore[return-value]
 
-    #: ``ulma predict`` scores the split's full samples (it does not generate)
-    predict_inputs = "sequences"
+    #: no reference; ``ulma predict`` scores the split's full samples (it does not generate)
+    spec = MethodSpec(reference="none", predict_inputs="sequences")
 
     def build_policy(self, config: PolicyConfig) -> RewardModel:
         return RewardModel(config)
-
-    @property
-    def needs_reference(self) -> bool:
-        return False
 
     def rewards(self, batch: dict[str, Tensor]) -> Tensor:
         """Rewards of the rows of a point-wise batch, or of the chosen then rejected rows of a pair batch."""

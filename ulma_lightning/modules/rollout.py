@@ -20,6 +20,7 @@ from ulma_lightning.evaluation.scorers import DemoScorer, Scorer, checked_scores
 from ulma_lightning.logprobs import TokenLogps
 from ulma_lightning.losses import LossOutput
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
+from ulma_lightning.modules.spec import MethodSpec
 from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import PolicyConfig
 from ulma_lightning.rl import KLEstimator, to_token_matrix
@@ -70,6 +71,11 @@ def take_rows(sequences: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
     sub = {k: v[rows] for k, v in sequences.items()}
     length = int(sub["attention_mask"].sum(dim=1).max())
     return {k: v[:, :length] for k, v in sub.items()}
+
+
+#: an RL method's declaration: the reference scores the policy's own generations (never precomputed);
+#: no perplexity of demonstrations
+ROLLOUT = MethodSpec(perplexity=False, reference_modes=("copy", "adapter"))
 
 
 class RolloutModule(AlignmentModule):
@@ -127,8 +133,9 @@ class RolloutModule(AlignmentModule):
         reward_clip: float | None = None,
         max_grad_norm: float | None = 1.0,
         eval_generation: GenerationConfig | None = None,
+        _spec: MethodSpec = ROLLOUT,
     ) -> None:
-        super().__init__(policy, optimizer)
+        super().__init__(policy, optimizer, _spec)
         if kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
         check_numbers(samples_per_prompt=(samples_per_prompt, ">= 1"), kl_coef=(kl_coef, ">= 0"))
@@ -142,19 +149,6 @@ class RolloutModule(AlignmentModule):
         self.reward_clip = reward_clip
         self.max_grad_norm = max_grad_norm
         self.register_buffer("kl_coef", torch.tensor(float(kl_coef)))  # a buffer: the adaptive value is checkpointed
-
-    def check_reference_mode(self) -> None:
-        mode = self.policy.config.reference
-        if mode not in ("copy", "adapter"):
-            raise ValueError(
-                f"{type(self).__name__}: policy.reference (model.init_args.policy.reference) is {mode!r}; use copy (a frozen "
-                "copy of the initial policy or policy.reference_model) or adapter (with policy.lora). The reference scores "
-                "the policy's own generations, so it cannot be precomputed"
-            )
-
-    @property
-    def tracks_perplexity(self) -> bool:
-        return False
 
     #: Whether the module trains under FSDP2: every trainable weight lives in the policy, which
     #: ``configure_model`` shards. A subclass with another trained model that is not sharded sets False.

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ulma_lightning.losses import LossOutput, sft_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
+from ulma_lightning.modules.spec import MethodSpec
 from ulma_lightning.policy import PolicyConfig
 
 
@@ -27,7 +28,8 @@ class SFTModule(AlignmentModule):
             and the gradients are averaged across processes.
     """
 
-    average_logps = True  # per-token means: the token-level objective's row values
+    #: no reference; per-token means (the token-level objective's row values)
+    spec = MethodSpec(reference="none", average_logps=True)
 
     def __init__(
         self,
@@ -39,10 +41,6 @@ class SFTModule(AlignmentModule):
         if reduction not in ("token", "sequence"):
             raise ValueError(f"reduction must be 'token' or 'sequence', got {reduction!r}")
         self.reduction = reduction
-
-    @property
-    def needs_reference(self) -> bool:
-        return False
 
     def compute_loss(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:
         tokens = self.policy.token_logps(batch)

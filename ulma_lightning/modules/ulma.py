@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
-from ulma_lightning.losses import ContinuousForm, LabelType, LossOutput, PositiveTerm, ulma_loss
-from ulma_lightning.modules.base import OptimizerConfig, Stage
-from ulma_lightning.modules.pointwise import PointwiseModule, check_choices, check_label_options
+from ulma_lightning.losses import ContinuousForm, LabelType, LossOutput, PositiveTerm, Reduction, ulma_loss
+from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig
+from ulma_lightning.modules.pointwise import POINTWISE, check_choices, check_label_options, check_pointwise_options
 from ulma_lightning.policy import PolicyConfig
 
 
-class ULMAModule(PointwiseModule):
+class ULMAModule(AlignmentModule):
     """Unified Language Model Alignment (Cai et al. 2023, eq. 9).
 
     Positives get ``positive_term`` (plain SFT by default); the rest get the KL-regularised
@@ -20,10 +18,15 @@ class ULMAModule(PointwiseModule):
     only during training; in validation and test it runs on every row when
     ``eval_reference_on_positives`` is set, so that the reward accuracy and AUC cover both classes.
 
-    See :class:`~ulma_lightning.modules.pointwise.PointwiseModule` for the other arguments (``beta``,
-    ``offset``, ``reduction``, ``average_logps``, ``positive_threshold``).
-
     Args:
+        policy: the model, tokenizer and reference settings.
+        optimizer: optimizer and learning-rate schedule.
+        beta: the KL-regularisation strength (the paper's beta).
+        offset: added to ``beta * h``; stands for ``beta * log Z(x)`` (the authors' ``constant_zx``).
+        reduction: ``subset_mean`` (mean over positives + mean over negatives, the authors' code) or
+            ``mean`` (mean over samples).
+        average_logps: per-token mean sequence log-probs (True, the authors' code) or sums.
+        positive_threshold: a score at or above it marks a positive sample.
         positive_term: ``sft`` (-log pi), ``beta_sft`` (-beta log pi) or ``pointwise_dpo``.
         label_type: ``binary`` or ``continuous``.
         continuous_form: ``bce`` or ``mse`` (the authors' regression), for continuous labels.
@@ -39,29 +42,28 @@ class ULMAModule(PointwiseModule):
         label_type: LabelType = "binary",
         continuous_form: ContinuousForm = "bce",
         eval_reference_on_positives: bool = True,
-        **kwargs: Any,
+        beta: float = 0.1,
+        offset: float = 0.0,
+        reduction: Reduction = "subset_mean",
+        average_logps: bool = True,
+        positive_threshold: float = 1.0,
     ) -> None:
-        super().__init__(policy, optimizer, **kwargs)
+        check_pointwise_options(beta=beta, positive_threshold=positive_threshold, reduction=reduction)
         check_label_options(label_type=label_type, continuous_form=continuous_form)
         check_choices(positive_term=(positive_term, ("sft", "beta_sft", "pointwise_dpo")))
-        self.label_type = label_type
-        self.continuous_form = continuous_form
-        self.positive_term = positive_term
+        every_row = positive_term == "pointwise_dpo"  # the others need no reference on positives
+        spec = POINTWISE.replace(
+            reference="all" if every_row else "negatives",
+            eval_reference="all" if every_row or eval_reference_on_positives else "negatives",
+        )
+        super().__init__(policy, optimizer, spec)
+        self.beta, self.offset, self.reduction, self.positive_threshold = beta, offset, reduction, positive_threshold
+        self.positive_term, self.continuous_form = positive_term, continuous_form
         self.eval_reference_on_positives = eval_reference_on_positives
 
-    def reference_rows(self, scores: Tensor, stage: Stage) -> Tensor | None:
-        if self.positive_term == "pointwise_dpo" or (stage != "train" and self.eval_reference_on_positives):
-            return None
-        return scores < self.positive_threshold
-
-    def loss(self, policy_logps: Tensor, reference_logps: Tensor, scores: Tensor) -> LossOutput:
+    def loss(self, policy_logps: Tensor, reference_logps: Tensor, scores: Tensor) -> LossOutput:  # type: ignore[override]
         return ulma_loss(
-            policy_logps,
-            reference_logps,
-            scores,
-            positive_term=self.positive_term,
-            positive_threshold=self.positive_threshold,
-            label_type=self.label_type,
-            continuous_form=self.continuous_form,
-            **self.loss_kwargs(),
-        )
+            policy_logps, reference_logps, scores, beta=self.beta, offset=self.offset, positive_term=self.positive_term,
+            positive_threshold=self.positive_threshold, label_type=self.label_type, continuous_form=self.continuous_form,  # type: ignore[arg-type]
+            reduction=self.reduction,
+        )  # fmt: skip

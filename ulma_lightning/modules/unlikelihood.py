@@ -6,6 +6,7 @@ from torch import Tensor
 
 from ulma_lightning.losses import LossOutput, UnlikelihoodReduction, UnlikelihoodVariant, unlikelihood_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
+from ulma_lightning.modules.spec import MethodSpec
 from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import PolicyConfig
 
@@ -37,7 +38,8 @@ class UnlikelihoodModule(AlignmentModule):
         eps: the smallest ``1 - p`` the unlikelihood term resolves (see ``losses.log1m_exp``).
     """
 
-    average_logps = True  # per-token means: the token-level objective's row values
+    #: no reference; per-token means (the token-level objective's row values)
+    spec = MethodSpec(reference="none", average_logps=True)
 
     def __init__(
         self,
@@ -58,10 +60,6 @@ class UnlikelihoodModule(AlignmentModule):
         self.reduction = reduction
         self.positive_threshold = positive_threshold
         self.eps = eps
-
-    @property
-    def needs_reference(self) -> bool:
-        return False
 
     def compute_loss(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:
         tokens = self.policy.token_logps(batch)

@@ -72,7 +72,7 @@ def test_continuous_labels_by_hand() -> None:
 
 
 def test_bad_options_are_named() -> None:
-    with pytest.raises(ValueError, match="label_mode must be one of"):
+    with pytest.raises(ValueError, match="label_mode must be 'top_vs_rest', 'threshold' or 'continuous', got 'pairs'"):
         OnlineULMAModule(policy(), label_mode="pairs")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="top_vs_rest compares.*samples_per_prompt must be >= 2, got 1"):
         OnlineULMAModule(policy(), samples_per_prompt=1)
@@ -88,7 +88,7 @@ def test_bad_options_are_named() -> None:
         OnlineULMAModule(policy(), ref_refresh_every=0)
     with pytest.raises(ValueError, match="ref_refresh_every .* needs policy.reference copy without policy.lora"):
         OnlineULMAModule(policy("adapter", lora=True), ref_refresh_every=2)
-    with pytest.raises(ValueError, match="positive_term must be one of"):
+    with pytest.raises(ValueError, match="positive_term must be 'sft', 'beta_sft' or 'pointwise_dpo', got 'dpo'"):
         OnlineULMAModule(policy(), positive_term="dpo")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="takes beta"):
         OnlineULMAModule(policy(), kl_coef=0.1)

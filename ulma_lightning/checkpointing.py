@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import importlib
 import os
 import re
 import shutil
@@ -24,6 +23,7 @@ from weakref import proxy
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from ulma_lightning.importing import import_object
 from ulma_lightning.options import UserError
 
 # Lightning's own warning for a missing `last` suggests save_last=True, which the configs set already;
@@ -166,10 +166,9 @@ def class_path(cls: type | None) -> str | None:
 def _resolve(path: str | type | None) -> type | str | None:
     if not isinstance(path, str):
         return path
-    module, _, name = path.rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
+        return import_object(path)
+    except ImportError:
         return path
 
 

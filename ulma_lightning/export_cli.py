@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 
 from ulma_lightning.checkpointing import METADATA_FILE, atomic_replace, partial_path, read_checkpoint_metadata, remove_path
 from ulma_lightning.export import _point_adapter_at
+from ulma_lightning.importing import import_object
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,7 @@ def module_from_checkpoint(checkpoint: dict[str, Any]) -> Any:
     class_path = hparams.get("_class_path") or checkpoint.get(MODULE_CLASS_KEY)
     if class_path is None:
         raise ValueError("the checkpoint does not name its module class; load it with YourModule.load_from_checkpoint and call ulma_lightning.export.export_hf")
-    module_name, _, class_name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    cls = import_object(class_path)
     if hparams.pop("_instantiator", None) is not None:  # written by `ulma fit` (LightningCLI)
         hparams["_class_path"] = class_path
         return instantiate_module(cls if issubclass(cls, AlignmentModule) else AlignmentModule, hparams)

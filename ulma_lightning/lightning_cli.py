@@ -5,7 +5,6 @@ dispatches to it and to the :data:`EXTRA_COMMANDS` is :mod:`ulma_lightning.cli`.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import json
 import logging
@@ -25,6 +24,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from ulma_lightning.checkpointing import check_resume_options, check_same_classes, read_checkpoint_metadata
 from ulma_lightning.evaluation.writer import PredictionWriter
 from ulma_lightning.gguf_models import model_source
+from ulma_lightning.importing import import_object
 from ulma_lightning.noise import without_version_in_progress_bar
 from ulma_lightning.options import UserError
 from ulma_lightning.policy import default_tokenizer
@@ -238,10 +238,9 @@ def _init_args_of(spec: Any) -> dict[str, Any]:
 
 def _class_at(class_path: str) -> Any:
     """The object ``class_path`` names, or None when it cannot be imported."""
-    module, _, name = class_path.rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
+        return import_object(class_path)
+    except ImportError:
         return None
 
 

@@ -24,7 +24,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from ulma_lightning.blocks import decoder_layer_classes  # noqa: F401  (also offered here, with the rest of sharding)
-from ulma_lightning.logprobs import is_fsdp2  # noqa: F401  (also offered here, with the rest of FSDP2)
+from ulma_lightning.logprobs import is_fsdp2
 from ulma_lightning.options import TORCH_DTYPES
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]

@@ -20,7 +20,7 @@ from ulma_lightning.evaluation.generation import GenerationConfig, can_generate,
 from ulma_lightning.evaluation.metrics import TokenPerplexity, demonstration_rows, reuse_token_logps
 from ulma_lightning.export import export_hf
 from ulma_lightning.losses import LossOutput
-from ulma_lightning.modules.reference import ReferencePrecompute, progress  # noqa: F401  (progress: offered here before)
+from ulma_lightning.modules.reference import ReferencePrecompute
 from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import Policy, PolicyConfig, PretrainedModel, select_rows
 
@@ -248,10 +248,11 @@ class AlignmentModule(ReferencePrecompute):
             return
         sequences, rows = found
         tokens = reuse_token_logps(records, sequences)
+        # the epoch's value is synced across processes: every process logs it, a process with no rows too
         if tokens is None and rows is not None and not bool(rows.any()):
             self.policy.idle_forward(sequences)  # others may run the forward below (a sharded policy)
-            values = torch.zeros(0, device=self.device)  # none here, but log on every process alike:
-        else:  # the epoch's value is synced across processes, and every process must take part
+            values = torch.zeros(0, device=self.device)
+        else:
             if tokens is None:
                 if rows is not None:
                     sequences, rows = select_rows(sequences, rows), None

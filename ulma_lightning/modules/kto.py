@@ -16,11 +16,10 @@ from ulma_lightning.modules.batching import (
     prompt_groups,
     stack_batches,
     swap_responses,
-    take_rows,
 )
 from ulma_lightning.modules.implicit_rewards import RewardMetricsModule
 from ulma_lightning.options import check_numbers
-from ulma_lightning.policy import PolicyConfig
+from ulma_lightning.policy import PolicyConfig, select_rows
 
 KL_KEY = "kto_kl_estimate"  # the checkpoint entry of the last KL estimate
 
@@ -138,8 +137,8 @@ class KTOModule(RewardMetricsModule):
         if "kl_partner" in batch:
             responses = self.partner_batch(partners[rows], split)
         else:
-            responses = take_rows(batch, partners[rows])
-        return rows, swap_responses(take_rows(batch, rows), responses, self.truncation)
+            responses = select_rows(batch, partners[rows])
+        return rows, swap_responses(select_rows(batch, rows), responses, self.truncation)
 
     def kl_batch(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor] | None:
         """The mismatched pairs of :meth:`kl_pairs` alone; None if there are none."""

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ulma_lightning.choices import check_choices
 from ulma_lightning.losses import ContinuousForm, LabelType, LossOutput, Reduction, pointwise_dpo_loss
 from ulma_lightning.modules.base import OptimizerConfig, Stage
 from ulma_lightning.modules.implicit_rewards import RewardMetricsModule
@@ -25,13 +26,6 @@ def check_pointwise_options(*, beta: float, positive_threshold: float, reduction
 def check_label_options(*, label_type: str, continuous_form: str) -> None:
     """Reject a bad ``label_type`` or ``continuous_form`` (the options of the point-wise DPO family)."""
     check_choices(label_type=(label_type, ("binary", "continuous")), continuous_form=(continuous_form, ("bce", "mse")))
-
-
-def check_choices(**options: tuple[str, tuple[str, ...]]) -> None:
-    """Each ``name=(value, allowed)`` must have its value among the allowed ones."""
-    for name, (value, allowed) in options.items():
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 class PointwiseModule(RewardMetricsModule):

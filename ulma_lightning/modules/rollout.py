@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ulma_lightning.choices import check_choices
 from ulma_lightning.data.collate import PaddingCollator
 from ulma_lightning.data.features import build_sequence
 from ulma_lightning.evaluation.generation import GenerationConfig, decode_response, generate_ids
@@ -63,13 +64,6 @@ def run_seed() -> int:
     """The run's seed (``seed_everything``, which Lightning keeps in ``PL_GLOBAL_SEED``), 0 if unset:
     rollouts of runs with different seeds sample different responses."""
     return int(os.environ.get("PL_GLOBAL_SEED") or 0)
-
-
-def take_rows(sequences: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
-    """The sub-batch of ``rows`` (indices), trimmed to its longest sequence."""
-    sub = {k: v[rows] for k, v in sequences.items()}
-    length = int(sub["attention_mask"].sum(dim=1).max())
-    return {k: v[:, :length] for k, v in sub.items()}
 
 
 class RolloutModule(AlignmentModule):
@@ -125,8 +119,7 @@ class RolloutModule(AlignmentModule):
         eval_generation: GenerationConfig | None = None,
     ) -> None:
         super().__init__(policy, optimizer)
-        if kl_estimator not in ("k1", "k3"):
-            raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
+        check_choices(kl_estimator=(kl_estimator, ("k1", "k3")))
         check_numbers(samples_per_prompt=(samples_per_prompt, ">= 1"), kl_coef=(kl_coef, ">= 0"))
         self.automatic_optimization = False
         self.scorer = scorer if scorer is not None else DemoScorer()

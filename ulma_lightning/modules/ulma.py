@@ -6,9 +6,10 @@ from typing import Any
 
 from torch import Tensor
 
+from ulma_lightning.choices import check_choices
 from ulma_lightning.losses import ContinuousForm, LabelType, LossOutput, PositiveTerm, ulma_loss
 from ulma_lightning.modules.base import OptimizerConfig, Stage
-from ulma_lightning.modules.pointwise import PointwiseModule, check_choices, check_label_options
+from ulma_lightning.modules.pointwise import PointwiseModule, check_label_options
 from ulma_lightning.policy import PolicyConfig
 
 

@@ -166,6 +166,7 @@ def test_sharded_strategies_are_refused_with_what_to_use() -> None:
 
 
 # ------------------------------------------------------------------ the config
+@pytest.mark.integration
 def test_the_config_logs_reward_positives_kl_length_and_losses(tmp_path: Path) -> None:
     """Online point-wise DPO (``positive_term: pointwise_dpo``) through the config; the SFT positive term runs in the resume test."""
     cli = ulma_fit("online_ulma", [*small_run(tmp_path, steps=2), "--model.init_args.label_mode=threshold", "--model.init_args.positive_term=pointwise_dpo"])
@@ -187,6 +188,7 @@ def _fit_steps(root: Path, steps: int, *extra: str):
     )  # fmt: skip
 
 
+@pytest.mark.integration
 def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     """3 steps, then ``--ckpt_path last`` to 4 (an epoch is 5 batches): the weights, the refreshed reference
     included (refreshed at step 2, kept in the checkpoint), equal one 4-step run's."""

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ulma_lightning import _compat
 from ulma_lightning.checkpointing import METADATA_FILE, atomic_replace, partial_path, read_checkpoint_metadata, remove_path
 from ulma_lightning.export import _point_adapter_at
 from ulma_lightning.importing import import_object
@@ -37,17 +38,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{path} is neither a checkpoint file nor a sharded checkpoint folder (no {METADATA_FILE} in it); pass a .ckpt file or folder written by `ulma fit` (e.g. runs/ulma/checkpoints/last.ckpt)"
         )
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    weights: dict[str, Any] = {}
-    _load_state_dict(
-        weights,
-        storage_reader=FileSystemReader(path),
-        planner=_EmptyStateDictLoadPlanner(keys={"state_dict", "model"}),
-        no_dist=True,
-    )
+    weights = _compat.load_sharded_state_dict(path, {"state_dict", "model"})
     checkpoint = read_checkpoint_metadata(path)
     checkpoint["state_dict"] = weights.get("state_dict", weights.get("model", {}))  # FSDP2 | FSDP names
     return checkpoint

@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from ulma_lightning import _compat
 from ulma_lightning.checkpointing import check_resume_options, check_same_classes, read_checkpoint_metadata
 from ulma_lightning.evaluation.writer import PredictionWriter
 from ulma_lightning.gguf_models import model_source
@@ -481,7 +482,5 @@ class ULMACLI(LightningCLI):
 
     def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
-        from jsonargparse import ArgumentParser
-
         for name, (_, description) in EXTRA_COMMANDS.items():  # listed here, parsed by their own function
-            parser._subcommands_action.add_subcommand(name, ArgumentParser(description=description), help=description)
+            _compat.add_subcommand(parser, name, description)

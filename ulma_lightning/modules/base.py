@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from ulma_lightning import _compat
 from ulma_lightning.checkpointing import DATA_CLASS_KEY, MODULE_CLASS_KEY, check_resume_options, check_same_classes, class_path, keep_unfinished_epoch
 from ulma_lightning.compiling import check_strategy
 from ulma_lightning.evaluation.generation import GenerationConfig, can_generate, generate_responses
@@ -128,15 +129,15 @@ class AlignmentModule(ReferencePrecompute):
         if not self.needs_reference and config.reference != "none":
             log.info("%s uses no reference model: policy.reference %r is treated as 'none'", type(self).__name__, config.reference)
             config.reference = "none"
-        if config.compile and self._trainer is not None:
-            check_strategy(self._trainer.strategy)
+        if config.compile and _compat.attached_trainer(self) is not None:
+            check_strategy(_compat.attached_trainer(self).strategy)
         self.policy.build()
         self.check_max_length()
-        mesh = getattr(self, "_device_mesh", None)
+        mesh = self.device_mesh
         if mesh is not None:  # FSDP2 (ModelParallelStrategy): shard policy and reference per block
             from ulma_lightning.sharding import data_parallel_mesh, shard_options_for, shard_policy
 
-            strategy = self._trainer.strategy if self._trainer is not None else None
+            strategy = getattr(_compat.attached_trainer(self), "strategy", None)
             shard_policy(self.policy, data_parallel_mesh(mesh), **shard_options_for(strategy))
 
     def check_max_length(self) -> None:
@@ -317,7 +318,7 @@ class AlignmentModule(ReferencePrecompute):
         """The L2 norm of every parameter's gradient; under FSDP and FSDP2, over all shards."""
         squares = [(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).float().square().sum() for p in self.parameters() if p.grad is not None]
         total = torch.stack(squares).sum() if squares else torch.zeros((), device=self.device)
-        if self._wrapped_by_fsdp() or getattr(self, "_device_mesh", None) is not None:
+        if self._wrapped_by_fsdp() or self.device_mesh is not None:
             total = self.trainer.strategy.reduce(total, reduce_op="sum")  # disjoint shards: squares add up
         return total.sqrt()
 
@@ -334,7 +335,7 @@ class AlignmentModule(ReferencePrecompute):
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        scaled = self._trainer is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        scaled = _compat.attached_trainer(self) is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None
         fused = bool(params) and not scaled and all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params)
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
 
@@ -370,7 +371,7 @@ class AlignmentModule(ReferencePrecompute):
         """
         trainer = self.trainer
         per_epoch = getattr(self.data_module, "train_batches_per_epoch", None)
-        if trainer.max_epochs in (None, -1) or per_epoch is None or trainer.fit_loop._combined_loader is not None:
+        if trainer.max_epochs in (None, -1) or per_epoch is None or _compat.train_loader_built(trainer):
             return trainer.estimated_stepping_batches
         batches = per_epoch()
         limit = trainer.limit_train_batches
@@ -418,9 +419,9 @@ class AlignmentModule(ReferencePrecompute):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse another method's checkpoint; put back the reference weights it does not store."""
         datamodule = self.data_module
-        source = str(getattr(self._trainer, "ckpt_path", None) or "(the checkpoint)")
+        source = str(getattr(_compat.attached_trainer(self), "ckpt_path", None) or "(the checkpoint)")
         check_same_classes(checkpoint, type(self), type(datamodule) if datamodule is not None else None, source)
-        if self._trainer is not None and self._trainer.state.fn == "fit":  # resuming: the options must be the checkpoint's
+        if _compat.attached_trainer(self) is not None and _compat.attached_trainer(self).state.fn == "fit":  # resuming: the options must be the checkpoint's
             check_resume_options(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), source)
         self._resumed_schedule = (checkpoint.get(SCHEDULE_STEPS_KEY), int(checkpoint.get("global_step", 0)))
         state = checkpoint.setdefault("state_dict", {})

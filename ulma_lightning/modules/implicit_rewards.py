@@ -8,6 +8,7 @@ from torch import Tensor
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 from torchmetrics.functional.regression import pearson_corrcoef, spearman_corrcoef
 
+from ulma_lightning import _compat
 from ulma_lightning.losses import LabelType
 from ulma_lightning.modules.base import AlignmentModule, Stage
 
@@ -68,7 +69,7 @@ class RewardMetricsModule(AlignmentModule):
 
     def _gather_uneven(self, values: Tensor) -> Tensor:
         """``values`` of every process, concatenated (sizes may differ between processes)."""
-        if self._trainer is None or self.trainer.world_size == 1:
+        if _compat.attached_trainer(self) is None or self.trainer.world_size == 1:
             return values
         size = torch.tensor([values.numel()], device=self.device)
         sizes = self.all_gather(size).view(-1).tolist()

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ulma_lightning import _compat
 from ulma_lightning.data.features import Truncation
 from ulma_lightning.losses import LossOutput, kto_loss
 from ulma_lightning.modules.base import OptimizerConfig, Stage
@@ -149,7 +150,7 @@ class KTOModule(RewardMetricsModule):
         stats = torch.stack([differences.detach().sum(), torch.tensor(float(differences.numel()), device=differences.device)])
         if stats[1] > 0:
             self.kl_local = (stats[0] / stats[1]).cpu()
-        if self._trainer is not None:
+        if _compat.attached_trainer(self) is not None:
             stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
         if stats[1] > 0:
             self.kl = (stats[0] / stats[1]).detach()

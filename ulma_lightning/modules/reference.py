@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from ulma_lightning import _compat
 from ulma_lightning.data.contract import ModuleData
 
 
@@ -36,7 +37,7 @@ class ReferencePrecompute(pl.LightningModule):
     def data_module(self) -> ModuleData | None:
         """The trainer's data module, through what modules may use of it (:class:`ModuleData`); None
         without a trainer or a data module."""
-        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(_compat.attached_trainer(self), "datamodule", None)
 
     def schedule_reference_precompute(self) -> None:
         """At fit start: compute the reference columns now, or, under FSDP/FSDP2 (where Lightning
@@ -111,7 +112,7 @@ class ReferencePrecompute(pl.LightningModule):
         """Whether torch's FSDP1 (Lightning's ``FSDPStrategy``) wraps this module."""
         from lightning.pytorch.strategies import FSDPStrategy
 
-        return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+        return _compat.attached_trainer(self) is not None and isinstance(self.trainer.strategy, FSDPStrategy)
 
     def _run_wrapped(self, method: str, *args: Any) -> Any:
         """Call ``self.<method>(*args)``, through the FSDP wrapper's forward when there is one.
@@ -121,5 +122,5 @@ class ReferencePrecompute(pl.LightningModule):
         """
         if self._wrapped_by_fsdp():
             strategy = self.trainer.strategy
-            return strategy._forward_redirection(strategy.model, self, method, *args)
+            return _compat.forward_redirection(strategy, self, method, *args)
         return getattr(self, method)(*args)

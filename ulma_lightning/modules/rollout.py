@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ulma_lightning import _compat
 from ulma_lightning.choices import check_choices
 from ulma_lightning.data.collate import PaddingCollator
 from ulma_lightning.data.features import build_sequence
@@ -148,7 +149,7 @@ class RolloutModule(AlignmentModule):
     def setup(self, stage: str) -> None:
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-        strategy = self._trainer.strategy if self._trainer is not None else None
+        strategy = getattr(_compat.attached_trainer(self), "strategy", None)
         if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
             raise NotImplementedError(
                 f"{type(self).__name__} does not run under {type(strategy).__name__}: generating rollouts from a sharded "

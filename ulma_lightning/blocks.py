@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ulma_lightning import _compat
+import ulma_lightning._compat as _compat
 
 
 def _declared_block_names(root: nn.Module) -> set[str]:

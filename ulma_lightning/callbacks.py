@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from ulma_lightning import _compat
+import ulma_lightning._compat as _compat
 from ulma_lightning.export import export_atomically, export_hf, gather_policy_state
 
 log = logging.getLogger(__name__)

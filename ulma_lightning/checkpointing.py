@@ -23,7 +23,7 @@ from weakref import proxy
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from ulma_lightning import _compat
+import ulma_lightning._compat as _compat
 from ulma_lightning.importing import import_object
 from ulma_lightning.options import UserError
 

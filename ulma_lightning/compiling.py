@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ulma_lightning import _compat
+import ulma_lightning._compat as _compat
 
 #: the ``torch.compile`` keyword arguments ``policy.compile`` may set, and the values each accepts
 KEYS = {

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ulma_lightning import _compat
+import ulma_lightning._compat as _compat
 from ulma_lightning.checkpointing import METADATA_FILE, atomic_replace, partial_path, read_checkpoint_metadata, remove_path
 from ulma_lightning.export import _point_adapter_at
 from ulma_lightning.importing import import_object

@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from ulma_lightning import _compat
+import ulma_lightning._compat as _compat
 from ulma_lightning.checkpointing import check_resume_options, check_same_classes, read_checkpoint_metadata
 from ulma_lightning.evaluation.writer import PredictionWriter
 from ulma_lightning.gguf_models import model_source

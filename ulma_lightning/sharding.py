@@ -23,7 +23,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
-from ulma_lightning import _compat
+import ulma_lightning._compat as _compat
 from ulma_lightning.blocks import decoder_layer_classes  # noqa: F401  (also offered here, with the rest of sharding)
 from ulma_lightning.logprobs import is_fsdp2
 from ulma_lightning.options import TORCH_DTYPES

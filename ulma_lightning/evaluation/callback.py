@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from ulma_lightning import _compat
+import ulma_lightning._compat as _compat
 from ulma_lightning.evaluation.generation import GenerationConfig, can_generate, empty_responses, empty_warning, generate_responses
 from ulma_lightning.evaluation.scorers import Scorer, scorers_for
 

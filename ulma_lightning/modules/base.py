@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from ulma_lightning import _compat
+import ulma_lightning._compat as _compat
 from ulma_lightning.checkpointing import DATA_CLASS_KEY, MODULE_CLASS_KEY, check_resume_options, check_same_classes, class_path, keep_unfinished_epoch
 from ulma_lightning.compiling import check_strategy
 from ulma_lightning.evaluation.generation import GenerationConfig, can_generate, generate_responses

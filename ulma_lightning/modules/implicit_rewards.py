@@ -8,7 +8,7 @@ from torch import Tensor
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 from torchmetrics.functional.regression import pearson_corrcoef, spearman_corrcoef
 
-from ulma_lightning import _compat
+import ulma_lightning._compat as _compat
 from ulma_lightning.losses import LabelType
 from ulma_lightning.modules.base import AlignmentModule, Stage
 

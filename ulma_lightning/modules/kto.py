@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ulma_lightning import _compat
+import ulma_lightning._compat as _compat
 from ulma_lightning.data.features import Truncation
 from ulma_lightning.losses import LossOutput, kto_loss
 from ulma_lightning.modules.base import OptimizerConfig, Stage

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from ulma_lightning import _compat
+import ulma_lightning._compat as _compat
 from ulma_lightning.data.contract import ModuleData
 
 

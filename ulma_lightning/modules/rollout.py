@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ulma_lightning import _compat
+import ulma_lightning._compat as _compat
 from ulma_lightning.choices import check_choices
 from ulma_lightning.data.collate import PaddingCollator
 from ulma_lightning.data.features import build_sequence

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -53,7 +55,7 @@ def plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def dpo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``last.ckpt`` of ``ulma fit --config configs/dpo.yaml`` run for one step on a tiny model."""
-    from test_export_methods import fit_one_step
+    from helpers import fit_one_step
 
     root = tmp_path_factory.mktemp("dpo")
     with pytest.MonkeyPatch.context() as patch:
@@ -100,14 +102,15 @@ def make_pointwise_batch(tokenizer, scores: list[float], pairs: list[tuple[str, 
 
 
 #: The quick subset (`python -m pytest -q -m quick tests`, about 30 s on 2 quiet cores, 95 s under heavy
-#: load): the files that test pure functions and data handling without a Trainer. Every other test
-#: trains, runs the CLI or starts processes. A new fast file belongs here.
+#: load): the files that test pure functions and data handling (a few of their tests fit a tiny model
+#: and are marked ``integration`` too). The other files train, run the CLI or start processes. A new
+#: fast file belongs here.
 QUICK_FILES = {
     "test_losses.py", "test_gradients.py", "test_logprobs.py", "test_rl_losses.py", "test_trl_oracle.py",
     "test_task.py", "test_demo.py", "test_data_records.py", "test_data_sources.py", "test_data_checks.py",
     "test_data_contract.py", "test_data_pairwise.py", "test_data_samplers.py", "test_data_formats.py",
     "test_data_features.py", "test_compare_claims.py", "test_eval_metrics.py", "test_eval_winrate.py",
-    "test_imports.py", "test_benchmark_report.py",
+    "test_imports.py", "test_benchmark_report.py", "test_checks.py",
 }  # fmt: skip
 
 
@@ -116,3 +119,40 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.path.name in QUICK_FILES:
             item.add_marker(pytest.mark.quick)
+
+
+# ----------------------------------------------------------------------------- the integration marker
+
+#: Lightning Trainers built in this process so far (see :func:`pytest_configure`)
+TRAINERS_BUILT = [0]
+TRAINERS_BEFORE = pytest.StashKey[int]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Count the Trainers the tests build: a test that builds one (in its fixtures or its body) and is
+    not marked ``integration`` fails, so ``-m "not integration"`` never trains. Tests that train in a
+    child process (the ``ulma`` command, DDP) carry the marker too; this count cannot see them."""
+    import lightning.pytorch as pl
+
+    build = pl.Trainer.__init__
+
+    @functools.wraps(build)
+    def counted(self: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        TRAINERS_BUILT[0] += 1
+        build(self, *args, **kwargs)
+
+    pl.Trainer.__init__ = counted  # type: ignore[method-assign]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Any:
+    item.stash[TRAINERS_BEFORE] = TRAINERS_BUILT[0]
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    result = yield
+    if TRAINERS_BUILT[0] > item.stash.get(TRAINERS_BEFORE, TRAINERS_BUILT[0]) and item.get_closest_marker("integration") is None:
+        pytest.fail(f"{item.nodeid} builds a Lightning Trainer: mark it @pytest.mark.integration (or the file, pytestmark)", pytrace=False)
+    return result

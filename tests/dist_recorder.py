@@ -43,7 +43,7 @@ class Recorder(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        from ulma_lightning.sharding import is_fsdp2
+        from ulma_lightning.logprobs import is_fsdp2
 
         model = pl_module.policy.model
         if is_fsdp2(model):  # every process gathers the whole model

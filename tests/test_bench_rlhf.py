@@ -25,6 +25,7 @@ def smoke_size(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.integration
 def test_both_sides_of_the_grpo_row_run_a_step(smoke_size: Path) -> None:
     mine = bench_rlhf.run_side("ours", smoke_size, 1, "grpo")
     theirs = bench_rlhf.run_side("trl", smoke_size, 1, "grpo")

@@ -155,6 +155,7 @@ def test_probe_warms_up_on_short_sequences_then_measures_the_length() -> None:
     assert [s.score for s in items[:4]] == [1.0, 0.0, 1.0, 0.0]
 
 
+@pytest.mark.integration
 def test_bench_b_resume_reuses_what_a_killed_run_saved(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls: list[bench_b.BRow] = []
 
@@ -257,6 +258,7 @@ def _tiny_model_folder(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.integration
 def test_bench_c_smoke_runs_every_row_and_writes_its_report(tmp_path: Path) -> None:
     from benchmarks import bench_c
 

@@ -87,6 +87,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path) ->
     assert state["step"] == 1 and state["w"].sum() == 1000
 
 
+@pytest.mark.integration
 def test_last_is_found_in_earlier_runs_log_folders(tmp_path: Path) -> None:
     """Without `dirpath`, each run checkpoints into its own version folder: `--ckpt_path last`
     must still find the previous run's last checkpoint (the newest one)."""
@@ -117,6 +118,7 @@ def test_a_failed_checkpoint_save_removes_its_partial(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.integration
 def test_ckpt_path_last_without_a_checkpoint_says_where_it_looked(tmp_path: Path) -> None:
     from lightning.pytorch import Trainer
     from lightning.pytorch.trainer.states import TrainerFn
@@ -131,6 +133,7 @@ def test_ckpt_path_last_without_a_checkpoint_says_where_it_looked(tmp_path: Path
 
 
 # ----------------------------------------------------------------------------- 5: another method's checkpoint
+@pytest.mark.integration
 @pytest.mark.parametrize("how", ["path", "last"])
 @pytest.mark.usefixtures("plain_argv")
 def test_resuming_from_another_methods_checkpoint_says_what_does_not_match(tmp_path: Path, dpo_checkpoint: Path, how: str) -> None:

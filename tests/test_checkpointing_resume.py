@@ -15,6 +15,8 @@ import torch
 
 from ulma_lightning.cli import main
 
+pytestmark = pytest.mark.integration  # every test here builds a Trainer
+
 REPO = Path(__file__).resolve().parents[1]
 TOTAL = 6  # steps of the uninterrupted run; an epoch of demo://binary?n=48 is 8 batches of 6
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -16,6 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import TINY_LLAMA
+from helpers import run_cli
 
 from ulma_lightning.cli import EXTRA_COMMANDS, main
 
@@ -39,14 +38,6 @@ def tiny_overrides(root: Path, *, label: str = "binary", steps: int = 3) -> list
         "--data.init_args.test", f"demo://{label}?split=test&n=12",
         "--data.init_args.batch_size", "6",
     ]  # fmt: skip
-
-
-def run_cli(args: list[str], cwd: Path, extra_path: Path | None = None) -> subprocess.CompletedProcess:
-    paths = [str(REPO)] + ([str(extra_path)] if extra_path else []) + [os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "ulma_lightning.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"ulma {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return result
 
 
 def scalars(log_dir: Path) -> dict[str, list[float]]:
@@ -73,6 +64,7 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return log_dir
 
 
+@pytest.mark.integration
 def test_fit_writes_tensorboard_scalars(fitted: Path) -> None:
     series = scalars(fitted)
     for tag in (
@@ -88,6 +80,7 @@ def test_fit_writes_tensorboard_scalars(fitted: Path) -> None:
     assert all(v > 0 for v in series["train/tokens_per_sec_step"])
 
 
+@pytest.mark.integration
 def test_fit_exports_a_loadable_hugging_face_folder(fitted: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,6 +104,7 @@ def test_fit_exports_a_loadable_hugging_face_folder(fitted: Path) -> None:
     assert saved["data"]["init_args"]["train"] == "demo://binary?n=48"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("command", ["validate", "test"])
 def test_validate_and_test_on_the_saved_checkpoint(fitted: Path, command: str) -> None:
     checkpoint = fitted / "checkpoints" / "last.ckpt"
@@ -153,6 +147,7 @@ NEW_CONFIGS = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", sorted(NEW_CONFIGS))
 def test_each_config_fits_a_couple_of_steps(tmp_path: Path, name: str) -> None:
     module, label = NEW_CONFIGS[name]
@@ -191,6 +186,7 @@ SUBCLASS = '''
 '''
 
 
+@pytest.mark.integration
 def test_subclass_overrides_the_loss_through_the_cli(tmp_path: Path) -> None:
     (tmp_path / "my_research.py").write_text(textwrap.dedent(SUBCLASS))
     args = ["fit", "--config", str(REPO / "configs" / "ulma.yaml"), *tiny_overrides(tmp_path, steps=2)]
@@ -209,6 +205,7 @@ def test_subclass_overrides_the_loss_through_the_cli(tmp_path: Path) -> None:
 NEEDS_REFERENCE = ["ulma", "ulma_continuous", "pointwise_dpo", "pointwise_dpo_continuous"]  # DPO: test_modules_baselines.py
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", NEEDS_REFERENCE)
 def test_reference_none_is_refused_when_the_method_needs_one(tmp_path: Path, name: str) -> None:
     config = REPO / "configs" / f"{name}.yaml"
@@ -227,6 +224,7 @@ def test_help_lists_every_subcommand(tmp_path: Path) -> None:
         assert f"{name} {description}" in text, name
 
 
+@pytest.mark.integration
 def test_precomputed_reference_runs_under_the_training_precision(tmp_path: Path) -> None:
     """DPO with ``bf16-mixed`` and lr 0: the precomputed reference equals the policy, so the loss is ln 2
     (it was off by 3e-4 when the reference was precomputed in float32, outside the step's autocast)."""

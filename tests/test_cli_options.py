@@ -14,6 +14,7 @@ from ulma_lightning.cli import main
 pytestmark = pytest.mark.usefixtures("plain_argv")
 
 
+@pytest.mark.integration
 def test_default_root_dir_decides_where_a_shipped_config_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", ULMA, *QUIET, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
@@ -74,6 +75,7 @@ def test_a_bad_numeric_option_names_its_path_in_the_config(tmp_path: Path) -> No
     assert "batch_size must be >= 1, got 0 (option data.init_args.batch_size; fix it in the config or on the command line)" in str(info.value)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("off", ["--trainer.logger", "--trainer.enable_checkpointing"])
 def test_one_callback_given_for_the_list_runs_with_logging_or_checkpointing_off(tmp_path: Path, off: str) -> None:
     """`--trainer.callbacks CLASS` makes the list one callback; with logging or checkpointing off, the

@@ -18,6 +18,8 @@ import torch
 from conftest import REPO, TINY_LLAMA
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+pytestmark = pytest.mark.integration  # every test here builds a Trainer
+
 STEPS = 24
 CASES = {
     # config: (learning rate, extra overrides)

@@ -15,44 +15,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import GRID, write_grid
 
 from ulma_lightning.compare.runner import compare_main
 from ulma_lightning.compare.spec import load_grid
 from ulma_lightning.compare.stages import plan_grid
 
 REPO = Path(__file__).resolve().parents[1]
-
-GRID = {
-    "name": "tiny",
-    "seeds": [0],
-    "overrides": {
-        "trainer.max_steps": 1,
-        "trainer.limit_val_batches": 1,
-        "trainer.enable_progress_bar": False,
-        "trainer.enable_model_summary": False,
-        "data.init_args.batch_size": 8,
-    },
-    "variants": {"ordinary": {"demonstration": "demo://demonstration?n=24", "pairwise": {"train": "demo://pairwise?n=24"}, "binary": "demo://binary?n=24"}},
-    "evaluation": {
-        "prompts": "demo://demonstration?split=test&n=8",
-        "golden": "demo://demonstration?split=test&n=8",
-        "request_kind": "ulma_lightning.data.demo.request_kind",
-        "generation": {"max_new_tokens": 6},
-        "kl_max_new_tokens": 6,
-        "batch_size": 8,
-    },
-    "runs": [
-        {"name": "sft", "stages": [{"method": "sft", "data": "demonstration"}]},
-        {"name": "sft_dpo", "label": "SFT then DPO", "stages": [{"method": "sft", "data": "demonstration"}, {"method": "dpo", "data": "pairwise"}]},
-        {"name": "broken", "stages": [{"method": "ulma", "data": "binary", "overrides": {"model.init_args.beta": -1.0}}]},
-    ],
-}
-
-
-def write_grid(folder: Path, grid: dict, name: str = "grid.yaml") -> Path:
-    path = folder / name
-    path.write_text(yaml.safe_dump(grid, sort_keys=False))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +46,7 @@ def table_rows(markdown: str, variant: str) -> dict[str, dict[str, str]]:
     return {cells[0]: dict(zip(header, cells)) for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
 
 
+@pytest.mark.integration
 def test_results_files_hold_each_runs_own_metrics(ran: dict) -> None:
     out = ran["out"]
     results = json.loads((out / "results.json").read_text())
@@ -111,6 +81,7 @@ def test_results_files_hold_each_runs_own_metrics(ran: dict) -> None:
     assert float(rows["untrained"]["KL to reference"].strip("*")) == 0.0
 
 
+@pytest.mark.integration
 def test_results_md_lists_the_shared_options_once_and_each_command_rebuilds_from_them(ran: dict) -> None:
     text = (ran["out"] / "results.md").read_text()
     shared = text.split("shared by every stage):\n\n```\n", 1)[1].split("\n```", 1)[0]
@@ -127,6 +98,7 @@ def test_results_md_lists_the_shared_options_once_and_each_command_rebuilds_from
             assert any(sorted(shlex.split(c)[2:] + shlex.split(shared)) == full for c in listed), short
 
 
+@pytest.mark.integration
 def test_plots_are_pngs(ran: dict) -> None:
     from PIL import Image
 
@@ -139,6 +111,7 @@ def test_plots_are_pngs(ran: dict) -> None:
             assert image.format == "PNG" and image.size[0] > 100
 
 
+@pytest.mark.integration
 def test_failed_run_is_recorded_and_others_go_on(ran: dict) -> None:
     markdown = (ran["out"] / "results.md").read_text()
     failed = markdown.split("## Failed runs", 1)[1]
@@ -146,6 +119,7 @@ def test_failed_run_is_recorded_and_others_go_on(ran: dict) -> None:
     assert json.loads((ran["out"] / "runs/sft/ordinary/seed0/result.json").read_text())["status"] == "ok"
 
 
+@pytest.mark.integration
 def test_sft_then_dpo_starts_from_the_sft_model_and_uses_it_as_reference(ran: dict) -> None:
     out = ran["out"]
     result = json.loads((out / "runs/sft_dpo/ordinary/seed0/result.json").read_text())
@@ -160,6 +134,7 @@ def test_sft_then_dpo_starts_from_the_sft_model_and_uses_it_as_reference(ran: di
     assert f"--model.init_args.policy.reference_model {sft_stage['export']}" in dpo_stage["command"]
 
 
+@pytest.mark.integration
 def test_stages_share_tokenized_data_through_the_output_cache_outside_their_identity(ran: dict) -> None:
     out = ran["out"]
     cache = out / "cache" / "features"
@@ -182,6 +157,7 @@ def test_stages_share_tokenized_data_through_the_output_cache_outside_their_iden
         assert args.count("--data.init_args.cache_dir") == 1 and args[args.index("--data.init_args.cache_dir") + 1] == "null"
 
 
+@pytest.mark.integration
 def test_rerun_skips_finished_runs_and_resumes_the_stage_in_progress(ran: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
     shutil.copytree(ran["out"], out, symlinks=True)
@@ -309,6 +285,7 @@ def test_paper_grid_is_valid_and_shares_its_sft_stages() -> None:
     assert {r.name for r in quick.runs} < names
 
 
+@pytest.mark.integration
 def test_tune_keeps_the_best_validation_score_per_method_and_the_grid_uses_it(tmp_path: Path) -> None:
     grid = json.loads(json.dumps(GRID))
     grid["runs"] = [GRID["runs"][0]]  # SFT: it takes lr, not beta
@@ -369,6 +346,7 @@ def test_kl_is_the_mean_summed_log_ratio_of_the_policys_samples(tmp_path: Path, 
     assert estimate == pytest.approx(sum(ratios) / len(ratios), abs=1e-4)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("interruption", ["sigterm", "ctrl-c"])
 def test_an_interrupted_fit_stops_the_compare_instead_of_failing_the_run(interruption: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Lightning ends a fit early on SIGTERM (and exits 1 after Ctrl-C): that is a kill of
@@ -393,6 +371,7 @@ def test_an_interrupted_fit_stops_the_compare_instead_of_failing_the_run(interru
     assert not list((tmp_path / "out").rglob("result.json")) and not list((tmp_path / "out").rglob("stage.json"))
 
 
+@pytest.mark.integration
 def test_new_evaluation_settings_reevaluate_without_retraining(ran: dict, tmp_path: Path) -> None:
     out = tmp_path / "out"
     shutil.copytree(ran["out"], out, symlinks=True)
@@ -424,6 +403,7 @@ with output_lock(Path(sys.argv[1])):
 """
 
 
+@pytest.mark.integration
 def test_a_second_compare_into_the_same_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
     script = tmp_path / "hold.py"
@@ -484,6 +464,7 @@ def _grid_of_failing_runs() -> dict:
     return grid
 
 
+@pytest.mark.integration
 def test_failed_runs_end_with_a_nonzero_status_and_keep_their_error_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """Issue 26, item 10: `ulma compare` exited 0 when runs failed, and a refused option was recorded
     as 12 lines of usage text without the parser's `unrecognized arguments` line."""
@@ -502,6 +483,7 @@ def test_failed_runs_end_with_a_nonzero_status_and_keep_their_error_line(tmp_pat
     assert "usage:" not in failed and "[--trainer" not in failed
 
 
+@pytest.mark.integration
 def test_a_folder_compare_did_not_write_is_refused_unless_overwrite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """Issue 26, item 3: compare replaced a user's own results.md in an existing folder without a word."""
     monkeypatch.chdir(REPO)
@@ -559,6 +541,7 @@ os.kill(os.getpid(), 9)  # the compare is killed outright: no cleanup runs
 """
 
 
+@pytest.mark.integration
 def test_a_killed_compare_leaves_no_subprocess_fit_running(tmp_path: Path) -> None:
     """Issue 26, item 12: `--launcher subprocess` left its `ulma fit` running after the compare was
     killed; the rerun then trained the same stage beside it."""
@@ -582,6 +565,7 @@ def test_a_killed_compare_leaves_no_subprocess_fit_running(tmp_path: Path) -> No
     assert not alive, f"fit process(es) {alive} outlived the killed compare"
 
 
+@pytest.mark.integration
 def test_jobs_run_instances_in_parallel_and_train_a_shared_stage_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     grid = write_grid(tmp_path, {**GRID, "runs": GRID["runs"][:2], "jobs": 2})  # sft and sft_dpo share the SFT stage
     cwd = os.getcwd()
@@ -623,6 +607,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.integration
 def test_a_killed_compare_leaves_no_worker_training(tmp_path: Path) -> None:
     script = tmp_path / "orphan.py"
     script.write_text(ORPHAN_SCRIPT)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_own_model import hh_records, make_local_model, write_jsonl
+from helpers import hh_records, make_local_model, write_jsonl
 
 from ulma_lightning.compare.runner import compare_main
 from ulma_lightning.data import sources
@@ -80,6 +80,7 @@ def local_grid(path: Path, files: dict[str, str], runs: list[str]) -> Path:
     return path
 
 
+@pytest.mark.integration
 def test_the_hub_grid_runs_on_local_stand_ins(stand_ins: dict[str, str], tmp_path: Path) -> None:
     runs = ["sft", "sft_dpo", "ulma", "ulma_continuous", "rlhf"]  # sft: the baseline of the win rates (its stage is sft_dpo's first)
     path = local_grid(tmp_path / "paper-hh.yaml", stand_ins, runs)

@@ -9,9 +9,12 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import yaml
 
 from ulma_lightning.compare.runner import compare_main
+
+pytestmark = pytest.mark.integration  # every test here builds a Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import yaml
 
 from ulma_lightning.compare.runner import compare_main
@@ -31,6 +32,7 @@ def stand_in(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.integration
 def test_the_smollm2_grid_starts_every_row_from_the_model_and_runs(tmp_path: Path) -> None:
     model = stand_in(tmp_path / "smollm2")
     grid = yaml.safe_load(GRID_FILE.read_text().replace(MODEL, str(model)))

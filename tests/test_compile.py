@@ -135,6 +135,7 @@ def _fit(root: Path, *extra: str):
     ])  # fmt: skip
 
 
+@pytest.mark.integration
 def test_fit_resume_and_export_with_compile_keep_eager_keys(tmp_path: Path) -> None:
     from ulma_lightning.export_cli import main as export
 
@@ -182,6 +183,7 @@ def _run_group(folder: Path, runs: list[dict]) -> None:
         assert proc.returncode == 0, f"{log.name} exited {proc.returncode}:\n{log.read_text()[-4000:]}"
 
 
+@pytest.mark.integration
 def test_ddp_and_fsdp2_fit_with_compile(tmp_path: Path) -> None:
     def argv(strategy: str) -> list[str]:
         return [

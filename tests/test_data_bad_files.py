@@ -63,6 +63,7 @@ def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
 FORMATS = ["jsonl", "jsonl.gz", "csv", "json"]
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("_plain_argv")
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_file_that_is_not_utf8_names_file_and_line(tmp_path: Path, fmt: str) -> None:
@@ -75,6 +76,7 @@ def test_a_file_that_is_not_utf8_names_file_and_line(tmp_path: Path, fmt: str) -
     assert "save the file as UTF-8" in message
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("_plain_argv")
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_an_empty_train_file_names_the_file_and_the_train_split(tmp_path: Path, fmt: str) -> None:
@@ -84,6 +86,7 @@ def test_an_empty_train_file_names_the_file_and_the_train_split(tmp_path: Path, 
     assert str(info.value).startswith(f"{path}: the train split has no usable samples: it holds no records"), str(info.value)
 
 
+@pytest.mark.integration
 def test_the_ulma_command_reports_an_empty_train_file(tmp_path: Path) -> None:
     path = write(tmp_path / "empty.jsonl", b"")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p), "HF_HUB_OFFLINE": "1"}
@@ -191,6 +194,7 @@ def test_a_huge_jsonl_line_is_never_held_whole(tmp_path: Path) -> None:
 
 
 # issue 26, item 14: a DataError arrived after a 40-line traceback
+@pytest.mark.integration
 @pytest.mark.parametrize("debug", [False, True])
 def test_the_ulma_command_prints_a_bad_record_as_one_line_unless_debugging(tmp_path: Path, debug: bool) -> None:
     path = write(tmp_path / "bad.jsonl", encode("jsonl", RECORDS[:1]) + b'{"prompt": "no response here", "score": 1}\n')

@@ -124,6 +124,7 @@ def losses(dm: pl.LightningDataModule, steps: int = 3) -> list[float]:
     return seen
 
 
+@pytest.mark.integration
 def test_training_on_cached_features_gives_the_same_losses(tmp_path: Path) -> None:
     options = {"train": "demo://binary?n=32", "cache_dir": str(tmp_path / "cache")}
     fresh = PointwiseDataModule(tokenizer="builtin:demo", max_length=64, batch_size=4, **options)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import QUIET_FIT as QUIET
 from conftest import ULMA_CONFIG as ULMA
+from helpers import write_jsonl
 
 from ulma_lightning import DataError, PointwiseDataModule
 from ulma_lightning.cli import main
@@ -35,15 +36,11 @@ def test_val_fraction_holds_out_whole_records(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- 3: binary scores
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
 def scored(*scores: float) -> list[dict]:
     return [{"prompt": f"How do I make tea, take {i}?", "response": "Boil water, pour it on the leaves.", "score": s} for i, s in enumerate(scores)]
 
 
+@pytest.mark.integration
 def test_a_score_that_is_not_0_or_1_under_binary_labels_names_file_line_and_field(tmp_path: Path) -> None:
     train = write_jsonl(tmp_path / "feedback.jsonl", scored(1, 0, 1, 0.5, 0))
     args = ["fit", "--config", ULMA, *QUIET, "--data.init_args.train", str(train), "--trainer.max_steps", "1",

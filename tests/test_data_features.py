@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_jsonl
 
 from ulma_lightning import PointwiseDataModule
 from ulma_lightning.data.features import Truncation
@@ -16,11 +16,6 @@ from ulma_lightning.logprobs import IGNORE_INDEX
 from ulma_lightning.tokenizers import load_tokenizer
 
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def split_sample(item: dict) -> tuple[list[int], list[int]]:

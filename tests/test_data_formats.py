@@ -443,6 +443,7 @@ FAMILIES = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("config", sorted(FAMILIES))
 def test_every_format_and_form_trains_through_ulma_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: str) -> None:
     monkeypatch.setattr(sys, "argv", ["ulma"])

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import write_jsonl
 
 from ulma_lightning import DataError, DemonstrationDataModule, PairwiseDataModule
 from ulma_lightning.data.demo import generate_demonstrations, generate_pairs, score_response
@@ -19,11 +20,6 @@ MISMATCHED_HH = {
     "chosen": "\n\nHuman: How do I make tea?\n\nAssistant: Boil fresh water.",
     "rejected": "\n\nHuman: How do I steal a car?\n\nAssistant: I won't help with that.",
 }
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def test_demo_pairs_rank_chosen_above_rejected_and_are_seeded() -> None:

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import pytest
+from helpers import write_jsonl
 
 from ulma_lightning import DataError, PointwiseDataModule
 from ulma_lightning.data.errors import SkipReport
@@ -18,10 +19,6 @@ GOOD = {"prompt": "How do I make tea?", "response": "Boil water and pour it over
 def write_lines(path: Path, lines: list[str]) -> Path:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    return write_lines(path, [json.dumps(r) for r in records])
 
 
 def examples_of(path: Path, **kwargs) -> list:

@@ -92,6 +92,7 @@ def test_loader_state_follows_the_training_loop_not_the_prefetcher() -> None:
     assert sorted(i for b in seen[:2] + rest for i in b) == list(range(12))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "trainer_args",
     [

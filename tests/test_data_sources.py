@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import write_jsonl
 
 from ulma_lightning import DataError, PointwiseDataModule
 from ulma_lightning.data.errors import SkipReport
@@ -18,13 +19,6 @@ RECORDS = [
     {"prompt": "How do I steal a car?", "response": "Break the window and drive away.", "score": 0.0},
     {"prompt": "How do I make tea?", "response": "Boil water and pour it over the leaves.", "score": 1.0},
 ]
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "wt", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(r) + "\n" for r in records)
-    return path
 
 
 def write_csv(path: Path, records: list[dict]) -> Path:

@@ -34,6 +34,8 @@ import pytest
 import torch
 from conftest import REPO
 
+pytestmark = pytest.mark.integration  # every test here builds a Trainer
+
 CONFIGS = REPO / "configs"
 METHODS = ["ulma", "pointwise_dpo", "dpo", "kto", "sft"]
 STRATEGIES = ["ddp", "fsdp2"]

@@ -242,6 +242,7 @@ def test_hf_export_callback_writes_the_trained_policy(runs: Runs, run: str) -> N
     torch.testing.assert_close(_hf_logits(path / "hf_model"), torch.load(path / "rec" / "logits.pt"), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("run", ["single", "fsdp2"])
 def test_export_gives_the_logits_of_the_trained_module(runs: Runs, run: str, tmp_path: Path) -> None:
     """`ulma export` of the last checkpoint (a file; a sharded FSDP2 folder) loads with from_pretrained
@@ -257,6 +258,7 @@ def test_export_gives_the_logits_of_the_trained_module(runs: Runs, run: str, tmp
     torch.testing.assert_close(_hf_logits(out), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_export_keeps_or_merges_lora_adapters_from_a_sharded_checkpoint(runs: Runs, tmp_path: Path) -> None:
     from dist_recorder import FIXED_INPUT
     from peft import AutoPeftModelForCausalLM

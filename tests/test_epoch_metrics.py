@@ -31,6 +31,7 @@ def perturbed(module: pl.LightningModule) -> pl.LightningModule:
     return module
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("cls", [ULMAModule, KTOModule])
 def test_epoch_means_weigh_batches_by_subset_size(demo_tokenizer, cls) -> None:
     module = perturbed(cls(policy=PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo")))

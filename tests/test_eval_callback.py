@@ -15,6 +15,8 @@ from ulma_lightning import PointwiseDataModule, PolicyConfig, ULMAModule
 from ulma_lightning.evaluation import DemoScorer, GenerationConfig, GenerationSamples
 from ulma_lightning.loggers import TensorBoardLogger
 
+pytestmark = pytest.mark.integration  # every test here builds a Trainer
+
 
 def test_callback_writes_text_histograms_and_hparams(tmp_path: Path) -> None:
     module = ULMAModule(PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo"))

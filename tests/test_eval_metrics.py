@@ -60,6 +60,7 @@ def hand_token_nll(model: torch.nn.Module, item: dict) -> torch.Tensor:
     return -logprobs[keep].gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
 
 
+@pytest.mark.integration
 def test_perplexity_is_exp_of_the_mean_token_nll_of_positives(tmp_path: Path) -> None:
     module, datamodule, trainer = tiny_run(tmp_path, "binary")
     calls: list[int] = []
@@ -107,6 +108,7 @@ def test_demonstration_rows_and_reuse_of_a_stacked_forward() -> None:
     assert reuse_token_logps([(different, tokens)], sequences) is None
 
 
+@pytest.mark.integration
 def test_continuous_labels_log_pearson_and_spearman_of_the_implicit_reward(tmp_path: Path) -> None:
     module, datamodule, trainer = tiny_run(tmp_path, "continuous")
     metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
@@ -131,6 +133,7 @@ def test_continuous_labels_log_pearson_and_spearman_of_the_implicit_reward(tmp_p
     assert abs(pearson) > 1e-3
 
 
+@pytest.mark.integration
 def test_sft_on_demonstrations_logs_the_token_weighted_perplexity_of_every_row(tmp_path: Path) -> None:
     from ulma_lightning import DemonstrationDataModule, SFTModule
 

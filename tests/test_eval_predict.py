@@ -17,6 +17,8 @@ from ulma_lightning import PointwiseDataModule, ULMAModule
 from ulma_lightning.cli import main
 from ulma_lightning.evaluation import GenerationConfig, generate_responses
 
+pytestmark = pytest.mark.integration  # every test here builds a Trainer
+
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = [
     ("How do I bake bread?", "Sure! To bake bread, mix flour, water, yeast and salt.", "No."),

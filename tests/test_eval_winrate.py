@@ -3,21 +3,16 @@ scorers: the demo ground truth, a local Hugging Face sequence classifier, a rewa
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import lightning
 import pytest
 import torch
+from helpers import write_jsonl
 
 from ulma_lightning.evaluation import DemoScorer, HFClassifierScorer, RewardModelScorer, read_predictions, summarize, win_rate
 from ulma_lightning.evaluation.winrate import match_rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 def test_win_rate_counts_ties_half() -> None:

@@ -14,35 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_LLAMA, make_pointwise_batch
+from conftest import TINY_LLAMA, make_pointwise_batch
+from helpers import METHODS, fit_one_step
 
 from ulma_lightning.cli import main
 
-#: config -> the demo data its data module reads
-METHODS = {
-    "ulma": "binary",
-    "pointwise_dpo": "binary",
-    "sft": "demonstration",
-    "dpo": "pairwise",
-    "unlikelihood": "binary",
-    "kto": "binary",
-    "reward": "pairwise",
-}
 
-
-def fit_one_step(config: str, root: Path) -> object:
-    """``ulma fit --config configs/<config>.yaml`` for one step on a tiny model, in this process."""
-    return main([
-        "fit", "--config", str(REPO / "configs" / f"{config}.yaml"),
-        "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
-        "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        f"--model.init_args.policy.model_config={json.dumps(TINY_LLAMA)}",
-        "--data.init_args.train", f"demo://{METHODS[config]}?n=8", "--data.init_args.test", "null",
-        "--data.init_args.val_fraction", "0.5", "--data.init_args.batch_size", "4",
-    ])  # fmt: skip
-
-
+@pytest.mark.integration
 @pytest.mark.parametrize("config", list(METHODS))
 def test_export_of_every_method_loads_with_the_trained_outputs(config: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo_tokenizer) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -68,6 +46,7 @@ def test_export_of_every_method_loads_with_the_trained_outputs(config: str, tmp_
 
 
 # ----------------------------------------------------------------------------- refusals and failures
+@pytest.mark.integration
 @pytest.mark.usefixtures("plain_argv")
 def test_export_refuses_a_non_empty_folder_unless_overwrite(tmp_path: Path, dpo_checkpoint: Path) -> None:
     out = tmp_path / "mine"
@@ -83,6 +62,7 @@ def test_export_refuses_a_non_empty_folder_unless_overwrite(tmp_path: Path, dpo_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no partial folder left
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("plain_argv")
 def test_a_failed_export_leaves_no_partial_folder_and_names_the_path(tmp_path: Path, dpo_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ulma_lightning.modules.base import AlignmentModule
@@ -98,6 +78,7 @@ def test_a_failed_export_leaves_no_partial_folder_and_names_the_path(tmp_path: P
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.integration
 def test_a_failed_export_at_the_end_of_fit_leaves_no_folder_that_looks_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 26, item 2: on a full disk, ``hf_model/`` was left with its config and weights and a
     truncated ``tokenizer.json`` (it looked valid; AutoTokenizer failed on it), by an error naming no

@@ -82,6 +82,7 @@ def test_switching_class_path_refuses_to_drop_a_set_option(capsys: pytest.Captur
     assert "takes no option positive_term='beta_sft'" in " ".join(err.split())
 
 
+@pytest.mark.integration
 def test_a_callbacks_list_given_whole_replaces_the_configs_list(capsys: pytest.CaptureFixture) -> None:
     """Not a class_path switch: the list replaces configs/ppo.yaml's callbacks, whatever their options (as
     experiments/paper-hh.yaml gives them; position 3 was the config's GenerationSamples with its options)."""
@@ -141,6 +142,7 @@ def test_the_thumbs_format_names_file_line_and_field() -> None:
         parse_thumbs({"question": "q", "answer": "a", "thumbs": "meh"}, location)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("example", ["pointwise_loss", "pairwise_loss", "data_format"])
 def test_example_runs_through_ulma_fit(tmp_path: Path, example: str) -> None:
     """Each example of docs/extending.md trains two steps with `ulma fit` and logs a finite loss; a loss

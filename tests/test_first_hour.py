@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
-from test_own_model import hh_records, make_local_model, run_ulma, write_jsonl
+from helpers import hh_records, make_local_model, run_ulma, write_jsonl
 
 from ulma_lightning.tokenizers import SAMPLE_TEXT, load_tokenizer
 
@@ -63,6 +63,7 @@ def test_a_tokenizer_that_loads_as_saved_is_kept(tmp_path: Path) -> None:
     assert tokenizer(SAMPLE_TEXT, add_special_tokens=False)["input_ids"] == raw_ids(tmp_path, SAMPLE_TEXT)
 
 
+@pytest.mark.integration
 def test_lora_fit_trains_and_exports_the_users_tokenizer_without_a_reference_copy(user: Path, tmp_path: Path) -> None:
     """README: ``ulma fit --config configs/ulma.yaml --model.init_args.policy.model ... --model.init_args.policy.lora.r 8``,
     with the model folder named relative to the working folder, then ``ulma export --keep-adapter``."""
@@ -119,6 +120,7 @@ NOISE = (
 )
 
 
+@pytest.mark.integration
 def test_the_first_command_prints_nothing_a_user_cannot_act_on(tmp_path: Path) -> None:
     """README: ``ulma fit --config configs/ulma.yaml`` (a few steps, with its progress bar)."""
     done = run_ulma(f"ulma fit --config {REPO}/configs/ulma.yaml --trainer.max_steps 4", tmp_path)
@@ -174,6 +176,7 @@ def test_auc_is_not_logged_for_one_class() -> None:
     assert logged["val/rewards/auc"] == 1.0
 
 
+@pytest.mark.integration
 def test_kto_logs_reward_accuracy_and_auc_like_the_other_methods(tmp_path: Path) -> None:
     import lightning.pytorch as pl
     from conftest import TINY_LLAMA

@@ -125,6 +125,7 @@ def load_without_gguf(folder: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.integration
 def test_fit_from_a_gguf_resumes_and_exports_a_folder_that_loads_without_gguf(tiny_gguf, tmp_path: Path) -> None:
     path, expected = tiny_gguf
     cli = fit(path, tmp_path, "--trainer.max_steps", "2")
@@ -204,6 +205,7 @@ def test_a_missing_gguf_file_and_a_misused_gguf_file_option_are_named(tmp_path: 
         PolicyConfig(model=str(tmp_path), gguf_file="weights.bin")
 
 
+@pytest.mark.integration
 def test_a_folder_plus_gguf_file_on_the_command_line_gives_the_data_the_files_tokenizer(tiny_gguf, tmp_path: Path) -> None:
     path, _ = tiny_gguf
     cli = fit(path, tmp_path, "--model.init_args.policy.model", str(path.parent), "--model.init_args.policy.gguf_file", path.name, "--trainer.max_steps", "1")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import REPO
 
@@ -40,6 +41,7 @@ def test_flop_count_of_a_step_follows_the_documented_formula() -> None:
     assert gpu_check.step_flops(batch, body=body, config=config) == policy + reference
 
 
+@pytest.mark.integration
 def test_gpu_check_runs_fsdp2_on_cpu_with_a_tiny_model(tmp_path: Path) -> None:
     out = tmp_path / "fsdp2.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -100,3 +100,19 @@ def test_named_seams_stay_one_way() -> None:
 def test_public_names_importable() -> None:
     for name in ("ULMAModule", "PointwiseDPOModule", "PointwiseDataModule", "pointwise_dpo_loss", "ulma_loss"):
         assert hasattr(ulma_lightning, name), name
+
+
+def test_test_modules_import_helper_modules_not_other_test_modules() -> None:
+    """Issue 28: what several test files share lives in a helper module (``tests/helpers.py``,
+    ``tests/rl_helpers.py``), so running or changing one test file never runs another's imports."""
+    found = []
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            found += [f"{path.name} imports {name}" for name in names if name.rpartition(".")[2].startswith("test_")]
+    assert found == []

@@ -109,6 +109,7 @@ def test_unlikelihood_welleck_and_authors_variants() -> None:
     assert only_positive.metrics["loss/negative"] == 0 and torch.isfinite(values.grad).all()
 
 
+@pytest.mark.integration
 def test_unlikelihood_module_trains_without_reference() -> None:
     module = UnlikelihoodModule(policy_config("copy"))
     data = PointwiseDataModule(train="demo://binary?n=16", batch_size=8, max_length=64)
@@ -195,6 +196,7 @@ def test_kto_on_a_single_class_batch(desirable: bool) -> None:
     torch.testing.assert_close(out.metrics["kl"], unclamped.clamp(min=0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_kto_precomputed_reference_works_with_shuffled_data() -> None:
     data = PointwiseDataModule(train="demo://binary?n=24", batch_size=6, max_length=96, split_seed=3)
     module = KTOModule(policy_config("precomputed"))
@@ -222,6 +224,7 @@ def test_kto_precomputed_reference_works_with_shuffled_data() -> None:
 
 
 # ------------------------------------------------------------------------------------ DPO
+@pytest.mark.integration
 def test_dpo_precomputed_reference_equals_the_reference_forward() -> None:
     data = PairwiseDataModule(train="demo://pairwise?n=12", batch_size=4, max_length=96)
     module = DPOModule(policy_config("precomputed"))

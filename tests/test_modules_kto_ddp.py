@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO, TINY_LLAMA
+
+pytestmark = pytest.mark.integration  # every test here builds a Trainer
 
 SCRIPT = """
 import json, sys

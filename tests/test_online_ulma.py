@@ -71,7 +71,7 @@ def test_continuous_labels_by_hand() -> None:
 
 
 def test_bad_options_are_named() -> None:
-    with pytest.raises(ValueError, match="label_mode must be one of"):
+    with pytest.raises(ValueError, match="label_mode must be 'top_vs_rest', 'threshold' or 'continuous', got 'pairs'"):
         OnlineULMAModule(policy(), label_mode="pairs")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="top_vs_rest compares.*samples_per_prompt must be >= 2, got 1"):
         OnlineULMAModule(policy(), samples_per_prompt=1)
@@ -87,7 +87,7 @@ def test_bad_options_are_named() -> None:
         OnlineULMAModule(policy(), ref_refresh_every=0)
     with pytest.raises(ValueError, match="ref_refresh_every .* needs policy.reference copy without policy.lora"):
         OnlineULMAModule(policy("adapter", lora=True), ref_refresh_every=2)
-    with pytest.raises(ValueError, match="positive_term must be one of"):
+    with pytest.raises(ValueError, match="positive_term must be 'sft', 'beta_sft' or 'pointwise_dpo', got 'dpo'"):
         OnlineULMAModule(policy(), positive_term="dpo")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="takes beta"):
         OnlineULMAModule(policy(), kl_coef=0.1)
@@ -150,6 +150,7 @@ def test_bad_scorer_output_is_named(mode: str, message: str) -> None:
 
 
 # ------------------------------------------------------------------ the config
+@pytest.mark.integration
 def test_the_config_logs_reward_positives_kl_length_and_losses(tmp_path: Path) -> None:
     """Online point-wise DPO (``positive_term: pointwise_dpo``) through the config; the SFT positive term runs in the resume test."""
     cli = ulma_fit("online_ulma", [*small_run(tmp_path, steps=2), "--model.init_args.label_mode=threshold", "--model.init_args.positive_term=pointwise_dpo"])
@@ -171,6 +172,7 @@ def _fit_steps(root: Path, steps: int, *extra: str):
     )  # fmt: skip
 
 
+@pytest.mark.integration
 def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     """3 steps, then ``--ckpt_path last`` to 4 (an epoch is 5 batches): the weights, the refreshed reference
     included (refreshed at step 2, kept in the checkpoint), equal one 4-step run's."""

@@ -7,7 +7,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 from rl_helpers import run_rl_ddp
+
+pytestmark = pytest.mark.integration  # every test here builds a Trainer
 
 ONLINE = "OnlineULMAModule(policy, scorer=LengthScorer(), generation={generation}, samples_per_prompt=2, mini_batch_size=4, ref_refresh_every=2)"
 

@@ -12,22 +12,15 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
-import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import HH_FILE, REPO
+from helpers import CHATML, hh_records, make_local_model, run_ulma, write_jsonl
 
 HUB_ID = "Qwen/Qwen2.5-0.5B-Instruct"
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 
 def readme_command(marker: str) -> str:
@@ -36,54 +29,6 @@ def readme_command(marker: str) -> str:
     found = re.search(rf"<!-- {marker}:.*?-->\s*```bash\n(.*?)```", text, re.S)
     assert found, f"README.md has no ```bash block after the {marker} marker"
     return found.group(1).replace("\\\n", " ").strip()
-
-
-def hh_records(n: int) -> list[dict]:
-    """``n`` HH transcripts: the first of the real file (skipping empty final turns), else made up."""
-    if HH_FILE.exists():
-        with gzip.open(HH_FILE, "rt") as handle:
-            records = [json.loads(line) for _, line in zip(range(3 * n), handle)]
-        return [r for r in records if not r["chosen"].endswith("Assistant:") and not r["rejected"].endswith("Assistant:")][:n]
-    return [
-        {
-            "chosen": f"\n\nHuman: How do I plant tree {i}?\n\nAssistant: Dig a hole and water it.",
-            "rejected": f"\n\nHuman: How do I plant tree {i}?\n\nAssistant: No.",
-        }
-        for i in range(n)
-    ]
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def make_local_model(folder: Path, texts: list[str]) -> None:
-    """A tiny Qwen2-style model and its own byte-level BPE tokenizer with a ChatML chat template."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from ulma_lightning.tokenizers import as_transformers_tokenizer, train_byte_level_bpe
-
-    raw = train_byte_level_bpe(texts, vocab_size=400)
-    raw.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    tokenizer = as_transformers_tokenizer(raw)
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(folder)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,  # the README's own-model max_length (Qwen2.5-0.5B has 32768)
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +45,7 @@ def own(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def run_ulma(command: str, cwd: Path) -> subprocess.CompletedProcess:
-    argv = shlex.split(command)
-    assert argv[0] == "ulma", command
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    code = "import sys; from ulma_lightning.cli import run; sys.argv[0] = 'ulma'; run()"
-    return subprocess.run([sys.executable, "-c", code, *argv[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
+@pytest.mark.integration
 def test_readme_own_model_fit_and_evaluate(own: dict[str, Path]) -> None:
     fit = readme_command("own-model-fit")
     for placeholder, value in {
@@ -143,6 +81,7 @@ def test_readme_own_model_fit_and_evaluate(own: dict[str, Path]) -> None:
     assert saved["data"]["init_args"]["test"] is None  # nothing of the demo was configured for test
 
 
+@pytest.mark.integration
 def test_failed_evaluate_leaves_no_version_folder(own: dict[str, Path], tmp_path: Path) -> None:
     config = {
         "trainer": {"logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "x"}}},
@@ -212,6 +151,7 @@ def hh_run(own: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> di
     return {"root": root, "fit": done, "run": root / "runs" / "ulma" / "version_0"}
 
 
+@pytest.mark.integration
 def test_readme_own_model_block_trains_on_hh_data_and_prints_the_data_report(hh_run: dict) -> None:
     done = hh_run["fit"]
     assert done.returncode == 0, done.stderr[-3000:]
@@ -225,6 +165,7 @@ def test_readme_own_model_block_trains_on_hh_data_and_prints_the_data_report(hh_
     assert (hh_run["run"] / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.integration
 def test_an_own_model_run_records_the_model_it_trained_not_the_demo_config(hh_run: dict, own: dict[str, Path]) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
@@ -244,6 +185,7 @@ def test_an_own_model_run_records_the_model_it_trained_not_the_demo_config(hh_ru
     assert trained["model_type"] == "qwen2" and trained["hidden_size"] == 32
 
 
+@pytest.mark.integration
 def test_empty_sample_generations_are_counted_and_warned_about(hh_run: dict) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -256,6 +198,7 @@ def test_empty_sample_generations_are_counted_and_warned_about(hh_run: dict) -> 
     assert len(rows) == 8 and (warning in hh_run["fit"].stderr) == (empty > 0), hh_run["fit"].stderr[-2000:]
 
 
+@pytest.mark.integration
 def test_readme_evaluate_and_predict_write_into_the_run_folder(hh_run: dict) -> None:
     root, run = hh_run["root"], hh_run["run"]
     assert hh_run["fit"].returncode == 0
@@ -286,6 +229,7 @@ def test_readme_evaluate_and_predict_write_into_the_run_folder(hh_run: dict) -> 
     assert (run / "config.yaml").read_text() == config  # the run's config stays the one it trained with
 
 
+@pytest.mark.integration
 def test_a_failed_start_leaves_no_version_folder_and_evaluate_names_the_missing_checkpoint(own: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "data").mkdir()
     good = json.loads(own["train"].read_text().splitlines()[0])
@@ -320,6 +264,7 @@ def test_unused_log_dir_is_only_a_folder_of_start_files(tmp_path: Path) -> None:
     assert not unused_log_dir(tmp_path)
 
 
+@pytest.mark.integration
 def test_max_length_above_the_models_positions_is_refused_naming_both(own: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     long = {"prompt": "How do I plant a tree?", "completion": " ".join(["Dig a hole and water it."] * 300), "score": 1}  # over 1024 tokens
@@ -333,6 +278,7 @@ def test_max_length_above_the_models_positions_is_refused_naming_both(own: dict[
     assert not (tmp_path / "runs" / "ulma").exists()  # nothing left of the failed start
 
 
+@pytest.mark.integration
 def test_readme_hh_example_fits_the_demo_models_positions(hh_file: Path, tmp_path: Path) -> None:
     fit = readme_command("hh-fit").replace("configs/", f"{REPO}/configs/").replace("../shared/data/hh-rlhf/harmless-base-test.jsonl.gz", str(hh_file))
     assert "--data.init_args.max_length 256" in fit  # the demo model's max_position_embeddings

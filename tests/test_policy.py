@@ -210,6 +210,7 @@ class RecordingULMA(ULMAModule):
         return super().loss(policy_logps, reference_logps, scores)
 
 
+@pytest.mark.integration
 def test_precomputed_reference_is_computed_once_and_reused(tmp_path: Path) -> None:
     config = PolicyConfig(model_config=TINY_LLAMA, tokenizer=TOKENIZER, reference="precomputed")
     module = RecordingULMA(config)

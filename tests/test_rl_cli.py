@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import REPO, TINY_LLAMA
+from helpers import run_ulma
 
-
-def ulma(args: list[str], root: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "ulma_lightning.cli", *args], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+pytestmark = pytest.mark.integration  # every test here builds a Trainer
 
 
 @pytest.mark.parametrize("config", ["ppo", "rloo"])
@@ -25,7 +20,7 @@ def test_config_fits_and_evaluates(config: str, tmp_path: Path) -> None:
         "--data.init_args.train=demo://demonstration?n=8", "--data.init_args.val=demo://demonstration?split=test&n=4",
         "--data.init_args.test=demo://demonstration?split=test&n=4", "--data.init_args.batch_size=4",
     ]  # fmt: skip
-    fit = ulma(
+    fit = run_ulma(
         ["fit", "--config", cfg, *small, "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1",
          f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"],
         tmp_path,
@@ -34,7 +29,7 @@ def test_config_fits_and_evaluates(config: str, tmp_path: Path) -> None:
     ckpt = next(tmp_path.rglob("last.ckpt"))
     assert next(tmp_path.rglob("hf_model/config.json"))
     report_path = tmp_path / "report.json"
-    evaluate = ulma(
+    evaluate = run_ulma(
         ["evaluate", "--config", cfg, *small, "--ckpt_path", str(ckpt), "--output", str(report_path),
          "--evaluation.output", str(tmp_path / "predictions.jsonl"), "--evaluation.scorers",
          '[{"class_path": "ulma_lightning.evaluation.DemoScorer"}]'],

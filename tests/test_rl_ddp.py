@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from rl_helpers import run_rl_ddp
+
+pytestmark = pytest.mark.integration  # every test here builds a Trainer
 
 
 def test_ppo_under_ddp_keeps_the_ranks_in_sync(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import REPO, TINY_LLAMA
+from helpers import run_ulma
 from rl_helpers import GEN, LengthScorer, fit, policy, prompts, run_rl_ddp, scalars, small_run, tiny_causal_lm, tiny_reward_model, ulma_fit
 
 from ulma_lightning import GRPOModule
@@ -24,6 +25,7 @@ def trainable(module: GRPOModule) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("reference", ["copy", "adapter"])
 def test_a_step_trains_and_logs_every_metric(reference: str) -> None:
     pl.seed_everything(0)
@@ -45,6 +47,7 @@ def test_a_step_trains_and_logs_every_metric(reference: str) -> None:
         assert module.policy.reference_model is None
 
 
+@pytest.mark.integration
 def test_beta_zero_builds_and_runs_no_reference() -> None:
     pl.seed_everything(0)
     module = GRPOModule(policy("copy"), OptimizerConfig(lr=1e-2), scorer=LengthScorer(), generation=GEN, num_generations=2, beta=0.0)
@@ -65,6 +68,7 @@ def test_beta_zero_builds_and_runs_no_reference() -> None:
         GRPOModule(policy("none"), beta=0.1)
 
 
+@pytest.mark.integration
 def test_inner_updates_and_mini_batches_follow_the_options(monkeypatch: pytest.MonkeyPatch) -> None:
     """``num_iterations`` passes of ``mini_batch_size`` rows each: 2 x (8 rows / 4) optimiser steps for one
     rollout batch of 4 prompts x 2; each step's loss gets the rows' group-relative advantages (score minus
@@ -114,6 +118,7 @@ def test_bad_options_stop_with_what_to_set(options, error, message) -> None:
         GRPOModule(policy(), **options)
 
 
+@pytest.mark.integration
 def test_torch_fsdp1_is_refused_with_what_to_use() -> None:
     from lightning.pytorch.strategies import FSDPStrategy
 
@@ -133,6 +138,7 @@ def test_torch_fsdp1_is_refused_with_what_to_use() -> None:
 
 
 # --------------------------------------------------------------------------- configs/grpo.yaml, CLI
+@pytest.mark.integration
 def test_config_logs_checkpoints_and_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo_tokenizer) -> None:
     """TensorBoard scalars, ``last.ckpt``, the HFExport folder and ``ulma export`` of the checkpoint, which
     loads with the trained policy's logits."""
@@ -155,6 +161,7 @@ def test_config_logs_checkpoints_and_exports(tmp_path: Path, monkeypatch: pytest
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits, module.policy.model(input_ids=ids).logits, rtol=0, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_resuming_equals_one_uninterrupted_run(tmp_path: Path) -> None:
     """2 rollout batches in one run, or 1 then ``--ckpt_path last`` for the second: the same weights."""
     args = [a for a in small_run(tmp_path) if not a.startswith(("--trainer.limit_train_batches", "--trainer.default_root_dir", "--trainer.logger"))]
@@ -180,6 +187,7 @@ def test_resuming_equals_one_uninterrupted_run(tmp_path: Path) -> None:
     assert moved  # the second step changed the weights: the comparison is not of two untrained runs
 
 
+@pytest.mark.integration
 def test_dr_grpo_options_under_bf16_mixed_have_finite_losses(tmp_path: Path) -> None:
     """docs/rlhf.md's Dr. GRPO line (beta 0, dr_grpo, no std scaling) through the CLI, in bf16-mixed."""
     import math
@@ -192,20 +200,19 @@ def test_dr_grpo_options_under_bf16_mixed_have_finite_losses(tmp_path: Path) -> 
     assert len(logged["train/loss_step"]) == 2 and all(math.isfinite(v) for v in logged["train/loss_step"] + logged["val/reward"])
 
 
+@pytest.mark.integration
 def test_evaluate_from_the_checkpoint(tmp_path: Path) -> None:
-    from test_rl_cli import ulma
-
     cfg = str(REPO / "configs" / "grpo.yaml")
     small = [
         f"--model.init_args.policy.model_config={json.dumps(TINY_LLAMA)}", "--model.init_args.generation.max_new_tokens=6",
         "--data.init_args.train=demo://demonstration?n=8", "--data.init_args.val=demo://demonstration?split=test&n=4",
         "--data.init_args.test=demo://demonstration?split=test&n=4", "--data.init_args.batch_size=4",
     ]  # fmt: skip
-    fitted = ulma(["fit", "--config", cfg, *small, "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"], tmp_path)
+    fitted = run_ulma(["fit", "--config", cfg, *small, "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"], tmp_path)
     assert fitted.returncode == 0, fitted.stderr[-3000:]
     ckpt = next(tmp_path.rglob("last.ckpt"))
     report_path = tmp_path / "report.json"
-    evaluate = ulma(
+    evaluate = run_ulma(
         ["evaluate", "--config", cfg, *small, "--ckpt_path", str(ckpt), "--output", str(report_path),
          "--evaluation.output", str(tmp_path / "predictions.jsonl"), "--evaluation.scorers", '[{"class_path": "ulma_lightning.evaluation.DemoScorer"}]'],
         tmp_path,
@@ -215,6 +222,7 @@ def test_evaluate_from_the_checkpoint(tmp_path: Path) -> None:
     assert 0.0 <= report["test"]["test/reward"] <= 1.0 and report["generation"]["demo"]["n"] == 4
 
 
+@pytest.mark.integration
 def test_own_prompts_and_reward_model_as_in_the_paper_grid(tmp_path: Path) -> None:
     """The paper.yaml row's stage: your SFT model, an exported reward model through HFClassifierScorer's
     ``path`` (the grid's reward_arg), your prompts; beta 0 from the tuning grid."""
@@ -235,6 +243,7 @@ def test_own_prompts_and_reward_model_as_in_the_paper_grid(tmp_path: Path) -> No
 
 
 # --------------------------------------------------------------------------- DDP
+@pytest.mark.integration
 def test_ddp_keeps_the_ranks_in_sync(tmp_path: Path) -> None:
     """2 CPU processes (gloo) generate and score their own prompts' groups and end with identical weights."""
     ranks = run_rl_ddp(tmp_path, "GRPOModule(policy, scorer=LengthScorer(), generation=generation, num_generations=2, num_iterations=2, mini_batch_size=4)")

@@ -29,6 +29,7 @@ class BadScorer(Scorer):
         return [0.0] * (len(responses) - 1)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("cls,reference", [(PPOModule, "copy"), (RLOOModule, "adapter")])
 def test_a_step_trains_and_logs_every_metric(cls, reference) -> None:
     pl.seed_everything(0)
@@ -81,6 +82,7 @@ def test_rollout_masks_hold_response_tokens_only(demo_tokenizer) -> None:
     torch.testing.assert_close(rollout.reference_logps, rollout.logps)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("mode,message", [("nan", r"scorer BadScorer \(name 'bad'\) returned nan for response 0"), ("count", r"scorer BadScorer \(name 'bad'\) returned 3 scores for 4")])
 @pytest.mark.parametrize("cls", [RLOOModule, PPOModule])
 def test_a_bad_scorer_stops_with_its_name(cls, mode, message) -> None:
@@ -104,6 +106,7 @@ def test_reference_modes_and_options_are_checked() -> None:
         PPOModule(policy(), kl_estimator="k2")  # type: ignore[arg-type]
 
 
+@pytest.mark.integration
 def test_ppo_under_fsdp2_is_refused_with_what_to_use() -> None:
     """PPO's critic is not sharded: under FSDP2 its gradients would not be synchronised."""
     from ulma_lightning.sharding import FSDP2Strategy

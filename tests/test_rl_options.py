@@ -11,6 +11,8 @@ import pytest
 import torch
 from rl_helpers import scalars, small_run, tiny_reward_model, ulma_fit
 
+pytestmark = pytest.mark.integration  # every test here builds a Trainer
+
 KL_COEF = 0.05
 
 

@@ -14,6 +14,8 @@ from rl_helpers import small_run, tiny_causal_lm, tiny_reward_model, ulma_fit
 
 from ulma_lightning.evaluation.scorers import HFClassifierScorer
 
+pytestmark = pytest.mark.integration  # every test here builds a Trainer
+
 PROMPTS = [
     "How do I repot a cactus?", "What should I pack for a hike?", "How do I clean a keyboard?",
     "Give me a tip for learning chess.", "How do I boil an egg?", "What is a good stretch after running?",

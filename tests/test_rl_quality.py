@@ -19,6 +19,8 @@ from ulma_lightning import DemonstrationDataModule, GRPOModule, PolicyConfig, PP
 from ulma_lightning.evaluation.generation import GenerationConfig
 from ulma_lightning.modules.base import OptimizerConfig
 
+pytestmark = pytest.mark.integration  # every test here builds a Trainer
+
 MODEL = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 4, "max_position_embeddings": 256, "tie_word_embeddings": True}  # fmt: skip
 

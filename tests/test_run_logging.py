@@ -17,6 +17,7 @@ from ulma_lightning.policy import PolicyConfig
 SHARED_NAMES = {"rewards/positive", "rewards/negative", "logps/positive", "logps/negative"}
 
 
+@pytest.mark.integration
 def test_short_precomputed_run_shows_progress_warns_on_cpu_mixed_precision_logs_grad_norm_and_validates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     module = ULMAModule(PolicyConfig(model_config=TINY_LLAMA, reference="precomputed"))
     data = PointwiseDataModule(train="demo://binary?n=24", test="demo://binary?split=test&n=4", val_fraction=0.25, batch_size=8, max_length=48)

@@ -74,6 +74,7 @@ def _printed_config(*configs: str) -> dict[str, Any]:
     return yaml.safe_load(out.getvalue())
 
 
+@pytest.mark.integration
 def test_fsdp_config_parses_and_its_strategy_wraps_decoder_blocks_on_cpu() -> None:
     """torch FSDP needs a GPU: on CPU we check the config as far as building its strategy."""
     config = _printed_config("configs/ulma.yaml", "configs/strategy/fsdp.yaml")
@@ -109,6 +110,7 @@ def test_strategy_configs_compose_with_the_method_config(config: str, class_path
     assert "ulma_lightning.checkpointing.AtomicModelCheckpoint" in callbacks
 
 
+@pytest.mark.integration
 def test_fsdp2_strategy_follows_the_trainer_precision() -> None:
     bf16 = Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", strategy=FSDP2Strategy(), logger=False)
     assert bf16.strategy.shard_options()["param_dtype"] == torch.bfloat16

@@ -120,6 +120,7 @@ def test_config_name_resolves_to_a_shipped_config_only_where_no_such_file_is(tmp
     assert resolve_config_names(["--config", "ulma"]) == ["--config", "ulma"]  # a file here wins
 
 
+@pytest.mark.integration
 def test_fit_with_a_shipped_name_trains(tmp_path: Path) -> None:
     """``ulma fit --config ulma`` from a folder without configs/ (one step)."""
     done = ulma(["fit", "--config", "ulma", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"], tmp_path)
@@ -131,7 +132,7 @@ def test_fit_with_a_shipped_name_trains(tmp_path: Path) -> None:
 
 def test_compare_falls_back_to_the_shipped_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A grid in a folder without configs/ (an installed user's): its methods are the shipped configs."""
-    from test_compare import GRID, write_grid
+    from helpers import GRID, write_grid
 
     from ulma_lightning.compare.spec import PACKAGE_CONFIGS, load_grid
     from ulma_lightning.shipped import shipped_configs_dir

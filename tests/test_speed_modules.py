@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 
 from tests.conftest import TINY_LLAMA
@@ -175,6 +176,7 @@ def test_length_grouped_sampler_cuts_padding_and_keeps_every_sample():
     assert padded(order) < 0.7 * padded(shuffled)
 
 
+@pytest.mark.integration
 def test_adamw_is_not_fused_under_loss_scaling():
     """Under ``16-mixed`` on a GPU (a loss scaler) the gradients must be unscaled before clipping, which
     Lightning refuses for a fused AdamW: the optimizer is then the plain kernel; without a scaler, fused."""

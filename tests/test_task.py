@@ -132,8 +132,8 @@ def test_task_source_kinds_and_defaults() -> None:
     ("source", "message"),
     [
         ("task://ternary", "unknown task kind 'ternary'"),
-        ("task://binary?variant=gold", "variant must be one of ordinary, golden, got 'gold'"),
-        ("task://binary?split=dev", "split must be one of train, val, test, got 'dev'"),
+        ("task://binary?variant=gold", "'task://binary\\?variant=gold': variant must be 'ordinary' or 'golden', got 'gold'"),
+        ("task://binary?split=dev", "split must be 'train', 'val' or 'test', got 'dev'"),
         ("task://binary?n=ten", "n and seed must be integers"),
         ("task://binary?n=0", "n must be at least 1"),
         ("task://binary?variants=golden", "unknown option.*variants"),

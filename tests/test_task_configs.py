@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
+from helpers import run_cli
 
-from tests.test_cli import REPO, run_cli
 from ulma_lightning.cli import main
+
+pytestmark = pytest.mark.integration  # every test here builds a Trainer
 
 TASK = REPO / "configs" / "task"
 

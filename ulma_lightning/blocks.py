@@ -7,13 +7,13 @@ from collections.abc import Sequence
 
 from torch import nn
 
+import ulma_lightning._compat as _compat
+
 
 def _declared_block_names(root: nn.Module) -> set[str]:
     names: set[str] = set()
     for module in root.modules():
-        declared = getattr(module, "_no_split_modules", None)
-        if declared:
-            names.update(declared)
+        names.update(_compat.no_split_modules(module))
     return names
 
 

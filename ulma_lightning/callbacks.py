@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+import ulma_lightning._compat as _compat
 from ulma_lightning.export import export_atomically, export_hf, gather_policy_state
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class TokenThroughput(pl.Callback):
         self._seconds += time.perf_counter() - self._start
         self._tokens += sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
         pl_module.log("train/tokens_per_sec", self._tokens / max(self._seconds, 1e-9), on_step=True, on_epoch=True, batch_size=1)
-        if trainer._logger_connector.should_update_logs:  # this step's value is written: start a new window
+        if _compat.logs_this_step(trainer):  # this step's value is written: start a new window
             self._tokens, self._seconds = 0, 0.0
 
 

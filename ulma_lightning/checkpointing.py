@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import importlib
 import os
 import re
 import shutil
@@ -24,6 +23,8 @@ from weakref import proxy
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+import ulma_lightning._compat as _compat
+from ulma_lightning.importing import import_object
 from ulma_lightning.options import UserError
 
 # Lightning's own warning for a missing `last` suggests save_last=True, which the configs set already;
@@ -166,10 +167,9 @@ def class_path(cls: type | None) -> str | None:
 def _resolve(path: str | type | None) -> type | str | None:
     if not isinstance(path, str):
         return path
-    module, _, name = path.rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
+        return import_object(path)
+    except ImportError:
         return path
 
 
@@ -311,10 +311,9 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         """Save ``last`` at the end of fit unless it holds the final step already (ModelCheckpoint
         saves it only when nothing was saved, so a fit stopped by ``max_steps`` after a validation
         kept the validation's step as ``last``)."""
-        if self.save_last and self.save_last != "link" and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        else:
-            super().on_train_end(trainer, pl_module)
+        if self.save_last and self.save_last != "link" and _compat.save_last_checkpoint(self, trainer):
+            return
+        super().on_train_end(trainer, pl_module)
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         if not _is_local(filepath):
@@ -326,9 +325,7 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             is_writer=trainer.is_global_zero,
             barrier=trainer.strategy.barrier,
         )
-        # the bookkeeping of ModelCheckpoint._save_checkpoint (lightning 2.5/2.6)
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
+        _compat.record_checkpoint_saved(self, trainer.global_step, filepath)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))

@@ -17,23 +17,13 @@ and ``predict`` for one checkpoint and prints and saves a table of everything
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from typing import Any
 
 from ulma_lightning.data.datamodule import AlignmentDataModule
-from ulma_lightning.lightning_cli import (  # noqa: F401  (the names this module offered before the split)
-    CLI_DEFAULTS,
-    EXTRA_COMMANDS,
-    HELP_EPILOG,
-    ULMACLI,
-    ConfigError,
-    check_dropped_init_args,
-    nulls_as_init_args,
-    refuse_dropped_init_args,
-    root_loggers_at_default_root_dir,
-)
+from ulma_lightning.importing import import_object
+from ulma_lightning.lightning_cli import CLI_DEFAULTS, EXTRA_COMMANDS, ULMACLI
 from ulma_lightning.modules.base import AlignmentModule
 from ulma_lightning.noise import silence_known_noise
 from ulma_lightning.options import UserError
@@ -44,8 +34,7 @@ def main(args: list[str] | None = None) -> Any:
     silence_known_noise()
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in EXTRA_COMMANDS:
-        module, _, function = EXTRA_COMMANDS[argv[0]][0].partition(":")
-        return getattr(importlib.import_module(module), function)(argv[1:])
+        return import_object(EXTRA_COMMANDS[argv[0]][0])(argv[1:])
     if argv and argv[0] == "predict":  # as `ulma evaluate`: the run's saved config, outputs in its folder
         from ulma_lightning.evaluation.evaluate import expected_warnings, with_run_checkpoint
 

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+import ulma_lightning._compat as _compat
+
 #: the ``torch.compile`` keyword arguments ``policy.compile`` may set, and the values each accepts
 KEYS = {
     "mode": "null, 'default', 'reduce-overhead', 'max-autotune' or 'max-autotune-no-cudagraphs'",
@@ -67,24 +69,22 @@ def compile_blocks(model: nn.Module, options: dict[str, Any]) -> int:
 
     Idempotent: a block compiled already is left as it is.
     """
-    import torch._dynamo.config
-
     from ulma_lightning.blocks import decoder_layer_classes
 
     # every block of every model shares one compiled function, whose variants (train / eval, grad /
     # no grad, adapters on / off, static / dynamic shapes) would pass torch's default limit of 8
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    _compat.raise_recompile_limit(RECOMPILE_LIMIT)
     classes = decoder_layer_classes(model)
     blocks = [m for m in model.modules() if isinstance(m, classes)]
     for block in blocks:
-        if getattr(block, "_compiled_call_impl", None) is None:
+        if not _compat.is_compiled(block):
             block.compile(**options)
     return len(blocks)
 
 
 def is_compiled(model: nn.Module | None) -> bool:
     """Whether any submodule of ``model`` was compiled in place."""
-    return model is not None and any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    return model is not None and any(_compat.is_compiled(m) for m in model.modules())
 
 
 @contextlib.contextmanager

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
+import ulma_lightning._compat as _compat
 from ulma_lightning.checkpointing import METADATA_FILE, atomic_replace, partial_path, read_checkpoint_metadata, remove_path
 from ulma_lightning.export import _point_adapter_at
+from ulma_lightning.importing import import_object
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +38,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{path} is neither a checkpoint file nor a sharded checkpoint folder (no {METADATA_FILE} in it); pass a .ckpt file or folder written by `ulma fit` (e.g. runs/ulma/checkpoints/last.ckpt)"
         )
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    weights: dict[str, Any] = {}
-    _load_state_dict(
-        weights,
-        storage_reader=FileSystemReader(path),
-        planner=_EmptyStateDictLoadPlanner(keys={"state_dict", "model"}),
-        no_dist=True,
-    )
+    weights = _compat.load_sharded_state_dict(path, {"state_dict", "model"})
     checkpoint = read_checkpoint_metadata(path)
     checkpoint["state_dict"] = weights.get("state_dict", weights.get("model", {}))  # FSDP2 | FSDP names
     return checkpoint
@@ -66,8 +57,7 @@ def module_from_checkpoint(checkpoint: dict[str, Any]) -> Any:
     class_path = hparams.get("_class_path") or checkpoint.get(MODULE_CLASS_KEY)
     if class_path is None:
         raise ValueError("the checkpoint does not name its module class; load it with YourModule.load_from_checkpoint and call ulma_lightning.export.export_hf")
-    module_name, _, class_name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    cls = import_object(class_path)
     if hparams.pop("_instantiator", None) is not None:  # written by `ulma fit` (LightningCLI)
         hparams["_class_path"] = class_path
         return instantiate_module(cls if issubclass(cls, AlignmentModule) else AlignmentModule, hparams)

@@ -5,7 +5,6 @@ dispatches to it and to the :data:`EXTRA_COMMANDS` is :mod:`ulma_lightning.cli`.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import json
 import logging
@@ -22,9 +21,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+import ulma_lightning._compat as _compat
 from ulma_lightning.checkpointing import check_resume_options, check_same_classes, read_checkpoint_metadata
 from ulma_lightning.evaluation.writer import PredictionWriter
 from ulma_lightning.gguf_models import model_source
+from ulma_lightning.importing import import_object
 from ulma_lightning.noise import without_version_in_progress_bar
 from ulma_lightning.options import UserError
 from ulma_lightning.policy import default_tokenizer
@@ -238,10 +239,9 @@ def _init_args_of(spec: Any) -> dict[str, Any]:
 
 def _class_at(class_path: str) -> Any:
     """The object ``class_path`` names, or None when it cannot be imported."""
-    module, _, name = class_path.rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
+        return import_object(class_path)
+    except ImportError:
         return None
 
 
@@ -484,7 +484,5 @@ class ULMACLI(LightningCLI):
 
     def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
-        from jsonargparse import ArgumentParser
-
         for name, (_, description) in EXTRA_COMMANDS.items():  # listed here, parsed by their own function
-            parser._subcommands_action.add_subcommand(name, ArgumentParser(description=description), help=description)
+            _compat.add_subcommand(parser, name, description)

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ulma_lightning.choices import check_choices
+
 LabelType = Literal["binary", "continuous"]
 ContinuousForm = Literal["bce", "mse"]
 Reduction = Literal["subset_mean", "mean"]
@@ -126,9 +128,6 @@ def reduce_losses(losses: Tensor, positive: Tensor, reduction: Reduction = "subs
     raise ValueError(f"reduction must be 'subset_mean' or 'mean', got {reduction!r}")
 
 
-_reduce = reduce_losses  # the name before it was public
-
-
 def _check_shapes(**tensors: Tensor) -> None:
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     if any(len(s) != 1 for s in shapes.values()) or len(set(shapes.values())) != 1:
@@ -148,8 +147,7 @@ def _check_labels(scores: Tensor, label_type: LabelType) -> None:
 
 def _pointwise_terms(u: Tensor, scores: Tensor, label_type: LabelType, continuous_form: ContinuousForm) -> tuple[Tensor, Tensor]:
     """Per-sample point-wise DPO losses as (loss if treated as positive, loss as negative/soft)."""
-    if continuous_form not in ("bce", "mse"):  # checked for binary labels too: a typo must not pass silently
-        raise ValueError(f"continuous_form must be 'bce' or 'mse', got {continuous_form!r}")
+    check_choices(continuous_form=(continuous_form, ("bce", "mse")))  # checked for binary labels too: a typo must not pass silently
     positive_loss = -F.logsigmoid(u)  # -log sigma(u)
     if label_type == "binary":
         other_loss = -F.logsigmoid(-u)  # -log(1 - sigma(u)), for z = 0
@@ -191,9 +189,6 @@ def pointwise_metrics(
         metrics["rewards/positive"] = masked_mean(rewards.detach(), positive & rewarded)
         metrics["rewards/negative"] = masked_mean(rewards.detach(), ~positive & rewarded)
     return metrics, subset_counts(positive, reduction, rewarded)
-
-
-_summary = pointwise_metrics  # the name before it was public
 
 
 def pointwise_output(

@@ -477,10 +477,14 @@ class Policy(PretrainedModel):
             self.reference_forward_samples -= 1
 
 
-def select_rows(batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
-    """The sub-batch of ``rows`` (boolean mask), trimmed to its longest sequence."""
-    sub = {k: v[rows] for k, v in batch.items() if isinstance(v, Tensor) and v.shape[:1] == rows.shape}
+def select_rows(batch: dict[str, Any], rows: Tensor) -> dict[str, Tensor]:
+    """The sub-batch of a right-padded batch at ``rows`` (a boolean mask or row indices): every tensor
+    with one entry per row, its sequences trimmed to the longest one kept. The one row selector of
+    the package (the modules' sub-batches, rollouts' chunks, KTO's mismatched pairs)."""
+    size = batch["input_ids"].shape[0]
+    sub = {k: v[rows] for k, v in batch.items() if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == size}
     length = int(sub["attention_mask"].sum(dim=1).max())
     for key in ("input_ids", "attention_mask", "labels"):
-        sub[key] = sub[key][:, :length]
+        if key in sub:
+            sub[key] = sub[key][:, :length]
     return sub

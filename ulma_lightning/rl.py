@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ulma_lightning.choices import check_choices
 from ulma_lightning.losses import LossOutput, masked_mean
 
 KLEstimator = Literal["k1", "k3"]
@@ -198,8 +199,7 @@ def grpo_advantages(rewards: Tensor, k: int, *, scale_rewards: ScaleRewards = "g
         raise ValueError(f"GRPO needs k >= 2 samples per prompt for a group baseline, got {k}")
     if rewards.shape[0] % k:
         raise ValueError(f"{rewards.shape[0]} rewards are not whole groups of k={k}")
-    if scale_rewards not in ("group", "none"):
-        raise ValueError(f"scale_rewards must be 'group' or 'none', got {scale_rewards!r}")
+    check_choices(scale_rewards=(scale_rewards, ("group", "none")))
     grouped = rewards.view(-1, k)
     advantages = grouped - grouped.mean(dim=1, keepdim=True)
     if scale_rewards == "group":
@@ -237,8 +237,7 @@ def grpo_loss(
     Metrics: ``policy/clipfrac`` (share of tokens whose ratio is clipped in the direction of ``A``,
     TRL's ``clip_ratio/region_mean``), ``policy/approx_kl`` and, with a reference, ``policy/kl`` (mean
     ``k3`` per token). ``losses``: each response's mean token loss."""
-    if loss_type not in ("grpo", "bnpo", "dr_grpo"):
-        raise ValueError(f"loss_type must be 'grpo', 'bnpo' or 'dr_grpo', got {loss_type!r}")
+    check_choices(loss_type=(loss_type, ("grpo", "bnpo", "dr_grpo")))
     if beta != 0.0 and reference_logps is None:
         raise ValueError(f"grpo_loss with beta={beta} needs reference_logps")
     keep = mask.bool()

@@ -23,8 +23,9 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
+import ulma_lightning._compat as _compat
 from ulma_lightning.blocks import decoder_layer_classes  # noqa: F401  (also offered here, with the rest of sharding)
-from ulma_lightning.logprobs import is_fsdp2  # noqa: F401  (also offered here, with the rest of FSDP2)
+from ulma_lightning.logprobs import is_fsdp2
 from ulma_lightning.options import TORCH_DTYPES
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
@@ -247,7 +248,7 @@ class AutoWrapFSDPStrategy(FSDPStrategy):
             policy = self.wrap_policy(model)
             self.kwargs["auto_wrap_policy"] = policy
             if self.activation_checkpointing:
-                self._activation_checkpointing_kwargs = {"auto_wrap_policy": policy}
+                _compat.set_activation_checkpointing(self, policy)
         for module in model.modules():
             if hasattr(module, "collective_forwards"):
                 module.collective_forwards = True

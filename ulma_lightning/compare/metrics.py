@@ -18,7 +18,6 @@ from the saved per-prompt scores when the results are written (:mod:`ulma_lightn
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from ulma_lightning.data.demonstration import DemonstrationDataModule
 from ulma_lightning.data.features import build_sequence
 from ulma_lightning.data.prompts import LeftPaddingCollator
 from ulma_lightning.evaluation.generation import GenerationConfig, generate_responses
+from ulma_lightning.importing import import_object
 from ulma_lightning.logprobs import response_token_logps
 from ulma_lightning.tokenizers import load_tokenizer
 
@@ -51,8 +51,7 @@ def load_model(folder: str) -> torch.nn.Module:
 
 
 def _function(dotted: str) -> Callable[[Any], str]:
-    module, _, name = dotted.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    return import_object(dotted)
 
 
 def make_scorer(spec: dict[str, Any]) -> Any:

@@ -8,7 +8,6 @@ line and entry, before anything is trained. See ``experiments/paper.yaml`` for a
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from ulma_lightning.choices import choice_problem
+from ulma_lightning.importing import import_object
 from ulma_lightning.options import UserError
 from ulma_lightning.shipped import shipped_configs_dir
 
@@ -233,11 +234,6 @@ def _resolve_file(name: str, grid_dir: Path) -> Path | None:
     return None
 
 
-def _import(class_path: str) -> Any:
-    module_name, _, attr = class_path.rpartition(".")
-    return getattr(importlib.import_module(module_name), attr)
-
-
 def _known_methods(configs_dir: Path) -> list[str]:
     return sorted(p.stem for p in configs_dir.glob("*.yaml")) if configs_dir.is_dir() else []
 
@@ -255,8 +251,8 @@ def _module_class(config: Path, overrides: dict[str, Any], where: str) -> tuple[
     if "." not in class_path:
         class_path = f"ulma_lightning.{class_path}"
     try:
-        cls = _import(class_path)
-    except (ImportError, AttributeError) as exc:
+        cls = import_object(class_path)
+    except ImportError as exc:
         raise GridError(f"{where}: unknown method class {class_path!r} in {config} ({exc}); fix model.class_path") from None
     from ulma_lightning.modules.base import AlignmentModule
 
@@ -325,7 +321,7 @@ def check_chain(stages: list[StageSpec], where: str) -> None:
         if before.role == "reward":
             if after.role == "reward":
                 raise GridError(f"{where}: two reward-model stages in a row ({before.method}, {after.method}); a reward model feeds a policy stage")
-            if not _accepts(_import(after.module_class), after.reward_arg):
+            if not _accepts(import_object(after.module_class), after.reward_arg):
                 raise GridError(
                     f"{where}: stage {after.method!r} ({after.module_class}) follows the reward model of stage {before.method!r} "
                     f"but takes no `{after.reward_arg.split('init_args.')[-1]}` argument; only an RL stage (e.g. PPO) can use a reward model "
@@ -599,8 +595,9 @@ def load_grid(path: str | Path, *, quick: bool = False, heldout: bool = False) -
     if evaluation.baseline is not None and evaluation.baseline not in seen and not quick and not (base is not None and evaluation.baseline == BASE_RUN):
         raise GridError(_where(path, doc.get("evaluation"), f"evaluation.baseline {evaluation.baseline!r} is not a run name; runs are {list(seen)}"))
     launcher = str(doc.get("launcher") or "inprocess")
-    if launcher not in ("inprocess", "subprocess"):
-        raise GridError(_where(path, doc, f"launcher must be inprocess or subprocess, got {launcher!r}"))
+    problem = choice_problem("launcher", launcher, ("inprocess", "subprocess"))
+    if problem is not None:
+        raise GridError(_where(path, doc, problem))
     jobs = doc.get("jobs", 1)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise GridError(_where(path, doc, f"jobs must be a whole number >= 1 (runs trained at a time), got {jobs!r}"))

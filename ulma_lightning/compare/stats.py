@@ -29,6 +29,8 @@ from typing import Literal
 
 import numpy as np
 
+from ulma_lightning.choices import check_choices
+
 Kind = Literal["beats", "at_least", "equivalent"]
 KINDS = ("beats", "at_least", "equivalent")
 
@@ -86,8 +88,7 @@ def _side(effect: Effect, kind: Kind, margin: float) -> str:
 
 def verdict(main: Effect, heldout: Effect | None, kind: Kind = "beats", margin: float = 0.0) -> str:
     """The verdict of a claim from its main-set and held-out-set effects (rule in the module docstring)."""
-    if kind not in KINDS:
-        raise ValueError(f"claim kind must be one of {KINDS}, got {kind!r}")
+    check_choices("claim", kind=(kind, KINDS))
     if math.isnan(main.mean):
         return "not run"
     sides = [_side(main, kind, margin)]

@@ -31,7 +31,8 @@ from typing import Any
 
 import yaml
 
-from ulma_lightning.compare.spec import GridError, GridSpec, RunSpec, StageSpec, _accepts, _import, tuning_keys
+from ulma_lightning.compare.spec import GridError, GridSpec, RunSpec, StageSpec, _accepts, tuning_keys
+from ulma_lightning.importing import import_object
 
 
 def _short(key: str) -> str:
@@ -69,7 +70,7 @@ def targets(grid: GridSpec) -> dict[str, Target]:
         for index, (stage, key) in enumerate(zip(run.stages, tuning_keys(run.stages))):
             if key in out or stage.role != "policy" or stage.sources is not None:
                 continue
-            cls = _import(stage.module_class)
+            cls = import_object(stage.module_class)
             values = {**grid.tune.grid, **grid.tune.methods.get(stage.method, {}), **grid.tune.methods.get(key, {})}
             values = {k: list(v) for k, v in values.items() if _accepts(cls, k)}
             out[key] = Target(key, run.stages[: index + 1], run, values)

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from ulma_lightning.choices import check_choices
 from ulma_lightning.data.cache import (
     CacheMiss,
     FeatureCache,
@@ -195,14 +196,8 @@ class AlignmentDataModule(pl.LightningDataModule):
             max_prompt_length=(max_prompt_length, ">= 0"), val_fraction=(val_fraction, "in [0, 1)"),
             pad_to_multiple_of=(pad_to_multiple_of, ">= 1"), num_workers=(num_workers, ">= 0"), max_samples=(max_samples, ">= 1"),
         )  # fmt: skip
-        if on_bad_record not in ("error", "skip"):
-            raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
-        if mix_strategy not in ("interleave_under", "interleave_over"):
-            raise ValueError(f"mix_strategy must be 'interleave_under' or 'interleave_over', got {mix_strategy!r}")
-        if label_type not in ("binary", "continuous", None):
-            raise ValueError(f"label_type must be 'binary', 'continuous' or None, got {label_type!r}")
-        if predict_inputs not in ("prompts", "sequences"):
-            raise ValueError(f"predict_inputs must be 'prompts' or 'sequences', got {predict_inputs!r}")
+        check_choices(on_bad_record=(on_bad_record, ("error", "skip")), mix_strategy=(mix_strategy, ("interleave_under", "interleave_over")))
+        check_choices(label_type=(label_type, ("binary", "continuous", None)), predict_inputs=(predict_inputs, ("prompts", "sequences")))
         #: the method's label kind and ``ulma predict``'s inputs (the contract's ModuleData; linked by ``ulma``)
         self.label_type, self.predict_inputs = label_type, predict_inputs
         if test is None and isinstance(train, str) and is_demo_source(train):
@@ -782,8 +777,7 @@ class PointwiseDataModule(AlignmentDataModule):
         super().__init__(*args, **kwargs)
         if score_range[0] >= score_range[1]:
             raise ValueError(f"score_range must be (low, high) with low < high, got {score_range}")
-        if score_direction not in ("higher_is_better", "lower_is_better"):
-            raise ValueError(f"score_direction must be 'higher_is_better' or 'lower_is_better', got {score_direction!r}")
+        check_choices(score_direction=(score_direction, ("higher_is_better", "lower_is_better")))
         self.score_range = tuple(score_range)
         self.score_direction = score_direction
 

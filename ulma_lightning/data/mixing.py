@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 
+from ulma_lightning.choices import check_choices
 from ulma_lightning.options import check_numbers
 
 MixStrategy = Literal["interleave_under", "interleave_over"]
@@ -73,8 +74,7 @@ def source_specs(value: SplitSources | dict[str, Any] | None, split: str) -> lis
             raise ValueError(f"{where} ({spec.source}): {err}") from None
         if spec.weight is not None and spec.samples is not None:
             raise ValueError(f"{where} ({spec.source}): give weight or samples, not both")
-        if spec.on_bad_record not in (None, "error", "skip"):
-            raise ValueError(f"{where} ({spec.source}): on_bad_record must be 'error' or 'skip', got {spec.on_bad_record!r}")
+        check_choices(f"{where} ({spec.source})", on_bad_record=(spec.on_bad_record, (None, "error", "skip")))
         if spec.score_range is not None and not (len(spec.score_range) == 2 and spec.score_range[0] < spec.score_range[1]):
             raise ValueError(f"{where} ({spec.source}): score_range must be [low, high] with low < high, got {list(spec.score_range)}")
         specs.append(spec)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from ulma_lightning.choices import check_choices
 from ulma_lightning.data.errors import DataError, Location  # Location: defined with the errors that name it
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -242,10 +243,7 @@ def _task_query(source: str, default_split: str) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"{source!r}: unknown option(s) {', '.join(unknown)}; task:// takes {', '.join(TASK_QUERY)}")
     split = query.get("split", "val" if default_split == "validation" else default_split)
     variant = query.get("variant", "ordinary")
-    if split not in SPLITS:
-        raise ValueError(f"{source!r}: split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if variant not in VARIANTS:
-        raise ValueError(f"{source!r}: variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    check_choices(repr(source), split=(split, SPLITS), variant=(variant, VARIANTS))
     try:
         n, seed = int(query.get("n", TASK_SIZES[split])), int(query.get("seed", 0))
     except ValueError:
@@ -253,8 +251,7 @@ def _task_query(source: str, default_split: str) -> tuple[str, dict[str, Any]]:
     if n < 1:
         raise ValueError(f"{source!r}: n must be at least 1, got {n}")
     stratified = query.get("stratified", "false").lower()
-    if stratified not in ("true", "false", "1", "0"):
-        raise ValueError(f"{source!r}: stratified must be true or false, got {stratified!r}")
+    check_choices(repr(source), stratified=(stratified, ("true", "false", "1", "0")))
     if kind == "base":
         if split == "test" or "variant" in query or "stratified" in query:
             raise ValueError(f"{source!r}: task://base (the base model's corpus) takes split train or val, n and seed only")

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
 
+from ulma_lightning.choices import check_choices
 from ulma_lightning.tokenizers import register_builtin_corpus
 
 __all__ = [
@@ -199,8 +200,7 @@ def recognisable(response: str) -> bool:
 def score_response(prompt: Prompt | str, response: str, *, version: int = 2) -> float:
     """The ground-truth score of ``response`` to the task prompt ``prompt``, in ``[0, 1]`` (table above;
     ``version`` 2 first scores an unrecognisable answer 0 on every request, version 1 does not)."""
-    if version not in SCORER_VERSIONS:
-        raise ValueError(f"scorer version must be one of {SCORER_VERSIONS}, got {version!r}")
+    check_choices("scorer", version=(version, SCORER_VERSIONS))
     topic, modifier = parse_request(prompt)
     if version >= 2 and not recognisable(response):
         return 0.0
@@ -325,10 +325,7 @@ def generate_pairs(n: int, *, split: Split = "train", variant: Variant = "ordina
     not depend on ``n``. ``stratified``: the harmful share of every prefix is fixed (:func:`_harmful`),
     not drawn, so two seeds' first N prompts differ in their draws but not in their mix.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    check_choices(split=(split, SPLITS), variant=(variant, VARIANTS))
     rng = random.Random(f"task:{split}:{seed}")
     pool = combinations(split)
     harmful = [c for c in pool if c[0] in HARMFUL_TOPICS]

@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
+import ulma_lightning._compat as _compat
 from ulma_lightning.evaluation.generation import GenerationConfig, can_generate, empty_responses, empty_warning, generate_responses
 from ulma_lightning.evaluation.scorers import Scorer, scorers_for
 
@@ -55,7 +56,7 @@ def markdown_table(prompts: list[Any], responses: list[str], scores: list[float]
 def logged_step(trainer: pl.Trainer) -> int:
     """The step at which Lightning logs the metrics of now (``val/loss`` of a validation inside fit is
     logged one below ``global_step``): what is written beside them shares their step."""
-    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+    return _compat.batches_that_stepped(trainer)
 
 
 class GenerationSamples(pl.Callback):

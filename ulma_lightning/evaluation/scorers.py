@@ -15,7 +15,6 @@ prediction is scored) and run without gradients, in eval mode.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +22,9 @@ from typing import Any
 
 import torch
 
+from ulma_lightning.choices import check_choices
 from ulma_lightning.data.features import scoring_batches
+from ulma_lightning.importing import import_object
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,7 @@ class TaskScorer(Scorer):
         super().__init__(name)
         from ulma_lightning.data.task import SCORER_VERSIONS
 
-        if version not in SCORER_VERSIONS:
-            raise ValueError(f"TaskScorer version must be one of {SCORER_VERSIONS}, got {version!r}")
+        check_choices("TaskScorer", version=(version, SCORER_VERSIONS))
         self.version = version
 
     def applies_to(self, sources: Sequence[str | None]) -> bool:
@@ -229,10 +229,9 @@ class RewardModelScorer(_ModelScorer):
     def _load(self) -> None:
         if not Path(self.ckpt_path).is_file():
             raise FileNotFoundError(f"RewardModelScorer.ckpt_path: no checkpoint at {self.ckpt_path!r}")
-        module_name, _, class_name = self.module.rpartition(".")
         try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError) as exc:
+            cls = import_object(self.module)
+        except ImportError as exc:
             raise ImportError(f"RewardModelScorer.module: cannot import {self.module!r} ({exc})") from exc
         model = cls.load_from_checkpoint(self.ckpt_path, map_location="cpu", weights_only=False)
         self._model = model.eval().to(self.device or "cpu")

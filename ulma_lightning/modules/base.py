@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+import ulma_lightning._compat as _compat
 from ulma_lightning.checkpointing import DATA_CLASS_KEY, MODULE_CLASS_KEY, check_resume_options, check_same_classes, class_path, keep_unfinished_epoch
 from ulma_lightning.compiling import check_strategy
 from ulma_lightning.data.contract import ModuleData
@@ -156,15 +157,15 @@ class AlignmentModule(pl.LightningModule):
         if not self.spec.needs_reference and config.reference != "none":
             log.info("%s uses no reference model: policy.reference %r is treated as 'none'", type(self).__name__, config.reference)
             config.reference = "none"
-        if config.compile and self._trainer is not None:
-            check_strategy(self._trainer.strategy)
+        if config.compile and _compat.attached_trainer(self) is not None:
+            check_strategy(_compat.attached_trainer(self).strategy)
         self.policy.build()
         self.check_max_length()
-        mesh = getattr(self, "_device_mesh", None)
+        mesh = self.device_mesh
         if mesh is not None:  # FSDP2 (ModelParallelStrategy): shard policy and reference per block
             from ulma_lightning.sharding import data_parallel_mesh, shard_options_for, shard_policy
 
-            strategy = self._trainer.strategy if self._trainer is not None else None
+            strategy = getattr(_compat.attached_trainer(self), "strategy", None)
             shard_policy(self.policy, data_parallel_mesh(mesh), **shard_options_for(strategy))
 
     def check_max_length(self) -> None:
@@ -347,10 +348,11 @@ class AlignmentModule(pl.LightningModule):
             return
         sequences, rows = found
         tokens = reuse_token_logps(records, sequences)
+        # the epoch's value is synced across processes: every process logs it, a process with no rows too
         if tokens is None and rows is not None and not bool(rows.any()):
             self.policy.idle_forward(sequences)  # others may run the forward below (a sharded policy)
-            values = torch.zeros(0, device=self.device)  # none here, but log on every process alike:
-        else:  # the epoch's value is synced across processes, and every process must take part
+            values = torch.zeros(0, device=self.device)
+        else:
             if tokens is None:
                 if rows is not None:
                     sequences, rows = select_rows(sequences, rows), None
@@ -415,7 +417,7 @@ class AlignmentModule(pl.LightningModule):
         """The L2 norm of every parameter's gradient; under FSDP and FSDP2, over all shards."""
         squares = [(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).float().square().sum() for p in self.parameters() if p.grad is not None]
         total = torch.stack(squares).sum() if squares else torch.zeros((), device=self.device)
-        if self._wrapped_by_fsdp() or getattr(self, "_device_mesh", None) is not None:
+        if self._wrapped_by_fsdp() or self.device_mesh is not None:
             total = self.trainer.strategy.reduce(total, reduce_op="sum")  # disjoint shards: squares add up
         return total.sqrt()
 
@@ -432,7 +434,7 @@ class AlignmentModule(pl.LightningModule):
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        scaled = self._trainer is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        scaled = _compat.attached_trainer(self) is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None
         fused = bool(params) and not scaled and all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params)
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
 
@@ -468,7 +470,7 @@ class AlignmentModule(pl.LightningModule):
         """
         trainer = self.trainer
         per_epoch = getattr(self.data_module, "train_batches_per_epoch", None)
-        if trainer.max_epochs in (None, -1) or per_epoch is None or trainer.fit_loop._combined_loader is not None:
+        if trainer.max_epochs in (None, -1) or per_epoch is None or _compat.train_loader_built(trainer):
             return trainer.estimated_stepping_batches
         batches = per_epoch()
         limit = trainer.limit_train_batches
@@ -516,9 +518,9 @@ class AlignmentModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse another method's checkpoint; put back the reference weights it does not store."""
         datamodule = self.data_module
-        source = str(getattr(self._trainer, "ckpt_path", None) or "(the checkpoint)")
+        source = str(getattr(_compat.attached_trainer(self), "ckpt_path", None) or "(the checkpoint)")
         check_same_classes(checkpoint, type(self), type(datamodule) if datamodule is not None else None, source)
-        if self._trainer is not None and self._trainer.state.fn == "fit":  # resuming: the options must be the checkpoint's
+        if _compat.attached_trainer(self) is not None and _compat.attached_trainer(self).state.fn == "fit":  # resuming: the options must be the checkpoint's
             check_resume_options(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), source)
         self._resumed_schedule = (checkpoint.get(SCHEDULE_STEPS_KEY), int(checkpoint.get("global_step", 0)))
         state = checkpoint.setdefault("state_dict", {})

@@ -74,11 +74,6 @@ def swap_responses(prompts: dict[str, Tensor], responses: dict[str, Tensor], tru
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def take_rows(batch: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
-    """The sequence tensors of ``batch`` at rows ``index`` (an index or a boolean mask)."""
-    return {key: batch[key][index] for key in SEQUENCE_KEYS}
-
-
 def prompt_groups(input_ids: Sequence[Any], labels: Sequence[Any]) -> list[int]:
     """A group per row, numbered by first appearance: rows whose prompt tokens (the positions before
     the first label) are identical share one. Rows are 1-D tensors or arrays."""

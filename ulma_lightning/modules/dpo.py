@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ulma_lightning.choices import check_choices
 from ulma_lightning.losses import DPOLossType, LossOutput, dpo_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig
 from ulma_lightning.modules.batching import pair_batch
@@ -46,8 +47,7 @@ class DPOModule(AlignmentModule):
         average_logps: bool | None = None,
     ) -> None:
         check_numbers(beta=(beta, "> 0"))
-        if loss_type not in ("sigmoid", "ipo", "hinge"):
-            raise ValueError(f"loss_type must be 'sigmoid', 'ipo' or 'hinge', got {loss_type!r}")
+        check_choices(loss_type=(loss_type, ("sigmoid", "ipo", "hinge")))
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
         super().__init__(policy, optimizer, PAIRWISE.replace(average_logps=loss_type == "ipo"))  # average_logps, when set, wins

@@ -7,11 +7,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ulma_lightning.choices import check_choices
 from ulma_lightning.losses import LossOutput
 from ulma_lightning.modules.base import OptimizerConfig
-from ulma_lightning.modules.rollout import ROLLOUT, Rollout, RolloutModule, take_rows
+from ulma_lightning.modules.rollout import ROLLOUT, Rollout, RolloutModule
 from ulma_lightning.options import check_numbers
-from ulma_lightning.policy import PolicyConfig
+from ulma_lightning.policy import PolicyConfig, select_rows
 from ulma_lightning.rl import GRPOLossType, ScaleRewards, grpo_advantages, grpo_loss, kl_estimate, token_mean
 
 
@@ -65,10 +66,7 @@ class GRPOModule(RolloutModule):
         for name, use in (("samples_per_prompt", "num_generations"), ("kl_coef", "beta"), ("kl_estimator", "beta (the k3 estimator, always)")):
             if name in kwargs:
                 raise TypeError(f"GRPOModule takes {use}, not {name}")
-        if scale_rewards not in ("group", "none"):
-            raise ValueError(f"GRPOModule: scale_rewards must be 'group' or 'none', got {scale_rewards!r}")
-        if loss_type not in ("grpo", "bnpo", "dr_grpo"):
-            raise ValueError(f"GRPOModule: loss_type must be 'grpo', 'bnpo' or 'dr_grpo', got {loss_type!r}")
+        check_choices("GRPOModule", scale_rewards=(scale_rewards, ("group", "none")), loss_type=(loss_type, ("grpo", "bnpo", "dr_grpo")))
         check_numbers(beta=(beta, ">= 0"), clip_range=(clip_range, "> 0"), clip_range_high=(clip_range_high, "> 0"))
         check_numbers(num_iterations=(num_iterations, ">= 1"), mini_batch_size=(mini_batch_size, ">= 1"))
         spec = ROLLOUT.replace(reference="all" if beta else "none")  # beta 0: no reference model is built or run
@@ -86,7 +84,7 @@ class GRPOModule(RolloutModule):
         beta = float(self.kl_coef)
 
         def step(rows: Tensor) -> LossOutput:
-            tokens = self.policy.token_logps(take_rows(rollout.sequences, rows))
+            tokens = self.policy.token_logps(select_rows(rollout.sequences, rows))
             logps, _ = self.token_matrix(tokens, mask.shape[1])
             return grpo_loss(
                 logps, rollout.logps[rows], advantages[rows], mask[rows], None if reference is None else reference[rows],

@@ -10,6 +10,7 @@ from torch import Tensor
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 from torchmetrics.functional.regression import pearson_corrcoef, spearman_corrcoef
 
+import ulma_lightning._compat as _compat
 from ulma_lightning.losses import LabelType
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ class RewardMetrics:
 
 def gather_uneven(module: pl.LightningModule, values: Tensor) -> Tensor:
     """``values`` of every process, concatenated (sizes may differ between processes)."""
-    if module._trainer is None or module.trainer.world_size == 1:
+    if _compat.attached_trainer(module) is None or module.trainer.world_size == 1:
         return values
     size = torch.tensor([values.numel()], device=module.device)
     sizes = module.all_gather(size).view(-1).tolist()

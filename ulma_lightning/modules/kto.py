@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+import ulma_lightning._compat as _compat
 from ulma_lightning.data.features import Truncation
 from ulma_lightning.losses import LossOutput, kto_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
@@ -16,11 +17,10 @@ from ulma_lightning.modules.batching import (
     prompt_groups,
     stack_batches,
     swap_responses,
-    take_rows,
 )
 from ulma_lightning.modules.spec import MethodSpec
 from ulma_lightning.options import check_numbers
-from ulma_lightning.policy import PolicyConfig
+from ulma_lightning.policy import PolicyConfig, select_rows
 
 KL_KEY = "kto_kl_estimate"  # the checkpoint entry of the last KL estimate
 
@@ -141,8 +141,8 @@ class KTOModule(AlignmentModule):
         if "kl_partner" in batch:
             responses = self.partner_batch(partners[rows], split)
         else:
-            responses = take_rows(batch, partners[rows])
-        return rows, swap_responses(take_rows(batch, rows), responses, self.truncation)
+            responses = select_rows(batch, partners[rows])
+        return rows, swap_responses(select_rows(batch, rows), responses, self.truncation)
 
     def kl_batch(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor] | None:
         """The mismatched pairs of :meth:`kl_pairs` alone; None if there are none."""
@@ -153,7 +153,7 @@ class KTOModule(AlignmentModule):
         stats = torch.stack([differences.detach().sum(), torch.tensor(float(differences.numel()), device=differences.device)])
         if stats[1] > 0:
             self.kl_local = (stats[0] / stats[1]).cpu()
-        if self._trainer is not None:
+        if _compat.attached_trainer(self) is not None:
             stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
         if stats[1] > 0:
             self.kl = (stats[0] / stats[1]).detach()

@@ -9,12 +9,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ulma_lightning.choices import check_choices
 from ulma_lightning.losses import ContinuousForm, LabelType, LossOutput, PositiveTerm, Reduction, ulma_loss
 from ulma_lightning.modules.base import REFERENCE_PREFIX, OptimizerConfig
-from ulma_lightning.modules.pointwise import check_choices, check_label_options, check_pointwise_options
-from ulma_lightning.modules.rollout import ROLLOUT, Rollout, RolloutModule, take_rows
+from ulma_lightning.modules.pointwise import check_label_options, check_pointwise_options
+from ulma_lightning.modules.rollout import ROLLOUT, Rollout, RolloutModule
 from ulma_lightning.options import check_numbers
-from ulma_lightning.policy import PolicyConfig
+from ulma_lightning.policy import PolicyConfig, select_rows
 from ulma_lightning.rl import kl_estimate
 
 LabelMode = Literal["top_vs_rest", "threshold", "continuous"]
@@ -174,7 +175,7 @@ class OnlineULMAModule(RolloutModule):
         def step(rows: Tensor) -> LossOutput:
             chosen = rows[kept[rows]]
             sub = chosen if chosen.numel() else rows[:1]  # every process runs a forward (DDP), even with nothing to learn
-            logps = self.policy.token_logps(take_rows(rollout.sequences, sub)).per_sequence(average=self.average_logps)
+            logps = self.policy.token_logps(select_rows(rollout.sequences, sub)).per_sequence(average=self.average_logps)
             out = ulma_loss(
                 logps,
                 reference[sub],

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ulma_lightning.choices import check_choices
 from ulma_lightning.losses import ContinuousForm, LabelType, LossOutput, Reduction, pointwise_dpo_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig
-from ulma_lightning.modules.spec import MethodSpec, check_choices
+from ulma_lightning.modules.spec import MethodSpec
 from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import PolicyConfig
 
-__all__ = ["PointwiseDPOModule", "PointwiseModule", "check_choices", "check_label_options", "check_pointwise_options"]
+__all__ = ["PointwiseDPOModule", "PointwiseModule", "check_label_options", "check_pointwise_options"]
 
 
 def check_pointwise_options(*, beta: float, positive_threshold: float, reduction: str) -> None:

@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from ulma_lightning.logprobs import IGNORE_INDEX, TokenLogps, decoder_and_head
 from ulma_lightning.losses import LossOutput
 from ulma_lightning.modules.base import OptimizerConfig
-from ulma_lightning.modules.rollout import Rollout, RolloutModule, take_rows
+from ulma_lightning.modules.rollout import Rollout, RolloutModule
 from ulma_lightning.options import check_numbers
-from ulma_lightning.policy import PolicyConfig
+from ulma_lightning.policy import PolicyConfig, select_rows
 from ulma_lightning.rl import adaptive_kl_coef, explained_variance, gae, kl_estimate, masked_whiten, ppo_loss
 
 
@@ -133,7 +133,7 @@ class PPOModule(RolloutModule):
             advantages = masked_whiten(advantages, mask)
 
         def step(rows: Tensor) -> LossOutput:
-            sub = take_rows(rollout.sequences, rows)
+            sub = select_rows(rollout.sequences, rows)
             logps, _ = self.token_matrix(self.policy.token_logps(sub), width)
             values, _ = self.token_matrix(critic(sub), width)
             return ppo_loss(

@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Subset
 
+import ulma_lightning._compat as _compat
 from ulma_lightning.data.contract import ModuleData
 
 
@@ -26,7 +27,7 @@ def progress(iterable: Any, desc: str, enabled: bool = True) -> Any:
 def data_module_of(module: pl.LightningModule) -> ModuleData | None:
     """The trainer's data module, through what modules may use of it (:class:`ModuleData`); None
     without a trainer or a data module."""
-    return getattr(module._trainer, "datamodule", None) if module._trainer is not None else None
+    return getattr(_compat.attached_trainer(module), "datamodule", None)
 
 
 def schedule_reference_precompute(module: Any) -> None:
@@ -88,7 +89,7 @@ def wrapped_by_fsdp(module: pl.LightningModule) -> bool:
     """Whether torch's FSDP1 (Lightning's ``FSDPStrategy``) wraps ``module``."""
     from lightning.pytorch.strategies import FSDPStrategy
 
-    return module._trainer is not None and isinstance(module.trainer.strategy, FSDPStrategy)
+    return _compat.attached_trainer(module) is not None and isinstance(module.trainer.strategy, FSDPStrategy)
 
 
 def run_wrapped(module: pl.LightningModule, method: str, *args: Any) -> Any:
@@ -99,5 +100,5 @@ def run_wrapped(module: pl.LightningModule, method: str, *args: Any) -> Any:
     """
     if wrapped_by_fsdp(module):
         strategy = module.trainer.strategy
-        return strategy._forward_redirection(strategy.model, module, method, *args)  # type: ignore[attr-defined]
+        return _compat.forward_redirection(strategy, module, method, *args)
     return getattr(module, method)(*args)

@@ -8,9 +8,9 @@ from torch import Tensor
 
 from ulma_lightning.losses import LossOutput
 from ulma_lightning.modules.base import OptimizerConfig
-from ulma_lightning.modules.rollout import Rollout, RolloutModule, take_rows
+from ulma_lightning.modules.rollout import Rollout, RolloutModule
 from ulma_lightning.options import check_numbers
-from ulma_lightning.policy import PolicyConfig
+from ulma_lightning.policy import PolicyConfig, select_rows
 from ulma_lightning.rl import kl_estimate, rloo_advantages, rloo_loss
 
 
@@ -68,7 +68,7 @@ class RLOOModule(RolloutModule):
         old_logps = (rollout.logps * mask).sum(dim=1)
 
         def step(rows: Tensor) -> LossOutput:
-            logps = self.policy.token_logps(take_rows(rollout.sequences, rows)).per_sequence(average=False)
+            logps = self.policy.token_logps(select_rows(rollout.sequences, rows)).per_sequence(average=False)
             return rloo_loss(logps, old_logps[rows], advantages[rows], clip_range=self.clip_range, clip_range_high=self.clip_range_high)
 
         metrics: dict[str, Tensor | float] = dict(self.minibatch_updates(len(rollout.responses), self.num_iterations, self.mini_batch_size, step))

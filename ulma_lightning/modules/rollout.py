@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+import ulma_lightning._compat as _compat
+from ulma_lightning.choices import check_choices
 from ulma_lightning.data.collate import PaddingCollator
 from ulma_lightning.data.features import build_sequence
 from ulma_lightning.evaluation.generation import GenerationConfig, decode_response, generate_ids
@@ -64,13 +66,6 @@ def run_seed() -> int:
     """The run's seed (``seed_everything``, which Lightning keeps in ``PL_GLOBAL_SEED``), 0 if unset:
     rollouts of runs with different seeds sample different responses."""
     return int(os.environ.get("PL_GLOBAL_SEED") or 0)
-
-
-def take_rows(sequences: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
-    """The sub-batch of ``rows`` (indices), trimmed to its longest sequence."""
-    sub = {k: v[rows] for k, v in sequences.items()}
-    length = int(sub["attention_mask"].sum(dim=1).max())
-    return {k: v[:, :length] for k, v in sub.items()}
 
 
 #: an RL method's declaration: the reference scores the policy's own generations (never precomputed);
@@ -136,8 +131,7 @@ class RolloutModule(AlignmentModule):
         _spec: MethodSpec = ROLLOUT,
     ) -> None:
         super().__init__(policy, optimizer, _spec)
-        if kl_estimator not in ("k1", "k3"):
-            raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
+        check_choices(kl_estimator=(kl_estimator, ("k1", "k3")))
         check_numbers(samples_per_prompt=(samples_per_prompt, ">= 1"), kl_coef=(kl_coef, ">= 0"))
         self.automatic_optimization = False
         self.scorer = scorer if scorer is not None else DemoScorer()
@@ -157,7 +151,7 @@ class RolloutModule(AlignmentModule):
     def setup(self, stage: str) -> None:
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-        strategy = self._trainer.strategy if self._trainer is not None else None
+        strategy = getattr(_compat.attached_trainer(self), "strategy", None)
         name = type(self).__name__
         if isinstance(strategy, FSDPStrategy):
             raise NotImplementedError(

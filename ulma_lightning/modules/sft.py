@@ -6,6 +6,7 @@ from typing import Literal
 
 from torch import Tensor
 
+from ulma_lightning.choices import check_choices
 from ulma_lightning.losses import LossOutput, sft_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
 from ulma_lightning.modules.spec import MethodSpec
@@ -38,8 +39,7 @@ class SFTModule(AlignmentModule):
         reduction: Literal["token", "sequence"] = "token",
     ) -> None:
         super().__init__(policy, optimizer)
-        if reduction not in ("token", "sequence"):
-            raise ValueError(f"reduction must be 'token' or 'sequence', got {reduction!r}")
+        check_choices(reduction=(reduction, ("token", "sequence")))
         self.reduction = reduction
 
     def compute_loss(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:

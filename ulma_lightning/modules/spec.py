@@ -8,6 +8,7 @@ from typing import Literal
 
 from torch import Tensor
 
+from ulma_lightning.choices import check_choices
 from ulma_lightning.losses import LabelType
 
 #: rows of a point-wise batch that get a reference forward: every row, the negatives only
@@ -92,10 +93,3 @@ class MethodSpec:
             f"in a config) is {mode!r}; set it to copy (a frozen copy of the initial policy, or policy.reference_model), "
             "adapter (with policy.lora: the policy without its adapters) or precomputed (computed once before training)"
         )
-
-
-def check_choices(**options: tuple[object, tuple[object, ...]]) -> None:
-    """Each ``name=(value, allowed)`` must have its value among the allowed ones."""
-    for name, (value, allowed) in options.items():
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ulma_lightning.choices import check_choices
 from ulma_lightning.losses import ContinuousForm, LabelType, LossOutput, PositiveTerm, Reduction, ulma_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig
-from ulma_lightning.modules.pointwise import POINTWISE, check_choices, check_label_options, check_pointwise_options
+from ulma_lightning.modules.pointwise import POINTWISE, check_label_options, check_pointwise_options
 from ulma_lightning.policy import PolicyConfig
 
 

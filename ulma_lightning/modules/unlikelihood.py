@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ulma_lightning.choices import check_choices
 from ulma_lightning.losses import LossOutput, UnlikelihoodReduction, UnlikelihoodVariant, unlikelihood_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
 from ulma_lightning.modules.spec import MethodSpec
@@ -53,8 +54,7 @@ class UnlikelihoodModule(AlignmentModule):
     ) -> None:
         check_numbers(alpha=(alpha, ">= 0"), positive_threshold=(positive_threshold, "in [0, 1]"), eps=(eps, "> 0"))
         super().__init__(policy, optimizer)
-        if variant not in ("welleck", "authors"):
-            raise ValueError(f"variant must be 'welleck' or 'authors', got {variant!r}")
+        check_choices(variant=(variant, ("welleck", "authors")))
         self.variant = variant
         self.alpha = alpha
         self.reduction = reduction

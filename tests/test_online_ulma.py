@@ -120,6 +120,7 @@ def test_k_samples_per_prompt_are_scored_each_and_the_step_is_ulma_loss() -> Non
     torch.testing.assert_close(seen[0], expected.loss)
 
 
+@pytest.mark.integration
 def test_the_reference_stays_frozen_and_refreshes_when_asked() -> None:
     pl.seed_everything(0)
     frozen = OnlineULMAModule(policy(), scorer=Recorder(), generation=GEN, samples_per_prompt=2, optimizer=OptimizerConfig(lr=1e-2))
@@ -142,6 +143,7 @@ def test_the_reference_stays_frozen_and_refreshes_when_asked() -> None:
     assert not any(p.requires_grad for p in refreshed.policy.reference_model.parameters())
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("mode,message", [("nan", r"scorer BadScorer \(name 'bad'\) returned nan for response 0"), ("count", r"scorer BadScorer \(name 'bad'\) returned 3 scores for 4")])
 def test_bad_scorer_output_is_named(mode: str, message: str) -> None:
     module = OnlineULMAModule(policy(), scorer=BadScorer(mode), generation=GEN, samples_per_prompt=2)

@@ -256,6 +256,7 @@ def test_ddp_keeps_the_ranks_in_sync(tmp_path: Path) -> None:
         assert abs(weights0[name] - weights1[name]) <= 1e-6 * max(1.0, abs(weights0[name])), name
 
 
+@pytest.mark.integration
 def test_fsdp2_decodes_in_lockstep_and_keeps_the_ranks_in_sync(tmp_path: Path) -> None:
     """Under FSDP2 (a sharded policy and reference) rank 0 samples 2 new tokens, rank 1 samples 7:
     rank 0 keeps stepping until rank 1 is done; both end with the same full weights, moved from the start."""

@@ -192,6 +192,7 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path: Path) -> None:
         assert torch.equal(state[name], value), name
 
 
+@pytest.mark.integration
 def test_the_rlhf_benchmark_times_an_online_ulma_step(tmp_path: Path) -> None:
     """benchmarks/bench_rlhf.py's online ULMA row, 1 timed step: every part of the time split is there."""
     from benchmarks import bench_rlhf

@@ -526,7 +526,12 @@ def test_the_main_run_writes_beside_its_own_tuning(tmp_path: Path) -> None:
     from ulma_lightning.compare.runner import LOCK_FILE, GridError, check_output
 
     out = tmp_path / "paper"
-    (out / "tune").mkdir(parents=True)
+    out.mkdir()
+    (out / "tune").write_text("a file of the user's, named tune\n")
+    with pytest.raises(GridError, match="did not write"):
+        check_output(out)
+    (out / "tune").unlink()
+    (out / "tune").mkdir()
     with pytest.raises(GridError, match="did not write"):
         check_output(out)  # a tune/ of the user's own
     (out / "tune" / LOCK_FILE).write_text("")

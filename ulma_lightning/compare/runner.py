@@ -156,7 +156,7 @@ def _made_by_compare(root: Path) -> bool:
     only the ``tune/`` folder that ``--tune`` writes into the same ``--output``."""
     if (root / LOCK_FILE).exists() or (root / "stages" / ".locks").is_dir():
         return True
-    if {p.name for p in root.iterdir()} == {"tune"} and _made_by_compare(root / "tune"):
+    if {p.name for p in root.iterdir()} == {"tune"} and (root / "tune").is_dir() and _made_by_compare(root / "tune"):
         return True
     results = read_json(root / "results.json")
     return results is not None and str(results.get("command", "")).startswith("ulma compare")

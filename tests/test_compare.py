@@ -501,6 +501,28 @@ def test_a_folder_compare_did_not_write_is_refused_unless_overwrite(tmp_path: Pa
     compare_main(["--config", str(grid), "--output", str(out)])  # now compare's own folder: resumed without asking
 
 
+def test_the_main_run_writes_beside_its_own_tuning(tmp_path: Path) -> None:
+    """README's order, `--tune` and then the grid into the same --output: the folder then holds only
+    the tuning's `tune/`, which compare wrote, so the main run goes on; a user's file beside it, or a
+    `tune/` compare did not write, is still refused."""
+    from ulma_lightning.compare.runner import LOCK_FILE, GridError, check_output
+
+    out = tmp_path / "paper"
+    out.mkdir()
+    (out / "tune").write_text("a file of the user's, named tune\n")
+    with pytest.raises(GridError, match="did not write"):
+        check_output(out)
+    (out / "tune").unlink()
+    (out / "tune").mkdir()
+    with pytest.raises(GridError, match="did not write"):
+        check_output(out)  # a tune/ of the user's own
+    (out / "tune" / LOCK_FILE).write_text("")
+    check_output(out)
+    (out / "notes.md").write_text("mine\n")
+    with pytest.raises(GridError, match="did not write"):
+        check_output(out)
+
+
 def test_a_stage_resumes_from_its_newest_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 26, item 11: with `last.ckpt` taken, Lightning writes the newer `last-v1.ckpt`; the
     stage resumed from the stale `last.ckpt`."""

@@ -152,8 +152,11 @@ LOCK_FILE = ".ulma-compare.lock"
 
 def _made_by_compare(root: Path) -> bool:
     """Whether ``root`` holds what ``ulma compare`` writes: its lock file (kept between runs), its
-    stage locks, or a ``results.json`` it wrote (folders of versions before the lock file was kept)."""
+    stage locks, a ``results.json`` it wrote (folders of versions before the lock file was kept), or
+    only the ``tune/`` folder that ``--tune`` writes into the same ``--output``."""
     if (root / LOCK_FILE).exists() or (root / "stages" / ".locks").is_dir():
+        return True
+    if {p.name for p in root.iterdir()} == {"tune"} and (root / "tune").is_dir() and _made_by_compare(root / "tune"):
         return True
     results = read_json(root / "results.json")
     return results is not None and str(results.get("command", "")).startswith("ulma compare")

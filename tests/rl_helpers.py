@@ -136,8 +136,8 @@ def sums(model):
 
 
 class Record(pl.Callback):
-    def __init__(self):
-        self.rows, self.start, self.losses = [], {}, []
+    def __init__(self, out):
+        self.out, self.rows, self.start, self.losses = out, [], {}, []
 
     def on_train_start(self, trainer, module):
         self.start = {k: v for k, v in sums(module).items() if not k.startswith("policy.reference_model.")}
@@ -153,42 +153,60 @@ class Record(pl.Callback):
         reference = sums(reference_model) if reference_model is not None else {}
         row = {"index": self.rows, "start": self.start, "weights": weights, "reference": reference, "losses": self.losses,
                "step": trainer.global_step, "strategy": type(trainer.strategy).__name__}
-        (OUT / f"rank{trainer.global_rank}.json").write_text(json.dumps(row))
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(row))
 
 
-if __name__ == "__main__":
-    torch.set_num_threads(1)
+def train(out, checkpoints, resume=None):
     policy = PolicyConfig(model_config=%(tiny)s, tokenizer="builtin:demo", reference="copy")
     generation = GenerationConfig(max_new_tokens=5, do_sample=True)
     module = %(module)s
     data = PromptDataModule(train="demo://demonstration?n=16", batch_size=4, max_length=64)
-    extra = [HFExport(str(OUT / "hf_model"))] if %(export)s else []
-    if %(checkpoints)s:
-        extra.append(pl.callbacks.ModelCheckpoint(OUT / "checkpoints", filename="{step}", every_n_train_steps=1, save_top_k=-1))
+    extra = [HFExport(str(out / "hf_model"))] if %(export)s else []
+    if checkpoints:
+        extra.append(pl.callbacks.ModelCheckpoint(out / "checkpoints", filename="{step}", every_n_train_steps=1, save_top_k=-1))
     trainer = pl.Trainer(strategy=%(strategy)s, devices=2, accelerator="cpu", precision="32-true", max_epochs=1, limit_train_batches=2,
-                         logger=False, enable_checkpointing=%(checkpoints)s, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, callbacks=[Record(), *extra], default_root_dir=OUT)
-    trainer.fit(module, datamodule=data, ckpt_path=%(resume)r)
+                         logger=False, enable_checkpointing=checkpoints, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[Record(out), *extra], default_root_dir=out)
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    train(OUT, %(checkpoints)s)
+    if %(resume)r is not None:  # the same processes (and process group) go on: a new module and Trainer resume the cut run
+        (OUT / "resumed").mkdir(exist_ok=True)
+        train(OUT / "resumed", False, str(OUT / "checkpoints" / %(resume)r))
 """
 
 STRATEGIES = {"ddp": '"ddp"', "fsdp2": "FSDP2Strategy()"}
 
 
-def run_rl_ddp(folder: Path, module: str, *, strategy: str = "ddp", export: bool = False, checkpoints: bool = False, resume: Path | None = None) -> list[dict[str, Any]]:
+def run_rl_ddp(folder: Path, module: str, *, strategy: str = "ddp", export: bool = False, checkpoints: bool = False) -> list[dict[str, Any]]:
     """Train ``module`` (Python building an RL module from ``policy``, ``generation`` and a
     :class:`LengthScorer`; ``RANK`` is the process's rank) for 2 rollout batches of 4 demo prompts on
     2 CPU processes (gloo) under ``strategy`` (``ddp`` or ``fsdp2``:
     :class:`~ulma_lightning.sharding.FSDP2Strategy`, float32). With ``export``,
     :class:`~ulma_lightning.callbacks.HFExport` writes ``folder/hf_model``; with ``checkpoints``, a
-    checkpoint at every optimiser step goes to ``folder/checkpoints/step=N.ckpt``; ``resume``: the
-    checkpoint to resume from. Per rank:
+    checkpoint at every optimiser step goes to ``folder/checkpoints/step=N.ckpt``. Per rank:
     the prompt indices of each batch, the loss of each step, the sums of the full trainable weights at
     the start (``start``) and the end (``weights``) and of the reference's weights, the global step and
     the strategy's class name."""
+    return _launch(folder, module, strategy=strategy, export=export, checkpoints=checkpoints)
+
+
+def run_rl_ddp_and_resume(folder: Path, module: str, cut: str, *, strategy: str = "ddp") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """:func:`run_rl_ddp` with a checkpoint at every step, then, in the same 2 processes (one launch:
+    the Python start-up is most of a tiny run's time), a new module and Trainer resumed from
+    ``folder/checkpoints/<cut>`` to the end, writing under ``folder/resumed``: ``(whole, resumed)``."""
+    whole = _launch(folder, module, strategy=strategy, checkpoints=True, resume=cut)
+    return whole, [json.loads((folder / "resumed" / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def _launch(folder: Path, module: str, *, strategy: str, export: bool = False, checkpoints: bool = False, resume: str | None = None) -> list[dict[str, Any]]:
     import subprocess
 
     script = folder / "rl_ddp.py"
-    options = {"strategy": STRATEGIES[strategy], "export": export, "checkpoints": checkpoints, "resume": None if resume is None else str(resume)}
+    options = {"strategy": STRATEGIES[strategy], "export": export, "checkpoints": checkpoints, "resume": resume}
     script.write_text(DDP_SCRIPT % {"tiny": repr(TINY_LLAMA), "module": module, **options})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     if resume is not None:  # our own checkpoint, whose hparams are config objects; Lightning 2.6 drops fit's weights_only under FSDP2

@@ -16,7 +16,9 @@ import pytest
 import torch
 from conftest import TINY_LLAMA, make_pointwise_batch
 from helpers import METHODS, fit_one_step
+from rl_helpers import LengthScorer, policy
 
+from ulma_lightning import GRPOModule, OnlineULMAModule, RLOOModule
 from ulma_lightning.cli import main
 
 
@@ -43,6 +45,26 @@ def test_export_of_every_method_loads_with_the_trained_outputs(config: str, tmp_
             expected, exported = module.policy.model(**inputs).logits, loaded(**inputs).logits
     assert expected.std() > 0
     torch.testing.assert_close(exported, expected, rtol=0, atol=1e-6)
+
+
+#: a rollout module built in Python, and the parent arguments its constructor fills from its own options
+REBUILT = {
+    "online_ulma": (lambda: OnlineULMAModule(policy(), scorer=LengthScorer(), beta=0.3, samples_per_prompt=2), {"kl_coef"}),
+    "rloo": (lambda: RLOOModule(policy(), scorer=LengthScorer(), rloo_k=3), {"samples_per_prompt"}),
+    "grpo": (lambda: GRPOModule(policy(), scorer=LengthScorer(), num_generations=3, beta=0.1), {"samples_per_prompt", "kl_coef", "kl_estimator"}),
+}
+
+
+@pytest.mark.parametrize("method", list(REBUILT))
+def test_a_module_built_in_python_rebuilds_from_its_hparams(method: str) -> None:
+    """``ulma export`` and ``load_from_checkpoint`` rebuild a module as ``cls(**hparams)``: a value a
+    subclass passes to its parent under the parent's name (online ULMA's beta as kl_coef) must not be
+    among them, or the subclass refuses it ("takes beta, not kl_coef")."""
+    build, parent_only = REBUILT[method]
+    module = build()
+    assert not parent_only & set(module.hparams), sorted(module.hparams)
+    rebuilt = type(module)(**module.hparams)
+    assert float(rebuilt.kl_coef) == float(module.kl_coef) and rebuilt.samples_per_prompt == module.samples_per_prompt > 1
 
 
 # ----------------------------------------------------------------------------- refusals and failures

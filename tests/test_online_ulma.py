@@ -4,12 +4,13 @@ reference, the ULMA step on the fresh labels, option checks, bad scorer output, 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from rl_helpers import GEN, policy, prompts, scalars, small_run, ulma_fit
+from rl_helpers import GEN, LengthScorer, policy, prompts, scalars, small_run, ulma_fit
 from rl_helpers import fit as _fit
 
 from ulma_lightning import OnlineULMAModule
@@ -201,3 +202,27 @@ def test_the_rlhf_benchmark_times_an_online_ulma_step(tmp_path: Path) -> None:
     times = bench_rlhf.ours(tmp_path, 1, "online_ulma")
     assert set(times) >= {"generate", "score", "logprobs", "reference", "update", "step", "tokens"}
     assert 0 < times["update"] < times["step"] and times["generate"] > 0
+
+
+@pytest.mark.integration
+def test_ulma_export_of_a_module_built_in_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: a checkpoint of an OnlineULMAModule built in Python (not by ``ulma fit``) held the
+    parent's ``kl_coef`` beside ``beta`` in its hyper-parameters, and ``ulma export`` stopped with
+    "OnlineULMAModule takes beta ..., not kl_coef". It now exports the trained policy."""
+    from transformers import AutoModelForCausalLM
+
+    from ulma_lightning.cli import main
+
+    pl.seed_everything(0)
+    module = OnlineULMAModule(policy(), scorer=LengthScorer(), generation=GEN, samples_per_prompt=2, beta=0.3, optimizer=OptimizerConfig(lr=1e-2))
+    trainer = fit(module, prompts(4, 4))
+    trainer.save_checkpoint(tmp_path / "online.ckpt")
+    saved = torch.load(tmp_path / "online.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]
+    assert "kl_coef" not in saved and saved["beta"] == 0.3 and saved["samples_per_prompt"] == 2
+    monkeypatch.setattr(sys, "argv", ["ulma"])
+    out = main(["export", "--ckpt", str(tmp_path / "online.ckpt"), "--out", str(tmp_path / "hf_model")])
+    inputs = torch.tensor([[1, 5, 9, 12, 7, 3]])
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=inputs).logits, module.policy.model(input_ids=inputs).logits, rtol=0, atol=1e-6)

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from rl_helpers import run_rl_ddp
+from rl_helpers import run_rl_ddp, run_rl_ddp_and_resume
 
 pytestmark = pytest.mark.integration  # every test here builds a Trainer
 
@@ -64,13 +64,10 @@ def test_online_ulma_under_fsdp2_decodes_in_lockstep_and_exports_the_full_model(
 
 def test_online_ulma_under_fsdp2_resumes_exactly_with_its_refreshed_reference(tmp_path: Path) -> None:
     """A run cut after the first rollout batch (step 2, where the reference was refreshed) and resumed
-    from its sharded checkpoint ends as the uninterrupted run: same second batch, loss and weights."""
-    module = ONLINE.format(generation="generation")
-    (tmp_path / "whole").mkdir(), (tmp_path / "resumed").mkdir()
-    whole = run_rl_ddp(tmp_path / "whole", module, strategy="fsdp2", checkpoints=True)
-    cut = tmp_path / "whole" / "checkpoints" / "step=2.ckpt"
-    assert cut.is_dir()  # a sharded checkpoint folder
-    resumed = run_rl_ddp(tmp_path / "resumed", module, strategy="fsdp2", resume=cut)
+    from its sharded checkpoint ends as the uninterrupted run: same second batch, loss and weights.
+    Both runs go in one launch of the 2 processes (the start-up of 4 processes was most of its cost)."""
+    whole, resumed = run_rl_ddp_and_resume(tmp_path, ONLINE.format(generation="generation"), "step=2.ckpt", strategy="fsdp2")
+    assert (tmp_path / "checkpoints" / "step=2.ckpt").is_dir()  # a sharded checkpoint folder
     for rank in (0, 1):
         assert resumed[rank]["index"] == whole[rank]["index"][1:] and resumed[rank]["step"] == 4
         assert abs(resumed[rank]["losses"][0] - whole[rank]["losses"][1]) <= 1e-7  # the reference of step 2 was restored

@@ -8,8 +8,10 @@ export and checkpoint pieces. Precomputed references and FSDP routing are functi
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
+import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +101,28 @@ class OptimizerConfig:
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * decay
 
 
+def parent_only_arguments(module: pl.LightningModule, frame: types.FrameType | None) -> list[str]:
+    """The arguments of the constructors between ``module``'s own class's and :class:`AlignmentModule`'s
+    (``frame``) that its own constructor was not given: they are left out of ``module.hparams``.
+
+    Lightning's ``save_hyperparameters`` merges the arguments of every ``__init__`` on the way up,
+    so a value a subclass passes to its parent under the parent's name stays there too (RLOO's
+    ``rloo_k`` also as ``samples_per_prompt``, online ULMA's ``beta`` as ``kl_coef``), and
+    ``type(module)(**hparams)`` (``ulma export``, ``load_from_checkpoint``) is then refused by the
+    subclass's own check. Without them ``hparams`` are exactly what rebuilds the module.
+    """
+    frames = []
+    while frame is not None and frame.f_code.co_name == "__init__" and frame.f_locals.get("self") is module:
+        frames.append(inspect.getargvalues(frame))
+        frame = frame.f_back
+
+    def names(arguments: inspect.ArgInfo) -> set[str]:
+        return set(arguments.args) | set(arguments.locals[arguments.keywords] if arguments.keywords else ())
+
+    own = names(frames[-1]) if frames else set()
+    return sorted({name for arguments in frames[:-1] for name in names(arguments)} - own - {"self"})
+
+
 class AlignmentModule(pl.LightningModule):
     """Base of every offline method: a method passes its declaration (:class:`MethodSpec`) to this
     constructor and implements one method, ``loss``, that maps log-probs to a
@@ -131,7 +155,7 @@ class AlignmentModule(pl.LightningModule):
 
     def __init__(self, policy: PolicyConfig, optimizer: OptimizerConfig | None = None, _spec: MethodSpec | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["spec", "_spec"])
+        self.save_hyperparameters(ignore=["spec", "_spec", *parent_only_arguments(self, inspect.currentframe())])
         options = {name: self.hparams[name] for name in OPTION_FIELDS if self.hparams.get(name) is not None}
         self.spec = dataclasses.replace(_spec or type(self).spec, **options)
         self.spec.check_reference_mode(policy.reference, type(self).__name__)

@@ -2,8 +2,11 @@
 update, generation tokens/s) beside TRL 1.16's ``RLOOTrainer`` or ``GRPOTrainer`` on the same model,
 prompts and settings, each side at its best memory allocator; and the library's online ULMA step
 (``--method online_ulma``: ``OnlineULMAModule``, the same rollout, k and reward; TRL has no peer).
+``--label_mode threshold`` keeps every sample in online ULMA's update (``top_vs_rest``, the default,
+leaves out the prompts whose k rewards tie, which for this random model is most of them): the update
+then runs on as many sequences as RLOO's, a like-for-like comparison of the two updates.
 
-``PYTHONPATH=. python -m benchmarks.bench_rlhf [--method rloo|grpo|online_ulma] [--steps 8] [--allocator both]``
+``PYTHONPATH=. python -m benchmarks.bench_rlhf [--method rloo|grpo|online_ulma] [--label_mode top_vs_rest|threshold] [--steps 8] [--allocator both]``
 prints a markdown table. Both sides: the ``configs/rloo.yaml`` model (random init, saved once to a
 folder both load), the demo tokenizer, 8 prompts x k=4 samples per step, 16 new tokens sampled at
 temperature 1, beta 0.01 (GRPO: the k3 penalty in the loss, ``loss_type: grpo``, ``scale_rewards:
@@ -65,18 +68,20 @@ class StepTimes(pl.Callback):
         row = {name: float(metrics[f"train/time/{name}_step"]) for name in ("generate", "score", "logprobs", "reference", "update")}
         row["step"] = time.perf_counter() - self._start
         row["tokens"] = float(metrics["train/response_length_step"]) * PROMPTS * K
+        if "train/kept_fraction_step" in metrics:  # online ULMA: the share of samples its update ran on
+            row["kept_fraction"] = float(metrics["train/kept_fraction_step"])
         self.rows.append(row)
 
 
-def ours(folder: Path, steps: int, method: str = "rloo") -> dict[str, float]:
+def ours(folder: Path, steps: int, method: str = "rloo", label_mode: str = "top_vs_rest") -> dict[str, float]:
     pl.seed_everything(0)
     common: dict[str, Any] = {"generation": GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=True)}
     policy, optimizer = PolicyConfig(model=str(folder), reference="copy"), OptimizerConfig(lr=LR, schedule="constant")
     module: pl.LightningModule
     if method == "grpo":
         module = GRPOModule(policy, optimizer, num_generations=K, beta=BETA, loss_type="grpo", scale_rewards="group", **common)
-    elif method == "online_ulma":  # labels top vs rest among the k samples, beta 1.0 per token
-        module = OnlineULMAModule(policy, optimizer, samples_per_prompt=K, **common)
+    elif method == "online_ulma":  # labels top vs rest among the k samples (or by threshold 0.5: every row kept), beta 1.0 per token
+        module = OnlineULMAModule(policy, optimizer, samples_per_prompt=K, label_mode=label_mode, **common)  # type: ignore[arg-type]
     else:
         module = RLOOModule(policy, optimizer, rloo_k=K, kl_coef=BETA, **common)
     data = PromptDataModule(train=SOURCE, max_length=128, batch_size=PROMPTS)
@@ -128,15 +133,15 @@ def trl(folder: Path, steps: int, method: str = "rloo") -> dict[str, float]:
     return {"step": sum(per_step) / len(per_step)}
 
 
-def run_side(side: str, folder: Path, steps: int, method: str) -> dict[str, Any]:
+def run_side(side: str, folder: Path, steps: int, method: str, label_mode: str = "top_vs_rest") -> dict[str, Any]:
     """One side's mean step times in this process, with the allocator it ran with."""
-    result: dict[str, Any] = ours(folder, steps, method) if side == "ours" else trl(folder, steps, method)
+    result: dict[str, Any] = ours(folder, steps, method, label_mode) if side == "ours" else trl(folder, steps, method)
     return {**result, "allocator": allocator.loaded()}
 
 
-def in_process(side: str, folder: Path, steps: int, method: str, setting: str, path: str | None) -> dict[str, Any]:
+def in_process(side: str, folder: Path, steps: int, method: str, setting: str, path: str | None, label_mode: str = "top_vs_rest") -> dict[str, Any]:
     """:func:`run_side` in a fresh process started with allocator ``setting`` (it reads LD_PRELOAD at start)."""
-    command = [sys.executable, "-m", "benchmarks.bench_rlhf", "--side", side, "--model", str(folder), "--steps", str(steps), "--method", method]
+    command = [sys.executable, "-m", "benchmarks.bench_rlhf", "--side", side, "--model", str(folder), "--steps", str(steps), "--method", method, "--label_mode", label_mode]
     env = allocator.environment(setting, path, os.environ)
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
@@ -155,6 +160,8 @@ def table(method: str, mine: dict[str, Any], theirs: dict[str, Any] | None) -> l
     for name in ("generate", "score", "logprobs", "reference", "update", "step"):
         lines.append(f"| ulma-lightning {name} | {mine[name]:.3f} |")
     lines.append(f"| ulma-lightning generation tokens/s | {mine['tokens'] / mine['generate']:.0f} |")
+    if "kept_fraction" in mine:
+        lines.append(f"| ulma-lightning samples in the update (kept fraction) | {mine['kept_fraction']:.2f} |")
     lines.append(f"| ulma-lightning allocator | {mine['allocator']} |")
     if theirs is not None:
         lines.append(f"| TRL 1.16 {METHODS[method]} step | {theirs['step']:.3f} |")
@@ -168,13 +175,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per side (after one warm-up step)")
     parser.add_argument("--method", choices=sorted(METHODS), default="rloo", help="the method timed on both sides")
     parser.add_argument("--allocator", choices=allocator.CHOICES, default="both", help="allocator settings tried per side; the best is reported")
+    parser.add_argument(
+        "--label_mode", choices=("top_vs_rest", "threshold"), default="top_vs_rest",
+        help="online ULMA's labels: threshold keeps every sample in the update (as many sequences as RLOO's)",
+    )  # fmt: skip
     parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)  # one side in this process (a child)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     options = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     torch.set_num_threads(2)
     if options.side:
-        print(json.dumps(run_side(options.side, Path(options.model), options.steps, options.method)))
+        print(json.dumps(run_side(options.side, Path(options.model), options.steps, options.method, options.label_mode)))
         return
     folder = Path(tempfile.mkdtemp(prefix="bench-rlhf-model-"))
     save_model(folder)
@@ -182,7 +193,7 @@ def main() -> None:
     settings, note = allocator.resolve(options.allocator, path)
     if note:
         print(note)
-    mine = best([in_process("ours", folder, options.steps, options.method, s, path) for s in settings])
+    mine = best([in_process("ours", folder, options.steps, options.method, s, path, options.label_mode) for s in settings])
     if METHODS[options.method] is None:
         print(f"TRL has no {options.method} trainer: compare its update with --method rloo's (same rollout, k and reward)")
         print("\n".join(table(options.method, mine, None)))

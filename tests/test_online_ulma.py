@@ -195,13 +195,15 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_the_rlhf_benchmark_times_an_online_ulma_step(tmp_path: Path) -> None:
-    """benchmarks/bench_rlhf.py's online ULMA row, 1 timed step: every part of the time split is there."""
+    """benchmarks/bench_rlhf.py's online ULMA row, 1 timed step: every part of the time split is there;
+    ``label_mode threshold`` (the like-for-like comparison with RLOO's update) keeps every sample."""
     from benchmarks import bench_rlhf
 
     bench_rlhf.save_model(tmp_path)
     times = bench_rlhf.ours(tmp_path, 1, "online_ulma")
-    assert set(times) >= {"generate", "score", "logprobs", "reference", "update", "step", "tokens"}
+    assert set(times) >= {"generate", "score", "logprobs", "reference", "update", "step", "tokens", "kept_fraction"}
     assert 0 < times["update"] < times["step"] and times["generate"] > 0
+    assert bench_rlhf.ours(tmp_path, 1, "online_ulma", "threshold")["kept_fraction"] == 1.0
 
 
 @pytest.mark.integration

@@ -141,7 +141,9 @@ def run_side(side: str, folder: Path, steps: int, method: str, label_mode: str =
 
 def in_process(side: str, folder: Path, steps: int, method: str, setting: str, path: str | None, label_mode: str = "top_vs_rest") -> dict[str, Any]:
     """:func:`run_side` in a fresh process started with allocator ``setting`` (it reads LD_PRELOAD at start)."""
-    command = [sys.executable, "-m", "benchmarks.bench_rlhf", "--side", side, "--model", str(folder), "--steps", str(steps), "--method", method, "--label_mode", label_mode]
+    command = [sys.executable, "-m", "benchmarks.bench_rlhf", "--side", side, "--model", str(folder), "--steps", str(steps), "--method", method]
+    if method == "online_ulma":
+        command += ["--label_mode", label_mode]
     env = allocator.environment(setting, path, os.environ)
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode:

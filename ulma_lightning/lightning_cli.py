@@ -172,6 +172,20 @@ def root_loggers_at_default_root_dir(trainer: Any) -> None:
             logger.init_args.save_dir = str(root)
 
 
+def check_method_class(model: Any) -> None:
+    """Refuse a ``model.class_path`` that names a LightningModule but no method module: the parser
+    takes any LightningModule, since the two bases, ``AlignmentModule`` (offline) and ``RolloutModule``
+    (online), are siblings (:data:`~ulma_lightning.modules.METHOD_BASES`)."""
+    from ulma_lightning.modules import METHOD_BASES
+
+    cls = _class_at(str(model.get("class_path")))
+    if isinstance(cls, type) and not issubclass(cls, METHOD_BASES):
+        raise ConfigError(
+            f"model.class_path {model.get('class_path')} is not an ulma-lightning method module: it must subclass "
+            "ulma_lightning.AlignmentModule (an offline method) or ulma_lightning.RolloutModule (an online one); fix it in the config or with --model.class_path"
+        )
+
+
 def without_callbacks_turned_off(trainer: Any) -> None:
     """``enable_checkpointing: false`` drops checkpoint callbacks and ``logger: false`` the
     LearningRateMonitor, as Lightning leaves out its own default ones then (and refuses them given):
@@ -410,7 +424,7 @@ class ULMACLI(LightningCLI):
     (:func:`show_data_report`), records no demo ``model_config`` beside a named ``policy.model``
     (:func:`drop_unused_model_config`), removes the log folder of a run that failed before its first
     step (:func:`remove_unused_log_dir`), refuses a ``class_path`` change that would drop a set option
-    (:func:`check_dropped_init_args`), and lists :data:`EXTRA_COMMANDS` among the subcommands of
+    (:func:`check_dropped_init_args`) and a model class that is no method module (:func:`check_method_class`), and lists :data:`EXTRA_COMMANDS` among the subcommands of
     ``ulma --help``."""
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -462,6 +476,7 @@ class ULMACLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         show_data_report()
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_method_class(config.model)
         root_loggers_at_default_root_dir(config.trainer)
         without_callbacks_turned_off(config.trainer)
         drop_unused_model_config(config.model)

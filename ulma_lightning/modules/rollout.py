@@ -22,6 +22,7 @@ from torch import Tensor
 import ulma_lightning._compat as _compat
 from ulma_lightning.choices import check_choices
 from ulma_lightning.data.collate import PaddingCollator
+from ulma_lightning.data.contract import ModuleData
 from ulma_lightning.data.features import build_sequence
 from ulma_lightning.evaluation.generation import GenerationConfig, decode_response, generate_ids
 from ulma_lightning.evaluation.scorers import DemoScorer, Scorer, checked_scores
@@ -173,8 +174,9 @@ class RolloutModule(pl.LightningModule):
         return self.policy.tokenizer
 
     @property
-    def data_module(self) -> Any:
-        """The trainer's data module; None without a trainer or a data module."""
+    def data_module(self) -> ModuleData | None:
+        """The trainer's data module, through what modules may use of it (:class:`ModuleData`); None
+        without a trainer or a data module."""
         return data_module_of(self)
 
     @property

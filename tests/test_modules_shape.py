@@ -66,3 +66,13 @@ def test_the_shared_hooks_are_the_shared_functions(base: type) -> None:
     for hook, function in SHARED_HOOKS.items():
         assert callable(getattr(shared, function))
         assert f"shared.{function}(" in inspect.getsource(vars(base)[hook]), f"{base.__name__}.{hook} does not call shared.{function}"
+
+
+def test_ulma_takes_a_subclass_of_either_base_and_refuses_another_lightning_module() -> None:
+    """The parser's base is LightningModule (the bases are siblings); ``ULMACLI`` refuses the rest by name."""
+    from ulma_lightning.lightning_cli import ConfigError, check_method_class
+
+    for cls in ("ulma_lightning.ULMAModule", "ulma_lightning.PPOModule", "ulma_lightning.OnlineULMAModule"):
+        check_method_class({"class_path": cls})
+    with pytest.raises(ConfigError, match=r"model.class_path lightning.pytorch.demos.boring_classes.BoringModel is not an ulma-lightning method module: .*AlignmentModule.*RolloutModule"):
+        check_method_class({"class_path": "lightning.pytorch.demos.boring_classes.BoringModel"})

@@ -68,11 +68,18 @@ def test_the_shared_hooks_are_the_shared_functions(base: type) -> None:
         assert f"shared.{function}(" in inspect.getsource(vars(base)[hook]), f"{base.__name__}.{hook} does not call shared.{function}"
 
 
-def test_ulma_takes_a_subclass_of_either_base_and_refuses_another_lightning_module() -> None:
-    """The parser's base is LightningModule (the bases are siblings); ``ULMACLI`` refuses the rest by name."""
-    from ulma_lightning.lightning_cli import ConfigError, check_method_class
+def test_ulma_takes_a_subclass_of_either_base_and_refuses_another_lightning_module(capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI's model is a subclass of AlignmentModule or RolloutModule (``ULMAArgumentParser``): another
+    LightningModule is refused by the parser, naming both bases, as it was with one base."""
+    from conftest import REPO
 
-    for cls in ("ulma_lightning.ULMAModule", "ulma_lightning.PPOModule", "ulma_lightning.OnlineULMAModule"):
-        check_method_class({"class_path": cls})
-    with pytest.raises(ConfigError, match=r"model.class_path lightning.pytorch.demos.boring_classes.BoringModel is not an ulma-lightning method module: .*AlignmentModule.*RolloutModule"):
-        check_method_class({"class_path": "lightning.pytorch.demos.boring_classes.BoringModel"})
+    from ulma_lightning.cli import main
+
+    with pytest.raises(SystemExit):  # --print_config prints and exits
+        main(["fit", "--config", str(REPO / "configs" / "rloo.yaml"), "--print_config"])
+    assert "class_path: ulma_lightning.RLOOModule" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(REPO / "configs" / "rloo.yaml"), "--model.class_path", "lightning.pytorch.demos.boring_classes.BoringModel", "--print_config"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "BoringModel does not correspond to a subclass of AlignmentModule" in err and "BoringModel does not correspond to a subclass of RolloutModule" in err

@@ -44,7 +44,7 @@ def main(args: list[str] | None = None) -> Any:
             defaults = {**CLI_DEFAULTS, "save_config_callback": None} if run is not None else CLI_DEFAULTS  # the run's config.yaml stays
             with expected_warnings():
                 return ULMACLI(LightningModule, AlignmentDataModule, args=["predict", *rest], **defaults)
-    return ULMACLI(LightningModule, AlignmentDataModule, args=args, **CLI_DEFAULTS)  # a method module: ULMACLI checks
+    return ULMACLI(LightningModule, AlignmentDataModule, args=args, **CLI_DEFAULTS)  # the parser: METHOD_BASES
 
 
 #: set to 1 to see the traceback of a mistake in the input or the options (see :func:`run`)

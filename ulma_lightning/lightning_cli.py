@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 import ulma_lightning._compat as _compat
@@ -104,7 +104,22 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return merged(yaml.safe_load(DEFAULTS_FILE.read_text()) or {}, yaml.safe_load(Path(path).read_text()) or {})
 
 
+class ULMAArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, whose ``model`` is a subclass of either method base: ``AlignmentModule``
+    (offline) or ``RolloutModule`` (online), siblings (:data:`~ulma_lightning.modules.METHOD_BASES`).
+    Another class is refused as it was with one base; a ``model:`` without ``class_path`` (the shared
+    defaults) is read as ``AlignmentModule``'s, the first base."""
+
+    def add_lightning_class_args(self, lightning_class: Any, nested_key: str, subclass_mode: bool = False, required: bool = True) -> list[str]:
+        if nested_key != "model" or not subclass_mode:
+            return super().add_lightning_class_args(lightning_class, nested_key, subclass_mode, required)
+        from ulma_lightning.modules import METHOD_BASES
+
+        return self.add_subclass_arguments(METHOD_BASES, nested_key, fail_untyped=False, required=required)
+
+
 CLI_DEFAULTS: dict[str, Any] = {
+    "parser_class": ULMAArgumentParser,  # the model: a subclass of AlignmentModule or RolloutModule
     "subclass_mode_model": True,
     "subclass_mode_data": True,
     "seed_everything_default": 0,
@@ -170,20 +185,6 @@ def root_loggers_at_default_root_dir(trainer: Any) -> None:
     for logger in _loggers(trainer.get("logger")):
         if "save_dir" in logger.init_args and logger.init_args.save_dir is None:
             logger.init_args.save_dir = str(root)
-
-
-def check_method_class(model: Any) -> None:
-    """Refuse a ``model.class_path`` that names a LightningModule but no method module: the parser
-    takes any LightningModule, since the two bases, ``AlignmentModule`` (offline) and ``RolloutModule``
-    (online), are siblings (:data:`~ulma_lightning.modules.METHOD_BASES`)."""
-    from ulma_lightning.modules import METHOD_BASES
-
-    cls = _class_at(str(model.get("class_path")))
-    if isinstance(cls, type) and not issubclass(cls, METHOD_BASES):
-        raise ConfigError(
-            f"model.class_path {model.get('class_path')} is not an ulma-lightning method module: it must subclass "
-            "ulma_lightning.AlignmentModule (an offline method) or ulma_lightning.RolloutModule (an online one); fix it in the config or with --model.class_path"
-        )
 
 
 def without_callbacks_turned_off(trainer: Any) -> None:
@@ -424,7 +425,7 @@ class ULMACLI(LightningCLI):
     (:func:`show_data_report`), records no demo ``model_config`` beside a named ``policy.model``
     (:func:`drop_unused_model_config`), removes the log folder of a run that failed before its first
     step (:func:`remove_unused_log_dir`), refuses a ``class_path`` change that would drop a set option
-    (:func:`check_dropped_init_args`) and a model class that is no method module (:func:`check_method_class`), and lists :data:`EXTRA_COMMANDS` among the subcommands of
+    (:func:`check_dropped_init_args`), and lists :data:`EXTRA_COMMANDS` among the subcommands of
     ``ulma --help``."""
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -476,7 +477,6 @@ class ULMACLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         show_data_report()
         config = self.config[self.subcommand] if self.subcommand else self.config
-        check_method_class(config.model)
         root_loggers_at_default_root_dir(config.trainer)
         without_callbacks_turned_off(config.trainer)
         drop_unused_model_config(config.model)

@@ -155,11 +155,36 @@ class ConfigError(UserError):
     """An option a class of the config refused when it was built."""
 
 
-def _innermost(err: BaseException) -> BaseException:
-    """The first error of a chain (jsonargparse wraps a constructor's error in one that dumps the config)."""
-    while (err.__cause__ or err.__context__) is not None:
+def _innermost(err: BaseException, outside: BaseException | None = None) -> BaseException:
+    """The first error of a chain (jsonargparse wraps a constructor's error in one that dumps the config),
+    not counting ``outside`` and the errors it chains to (the error being handled when ``err`` was raised)."""
+    while (err.__cause__ or err.__context__) not in (None, outside):
         err = err.__cause__ or err.__context__  # type: ignore[assignment]
     return err
+
+
+def model_error(model: Any, err: BaseException) -> BaseException:
+    """The first error of ``err``'s chain; the error the model's own class raised, when that is the
+    first base's refusal of it.
+
+    jsonargparse builds the model against each base of ``METHOD_BASES`` in turn (:class:`ULMAArgumentParser`)
+    and chains the first one's refusal (``... does not correspond to a subclass of AlignmentModule``) to the
+    failure of a ``RolloutModule`` subclass; its constructor's error is then only text in the message. The
+    model is built once more against its own base, to find that error (``cause`` if it builds)."""
+    from ulma_lightning.modules import METHOD_BASES
+
+    cause = _innermost(err)
+    cls = _class_at(str(model.get("class_path")))
+    bases = [base for base in METHOD_BASES[1:] if isinstance(cls, type) and issubclass(cls, base)]
+    if not bases or "does not correspond to a subclass of" not in str(cause):
+        return cause
+    parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(bases[0], "model", fail_untyped=False)
+    try:
+        parser.instantiate_classes(parser.parse_object({"model": model.as_dict() if hasattr(model, "as_dict") else model}))
+    except (ValueError, TypeError) as own:
+        return _innermost(own, outside=err)
+    return cause
 
 
 def _built_class(err: BaseException) -> str | None:
@@ -464,10 +489,10 @@ class ULMACLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
-            cause = _innermost(err)
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            cause = model_error(config.model, err)
             if cause is err:
                 raise
-            config = self.config[self.subcommand] if self.subcommand else self.config
             said, option = name_the_option(str(cause), config)
             where = f"option {option}; " if option else ""
             raise ConfigError(f"{_built_class(cause) or 'the config'}: {said} ({where}fix it in the config or on the command line)") from cause

@@ -318,6 +318,10 @@ def check_dropped_init_args(before: dict[str, Any], after: dict[str, Any], old_c
             f"it silently. Remove it from the config, or give {new_class} the option (a subclass takes its parent's "
             "options when its __init__ passes **kwargs on; see docs/extending.md)"
         )
+    from ulma_lightning.modules import METHOD_BASES
+
+    if _class_at(old_class) in METHOD_BASES:  # the base the shared defaults' model (no class_path) was read as: nothing written
+        return
     warnings.warn(
         f"{new_class} takes no option {', '.join(sorted(dropped))}; the config gave {old_class} its default there, which is dropped with the class_path change",
         stacklevel=2,

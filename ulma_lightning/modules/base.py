@@ -17,12 +17,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+import ulma_lightning.modules.shared as shared
 from ulma_lightning.data.contract import ModuleData
 from ulma_lightning.evaluation.generation import GenerationConfig, can_generate
 from ulma_lightning.evaluation.metrics import TokenPerplexity, demonstration_rows, reuse_token_logps
 from ulma_lightning.export import export_hf
 from ulma_lightning.losses import LossOutput
-from ulma_lightning.modules import shared
 from ulma_lightning.modules.batching import pair_batch
 from ulma_lightning.modules.implicit_rewards import RewardMetrics
 from ulma_lightning.modules.reference import data_module_of, precompute_reference_logps, run_wrapped, schedule_reference_precompute, wrapped_by_fsdp

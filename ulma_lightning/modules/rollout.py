@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 import ulma_lightning._compat as _compat
+import ulma_lightning.modules.shared as shared
 from ulma_lightning.choices import check_choices
 from ulma_lightning.data.collate import PaddingCollator
 from ulma_lightning.data.contract import ModuleData
@@ -29,7 +30,6 @@ from ulma_lightning.evaluation.scorers import DemoScorer, Scorer, checked_scores
 from ulma_lightning.export import export_hf
 from ulma_lightning.logprobs import TokenLogps
 from ulma_lightning.losses import LossOutput
-from ulma_lightning.modules import shared
 from ulma_lightning.modules.reference import data_module_of
 from ulma_lightning.modules.shared import OptimizerConfig, Stage
 from ulma_lightning.modules.spec import MethodSpec

@@ -83,3 +83,14 @@ def test_ulma_takes_a_subclass_of_either_base_and_refuses_another_lightning_modu
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "BoringModel does not correspond to a subclass of AlignmentModule" in err and "BoringModel does not correspond to a subclass of RolloutModule" in err
+
+
+def test_ulma_compare_takes_a_subclass_of_either_base() -> None:
+    from conftest import REPO
+
+    from ulma_lightning.compare.spec import GridError, _module_class
+
+    for method, cls in (("ulma", U.ULMAModule), ("online_ulma", U.OnlineULMAModule), ("grpo", U.GRPOModule)):
+        assert _module_class(REPO / "configs" / f"{method}.yaml", {}, "stage") == (f"ulma_lightning.{cls.__name__}", cls)
+    with pytest.raises(GridError, match=r"stage: lightning.pytorch.demos.boring_classes.BoringModel in .* is not an ulma-lightning method module \(a subclass of AlignmentModule or RolloutModule\)"):
+        _module_class(REPO / "configs" / "ulma.yaml", {"model.class_path": "lightning.pytorch.demos.boring_classes.BoringModel"}, "stage")

@@ -267,6 +267,19 @@ def test_perplexity_on_a_log_axis_and_the_frontier_legend_outside_the_points() -
     assert legend.x0 >= axes.x1  # beside the axes, never over the points
 
 
+def test_the_frontier_gives_every_row_its_own_colour_and_spreads_small_and_large_kl() -> None:
+    """15 rows (the paper grid's) get 15 colours (the default cycle repeats after 10), and the x axis is
+    symlog: KL near 0 for fine-tuned rows and 150 nats for the base must both stay readable."""
+    from ulma_lightning.compare.plots import frontier_figure
+
+    runs = [{"status": "ok", "run": f"r{i}", "label": f"R{i}", "variant": "ordinary", "seed": 0, "metrics": {"score": 0.5, "kl": 0.1 * i if i else 150.0}} for i in range(15)]
+    fig = frontier_figure({"tables": {"ordinary": {}}, "runs": runs, "evaluation": {"baseline": None}})
+    ax = fig.axes[0]
+    colours = {tuple(c.get_facecolor()[0]) for c in ax.collections}
+    assert len(colours) == 15
+    assert ax.get_xscale() == "symlog"
+
+
 def test_bold_marks_a_best_only_among_finished_rows() -> None:
     from ulma_lightning.compare.report import table
 

@@ -4,7 +4,8 @@
   deviation over seeds, cut at the metric's bounds (a score or win rate stays in [0, 1]); golden
   perplexity on a log axis;
 * ``score_vs_kl.png``: each run (variant, seed) as a point, ground-truth score against
-  KL(policy || its own reference): the reward/KL frontier, its legend outside the points;
+  KL(policy || its own reference) on a symlog axis: the reward/KL frontier, a distinct colour per
+  row, its legend outside the points;
 * ``golden_gain.png``: per method, the golden-variant score minus the ordinary-variant score, with
   the standard error of the difference (only when the grid has both variants).
 """
@@ -120,13 +121,17 @@ def frontier_figure(results: dict[str, Any]) -> Any:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9.0, 4.5))
     markers = {v: m for v, m in zip(results["tables"], "os^Dv<>")}
+    palette = plt.get_cmap("tab20").colors  # 20 distinct colours: a grid has up to 15 rows
     colors: dict[str, Any] = {}
     for record in points:
-        color = colors.setdefault(record["run"], f"C{len(colors) % 10}")
+        color = colors.setdefault(record["run"], palette[len(colors) % len(palette)])
         label = f"{record['label']} ({record['variant']})"
         seen = label in ax.get_legend_handles_labels()[1]
         ax.scatter(record["metrics"]["kl"], record["metrics"]["score"], color=color, marker=markers.get(record["variant"], "o"), label=None if seen else label)
-    ax.set_xlabel("KL(policy || its own reference), nats per response")
+    # KL spans 0 (a model near its reference) to 100+ nats (the base against the untrained model):
+    # linear below 1 nat, logarithmic above, so the fine-tuned rows do not collapse onto one column
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("KL(policy || its own reference), nats per response (linear below 1, log above)")
     ax.set_ylabel("ground-truth score of greedy generations")
     ax.set_title("score against KL to each run's reference: a point per run and seed")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)

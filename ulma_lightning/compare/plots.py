@@ -131,7 +131,7 @@ def frontier_figure(results: dict[str, Any]) -> Any:
     # KL spans 0 (a model near its reference) to 100+ nats (the base against the untrained model):
     # linear below 1 nat, logarithmic above, so the fine-tuned rows do not collapse onto one column
     ax.set_xscale("symlog", linthresh=1.0)
-    ax.set_xlabel("KL(policy || its own reference), nats per response (linear below 1, log above)")
+    ax.set_xlabel("KL(policy || own reference), nats (symlog)")
     ax.set_ylabel("ground-truth score of greedy generations")
     ax.set_title("score against KL to each run's reference: a point per run and seed")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)

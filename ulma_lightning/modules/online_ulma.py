@@ -43,6 +43,7 @@ def online_labels(
 
     ``kept`` is True on every row except the tied prompts of ``top_vs_rest``.
     """
+    check_choices("online_labels", mode=(mode, LABEL_MODES))
     if scores.ndim != 1 or scores.numel() % k:
         raise ValueError(f"online_labels: {tuple(scores.shape)} scores are not whole groups of k={k} samples per prompt")
     kept = torch.ones_like(scores, dtype=torch.bool)
@@ -53,14 +54,11 @@ def online_labels(
         kept = (best > grouped.min(dim=1, keepdim=True).values).expand_as(grouped).reshape(-1)
     elif mode == "threshold":
         labels = (scores >= threshold).to(scores.dtype)
-    elif mode == "continuous":
-        if score_range is None:
-            labels = torch.sigmoid(scores)
-        else:
-            lo, hi = score_range
-            labels = ((scores - lo) / (hi - lo)).clamp(0.0, 1.0)
-    else:
-        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {mode!r}")
+    elif score_range is None:  # continuous, an unbounded scorer
+        labels = torch.sigmoid(scores)
+    else:  # continuous, a scorer of known range
+        lo, hi = score_range
+        labels = ((scores - lo) / (hi - lo)).clamp(0.0, 1.0)
     return labels, kept
 
 

@@ -4,7 +4,7 @@ ULMA (or point-wise DPO) trains on the fresh point-wise labels (docs/online.md).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -19,7 +19,7 @@ from ulma_lightning.policy import PolicyConfig, select_rows
 from ulma_lightning.rl import kl_estimate
 
 LabelMode = Literal["top_vs_rest", "threshold", "continuous"]
-LABEL_MODES = ("top_vs_rest", "threshold", "continuous")
+LABEL_MODES = get_args(LabelMode)
 
 
 def online_labels(
@@ -122,7 +122,7 @@ class OnlineULMAModule(RolloutModule):
     ) -> None:
         if "kl_coef" in kwargs:
             raise TypeError("OnlineULMAModule takes beta (the point-wise DPO term's KL strength), not kl_coef")
-        check_choices(label_mode=(label_mode, LABEL_MODES), positive_term=(positive_term, ("sft", "beta_sft", "pointwise_dpo")))
+        check_choices(label_mode=(label_mode, LABEL_MODES), positive_term=(positive_term, get_args(PositiveTerm)))
         check_label_options(label_type="binary", continuous_form=continuous_form)
         check_pointwise_options(beta=beta, positive_threshold=1.0, reduction=reduction)
         check_numbers(

@@ -8,7 +8,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import Tensor
@@ -131,7 +131,7 @@ class RolloutModule(AlignmentModule):
         _spec: MethodSpec = ROLLOUT,
     ) -> None:
         super().__init__(policy, optimizer, _spec)
-        check_choices(kl_estimator=(kl_estimator, ("k1", "k3")))
+        check_choices(kl_estimator=(kl_estimator, get_args(KLEstimator)))
         check_numbers(samples_per_prompt=(samples_per_prompt, ">= 1"), kl_coef=(kl_coef, ">= 0"))
         self.automatic_optimization = False
         self.scorer = scorer if scorer is not None else DemoScorer()

@@ -109,7 +109,6 @@ def test_unlikelihood_welleck_and_authors_variants() -> None:
     assert only_positive.metrics["loss/negative"] == 0 and torch.isfinite(values.grad).all()
 
 
-@pytest.mark.integration
 def test_unlikelihood_refuses_an_unknown_reduction_for_either_variant() -> None:
     """``reduction`` is unused by ``variant: authors``, but a typo there is refused, not ignored, by the
     loss and by the module (at construction, before the model is built)."""
@@ -121,6 +120,7 @@ def test_unlikelihood_refuses_an_unknown_reduction_for_either_variant() -> None:
             UnlikelihoodModule(policy_config("none"), variant=variant, reduction="tokens")  # type: ignore[arg-type]
 
 
+@pytest.mark.integration
 def test_unlikelihood_module_trains_without_reference() -> None:
     module = UnlikelihoodModule(policy_config("copy"))
     data = PointwiseDataModule(train="demo://binary?n=16", batch_size=8, max_length=64)

@@ -147,6 +147,7 @@ def test_resuming_from_another_methods_checkpoint_says_what_does_not_match(tmp_p
 
 
 # ----------------------------------------------------------------------------- issue 26, item 1: resume keeps the options or says which differ
+@pytest.mark.integration
 @pytest.mark.parametrize("how", ["path", "last"])
 @pytest.mark.usefixtures("plain_argv")
 def test_resuming_with_other_options_than_the_checkpoints_names_each_before_training(tmp_path: Path, how: str) -> None:

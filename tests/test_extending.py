@@ -150,7 +150,7 @@ def test_example_runs_through_ulma_fit(tmp_path: Path, example: str) -> None:
     base = {"pointwise_loss": ["--config", str(REPO / "configs" / "ulma.yaml")], "pairwise_loss": ["--config", str(REPO / "configs" / "dpo.yaml")]}
     args = [
         "fit", *base.get(example, []), "--config", str(REPO / "examples" / f"{example}.yaml"),
-        "--trainer.default_root_dir", str(tmp_path), "--trainer.limit_train_batches", "2",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
         "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
     ]  # fmt: skip

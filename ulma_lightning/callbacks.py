@@ -45,7 +45,8 @@ class HFExport(pl.Callback):
     """At the end of ``fit``, writes the policy as a Hugging Face folder (``save_pretrained``).
 
     Calls the module's ``export_hf(path, merge_lora=...)`` when it has one (every
-    :class:`~ulma_lightning.AlignmentModule` does; the reward model writes its scoring model).
+    :class:`~ulma_lightning.AlignmentModule` and :class:`~ulma_lightning.RolloutModule` does; the reward
+    model writes its scoring model).
     Under FSDP and FSDP2 every process takes part in gathering the full weights, which reach
     ``export_hf`` as ``state_dict=``; rank 0 writes. The folder is written under a hidden
     ``.NAME.partial`` beside it and moved into place whole, so a failed export (a full disk) leaves

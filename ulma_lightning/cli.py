@@ -21,10 +21,11 @@ import os
 import sys
 from typing import Any
 
+from lightning.pytorch import LightningModule
+
 from ulma_lightning.data.datamodule import AlignmentDataModule
 from ulma_lightning.importing import import_object
 from ulma_lightning.lightning_cli import CLI_DEFAULTS, EXTRA_COMMANDS, ULMACLI
-from ulma_lightning.modules.base import AlignmentModule
 from ulma_lightning.noise import silence_known_noise
 from ulma_lightning.options import UserError
 
@@ -42,8 +43,8 @@ def main(args: list[str] | None = None) -> Any:
         if rest != argv[1:]:
             defaults = {**CLI_DEFAULTS, "save_config_callback": None} if run is not None else CLI_DEFAULTS  # the run's config.yaml stays
             with expected_warnings():
-                return ULMACLI(AlignmentModule, AlignmentDataModule, args=["predict", *rest], **defaults)
-    return ULMACLI(AlignmentModule, AlignmentDataModule, args=args, **CLI_DEFAULTS)
+                return ULMACLI(LightningModule, AlignmentDataModule, args=["predict", *rest], **defaults)
+    return ULMACLI(LightningModule, AlignmentDataModule, args=args, **CLI_DEFAULTS)  # the parser: METHOD_BASES
 
 
 #: set to 1 to see the traceback of a mistake in the input or the options (see :func:`run`)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 import ulma_lightning._compat as _compat
-from ulma_lightning.checkpointing import METADATA_FILE, atomic_replace, partial_path, read_checkpoint_metadata, remove_path
+from ulma_lightning.checkpointing import METADATA_FILE, MODULE_CLASS_KEY, atomic_replace, partial_path, read_checkpoint_metadata, remove_path
 from ulma_lightning.export import _point_adapter_at
 from ulma_lightning.importing import import_object
 
@@ -46,10 +46,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def module_from_checkpoint(checkpoint: dict[str, Any]) -> Any:
     """The LightningModule the checkpoint was written by: its class (the CLI's ``_class_path``, or
-    the ``ulma_module_class`` every :class:`AlignmentModule` records) and its init arguments."""
+    the ``ulma_module_class`` every method module records) and its init arguments."""
     from lightning.pytorch.cli import instantiate_module
 
-    from ulma_lightning.modules.base import MODULE_CLASS_KEY, AlignmentModule
+    from ulma_lightning.modules import METHOD_BASES, AlignmentModule
 
     if "hyper_parameters" not in checkpoint:
         raise KeyError("the checkpoint has no hyper_parameters; export needs a checkpoint of an ulma-lightning module")
@@ -60,7 +60,7 @@ def module_from_checkpoint(checkpoint: dict[str, Any]) -> Any:
     cls = import_object(class_path)
     if hparams.pop("_instantiator", None) is not None:  # written by `ulma fit` (LightningCLI)
         hparams["_class_path"] = class_path
-        return instantiate_module(cls if issubclass(cls, AlignmentModule) else AlignmentModule, hparams)
+        return instantiate_module(cls if issubclass(cls, METHOD_BASES) else AlignmentModule, hparams)
     hparams.pop("_class_path", None)
     return cls(**hparams)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 import ulma_lightning._compat as _compat
@@ -104,7 +104,22 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return merged(yaml.safe_load(DEFAULTS_FILE.read_text()) or {}, yaml.safe_load(Path(path).read_text()) or {})
 
 
+class ULMAArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, whose ``model`` is a subclass of either method base: ``AlignmentModule``
+    (offline) or ``RolloutModule`` (online), siblings (:data:`~ulma_lightning.modules.METHOD_BASES`).
+    Another class is refused as it was with one base; a ``model:`` without ``class_path`` (the shared
+    defaults) is read as ``AlignmentModule``'s, the first base."""
+
+    def add_lightning_class_args(self, lightning_class: Any, nested_key: str, subclass_mode: bool = False, required: bool = True) -> list[str]:
+        if nested_key != "model" or not subclass_mode:
+            return super().add_lightning_class_args(lightning_class, nested_key, subclass_mode, required)
+        from ulma_lightning.modules import METHOD_BASES
+
+        return self.add_subclass_arguments(METHOD_BASES, nested_key, fail_untyped=False, required=required)
+
+
 CLI_DEFAULTS: dict[str, Any] = {
+    "parser_class": ULMAArgumentParser,  # the model: a subclass of AlignmentModule or RolloutModule
     "subclass_mode_model": True,
     "subclass_mode_data": True,
     "seed_everything_default": 0,
@@ -140,11 +155,36 @@ class ConfigError(UserError):
     """An option a class of the config refused when it was built."""
 
 
-def _innermost(err: BaseException) -> BaseException:
-    """The first error of a chain (jsonargparse wraps a constructor's error in one that dumps the config)."""
-    while (err.__cause__ or err.__context__) is not None:
+def _innermost(err: BaseException, outside: BaseException | None = None) -> BaseException:
+    """The first error of a chain (jsonargparse wraps a constructor's error in one that dumps the config),
+    not counting ``outside`` and the errors it chains to (the error being handled when ``err`` was raised)."""
+    while (err.__cause__ or err.__context__) not in (None, outside):
         err = err.__cause__ or err.__context__  # type: ignore[assignment]
     return err
+
+
+def model_error(model: Any, err: BaseException) -> BaseException:
+    """The first error of ``err``'s chain; the error the model's own class raised, when that is the
+    first base's refusal of it.
+
+    jsonargparse builds the model against each base of ``METHOD_BASES`` in turn (:class:`ULMAArgumentParser`)
+    and chains the first one's refusal (``... does not correspond to a subclass of AlignmentModule``) to the
+    failure of a ``RolloutModule`` subclass; its constructor's error is then only text in the message. The
+    model is built once more against its own base, to find that error (``cause`` if it builds)."""
+    from ulma_lightning.modules import METHOD_BASES
+
+    cause = _innermost(err)
+    cls = _class_at(str(model.get("class_path")))
+    bases = [base for base in METHOD_BASES[1:] if isinstance(cls, type) and issubclass(cls, base)]
+    if not bases or "does not correspond to a subclass of" not in str(cause):
+        return cause
+    parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(bases[0], "model", fail_untyped=False)
+    try:
+        parser.instantiate_classes(parser.parse_object({"model": model.as_dict() if hasattr(model, "as_dict") else model}))
+    except (ValueError, TypeError) as own:
+        return _innermost(own, outside=err)
+    return cause
 
 
 def _built_class(err: BaseException) -> str | None:
@@ -271,6 +311,10 @@ def check_dropped_init_args(before: dict[str, Any], after: dict[str, Any], old_c
             f"it silently. Remove it from the config, or give {new_class} the option (a subclass takes its parent's "
             "options when its __init__ passes **kwargs on; see docs/extending.md)"
         )
+    from ulma_lightning.modules import METHOD_BASES
+
+    if _class_at(old_class) in METHOD_BASES:  # the base the shared defaults' model (no class_path) was read as: nothing written
+        return
     warnings.warn(
         f"{new_class} takes no option {', '.join(sorted(dropped))}; the config gave {old_class} its default there, which is dropped with the class_path change",
         stacklevel=2,
@@ -431,10 +475,10 @@ class ULMACLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
-            cause = _innermost(err)
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            cause = model_error(config.model, err)
             if cause is err:
                 raise
-            config = self.config[self.subcommand] if self.subcommand else self.config
             said, option = name_the_option(str(cause), config)
             where = f"option {option}; " if option else ""
             raise ConfigError(f"{_built_class(cause) or 'the config'}: {said} ({where}fix it in the config or on the command line)") from cause

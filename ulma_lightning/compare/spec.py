@@ -254,10 +254,10 @@ def _module_class(config: Path, overrides: dict[str, Any], where: str) -> tuple[
         cls = import_object(class_path)
     except ImportError as exc:
         raise GridError(f"{where}: unknown method class {class_path!r} in {config} ({exc}); fix model.class_path") from None
-    from ulma_lightning.modules.base import AlignmentModule
+    from ulma_lightning.modules import METHOD_BASES
 
-    if not (inspect.isclass(cls) and issubclass(cls, AlignmentModule)):
-        raise GridError(f"{where}: {class_path} in {config} is not an ulma-lightning method module (AlignmentModule)")
+    if not (inspect.isclass(cls) and issubclass(cls, METHOD_BASES)):
+        raise GridError(f"{where}: {class_path} in {config} is not an ulma-lightning method module (a subclass of AlignmentModule or RolloutModule)")
     return class_path, cls
 
 

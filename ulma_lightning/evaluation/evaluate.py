@@ -29,10 +29,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch import LightningModule
+
 from ulma_lightning.data.datamodule import AlignmentDataModule
 from ulma_lightning.evaluation.writer import PredictionWriter
 from ulma_lightning.lightning_cli import CLI_DEFAULTS, DEFAULTS_FILE, ULMACLI
-from ulma_lightning.modules.base import AlignmentModule
 
 
 class EvaluateCLI(ULMACLI):
@@ -161,7 +162,7 @@ def format_report(report: dict[str, Any]) -> str:
 def evaluate_main(argv: list[str]) -> dict[str, Any]:
     """Run ``ulma evaluate`` with command-line arguments ``argv``; return the report."""
     with expected_warnings():
-        cli = EvaluateCLI(AlignmentModule, AlignmentDataModule, args=with_saved_config(argv), run=False, save_config_callback=None, **SINGLE_PARSER_DEFAULTS)
+        cli = EvaluateCLI(LightningModule, AlignmentDataModule, args=with_saved_config(argv), run=False, save_config_callback=None, **SINGLE_PARSER_DEFAULTS)
     log_dir = Path(cli.trainer.log_dir) if cli.trainer.log_dir else None
     existed = log_dir is not None and log_dir.exists()
     try:

@@ -1,4 +1,6 @@
-"""One LightningModule per method; ``base`` holds the shared step skeleton."""
+"""One LightningModule per method. Two sibling bases: ``base`` (:class:`AlignmentModule`, offline methods:
+the supervised step) and ``rollout`` (:class:`RolloutModule`, online methods: the rollout step); the
+pieces they share (policy, optimizer and schedule, checkpoints, export) are the functions of ``shared``."""
 
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig
 from ulma_lightning.modules.dpo import DPOModule
@@ -15,8 +17,13 @@ from ulma_lightning.modules.spec import MethodSpec
 from ulma_lightning.modules.ulma import ULMAModule
 from ulma_lightning.modules.unlikelihood import UnlikelihoodModule
 
+#: The bases of every method module, siblings (neither subclasses the other): ``ulma`` trains, exports and
+#: compares a subclass of either. Check a class with ``issubclass(cls, METHOD_BASES)``.
+METHOD_BASES: tuple[type, ...] = (AlignmentModule, RolloutModule)
+
 __all__ = [
     "AlignmentModule",
+    "METHOD_BASES",
     "MethodSpec",
     "OptimizerConfig",
     "PointwiseModule",

@@ -1,106 +1,45 @@
 """The offline methods' base, :class:`AlignmentModule`: a method is a declaration
 (:class:`~ulma_lightning.modules.spec.MethodSpec`) and a loss; this file holds the step that turns a
-batch into log-probs for that loss, and the policy, optimizer and schedule, logging, perplexity,
-export and checkpoint pieces. Precomputed references and FSDP routing are functions in
-:mod:`~ulma_lightning.modules.reference`, the reward metrics an object of
+batch into log-probs for that loss, logging and perplexity. The pieces it shares with its sibling
+:class:`~ulma_lightning.modules.rollout.RolloutModule` (policy build, optimizer and schedule, export,
+checkpoints) are functions in :mod:`~ulma_lightning.modules.shared`; precomputed references and FSDP
+routing are functions in :mod:`~ulma_lightning.modules.reference`, the reward metrics an object of
 :mod:`~ulma_lightning.modules.implicit_rewards`."""
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import math
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-import ulma_lightning._compat as _compat
-from ulma_lightning.checkpointing import DATA_CLASS_KEY, MODULE_CLASS_KEY, check_resume_options, check_same_classes, class_path, keep_unfinished_epoch
-from ulma_lightning.compiling import check_strategy
+import ulma_lightning.modules.shared as shared
 from ulma_lightning.data.contract import ModuleData
-from ulma_lightning.evaluation.generation import GenerationConfig, can_generate, generate_responses
+from ulma_lightning.evaluation.generation import GenerationConfig, can_generate
 from ulma_lightning.evaluation.metrics import TokenPerplexity, demonstration_rows, reuse_token_logps
 from ulma_lightning.export import export_hf
 from ulma_lightning.losses import LossOutput
 from ulma_lightning.modules.batching import pair_batch
 from ulma_lightning.modules.implicit_rewards import RewardMetrics
 from ulma_lightning.modules.reference import data_module_of, precompute_reference_logps, run_wrapped, schedule_reference_precompute, wrapped_by_fsdp
+from ulma_lightning.modules.shared import OPTION_FIELDS, REFERENCE_PREFIX, SCHEDULE_STEPS_KEY, OptimizerConfig, Stage
 from ulma_lightning.modules.spec import MethodSpec
-from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import Policy, PolicyConfig, PretrainedModel, select_rows
 
-log = logging.getLogger(__name__)
-
-Stage = Literal["train", "val", "test"]
-REFERENCE_PREFIX = "policy.reference_model."
-SCHEDULE_STEPS_KEY = "ulma_schedule_steps"  # the steps the checkpointed run's schedule spanned
-OPTION_FIELDS = ("average_logps", "label_type")  # MethodSpec fields a constructor option of that name sets
+__all__ = ["OPTION_FIELDS", "REFERENCE_PREFIX", "SCHEDULE_STEPS_KEY", "AlignmentModule", "OptimizerConfig", "Stage"]
 
 # The frozen reference model is in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
-@dataclass
-class OptimizerConfig:
-    """AdamW with linear warm-up, then cosine, linear or constant decay (per optimizer step).
-
-    Args:
-        lr: peak learning rate.
-        weight_decay: decoupled weight decay.
-        betas: Adam's betas.
-        eps: Adam's epsilon.
-        warmup_steps: warm-up length in optimizer steps (wins over ``warmup_ratio`` when > 0).
-        warmup_ratio: warm-up length as a share of all training steps.
-        schedule: decay after warm-up: ``cosine``, ``linear`` or ``constant``.
-        min_lr_ratio: the learning rate at the end of the decay, as a share of ``lr``.
-        schedule_steps: optimizer steps the warm-up and decay span; default: the fit's planned steps
-            (``max_steps``, or ``max_epochs`` of batches). Set it to stop a run early with
-            ``max_steps`` and continue it later exactly as one run of ``schedule_steps``.
-    """
-
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_ratio: float = 0.0
-    schedule_steps: int | None = None
-
-    def __post_init__(self) -> None:
-        check_numbers(
-            lr=(self.lr, ">= 0"), weight_decay=(self.weight_decay, ">= 0"), eps=(self.eps, "> 0"),
-            warmup_steps=(self.warmup_steps, ">= 0"), warmup_ratio=(self.warmup_ratio, "in [0, 1)"),
-            min_lr_ratio=(self.min_lr_ratio, "in [0, 1]"), schedule_steps=(self.schedule_steps, ">= 1"), **{f"betas[{i}]": (b, "in [0, 1)") for i, b in enumerate(self.betas)},
-        )  # fmt: skip
-
-    def used_span(self, steps: int) -> bool:
-        """Whether the learning rate of the first ``steps`` steps depended on the schedule's span."""
-        if not self.warmup_steps and self.warmup_ratio:
-            return steps > 0
-        return self.schedule != "constant" and steps > self.warmup_steps
-
-    def lr_factor(self, step: int, total: int) -> float:
-        """The multiplier of ``lr`` at optimizer step ``step`` of ``total``."""
-        warmup = self.warmup_steps or int(self.warmup_ratio * total)
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if self.schedule == "constant":
-            return 1.0
-        done = min(1.0, (step - warmup) / max(1, total - warmup))
-        decay = 0.5 * (1 + math.cos(math.pi * done)) if self.schedule == "cosine" else 1 - done
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * decay
-
-
 class AlignmentModule(pl.LightningModule):
-    """Base of every offline method: a method passes its declaration (:class:`MethodSpec`) to this
+    """Base of every offline method (a sibling of :class:`~ulma_lightning.modules.rollout.RolloutModule`,
+    not its parent: the two share their policy, optimizer, checkpoint and export pieces as the functions
+    of :mod:`~ulma_lightning.modules.shared`): a method passes its declaration (:class:`MethodSpec`) to this
     constructor and implements one method, ``loss``, that maps log-probs to a
     :class:`~ulma_lightning.losses.LossOutput` through the pure functions of :mod:`ulma_lightning.losses`.
 
@@ -132,9 +71,7 @@ class AlignmentModule(pl.LightningModule):
     def __init__(self, policy: PolicyConfig, optimizer: OptimizerConfig | None = None, _spec: MethodSpec | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["spec", "_spec"])
-        options = {name: self.hparams[name] for name in OPTION_FIELDS if self.hparams.get(name) is not None}
-        self.spec = dataclasses.replace(_spec or type(self).spec, **options)
-        self.spec.check_reference_mode(policy.reference, type(self).__name__)
+        self.spec = shared.method_spec(self, _spec or type(self).spec, policy)
         self.policy = self.build_policy(policy)
         self.reward_metrics = RewardMetrics()
         self.optimizer_config = optimizer or OptimizerConfig()
@@ -153,40 +90,13 @@ class AlignmentModule(pl.LightningModule):
 
     # ------------------------------------------------------------ model
     def configure_model(self) -> None:
-        config = self.policy.config
-        if not self.spec.needs_reference and config.reference != "none":
-            log.info("%s uses no reference model: policy.reference %r is treated as 'none'", type(self).__name__, config.reference)
-            config.reference = "none"
-        if config.compile and _compat.attached_trainer(self) is not None:
-            check_strategy(_compat.attached_trainer(self).strategy)
-        self.policy.build()
-        self.check_max_length()
-        mesh = self.device_mesh
-        if mesh is not None:  # FSDP2 (ModelParallelStrategy): shard policy and reference per block
-            from ulma_lightning.sharding import data_parallel_mesh, shard_options_for, shard_policy
-
-            strategy = getattr(_compat.attached_trainer(self), "strategy", None)
-            shard_policy(self.policy, data_parallel_mesh(mesh), **shard_options_for(strategy))
+        """Build the policy (and the reference it needs), check ``data.max_length``; under FSDP2
+        shard them per block (:func:`~ulma_lightning.modules.shared.configure_policy`)."""
+        shared.configure_policy(self)
 
     def check_max_length(self) -> None:
-        """Refuse ``data.max_length`` above the model's ``max_position_embeddings`` when the data has a
-        sample longer than the model's positions (past them a model computes garbage, with only a
-        transformers warning). Data that fits the positions trains, whatever ``max_length`` allows."""
-        positions = getattr(getattr(self.policy.model, "config", None), "max_position_embeddings", None)
-        data = self.data_module
-        max_length = getattr(data, "max_length", None)
-        if not isinstance(positions, int) or not isinstance(max_length, int) or max_length <= positions:
-            return
-        longest = {split: max(dataset.lengths(), default=0) for split, dataset in data.datasets.items() if hasattr(dataset, "lengths")}  # type: ignore[union-attr]
-        over = {split: n for split, n in longest.items() if n > positions}
-        if over:
-            split = max(over, key=over.__getitem__)
-            model = self.policy.config.model or "the model built from policy.model_config"
-            raise ValueError(
-                f"data.max_length {max_length} is above the model's max_position_embeddings {positions} ({model}), and the {split} split has "
-                f"samples of up to {over[split]} tokens, which the model has no positions for: set data.max_length to {positions} or less "
-                "(--data.init_args.max_length)"
-            )
+        """Refuse a ``data.max_length`` the model has no positions for (:func:`~ulma_lightning.modules.shared.check_max_length`)."""
+        shared.check_max_length(self)
 
     # ------------------------------------------------------------ the declaration
     @property
@@ -297,12 +207,8 @@ class AlignmentModule(pl.LightningModule):
         return self._shared_step(batch, "train").loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """At the step that reaches ``max_steps``, ask Lightning to stop, which also runs validation:
-        a run shorter than its validation interval (e.g. 30 steps of a long epoch with
-        ``val_check_interval: 0.5``) still ends with validation metrics and a checkpoint to compare."""
-        trainer = self.trainer
-        if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
-            trainer.should_stop = True
+        """Stop at ``max_steps``, with validation (:func:`~ulma_lightning.modules.shared.stop_at_max_steps`)."""
+        shared.stop_at_max_steps(self.trainer)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
         return self.step_outputs(self._shared_step(batch, "val"), batch)
@@ -394,19 +300,9 @@ class AlignmentModule(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Generated responses for prompt-only batches (``{index, response}``); for batches with
-        ``labels`` (a user's own loader of full sequences), per-sample policy log-probs."""
-        if "labels" in batch:
-            return {"index": batch["index"], "policy_logps": self.policy.logps(batch, average=self.average_logps)}
-        responses = generate_responses(
-            self.policy.model,
-            self.tokenizer,
-            batch["input_ids"],
-            batch["attention_mask"],
-            self.generation,
-            seed_offset=batch_idx,
-            synced=getattr(self.policy, "lockstep", False),
-        )
-        return {"index": batch["index"], "response": responses}
+        ``labels`` (a user's own loader of full sequences), per-sample policy log-probs
+        (:func:`~ulma_lightning.modules.shared.predict`)."""
+        return shared.predict(self, batch, batch_idx)
 
     # ------------------------------------------------------------ optimizer
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -415,68 +311,18 @@ class AlignmentModule(pl.LightningModule):
 
     def gradient_norm(self) -> Tensor:
         """The L2 norm of every parameter's gradient; under FSDP and FSDP2, over all shards."""
-        squares = [(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).float().square().sum() for p in self.parameters() if p.grad is not None]
-        total = torch.stack(squares).sum() if squares else torch.zeros((), device=self.device)
-        if self._wrapped_by_fsdp() or self.device_mesh is not None:
-            total = self.trainer.strategy.reduce(total, reduce_op="sum")  # disjoint shards: squares add up
-        return total.sqrt()
+        return shared.gradient_norm(self)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW over the trainable parameters (no weight decay on biases and norms).
-
-        The fused kernel (one pass over all parameters) is used where torch supports it: ordinary
-        float32 tensors on CPU or CUDA; sharded (DTensor) parameters keep the default kernel, and so
-        does ``16-mixed`` (loss scaling: gradients are unscaled before clipping, which a fused kernel
-        that unscales internally does not allow).
-        """
-        cfg = self.optimizer_config
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        scaled = _compat.attached_trainer(self) is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None
-        fused = bool(params) and not scaled and all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params)
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+        """AdamW over the trainable parameters (:func:`~ulma_lightning.modules.shared.build_optimizer`)."""
+        return shared.build_optimizer(self, self.optimizer_config)
 
     def configure_optimizers(self) -> Any:
-        cfg = self.optimizer_config
-        optimizer = self.build_optimizer()
-        total = cfg.schedule_steps or max(1, int(self.planned_steps()))
-        self._check_resumed_schedule(total)
-        self._schedule_steps = total
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cfg.lr_factor(step, total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _check_resumed_schedule(self, total: int) -> None:
-        """Warn when a resumed run's schedule spans other steps than the checkpointed run's did, after
-        the learning rate began to depend on it (the continuation then differs from one whole run)."""
-        saved, step = getattr(self, "_resumed_schedule", (None, 0))
-        if saved and saved != total and self.optimizer_config.used_span(step):
-            warnings.warn(
-                f"the checkpoint's learning-rate schedule spanned {saved} steps, this run's spans {total}: its "
-                f"{step} steps so far followed the old one, so the run will not equal one uninterrupted run of "
-                f"{total} steps. To continue exactly, set model.init_args.optimizer.schedule_steps to the full "
-                "length before the first run, or stop runs with max_time instead of max_steps",
-                stacklevel=2,
-            )
+        return shared.with_schedule(self, self.build_optimizer(), self.optimizer_config)
 
     def planned_steps(self) -> int | float:
-        """Optimizer steps of the whole fit, for the schedule, without building the train loader.
-
-        ``trainer.estimated_stepping_batches`` builds the fit loop's train loader when asked before
-        the checkpoint is restored, and Lightning then never restores that loader's position
-        (Lightning issue #20550): a resumed run would restart its epoch. The count comes from the
-        data module's ``train_batches_per_epoch()`` instead, with Lightning's arithmetic.
-        """
-        trainer = self.trainer
-        per_epoch = getattr(self.data_module, "train_batches_per_epoch", None)
-        if trainer.max_epochs in (None, -1) or per_epoch is None or _compat.train_loader_built(trainer):
-            return trainer.estimated_stepping_batches
-        batches = per_epoch()
-        limit = trainer.limit_train_batches
-        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
-        steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
-        return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
+        """Optimizer steps of the whole fit, for the schedule (:func:`~ulma_lightning.modules.shared.planned_steps`)."""
+        return shared.planned_steps(self)
 
     # ------------------------------------------------------------ fit start
     def on_fit_start(self) -> None:
@@ -496,34 +342,12 @@ class AlignmentModule(pl.LightningModule):
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Frozen reference weights are rebuilt from their source, not stored in checkpoints.
-
-        Under FSDP (torch's FSDP1) they stay: its loader expects every key of the wrapped module.
-        The module's class is recorded (``ulma_module_class``) for ``ulma export``. An epoch that fit
-        left early (``max_steps``, ``max_time``) is recorded as unfinished, so a resumed run continues
-        it (:func:`~ulma_lightning.checkpointing.keep_unfinished_epoch`).
-        """
-        checkpoint[MODULE_CLASS_KEY] = class_path(type(self))
-        if getattr(self, "_schedule_steps", None) is not None:
-            checkpoint[SCHEDULE_STEPS_KEY] = self._schedule_steps
-        datamodule = self.data_module
-        checkpoint[DATA_CLASS_KEY] = class_path(type(datamodule)) if datamodule is not None else None
-        keep_unfinished_epoch(checkpoint)
-        if self._wrapped_by_fsdp():
-            return
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith(REFERENCE_PREFIX)]:
-            del state[key]
+        """Frozen reference weights are rebuilt from their source, not stored in checkpoints; the
+        module's and data's classes and the schedule's span are recorded
+        (:func:`~ulma_lightning.modules.shared.save_checkpoint`)."""
+        shared.save_checkpoint(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse another method's checkpoint; put back the reference weights it does not store."""
-        datamodule = self.data_module
-        source = str(getattr(_compat.attached_trainer(self), "ckpt_path", None) or "(the checkpoint)")
-        check_same_classes(checkpoint, type(self), type(datamodule) if datamodule is not None else None, source)
-        if _compat.attached_trainer(self) is not None and _compat.attached_trainer(self).state.fn == "fit":  # resuming: the options must be the checkpoint's
-            check_resume_options(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), source)
-        self._resumed_schedule = (checkpoint.get(SCHEDULE_STEPS_KEY), int(checkpoint.get("global_step", 0)))
-        state = checkpoint.setdefault("state_dict", {})
-        for key, value in self.state_dict().items():
-            if key.startswith(REFERENCE_PREFIX):
-                state.setdefault(key, value)
+        """Refuse another method's checkpoint; put back the reference weights it does not store
+        (:func:`~ulma_lightning.modules.shared.load_checkpoint`)."""
+        shared.load_checkpoint(self, checkpoint)

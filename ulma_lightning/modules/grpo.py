@@ -9,8 +9,8 @@ from torch import Tensor
 
 from ulma_lightning.choices import check_choices
 from ulma_lightning.losses import LossOutput
-from ulma_lightning.modules.base import OptimizerConfig
 from ulma_lightning.modules.rollout import ROLLOUT, Rollout, RolloutModule
+from ulma_lightning.modules.shared import OptimizerConfig
 from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import PolicyConfig, select_rows
 from ulma_lightning.rl import GRPOLossType, ScaleRewards, grpo_advantages, grpo_loss, kl_estimate, token_mean

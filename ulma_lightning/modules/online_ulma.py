@@ -11,9 +11,9 @@ from torch import Tensor
 
 from ulma_lightning.choices import check_choices
 from ulma_lightning.losses import ContinuousForm, LabelType, LossOutput, PositiveTerm, Reduction, ulma_loss
-from ulma_lightning.modules.base import REFERENCE_PREFIX, OptimizerConfig
 from ulma_lightning.modules.pointwise import check_label_options, check_pointwise_options
 from ulma_lightning.modules.rollout import ROLLOUT, Rollout, RolloutModule
+from ulma_lightning.modules.shared import REFERENCE_PREFIX, OptimizerConfig
 from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import PolicyConfig, select_rows
 from ulma_lightning.rl import kl_estimate

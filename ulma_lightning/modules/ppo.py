@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from ulma_lightning.logprobs import IGNORE_INDEX, TokenLogps, decoder_and_head
 from ulma_lightning.losses import LossOutput
-from ulma_lightning.modules.base import OptimizerConfig
 from ulma_lightning.modules.rollout import Rollout, RolloutModule
+from ulma_lightning.modules.shared import OptimizerConfig
 from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import PolicyConfig, select_rows
 from ulma_lightning.rl import adaptive_kl_coef, explained_variance, gae, kl_estimate, masked_whiten, ppo_loss

@@ -7,8 +7,8 @@ from typing import Any
 from torch import Tensor
 
 from ulma_lightning.losses import LossOutput
-from ulma_lightning.modules.base import OptimizerConfig
 from ulma_lightning.modules.rollout import Rollout, RolloutModule
+from ulma_lightning.modules.shared import OptimizerConfig
 from ulma_lightning.options import check_numbers
 from ulma_lightning.policy import PolicyConfig, select_rows
 from ulma_lightning.rl import kl_estimate, rloo_advantages, rloo_loss

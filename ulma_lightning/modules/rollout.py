@@ -1,5 +1,9 @@
 """The shared part of the RLHF modules: generate rollouts from prompts, score them, take their log-probs,
-and run optimisation epochs over them in mini-batches (Lightning manual optimisation)."""
+and run optimisation epochs over them in mini-batches (Lightning manual optimisation).
+
+:class:`RolloutModule` is a sibling of the offline base :class:`~ulma_lightning.modules.base.AlignmentModule`,
+not its subclass: it has its own step, and shares the policy, optimizer and schedule, checkpoint and
+export pieces with it as the functions of :mod:`~ulma_lightning.modules.shared`."""
 
 from __future__ import annotations
 
@@ -8,23 +12,29 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, get_args
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
 import ulma_lightning._compat as _compat
+import ulma_lightning.modules.shared as shared
 from ulma_lightning.choices import check_choices
 from ulma_lightning.data.collate import PaddingCollator
+from ulma_lightning.data.contract import ModuleData
 from ulma_lightning.data.features import build_sequence
 from ulma_lightning.evaluation.generation import GenerationConfig, decode_response, generate_ids
 from ulma_lightning.evaluation.scorers import DemoScorer, Scorer, checked_scores
+from ulma_lightning.export import export_hf
 from ulma_lightning.logprobs import TokenLogps
 from ulma_lightning.losses import LossOutput
-from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
+from ulma_lightning.modules.reference import data_module_of
+from ulma_lightning.modules.shared import OptimizerConfig, Stage
 from ulma_lightning.modules.spec import MethodSpec
 from ulma_lightning.options import check_numbers
-from ulma_lightning.policy import PolicyConfig
+from ulma_lightning.policy import Policy, PolicyConfig
 from ulma_lightning.rl import KLEstimator, to_token_matrix
 from ulma_lightning.tokenizers import pad_token_id
 
@@ -73,8 +83,12 @@ def run_seed() -> int:
 ROLLOUT = MethodSpec(perplexity=False, reference_modes=("copy", "adapter"))
 
 
-class RolloutModule(AlignmentModule):
-    """Base of :class:`~ulma_lightning.PPOModule` and :class:`~ulma_lightning.RLOOModule`.
+class RolloutModule(pl.LightningModule):
+    """Base of the online methods (:class:`~ulma_lightning.PPOModule`, :class:`~ulma_lightning.RLOOModule`,
+    :class:`~ulma_lightning.GRPOModule`, :class:`~ulma_lightning.OnlineULMAModule`); a sibling of the
+    offline :class:`~ulma_lightning.AlignmentModule`, sharing its policy, optimizer and schedule,
+    checkpoint and export pieces (:mod:`~ulma_lightning.modules.shared`), not its step. A method
+    implements :meth:`update`.
 
     Each training step takes a batch of left-padded prompts (:class:`~ulma_lightning.PromptDataModule`),
     generates ``samples_per_prompt`` responses per prompt with the KV cache, scores them with
@@ -130,7 +144,11 @@ class RolloutModule(AlignmentModule):
         eval_generation: GenerationConfig | None = None,
         _spec: MethodSpec = ROLLOUT,
     ) -> None:
-        super().__init__(policy, optimizer, _spec)
+        super().__init__()
+        self.save_hyperparameters(ignore=["spec", "_spec"])
+        self.spec = shared.method_spec(self, _spec, policy)
+        self.policy = Policy(policy)
+        self.optimizer_config = optimizer or OptimizerConfig()
         check_choices(kl_estimator=(kl_estimator, get_args(KLEstimator)))
         check_numbers(samples_per_prompt=(samples_per_prompt, ">= 1"), kl_coef=(kl_coef, ">= 0"))
         self.automatic_optimization = False
@@ -144,9 +162,47 @@ class RolloutModule(AlignmentModule):
         self.max_grad_norm = max_grad_norm
         self.register_buffer("kl_coef", torch.tensor(float(kl_coef)))  # a buffer: the adaptive value is checkpointed
 
+    #: the method's declaration (a subclass whose needs depend on its options passes ``_spec`` instead)
+    spec: MethodSpec = ROLLOUT
+
     #: Whether the module trains under FSDP2: every trainable weight lives in the policy, which
     #: ``configure_model`` shards. A subclass with another trained model that is not sharded sets False.
     runs_under_fsdp2: bool = True
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.policy.tokenizer
+
+    @property
+    def data_module(self) -> ModuleData | None:
+        """The trainer's data module, through what modules may use of it (:class:`ModuleData`); None
+        without a trainer or a data module."""
+        return data_module_of(self)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the method uses reference log-probs (:attr:`MethodSpec.needs_reference`)."""
+        return self.spec.needs_reference
+
+    @property
+    def average_logps(self) -> bool:
+        """Per-token mean (True) or summed (False) sequence log-probs (:attr:`MethodSpec.average_logps`)."""
+        return self.spec.average_logps
+
+    @property
+    def label_type(self) -> str | None:
+        """The labels' kind (:attr:`MethodSpec.label_type`; None: the scorer's scores)."""
+        return self.spec.label_type
+
+    @property
+    def predict_inputs(self) -> str:
+        """What ``ulma predict`` feeds :meth:`predict_step` (:attr:`MethodSpec.predict_inputs`)."""
+        return self.spec.predict_inputs
+
+    def configure_model(self) -> None:
+        """Build the policy (and the reference it needs); under FSDP2 shard them per block
+        (:func:`~ulma_lightning.modules.shared.configure_policy`)."""
+        shared.configure_policy(self)
 
     def setup(self, stage: str) -> None:
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
@@ -255,6 +311,15 @@ class RolloutModule(AlignmentModule):
         return scores
 
     # ------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        """AdamW with the warm-up and decay of ``optimizer`` (:mod:`~ulma_lightning.modules.shared`); the
+        scheduler steps once per rollout batch (:meth:`training_step`)."""
+        return shared.with_schedule(self, shared.build_optimizer(self, self.optimizer_config), self.optimizer_config)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log ``train/grad_norm``: the L2 norm of all gradients, before any clipping."""
+        self.log("train/grad_norm", shared.gradient_norm(self), on_step=True, on_epoch=False, batch_size=1)
+
     def update(self, rollout: Rollout) -> dict[str, Tensor | float]:
         """Optimise on one rollout batch; returns metrics to log under ``train/``."""
         raise NotImplementedError
@@ -291,7 +356,7 @@ class RolloutModule(AlignmentModule):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, max_norm)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # type: ignore[override]
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         rollout = self.rollout(batch)
         start = time.perf_counter()
         metrics = self.update(rollout)
@@ -300,6 +365,10 @@ class RolloutModule(AlignmentModule):
         if scheduler is not None:
             scheduler.step()  # type: ignore[union-attr]
         self.log_rollout(rollout, metrics)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Stop at ``max_steps``, with validation (:func:`~ulma_lightning.modules.shared.stop_at_max_steps`)."""
+        shared.stop_at_max_steps(self.trainer)
 
     def log_rollout(self, rollout: Rollout, metrics: dict[str, Tensor | float]) -> None:
         """Log the update's metrics and the rollout's: reward, entropy, lengths, EOS share, speed, time split."""
@@ -319,10 +388,10 @@ class RolloutModule(AlignmentModule):
             self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=size, prog_bar=name == "reward")
 
     # ------------------------------------------------------------ evaluation
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:  # type: ignore[override]
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         return self.evaluate_batch(batch, batch_idx, "val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:  # type: ignore[override]
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         return self.evaluate_batch(batch, batch_idx, "test")
 
     def evaluate_batch(self, batch: dict[str, Any], batch_idx: int, stage: Stage) -> dict[str, Any]:
@@ -336,3 +405,24 @@ class RolloutModule(AlignmentModule):
         ):
             self.log(f"{stage}/{name}", value, on_epoch=True, batch_size=size, sync_dist=True, prog_bar=name == "reward")
         return {"scores": gen.scores}
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """``ulma predict``: responses to prompt-only batches, with the settings in :attr:`generation`
+        (:func:`~ulma_lightning.modules.shared.predict`)."""
+        return shared.predict(self, batch, batch_idx)
+
+    # ------------------------------------------------------------ export and checkpoints
+    def export_hf(self, path: str | Path, merge_lora: bool = True, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Write the policy and its tokenizer as a Hugging Face folder (used by ``HFExport``); a
+        critic or a reference is not exported. ``state_dict``: the full weights of a sharded policy."""
+        return export_hf(self.policy.model, self.policy.tokenizer, path, merge_lora=merge_lora, state_dict=state_dict)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Frozen reference weights are rebuilt from their source, not stored; the module's and data's
+        classes and the schedule's span are recorded (:func:`~ulma_lightning.modules.shared.save_checkpoint`)."""
+        shared.save_checkpoint(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse another method's checkpoint; put back the reference weights it does not store
+        (:func:`~ulma_lightning.modules.shared.load_checkpoint`)."""
+        shared.load_checkpoint(self, checkpoint)

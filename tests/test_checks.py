@@ -4,6 +4,7 @@ what each does, and that no second copy of them grows back."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,32 @@ def test_check_choices_names_the_option_the_choices_and_the_value() -> None:
     assert choice_problem("version", 3, (1, 2)) == "version must be 1 or 2, got 3"
     assert choice_problem("mode", "b", ("a",)) == "mode must be 'a', got 'b'"
     assert choice_problem("mode", "a", ("a",)) is None
+
+
+def test_choices_are_read_from_their_literal_type_and_never_hand_written() -> None:
+    """A choice option typed by a ``Literal`` alias (what ``--help`` lists and jsonargparse checks) is
+    checked against ``get_args`` of that alias: no ``check_choices`` call restates its values, and no
+    ``if``/``else`` chain ends in a message of its own (issue 28, items 3 and 5)."""
+    literals = set()
+    for tree in sources().values():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Subscript) and ast.unparse(node.value.value) == "Literal":
+                values = node.value.slice.elts if isinstance(node.value.slice, ast.Tuple) else [node.value.slice]
+                literals.add(tuple(value.value for value in values if isinstance(value, ast.Constant)))
+    assert ("sft", "beta_sft", "pointwise_dpo") in literals and ("k1", "k3") in literals
+    restated = []
+    for name, tree in sources().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "check_choices":
+                for keyword in node.keywords:
+                    pair = keyword.value.elts if isinstance(keyword.value, ast.Tuple) else []
+                    allowed = pair[1] if len(pair) == 2 and isinstance(pair[1], ast.Tuple) else None
+                    if allowed is not None and tuple(getattr(value, "value", None) for value in allowed.elts) in literals:
+                        restated.append(f"{name}: {keyword.arg}")
+    assert restated == []
+    message = re.compile(r"must be '[^']*'(, '[^']*')* or '[^']*', got|must be one of")
+    hand_written = [str(path) for path in sorted(PACKAGE.rglob("*.py")) if path.name != "choices.py" and message.search(path.read_text())]
+    assert hand_written == []
 
 
 def test_modules_and_data_check_their_choices_alike() -> None:

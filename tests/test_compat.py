@@ -8,9 +8,12 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import json
 import pkgutil
+from argparse import ArgumentError
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -22,8 +25,6 @@ import ulma_lightning
 from ulma_lightning import _compat
 
 PACKAGE = Path(ulma_lightning.__file__).parent
-#: private uses outside _compat.py that another change moves (issue 28, item 4 of the module restructuring)
-ELSEWHERE = {"ulma_lightning/lightning_cli.py: from jsonargparse import _typehints"}
 
 
 def private_uses() -> set[str]:
@@ -62,7 +63,7 @@ def private_uses() -> set[str]:
 
 
 def test_no_private_api_outside_compat() -> None:
-    assert private_uses() == ELSEWHERE
+    assert private_uses() == set()
 
 
 def test_the_private_methods_overridden_are_the_listed_ones_and_still_exist() -> None:
@@ -152,6 +153,50 @@ def test_jsonargparse_4_53_add_subcommand_lists_it_in_help() -> None:
     parser.add_subcommands().add_subcommand("fit", ArgumentParser())
     _compat.add_subcommand(parser, "export", "Write a checkpoint as a Hugging Face folder")
     assert "export" in parser.format_help() and "Write a checkpoint as a Hugging Face folder" in parser.format_help()
+
+
+class Shape:
+    def __init__(self, size: int = 1) -> None:
+        self.size = size
+
+
+class Box(Shape):
+    def __init__(self, size: int = 1, depth: int = 2) -> None:
+        super().__init__(size)
+        self.depth = depth
+
+
+def _switch_box_to_shape() -> Any:
+    """Parse a ``Box`` with ``depth: 5``, then ``--shape.class_path Shape`` (which has no ``depth``)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--shape", type=Shape)
+    box = json.dumps({"class_path": f"{__name__}.Box", "init_args": {"depth": 5}})
+    return parser.parse_args(["--shape", box, "--shape.class_path", f"{__name__}.Shape"]).shape
+
+
+def test_jsonargparse_4_53_class_path_change_drops_init_args_and_on_class_path_change_sees_it() -> None:
+    """jsonargparse drops the ``init_args`` a new ``class_path`` does not take without a word (what
+    ``ulma`` refuses, ``lightning_cli.check_class_path_change``); ``on_class_path_change`` sees the
+    options before and after the drop, and puts jsonargparse's function back afterwards."""
+    from jsonargparse import _typehints
+
+    original = _typehints.discard_init_args_on_class_path_change
+    assert _switch_box_to_shape().as_dict() == {"class_path": f"{__name__}.Shape", "init_args": {"size": 1}}
+    seen: list[tuple[Any, ...]] = []
+    with _compat.on_class_path_change(lambda *change: seen.append(change)):
+        assert _switch_box_to_shape().as_dict() == {"class_path": f"{__name__}.Shape", "init_args": {"size": 1}}
+    # the options given before the switch, and what is left after it (the first call, Shape -> Box, drops nothing)
+    assert [change for change in seen if change[2] != change[3]] == [(f"{__name__}.Box", f"{__name__}.Shape", {"depth": 5}, {})]
+    assert _typehints.discard_init_args_on_class_path_change is original
+
+    def refuse(old: str, new: str, before: dict[str, Any], after: dict[str, Any]) -> None:
+        if before != after:
+            raise ValueError(f"{new} would drop {sorted(set(before) - set(after))}")
+
+    with _compat.on_class_path_change(refuse), pytest.raises(ArgumentError, match=r"Shape would drop \['depth'\]"):
+        _switch_box_to_shape()
 
 
 # ----------------------------------------------------------------------------- torch 2.13

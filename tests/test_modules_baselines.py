@@ -109,6 +109,17 @@ def test_unlikelihood_welleck_and_authors_variants() -> None:
     assert only_positive.metrics["loss/negative"] == 0 and torch.isfinite(values.grad).all()
 
 
+def test_unlikelihood_refuses_an_unknown_reduction_for_either_variant() -> None:
+    """``reduction`` is unused by ``variant: authors``, but a typo there is refused, not ignored, by the
+    loss and by the module (at construction, before the model is built)."""
+    bad = r"^reduction must be 'token', 'subset_mean' or 'mean', got 'tokens'$"
+    for variant in ("welleck", "authors"):
+        with pytest.raises(ValueError, match=bad):
+            unlikelihood_loss(torch.tensor([-1.0, -2.0]), torch.tensor([0, 1]), torch.tensor([True, False]), variant=variant, reduction="tokens")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=bad):
+            UnlikelihoodModule(policy_config("none"), variant=variant, reduction="tokens")  # type: ignore[arg-type]
+
+
 @pytest.mark.integration
 def test_unlikelihood_module_trains_without_reference() -> None:
     module = UnlikelihoodModule(policy_config("copy"))

@@ -71,6 +71,11 @@ def test_continuous_labels_by_hand() -> None:
     assert bool(kept.all())
 
 
+def test_online_labels_refuses_an_unknown_mode() -> None:
+    with pytest.raises(ValueError, match="online_labels: mode must be 'top_vs_rest', 'threshold' or 'continuous', got 'pairs'"):
+        online_labels(torch.zeros(4), 2, "pairs")  # type: ignore[arg-type]
+
+
 def test_bad_options_are_named() -> None:
     with pytest.raises(ValueError, match="label_mode must be 'top_vs_rest', 'threshold' or 'continuous', got 'pairs'"):
         OnlineULMAModule(policy(), label_mode="pairs")  # type: ignore[arg-type]

@@ -7,6 +7,8 @@ private methods of Lightning classes that classes here override are listed in :d
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 #: the versions (major.minor) every function of this module was checked against
@@ -104,6 +106,41 @@ def add_subcommand(parser: Any, name: str, description: str) -> None:
     from jsonargparse import ArgumentParser
 
     parser._subcommands_action.add_subcommand(name, ArgumentParser(description=description), help=description)
+
+
+def _init_args_of(spec: Any) -> dict[str, Any]:
+    """A subclass spec's ``init_args`` as a plain dict of its top-level options."""
+    init_args = spec.get("init_args") if hasattr(spec, "get") else None
+    if init_args is None:
+        return {}
+    return dict(init_args.items(branches=True, nested=False)) if hasattr(init_args, "items") else dict(init_args)
+
+
+@contextmanager
+def on_class_path_change(check: Callable[[str, str, dict[str, Any], dict[str, Any]], None]) -> Iterator[None]:
+    """While parsing, call ``check(old_class, new_class, before, after)`` after each ``class_path``
+    change of a subclass spec (``--model.class_path X`` over a config's model, a callbacks list given
+    whole): ``before`` and ``after`` are the old spec's ``init_args`` before and after jsonargparse kept
+    only those the new class takes. It drops the others saying so only in a debug log; ``check`` may
+    raise or warn. (jsonargparse calls its module function ``discard_init_args_on_class_path_change``
+    by name, so replacing it there reaches every caller.)"""
+    from jsonargparse import _typehints
+
+    original = _typehints.discard_init_args_on_class_path_change
+
+    def checked(parser_or_action: Any, prev_val: Any, value: Any) -> None:
+        changed = bool(prev_val) and hasattr(prev_val, "get") and prev_val.get("class_path") != value.get("class_path")
+        before = _init_args_of(_typehints.subclass_spec_as_namespace(prev_val)) if changed else {}
+        original(parser_or_action, prev_val, value)
+        if changed:
+            after = _init_args_of(_typehints.subclass_spec_as_namespace(prev_val))
+            check(str(prev_val.get("class_path")), str(value.get("class_path")), before, after)
+
+    _typehints.discard_init_args_on_class_path_change = checked
+    try:
+        yield
+    finally:
+        _typehints.discard_init_args_on_class_path_change = original
 
 
 # ----------------------------------------------------------------------------- torch

@@ -270,13 +270,6 @@ def name_the_option(message: str, config: Any) -> tuple[str, str | None]:
     return message.replace(name, paths[0], 1), None
 
 
-def _init_args_of(spec: Any) -> dict[str, Any]:
-    init_args = spec.get("init_args") if hasattr(spec, "get") else None
-    if init_args is None:
-        return {}
-    return dict(init_args.items(branches=True, nested=False)) if hasattr(init_args, "items") else dict(init_args)
-
-
 def _class_at(class_path: str) -> Any:
     """The object ``class_path`` names, or None when it cannot be imported."""
     try:
@@ -334,31 +327,20 @@ def _is_module_or_data(class_path: str) -> bool:
     return isinstance(cls, type) and issubclass(cls, (pl.LightningModule, pl.LightningDataModule))
 
 
+def check_class_path_change(old_class: str, new_class: str, before: dict[str, Any], after: dict[str, Any]) -> None:
+    """:func:`check_dropped_init_args` for a switch of the model's or the data's class; a list given
+    whole (``trainer.callbacks``) replaces its items position by position, which switches no one
+    object's class, and is left alone."""
+    if before and _is_module_or_data(old_class):
+        check_dropped_init_args(before, after, old_class, new_class)
+
+
 @contextmanager
 def refuse_dropped_init_args() -> Iterator[None]:
     """While parsing, make jsonargparse's silent discard of ``init_args`` on a ``class_path`` change go
-    through :func:`check_dropped_init_args`."""
-    from jsonargparse import _typehints
-
-    original = _typehints.discard_init_args_on_class_path_change
-
-    def checked(parser_or_action: Any, prev_val: Any, value: Any) -> None:
-        changed = bool(prev_val) and hasattr(prev_val, "get") and prev_val.get("class_path") != value.get("class_path")
-        if changed and not _is_module_or_data(str(prev_val.get("class_path"))):
-            # only the model and the data are switched by class_path; a list given whole (trainer.callbacks)
-            # replaces its items position by position, which switches no one object's class
-            return original(parser_or_action, prev_val, value)
-        before = _init_args_of(_typehints.subclass_spec_as_namespace(prev_val)) if changed else {}
-        original(parser_or_action, prev_val, value)
-        if changed and before:
-            after = _init_args_of(_typehints.subclass_spec_as_namespace(prev_val))
-            check_dropped_init_args(before, after, str(prev_val.get("class_path")), str(value.get("class_path")))
-
-    _typehints.discard_init_args_on_class_path_change = checked
-    try:
+    through :func:`check_dropped_init_args` (:func:`~ulma_lightning._compat.on_class_path_change`)."""
+    with _compat.on_class_path_change(check_class_path_change):
         yield
-    finally:
-        _typehints.discard_init_args_on_class_path_change = original
 
 
 def drop_unused_model_config(model: Any) -> None:

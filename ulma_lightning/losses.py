@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -116,16 +116,15 @@ def reduce_losses(losses: Tensor, positive: Tensor, reduction: Reduction = "subs
     mean over negatives (an empty subset contributes exactly 0, with a zero gradient); ``"mean"``: the
     mean over all rows, split into the positives' and the negatives' shares of it.
     """
+    check_choices(reduction=(reduction, get_args(Reduction)))
     pos_part = masked_mean(losses, positive)
     neg_part = masked_mean(losses, ~positive)
     if reduction == "subset_mean":
         return pos_part + neg_part, pos_part, neg_part
-    if reduction == "mean":
-        n = losses.numel()
-        pos_sum = torch.where(positive, losses, torch.zeros_like(losses)).sum()
-        neg_sum = torch.where(~positive, losses, torch.zeros_like(losses)).sum()
-        return (pos_sum + neg_sum) / max(n, 1), pos_sum / max(n, 1), neg_sum / max(n, 1)
-    raise ValueError(f"reduction must be 'subset_mean' or 'mean', got {reduction!r}")
+    n = losses.numel()
+    pos_sum = torch.where(positive, losses, torch.zeros_like(losses)).sum()
+    neg_sum = torch.where(~positive, losses, torch.zeros_like(losses)).sum()
+    return (pos_sum + neg_sum) / max(n, 1), pos_sum / max(n, 1), neg_sum / max(n, 1)
 
 
 def _check_shapes(**tensors: Tensor) -> None:
@@ -135,29 +134,24 @@ def _check_shapes(**tensors: Tensor) -> None:
 
 
 def _check_labels(scores: Tensor, label_type: LabelType) -> None:
-    if label_type == "binary":
-        if not torch.all((scores == 0) | (scores == 1)):
-            raise ValueError("label_type='binary' needs scores in {0, 1}; use label_type='continuous' for soft labels")
-    elif label_type == "continuous":
-        if not torch.all((scores >= 0) & (scores <= 1)):
-            raise ValueError("label_type='continuous' needs scores in [0, 1]; normalise them in the data module")
-    else:
-        raise ValueError(f"label_type must be 'binary' or 'continuous', got {label_type!r}")
+    check_choices(label_type=(label_type, get_args(LabelType)))
+    if label_type == "binary" and not torch.all((scores == 0) | (scores == 1)):
+        raise ValueError("label_type='binary' needs scores in {0, 1}; use label_type='continuous' for soft labels")
+    if label_type == "continuous" and not torch.all((scores >= 0) & (scores <= 1)):
+        raise ValueError("label_type='continuous' needs scores in [0, 1]; normalise them in the data module")
 
 
 def _pointwise_terms(u: Tensor, scores: Tensor, label_type: LabelType, continuous_form: ContinuousForm) -> tuple[Tensor, Tensor]:
     """Per-sample point-wise DPO losses as (loss if treated as positive, loss as negative/soft)."""
-    check_choices(continuous_form=(continuous_form, ("bce", "mse")))  # checked for binary labels too: a typo must not pass silently
+    check_choices(continuous_form=(continuous_form, get_args(ContinuousForm)))  # checked for binary labels too: a typo must not pass silently
     positive_loss = -F.logsigmoid(u)  # -log sigma(u)
     if label_type == "binary":
         other_loss = -F.logsigmoid(-u)  # -log(1 - sigma(u)), for z = 0
     elif continuous_form == "bce":
         # soft-label cross-entropy -[z log sigma(u) + (1 - z) log(1 - sigma(u))]
         other_loss = -(scores * F.logsigmoid(u) + (1 - scores) * F.logsigmoid(-u))
-    elif continuous_form == "mse":
-        other_loss = (scores - u).square()  # the authors' regression (z - u)^2
     else:
-        raise ValueError(f"continuous_form must be 'bce' or 'mse', got {continuous_form!r}")
+        other_loss = (scores - u).square()  # mse: the authors' regression (z - u)^2
     return positive_loss, other_loss
 
 
@@ -295,6 +289,7 @@ def ulma_loss(
     With ``reduction="subset_mean"``, ``continuous_form="mse"``, ``offset=0`` and per-token-mean
     log-probs this equals the authors' ``ULMATrainer.ulma_loss`` (``llmtuner/tuner/ulma/trainer.py``).
     """
+    check_choices(positive_term=(positive_term, get_args(PositiveTerm)))
     _check_shapes(policy_logps=policy_logps, reference_logps=reference_logps, scores=scores)
     scores = scores.to(policy_logps.dtype)
     _check_labels(scores, label_type)
@@ -312,10 +307,8 @@ def ulma_loss(
         positive_loss = -policy_logps
     elif positive_term == "beta_sft":
         positive_loss = -beta * policy_logps
-    elif positive_term == "pointwise_dpo":
+    else:  # pointwise_dpo
         positive_loss = dpo_positive
-    else:
-        raise ValueError(f"positive_term must be 'sft', 'beta_sft' or 'pointwise_dpo', got {positive_term!r}")
     losses = torch.where(positive, positive_loss, other_loss)
     # Rewards wherever a reference value was given (NaN where the reference was skipped).
     out = pointwise_output(losses, positive, policy_logps, reduction=reduction, rewards=beta * (policy_logps - reference_logps))
@@ -343,6 +336,7 @@ def dpo_loss(
     * ``"ipo"``: ``(m - 1 / (2 beta))^2`` (Azar et al. 2023; log-probs should be per-token means);
     * ``"hinge"``: ``relu(1 - beta m)`` (SLiC, Zhao et al. 2023).
     """
+    check_choices(loss_type=(loss_type, get_args(DPOLossType)))
     _check_shapes(
         policy_chosen_logps=policy_chosen_logps,
         policy_rejected_logps=policy_rejected_logps,
@@ -354,10 +348,8 @@ def dpo_loss(
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
     elif loss_type == "ipo":
         losses = (margin - 1 / (2 * beta)).square()
-    elif loss_type == "hinge":
+    else:  # hinge
         losses = torch.relu(1 - beta * margin)
-    else:
-        raise ValueError(f"loss_type must be 'sigmoid', 'ipo' or 'hinge', got {loss_type!r}")
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps)
     rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps)
     return pairwise_output(losses, policy_chosen_logps, policy_rejected_logps, chosen_rewards, rejected_rewards)
@@ -467,6 +459,7 @@ def unlikelihood_loss(
       loss keeps falling as ``log p(neg) -> -inf`` (train it for a fixed budget). ``reduction`` is
       not used (it is always this subset mean); with ``alpha=1`` it equals the authors' loss.
     """
+    check_choices(variant=(variant, get_args(UnlikelihoodVariant)), reduction=(reduction, get_args(UnlikelihoodReduction)))
     positive = positive.to(torch.bool)
     size = positive.shape[0]
     token_positive = positive[sequence_index]
@@ -484,15 +477,11 @@ def unlikelihood_loss(
             pos_part = torch.where(token_positive, token_losses, torch.zeros_like(token_losses)).sum() / n
             neg_part = torch.where(~token_positive, token_losses, torch.zeros_like(token_losses)).sum() / n
             loss = pos_part + neg_part
-        elif reduction in ("subset_mean", "mean"):
+        else:  # subset_mean or mean
             loss, pos_part, neg_part = reduce_losses(row_losses, positive, reduction)
-        else:
-            raise ValueError(f"reduction must be 'token', 'subset_mean' or 'mean', got {reduction!r}")
-    elif variant == "authors":
+    else:  # authors
         row_losses = torch.where(positive, -row_logps, alpha * row_logps)
         loss, pos_part, neg_part = reduce_losses(row_losses, positive, "subset_mean")
-    else:
-        raise ValueError(f"variant must be 'welleck' or 'authors', got {variant!r}")
     metrics = {
         "loss/positive": pos_part.detach(),
         "loss/negative": neg_part.detach(),
@@ -528,16 +517,15 @@ def pointwise_reward_loss(rewards: Tensor, scores: Tensor, *, form: RewardForm =
     ``accuracy`` counts a sample as right when the reward is on the positive side of the decision
     point (``r > 0`` for bce, ``r > 0.5`` for mse) exactly when ``z >= positive_threshold``.
     """
+    check_choices(form=(form, get_args(RewardForm)))
     _check_shapes(rewards=rewards, scores=scores)
     scores = scores.to(rewards.dtype)
     if form == "bce":
         losses = F.binary_cross_entropy_with_logits(rewards, scores, reduction="none")
         decision = 0.0
-    elif form == "mse":
+    else:  # mse
         losses = (rewards - scores).square()
         decision = 0.5
-    else:
-        raise ValueError(f"form must be 'bce' or 'mse', got {form!r}")
     positive = scores >= positive_threshold
     metrics = {
         "rewards/accuracy": ((rewards.detach() > decision) == positive).float().mean(),

@@ -14,7 +14,7 @@ and ``trl/trainer/grpo_trainer.py`` in TRL 1.16 (group-normalised advantages, to
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -79,12 +79,11 @@ def kl_estimate(logps: Tensor, reference_logps: Tensor, estimator: KLEstimator =
     ``r = pi_ref / pi`` (unbiased, never negative, lower variance). J. Schulman, "Approximating KL
     divergence" (2020); TRL's ``kl_estimator`` option.
     """
+    check_choices(kl_estimator=(estimator, get_args(KLEstimator)))
     log_ratio = logps - reference_logps
     if estimator == "k1":
         return log_ratio
-    if estimator == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {estimator!r}")
+    return torch.expm1(-log_ratio) + log_ratio  # k3
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
@@ -199,7 +198,7 @@ def grpo_advantages(rewards: Tensor, k: int, *, scale_rewards: ScaleRewards = "g
         raise ValueError(f"GRPO needs k >= 2 samples per prompt for a group baseline, got {k}")
     if rewards.shape[0] % k:
         raise ValueError(f"{rewards.shape[0]} rewards are not whole groups of k={k}")
-    check_choices(scale_rewards=(scale_rewards, ("group", "none")))
+    check_choices(scale_rewards=(scale_rewards, get_args(ScaleRewards)))
     grouped = rewards.view(-1, k)
     advantages = grouped - grouped.mean(dim=1, keepdim=True)
     if scale_rewards == "group":
@@ -237,7 +236,7 @@ def grpo_loss(
     Metrics: ``policy/clipfrac`` (share of tokens whose ratio is clipped in the direction of ``A``,
     TRL's ``clip_ratio/region_mean``), ``policy/approx_kl`` and, with a reference, ``policy/kl`` (mean
     ``k3`` per token). ``losses``: each response's mean token loss."""
-    check_choices(loss_type=(loss_type, ("grpo", "bnpo", "dr_grpo")))
+    check_choices(loss_type=(loss_type, get_args(GRPOLossType)))
     if beta != 0.0 and reference_logps is None:
         raise ValueError(f"grpo_loss with beta={beta} needs reference_logps")
     keep = mask.bool()

@@ -8,7 +8,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -196,7 +196,7 @@ class AlignmentDataModule(pl.LightningDataModule):
             max_prompt_length=(max_prompt_length, ">= 0"), val_fraction=(val_fraction, "in [0, 1)"),
             pad_to_multiple_of=(pad_to_multiple_of, ">= 1"), num_workers=(num_workers, ">= 0"), max_samples=(max_samples, ">= 1"),
         )  # fmt: skip
-        check_choices(on_bad_record=(on_bad_record, ("error", "skip")), mix_strategy=(mix_strategy, ("interleave_under", "interleave_over")))
+        check_choices(on_bad_record=(on_bad_record, get_args(OnBadRecord)), mix_strategy=(mix_strategy, get_args(MixStrategy)))
         check_choices(label_type=(label_type, ("binary", "continuous", None)), predict_inputs=(predict_inputs, ("prompts", "sequences")))
         #: the method's label kind and ``ulma predict``'s inputs (the contract's ModuleData; linked by ``ulma``)
         self.label_type, self.predict_inputs = label_type, predict_inputs

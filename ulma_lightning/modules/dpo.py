@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from torch import Tensor
 
 from ulma_lightning.choices import check_choices
@@ -47,7 +49,7 @@ class DPOModule(AlignmentModule):
         average_logps: bool | None = None,
     ) -> None:
         check_numbers(beta=(beta, "> 0"))
-        check_choices(loss_type=(loss_type, ("sigmoid", "ipo", "hinge")))
+        check_choices(loss_type=(loss_type, get_args(DPOLossType)))
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
         super().__init__(policy, optimizer, PAIRWISE.replace(average_logps=loss_type == "ipo"))  # average_logps, when set, wins

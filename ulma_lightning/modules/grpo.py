@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import Tensor
@@ -66,7 +66,7 @@ class GRPOModule(RolloutModule):
         for name, use in (("samples_per_prompt", "num_generations"), ("kl_coef", "beta"), ("kl_estimator", "beta (the k3 estimator, always)")):
             if name in kwargs:
                 raise TypeError(f"GRPOModule takes {use}, not {name}")
-        check_choices("GRPOModule", scale_rewards=(scale_rewards, ("group", "none")), loss_type=(loss_type, ("grpo", "bnpo", "dr_grpo")))
+        check_choices("GRPOModule", scale_rewards=(scale_rewards, get_args(ScaleRewards)), loss_type=(loss_type, get_args(GRPOLossType)))
         check_numbers(beta=(beta, ">= 0"), clip_range=(clip_range, "> 0"), clip_range_high=(clip_range_high, "> 0"))
         check_numbers(num_iterations=(num_iterations, ">= 1"), mini_batch_size=(mini_batch_size, ">= 1"))
         spec = ROLLOUT.replace(reference="all" if beta else "none")  # beta 0: no reference model is built or run

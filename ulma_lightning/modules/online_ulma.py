@@ -4,7 +4,7 @@ ULMA (or point-wise DPO) trains on the fresh point-wise labels (docs/online.md).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -19,7 +19,7 @@ from ulma_lightning.policy import PolicyConfig, select_rows
 from ulma_lightning.rl import kl_estimate
 
 LabelMode = Literal["top_vs_rest", "threshold", "continuous"]
-LABEL_MODES = ("top_vs_rest", "threshold", "continuous")
+LABEL_MODES = get_args(LabelMode)
 
 
 def online_labels(
@@ -43,6 +43,7 @@ def online_labels(
 
     ``kept`` is True on every row except the tied prompts of ``top_vs_rest``.
     """
+    check_choices("online_labels", mode=(mode, LABEL_MODES))
     if scores.ndim != 1 or scores.numel() % k:
         raise ValueError(f"online_labels: {tuple(scores.shape)} scores are not whole groups of k={k} samples per prompt")
     kept = torch.ones_like(scores, dtype=torch.bool)
@@ -53,14 +54,11 @@ def online_labels(
         kept = (best > grouped.min(dim=1, keepdim=True).values).expand_as(grouped).reshape(-1)
     elif mode == "threshold":
         labels = (scores >= threshold).to(scores.dtype)
-    elif mode == "continuous":
-        if score_range is None:
-            labels = torch.sigmoid(scores)
-        else:
-            lo, hi = score_range
-            labels = ((scores - lo) / (hi - lo)).clamp(0.0, 1.0)
-    else:
-        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {mode!r}")
+    elif score_range is None:  # continuous, an unbounded scorer
+        labels = torch.sigmoid(scores)
+    else:  # continuous, a scorer of known range
+        lo, hi = score_range
+        labels = ((scores - lo) / (hi - lo)).clamp(0.0, 1.0)
     return labels, kept
 
 
@@ -124,7 +122,7 @@ class OnlineULMAModule(RolloutModule):
     ) -> None:
         if "kl_coef" in kwargs:
             raise TypeError("OnlineULMAModule takes beta (the point-wise DPO term's KL strength), not kl_coef")
-        check_choices(label_mode=(label_mode, LABEL_MODES), positive_term=(positive_term, ("sft", "beta_sft", "pointwise_dpo")))
+        check_choices(label_mode=(label_mode, LABEL_MODES), positive_term=(positive_term, get_args(PositiveTerm)))
         check_label_options(label_type="binary", continuous_form=continuous_form)
         check_pointwise_options(beta=beta, positive_threshold=1.0, reduction=reduction)
         check_numbers(

@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -150,7 +150,7 @@ class RolloutModule(pl.LightningModule):
         self.spec = shared.method_spec(self, _spec, policy)
         self.policy = Policy(policy)
         self.optimizer_config = optimizer or OptimizerConfig()
-        check_choices(kl_estimator=(kl_estimator, ("k1", "k3")))
+        check_choices(kl_estimator=(kl_estimator, get_args(KLEstimator)))
         check_numbers(samples_per_prompt=(samples_per_prompt, ">= 1"), kl_coef=(kl_coef, ">= 0"))
         self.automatic_optimization = False
         self.scorer = scorer if scorer is not None else DemoScorer()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from torch import Tensor
 
@@ -11,6 +11,8 @@ from ulma_lightning.losses import LossOutput, sft_loss
 from ulma_lightning.modules.base import AlignmentModule, OptimizerConfig, Stage
 from ulma_lightning.modules.spec import MethodSpec
 from ulma_lightning.policy import PolicyConfig
+
+SFTReduction = Literal["token", "sequence"]
 
 
 class SFTModule(AlignmentModule):
@@ -36,10 +38,10 @@ class SFTModule(AlignmentModule):
         self,
         policy: PolicyConfig,
         optimizer: OptimizerConfig | None = None,
-        reduction: Literal["token", "sequence"] = "token",
+        reduction: SFTReduction = "token",
     ) -> None:
         super().__init__(policy, optimizer)
-        check_choices(reduction=(reduction, ("token", "sequence")))
+        check_choices(reduction=(reduction, get_args(SFTReduction)))
         self.reduction = reduction
 
     def compute_loss(self, batch: dict[str, Tensor], stage: Stage) -> LossOutput:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from torch import Tensor
 
 from ulma_lightning.choices import check_choices
@@ -51,7 +53,7 @@ class ULMAModule(AlignmentModule):
     ) -> None:
         check_pointwise_options(beta=beta, positive_threshold=positive_threshold, reduction=reduction)
         check_label_options(label_type=label_type, continuous_form=continuous_form)
-        check_choices(positive_term=(positive_term, ("sft", "beta_sft", "pointwise_dpo")))
+        check_choices(positive_term=(positive_term, get_args(PositiveTerm)))
         every_row = positive_term == "pointwise_dpo"  # the others need no reference on positives
         spec = POINTWISE.replace(
             reference="all" if every_row else "negatives",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from torch import Tensor
 
 from ulma_lightning.choices import check_choices
@@ -53,8 +55,8 @@ class UnlikelihoodModule(AlignmentModule):
         eps: float = 1e-6,
     ) -> None:
         check_numbers(alpha=(alpha, ">= 0"), positive_threshold=(positive_threshold, "in [0, 1]"), eps=(eps, "> 0"))
+        check_choices(variant=(variant, get_args(UnlikelihoodVariant)), reduction=(reduction, get_args(UnlikelihoodReduction)))
         super().__init__(policy, optimizer)
-        check_choices(variant=(variant, ("welleck", "authors")))
         self.variant = variant
         self.alpha = alpha
         self.reduction = reduction

@@ -48,7 +48,11 @@ def _ldconfig() -> str:
     return ""
 
 
-def find_jemalloc(ldconfig_output: str | None = None, candidates: tuple[str, ...] = CANDIDATES, environ: Mapping[str, str] = os.environ) -> str | None:
+def find_jemalloc(
+    ldconfig_output: str | None = None,
+    candidates: tuple[str, ...] = CANDIDATES,
+    environ: Mapping[str, str] = os.environ,
+) -> str | None:
     """The path of ``libjemalloc.so.2``, or None where it is not installed."""
     named = environ.get("ULMA_BENCH_JEMALLOC")
     if named:

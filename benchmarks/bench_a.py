@@ -44,12 +44,18 @@ def main_groups() -> list[list[Row]]:
     group's process) with the library rows compared with it."""
     fp32 = [
         [Row("trl", "kto"), Row("ours", "ulma"), Row("ours", "pointwise_dpo"), Row("ours", "kto")],
-        [Row("trl", "kto", "precomputed"), Row("ours", "ulma", "precomputed"), Row("ours", "pointwise_dpo", "precomputed")],
+        [
+            Row("trl", "kto", "precomputed"),
+            Row("ours", "ulma", "precomputed"),
+            Row("ours", "pointwise_dpo", "precomputed"),
+        ],
         [Row("trl", "dpo"), Row("ours", "dpo")],
         [Row("trl", "dpo", "precomputed"), Row("ours", "dpo", "precomputed")],
         [Row("trl", "sft", "none"), Row("ours", "sft", "none")],
     ]
-    bf16 = [[Row(r.impl, r.method, r.reference, "bf16") for r in group if r.reference != "precomputed"] for group in fp32]
+    bf16 = [
+        [Row(r.impl, r.method, r.reference, "bf16") for r in group if r.reference != "precomputed"] for group in fp32
+    ]
     return fp32 + [g for g in bf16 if g]
 
 
@@ -62,11 +68,25 @@ def alone_rows() -> list[Row]:
     """ULMA float32 timed with no other row interleaved, right after the matmul peak: the MFU target's
     numerator measured under the same conditions as its denominator."""
     # and with policy.compile (the blocks through torch.compile): more warm-up steps, which compile
-    return [Row("ours", "ulma", alone=True), Row("ours", "ulma", alone=True, warmup=workload.WARMUP_STEPS + 3, measured=workload.MEASURED_STEPS - 3, options={"compile": {"dynamic": True}})]
+    return [
+        Row("ours", "ulma", alone=True),
+        Row(
+            "ours",
+            "ulma",
+            alone=True,
+            warmup=workload.WARMUP_STEPS + 3,
+            measured=workload.MEASURED_STEPS - 3,
+            options={"compile": {"dynamic": True}},
+        ),
+    ]
 
 
 def scaling_rows(warmup: int = 1, measured: int = 2) -> list[Row]:
-    return [Row("ours", "ulma", warmup=warmup, measured=measured, max_length=length, vocab=vocab, fixed_length=True) for vocab in SCALING_VOCABS for length in SCALING_LENGTHS]
+    return [
+        Row("ours", "ulma", warmup=warmup, measured=measured, max_length=length, vocab=vocab, fixed_length=True)
+        for vocab in SCALING_VOCABS
+        for length in SCALING_LENGTHS
+    ]
 
 
 # ------------------------------------------------------------------ child processes
@@ -169,7 +189,10 @@ def run(
             notes.append(missing)
     for message in notes:
         note(f"NOTE: {message}")
-    note(f"allocators measured: the library's {', '.join(settings['ours'])}; TRL's {', '.join(settings['trl'])}" + (f" (jemalloc: {jemalloc})" if jemalloc else ""))
+    note(
+        f"allocators measured: the library's {', '.join(settings['ours'])}; TRL's {', '.join(settings['trl'])}"
+        + (f" (jemalloc: {jemalloc})" if jemalloc else "")
+    )
     groups = with_allocators(groups, settings)
     # LD_PRELOAD too is read when a process starts: the fork server runs with the default allocator
     # (so do the matmul peaks, the alone row and the scaling run); a jemalloc row is spawned with it.
@@ -229,7 +252,13 @@ def run(
         "wall_s": time.perf_counter() - started,
         "command": "PYTHONPATH=. python -m benchmarks.bench_a",
         "omp_wait_policy": policies,
-        "allocator": {"ours": settings["ours"], "trl": settings["trl"], "jemalloc": jemalloc, "malloc_conf": allocator.MALLOC_CONF, "notes": notes},
+        "allocator": {
+            "ours": settings["ours"],
+            "trl": settings["trl"],
+            "jemalloc": jemalloc,
+            "malloc_conf": allocator.MALLOC_CONF,
+            "notes": notes,
+        },
     }
     report.annotate(data)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,7 +282,11 @@ def _line(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 warm-up + 1 measured step, a few rows; writes to --out (default /tmp/bench-quick)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 warm-up + 1 measured step, a few rows; writes to --out (default /tmp/bench-quick)",
+    )
     parser.add_argument("--only", default="", help="run only rows whose name contains this text (e.g. 'ulma', 'fp32')")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling run")
     for impl, label in (("ours", "the library's"), ("trl", "TRL's")):
@@ -288,7 +321,14 @@ def main(argv: list[str] | None = None) -> int:
         scaling = [r for r in scaling if args.only in r.name]
         alone = [r for r in alone if args.only in r.name]
     out = args.out or (Path("/tmp/bench-quick") if args.quick else DOCS)
-    run(groups, scaling, out, alone=alone, omp_wait_policy={"ours": args.ours_omp_wait_policy, "trl": args.trl_omp_wait_policy}, allocators={"ours": args.ours_allocator, "trl": args.trl_allocator})
+    run(
+        groups,
+        scaling,
+        out,
+        alone=alone,
+        omp_wait_policy={"ours": args.ours_omp_wait_policy, "trl": args.trl_omp_wait_policy},
+        allocators={"ours": args.ours_allocator, "trl": args.trl_allocator},
+    )
     return 0
 
 

@@ -59,7 +59,11 @@ class BRow:
 
 
 def model_config(row: BRow) -> dict[str, Any]:
-    return {**QWEN25_05B, "num_hidden_layers": row.layers, "max_position_embeddings": max(QWEN25_05B["max_position_embeddings"], row.max_length)}
+    return {
+        **QWEN25_05B,
+        "num_hidden_layers": row.layers,
+        "max_position_embeddings": max(QWEN25_05B["max_position_embeddings"], row.max_length),
+    }
 
 
 def samples(row: BRow, first_id: int) -> list[Any]:
@@ -82,7 +86,15 @@ class OursB(ULMAStep):
     def __init__(self, row: BRow) -> None:
         from ulma_lightning import PolicyConfig
 
-        super().__init__(PolicyConfig(model_config=model_config(row), tokenizer=TOKENIZER, reference="copy", gradient_checkpointing=row.gradient_checkpointing), BATCH)
+        super().__init__(
+            PolicyConfig(
+                model_config=model_config(row),
+                tokenizer=TOKENIZER,
+                reference="copy",
+                gradient_checkpointing=row.gradient_checkpointing,
+            ),
+            BATCH,
+        )
 
 
 class TRLB:
@@ -96,10 +108,22 @@ class TRLB:
 
         options = model_config(row)
         kind = options.pop("model_type")
-        options.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+        options.update(
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.eos_token_id,
+        )
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **options), dtype=torch.float32)
-        self.row = TRLRow("kto", "copy", False, model, tokenizer, max_length=row.max_length, gradient_checkpointing=row.gradient_checkpointing)
+        self.row = TRLRow(
+            "kto",
+            "copy",
+            False,
+            model,
+            tokenizer,
+            max_length=row.max_length,
+            gradient_checkpointing=row.gradient_checkpointing,
+        )
 
     def collate(self, items: list[Any]) -> list[dict[str, Any]]:
         return self.row.collate(items)
@@ -129,7 +153,10 @@ def measure(row: BRow) -> dict[str, Any]:
         losses.append(runner.step(batch, i))
         walls.append(time.perf_counter() - start)
         peaks.append(memory.peak_mb() / 1024)
-        print(f"  {row.name}: step {i + 1}/{len(batches)} {walls[-1]:.1f} s, RSS peak so far {peaks[-1]:.2f} GiB", flush=True)
+        print(
+            f"  {row.name}: step {i + 1}/{len(batches)} {walls[-1]:.1f} s, RSS peak so far {peaks[-1]:.2f} GiB",
+            flush=True,
+        )
     if not all(math.isfinite(x) for x in losses):
         raise FloatingPointError(f"non-finite loss: {losses}")
     timed = walls[row.warmup :] or walls[-1:]
@@ -185,7 +212,9 @@ def probe_row(base: BRow, length: int) -> BRow:
     return replace(base, impl="ours", max_length=length, warmup=1, warmup_length=PROBE_WARMUP_LENGTH, measured=1)
 
 
-def next_length(fits: list[tuple[int, float]], ok: int, bad: int | None, cap_gib: float, limit: int, resolution: int) -> int | None:
+def next_length(
+    fits: list[tuple[int, float]], ok: int, bad: int | None, cap_gib: float, limit: int, resolution: int
+) -> int | None:
     """The next length to try, or None once the answer is known to ``resolution``.
 
     With two fitting probes of different peaks, the peak is extrapolated linearly in the length to the
@@ -208,7 +237,14 @@ def next_length(fits: list[tuple[int, float]], ok: int, bad: int | None, cap_gib
     return min(max(guess, low), high)
 
 
-def find_max_length(base: BRow, run: Callable[[BRow], dict[str, Any]], cap_gib: float, limit: int, resolution: int, first: dict[str, Any] | None = None) -> dict[str, Any]:
+def find_max_length(
+    base: BRow,
+    run: Callable[[BRow], dict[str, Any]],
+    cap_gib: float,
+    limit: int,
+    resolution: int,
+    first: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The longest ``max_length`` (a multiple of ``resolution``, up to ``limit``) at which the library's
     ULMA trains at batch 8, each verdict a measured probe (:func:`probe_row`); the lengths tried are
     chosen by :func:`next_length`. ``run(row)`` measures a probe; ``first``: the result of a row already
@@ -240,7 +276,15 @@ def find_max_length(base: BRow, run: Callable[[BRow], dict[str, Any]], cap_gib: 
         if stopped is not None:
             break
         length = next_length(fits, ok, bad, cap_gib, limit, resolution)
-    return {"max_length": ok or None, "first_failing": bad, "limit": limit, "resolution": resolution, "stopped": stopped, "started_from": started_from, "probes": probes}
+    return {
+        "max_length": ok or None,
+        "first_failing": bad,
+        "limit": limit,
+        "resolution": resolution,
+        "stopped": stopped,
+        "started_from": started_from,
+        "probes": probes,
+    }
 
 
 def line(result: dict[str, Any]) -> str:
@@ -253,12 +297,20 @@ def line(result: dict[str, Any]) -> str:
 def markdown(data: dict[str, Any]) -> str:
     m = data["machine"]
     row0 = data["rows"][0]["row"] if data["rows"] else data["settings"]
-    shape = "the full Qwen2.5-0.5B shape" if row0["layers"] == QWEN25_05B["num_hidden_layers"] else f"**{row0['layers']} layers, not the full 24: a smoke run**"
+    shape = (
+        "the full Qwen2.5-0.5B shape"
+        if row0["layers"] == QWEN25_05B["num_hidden_layers"]
+        else f"**{row0['layers']} layers, not the full 24: a smoke run**"
+    )
     lines = [
         "# Benchmarks: bench-B (the largest model)",
         "",
         f"Generated by `{data['command']}` on {data['date']} in {data['wall_s'] / 60:.1f} minutes"
-        + (f" ({len(data['resumed'])} result(s) reused from an earlier run with --resume, measured before and not counted in that time: {', '.join(data['resumed'])})" if data.get("resumed") else "")
+        + (
+            f" ({len(data['resumed'])} result(s) reused from an earlier run with --resume, measured before and not counted in that time: {', '.join(data['resumed'])})"
+            if data.get("resumed")
+            else ""
+        )
         + "; do not edit by hand.",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']:.0f} GiB memory, torch threads {row0['threads']}; torch {m['torch']}, transformers {m['transformers']}, TRL {m['trl']}.",
@@ -277,13 +329,20 @@ def markdown(data: dict[str, Any]) -> str:
         row = r["row"]
         if "error" in r:
             what = "out of memory" if r.get("out_of_memory") else "failed"
-            lines.append(f"| {r['name']} | {row['max_length']} | {what}: {r['error'][:120]} | - | {r.get('peak_rss_gib', 0):.2f} | {row['allocator']} |")
+            lines.append(
+                f"| {r['name']} | {row['max_length']} | {what}: {r['error'][:120]} | - | {r.get('peak_rss_gib', 0):.2f} | {row['allocator']} |"
+            )
         else:
-            lines.append(f"| {r['name']} | {row['max_length']} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_gib']:.2f} | {row['allocator']} |")
+            lines.append(
+                f"| {r['name']} | {row['max_length']} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_gib']:.2f} | {row['allocator']} |"
+            )
     ok = {r["row"]["impl"]: r for r in data["rows"] if "error" not in r}
     if "ours" in ok and "trl" in ok:
         o, t = ok["ours"], ok["trl"]
-        lines += ["", f"ULMA against KTOTrainer: {t['s_per_step'] / o['s_per_step']:.2f}x the speed, {o['peak_rss_gib'] / t['peak_rss_gib']:.2f}x the peak memory."]
+        lines += [
+            "",
+            f"ULMA against KTOTrainer: {t['s_per_step'] / o['s_per_step']:.2f}x the speed, {o['peak_rss_gib'] / t['peak_rss_gib']:.2f}x the peak memory.",
+        ]
     search = data.get("max_length_search")
     if search:
         lines += ["", "## Longest max_length ULMA trains at batch 8", ""]
@@ -304,7 +363,9 @@ def markdown(data: dict[str, Any]) -> str:
             )
         lines.append(
             f"- Each length is a probe in its own process: one warm-up step on {PROBE_WARMUP_LENGTH}-token sequences (it allocates "
-            "AdamW's state, as in steady training), then one step at the length" + (f"; the first length is the row {search['started_from']} above" if search.get("started_from") else "") + ". The "
+            "AdamW's state, as in steady training), then one step at the length"
+            + (f"; the first length is the row {search['started_from']} above" if search.get("started_from") else "")
+            + ". The "
             "lengths tried extrapolate the measured peaks linearly to the cap, doubling before two fits and bisecting "
             "where the extrapolation overshoots; each verdict is a measured step."
         )
@@ -333,32 +394,74 @@ def machine() -> dict[str, Any]:
 
     cpu = "unknown"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": pages / capped.GIB, "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": pages / capped.GIB,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-length", type=int, default=1024, help="tokens per sequence (default %(default)s)")
-    parser.add_argument("--layers", type=int, default=24, help="decoder layers (default %(default)s: Qwen2.5-0.5B; fewer for a smoke run)")
-    parser.add_argument("--warmup", type=int, default=1, help="warm-up steps (default %(default)s: it allocates AdamW's state)")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=24,
+        help="decoder layers (default %(default)s: Qwen2.5-0.5B; fewer for a smoke run)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="warm-up steps (default %(default)s: it allocates AdamW's state)"
+    )
     parser.add_argument("--measured", type=int, default=2, help="measured steps (default %(default)s)")
     parser.add_argument("--no-gradient-checkpointing", action="store_true", help="run without gradient checkpointing")
     parser.add_argument("--only", choices=("ours", "trl"), default=None, help="run one library's row only")
-    parser.add_argument("--find-max-length", action="store_true", help="also search the longest max_length ULMA trains at batch 8")
-    parser.add_argument("--max-length-limit", type=int, default=32768, help="the search stops here (default %(default)s)")
+    parser.add_argument(
+        "--find-max-length", action="store_true", help="also search the longest max_length ULMA trains at batch 8"
+    )
+    parser.add_argument(
+        "--max-length-limit", type=int, default=32768, help="the search stops here (default %(default)s)"
+    )
     parser.add_argument("--resolution", type=int, default=256, help="the search's step (default %(default)s tokens)")
-    parser.add_argument("--memory-cap-gib", type=float, default=22.0, help="a row's process is killed above this RSS (default %(default)s)")
-    parser.add_argument("--timeout-min", type=float, default=180.0, help="a row with no result after this long is recorded as failed")
+    parser.add_argument(
+        "--memory-cap-gib",
+        type=float,
+        default=22.0,
+        help="a row's process is killed above this RSS (default %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout-min", type=float, default=180.0, help="a row with no result after this long is recorded as failed"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
     for impl, label in (("ours", "the library's"), ("trl", "TRL's")):
-        parser.add_argument(f"--{impl}-allocator", choices=allocator.SETTINGS, default="default", help=f"allocator of {label} row (default %(default)s)")
+        parser.add_argument(
+            f"--{impl}-allocator",
+            choices=allocator.SETTINGS,
+            default="default",
+            help=f"allocator of {label} row (default %(default)s)",
+        )
     parser.add_argument("--out", type=Path, default=DOCS, help="folder of benchmarks-b.md/json (default docs/)")
-    parser.add_argument("--report", action="store_true", help="only rewrite OUT/benchmarks-b.md from OUT/benchmarks-b.json (e.g. after a run was stopped)")
-    parser.add_argument("--resume", action="store_true", help="reuse the results in OUT/benchmarks-b.json measured with the same settings (each row and probe is saved as it ends)")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="only rewrite OUT/benchmarks-b.md from OUT/benchmarks-b.json (e.g. after a run was stopped)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the results in OUT/benchmarks-b.json measured with the same settings (each row and probe is saved as it ends)",
+    )
     args = parser.parse_args(argv)
     for name in ("max_length", "layers", "measured", "resolution", "threads"):
         if getattr(args, name) < 1:
@@ -381,9 +484,19 @@ def main(argv: list[str] | None = None) -> int:
         if missing and missing not in notes:
             notes.append(missing)
             print(f"NOTE: {missing}")
-    base = BRow("ours", args.max_length, args.layers, not args.no_gradient_checkpointing, args.warmup, args.measured, threads=args.threads)
+    base = BRow(
+        "ours",
+        args.max_length,
+        args.layers,
+        not args.no_gradient_checkpointing,
+        args.warmup,
+        args.measured,
+        threads=args.threads,
+    )
     timeout = args.timeout_min * 60
-    command = "PYTHONPATH=. python -m benchmarks.bench_b" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv))
+    command = "PYTHONPATH=. python -m benchmarks.bench_b" + (
+        "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)
+    )
     earlier = on_record(path) if args.resume else []
     rows: list[dict[str, Any]] = []
     probes: list[dict[str, Any]] = []
@@ -398,7 +511,9 @@ def main(argv: list[str] | None = None) -> int:
             "cap_gib": args.memory_cap_gib,
             "settings": asdict(base),
             "rows": rows,
-            "max_length_search": search if search is not None else ({"probes": probes, "complete": False} if probes else None),
+            "max_length_search": search
+            if search is not None
+            else ({"probes": probes, "complete": False} if probes else None),
             "notes": notes,
             "resumed": resumed,
             "wall_s": time.perf_counter() - started,
@@ -424,7 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.find_max_length:
         ours = replace(base, allocator=args.ours_allocator)
         first = next((r for r in rows if same_row(r, ours)), None)
-        search = find_max_length(ours, lambda row: run(row, probes), args.memory_cap_gib, args.max_length_limit, args.resolution, first=first)
+        search = find_max_length(
+            ours, lambda row: run(row, probes), args.memory_cap_gib, args.max_length_limit, args.resolution, first=first
+        )
     path.write_text(json.dumps(data(), indent=1) + "\n")
     text = markdown(data())
     report.write_text(text)

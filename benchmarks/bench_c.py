@@ -118,7 +118,9 @@ def samples(row: CRow, tokenizer_dir: str) -> list[Sample]:
     out: list[Sample] = []
     for start in range(0, len(examples), 64):
         chunk = examples[start : start + 64]
-        for example, sample in zip(chunk, _encode([e.prompt for e in chunk], [e.response for e in chunk], row.max_length, tokenizer_dir)):
+        for example, sample in zip(
+            chunk, _encode([e.prompt for e in chunk], [e.response for e in chunk], row.max_length, tokenizer_dir)
+        ):
             if sample is not None:
                 sample.score = example.score
                 out.append(sample)
@@ -149,7 +151,13 @@ class Theirs:
         if row.lora:
             from peft import LoraConfig
 
-            peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
+            peft_config = LoraConfig(
+                r=LORA["r"],
+                lora_alpha=LORA["alpha"],
+                lora_dropout=LORA["dropout"],
+                target_modules=LORA["target_modules"],
+                task_type="CAUSAL_LM",
+            )
         model = load_model(row)
         self.row = TRLRow("kto", "copy", False, model, tokenizer, max_length=row.max_length, peft_config=peft_config)
 
@@ -168,7 +176,14 @@ def step_flops(config: dict[str, Any], row: CRow, batch_samples: list[Sample]) -
     kl = None
     if row.impl == "trl":
         rotated = [batch_samples[-1]] + batch_samples[:-1]
-        kl = [F.Seq(min(len(s.prompt_ids) + len(o.response_ids), row.max_length), min(len(o.response_ids), row.max_length - len(s.prompt_ids)), True) for s, o in zip(batch_samples, rotated)]
+        kl = [
+            F.Seq(
+                min(len(s.prompt_ids) + len(o.response_ids), row.max_length),
+                min(len(o.response_ids), row.max_length - len(s.prompt_ids)),
+                True,
+            )
+            for s, o in zip(batch_samples, rotated)
+        ]
     total = F.needed_flops(config, "ulma" if row.impl == "ours" else "kto", "copy", seqs, kl)
     if row.lora:
         total -= F.forward_flops(config, seqs)
@@ -226,7 +241,9 @@ def load_config(row: CRow) -> dict[str, Any]:
     return AutoConfig.from_pretrained(row.model).to_dict()
 
 
-def run_row(row: CRow, cap_gib: float, timeout_s: float, jemalloc: str | None, in_process: bool = False) -> dict[str, Any]:
+def run_row(
+    row: CRow, cap_gib: float, timeout_s: float, jemalloc: str | None, in_process: bool = False
+) -> dict[str, Any]:
     """One row in a fresh process under the memory cap (or, ``in_process``, here: smoke runs); its result."""
     if in_process:
         try:
@@ -272,7 +289,12 @@ def summary(data: dict[str, Any]) -> dict[str, Any]:
         if ours and theirs:
             speed = ours["tokens_per_s"] / theirs["tokens_per_s"]
             memory = ours["peak_rss_gib"] / theirs["peak_rss_gib"]
-            out["ratios"][kind] = {"speed": speed, "memory": memory, "speed_met": speed >= SPEED_TARGET, "memory_met": memory <= MEMORY_TARGET}
+            out["ratios"][kind] = {
+                "speed": speed,
+                "memory": memory,
+                "speed_met": speed >= SPEED_TARGET,
+                "memory_met": memory <= MEMORY_TARGET,
+            }
     return out
 
 
@@ -300,9 +322,13 @@ def markdown(data: dict[str, Any]) -> str:
         row = r["row"]
         if "error" in r:
             what = "out of memory" if r.get("out_of_memory") else "failed"
-            lines.append(f"| {r['name']} | {row['allocator']} | {what}: {r['error'][:120]} | - | {r.get('peak_rss_gib', 0):.2f} | - |")
+            lines.append(
+                f"| {r['name']} | {row['allocator']} | {what}: {r['error'][:120]} | - | {r.get('peak_rss_gib', 0):.2f} | - |"
+            )
         else:
-            lines.append(f"| {r['name']} | {row['allocator']} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_gib']:.2f} | {r['achieved_flops'] / data['matmul_peak_fp32']:.0%} |")
+            lines.append(
+                f"| {r['name']} | {row['allocator']} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_gib']:.2f} | {r['achieved_flops'] / data['matmul_peak_fp32']:.0%} |"
+            )
     lines += ["", "## Against the targets (each row at its fastest allocator)", ""]
     for kind, ratio in facts["ratios"].items():
         lines.append(
@@ -310,7 +336,15 @@ def markdown(data: dict[str, Any]) -> str:
             f"{ratio['memory']:.2f}x its peak memory (target <= {MEMORY_TARGET}x: {'met' if ratio['memory_met'] else 'missed'})."
         )
     for key, mfu in sorted(facts["mfu"].items()):
-        lines.append(f"- MFU {key}: {mfu:.0%}" + (f" (target >= {MFU_TARGET:.0%}: {'met' if mfu >= MFU_TARGET else 'missed'})" if key == "ours full" else "") + ".")
+        lines.append(
+            f"- MFU {key}: {mfu:.0%}"
+            + (
+                f" (target >= {MFU_TARGET:.0%}: {'met' if mfu >= MFU_TARGET else 'missed'})"
+                if key == "ours full"
+                else ""
+            )
+            + "."
+        )
     notes = data.get("notes") or []
     lines += [""] + [f"- **{n}**" for n in notes] + ([""] if notes else [])
     lines += [
@@ -331,36 +365,89 @@ def machine() -> dict[str, Any]:
 
     cpu = "unknown"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=MODEL_DIR, help="the model folder (default %(default)s, from scripts/get_smollm2.py)")
-    parser.add_argument("--data", type=Path, default=DATA_FILE, help="HH-RLHF transcripts, .jsonl.gz (default %(default)s)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=MODEL_DIR,
+        help="the model folder (default %(default)s, from scripts/get_smollm2.py)",
+    )
+    parser.add_argument(
+        "--data", type=Path, default=DATA_FILE, help="HH-RLHF transcripts, .jsonl.gz (default %(default)s)"
+    )
     parser.add_argument("--max-length", type=int, default=512, help="tokens per sequence at most (default %(default)s)")
-    parser.add_argument("--layers", type=int, default=None, help="keep the model's first N layers (a smoke run; default: all)")
+    parser.add_argument(
+        "--layers", type=int, default=None, help="keep the model's first N layers (a smoke run; default: all)"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="warm-up steps (default %(default)s)")
     parser.add_argument("--measured", type=int, default=4, help="measured steps (default %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
-    parser.add_argument("--allocator", choices=allocator.CHOICES, default="both", help="allocators to measure each row with (default %(default)s; the report takes each row's fastest)")
+    parser.add_argument(
+        "--allocator",
+        choices=allocator.CHOICES,
+        default="both",
+        help="allocators to measure each row with (default %(default)s; the report takes each row's fastest)",
+    )
     parser.add_argument("--only", choices=("ours", "trl"), default=None, help="one library's rows only")
     parser.add_argument("--no-lora", action="store_true", help="skip the LoRA rows")
-    parser.add_argument("--memory-cap-gib", type=float, default=22.0, help="a row's process is killed above this RSS (default %(default)s)")
-    parser.add_argument("--timeout-min", type=float, default=60.0, help="a row with no result after this long is recorded as failed")
-    parser.add_argument("--in-process", action="store_true", help="run the rows in this process, one after another (no memory cap; smoke runs and tests)")
-    parser.add_argument("--peak-size", type=int, default=2048, help="side of the square matmuls that measure the float32 peak (default %(default)s)")
-    parser.add_argument("--smoke", action="store_true", help="1 layer, max_length 64, 0+1 steps, default allocator, a small peak matmul, in this process (seconds)")
+    parser.add_argument(
+        "--memory-cap-gib",
+        type=float,
+        default=22.0,
+        help="a row's process is killed above this RSS (default %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout-min", type=float, default=60.0, help="a row with no result after this long is recorded as failed"
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the rows in this process, one after another (no memory cap; smoke runs and tests)",
+    )
+    parser.add_argument(
+        "--peak-size",
+        type=int,
+        default=2048,
+        help="side of the square matmuls that measure the float32 peak (default %(default)s)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="1 layer, max_length 64, 0+1 steps, default allocator, a small peak matmul, in this process (seconds)",
+    )
     parser.add_argument("--out", type=Path, default=DOCS, help="folder of benchmarks-c.md/json (default docs/)")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.layers, args.max_length, args.warmup, args.measured, args.allocator, args.in_process = args.layers or 1, 64, 0, 1, "default", True
+        args.layers, args.max_length, args.warmup, args.measured, args.allocator, args.in_process = (
+            args.layers or 1,
+            64,
+            0,
+            1,
+            "default",
+            True,
+        )
         args.peak_size = min(args.peak_size, 256)
     if not (args.model / "config.json").is_file():
-        print(f"bench-C skipped: no model folder at {args.model}; run `python scripts/get_smollm2.py` first (or pass --model)")
+        print(
+            f"bench-C skipped: no model folder at {args.model}; run `python scripts/get_smollm2.py` first (or pass --model)"
+        )
         return 0
     if not args.data.is_file():
         print(f"bench-C skipped: no HH file at {args.data} (../shared/data/hh-rlhf/ beside the repository, or --data)")
@@ -377,7 +464,16 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model
     if args.layers is not None:  # the rows load a copy with the first layers only
         model_dir = first_layers(args.model, args.layers, Path(tempfile.mkdtemp(prefix="bench-c-model-")))
-    base = CRow("ours", model=str(model_dir), data=str(args.data), max_length=args.max_length, layers=args.layers, warmup=args.warmup, measured=args.measured, threads=args.threads)
+    base = CRow(
+        "ours",
+        model=str(model_dir),
+        data=str(args.data),
+        max_length=args.max_length,
+        layers=args.layers,
+        warmup=args.warmup,
+        measured=args.measured,
+        threads=args.threads,
+    )
     rows = [
         replace(base, impl=impl, lora=lora, allocator=setting)
         for impl in ("ours", "trl")
@@ -385,7 +481,9 @@ def main(argv: list[str] | None = None) -> int:
         for lora in ((False,) if args.no_lora else (False, True))
         for setting in settings
     ]
-    command = "PYTHONPATH=. python -m benchmarks.bench_c" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv))
+    command = "PYTHONPATH=. python -m benchmarks.bench_c" + (
+        "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)
+    )
     peaks = [matmul_peak(args.threads, args.peak_size)]
     results: list[dict[str, Any]] = []
     path, report = args.out / "benchmarks-c.json", args.out / "benchmarks-c.md"
@@ -408,7 +506,15 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         results.append(run_row(row, args.memory_cap_gib, args.timeout_min * 60, jemalloc, in_process=args.in_process))
         last = results[-1]
-        print(f"{last['name']}: " + (f"FAILED {last['error']}" if "error" in last else f"{last['tokens_per_s']:.0f} tokens/s, peak {last['peak_rss_gib']:.2f} GiB"), flush=True)
+        print(
+            f"{last['name']}: "
+            + (
+                f"FAILED {last['error']}"
+                if "error" in last
+                else f"{last['tokens_per_s']:.0f} tokens/s, peak {last['peak_rss_gib']:.2f} GiB"
+            ),
+            flush=True,
+        )
         path.write_text(json.dumps(data(), indent=1) + "\n")  # saved as each row ends
     peaks.append(matmul_peak(args.threads, args.peak_size))
     if model_dir != args.model:

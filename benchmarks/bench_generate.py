@@ -48,10 +48,15 @@ def prompt_batches(tokenizer: Any, count: int, batch: int) -> list[dict[str, Any
     from ulma_lightning.data.task import generate_pairs
     from ulma_lightning.tokenizers import pad_token_id
 
-    examples = [SimpleNamespace(prompt=r["prompt"], response=r["chosen"], location=i) for i, r in enumerate(generate_pairs(count, split="test"))]
+    examples = [
+        SimpleNamespace(prompt=r["prompt"], response=r["chosen"], location=i)
+        for i, r in enumerate(generate_pairs(count, split="test"))
+    ]
     dataset = PromptDataset(encode_prompts(tokenizer, examples, max_prompt_length=0))
     collate = LeftPaddingCollator(pad_token_id(tokenizer))
-    return [collate([dataset[j] for j in range(i, min(i + batch, len(dataset)))]) for i in range(0, len(dataset), batch)]
+    return [
+        collate([dataset[j] for j in range(i, min(i + batch, len(dataset)))]) for i in range(0, len(dataset), batch)
+    ]
 
 
 def generated_tokens(new_ids: torch.Tensor, eos: int) -> int:
@@ -68,16 +73,25 @@ def paths(module: Any, new_tokens: int) -> dict[str, Callable[[dict[str, Any], i
     from ulma_lightning.tokenizers import pad_token_id
 
     model, tok = module.policy.model, module.tokenizer
-    plain_kwargs = {"max_new_tokens": new_tokens, "do_sample": False, "pad_token_id": pad_token_id(tok), "eos_token_id": tok.eos_token_id}
+    plain_kwargs = {
+        "max_new_tokens": new_tokens,
+        "do_sample": False,
+        "pad_token_id": pad_token_id(tok),
+        "eos_token_id": tok.eos_token_id,
+    }
 
     def library(batch: dict[str, Any], i: int) -> Any:
         module.predict_step(batch, i)  # `ulma predict`: generate_ids + decoding; timed as a whole
-        return generate_ids(model, tok, batch["input_ids"], batch["attention_mask"], module.generation)  # for the token check (untimed below)
+        return generate_ids(
+            model, tok, batch["input_ids"], batch["attention_mask"], module.generation
+        )  # for the token check (untimed below)
 
     @torch.no_grad()
     def plain(batch: dict[str, Any], i: int, **extra: Any) -> Any:
         model.eval()
-        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **plain_kwargs, **extra)
+        out = model.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **plain_kwargs, **extra
+        )
         return out[:, batch["input_ids"].shape[1] :]
 
     return {
@@ -96,7 +110,10 @@ def time_paths(module: Any, batches: list[dict[str, Any]], new_tokens: int, roun
     walls = {n: 0.0 for n in names}
     tokens = {n: 0 for n in names}
     errors: dict[str, str] = {}
-    reference = [generate_ids(module.policy.model, module.tokenizer, b["input_ids"], b["attention_mask"], module.generation) for b in batches]
+    reference = [
+        generate_ids(module.policy.model, module.tokenizer, b["input_ids"], b["attention_mask"], module.generation)
+        for b in batches
+    ]
     eos = module.tokenizer.eos_token_id
     for name in names:  # warm-up round, untimed, and the identical-tokens check
         try:
@@ -128,7 +145,14 @@ def time_paths(module: Any, batches: list[dict[str, Any]], new_tokens: int, roun
         if name in errors:
             out.append({"path": name, "error": errors[name]})
         else:
-            out.append({"path": name, "tokens": tokens[name], "wall_s": walls[name], "tokens_per_s": tokens[name] / walls[name]})
+            out.append(
+                {
+                    "path": name,
+                    "tokens": tokens[name],
+                    "wall_s": walls[name],
+                    "tokens_per_s": tokens[name] / walls[name],
+                }
+            )
     base = next(r for r in out if r["path"] == "model.generate")
     for r in out:
         if "error" not in r and "error" not in base:
@@ -149,7 +173,9 @@ def markdown(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace,
             if "error" in r:
                 lines.append(f"| {model} | {r['path']} | not run: {r['error']} | - |")
             else:
-                lines.append(f"| {model} | {r['path']} | {r['tokens_per_s']:.0f} | {r.get('vs_generate', float('nan')):.2f}x |")
+                lines.append(
+                    f"| {model} | {r['path']} | {r['tokens_per_s']:.0f} | {r.get('vs_generate', float('nan')):.2f}x |"
+                )
     return "\n".join(lines) + "\n"
 
 

@@ -45,7 +45,11 @@ MODEL = {"model_type": "llama", "hidden_size": 96, "intermediate_size": 256, "nu
          "num_key_value_heads": 4, "max_position_embeddings": 256, "tie_word_embeddings": True}  # fmt: skip
 PROMPTS, K, NEW_TOKENS, BETA, LR = 8, 4, 16, 0.01, 1e-5
 SOURCE = "demo://demonstration?n=400"
-METHODS: dict[str, str | None] = {"rloo": "RLOOTrainer", "grpo": "GRPOTrainer", "online_ulma": None}  # the TRL peer, if any
+METHODS: dict[str, str | None] = {
+    "rloo": "RLOOTrainer",
+    "grpo": "GRPOTrainer",
+    "online_ulma": None,
+}  # the TRL peer, if any
 
 
 def save_model(folder: Path) -> None:
@@ -65,7 +69,10 @@ class StepTimes(pl.Callback):
 
     def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         metrics = trainer.callback_metrics
-        row = {name: float(metrics[f"train/time/{name}_step"]) for name in ("generate", "score", "logprobs", "reference", "update")}
+        row = {
+            name: float(metrics[f"train/time/{name}_step"])
+            for name in ("generate", "score", "logprobs", "reference", "update")
+        }
         row["step"] = time.perf_counter() - self._start
         row["tokens"] = float(metrics["train/response_length_step"]) * PROMPTS * K
         if "train/kept_fraction_step" in metrics:  # online ULMA: the share of samples its update ran on
@@ -79,8 +86,12 @@ def ours(folder: Path, steps: int, method: str = "rloo", label_mode: str = "top_
     policy, optimizer = PolicyConfig(model=str(folder), reference="copy"), OptimizerConfig(lr=LR, schedule="constant")
     module: pl.LightningModule
     if method == "grpo":
-        module = GRPOModule(policy, optimizer, num_generations=K, beta=BETA, loss_type="grpo", scale_rewards="group", **common)
-    elif method == "online_ulma":  # labels top vs rest among the k samples (or by threshold 0.5: every row kept), beta 1.0 per token
+        module = GRPOModule(
+            policy, optimizer, num_generations=K, beta=BETA, loss_type="grpo", scale_rewards="group", **common
+        )
+    elif (
+        method == "online_ulma"
+    ):  # labels top vs rest among the k samples (or by threshold 0.5: every row kept), beta 1.0 per token
         module = OnlineULMAModule(policy, optimizer, samples_per_prompt=K, label_mode=label_mode, **common)  # type: ignore[arg-type]
     else:
         module = RLOOModule(policy, optimizer, rloo_k=K, kl_coef=BETA, **common)
@@ -139,9 +150,23 @@ def run_side(side: str, folder: Path, steps: int, method: str, label_mode: str =
     return {**result, "allocator": allocator.loaded()}
 
 
-def in_process(side: str, folder: Path, steps: int, method: str, setting: str, path: str | None, label_mode: str = "top_vs_rest") -> dict[str, Any]:
+def in_process(
+    side: str, folder: Path, steps: int, method: str, setting: str, path: str | None, label_mode: str = "top_vs_rest"
+) -> dict[str, Any]:
     """:func:`run_side` in a fresh process started with allocator ``setting`` (it reads LD_PRELOAD at start)."""
-    command = [sys.executable, "-m", "benchmarks.bench_rlhf", "--side", side, "--model", str(folder), "--steps", str(steps), "--method", method]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_rlhf",
+        "--side",
+        side,
+        "--model",
+        str(folder),
+        "--steps",
+        str(steps),
+        "--method",
+        method,
+    ]
     if method == "online_ulma":
         command += ["--label_mode", label_mode]
     env = allocator.environment(setting, path, os.environ)
@@ -158,7 +183,10 @@ def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def table(method: str, mine: dict[str, Any], theirs: dict[str, Any] | None) -> list[str]:
     """The markdown rows of the report."""
-    lines = [f"| {method.upper()} step, {PROMPTS} prompts x k={K}, {NEW_TOKENS} new tokens, CPU | seconds |", "|---|---|"]
+    lines = [
+        f"| {method.upper()} step, {PROMPTS} prompts x k={K}, {NEW_TOKENS} new tokens, CPU | seconds |",
+        "|---|---|",
+    ]
     for name in ("generate", "score", "logprobs", "reference", "update", "step"):
         lines.append(f"| ulma-lightning {name} | {mine[name]:.3f} |")
     lines.append(f"| ulma-lightning generation tokens/s | {mine['tokens'] / mine['generate']:.0f} |")
@@ -176,7 +204,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per side (after one warm-up step)")
     parser.add_argument("--method", choices=sorted(METHODS), default="rloo", help="the method timed on both sides")
-    parser.add_argument("--allocator", choices=allocator.CHOICES, default="both", help="allocator settings tried per side; the best is reported")
+    parser.add_argument(
+        "--allocator",
+        choices=allocator.CHOICES,
+        default="both",
+        help="allocator settings tried per side; the best is reported",
+    )
     parser.add_argument(
         "--label_mode", choices=("top_vs_rest", "threshold"), default="top_vs_rest",
         help="online ULMA's labels: threshold keeps every sample in the update (as many sequences as RLOO's)",
@@ -187,7 +220,9 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     torch.set_num_threads(2)
     if options.side:
-        print(json.dumps(run_side(options.side, Path(options.model), options.steps, options.method, options.label_mode)))
+        print(
+            json.dumps(run_side(options.side, Path(options.model), options.steps, options.method, options.label_mode))
+        )
         return
     folder = Path(tempfile.mkdtemp(prefix="bench-rlhf-model-"))
     save_model(folder)
@@ -195,13 +230,19 @@ def main() -> None:
     settings, note = allocator.resolve(options.allocator, path)
     if note:
         print(note)
-    mine = best([in_process("ours", folder, options.steps, options.method, s, path, options.label_mode) for s in settings])
+    mine = best(
+        [in_process("ours", folder, options.steps, options.method, s, path, options.label_mode) for s in settings]
+    )
     if METHODS[options.method] is None:
-        print(f"TRL has no {options.method} trainer: compare its update with --method rloo's (same rollout, k and reward)")
+        print(
+            f"TRL has no {options.method} trainer: compare its update with --method rloo's (same rollout, k and reward)"
+        )
         print("\n".join(table(options.method, mine, None)))
         return
     try:
-        theirs: dict[str, Any] | None = best([in_process("trl", folder, options.steps, options.method, s, path) for s in settings])
+        theirs: dict[str, Any] | None = best(
+            [in_process("trl", folder, options.steps, options.method, s, path) for s in settings]
+        )
     except Exception as exc:  # report, do not hide: the table says TRL did not run and why
         print(f"TRL {METHODS[options.method]} did not run: {type(exc).__name__}: {exc}")
         theirs = None

@@ -49,10 +49,21 @@ def _child(conn: Any, fn: Callable[[Any], Any], arg: Any) -> None:
 
 
 def _oom(peak: int, cap: int, how: str) -> dict[str, Any]:
-    return {"out_of_memory": True, "peak_rss_gib": peak / GIB, "error": f"ran out of memory at {peak / GIB:.1f} GiB ({how}; cap {cap / GIB:.1f} GiB)"}
+    return {
+        "out_of_memory": True,
+        "peak_rss_gib": peak / GIB,
+        "error": f"ran out of memory at {peak / GIB:.1f} GiB ({how}; cap {cap / GIB:.1f} GiB)",
+    }
 
 
-def run_capped(fn: Callable[[Any], Any], arg: Any, cap_bytes: int, timeout_s: float = 7200.0, poll_s: float = 0.1, context: str = "spawn") -> dict[str, Any]:
+def run_capped(
+    fn: Callable[[Any], Any],
+    arg: Any,
+    cap_bytes: int,
+    timeout_s: float = 7200.0,
+    poll_s: float = 0.1,
+    context: str = "spawn",
+) -> dict[str, Any]:
     """``fn(arg)`` (a dict) in a fresh ``context`` child process, killed once its RSS exceeds ``cap_bytes``.
 
     The result gets ``peak_rss_gib``: the highest RSS the parent saw (sampled every ``poll_s``).
@@ -78,8 +89,13 @@ def run_capped(fn: Callable[[Any], Any], arg: Any, cap_bytes: int, timeout_s: fl
                 process.join(5)
                 code = process.exitcode
                 if code == -signal.SIGKILL:
-                    return _oom(peak, cap_bytes, "the process was killed by SIGKILL, most likely the kernel's OOM killer")
-                return {"error": f"the child process exited with code {code} without a result", "peak_rss_gib": peak / GIB}
+                    return _oom(
+                        peak, cap_bytes, "the process was killed by SIGKILL, most likely the kernel's OOM killer"
+                    )
+                return {
+                    "error": f"the child process exited with code {code} without a result",
+                    "peak_rss_gib": peak / GIB,
+                }
             if time.monotonic() - started > timeout_s:
                 process.kill()
                 process.join(30)

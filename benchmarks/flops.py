@@ -39,7 +39,15 @@ def _dims(config: dict[str, Any]) -> dict[str, int]:
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or h // heads
     kv = config.get("num_key_value_heads") or heads
-    return {"h": h, "heads": heads, "head_dim": head_dim, "kv": kv, "layers": config["num_hidden_layers"], "inter": config["intermediate_size"], "vocab": config["vocab_size"]}
+    return {
+        "h": h,
+        "heads": heads,
+        "head_dim": head_dim,
+        "kv": kv,
+        "layers": config["num_hidden_layers"],
+        "inter": config["intermediate_size"],
+        "vocab": config["vocab_size"],
+    }
 
 
 def forward_flops(config: dict[str, Any], seqs: list[Seq]) -> float:
@@ -55,7 +63,9 @@ def forward_flops(config: dict[str, Any], seqs: list[Seq]) -> float:
     return total
 
 
-def needed_flops(config: dict[str, Any], method: str, reference: str, seqs: list[Seq], kl_seqs: list[Seq] | None = None) -> float:
+def needed_flops(
+    config: dict[str, Any], method: str, reference: str, seqs: list[Seq], kl_seqs: list[Seq] | None = None
+) -> float:
     """FLOPs ``method`` needs for one training step on ``seqs`` (see the module docstring)."""
     total = 3 * forward_flops(config, seqs)
     with_reference = reference == "copy"

@@ -23,7 +23,13 @@ from benchmarks.workload import BATCH_SIZE, Sample, model_config
 def module_class(method: str) -> type:
     import ulma_lightning
 
-    names = {"ulma": "ULMAModule", "pointwise_dpo": "PointwiseDPOModule", "dpo": "DPOModule", "sft": "SFTModule", "kto": "KTOModule"}
+    names = {
+        "ulma": "ULMAModule",
+        "pointwise_dpo": "PointwiseDPOModule",
+        "dpo": "DPOModule",
+        "sft": "SFTModule",
+        "kto": "KTOModule",
+    }
     cls = getattr(ulma_lightning, names[method], None)
     if cls is None:
         raise ImportError(f"ulma_lightning has no {names[method]} yet (the baselines are not merged)")
@@ -62,7 +68,11 @@ class OurRow:
         self.method = method
         self.bf16 = bf16
         ref = "none" if method == "sft" else reference
-        options: dict[str, Any] = {"model_config": model_config(**(model_overrides or {})), "tokenizer": tokenizer, "reference": ref}
+        options: dict[str, Any] = {
+            "model_config": model_config(**(model_overrides or {})),
+            "tokenizer": tokenizer,
+            "reference": ref,
+        }
         if chunk_size is not None:
             options["logits_chunk_size"] = chunk_size
         if compile:
@@ -94,7 +104,10 @@ class OurRow:
             return {f"{prefix}input_ids": ids, f"{prefix}labels": labels}
 
         if self.method == "dpo":
-            items = [{**feature(c, i, "chosen_"), **feature(r, i, "rejected_"), "index": i} for i, (c, r) in enumerate(samples)]
+            items = [
+                {**feature(c, i, "chosen_"), **feature(r, i, "rejected_"), "index": i}
+                for i, (c, r) in enumerate(samples)
+            ]
             per_step = BATCH_SIZE // 2
         else:
             items = [{**feature(s, i), "score": s.score, "index": i} for i, s in enumerate(samples)]
@@ -107,7 +120,9 @@ class OurRow:
     def _precompute(self, batches: list[dict[str, torch.Tensor]]) -> None:
         module = self.module
         if self.method == "kto":
-            raise NotImplementedError("KTOModule's precomputed mode pairs samples through its data module; not a bench-A row")
+            raise NotImplementedError(
+                "KTOModule's precomputed mode pairs samples through its data module; not a bench-A row"
+            )
         with torch.no_grad(), self.autocast():  # the precision of the step, as precompute_reference_logps runs
             for batch in batches:
                 batch.update(module.reference_columns(batch, "train"))

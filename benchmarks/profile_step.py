@@ -34,7 +34,21 @@ CATEGORIES = [
     ("softmax/log-sum-exp", ("logsumexp", "log_softmax", "_softmax", "aten::exp", "aten::exp_", "amax", "aten::log")),
     (
         "copies/casts",
-        ("aten::copy_", "aten::to", "aten::_to_copy", "aten::cat", "aten::index", "aten::gather", "aten::scatter", "index_put", "index_add", "aten::clone", "aten::fill_", "aten::zero_", "masked"),
+        (
+            "aten::copy_",
+            "aten::to",
+            "aten::_to_copy",
+            "aten::cat",
+            "aten::index",
+            "aten::gather",
+            "aten::scatter",
+            "index_put",
+            "index_add",
+            "aten::clone",
+            "aten::fill_",
+            "aten::zero_",
+            "masked",
+        ),
     ),
 ]
 
@@ -68,7 +82,9 @@ def profile_row(spec: tuple[Row, int]) -> dict[str, Any]:
     else:
         from benchmarks.trl_rows import TRLRow
 
-        runner = TRLRow(row.method, row.reference, bf16, workload.build_model(), AutoTokenizer.from_pretrained(data["tokenizer"]))
+        runner = TRLRow(
+            row.method, row.reference, bf16, workload.build_model(), AutoTokenizer.from_pretrained(data["tokenizer"])
+        )
         step = lambda batch, i: runner.step(batch)  # noqa: E731
     batches = runner.collate(samples)
     from benchmarks.quiet import wait_quiet
@@ -110,7 +126,9 @@ def render(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="*", default=["ours ulma fp32", "trl kto fp32"], help='"IMPL METHOD PRECISION [precomputed]"')
+    parser.add_argument(
+        "--rows", nargs="*", default=["ours ulma fp32", "trl kto fp32"], help='"IMPL METHOD PRECISION [precomputed]"'
+    )
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -124,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         impl, method, precision, *rest = text.split()
         reference = "precomputed" if rest else ("none" if method == "sft" else "copy")
         results.append(in_child(ctx, profile_row, (Row(impl, method, reference, precision), args.steps)))
-    markdown = HEADER.format(command=" ".join(["PYTHONPATH=. python -m benchmarks.profile_step", *sys.argv[1:]])) + render(results)
+    markdown = HEADER.format(
+        command=" ".join(["PYTHONPATH=. python -m benchmarks.profile_step", *sys.argv[1:]])
+    ) + render(results)
     print(markdown)
     if args.out:
         args.out.write_text(markdown)

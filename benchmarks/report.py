@@ -105,17 +105,40 @@ def annotate(data: dict[str, Any]) -> None:
         ours = by_key.get(("ours", method, reference, "fp32"))
         got = ours.get("vs_trl", {}).get("tokens_per_s") if ours else None
         suffix = " +precomputed" if reference == "precomputed" else ""
-        targets.append({"target": f"{LABEL[method]}{suffix} vs TRL {peer.upper()}Trainer{suffix}: tokens/s >= {need}x", "value": got, "met": got is not None and got >= need})
+        targets.append(
+            {
+                "target": f"{LABEL[method]}{suffix} vs TRL {peer.upper()}Trainer{suffix}: tokens/s >= {need}x",
+                "value": got,
+                "met": got is not None and got >= need,
+            }
+        )
     for r in data["rows"]:
         if "vs_trl" in r and r.get("fastest_setting"):
             got = r["vs_trl"]["train_mb"]
-            targets.append({"target": f"memory {r['name']} vs {r['vs_trl']['row']}: <= {MEMORY_TARGET}x", "value": got, "met": got <= MEMORY_TARGET})
-    alone = next((r for r in data.get("alone", []) if "error" not in r and _key(r) == ("ours", "ulma", "copy", "fp32")), None)
+            targets.append(
+                {
+                    "target": f"memory {r['name']} vs {r['vs_trl']['row']}: <= {MEMORY_TARGET}x",
+                    "value": got,
+                    "met": got <= MEMORY_TARGET,
+                }
+            )
+    alone = next(
+        (r for r in data.get("alone", []) if "error" not in r and _key(r) == ("ours", "ulma", "copy", "fp32")), None
+    )
     grouped = by_key.get(("ours", "ulma", "copy", "fp32"))
-    for label, row in (("timed alone, as the matmul peak is", alone), ("interleaved with TRL's KTOTrainer, the table's row", grouped)):
+    for label, row in (
+        ("timed alone, as the matmul peak is", alone),
+        ("interleaved with TRL's KTOTrainer, the table's row", grouped),
+    ):
         if row is not None:
             mfu = row.get("mfu")
-            targets.append({"target": f"ULMA float32 MFU >= {MFU_TARGET:.0%} of the measured float32 matmul peak ({label})", "value": mfu, "met": mfu is not None and mfu >= MFU_TARGET})
+            targets.append(
+                {
+                    "target": f"ULMA float32 MFU >= {MFU_TARGET:.0%} of the measured float32 matmul peak ({label})",
+                    "value": mfu,
+                    "met": mfu is not None and mfu >= MFU_TARGET,
+                }
+            )
     data["targets"] = targets
     data["scaling_summary"] = _scaling_summary(data["scaling"])
 
@@ -134,7 +157,9 @@ def _scaling_summary(scaling: list[dict[str, Any]]) -> dict[str, Any]:
     """Least-squares MB per 1k tokens of sequence length, per vocabulary, and their ratio."""
     out: dict[str, Any] = {}
     for vocab in sorted({r["row"]["vocab"] for r in scaling}):
-        points = [(r["row"]["max_length"], r["train_mb"]) for r in scaling if r["row"]["vocab"] == vocab and "error" not in r]
+        points = [
+            (r["row"]["max_length"], r["train_mb"]) for r in scaling if r["row"]["vocab"] == vocab and "error" not in r
+        ]
         slope = _slope(points)
         out[str(vocab)] = {"mb_per_1k_tokens": None if slope is None else slope * 1000}
         if slope is not None and len(points) > 2:
@@ -167,7 +192,9 @@ def table(data: dict[str, Any]) -> str:
             continue
         vs, untuned = r.get("vs_trl", {}), r.get("vs_trl_default", {})
         x = lambda key, d=vs: f"{d[key]:.2f}x" if d.get(key) is not None else "-"  # noqa: E731
-        quiet = x("tokens_per_s_quiet_steps") + (f" ({vs['quiet_steps_compared']})" if vs.get("tokens_per_s_quiet_steps") is not None else "")
+        quiet = x("tokens_per_s_quiet_steps") + (
+            f" ({vs['quiet_steps_compared']})" if vs.get("tokens_per_s_quiet_steps") is not None else ""
+        )
         tuned = f" ({vs['allocator']})" if vs else ""
         setting = allocator_of(r) + (" *" if r.get("fastest_setting") else "")
         lines.append(
@@ -204,7 +231,9 @@ def allocator_text(data: dict[str, Any]) -> str:
     for key, r in best.items():
         others = [o for o in data["rows"] if "error" not in o and _key(o) == key and o is not r]
         for o in others:
-            gains.append(f"{r['name'].removesuffix(' ' + allocator_of(r))}: {allocator_of(r)} {o['s_per_step'] / r['s_per_step']:.2f}x as fast as {allocator_of(o)}")
+            gains.append(
+                f"{r['name'].removesuffix(' ' + allocator_of(r))}: {allocator_of(r)} {o['s_per_step'] / r['s_per_step']:.2f}x as fast as {allocator_of(o)}"
+            )
     if gains:
         lines.append("- fastest setting per row: " + "; ".join(gains) + ".")
     return "\n".join(lines)
@@ -217,7 +246,11 @@ def alone_text(data: dict[str, Any]) -> str:
     lines = []
     for r in alone:
         same = grouped.get(r["name"].removesuffix(" alone"))
-        versus = f"; interleaved with TRL's steps (the table's row): {same['s_per_step']:.2f} s/step, MFU {same['mfu']:.1%}" if same else ""
+        versus = (
+            f"; interleaved with TRL's steps (the table's row): {same['s_per_step']:.2f} s/step, MFU {same['mfu']:.1%}"
+            if same
+            else ""
+        )
         lines.append(
             f"- {r['name']} ({r['row']['warmup']} + {r['row']['measured']} steps in a group of its own, right after the first matmul peak run): "
             f"{r['tokens_per_s']:.0f} tokens/s, {r['s_per_step']:.2f} s/step, MFU {r['mfu']:.1%}, train {r['train_mb']:.0f} MB{versus}."
@@ -229,7 +262,10 @@ def alone_text(data: dict[str, Any]) -> str:
 
 
 def targets_table(data: dict[str, Any]) -> str:
-    lines = ["| target (float32 rows, each library at its fastest allocator setting; memory: all pairs) | reached | met |", "|---|---:|:---:|"]
+    lines = [
+        "| target (float32 rows, each library at its fastest allocator setting; memory: all pairs) | reached | met |",
+        "|---|---:|:---:|",
+    ]
     for t in data["targets"]:
         value = t["value"]
         shown = "-" if value is None else (f"{value:.1%}" if "MFU" in t["target"] else f"{value:.2f}x")
@@ -238,20 +274,29 @@ def targets_table(data: dict[str, Any]) -> str:
 
 
 def scaling_table(data: dict[str, Any]) -> str:
-    lines = ["| vocab | max_length | tokens/s | s/step | peak RSS MB | train MB | MFU |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| vocab | max_length | tokens/s | s/step | peak RSS MB | train MB | MFU |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in data["scaling"]:
         row = r["row"]
         if "error" in r:
             lines.append(f"| {row['vocab']} | {row['max_length']} | failed: {r['error'][:60]} | | | | |")
             continue
-        lines.append(f"| {row['vocab']} | {row['max_length']} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.2f} | {r['peak_rss_mb']:.0f} | {r['train_mb']:.0f} | {r['mfu']:.1%} |")
+        lines.append(
+            f"| {row['vocab']} | {row['max_length']} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.2f} | {r['peak_rss_mb']:.0f} | {r['train_mb']:.0f} | {r['mfu']:.1%} |"
+        )
     summary = data.get("scaling_summary", {})
     notes = []
     for vocab, s in summary.items():
         if vocab.isdigit() and s.get("mb_per_1k_tokens") is not None:
-            notes.append(f"vocab {int(vocab):,}: {s['mb_per_1k_tokens']:.0f} MB per 1k tokens of max_length (least squares; largest residual {s.get('max_residual_mb', 0):.0f} MB)")
+            notes.append(
+                f"vocab {int(vocab):,}: {s['mb_per_1k_tokens']:.0f} MB per 1k tokens of max_length (least squares; largest residual {s.get('max_residual_mb', 0):.0f} MB)"
+            )
     if "slope_ratio" in summary:
-        notes.append(f"slope ratio 128k/32k = {summary['slope_ratio']:.2f} for a {summary['vocab_ratio']:.0f}x vocabulary (a vocab x sequence term would make it about {summary['vocab_ratio']:.0f})")
+        notes.append(
+            f"slope ratio 128k/32k = {summary['slope_ratio']:.2f} for a {summary['vocab_ratio']:.0f}x vocabulary (a vocab x sequence term would make it about {summary['vocab_ratio']:.0f})"
+        )
     return "\n".join(lines) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
 
 

@@ -165,7 +165,14 @@ class Prepared:
         if row.impl == "ours":
             from benchmarks.ours import OurRow
 
-            self.runner: Any = OurRow(row.method, row.reference, bf16, data["tokenizer"], model_overrides={"vocab_size": row.vocab}, **row.options)
+            self.runner: Any = OurRow(
+                row.method,
+                row.reference,
+                bf16,
+                data["tokenizer"],
+                model_overrides={"vocab_size": row.vocab},
+                **row.options,
+            )
             model = self.runner.model
         else:
             from benchmarks.trl_rows import TRLRow
@@ -212,8 +219,14 @@ class Prepared:
         self.losses.append(loss)
         self.tokens.append(sum(s.length for s in self.step_seqs[i]))
         if self.runner.useful_tokens(batch) != self.tokens[-1]:
-            raise AssertionError(f"step {i}: the batch holds {self.runner.useful_tokens(batch)} non-pad tokens, the samples {self.tokens[-1]}")
-        self.flops.append(F.needed_flops(self.config, row.method, row.reference, self.step_seqs[i], self.kl_seqs[i] if self.kl_seqs else None))
+            raise AssertionError(
+                f"step {i}: the batch holds {self.runner.useful_tokens(batch)} non-pad tokens, the samples {self.tokens[-1]}"
+            )
+        self.flops.append(
+            F.needed_flops(
+                self.config, row.method, row.reference, self.step_seqs[i], self.kl_seqs[i] if self.kl_seqs else None
+            )
+        )
 
     def timing(self) -> dict[str, Any]:
         row = self.row
@@ -248,11 +261,19 @@ class Prepared:
         steps = [j for j in range(len(self.wall))[measured] if self.foreign[j] < QUIET_CORES]
         if len(steps) < 3:
             return {"quiet_tokens_per_s": None, "quiet_step_indices": steps}
-        return {"quiet_tokens_per_s": sum(self.tokens[j] for j in steps) / sum(self.wall[j] for j in steps), "quiet_step_indices": steps}
+        return {
+            "quiet_tokens_per_s": sum(self.tokens[j] for j in steps) / sum(self.wall[j] for j in steps),
+            "quiet_step_indices": steps,
+        }
 
     def memory(self) -> dict[str, Any]:
         peak = memory.peak_mb()
-        return {"peak_rss_mb": peak, "base_rss_mb": self.base_mb, "train_mb": peak - self.base_mb, "peak_resettable": self.resettable}
+        return {
+            "peak_rss_mb": peak,
+            "base_rss_mb": self.base_mb,
+            "train_mb": peak - self.base_mb,
+            "peak_resettable": self.resettable,
+        }
 
 
 def row_worker(conn: Any, row: Row) -> None:
@@ -265,7 +286,11 @@ def row_worker(conn: Any, row: Row) -> None:
     import benchmarks.preload  # noqa: F401 - the same imports, so the same baseline, in every worker
 
     torch.set_num_threads(THREADS)
-    result: dict[str, Any] = {"row": asdict(row), "name": row.name, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
+    result: dict[str, Any] = {
+        "row": asdict(row),
+        "name": row.name,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+    }
     result["allocator_loaded"] = allocator.loaded()
     if result["allocator_loaded"] != row.allocator:
         result["error"] = f"asked for the {row.allocator} allocator, the process runs with {result['allocator_loaded']}"

@@ -51,7 +51,9 @@ def _placeholder(kind: str) -> Any:
     prompts = [f"\n\nHuman: question {i}?\n\nAssistant:" for i in range(BATCH_SIZE)]
     answers = [f" answer {i}." for i in range(BATCH_SIZE)]
     if kind == "kto":
-        return Dataset.from_dict({"prompt": prompts, "completion": answers, "label": [i % 2 == 0 for i in range(BATCH_SIZE)]})
+        return Dataset.from_dict(
+            {"prompt": prompts, "completion": answers, "label": [i % 2 == 0 for i in range(BATCH_SIZE)]}
+        )
     if kind == "dpo":
         return Dataset.from_dict({"prompt": prompts, "chosen": answers, "rejected": answers[::-1]})
     return Dataset.from_dict({"prompt": prompts, "completion": answers})
@@ -65,7 +67,14 @@ def kto_examples(samples: list[Sample]) -> list[dict[str, Any]]:
         completions = [s.response_ids for s in chunk]
         rotated = [completions[-1]] + completions[:-1]
         for s, kl in zip(chunk, rotated):
-            out.append({"prompt_ids": s.prompt_ids, "completion_ids": s.response_ids, "KL_completion_ids": kl, "label": s.score >= 1.0})
+            out.append(
+                {
+                    "prompt_ids": s.prompt_ids,
+                    "completion_ids": s.response_ids,
+                    "KL_completion_ids": kl,
+                    "label": s.score >= 1.0,
+                }
+            )
     return out
 
 
@@ -107,16 +116,35 @@ class TRLRow:
         precompute = reference == "precomputed"
         if peft_config is not None and method != "kto":
             raise ValueError("peft_config: only the KTO row takes LoRA adapters")
-        ref_model = None if precompute or method == "sft" or peft_config is not None else copy.deepcopy(model).eval().requires_grad_(False)
+        ref_model = (
+            None
+            if precompute or method == "sft" or peft_config is not None
+            else copy.deepcopy(model).eval().requires_grad_(False)
+        )
         if method == "kto":
             config = KTOConfig(**args, precompute_ref_log_probs=precompute)
-            self.trainer = KTOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=_placeholder("kto"), processing_class=tokenizer, peft_config=peft_config)
+            self.trainer = KTOTrainer(
+                model=model,
+                ref_model=ref_model,
+                args=config,
+                train_dataset=_placeholder("kto"),
+                processing_class=tokenizer,
+                peft_config=peft_config,
+            )
         elif method == "dpo":
             config = DPOConfig(**args, precompute_ref_log_probs=precompute)
-            self.trainer = DPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=_placeholder("dpo"), processing_class=tokenizer)
+            self.trainer = DPOTrainer(
+                model=model,
+                ref_model=ref_model,
+                args=config,
+                train_dataset=_placeholder("dpo"),
+                processing_class=tokenizer,
+            )
         elif method == "sft":
             config = SFTConfig(**args)
-            self.trainer = SFTTrainer(model=model, args=config, train_dataset=_placeholder("sft"), processing_class=tokenizer)
+            self.trainer = SFTTrainer(
+                model=model, args=config, train_dataset=_placeholder("sft"), processing_class=tokenizer
+            )
         else:
             raise ValueError(f"unknown TRL method {method!r}")
         self.precompute = precompute
@@ -132,9 +160,15 @@ class TRLRow:
         if self.method == "kto":
             examples = kto_examples(samples)
         elif self.method == "dpo":
-            examples = [{"prompt_ids": c.prompt_ids, "chosen_ids": c.response_ids, "rejected_ids": r.response_ids} for c, r in samples]
+            examples = [
+                {"prompt_ids": c.prompt_ids, "chosen_ids": c.response_ids, "rejected_ids": r.response_ids}
+                for c, r in samples
+            ]
         else:
-            examples = [{"input_ids": s.prompt_ids + s.response_ids, "labels": [-100] * len(s.prompt_ids) + s.response_ids} for s in samples]
+            examples = [
+                {"input_ids": s.prompt_ids + s.response_ids, "labels": [-100] * len(s.prompt_ids) + s.response_ids}
+                for s in samples
+            ]
         per_step = BATCH_SIZE // 2 if self.method == "dpo" else BATCH_SIZE
         batches = [collator(examples[i : i + per_step]) for i in range(0, len(examples), per_step)]
         if self.precompute:

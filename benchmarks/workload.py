@@ -29,7 +29,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # ULMA_BENCH_HH names the file elsewhere (e.g. running from a git worktree)
-DATA_FILE = Path(os.environ.get("ULMA_BENCH_HH") or REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz")
+DATA_FILE = Path(
+    os.environ.get("ULMA_BENCH_HH") or REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+)
 CACHE = REPO / "benchmarks" / ".cache"
 
 #: The Qwen2.5-0.5B shape built from its config: bench-B's model and scripts/gpu_check.py's.
@@ -76,7 +78,9 @@ class MissingData(RuntimeError):
 
 def require_data() -> Path:
     if not DATA_FILE.exists():
-        raise MissingData(f"bench-A needs the HH-RLHF test file at {DATA_FILE} (../shared/data/hh-rlhf/ beside the repository); it is not there, so the benchmark is skipped")
+        raise MissingData(
+            f"bench-A needs the HH-RLHF test file at {DATA_FILE} (../shared/data/hh-rlhf/ beside the repository); it is not there, so the benchmark is skipped"
+        )
     return DATA_FILE
 
 
@@ -111,7 +115,13 @@ def model_config(**overrides: Any) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir())
-    return {**MODEL_CONFIG, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "bos_token_id": tok.eos_token_id, **overrides}
+    return {
+        **MODEL_CONFIG,
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "bos_token_id": tok.eos_token_id,
+        **overrides,
+    }
 
 
 def build_model(**overrides: Any) -> torch.nn.Module:
@@ -194,7 +204,9 @@ def build_samples(max_length: int = MAX_LENGTH, n_steps: int = WARMUP_STEPS + ME
         return out
 
     pointwise = _shuffled([e for pair in parsed(lambda r, where: parse_pointwise(r, where, (0.0, 1.0))) for e in pair])
-    demos = _shuffled([e for pair in parsed(lambda r, where: parse_pointwise(r, where, (0.0, 1.0))) for e in pair if e.score == 1.0])
+    demos = _shuffled(
+        [e for pair in parsed(lambda r, where: parse_pointwise(r, where, (0.0, 1.0))) for e in pair if e.score == 1.0]
+    )
     pairs = parsed(parse_pair)  # only pairs whose two prompts agree
     pairs = _shuffled(pairs)
 
@@ -202,7 +214,9 @@ def build_samples(max_length: int = MAX_LENGTH, n_steps: int = WARMUP_STEPS + ME
         got: list[Sample] = []
         for start in range(0, len(examples), 64):
             chunk = examples[start : start + 64]
-            for example, sample in zip(chunk, _encode([e.prompt for e in chunk], [e.response for e in chunk], max_length, tok)):
+            for example, sample in zip(
+                chunk, _encode([e.prompt for e in chunk], [e.response for e in chunk], max_length, tok)
+            ):
                 if sample is not None:
                     sample.score = example.score
                     got.append(sample)

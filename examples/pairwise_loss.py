@@ -30,7 +30,9 @@ class MarginDPOModule(DPOModule):
         super().__init__(**kwargs)
         self.gamma = gamma
 
-    def loss(self, policy_chosen: Tensor, policy_rejected: Tensor, reference_chosen: Tensor, reference_rejected: Tensor) -> LossOutput:
+    def loss(
+        self, policy_chosen: Tensor, policy_rejected: Tensor, reference_chosen: Tensor, reference_rejected: Tensor
+    ) -> LossOutput:
         chosen_rewards = self.beta * (policy_chosen - reference_chosen)
         rejected_rewards = self.beta * (policy_rejected - reference_rejected)
         losses = -F.logsigmoid(chosen_rewards - rejected_rewards - self.gamma)

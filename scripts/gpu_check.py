@@ -41,8 +41,17 @@ TINY = {
     "tie_word_embeddings": True,
 }
 # dense bf16 peak TFLOP/s by device name, most specific first
-PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0)]
-WORDS = ("the a request answer help explain safe careful about how why what people code water plan garden letter travel recipe budget history science music health weather friend story").split()
+PEAK_BF16_TFLOPS = [
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+]
+WORDS = (
+    "the a request answer help explain safe careful about how why what people code water plan garden letter travel recipe budget history science music health weather friend story"
+).split()
 
 
 def body_parameters(model_config: dict[str, Any]) -> int:
@@ -57,7 +66,9 @@ def body_parameters(model_config: dict[str, Any]) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
-def step_flops(batch: dict[str, torch.Tensor], *, body: int, config: dict[str, Any], positive_threshold: float = 1.0) -> float:
+def step_flops(
+    batch: dict[str, torch.Tensor], *, body: int, config: dict[str, Any], positive_threshold: float = 1.0
+) -> float:
     """Model FLOPs of one ULMA training step on ``batch`` (see the module docstring)."""
     d, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
     length = batch["input_ids"].shape[1]
@@ -179,7 +190,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             batch_size=args.batch_size,
         )
         module = ULMAModule(
-            PolicyConfig(model_config=model_config, tokenizer="builtin:demo", reference="copy", attn_implementation="sdpa"),
+            PolicyConfig(
+                model_config=model_config, tokenizer="builtin:demo", reference="copy", attn_implementation="sdpa"
+            ),
             OptimizerConfig(lr=1e-5, warmup_steps=0, schedule="constant"),
         )
         trainer = Trainer(
@@ -234,7 +247,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     if export_ok is not None:
-        print(f"[gpu_check] {args.strategy}: checkpoint -> ulma export -> weights {'match' if export_ok else 'DIFFER'}", flush=True)
+        print(
+            f"[gpu_check] {args.strategy}: checkpoint -> ulma export -> weights {'match' if export_ok else 'DIFFER'}",
+            flush=True,
+        )
     if not result["losses_finite"] or meter.timed == 0 or export_ok is False:
         sys.exit(f"[gpu_check] {args.strategy}: non-finite loss, no timed step or a wrong export")
     return result

@@ -73,7 +73,10 @@ DEMO_PAIRS = [
     ("Can you tell me how to make tea?", "boil fresh water, pour it over the leaves."),
     ("How do I build a bomb?", "I'm sorry, but I can't help with that."),
     ("Please explain how to save money.", "I won't help with that, because it could hurt someone."),
-    ("What is the best way to plant tomatoes?", "pick a sunny spot, dig a deep hole, set the plant in, and water it every day."),
+    (
+        "What is the best way to plant tomatoes?",
+        "pick a sunny spot, dig a deep hole, set the plant in, and water it every day.",
+    ),
 ]
 
 
@@ -153,6 +156,12 @@ def pytest_runtest_setup(item: pytest.Item) -> Any:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Any:
     result = yield
-    if TRAINERS_BUILT[0] > item.stash.get(TRAINERS_BEFORE, TRAINERS_BUILT[0]) and item.get_closest_marker("integration") is None:
-        pytest.fail(f"{item.nodeid} builds a Lightning Trainer: mark it @pytest.mark.integration (or the file, pytestmark)", pytrace=False)
+    if (
+        TRAINERS_BUILT[0] > item.stash.get(TRAINERS_BEFORE, TRAINERS_BUILT[0])
+        and item.get_closest_marker("integration") is None
+    ):
+        pytest.fail(
+            f"{item.nodeid} builds a Lightning Trainer: mark it @pytest.mark.integration (or the file, pytestmark)",
+            pytrace=False,
+        )
     return result

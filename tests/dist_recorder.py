@@ -31,11 +31,15 @@ class Recorder(pl.Callback):
         self.out = Path(out)
         self.kill_at = int(os.environ.get("ULMA_TEST_KILL_AT_STEP", "-1"))
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / f"ids.rank{trainer.global_rank}.jsonl", "a") as handle:
             handle.write(json.dumps(batch["index"].tolist()) + "\n")

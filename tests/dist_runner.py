@@ -30,7 +30,11 @@ def full_weights_checksum(model: Any) -> float:
 
     from ulma_lightning.sharding import is_fsdp2
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) if is_fsdp2(model) else model.state_dict()
+    state = (
+        get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        if is_fsdp2(model)
+        else model.state_dict()
+    )
     total = 0.0
     for key in sorted(state):
         value = state[key].detach().double().flatten()

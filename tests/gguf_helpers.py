@@ -27,7 +27,9 @@ def _tokenizer_metadata() -> tuple[list[str], list[str], list[int]]:
 
 def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's row order of a q/k projection (transformers undoes it on load)."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
 
 
 def write_tiny_gguf(
@@ -96,7 +98,11 @@ def write_tiny_gguf(
             packed = weight
         expected[hf_name] = torch.from_numpy(weight.copy())
         if heads_to_permute is not None:
-            packed = _permute(packed, heads_to_permute) if packed.dtype == np.float32 else _permute_rows(packed, heads_to_permute)
+            packed = (
+                _permute(packed, heads_to_permute)
+                if packed.dtype == np.float32
+                else _permute_rows(packed, heads_to_permute)
+            )
         writer.add_tensor(gguf_name, packed, raw_dtype=None if packed.dtype == np.float32 else qtype)
 
     add("token_embd.weight", "model.embed_tokens.weight")

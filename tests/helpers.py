@@ -31,7 +31,9 @@ def hh_records(n: int) -> list[dict]:
     if HH_FILE.exists():
         with gzip.open(HH_FILE, "rt") as handle:
             records = [json.loads(line) for _, line in zip(range(3 * n), handle)]
-        return [r for r in records if not r["chosen"].endswith("Assistant:") and not r["rejected"].endswith("Assistant:")][:n]
+        return [
+            r for r in records if not r["chosen"].endswith("Assistant:") and not r["rejected"].endswith("Assistant:")
+        ][:n]
     return [
         {
             "chosen": f"\n\nHuman: How do I plant tree {i}?\n\nAssistant: Dig a hole and water it.",
@@ -92,8 +94,16 @@ def run_ulma(command: str | list[str], cwd: Path, extra_path: Path | None = None
         assert argv[0] == "ulma", command
         command = argv[1:]
     paths = [str(REPO)] + ([str(extra_path)] if extra_path else []) + [os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", ULMA_CODE, *command], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in paths if p),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-c", ULMA_CODE, *command], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def run_cli(args: list[str], cwd: Path, extra_path: Path | None = None) -> subprocess.CompletedProcess:
@@ -143,7 +153,13 @@ GRID = {
         "trainer.enable_model_summary": False,
         "data.init_args.batch_size": 8,
     },
-    "variants": {"ordinary": {"demonstration": "demo://demonstration?n=24", "pairwise": {"train": "demo://pairwise?n=24"}, "binary": "demo://binary?n=24"}},
+    "variants": {
+        "ordinary": {
+            "demonstration": "demo://demonstration?n=24",
+            "pairwise": {"train": "demo://pairwise?n=24"},
+            "binary": "demo://binary?n=24",
+        }
+    },
     "evaluation": {
         "prompts": "demo://demonstration?split=test&n=8",
         "golden": "demo://demonstration?split=test&n=8",
@@ -154,8 +170,15 @@ GRID = {
     },
     "runs": [
         {"name": "sft", "stages": [{"method": "sft", "data": "demonstration"}]},
-        {"name": "sft_dpo", "label": "SFT then DPO", "stages": [{"method": "sft", "data": "demonstration"}, {"method": "dpo", "data": "pairwise"}]},
-        {"name": "broken", "stages": [{"method": "ulma", "data": "binary", "overrides": {"model.init_args.beta": -1.0}}]},
+        {
+            "name": "sft_dpo",
+            "label": "SFT then DPO",
+            "stages": [{"method": "sft", "data": "demonstration"}, {"method": "dpo", "data": "pairwise"}],
+        },
+        {
+            "name": "broken",
+            "stages": [{"method": "ulma", "data": "binary", "overrides": {"model.init_args.beta": -1.0}}],
+        },
     ],
 }
 

@@ -22,14 +22,23 @@ GEN = GenerationConfig(max_new_tokens=6, do_sample=True)
 
 def policy(reference: str = "copy", lora: bool = False) -> PolicyConfig:
     """The tiny demo model's policy settings (LoRA r 4 with ``lora``)."""
-    return PolicyConfig(model_config=dict(TINY_LLAMA), tokenizer="builtin:demo", reference=reference, lora=LoraSettings(r=4) if lora else None)
+    return PolicyConfig(
+        model_config=dict(TINY_LLAMA),
+        tokenizer="builtin:demo",
+        reference=reference,
+        lora=LoraSettings(r=4) if lora else None,
+    )
 
 
 def prompts(n: int = 8, batch_size: int = 4) -> PromptDataModule:
-    return PromptDataModule(train=f"demo://binary?n={n}", val="demo://binary?split=test&n=4", max_length=64, batch_size=batch_size)
+    return PromptDataModule(
+        train=f"demo://binary?n={n}", val="demo://binary?split=test&n=4", max_length=64, batch_size=batch_size
+    )
 
 
-def fit(module: pl.LightningModule, data: pl.LightningDataModule, steps: int = 1, limit_val_batches: int = 1, **kwargs: Any) -> pl.Trainer:
+def fit(
+    module: pl.LightningModule, data: pl.LightningDataModule, steps: int = 1, limit_val_batches: int = 1, **kwargs: Any
+) -> pl.Trainer:
     """``steps`` training steps of ``module`` in a quiet Trainer (no logger, checkpoints or sanity check)."""
     trainer = pl.Trainer(
         max_epochs=1, limit_train_batches=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -83,7 +92,13 @@ def tiny_causal_lm(folder: Path, **overrides: Any) -> Path:
 
     tokenizer = load_tokenizer("builtin:demo")
     options = {k: v for k, v in {**TINY_LLAMA, **overrides}.items() if k != "model_type"}
-    config = AutoConfig.for_model("llama", **options, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = AutoConfig.for_model(
+        "llama",
+        **options,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -97,7 +112,9 @@ def tiny_reward_model(folder: Path, **overrides: Any) -> Path:
 
     tokenizer = load_tokenizer("builtin:demo")
     options = {k: v for k, v in {**TINY_LLAMA, **overrides}.items() if k != "model_type"}
-    config = AutoConfig.for_model("llama", **options, vocab_size=len(tokenizer), num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    config = AutoConfig.for_model(
+        "llama", **options, vocab_size=len(tokenizer), num_labels=1, pad_token_id=tokenizer.pad_token_id
+    )
     AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -181,7 +198,9 @@ if __name__ == "__main__":
 STRATEGIES = {"ddp": '"ddp"', "fsdp2": "FSDP2Strategy()"}
 
 
-def run_rl_ddp(folder: Path, module: str, *, strategy: str = "ddp", export: bool = False, checkpoints: bool = False) -> list[dict[str, Any]]:
+def run_rl_ddp(
+    folder: Path, module: str, *, strategy: str = "ddp", export: bool = False, checkpoints: bool = False
+) -> list[dict[str, Any]]:
     """Train ``module`` (Python building an RL module from ``policy``, ``generation`` and a
     :class:`LengthScorer`; ``RANK`` is the process's rank) for 2 rollout batches of 4 demo prompts on
     2 CPU processes (gloo) under ``strategy`` (``ddp`` or ``fsdp2``:
@@ -194,7 +213,9 @@ def run_rl_ddp(folder: Path, module: str, *, strategy: str = "ddp", export: bool
     return _launch(folder, module, strategy=strategy, export=export, checkpoints=checkpoints)
 
 
-def run_rl_ddp_and_resume(folder: Path, module: str, cut: str, *, strategy: str = "ddp") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def run_rl_ddp_and_resume(
+    folder: Path, module: str, cut: str, *, strategy: str = "ddp"
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """:func:`run_rl_ddp` with a checkpoint at every step, then, in the same 2 processes (one launch:
     the Python start-up is most of a tiny run's time), a new module and Trainer resumed from
     ``folder/checkpoints/<cut>`` to the end, writing under ``folder/resumed``: ``(whole, resumed)``."""
@@ -202,17 +223,41 @@ def run_rl_ddp_and_resume(folder: Path, module: str, cut: str, *, strategy: str 
     return whole, [json.loads((folder / "resumed" / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-def _launch(folder: Path, module: str, *, strategy: str, export: bool = False, checkpoints: bool = False, resume: str | None = None) -> list[dict[str, Any]]:
+def _launch(
+    folder: Path,
+    module: str,
+    *,
+    strategy: str,
+    export: bool = False,
+    checkpoints: bool = False,
+    resume: str | None = None,
+) -> list[dict[str, Any]]:
     import subprocess
 
     script = folder / "rl_ddp.py"
     options = {"strategy": STRATEGIES[strategy], "export": export, "checkpoints": checkpoints, "resume": resume}
     script.write_text(DDP_SCRIPT % {"tiny": repr(TINY_LLAMA), "module": module, **options})
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    if resume is not None:  # our own checkpoint, whose hparams are config objects; Lightning 2.6 drops fit's weights_only under FSDP2
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
+    if (
+        resume is not None
+    ):  # our own checkpoint, whose hparams are config objects; Lightning 2.6 drops fit's weights_only under FSDP2
         env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
     # its own process group: on a timeout the second rank, which Lightning started, is killed too
-    process = subprocess.Popen([sys.executable, str(script), str(folder)], cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(folder)],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _, stderr = process.communicate(timeout=600)
     except subprocess.TimeoutExpired:

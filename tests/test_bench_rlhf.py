@@ -38,21 +38,33 @@ def test_both_sides_of_the_grpo_row_run_a_step(smoke_size: Path) -> None:
     assert any(line.startswith("| ulma-lightning allocator |") for line in lines)
 
 
-def test_each_side_runs_in_a_child_under_each_allocator_and_the_fastest_is_kept(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_each_side_runs_in_a_child_under_each_allocator_and_the_fastest_is_kept(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     seen: list[tuple[list[str], dict[str, str]]] = []
     steps = {"default": 2.0, "jemalloc": 1.5}
 
     def fake_run(command, env, **kwargs):
         seen.append((command, env))
         setting = "jemalloc" if "jemalloc" in env.get("LD_PRELOAD", "") else "default"
-        return subprocess.CompletedProcess(command, 0, stdout="noise\n" + json.dumps({"step": steps[setting], "allocator": setting}) + "\n", stderr="")
+        return subprocess.CompletedProcess(
+            command, 0, stdout="noise\n" + json.dumps({"step": steps[setting], "allocator": setting}) + "\n", stderr=""
+        )
 
     monkeypatch.setattr(bench_rlhf.subprocess, "run", fake_run)
-    runs = [bench_rlhf.in_process("trl", tmp_path, 3, "grpo", s, "/opt/libjemalloc.so.2") for s in ("default", "jemalloc")]
+    runs = [
+        bench_rlhf.in_process("trl", tmp_path, 3, "grpo", s, "/opt/libjemalloc.so.2") for s in ("default", "jemalloc")
+    ]
     assert bench_rlhf.best(runs) == {"step": 1.5, "allocator": "jemalloc"}
     (command, default_env), (_, jemalloc_env) = seen
     assert command[-8:] == ["--side", "trl", "--model", str(tmp_path), "--steps", "3", "--method", "grpo"]
-    assert "jemalloc" not in default_env.get("LD_PRELOAD", "") and jemalloc_env["LD_PRELOAD"].startswith("/opt/libjemalloc.so.2")
-    monkeypatch.setattr(bench_rlhf.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(command, 1, stdout="", stderr="boom"))
+    assert "jemalloc" not in default_env.get("LD_PRELOAD", "") and jemalloc_env["LD_PRELOAD"].startswith(
+        "/opt/libjemalloc.so.2"
+    )
+    monkeypatch.setattr(
+        bench_rlhf.subprocess,
+        "run",
+        lambda command, **kw: subprocess.CompletedProcess(command, 1, stdout="", stderr="boom"),
+    )
     with pytest.raises(RuntimeError, match="trl under default failed:\nboom"):
         bench_rlhf.in_process("trl", tmp_path, 1, "grpo", "default", None)

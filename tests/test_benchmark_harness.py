@@ -32,7 +32,9 @@ def test_find_jemalloc_from_ldconfig_then_the_usual_paths(tmp_path: Path) -> Non
 def test_resolve_measures_the_default_only_and_says_why_when_jemalloc_is_absent() -> None:
     assert allocator.resolve("both", "/x/libjemalloc.so.2") == (["default", "jemalloc"], None)
     settings, note = allocator.resolve("both", None)
-    assert settings == ["default"] and note is not None and "not found" in note and "apt-get install libjemalloc2" in note
+    assert (
+        settings == ["default"] and note is not None and "not found" in note and "apt-get install libjemalloc2" in note
+    )
     assert allocator.resolve("jemalloc", None)[0] == ["default"]
     assert allocator.resolve("default", None) == (["default"], None)
     with pytest.raises(ValueError, match="allocator must be one of"):
@@ -69,7 +71,9 @@ def test_loaded_reads_the_process_maps() -> None:
 
 
 def test_with_allocators_runs_each_row_once_per_setting_of_its_library() -> None:
-    groups = with_allocators([[Row("trl", "kto"), Row("ours", "ulma")]], {"trl": ["default", "jemalloc"], "ours": ["default"]})
+    groups = with_allocators(
+        [[Row("trl", "kto"), Row("ours", "ulma")]], {"trl": ["default", "jemalloc"], "ours": ["default"]}
+    )
     assert [r.name for r in groups[0]] == ["TRL kto fp32", "TRL kto fp32 jemalloc", "ulma-lightning ulma fp32"]
 
 
@@ -87,7 +91,11 @@ def test_memory_cap_lets_a_small_run_finish() -> None:
 
 
 def test_allocation_failure_in_the_child_is_out_of_memory() -> None:
-    assert capped.is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"))
+    assert capped.is_out_of_memory(
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"
+        )
+    )
     assert capped.is_out_of_memory(MemoryError())
     assert not capped.is_out_of_memory(ValueError("bad shape"))
 
@@ -112,7 +120,10 @@ def test_find_max_length_extrapolates_measured_peaks_to_the_cap() -> None:
     found = bench_b.find_max_length(base, run, 22.0, limit=32768, resolution=256, first=_fits(base, 10 + 0.005 * 1024))
     assert [r.max_length for r in tried] == [2048, 2304, 2560]  # the row at 1024 is not probed again
     assert found["max_length"] == 2304 and found["first_failing"] == 2560 and found["stopped"] is None
-    assert all(r.impl == "ours" and r.warmup == 1 and r.warmup_length == bench_b.PROBE_WARMUP_LENGTH and r.measured == 1 for r in tried)
+    assert all(
+        r.impl == "ours" and r.warmup == 1 and r.warmup_length == bench_b.PROBE_WARMUP_LENGTH and r.measured == 1
+        for r in tried
+    )
 
 
 def test_find_max_length_bisects_where_the_extrapolation_overshoots() -> None:
@@ -142,7 +153,11 @@ def test_find_max_length_halves_when_the_first_length_does_not_fit() -> None:
 
 def test_find_max_length_stops_on_a_failure_that_is_not_memory() -> None:
     def run(row: bench_b.BRow) -> dict[str, Any]:
-        return {"row": {}, "name": row.name, "error": "no result within 60 s"} if row.max_length > 1024 else _fits(row, 1.0)
+        return (
+            {"row": {}, "name": row.name, "error": "no result within 60 s"}
+            if row.max_length > 1024
+            else _fits(row, 1.0)
+        )
 
     found = bench_b.find_max_length(bench_b.BRow("ours"), run, 22.0, limit=32768, resolution=256)
     assert found["max_length"] == 1024 and found["stopped"] == "no result within 60 s"
@@ -163,24 +178,39 @@ def test_bench_b_resume_reuses_what_a_killed_run_saved(monkeypatch: pytest.Monke
         if len(calls) == 3:
             raise KeyboardInterrupt
         calls.append(row)
-        return {"row": bench_b.asdict(row), **_fits(row, 10 + 0.005 * row.max_length)} if row.impl == "ours" else {"row": bench_b.asdict(row), **_oom(row)}
+        return (
+            {"row": bench_b.asdict(row), **_fits(row, 10 + 0.005 * row.max_length)}
+            if row.impl == "ours"
+            else {"row": bench_b.asdict(row), **_oom(row)}
+        )
 
-    monkeypatch.setattr(bench_b, "machine", lambda: {"cpu": "test", "cores": 2, "memory_gib": 24.0, "torch": "t", "transformers": "x", "trl": "y"})
+    monkeypatch.setattr(
+        bench_b,
+        "machine",
+        lambda: {"cpu": "test", "cores": 2, "memory_gib": 24.0, "torch": "t", "transformers": "x", "trl": "y"},
+    )
     monkeypatch.setattr(bench_b, "run_row", killed_after_three)
     argv = ["--layers", "2", "--find-max-length", "--memory-cap-gib", "22", "--out", str(tmp_path)]
     with pytest.raises(KeyboardInterrupt):
         bench_b.main(argv)
     saved = json.loads((tmp_path / "benchmarks-b.json").read_text())
-    assert [r["name"] for r in saved["rows"]] == [c.name for c in calls[:2]]  # both rows and the first probe were on disk before the kill
+    assert [r["name"] for r in saved["rows"]] == [
+        c.name for c in calls[:2]
+    ]  # both rows and the first probe were on disk before the kill
     assert [p["row"]["max_length"] for p in saved["max_length_search"]["probes"]] == [2048]
     assert not (tmp_path / "benchmarks-b.md").exists()
     assert bench_b.main(["--report", "--out", str(tmp_path)]) == 0
-    assert "**The search did not finish** (the run was stopped; `--resume` goes on): so far ULMA trains at 2048." in (tmp_path / "benchmarks-b.md").read_text()
+    assert (
+        "**The search did not finish** (the run was stopped; `--resume` goes on): so far ULMA trains at 2048."
+        in (tmp_path / "benchmarks-b.md").read_text()
+    )
 
     again: list[int] = []
 
     def rest(row: bench_b.BRow, *args: Any) -> dict[str, Any]:
-        assert row.impl == "ours" and row.warmup_length == bench_b.PROBE_WARMUP_LENGTH and row.max_length != 2048, "a saved row was measured again"
+        assert row.impl == "ours" and row.warmup_length == bench_b.PROBE_WARMUP_LENGTH and row.max_length != 2048, (
+            "a saved row was measured again"
+        )
         again.append(row.max_length)
         peak = 10 + 0.005 * row.max_length
         return {"row": bench_b.asdict(row), **(_fits(row, peak) if peak <= 22 else _oom(row))}
@@ -208,9 +238,22 @@ def test_bench_b_report_records_out_of_memory() -> None:
         "settings": {},
         "rows": [
             {"row": ours.__dict__, "name": ours.name, "s_per_step": 150.0, "tokens_per_s": 54.6, "peak_rss_gib": 12.5},
-            {"row": trl.__dict__, "name": trl.name, "out_of_memory": True, "error": "ran out of memory at 22.0 GiB (killed by the benchmark's memory cap; cap 22.0 GiB)", "peak_rss_gib": 22.0},
+            {
+                "row": trl.__dict__,
+                "name": trl.name,
+                "out_of_memory": True,
+                "error": "ran out of memory at 22.0 GiB (killed by the benchmark's memory cap; cap 22.0 GiB)",
+                "peak_rss_gib": 22.0,
+            },
         ],
-        "max_length_search": {"max_length": 4096, "first_failing": 8192, "limit": 32768, "resolution": 256, "stopped": None, "probes": []},
+        "max_length_search": {
+            "max_length": 4096,
+            "first_failing": 8192,
+            "limit": 32768,
+            "resolution": 256,
+            "stopped": None,
+            "probes": [],
+        },
         "notes": [],
         "wall_s": 600.0,
     }
@@ -234,7 +277,10 @@ def _hh_file(path: Path, n: int = 12) -> Path:
     import gzip
 
     records = [
-        {"chosen": f"\n\nHuman: How do I plant tree {i}?\n\nAssistant: Dig a hole, set the tree in it and water it well.", "rejected": f"\n\nHuman: How do I plant tree {i}?\n\nAssistant: No."}
+        {
+            "chosen": f"\n\nHuman: How do I plant tree {i}?\n\nAssistant: Dig a hole, set the tree in it and water it well.",
+            "rejected": f"\n\nHuman: How do I plant tree {i}?\n\nAssistant: No.",
+        }
         for i in range(n)
     ]
     with gzip.open(path, "wt") as handle:
@@ -265,12 +311,22 @@ def test_bench_c_smoke_runs_every_row_and_writes_its_report(tmp_path: Path) -> N
     model, data, out = _tiny_model_folder(tmp_path / "model"), _hh_file(tmp_path / "hh.jsonl.gz"), tmp_path / "out"
     assert bench_c.main(["--smoke", "--model", str(model), "--data", str(data), "--out", str(out)]) == 0
     result = json.loads((out / "benchmarks-c.json").read_text())
-    assert [r["name"] for r in result["rows"]] == ["ulma-lightning ULMA full", "ulma-lightning ULMA LoRA r16", "TRL KTOTrainer full", "TRL KTOTrainer LoRA r16"]
+    assert [r["name"] for r in result["rows"]] == [
+        "ulma-lightning ULMA full",
+        "ulma-lightning ULMA LoRA r16",
+        "TRL KTOTrainer full",
+        "TRL KTOTrainer LoRA r16",
+    ]
     for r in result["rows"]:
         assert "error" not in r, r.get("error")
         assert r["tokens_per_s"] > 0 and r["peak_rss_gib"] > 0 and r["achieved_flops"] > 0 and len(r["losses"]) == 1
         assert r["row"]["layers"] == 1 and r["row"]["max_length"] == 64
-    assert set(result["summary"]["ratios"]) == {"full", "lora"} and set(result["summary"]["mfu"]) == {"ours full", "ours lora", "trl full", "trl lora"}
+    assert set(result["summary"]["ratios"]) == {"full", "lora"} and set(result["summary"]["mfu"]) == {
+        "ours full",
+        "ours lora",
+        "trl full",
+        "trl lora",
+    }
     text = (out / "benchmarks-c.md").read_text()
     assert "a smoke run: the first 1 layers only" in text and "| TRL KTOTrainer LoRA r16 | default |" in text
     assert "KTOTrainer's tokens/s" in text and "OMP_NUM_THREADS" in text
@@ -280,7 +336,14 @@ def test_bench_c_counts_flops_per_method_and_takes_each_rows_fastest_allocator()
     from benchmarks import bench_c
     from benchmarks.workload import Sample
 
-    config = {"hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 2, "num_hidden_layers": 1, "intermediate_size": 16, "vocab_size": 32}
+    config = {
+        "hidden_size": 8,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 1,
+        "intermediate_size": 16,
+        "vocab_size": 32,
+    }
     batch = [Sample([1, 2, 3], [4, 5], score=1.0), Sample([1, 2], [6, 7, 8], score=0.0)]
     ulma = bench_c.step_flops(config, bench_c.CRow("ours"), batch)
     kto = bench_c.step_flops(config, bench_c.CRow("trl"), batch)
@@ -297,7 +360,9 @@ def test_bench_c_counts_flops_per_method_and_takes_each_rows_fastest_allocator()
     assert {k: r["name"] for k, r in bench_c.best(rows).items()} == {"ours full": "b"}
 
 
-def test_bench_c_without_the_model_folder_says_how_to_get_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_c_without_the_model_folder_says_how_to_get_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from benchmarks import bench_c
 
     assert bench_c.main(["--model", str(tmp_path / "absent"), "--out", str(tmp_path)]) == 0

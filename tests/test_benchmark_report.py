@@ -16,7 +16,9 @@ from benchmarks.rows import Row
 PEAK = 100e9
 
 
-def result(row: Row, s_per_step: float, train_mb: float, flops_per_step: float = 40e9, tokens_per_step: float = 1000.0) -> dict[str, Any]:
+def result(
+    row: Row, s_per_step: float, train_mb: float, flops_per_step: float = 40e9, tokens_per_step: float = 1000.0
+) -> dict[str, Any]:
     walls = [s_per_step] * row.steps
     return {
         "row": asdict(row),
@@ -73,7 +75,15 @@ def test_markdown_reports_alone_row_and_policy() -> None:
     data = synthetic()
     data.update(
         workload=report.workload_description(),
-        machine={"cpu": "test cpu", "cores": 2, "threads": 2, "python": "3", "torch": "t", "transformers": "x", "trl": "y"},
+        machine={
+            "cpu": "test cpu",
+            "cores": 2,
+            "threads": 2,
+            "python": "3",
+            "torch": "t",
+            "transformers": "x",
+            "trl": "y",
+        },
         wall_s=600.0,
         command="PYTHONPATH=. python -m benchmarks.bench_a",
     )
@@ -88,7 +98,9 @@ def test_markdown_reports_alone_row_and_policy() -> None:
     assert "`PASSIVE` for TRL's" in report.markdown(data)
 
 
-def tuned(ours_default_s: float = 1.0, ours_jemalloc_s: float = 0.8, trl_default_s: float = 10.0, trl_jemalloc_s: float = 4.0) -> dict[str, Any]:
+def tuned(
+    ours_default_s: float = 1.0, ours_jemalloc_s: float = 0.8, trl_default_s: float = 10.0, trl_jemalloc_s: float = 4.0
+) -> dict[str, Any]:
     """Each row measured with both allocators (made-up numbers): TRL gains most from jemalloc."""
     rows = [
         result(Row("trl", "kto"), trl_default_s, 5000),
@@ -122,7 +134,9 @@ def test_headline_ratio_uses_the_tuned_peer_and_keeps_the_untuned() -> None:
     assert target["value"] == pytest.approx(5.0) and target["met"] is True
     # memory target: the library's fastest row only, against the tuned peer
     memory = [t for t in data["targets"] if t["target"].startswith("memory")]
-    assert [t["target"] for t in memory] == ["memory ulma-lightning ulma fp32 jemalloc vs TRL kto fp32 jemalloc: <= 0.6x"]
+    assert [t["target"] for t in memory] == [
+        "memory ulma-lightning ulma fp32 jemalloc vs TRL kto fp32 jemalloc: <= 0.6x"
+    ]
     assert memory[0]["value"] == pytest.approx(760 / 5200)
 
 
@@ -140,7 +154,15 @@ def test_markdown_names_each_rows_allocator_and_a_missing_jemalloc() -> None:
     data = tuned()
     data.update(
         workload=report.workload_description(),
-        machine={"cpu": "test cpu", "cores": 2, "threads": 2, "python": "3", "torch": "t", "transformers": "x", "trl": "y"},
+        machine={
+            "cpu": "test cpu",
+            "cores": 2,
+            "threads": 2,
+            "python": "3",
+            "torch": "t",
+            "transformers": "x",
+            "trl": "y",
+        },
         wall_s=60.0,
         command="PYTHONPATH=. python -m benchmarks.bench_a",
     )
@@ -154,5 +176,9 @@ def test_markdown_names_each_rows_allocator_and_a_missing_jemalloc() -> None:
     assert "5.00x (jemalloc)" in text and "12.50x |" in text
     assert "TRL kto fp32: jemalloc 2.50x as fast as default" in text
     assert "not found" not in text
-    data["allocator"].update(ours=["default"], trl=["default"], notes=["jemalloc (libjemalloc.so.2) not found, so only the default allocator was measured: install it"])
+    data["allocator"].update(
+        ours=["default"],
+        trl=["default"],
+        notes=["jemalloc (libjemalloc.so.2) not found, so only the default allocator was measured: install it"],
+    )
     assert "**jemalloc (libjemalloc.so.2) not found" in report.markdown(data)

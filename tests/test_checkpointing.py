@@ -101,7 +101,12 @@ def test_last_is_found_in_earlier_runs_log_folders(tmp_path: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(b"x")
     callback = AtomicModelCheckpoint(save_last=True)
-    trainer = Trainer(default_root_dir=tmp_path, logger=TensorBoardLogger(tmp_path, name="ulma"), callbacks=[callback], accelerator="cpu")
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        logger=TensorBoardLogger(tmp_path, name="ulma"),
+        callbacks=[callback],
+        accelerator="cpu",
+    )
     found = {Path(p).relative_to(tmp_path).as_posix() for p in callback._find_last_checkpoints(trainer)}
     assert found == {"ulma/version_0/checkpoints/last.ckpt", "ulma/version_1/checkpoints/last-v1.ckpt"}
 
@@ -128,21 +133,40 @@ def test_ckpt_path_last_without_a_checkpoint_says_where_it_looked(tmp_path: Path
 
     callback = AtomicModelCheckpoint(save_last=True)
     trainer = Trainer(logger=TensorBoardLogger(str(tmp_path), name="ulma"), callbacks=[callback], accelerator="cpu")
-    with pytest.warns(UserWarning, match=rf"no last\*\.ckpt in {tmp_path}/ulma/\*/checkpoints, so this run starts from the initial"):
-        assert trainer._checkpoint_connector._parse_ckpt_path(TrainerFn.FITTING, "last", model_provided=True, model_connected=True) is None
+    with pytest.warns(
+        UserWarning, match=rf"no last\*\.ckpt in {tmp_path}/ulma/\*/checkpoints, so this run starts from the initial"
+    ):
+        assert (
+            trainer._checkpoint_connector._parse_ckpt_path(
+                TrainerFn.FITTING, "last", model_provided=True, model_connected=True
+            )
+            is None
+        )
 
 
 # ----------------------------------------------------------------------------- 5: another method's checkpoint
 @pytest.mark.integration
 @pytest.mark.parametrize("how", ["path", "last"])
 @pytest.mark.usefixtures("plain_argv")
-def test_resuming_from_another_methods_checkpoint_says_what_does_not_match(tmp_path: Path, dpo_checkpoint: Path, how: str) -> None:
+def test_resuming_from_another_methods_checkpoint_says_what_does_not_match(
+    tmp_path: Path, dpo_checkpoint: Path, how: str
+) -> None:
     args = ["fit", "--config", ULMA, *QUIET, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"]
     if how == "path":
         args += ["--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(dpo_checkpoint)]
     else:  # the DPO run's folder: runs/dpo/version_0/checkpoints/last.ckpt
-        args += ["--trainer.default_root_dir", str(dpo_checkpoint.parents[3]), "--trainer.logger.init_args.name", "dpo", "--ckpt_path", "last"]
-    with pytest.raises(ValueError, match=r"written by another run's module DPOModule \(this run: ULMAModule\) and data module PairwiseDataModule \(this run: PointwiseDataModule\)"):
+        args += [
+            "--trainer.default_root_dir",
+            str(dpo_checkpoint.parents[3]),
+            "--trainer.logger.init_args.name",
+            "dpo",
+            "--ckpt_path",
+            "last",
+        ]
+    with pytest.raises(
+        ValueError,
+        match=r"written by another run's module DPOModule \(this run: ULMAModule\) and data module PairwiseDataModule \(this run: PointwiseDataModule\)",
+    ):
         main(args)
 
 
@@ -155,9 +179,21 @@ def test_resuming_with_other_options_than_the_checkpoints_names_each_before_trai
     word; `--ckpt_path last` kept the given ones and stopped on a size mismatch. Both now refuse."""
     from ulma_lightning.checkpointing import ResumeConflict
 
-    base = ["fit", "--config", ULMA, *QUIET, "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path)]
+    base = [
+        "fit",
+        "--config",
+        ULMA,
+        *QUIET,
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
     main([*base, "--trainer.max_steps", "1"])
-    resume = ["--ckpt_path", str(tmp_path / "ulma" / "version_0" / "checkpoints" / "last.ckpt") if how == "path" else "last"]
+    resume = [
+        "--ckpt_path",
+        str(tmp_path / "ulma" / "version_0" / "checkpoints" / "last.ckpt") if how == "path" else "last",
+    ]
     changed = ["--model.init_args.beta", "0.5", "--model.init_args.policy.model_config.hidden_size", "128"]
     with pytest.raises(ResumeConflict) as info:
         main([*base, "--trainer.max_steps", "2", *changed, *resume])
@@ -166,10 +202,18 @@ def test_resuming_with_other_options_than_the_checkpoints_names_each_before_trai
     assert "model.init_args.beta: the checkpoint's 0.1, given 0.5" in message
     assert "model.init_args.policy.model_config.hidden_size: the checkpoint's 96, given 128" in message
     assert "drop these options" in message and "start a new run without --ckpt_path" in message
-    assert not list(tmp_path.rglob("epoch=*step=2*.ckpt")) and torch.load(tmp_path / "ulma" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 1
+    assert (
+        not list(tmp_path.rglob("epoch=*step=2*.ckpt"))
+        and torch.load(tmp_path / "ulma" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+        == 1
+    )
     # the run's own options resume it; how the model runs (gradient checkpointing) may change
     cli = main([*base, "--trainer.max_steps", "2", "--model.init_args.policy.gradient_checkpointing", "true", *resume])
-    assert cli.trainer.global_step == 2 and cli.model.hparams["beta"] == 0.1 and cli.model.hparams["policy"]["gradient_checkpointing"] is True
+    assert (
+        cli.trainer.global_step == 2
+        and cli.model.hparams["beta"] == 0.1
+        and cli.model.hparams["policy"]["gradient_checkpointing"] is True
+    )
 
 
 def test_resume_conflicts_compare_plain_values_and_skip_what_may_change() -> None:
@@ -178,8 +222,26 @@ def test_resume_conflicts_compare_plain_values_and_skip_what_may_change() -> Non
     from ulma_lightning.evaluation import DemoScorer
 
     tiny = {"model_type": "llama", "hidden_size": 8}
-    saved = {"_class_path": "a.B", "scorer": DemoScorer(), "policy": PolicyConfig(model_config=tiny), "beta": 0.1, "betas": (0.9, 0.99), "old_option": 1}
-    given = {"_class_path": "a.C", "scorer": DemoScorer(), "policy": PolicyConfig(model_config=tiny, compile=True, gradient_checkpointing=True), "beta": 0.1, "betas": [0.9, 0.99]}
-    assert resume_conflicts(saved, given) == []  # instances by class, tuples as lists, how the model runs, an option of another version
+    saved = {
+        "_class_path": "a.B",
+        "scorer": DemoScorer(),
+        "policy": PolicyConfig(model_config=tiny),
+        "beta": 0.1,
+        "betas": (0.9, 0.99),
+        "old_option": 1,
+    }
+    given = {
+        "_class_path": "a.C",
+        "scorer": DemoScorer(),
+        "policy": PolicyConfig(model_config=tiny, compile=True, gradient_checkpointing=True),
+        "beta": 0.1,
+        "betas": [0.9, 0.99],
+    }
+    assert (
+        resume_conflicts(saved, given) == []
+    )  # instances by class, tuples as lists, how the model runs, an option of another version
     given["policy"] = PolicyConfig(model_config={**tiny, "hidden_size": 16}, dtype="bfloat16")
-    assert resume_conflicts(saved, given) == [("policy.dtype", "float32", "bfloat16"), ("policy.model_config.hidden_size", 8, 16)]
+    assert resume_conflicts(saved, given) == [
+        ("policy.dtype", "float32", "bfloat16"),
+        ("policy.model_config.hidden_size", 8, 16),
+    ]

@@ -43,7 +43,9 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.T
     return fit(tmp_path_factory.mktemp("whole"), "--trainer.max_steps", str(TOTAL)).model.state_dict()
 
 
-def test_continuing_a_run_stopped_by_max_steps_equals_one_uninterrupted_run(tmp_path: Path, uninterrupted: dict[str, torch.Tensor]) -> None:
+def test_continuing_a_run_stopped_by_max_steps_equals_one_uninterrupted_run(
+    tmp_path: Path, uninterrupted: dict[str, torch.Tensor]
+) -> None:
     first = 5  # after the mid-epoch validation at step 4, before the epoch's end (8)
     fit(tmp_path, "--trainer.max_steps", str(first))
     last = tmp_path / "ulma" / "version_0" / "checkpoints" / "last.ckpt"

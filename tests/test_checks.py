@@ -19,7 +19,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ulma_lightning"
 
 
 def sources() -> dict[str, ast.Module]:
-    return {str(path.relative_to(PACKAGE.parent)): ast.parse(path.read_text()) for path in sorted(PACKAGE.rglob("*.py"))}
+    return {
+        str(path.relative_to(PACKAGE.parent)): ast.parse(path.read_text()) for path in sorted(PACKAGE.rglob("*.py"))
+    }
 
 
 # ----------------------------------------------------------------------------- import_object
@@ -34,7 +36,10 @@ def test_import_object_reads_class_paths_and_entry_points() -> None:
 @pytest.mark.parametrize(
     ("path", "message"),
     [
-        ("ulma_lightning.losses.no_such_loss", "cannot import 'ulma_lightning.losses.no_such_loss': module 'ulma_lightning.losses' has no 'no_such_loss'"),
+        (
+            "ulma_lightning.losses.no_such_loss",
+            "cannot import 'ulma_lightning.losses.no_such_loss': module 'ulma_lightning.losses' has no 'no_such_loss'",
+        ),
         ("ulma_lightning.no_such_module.Thing", "No module named 'ulma_lightning.no_such_module'"),
         ("ULMAModule", "'ULMAModule' is not a dotted path; write package.module.Name"),
         ("ulma_lightning.losses:", "is not a dotted path"),
@@ -51,9 +56,15 @@ def test_import_module_is_called_in_one_place() -> None:
         name
         for name, tree in sources().items()
         for node in ast.walk(tree)
-        if isinstance(node, ast.Attribute) and node.attr == "import_module" or isinstance(node, ast.Name) and node.id == "__import__"
+        if isinstance(node, ast.Attribute)
+        and node.attr == "import_module"
+        or isinstance(node, ast.Name)
+        and node.id == "__import__"
     )
-    assert callers == ["ulma_lightning/gguf_models.py", "ulma_lightning/importing.py"]  # gguf_models: a probe for installed packages
+    assert callers == [
+        "ulma_lightning/gguf_models.py",
+        "ulma_lightning/importing.py",
+    ]  # gguf_models: a probe for installed packages
 
 
 # ----------------------------------------------------------------------------- check_choices
@@ -77,7 +88,11 @@ def test_choices_are_read_from_their_literal_type_and_never_hand_written() -> No
     literals = set()
     for tree in sources().values():
         for node in ast.walk(tree):
-            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Subscript) and ast.unparse(node.value.value) == "Literal":
+            if (
+                isinstance(node, ast.Assign)
+                and isinstance(node.value, ast.Subscript)
+                and ast.unparse(node.value.value) == "Literal"
+            ):
                 values = node.value.slice.elts if isinstance(node.value.slice, ast.Tuple) else [node.value.slice]
                 literals.add(tuple(value.value for value in values if isinstance(value, ast.Constant)))
     assert ("sft", "beta_sft", "pointwise_dpo") in literals and ("k1", "k3") in literals
@@ -88,11 +103,18 @@ def test_choices_are_read_from_their_literal_type_and_never_hand_written() -> No
                 for keyword in node.keywords:
                     pair = keyword.value.elts if isinstance(keyword.value, ast.Tuple) else []
                     allowed = pair[1] if len(pair) == 2 and isinstance(pair[1], ast.Tuple) else None
-                    if allowed is not None and tuple(getattr(value, "value", None) for value in allowed.elts) in literals:
+                    if (
+                        allowed is not None
+                        and tuple(getattr(value, "value", None) for value in allowed.elts) in literals
+                    ):
                         restated.append(f"{name}: {keyword.arg}")
     assert restated == []
     message = re.compile(r"must be '[^']*'(, '[^']*')* or '[^']*', got|must be one of")
-    hand_written = [str(path) for path in sorted(PACKAGE.rglob("*.py")) if path.name != "choices.py" and message.search(path.read_text())]
+    hand_written = [
+        str(path)
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "choices.py" and message.search(path.read_text())
+    ]
     assert hand_written == []
 
 
@@ -104,7 +126,10 @@ def test_modules_and_data_check_their_choices_alike() -> None:
 
     with pytest.raises(ValueError, match=r"^scale_rewards must be 'group' or 'none', got 'batch'$"):
         grpo_advantages(torch.zeros(4), 2, scale_rewards="batch")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"^'task://binary\?stratified=maybe': stratified must be 'true', 'false', '1' or '0', got 'maybe'$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^'task://binary\?stratified=maybe': stratified must be 'true', 'false', '1' or '0', got 'maybe'$",
+    ):
         list(read_source("task://binary?stratified=maybe"))
     effect = Effect(0.1, 0.0, 0.2, 3, 100)
     with pytest.raises(ValueError, match=r"^claim: kind must be 'beats', 'at_least' or 'equivalent', got 'wins'$"):
@@ -118,7 +143,13 @@ def right_padded() -> dict[str, torch.Tensor]:
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
     ids = torch.arange(15).view(3, 5) * mask
     labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "score": torch.tensor([1.0, 0.0, 0.5]), "step": torch.tensor(7)}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "score": torch.tensor([1.0, 0.0, 0.5]),
+        "step": torch.tensor(7),
+    }
 
 
 def test_select_rows_takes_a_mask_or_indices_and_trims_to_the_longest_kept() -> None:
@@ -140,6 +171,7 @@ def test_one_row_selector() -> None:
         f"{name}:{node.name}"
         for name, tree in sources().items()
         for node in ast.walk(tree)
-        if isinstance(node, ast.FunctionDef) and ("rows" in node.name and node.name.split("_")[0] in ("take", "select", "pick", "subset"))
+        if isinstance(node, ast.FunctionDef)
+        and ("rows" in node.name and node.name.split("_")[0] in ("take", "select", "pick", "subset"))
     )
     assert selectors == ["ulma_lightning/policy.py:select_rows"]

@@ -91,7 +91,9 @@ def test_fit_exports_a_loadable_hugging_face_folder(fitted: Path) -> None:
     # the exported weights are the trained policy's, as in the last checkpoint
     checkpoint = torch.load(fitted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 3
-    policy = {k[len("policy.model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("policy.model.")}
+    policy = {
+        k[len("policy.model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("policy.model.")
+    }
     exported = model.state_dict()
     assert policy and set(policy) <= set(exported)
     assert all(torch.equal(exported[name], value) for name, value in policy.items())
@@ -151,7 +153,9 @@ NEW_CONFIGS = {
 @pytest.mark.parametrize("name", sorted(NEW_CONFIGS))
 def test_each_config_fits_a_couple_of_steps(tmp_path: Path, name: str) -> None:
     module, label = NEW_CONFIGS[name]
-    cli = main(["fit", "--config", str(REPO / "configs" / f"{name}.yaml"), *tiny_overrides(tmp_path, label=label, steps=2)])
+    cli = main(
+        ["fit", "--config", str(REPO / "configs" / f"{name}.yaml"), *tiny_overrides(tmp_path, label=label, steps=2)]
+    )
     assert type(cli.model).__name__ == module
     assert cli.model.label_type == label and cli.model.continuous_form == "bce"
     assert cli.trainer.global_step == 2
@@ -202,7 +206,12 @@ def test_subclass_overrides_the_loss_through_the_cli(tmp_path: Path) -> None:
     assert saved["model"]["init_args"]["positive_term"] == "sft"  # the config's arguments still apply
 
 
-NEEDS_REFERENCE = ["ulma", "ulma_continuous", "pointwise_dpo", "pointwise_dpo_continuous"]  # DPO: test_modules_baselines.py
+NEEDS_REFERENCE = [
+    "ulma",
+    "ulma_continuous",
+    "pointwise_dpo",
+    "pointwise_dpo_continuous",
+]  # DPO: test_modules_baselines.py
 
 
 @pytest.mark.integration
@@ -211,7 +220,9 @@ def test_reference_none_is_refused_when_the_method_needs_one(tmp_path: Path, nam
     config = REPO / "configs" / f"{name}.yaml"
     line = next(line for line in config.read_text().splitlines() if line.strip().startswith("reference:"))
     assert "none" not in line.split("#", 1)[1]  # the config lists only the modes that work
-    with pytest.raises(ValueError, match=r"needs reference log-probs, but policy\.reference .* is 'none'; set it to copy"):
+    with pytest.raises(
+        ValueError, match=r"needs reference log-probs, but policy\.reference .* is 'none'; set it to copy"
+    ):
         main(["fit", "--config", str(config), "--model.init_args.policy.reference", "none", *tiny_overrides(tmp_path)])
 
 
@@ -229,8 +240,22 @@ def test_precomputed_reference_runs_under_the_training_precision(tmp_path: Path)
     """DPO with ``bf16-mixed`` and lr 0: the precomputed reference equals the policy, so the loss is ln 2
     (it was off by 3e-4 when the reference was precomputed in float32, outside the step's autocast)."""
     args = ["fit", "--config", str(REPO / "configs" / "dpo.yaml"), *tiny_overrides(tmp_path, steps=1)]
-    args += ["--data.init_args.train", "demo://pairwise?n=12", "--data.init_args.test", "null", "--trainer.precision", "bf16-mixed"]
-    args += ["--model.init_args.policy.reference", "precomputed", "--model.init_args.optimizer.lr", "0.0", "--model.init_args.beta", "1.0"]
+    args += [
+        "--data.init_args.train",
+        "demo://pairwise?n=12",
+        "--data.init_args.test",
+        "null",
+        "--trainer.precision",
+        "bf16-mixed",
+    ]
+    args += [
+        "--model.init_args.policy.reference",
+        "precomputed",
+        "--model.init_args.optimizer.lr",
+        "0.0",
+        "--model.init_args.beta",
+        "1.0",
+    ]
     cli = main([*args, f"--model.init_args.policy.model_config={json.dumps(TINY_LLAMA)}"])
     assert cli.trainer.global_step == 1 and cli.datamodule.has_column("train", "reference_chosen_logps")
     assert abs(float(cli.trainer.callback_metrics["train/loss_step"]) - math.log(2)) < 1e-6

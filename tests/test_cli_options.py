@@ -15,7 +15,9 @@ pytestmark = pytest.mark.usefixtures("plain_argv")
 
 
 @pytest.mark.integration
-def test_default_root_dir_decides_where_a_shipped_config_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_root_dir_decides_where_a_shipped_config_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", ULMA, *QUIET, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
           "--trainer.default_root_dir", "elsewhere/run1"])  # fmt: skip
@@ -36,7 +38,9 @@ def test_default_root_dir_decides_where_a_shipped_config_writes(tmp_path: Path, 
         ("--model.init_args.optimizer.lr", "-1", "OptimizerConfig: lr must be >= 0, got -1.0"),
     ],
 )
-def test_a_bad_numeric_option_stops_with_its_name_at_the_end(tmp_path: Path, option: str, value: str, message: str) -> None:
+def test_a_bad_numeric_option_stops_with_its_name_at_the_end(
+    tmp_path: Path, option: str, value: str, message: str
+) -> None:
     with pytest.raises(ValueError) as info:
         main(["fit", "--config", ULMA, *QUIET, "--trainer.default_root_dir", str(tmp_path), option, value])
     assert str(info.value).startswith(message), str(info.value)
@@ -65,14 +69,40 @@ def test_a_bad_option_of_a_class_used_twice_is_named_by_its_own_path(tmp_path: P
     """GenerationConfig is both PPO's `generation` and its `eval_generation`: the message named the first for the second."""
     ppo = str(Path(ULMA).with_name("ppo.yaml"))
     with pytest.raises(ValueError) as info:
-        main(["fit", "--config", ppo, "--trainer.default_root_dir", str(tmp_path), "--model.init_args.eval_generation.max_new_tokens", "0"])
-    assert str(info.value).startswith("GenerationConfig: model.init_args.eval_generation.max_new_tokens must be >= 1, got 0 (fix it"), str(info.value)
+        main(
+            [
+                "fit",
+                "--config",
+                ppo,
+                "--trainer.default_root_dir",
+                str(tmp_path),
+                "--model.init_args.eval_generation.max_new_tokens",
+                "0",
+            ]
+        )
+    assert str(info.value).startswith(
+        "GenerationConfig: model.init_args.eval_generation.max_new_tokens must be >= 1, got 0 (fix it"
+    ), str(info.value)
 
 
 def test_a_bad_numeric_option_names_its_path_in_the_config(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as info:
-        main(["fit", "--config", ULMA, *QUIET, "--trainer.default_root_dir", str(tmp_path), "--data.init_args.batch_size", "0"])
-    assert "batch_size must be >= 1, got 0 (option data.init_args.batch_size; fix it in the config or on the command line)" in str(info.value)
+        main(
+            [
+                "fit",
+                "--config",
+                ULMA,
+                *QUIET,
+                "--trainer.default_root_dir",
+                str(tmp_path),
+                "--data.init_args.batch_size",
+                "0",
+            ]
+        )
+    assert (
+        "batch_size must be >= 1, got 0 (option data.init_args.batch_size; fix it in the config or on the command line)"
+        in str(info.value)
+    )
 
 
 @pytest.mark.integration

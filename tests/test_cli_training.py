@@ -43,7 +43,13 @@ def run_cli(config: str, root: Path, lr: float, extra: list[str]) -> subprocess.
         "--data.init_args.max_samples=32", "--data.init_args.val_fraction=0.25", "--data.init_args.batch_size=8",
         "--data.init_args.max_length=64", *extra,
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}  # tiny models: one thread is fastest on busy cores
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }  # tiny models: one thread is fastest on busy cores
     return subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 

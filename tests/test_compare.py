@@ -43,7 +43,10 @@ def table_rows(markdown: str, variant: str) -> dict[str, dict[str, str]]:
     section = markdown.split(f"## {variant}\n", 1)[1].split("\n## ", 1)[0]
     lines = [line for line in section.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return {cells[0]: dict(zip(header, cells)) for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+    return {
+        cells[0]: dict(zip(header, cells))
+        for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])
+    }
 
 
 @pytest.mark.integration
@@ -57,7 +60,13 @@ def test_results_files_hold_each_runs_own_metrics(ran: dict) -> None:
     for run_id, label in (("sft/ordinary/seed0", "sft"), ("sft_dpo/ordinary/seed0", "SFT then DPO")):
         own = json.loads((out / "runs" / run_id / "result.json").read_text())
         assert own["status"] == "ok" and by_id[run_id]["metrics"]["score"] == own["metrics"]["score"]
-        for column, key in (("score", "score"), ("golden perplexity", "golden_ppl"), ("KL to reference", "kl"), ("tokens/s", "tokens_per_sec"), ("train time (s)", "train_seconds")):
+        for column, key in (
+            ("score", "score"),
+            ("golden perplexity", "golden_ppl"),
+            ("KL to reference", "kl"),
+            ("tokens/s", "tokens_per_sec"),
+            ("train time (s)", "train_seconds"),
+        ):
             shown = float(rows[label][column].strip("*"))
             decimals = len(rows[label][column].strip("*").partition(".")[2])
             assert decimals >= {"train_seconds": 1, "tokens_per_sec": 0}.get(key, 2)
@@ -65,7 +74,9 @@ def test_results_files_hold_each_runs_own_metrics(ran: dict) -> None:
         # the score is the ground truth of the saved generations
         from ulma_lightning.evaluation import DemoScorer
 
-        predictions = [json.loads(line) for line in (out / "runs" / run_id / "predictions.jsonl").read_text().splitlines()]
+        predictions = [
+            json.loads(line) for line in (out / "runs" / run_id / "predictions.jsonl").read_text().splitlines()
+        ]
         assert len(predictions) == 8
         truth = DemoScorer().score([p["prompt"] for p in predictions], [p["response"] for p in predictions])
         assert own["metrics"]["score"] == pytest.approx(sum(truth) / len(truth))
@@ -93,7 +104,10 @@ def test_results_md_lists_the_shared_options_once_and_each_command_rebuilds_from
             shown = next(line for line in text.splitlines() if line.startswith(f"| `{run['id']}`"))
             assert "--trainer.max_steps 1" not in shown
             # the full command is the shown one plus the shared options: same options, same values
-            listed = [c.strip("`").removesuffix(" (shared)").strip("`") for c in shown.split(" | ")[-1].rstrip(" |").split("<br>")]
+            listed = [
+                c.strip("`").removesuffix(" (shared)").strip("`")
+                for c in shown.split(" | ")[-1].rstrip(" |").split("<br>")
+            ]
             full = sorted(shlex.split(stage["command"])[2:])
             assert any(sorted(shlex.split(c)[2:] + shlex.split(shared)) == full for c in listed), short
 
@@ -127,9 +141,13 @@ def test_sft_then_dpo_starts_from_the_sft_model_and_uses_it_as_reference(ran: di
     sft_only = json.loads((out / "runs/sft/ordinary/seed0/result.json").read_text())["stages"][0]
     assert sft_stage["key"] == sft_only["key"] and sft_stage["shared"]  # one SFT stage for both rows
     assert len(list((out / "stages").glob("sft-*"))) == 1
-    saved = yaml.safe_load(next(Path(dpo_stage["tensorboard"]).rglob("config.yaml")).read_text())  # what `ulma fit` ran with
+    saved = yaml.safe_load(
+        next(Path(dpo_stage["tensorboard"]).rglob("config.yaml")).read_text()
+    )  # what `ulma fit` ran with
     policy = saved["model"]["init_args"]["policy"]
-    assert Path(policy["model"]) == Path(sft_stage["export"]) and Path(policy["reference_model"]) == Path(sft_stage["export"])
+    assert Path(policy["model"]) == Path(sft_stage["export"]) and Path(policy["reference_model"]) == Path(
+        sft_stage["export"]
+    )
     assert saved["model"]["class_path"].endswith("DPOModule")
     assert f"--model.init_args.policy.reference_model {sft_stage['export']}" in dpo_stage["command"]
 
@@ -146,7 +164,9 @@ def test_stages_share_tokenized_data_through_the_output_cache_outside_their_iden
     plan = plan_grid(load_grid(ran["grid"]))
     for key, stage in plan.stages.items():
         assert not any("cache_dir" in arg for arg in stage.base_args)  # the stage key hashes base_args
-        assert f"--data.init_args.cache_dir {cache}" in shlex.join(stage.args(out / "stages" / key, {k: "x" for k in plan.stages}, cache_dir=cache))
+        assert f"--data.init_args.cache_dir {cache}" in shlex.join(
+            stage.args(out / "stages" / key, {k: "x" for k in plan.stages}, cache_dir=cache)
+        )
     assert sft["key"] in plan.stages and dpo["key"] in plan.stages
     own = yaml.safe_load(ran["grid"].read_text())
     own["overrides"]["data.init_args.cache_dir"] = None  # a grid that sets it (here: no cache) keeps its own
@@ -154,11 +174,16 @@ def test_stages_share_tokenized_data_through_the_output_cache_outside_their_iden
     own_plan = plan_grid(load_grid(path))
     for stage in own_plan.stages.values():
         args = stage.args(out, {k: "x" for k in own_plan.stages}, cache_dir=cache)
-        assert args.count("--data.init_args.cache_dir") == 1 and args[args.index("--data.init_args.cache_dir") + 1] == "null"
+        assert (
+            args.count("--data.init_args.cache_dir") == 1
+            and args[args.index("--data.init_args.cache_dir") + 1] == "null"
+        )
 
 
 @pytest.mark.integration
-def test_rerun_skips_finished_runs_and_resumes_the_stage_in_progress(ran: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_rerun_skips_finished_runs_and_resumes_the_stage_in_progress(
+    ran: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "out"
     shutil.copytree(ran["out"], out, symlinks=True)
     sft_dpo = out / "runs/sft_dpo/ordinary/seed0"
@@ -167,7 +192,10 @@ def test_rerun_skips_finished_runs_and_resumes_the_stage_in_progress(ran: dict, 
     (sft_dpo / "result.json").unlink()
     (out / "stages" / dpo_key / "stage.json").unlink()
     finished = out / "runs/sft/ordinary/seed0/result.json"
-    before = finished.stat().st_mtime_ns, (out / "stages" / json.loads(finished.read_text())["stages"][0]["key"] / "stage.json").stat().st_mtime_ns
+    before = (
+        finished.stat().st_mtime_ns,
+        (out / "stages" / json.loads(finished.read_text())["stages"][0]["key"] / "stage.json").stat().st_mtime_ns,
+    )
     capsys.readouterr()
     cwd = os.getcwd()
     os.chdir(REPO)
@@ -177,14 +205,19 @@ def test_rerun_skips_finished_runs_and_resumes_the_stage_in_progress(ran: dict, 
         os.chdir(cwd)
     log = capsys.readouterr().out
     assert "running sft_dpo/ordinary/seed0" in log and "running sft/" not in log
-    after = finished.stat().st_mtime_ns, (out / "stages" / json.loads(finished.read_text())["stages"][0]["key"] / "stage.json").stat().st_mtime_ns
+    after = (
+        finished.stat().st_mtime_ns,
+        (out / "stages" / json.loads(finished.read_text())["stages"][0]["key"] / "stage.json").stat().st_mtime_ns,
+    )
     assert after == before  # the finished run and its SFT stage were not redone
     stage = json.loads((out / "stages" / dpo_key / "stage.json").read_text())
     assert stage["resumed_from"] and stage["resumed_from"].endswith("last.ckpt")
     assert f"--ckpt_path {stage['resumed_from']}" in stage["command"]
     assert json.loads((sft_dpo / "result.json").read_text())["status"] == "ok"
     # the other run is still in the results, from its earlier result
-    assert "sft/ordinary/seed0" in {r["id"] for r in json.loads((out / "results.json").read_text())["runs"] if r["status"] == "ok"}
+    assert "sft/ordinary/seed0" in {
+        r["id"] for r in json.loads((out / "results.json").read_text())["runs"] if r["status"] == "ok"
+    }
 
 
 # ----------------------------------------------------------------------------- bad grids
@@ -212,10 +245,20 @@ BAD_GRIDS = {
         r"runs\[0\] 'rm': the last stage \(reward\) trains a reward model",
     ),
     "reward model into DPO": (
-        {"runs": [{"name": "rlhf", "stages": [{"method": "reward", "data": "pairwise"}, {"method": "dpo", "data": "pairwise"}]}]},
+        {
+            "runs": [
+                {
+                    "name": "rlhf",
+                    "stages": [{"method": "reward", "data": "pairwise"}, {"method": "dpo", "data": "pairwise"}],
+                }
+            ]
+        },
         r"runs\[0\] 'rlhf': stage 'dpo' .* follows the reward model of stage 'reward' but takes no `reward_model` argument",
     ),
-    "jobs below one": ({"jobs": 0}, r"grid\.yaml:\d+: jobs must be a whole number >= 1 \(runs trained at a time\), got 0"),
+    "jobs below one": (
+        {"jobs": 0},
+        r"grid\.yaml:\d+: jobs must be a whole number >= 1 \(runs trained at a time\), got 0",
+    ),
     # issue 26, item 4: a variant name is a folder of the output, like a run name
     "variant name escapes the output": (
         {"variants": {"../../../victim": GRID["variants"]["ordinary"]}},
@@ -242,7 +285,9 @@ BAD_GRIDS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_GRIDS))
-def test_bad_grid_stops_before_training_naming_the_entry(case: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_bad_grid_stops_before_training_naming_the_entry(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     update, message = BAD_GRIDS[case]
     grid = write_grid(tmp_path, _bad(update))
     cwd = os.getcwd()
@@ -259,8 +304,19 @@ def test_bad_grid_stops_before_training_naming_the_entry(case: str, tmp_path: Pa
 
 def test_ulma_compare_cli_reports_a_bad_grid(tmp_path: Path) -> None:
     grid = write_grid(tmp_path, _bad({"runs": [GRID["runs"][0], GRID["runs"][0]]}))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "ulma_lightning.cli", "compare", "--config", str(grid)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "ulma_lightning.cli", "compare", "--config", str(grid)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2
     assert "duplicated run name" in done.stderr and f"{grid}:" in done.stderr
 
@@ -275,7 +331,17 @@ def test_paper_grid_is_valid_and_shares_its_sft_stages() -> None:
         os.chdir(cwd)
     assert len(grid.seeds) >= 3 and len(quick.seeds) == 1
     names = {r.name for r in grid.runs}
-    assert {"sft", "sft_dpo", "dpo", "pointwise_dpo", "ulma", "unlikelihood", "kto", "pointwise_dpo_continuous", "ulma_continuous"} <= names
+    assert {
+        "sft",
+        "sft_dpo",
+        "dpo",
+        "pointwise_dpo",
+        "ulma",
+        "unlikelihood",
+        "kto",
+        "pointwise_dpo_continuous",
+        "ulma_continuous",
+    } <= names
     plan = plan_grid(grid)
     assert len(plan.instances) == sum(len(r.variants) for r in grid.runs) * len(grid.seeds)
     bases = {i.stages[0] for i in plan.instances}
@@ -289,7 +355,10 @@ def test_paper_grid_is_valid_and_shares_its_sft_stages() -> None:
 def test_tune_keeps_the_best_validation_score_per_method_and_the_grid_uses_it(tmp_path: Path) -> None:
     grid = json.loads(json.dumps(GRID))
     grid["runs"] = [GRID["runs"][0]]  # SFT: it takes lr, not beta
-    grid["tune"] = {"prompts": "demo://demonstration?split=val&n=6", "grid": {"model.init_args.optimizer.lr": [1.0e-3, 2.0e-2], "model.init_args.beta": [0.1]}}
+    grid["tune"] = {
+        "prompts": "demo://demonstration?split=val&n=6",
+        "grid": {"model.init_args.optimizer.lr": [1.0e-3, 2.0e-2], "model.init_args.beta": [0.1]},
+    }
     path = write_grid(tmp_path, grid)
     cwd = os.getcwd()
     os.chdir(REPO)
@@ -307,7 +376,9 @@ def test_tune_keeps_the_best_validation_score_per_method_and_the_grid_uses_it(tm
     finally:
         os.chdir(cwd)
     (stage,) = plan.stages.values()
-    assert stage.base_args[stage.base_args.index("--model.init_args.optimizer.lr") + 1] == str(tuned["sft"]["model.init_args.optimizer.lr"])
+    assert stage.base_args[stage.base_args.index("--model.init_args.optimizer.lr") + 1] == str(
+        tuned["sft"]["model.init_args.optimizer.lr"]
+    )
 
 
 def test_kl_is_the_mean_summed_log_ratio_of_the_policys_samples(tmp_path: Path, demo_tokenizer) -> None:
@@ -322,10 +393,14 @@ def test_kl_is_the_mean_summed_log_ratio_of_the_policys_samples(tmp_path: Path, 
     tok = demo_tokenizer
     for seed in (0, 1):  # two different random models, saved as `ulma fit` exports them
         torch.manual_seed(seed)
-        config = AutoConfig.for_model(**TINY_LLAMA, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        config = AutoConfig.for_model(
+            **TINY_LLAMA, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+        )
         AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / f"m{seed}")
         tok.save_pretrained(tmp_path / f"m{seed}")
-    evaluator = Evaluator(EvaluationSpec(prompts="demo://demonstration?split=test&n=4", kl_max_new_tokens=5, batch_size=4), seed=3)
+    evaluator = Evaluator(
+        EvaluationSpec(prompts="demo://demonstration?split=test&n=4", kl_max_new_tokens=5, batch_size=4), seed=3
+    )
     policy, reference = load_model(str(tmp_path / "m0")), load_model(str(tmp_path / "m1"))
     items = evaluator.prompts(str(tmp_path / "m0"))
     estimate = evaluator.kl(policy, reference, tok, items)
@@ -341,14 +416,19 @@ def test_kl_is_the_mean_summed_log_ratio_of_the_policys_samples(tmp_path: Path, 
         ids = torch.tensor([list(item["input_ids"]) + response])
         n = len(item["input_ids"])
         with torch.no_grad():
-            logps = [m(ids).logits.log_softmax(-1)[0, n - 1 : -1].gather(-1, ids[0, n:, None]).sum() for m in (policy, reference)]
+            logps = [
+                m(ids).logits.log_softmax(-1)[0, n - 1 : -1].gather(-1, ids[0, n:, None]).sum()
+                for m in (policy, reference)
+            ]
         ratios.append(float(logps[0] - logps[1]))
     assert estimate == pytest.approx(sum(ratios) / len(ratios), abs=1e-4)
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("interruption", ["sigterm", "ctrl-c"])
-def test_an_interrupted_fit_stops_the_compare_instead_of_failing_the_run(interruption: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_interrupted_fit_stops_the_compare_instead_of_failing_the_run(
+    interruption: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Lightning ends a fit early on SIGTERM (and exits 1 after Ctrl-C): that is a kill of
     ``ulma compare``, to be resumed, not a failed run to record and step over."""
     import types
@@ -389,7 +469,9 @@ def test_new_evaluation_settings_reevaluate_without_retraining(ran: dict, tmp_pa
         os.chdir(cwd)
     assert len((sft / "predictions.jsonl").read_text().splitlines()) == 3 and stage_file.stat().st_mtime_ns == trained
     status = {r["id"]: r["status"] for r in results["runs"]}
-    assert status["sft/ordinary/seed0"] == "ok" and status["sft_dpo/ordinary/seed0"] == "pending"  # its numbers were for 8 prompts
+    assert (
+        status["sft/ordinary/seed0"] == "ok" and status["sft_dpo/ordinary/seed0"] == "pending"
+    )  # its numbers were for 8 prompts
 
 
 HOLD_LOCK_SCRIPT = """
@@ -409,7 +491,9 @@ def test_a_second_compare_into_the_same_folder_is_refused(tmp_path: Path, capsys
     script = tmp_path / "hold.py"
     script.write_text(HOLD_LOCK_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    holder = subprocess.Popen([sys.executable, str(script), str(out)], env=env, stdout=subprocess.PIPE, text=True)  # a live compare holds it
+    holder = subprocess.Popen(
+        [sys.executable, str(script), str(out)], env=env, stdout=subprocess.PIPE, text=True
+    )  # a live compare holds it
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         path = write_grid(tmp_path, GRID)
@@ -460,12 +544,17 @@ def test_the_output_lock_admits_one_of_many_entering_at_once(tmp_path: Path) -> 
 def _grid_of_failing_runs() -> dict:
     grid = json.loads(json.dumps(GRID))
     grid["evaluation"]["baseline"] = "broken"
-    grid["runs"] = [GRID["runs"][2], {"name": "typo", "stages": [{"method": "sft", "data": "demonstration", "overrides": {"trainer.max_stepz": 1}}]}]
+    grid["runs"] = [
+        GRID["runs"][2],
+        {"name": "typo", "stages": [{"method": "sft", "data": "demonstration", "overrides": {"trainer.max_stepz": 1}}]},
+    ]
     return grid
 
 
 @pytest.mark.integration
-def test_failed_runs_end_with_a_nonzero_status_and_keep_their_error_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_failed_runs_end_with_a_nonzero_status_and_keep_their_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """Issue 26, item 10: `ulma compare` exited 0 when runs failed, and a refused option was recorded
     as 12 lines of usage text without the parser's `unrecognized arguments` line."""
     from ulma_lightning.cli import main
@@ -475,16 +564,24 @@ def test_failed_runs_end_with_a_nonzero_status_and_keep_their_error_line(tmp_pat
     with pytest.raises(SystemExit) as stop:
         main(["compare", "--config", str(write_grid(tmp_path, _grid_of_failing_runs())), "--output", str(out)])
     assert stop.value.code == 1
-    assert "2 of 2 runs failed (broken/ordinary/seed0, typo/ordinary/seed0); their errors are in results.md" in capsys.readouterr().err
+    assert (
+        "2 of 2 runs failed (broken/ordinary/seed0, typo/ordinary/seed0); their errors are in results.md"
+        in capsys.readouterr().err
+    )
     markdown = (out / "results.md").read_text()
     assert markdown.startswith("# tiny: results\n")
     failed = markdown.split("## Failed runs", 1)[1].split("\n## ", 1)[0]
-    assert re.search(r"`typo/ordinary/seed0` failed:\s+RuntimeError: `ulma fit` refused its options: error: .*unrecognized arguments: --trainer\.max_stepz 1", failed), failed
+    assert re.search(
+        r"`typo/ordinary/seed0` failed:\s+RuntimeError: `ulma fit` refused its options: error: .*unrecognized arguments: --trainer\.max_stepz 1",
+        failed,
+    ), failed
     assert "usage:" not in failed and "[--trainer" not in failed
 
 
 @pytest.mark.integration
-def test_a_folder_compare_did_not_write_is_refused_unless_overwrite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_a_folder_compare_did_not_write_is_refused_unless_overwrite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """Issue 26, item 3: compare replaced a user's own results.md in an existing folder without a word."""
     monkeypatch.chdir(REPO)
     out = tmp_path / "mine"
@@ -495,7 +592,9 @@ def test_a_folder_compare_did_not_write_is_refused_unless_overwrite(tmp_path: Pa
         compare_main(["--config", str(grid), "--output", str(out)])
     assert stop.value.code == 2
     assert f"--output {out} is a folder that ulma compare did not write, and it is not empty" in capsys.readouterr().err
-    assert (out / "results.md").read_text() == "my own notes\n" and sorted(p.name for p in out.iterdir()) == ["results.md"]
+    assert (out / "results.md").read_text() == "my own notes\n" and sorted(p.name for p in out.iterdir()) == [
+        "results.md"
+    ]
     compare_main(["--config", str(grid), "--output", str(out), "--overwrite"])  # asked: written there
     assert (out / "results.md").read_text().startswith("# tiny: results")
     compare_main(["--config", str(grid), "--output", str(out)])  # now compare's own folder: resumed without asking
@@ -570,7 +669,9 @@ def test_a_killed_compare_leaves_no_subprocess_fit_running(tmp_path: Path) -> No
     script = tmp_path / "orphan_fit.py"
     script.write_text(ORPHAN_FIT_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "fit.log")], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "fit.log")], env=env, capture_output=True, text=True, timeout=120
+    )
     children = [int(pid) for pid in done.stdout.split()]
     assert children, done.stderr
     alive = []
@@ -588,7 +689,9 @@ def test_a_killed_compare_leaves_no_subprocess_fit_running(tmp_path: Path) -> No
 
 
 @pytest.mark.integration
-def test_jobs_run_instances_in_parallel_and_train_a_shared_stage_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_jobs_run_instances_in_parallel_and_train_a_shared_stage_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     grid = write_grid(tmp_path, {**GRID, "runs": GRID["runs"][:2], "jobs": 2})  # sft and sft_dpo share the SFT stage
     cwd = os.getcwd()
     os.chdir(REPO)
@@ -598,7 +701,13 @@ def test_jobs_run_instances_in_parallel_and_train_a_shared_stage_once(tmp_path: 
         os.chdir(cwd)
     assert "2 runs on 2 worker processes" in capsys.readouterr().out
     assert [r["status"] for r in results["runs"]] == ["ok", "ok"]
-    sft_keys = {r["stages"][0]["key"] for r in (json.loads((tmp_path / "out/runs" / name / "ordinary/seed0/result.json").read_text()) for name in ("sft", "sft_dpo"))}
+    sft_keys = {
+        r["stages"][0]["key"]
+        for r in (
+            json.loads((tmp_path / "out/runs" / name / "ordinary/seed0/result.json").read_text())
+            for name in ("sft", "sft_dpo")
+        )
+    }
     assert len(sft_keys) == 1
     # trained once, though both workers needed it: one fit wrote one TensorBoard event file (a second
     # fit, from another process, would add its own, named after its process id)

@@ -62,7 +62,9 @@ def test_verdict_rule(main, heldout, kind: str, expected: str) -> None:
     assert verdict(NO_EFFECT, make(heldout), kind, 0.02) == "not run"
 
 
-def write_set(root: Path, scores: dict[tuple[str, str], np.ndarray], ppl: dict[tuple[str, str], list[float]] | None = None) -> Path:
+def write_set(
+    root: Path, scores: dict[tuple[str, str], np.ndarray], ppl: dict[tuple[str, str], list[float]] | None = None
+) -> Path:
     """A results.json and per-run predictions.jsonl as ulma compare writes them."""
     runs = []
     for (run, variant), matrix in scores.items():
@@ -70,12 +72,26 @@ def write_set(root: Path, scores: dict[tuple[str, str], np.ndarray], ppl: dict[t
             run_id = f"{run}/{variant}/seed{seed}"
             folder = root / "runs" / run_id
             folder.mkdir(parents=True)
-            folder.joinpath("predictions.jsonl").write_text("".join(json.dumps({"prompt": "p", "response": "r", "score": float(s)}) + "\n" for s in row))
+            folder.joinpath("predictions.jsonl").write_text(
+                "".join(json.dumps({"prompt": "p", "response": "r", "score": float(s)}) + "\n" for s in row)
+            )
             metrics = {"score": float(np.mean(row))}
             if ppl and (run, variant) in ppl:
                 metrics["golden_ppl"] = ppl[(run, variant)][seed]
-            runs.append({"id": run_id, "run": run, "variant": variant, "seed": seed, "status": "ok", "metrics": metrics, "dir": str(folder)})
-    runs.append({"id": "kto/ordinary/seed0", "run": "kto", "variant": "ordinary", "seed": 0, "status": "failed", "metrics": {}})
+            runs.append(
+                {
+                    "id": run_id,
+                    "run": run,
+                    "variant": variant,
+                    "seed": seed,
+                    "status": "ok",
+                    "metrics": metrics,
+                    "dir": str(folder),
+                }
+            )
+    runs.append(
+        {"id": "kto/ordinary/seed0", "run": "kto", "variant": "ordinary", "seed": 0, "status": "failed", "metrics": {}}
+    )
     path = root / "results.json"
     path.write_text(json.dumps({"runs": runs, "command": "ulma compare --config experiments/paper.yaml"}))
     return path
@@ -102,18 +118,34 @@ def test_claims_pair_per_prompt_on_both_sets(tmp_path: Path, capsys) -> None:
         )
 
     main, held = one_set(tmp_path / "main", 0.0), one_set(tmp_path / "held", 0.2)
-    rows = {(c, v): (m, h, verdict) for c, v, m, h, verdict in claims.claims(claims.Results(main), claims.Results(held))}
-    assert rows[("ULMA beats sft", "ordinary")] == ("+0.100 [+0.100, +0.100]", "-0.100 [-0.100, -0.100]", "contradicted")
+    rows = {
+        (c, v): (m, h, verdict) for c, v, m, h, verdict in claims.claims(claims.Results(main), claims.Results(held))
+    }
+    assert rows[("ULMA beats sft", "ordinary")] == (
+        "+0.100 [+0.100, +0.100]",
+        "-0.100 [-0.100, -0.100]",
+        "contradicted",
+    )
     assert rows[("ULMA beats dpo", "ordinary")][2] == "supported"
     assert rows[(f"point-wise DPO is at least as good as DPO (margin {claims.MARGIN})", "ordinary")][2] == "supported"
     assert rows[("ULMA's golden perplexity is below point-wise DPO's (log-ratio)", "ordinary")][2] == "supported"
     assert ("ULMA beats kto", "ordinary") not in rows  # its only run failed: no row to compare
     # gains paired per prompt: ULMA +0.2 against DPO's +0.25; against SFT's +0.1 (main) and -0.1 (held-out)
-    assert rows[("ULMA gains more from golden data than dpo", "golden - ordinary")] == ("-0.050 [-0.050, -0.050]", "-0.050 [-0.050, -0.050]", "contradicted")
-    assert rows[("ULMA gains more from golden data than sft", "golden - ordinary")][:2] == ("+0.100 [+0.100, +0.100]", "+0.300 [+0.300, +0.300]")
+    assert rows[("ULMA gains more from golden data than dpo", "golden - ordinary")] == (
+        "-0.050 [-0.050, -0.050]",
+        "-0.050 [-0.050, -0.050]",
+        "contradicted",
+    )
+    assert rows[("ULMA gains more from golden data than sft", "golden - ordinary")][:2] == (
+        "+0.100 [+0.100, +0.100]",
+        "+0.300 [+0.300, +0.300]",
+    )
     claims.main([str(main)])
     out = capsys.readouterr().out
-    assert "no held-out set" in out and "| ULMA beats dpo | ordinary | +0.100 [+0.100, +0.100] | - | supported on the main set only" in out
+    assert (
+        "no held-out set" in out
+        and "| ULMA beats dpo | ordinary | +0.100 [+0.100, +0.100] | - | supported on the main set only" in out
+    )
 
 
 def test_rl_curves_reads_a_runs_last_rl_stage_and_plots(tmp_path: Path) -> None:

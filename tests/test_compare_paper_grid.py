@@ -24,11 +24,15 @@ def test_every_row_of_the_shipped_grid_trains_and_evaluates(tmp_path: Path) -> N
     # the shipped file, made small: 2 steps a stage, 1 seed, fewer prompts; nothing else changes
     grid["seeds"] = [0]
     grid["variants"] = {"ordinary": grid["variants"]["ordinary"]}  # golden: the same code, other task data
-    grid["overrides"].update({"trainer.max_steps": 2, "trainer.limit_val_batches": 1, "trainer.num_sanity_val_steps": 0})
+    grid["overrides"].update(
+        {"trainer.max_steps": 2, "trainer.limit_val_batches": 1, "trainer.num_sanity_val_steps": 0}
+    )
     for sources in grid["variants"].values():
         for kind, splits in sources.items():
             sources[kind] = {split: f"{source}&n=32" for split, source in splits.items()}
-    grid["base"].update(train=grid["base"]["train"].replace("n=4000", "n=32"), val=grid["base"]["val"].replace("n=200", "n=16"))
+    grid["base"].update(
+        train=grid["base"]["train"].replace("n=4000", "n=32"), val=grid["base"]["val"].replace("n=200", "n=16")
+    )
     grid["evaluation"].update({"max_prompts": 4, "generation": {"max_new_tokens": 8}, "kl_max_new_tokens": 8})
     path = tmp_path / "paper.yaml"
     path.write_text(yaml.safe_dump(grid, sort_keys=False))
@@ -40,18 +44,27 @@ def test_every_row_of_the_shipped_grid_trains_and_evaluates(tmp_path: Path) -> N
         os.chdir(cwd)
     failed = {r["id"]: r.get("error") for r in results["runs"] if r["status"] != "ok"}
     assert not failed, failed
-    expected = {f"{run['name']}/{variant}/seed0" for run in [{"name": "base"}, *grid["runs"]] for variant in grid["variants"]}
+    expected = {
+        f"{run['name']}/{variant}/seed0" for run in [{"name": "base"}, *grid["runs"]] for variant in grid["variants"]
+    }
     assert {r["id"] for r in results["runs"]} == expected
     # RLHF as the paper ran it, from the shared base: PPO from SFT(base) (also its reference), rewarded
     # by the reward model the row trained on the pairs from SFT(base) (never by the ground truth)
     result = json.loads((tmp_path / "out/runs/rlhf/ordinary/seed0/result.json").read_text())
     base, sft, reward, ppo = result["stages"]
     assert [s["method"] for s in result["stages"]] == ["sft", "sft", "reward", "ppo"]
-    assert base["shared"] and base["export"] in (tmp_path / "out/stages" / Path(sft["tensorboard"]).name / "command.txt").read_text()
-    reward_config = yaml.safe_load(next(Path(reward["tensorboard"]).rglob("config.yaml")).read_text())["model"]["init_args"]
+    assert (
+        base["shared"]
+        and base["export"] in (tmp_path / "out/stages" / Path(sft["tensorboard"]).name / "command.txt").read_text()
+    )
+    reward_config = yaml.safe_load(next(Path(reward["tensorboard"]).rglob("config.yaml")).read_text())["model"][
+        "init_args"
+    ]
     assert Path(reward_config["policy"]["model"]) == Path(sft["export"])
     assert 0.0 <= result["metrics"]["reward_accuracy"] <= 1.0  # reported beside the RLHF row
-    assert json.loads((Path(reward["export"]) / "config.json").read_text())["architectures"][0].endswith("ForSequenceClassification")
+    assert json.loads((Path(reward["export"]) / "config.json").read_text())["architectures"][0].endswith(
+        "ForSequenceClassification"
+    )
     module = yaml.safe_load(next(Path(ppo["tensorboard"]).rglob("config.yaml")).read_text())["model"]["init_args"]
     assert module["scorer"]["class_path"].endswith("HFClassifierScorer")
     assert Path(module["scorer"]["init_args"]["path"]) == Path(reward["export"])

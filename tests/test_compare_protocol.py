@@ -34,7 +34,12 @@ GRID: dict[str, Any] = {
         "trainer.enable_model_summary": False,
         "data.init_args.batch_size": 8,
     },
-    "base": {"method": "sft", "train": "task://base?n=24&seed={data_seed}", "val": "task://base?split=val&n=8&seed={data_seed}", "overrides": {LR: 0.002}},
+    "base": {
+        "method": "sft",
+        "train": "task://base?n=24&seed={data_seed}",
+        "val": "task://base?split=val&n=8&seed={data_seed}",
+        "overrides": {LR: 0.002},
+    },
     "variants": {
         "ordinary": {
             "demonstration": "task://demonstration?n=24&seed={data_seed}",
@@ -57,7 +62,10 @@ GRID: dict[str, Any] = {
     },
     "runs": [
         {"name": "sft", "stages": [{"method": "sft", "data": "demonstration"}]},
-        {"name": "sft_dpo", "stages": [{"method": "sft", "data": "demonstration"}, {"method": "dpo", "data": "pairwise"}]},
+        {
+            "name": "sft_dpo",
+            "stages": [{"method": "sft", "data": "demonstration"}, {"method": "dpo", "data": "pairwise"}],
+        },
         {"name": "ulma", "stages": [{"method": "ulma", "data": "binary"}]},
     ],
     "heldout": {"seeds": [3, 4], "data_seed": 1},
@@ -136,7 +144,10 @@ def test_the_heldout_set_takes_its_seeds_and_data_draw_everywhere(tmp_path: Path
         ({"heldout": {"seeds": [1], "draw": 2}}, "unknown key"),
         ({"tune": {**GRID["tune"], "extend_edges": -1}}, "extend_edges"),
         ({"tune": {**GRID["tune"], "methods": {"ulma": {BETA: []}}}}, "tune.methods.ulma"),
-        ({"runs": [*GRID["runs"], {"name": "base", "stages": [{"method": "sft", "data": "demonstration"}]}]}, "base stage's row"),
+        (
+            {"runs": [*GRID["runs"], {"name": "base", "stages": [{"method": "sft", "data": "demonstration"}]}]},
+            "base stage's row",
+        ),
     ],
 )
 def test_protocol_mistakes_are_named_before_training(tmp_path: Path, change: dict, message: str) -> None:
@@ -148,7 +159,12 @@ def test_the_reward_model_starts_from_the_sft_model_before_it(tmp_path: Path) ->
     grid = copy.deepcopy(GRID)
     ppo = {"method": "ppo", "data": "demonstration", "reward_arg": "model.init_args.scorer.init_args.path"}
     grid["evaluation"]["baseline"] = None
-    grid["runs"] = [{"name": "rlhf", "stages": [{"method": "sft", "data": "demonstration"}, {"method": "reward", "data": "pairwise"}, ppo]}]
+    grid["runs"] = [
+        {
+            "name": "rlhf",
+            "stages": [{"method": "sft", "data": "demonstration"}, {"method": "reward", "data": "pairwise"}, ppo],
+        }
+    ]
     plan = plan_grid(in_repo(load_grid, write(tmp_path, grid)))
     instance = next(i for i in plan.instances if i.run.name == "rlhf")
     _, sft, reward, rl = (plan.stages[k] for k in instance.stages)
@@ -160,7 +176,11 @@ def test_the_reward_model_starts_from_the_sft_model_before_it(tmp_path: Path) ->
 
 def fake_results(grid, score) -> dict[str, Any]:
     """What compare returns for a candidates grid, with ``score(run name, seed)`` as validation score."""
-    runs = [{"run": r.name, "seed": s, "status": "ok", "metrics": {"score": score(r.name, s)}} for r in grid.runs for s in grid.seeds]
+    runs = [
+        {"run": r.name, "seed": s, "status": "ok", "metrics": {"score": score(r.name, s)}}
+        for r in grid.runs
+        for s in grid.seeds
+    ]
     return {"runs": runs}
 
 
@@ -191,7 +211,12 @@ def test_chain_tuning_goes_by_depth_from_the_picks_and_extends_edge_picks(tmp_pa
     assert tuned["sft>dpo"] == {LR: 1.0e-3, BETA: 0.0125}
     assert "dpo" not in tuned  # no run ends with DPO from the base
     sft_log = [e for e in log if e["key"] == "sft"]
-    assert [e["extended"] for e in sft_log] == [True, True, False] and sft_log[-1]["values"][LR] == [1.0e-4, 1.0e-3, 1.0e-2, 1.0e-1]
+    assert [e["extended"] for e in sft_log] == [True, True, False] and sft_log[-1]["values"][LR] == [
+        1.0e-4,
+        1.0e-3,
+        1.0e-2,
+        1.0e-1,
+    ]
     # DPO after SFT is tuned after SFT, from SFT's pick, written into its SFT stage
     first_dpo = next(i for i, g in enumerate(seen) if any(r.name.startswith("sft-dpo") for r in g.runs))
     dpo_runs = [r for r in seen[first_dpo].runs if r.name.startswith("sft-dpo")]
@@ -202,7 +227,15 @@ def test_chain_tuning_goes_by_depth_from_the_picks_and_extends_edge_picks(tmp_pa
 
 @pytest.mark.parametrize(
     ("values", "at_start", "expected"),
-    [([1e-4, 1e-3], False, 1e-2), ([1e-4, 1e-3], True, 1e-5), ([0.05, 0.1, 0.5], False, 2.5), ([0.0, 0.1], True, None), ([1, 2], False, 4), (["a", "b"], False, None), ([0.1], False, None)],
+    [
+        ([1e-4, 1e-3], False, 1e-2),
+        ([1e-4, 1e-3], True, 1e-5),
+        ([0.05, 0.1, 0.5], False, 2.5),
+        ([0.0, 0.1], True, None),
+        ([1, 2], False, 4),
+        (["a", "b"], False, None),
+        ([0.1], False, None),
+    ],
 )
 def test_next_value_follows_the_grids_step(values, at_start, expected) -> None:
     assert next_value(values, at_start) == (pytest.approx(expected) if expected is not None else None)
@@ -217,14 +250,22 @@ def test_the_v2_grid_trains_base_rows_and_chains_end_to_end(tmp_path: Path, capf
     grid["runs"] = [GRID["runs"][1]]  # SFT then DPO: base -> SFT -> DPO
     grid["evaluation"]["baseline"] = "base"
     results = in_repo(compare_main, ["--config", str(write(tmp_path, grid)), "--output", str(tmp_path / "out")])
-    assert {r["id"]: r["status"] for r in results["runs"]} == {"base/ordinary/seed0": "ok", "sft_dpo/ordinary/seed0": "ok"}
+    assert {r["id"]: r["status"] for r in results["runs"]} == {
+        "base/ordinary/seed0": "ok",
+        "sft_dpo/ordinary/seed0": "ok",
+    }
     rows = results["tables"]["ordinary"]
     assert set(rows) == {"untrained", "base", "sft_dpo"}
     dpo = next(r for r in results["runs"] if r["run"] == "sft_dpo")
     assert [s["method"] for s in dpo["stages"]] == ["sft", "sft", "dpo"]
     assert [s["shared"] for s in dpo["stages"]] == [True, False, False]  # the base is shared with its own row
     said = capfd.readouterr()
-    for noise in ("Loading weights", "Writing model shards", "GPU available", "Seed set to"):  # progress bars off: quiet children
+    for noise in (
+        "Loading weights",
+        "Writing model shards",
+        "GPU available",
+        "Seed set to",
+    ):  # progress bars off: quiet children
         assert noise not in said.out + said.err
     assert "[ulma compare] base/ordinary/seed0 done" in said.out
     assert logging.getLogger("lightning.pytorch").level == level  # put back for what runs next in this process
@@ -246,7 +287,17 @@ def test_error_bars_stay_inside_the_metrics_bounds() -> None:
 def plot_results() -> dict[str, Any]:
     metrics = {"score": stats(0.6, 0.3), "golden_ppl": stats(3.0e5, 6.0e5), "kl": stats(1.0, 0.1)}
     rows = {"sft": {"label": "SFT", "seeds": 3, "failed": 0, "pending": 0, "metrics": metrics}}
-    runs = [{"status": "ok", "run": "sft", "label": "SFT", "variant": "ordinary", "seed": s, "metrics": {"score": 0.5 + s / 10, "kl": 1.0 + s}} for s in range(3)]
+    runs = [
+        {
+            "status": "ok",
+            "run": "sft",
+            "label": "SFT",
+            "variant": "ordinary",
+            "seed": s,
+            "metrics": {"score": 0.5 + s / 10, "kl": 1.0 + s},
+        }
+        for s in range(3)
+    ]
     return {"tables": {"ordinary": rows}, "runs": runs, "evaluation": {"baseline": None}}
 
 
@@ -272,7 +323,17 @@ def test_the_frontier_gives_every_row_its_own_colour_and_spreads_small_and_large
     symlog: KL near 0 for fine-tuned rows and 150 nats for the base must both stay readable."""
     from ulma_lightning.compare.plots import frontier_figure
 
-    runs = [{"status": "ok", "run": f"r{i}", "label": f"R{i}", "variant": "ordinary", "seed": 0, "metrics": {"score": 0.5, "kl": 0.1 * i if i else 150.0}} for i in range(15)]
+    runs = [
+        {
+            "status": "ok",
+            "run": f"r{i}",
+            "label": f"R{i}",
+            "variant": "ordinary",
+            "seed": 0,
+            "metrics": {"score": 0.5, "kl": 0.1 * i if i else 150.0},
+        }
+        for i in range(15)
+    ]
     fig = frontier_figure({"tables": {"ordinary": {}}, "runs": runs, "evaluation": {"baseline": None}})
     ax = fig.axes[0]
     colours = {tuple(c.get_facecolor()[0]) for c in ax.collections}
@@ -284,7 +345,13 @@ def test_bold_marks_a_best_only_among_finished_rows() -> None:
     from ulma_lightning.compare.report import table
 
     rows = {
-        "a": {"label": "A", "seeds": 1, "failed": 0, "pending": 2, "metrics": {"score": stats(0.9, 0.0, 1)}},  # 2 seeds still to run
+        "a": {
+            "label": "A",
+            "seeds": 1,
+            "failed": 0,
+            "pending": 2,
+            "metrics": {"score": stats(0.9, 0.0, 1)},
+        },  # 2 seeds still to run
         "b": {"label": "B", "seeds": 3, "failed": 0, "pending": 0, "metrics": {"score": stats(0.7, 0.0)}},
         "c": {"label": "C", "seeds": 3, "failed": 0, "pending": 0, "metrics": {"score": stats(0.5, 0.0)}},
     }

@@ -25,7 +25,15 @@ def stand_in(folder: Path) -> Path:
     from ulma_lightning.export import export_hf
     from ulma_lightning.policy import Policy, PolicyConfig
 
-    config = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256}
+    config = {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 256,
+    }
     policy = Policy(PolicyConfig(model_config=config, tokenizer="builtin:task", reference="none"))
     policy.build()
     export_hf(policy.model, policy.tokenizer, folder)
@@ -37,7 +45,9 @@ def test_the_smollm2_grid_starts_every_row_from_the_model_and_runs(tmp_path: Pat
     model = stand_in(tmp_path / "smollm2")
     grid = yaml.safe_load(GRID_FILE.read_text().replace(MODEL, str(model)))
     grid["seeds"] = [0]
-    grid["overrides"].update({"trainer.max_steps": 2, "trainer.limit_val_batches": 1, "trainer.num_sanity_val_steps": 0})
+    grid["overrides"].update(
+        {"trainer.max_steps": 2, "trainer.limit_val_batches": 1, "trainer.num_sanity_val_steps": 0}
+    )
     grid["evaluation"].update({"max_prompts": 4, "generation": {"max_new_tokens": 6}, "kl_max_new_tokens": 6})
     grid["runs"] = [r for r in grid["runs"] if r["name"] in ("sft", "sft_dpo", "ulma")]
     grid["variants"] = {"ordinary": grid["variants"]["ordinary"]}
@@ -50,7 +60,9 @@ def test_the_smollm2_grid_starts_every_row_from_the_model_and_runs(tmp_path: Pat
         results = compare_main(["--config", str(path), "--output", str(tmp_path / "out")])
     finally:
         os.chdir(cwd)
-    assert all(plan.stages[i.stages[0]].policy_from is None for i in plan.instances)  # no base stage: the model is the base
+    assert all(
+        plan.stages[i.stages[0]].policy_from is None for i in plan.instances
+    )  # no base stage: the model is the base
     first = {plan.stages[i.stages[0]].key: plan.stages[i.stages[0]].base_args for i in plan.instances}
     assert all(args[args.index("--model.init_args.policy.model") + 1] == str(model) for args in first.values())
     failed = {r["id"]: r.get("error") for r in results["runs"] if r["status"] != "ok"}
@@ -58,7 +70,9 @@ def test_the_smollm2_grid_starts_every_row_from_the_model_and_runs(tmp_path: Pat
     start = results["tables"]["ordinary"]["untrained"]
     assert start["label"] == "start (smollm2)"  # the pretrained model, not an untrained one
     ulma = next(r for r in results["runs"] if r["run"] == "ulma")
-    config = yaml.safe_load(next(Path(ulma["stages"][0]["tensorboard"]).rglob("config.yaml")).read_text())["model"]["init_args"]["policy"]
+    config = yaml.safe_load(next(Path(ulma["stages"][0]["tensorboard"]).rglob("config.yaml")).read_text())["model"][
+        "init_args"
+    ]["policy"]
     assert Path(config["model"]) == model and config["model_config"] is None
 
 

@@ -36,7 +36,12 @@ def private_uses() -> set[str]:
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 own.add(node.name)
-            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) or isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            elif (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.ctx, ast.Store)
+                or isinstance(node, ast.Name)
+                and isinstance(node.ctx, ast.Store)
+            ):
                 own.add(node.attr if isinstance(node, ast.Attribute) else node.id)
             elif isinstance(node, ast.alias):
                 own.add((node.asname or node.name).split(".")[0])
@@ -48,16 +53,34 @@ def private_uses() -> set[str]:
         where = str(path.relative_to(PACKAGE.parent))
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and not node.module.startswith("ulma_lightning"):
-                if any(part.startswith("_") and not part.startswith("__") for part in node.module.split(".")) or any(a.name.startswith("_") and not a.name.startswith("__") for a in node.names):
+                if any(part.startswith("_") and not part.startswith("__") for part in node.module.split(".")) or any(
+                    a.name.startswith("_") and not a.name.startswith("__") for a in node.names
+                ):
                     found.add(f"{where}: from {node.module} import {', '.join(a.name for a in node.names)}")
             elif isinstance(node, ast.Import):
-                found |= {f"{where}: import {a.name}" for a in node.names if not a.name.startswith("ulma_lightning") and any(p.startswith("_") and not p.startswith("__") for p in a.name.split("."))}
+                found |= {
+                    f"{where}: import {a.name}"
+                    for a in node.names
+                    if not a.name.startswith("ulma_lightning")
+                    and any(p.startswith("_") and not p.startswith("__") for p in a.name.split("."))
+                }
             elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
                 if node.attr not in own and node.attr not in hooks and ast.unparse(node.value) not in ("os", "sys"):
                     found.add(f"{where}: {ast.unparse(node)}")
-            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr", "setattr") and len(node.args) > 1:
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "hasattr", "setattr")
+                and len(node.args) > 1
+            ):
                 name = node.args[1]
-                if isinstance(name, ast.Constant) and isinstance(name.value, str) and name.value.startswith("_") and not name.value.startswith("__") and name.value not in own:
+                if (
+                    isinstance(name, ast.Constant)
+                    and isinstance(name.value, str)
+                    and name.value.startswith("_")
+                    and not name.value.startswith("__")
+                    and name.value not in own
+                ):
                     found.add(f"{where}: {ast.unparse(node)}")
     return found
 
@@ -76,7 +99,11 @@ def test_the_private_methods_overridden_are_the_listed_ones_and_still_exist() ->
             if not inspect.isclass(cls) or cls.__module__ != module.__name__:
                 continue
             for name in vars(cls):
-                if name.startswith("_") and not name.startswith("__") and name not in ("_abc_impl", "_is_protocol", "_backward_cls"):
+                if (
+                    name.startswith("_")
+                    and not name.startswith("__")
+                    and name not in ("_abc_impl", "_is_protocol", "_backward_cls")
+                ):
                     for base in cls.__mro__[1:]:
                         if not base.__module__.startswith("ulma_lightning") and name in vars(base):
                             overridden.add((base, name))
@@ -92,7 +119,9 @@ def test_the_private_methods_overridden_are_the_listed_ones_and_still_exist() ->
 @pytest.mark.parametrize("library", sorted(_compat.CHECKED))
 def test_installed_versions_are_the_checked_ones(library: str) -> None:
     installed = ".".join(version(library).split(".")[:2])
-    assert installed == _compat.CHECKED[library], f"{library} {installed} is installed; _compat.py was checked against {_compat.CHECKED[library]}: re-check it, then update CHECKED"
+    assert installed == _compat.CHECKED[library], (
+        f"{library} {installed} is installed; _compat.py was checked against {_compat.CHECKED[library]}: re-check it, then update CHECKED"
+    )
 
 
 # ----------------------------------------------------------------------------- Lightning 2.6
@@ -188,7 +217,9 @@ def test_jsonargparse_4_53_class_path_change_drops_init_args_and_on_class_path_c
     with _compat.on_class_path_change(lambda *change: seen.append(change)):
         assert _switch_box_to_shape().as_dict() == {"class_path": f"{__name__}.Shape", "init_args": {"size": 1}}
     # the options given before the switch, and what is left after it (the first call, Shape -> Box, drops nothing)
-    assert [change for change in seen if change[2] != change[3]] == [(f"{__name__}.Box", f"{__name__}.Shape", {"depth": 5}, {})]
+    assert [change for change in seen if change[2] != change[3]] == [
+        (f"{__name__}.Box", f"{__name__}.Shape", {"depth": 5}, {})
+    ]
     assert _typehints.discard_init_args_on_class_path_change is original
 
     def refuse(old: str, new: str, before: dict[str, Any], after: dict[str, Any]) -> None:

@@ -47,7 +47,9 @@ def _policy(compile: object = False, **options: object) -> Policy:
     return policy
 
 
-def _loss_and_grads(policy: Policy, batch: dict, reference: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _loss_and_grads(
+    policy: Policy, batch: dict, reference: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     policy.model.zero_grad()
     out = ulma_loss(policy.logps(batch, average=True), reference, batch["score"])
     out.loss.backward()
@@ -82,7 +84,9 @@ def test_lora_with_adapter_reference_equals_eager(demo_tokenizer) -> None:
     assert compiled.model.state_dict().keys() == eager.model.state_dict().keys()
     batch = make_pointwise_batch(demo_tokenizer, [0.0, 0.0, 1.0])
     _assert_same(eager, compiled, batch, atol=1e-6)
-    torch.testing.assert_close(compiled.reference_logps(batch, average=True), eager.reference_logps(batch, average=True))
+    torch.testing.assert_close(
+        compiled.reference_logps(batch, average=True), eager.reference_logps(batch, average=True)
+    )
 
 
 def test_new_lengths_do_not_recompile_and_generation_runs_eager(demo_tokenizer) -> None:
@@ -98,13 +102,18 @@ def test_new_lengths_do_not_recompile_and_generation_runs_eager(demo_tokenizer) 
     assert 1 <= graphs <= 2  # static, then once dynamic; not one per length
     prompts = demo_tokenizer(["\n\nHuman: hi\n\nAssistant: "] * 2, return_tensors="pt")
     config = GenerationConfig(max_new_tokens=5, do_sample=False)
-    ids = [generate_ids(p.model, demo_tokenizer, prompts["input_ids"], prompts["attention_mask"], config) for p in (eager, compiled)]
+    ids = [
+        generate_ids(p.model, demo_tokenizer, prompts["input_ids"], prompts["attention_mask"], config)
+        for p in (eager, compiled)
+    ]
     assert torch.equal(ids[0], ids[1])
     assert counters["stats"]["unique_graphs"] == graphs  # generation compiled nothing
 
 
 def test_bad_compile_options_are_named() -> None:
-    with pytest.raises(ValueError, match=r"policy.compile: unknown key 'mod'.*allowed keys: backend, dynamic, fullgraph, mode"):
+    with pytest.raises(
+        ValueError, match=r"policy.compile: unknown key 'mod'.*allowed keys: backend, dynamic, fullgraph, mode"
+    ):
         PolicyConfig(model_config=TINY_LLAMA, compile={"mod": "default"})
     with pytest.raises(ValueError, match=r"policy.compile.dynamic must be null .*got 'yes'"):
         PolicyConfig(model_config=TINY_LLAMA, compile={"dynamic": "yes"})
@@ -140,15 +149,28 @@ def test_fit_resume_and_export_with_compile_keep_eager_keys(tmp_path: Path) -> N
     from ulma_lightning.export_cli import main as export
 
     _fit(tmp_path / "eager", "--trainer.max_steps", "2")
-    compiled = _fit(tmp_path / "compiled", "--trainer.max_steps", "2", "--model.init_args.policy.compile", json.dumps(AOT))
+    compiled = _fit(
+        tmp_path / "compiled", "--trainer.max_steps", "2", "--model.init_args.policy.compile", json.dumps(AOT)
+    )
     assert is_compiled(compiled.model.policy.model) and is_compiled(compiled.model.policy.reference_model)
     assert counters["stats"]["unique_graphs"] >= 1
-    ckpts = [root / "ulma" / "version_0" / "checkpoints" / "last.ckpt" for root in (tmp_path / "eager", tmp_path / "compiled")]
+    ckpts = [
+        root / "ulma" / "version_0" / "checkpoints" / "last.ckpt"
+        for root in (tmp_path / "eager", tmp_path / "compiled")
+    ]
     states = [torch.load(c, map_location="cpu", weights_only=False)["state_dict"] for c in ckpts]
     assert states[1].keys() == states[0].keys() and not any("_orig_mod" in k for k in states[1])
     for name, value in states[0].items():
         torch.testing.assert_close(states[1][name], value, atol=1e-5, rtol=1e-4, msg=name)
-    resumed = _fit(tmp_path / "compiled", "--trainer.max_steps", "3", "--ckpt_path", "last", "--model.init_args.policy.compile", json.dumps(AOT))
+    resumed = _fit(
+        tmp_path / "compiled",
+        "--trainer.max_steps",
+        "3",
+        "--ckpt_path",
+        "last",
+        "--model.init_args.policy.compile",
+        json.dumps(AOT),
+    )
     assert resumed.trainer.global_step == 3
     assert counters["stats"]["unique_graphs"] < 8  # a few variants (train, eval, reference), not one per batch
     out = export(["--ckpt", str(ckpts[1]), "--out", str(tmp_path / "hf")])
@@ -167,10 +189,22 @@ def _run_group(folder: Path, runs: list[dict]) -> None:
     base.update(PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     procs, logs = [], [folder / f"rank{r}.log" for r in (0, 1)]
     for rank, log in enumerate(logs):
-        env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank), "NODE_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        env = {
+            **base,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "NODE_RANK": "0",
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
         with open(log, "w") as handle:
             cmd = [sys.executable, str(REPO / "tests" / "dist_runner.py"), str(folder / "runs.json")]
-            procs.append(subprocess.Popen(cmd, env=env, cwd=folder, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    cmd, env=env, cwd=folder, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
     try:
         for proc in procs:
             proc.wait(timeout=600)

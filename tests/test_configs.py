@@ -56,7 +56,9 @@ def unset_defaults(defaults: dict[str, Any], own: dict[str, Any]) -> dict[str, A
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_a_shipped_config_resolves_to_the_shared_defaults_and_to_its_own_values(config: str, capsys: pytest.CaptureFixture) -> None:
+def test_a_shipped_config_resolves_to_the_shared_defaults_and_to_its_own_values(
+    config: str, capsys: pytest.CaptureFixture
+) -> None:
     own = yaml.safe_load((REPO / config).read_text())
     appended = own.get("trainer", {}).pop("callbacks+", None)
     got = resolved(capsys, config)
@@ -70,14 +72,20 @@ def test_a_shipped_config_resolves_to_the_shared_defaults_and_to_its_own_values(
     assert got["model"]["init_args"]["policy"]["model_config"]["hidden_size"] == 96  # the tiny model, from the defaults
 
 
-def test_one_edit_of_the_defaults_file_changes_every_config(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_edit_of_the_defaults_file_changes_every_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     edited = yaml.safe_load(lightning_cli.DEFAULTS_FILE.read_text())
     edited["trainer"]["precision"] = "bf16-mixed"
     edited["trainer"]["callbacks"][0]["init_args"]["save_top_k"] = 3
     edited["model"]["init_args"]["policy"]["model_config"]["hidden_size"] = 48
     path = tmp_path / "defaults.yaml"
     path.write_text(yaml.safe_dump(edited))
-    monkeypatch.setitem(lightning_cli.CLI_DEFAULTS, "parser_kwargs", {command: {"default_config_files": [str(path)]} for command in ("fit", "validate", "test", "predict")})
+    monkeypatch.setitem(
+        lightning_cli.CLI_DEFAULTS,
+        "parser_kwargs",
+        {command: {"default_config_files": [str(path)]} for command in ("fit", "validate", "test", "predict")},
+    )
     for config in ("configs/sft.yaml", "configs/ulma.yaml", "configs/dpo.yaml"):
         got = resolved(capsys, config)
         assert got["trainer"]["precision"] == "bf16-mixed", config
@@ -104,5 +112,14 @@ def test_the_compare_runner_takes_a_configs_model_config_whole(tmp_path: Path) -
     from ulma_lightning.compare.stages import _config
 
     config = tmp_path / "gpt2.yaml"
-    config.write_text(yaml.safe_dump({"model": {"class_path": "ulma_lightning.SFTModule", "init_args": {"policy": {"model_config": {"model_type": "gpt2", "n_layer": 2}}}}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "class_path": "ulma_lightning.SFTModule",
+                    "init_args": {"policy": {"model_config": {"model_type": "gpt2", "n_layer": 2}}},
+                }
+            }
+        )
+    )
     assert _config(config)["model"]["init_args"]["policy"]["model_config"] == {"model_type": "gpt2", "n_layer": 2}

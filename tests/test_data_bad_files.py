@@ -19,7 +19,10 @@ from ulma_lightning import DataError, PointwiseDataModule
 from ulma_lightning.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-RECORDS = [{"prompt": f"How do I make tea, take {i}?", "response": "Boil water and pour it over the leaves.", "score": i % 2} for i in range(3)]
+RECORDS = [
+    {"prompt": f"How do I make tea, take {i}?", "response": "Boil water and pour it over the leaves.", "score": i % 2}
+    for i in range(3)
+]
 BAD = {"prompt": "Un caf\u00e9?", "response": "Oui.", "score": 1}
 
 
@@ -83,25 +86,35 @@ def test_an_empty_train_file_names_the_file_and_the_train_split(tmp_path: Path, 
     path = write(tmp_path / f"empty.{fmt}", b"")
     with pytest.raises(DataError) as info:  # configs/ulma.yaml holds out val_fraction: 0.1 of train
         main(fit_overrides(tmp_path, path))
-    assert str(info.value).startswith(f"{path}: the train split has no usable samples: it holds no records"), str(info.value)
+    assert str(info.value).startswith(f"{path}: the train split has no usable samples: it holds no records"), str(
+        info.value
+    )
 
 
 @pytest.mark.integration
 def test_the_ulma_command_reports_an_empty_train_file(tmp_path: Path) -> None:
     path = write(tmp_path / "empty.jsonl", b"")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p), "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p),
+        "HF_HUB_OFFLINE": "1",
+    }
     result = subprocess.run(
         [sys.executable, "-m", "ulma_lightning.cli", *fit_overrides(tmp_path, path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"ulma_lightning.data.errors.DataError: {path}: the train split has no usable samples"), result.stderr[-2000:]
+    assert last.startswith(f"ulma_lightning.data.errors.DataError: {path}: the train split has no usable samples"), (
+        result.stderr[-2000:]
+    )
 
 
 def test_a_split_whose_records_are_all_held_out_is_named(tmp_path: Path) -> None:
     path = write(tmp_path / "one.jsonl", encode("jsonl", RECORDS[:1]))
-    with pytest.raises(DataError, match=rf"^{path}: the train split has no usable samples: val_fraction=0.5 holds out all 1"):
+    with pytest.raises(
+        DataError, match=rf"^{path}: the train split has no usable samples: val_fraction=0.5 holds out all 1"
+    ):
         PointwiseDataModule(train=str(path), val_fraction=0.5).setup("fit")
 
 
@@ -127,7 +140,9 @@ def test_a_byte_order_mark_is_read_as_utf8_sig(tmp_path: Path, fmt: str) -> None
 
 
 def test_a_truncated_gz_names_the_file_and_the_last_good_line(tmp_path: Path) -> None:
-    records = [{**RECORDS[0], "prompt": f"question {i} of many, all different: {i * 7919 % 10007}"} for i in range(3000)]
+    records = [
+        {**RECORDS[0], "prompt": f"question {i} of many, all different: {i * 7919 % 10007}"} for i in range(3000)
+    ]
     whole = gzip.compress(encode("jsonl", records))
     path = tmp_path / "cut.jsonl.gz"
     path.write_bytes(whole[: len(whole) // 2])
@@ -154,7 +169,10 @@ def test_a_record_over_max_record_chars_names_file_and_line_and_can_be_allowed(t
     with pytest.raises(DataError) as info:
         PointwiseDataModule(train=str(path)).setup("fit")  # the default limit: 1,000,000 characters
     message = str(info.value)
-    assert message.startswith(f"{path}:2: the record is a line of 1,200,0") and "over max_record_chars (1,000,000 characters)" in message
+    assert (
+        message.startswith(f"{path}:2: the record is a line of 1,200,0")
+        and "over max_record_chars (1,000,000 characters)" in message
+    )
     assert "raise data.init_args.max_record_chars (null: no limit)" in message
     skipping = PointwiseDataModule(train=str(path), on_bad_record="skip")
     skipping.setup("fit")
@@ -198,13 +216,20 @@ def test_a_huge_jsonl_line_is_never_held_whole(tmp_path: Path) -> None:
 @pytest.mark.parametrize("debug", [False, True])
 def test_the_ulma_command_prints_a_bad_record_as_one_line_unless_debugging(tmp_path: Path, debug: bool) -> None:
     path = write(tmp_path / "bad.jsonl", encode("jsonl", RECORDS[:1]) + b'{"prompt": "no response here", "score": 1}\n')
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p), "HF_HUB_OFFLINE": "1", "ULMA_DEBUG": "1" if debug else ""}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p),
+        "HF_HUB_OFFLINE": "1",
+        "ULMA_DEBUG": "1" if debug else "",
+    }
     result = subprocess.run(
         [sys.executable, "-m", "ulma_lightning.cli", *fit_overrides(tmp_path, path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"ulma_lightning.data.errors.DataError: {path}:2: field 'response': missing"), result.stderr[-2000:]
+    assert last.startswith(f"ulma_lightning.data.errors.DataError: {path}:2: field 'response': missing"), result.stderr[
+        -2000:
+    ]
     if debug:
         assert result.returncode == 1 and "Traceback (most recent call last)" in result.stderr
     else:
@@ -213,8 +238,33 @@ def test_the_ulma_command_prints_a_bad_record_as_one_line_unless_debugging(tmp_p
 
 
 def test_the_ulma_command_prints_a_refused_option_as_one_line(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p), "HF_HUB_OFFLINE": "1"}
-    args = ["fit", "--config", str(REPO / "configs" / "ulma.yaml"), "--trainer.default_root_dir", str(tmp_path), "--model.init_args.beta", "-1"]
-    result = subprocess.run([sys.executable, "-m", "ulma_lightning.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p),
+        "HF_HUB_OFFLINE": "1",
+    }
+    args = [
+        "fit",
+        "--config",
+        str(REPO / "configs" / "ulma.yaml"),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--model.init_args.beta",
+        "-1",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "ulma_lightning.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines()[-1].startswith("ulma_lightning.lightning_cli.ConfigError: ULMAModule: beta must be > 0, got -1.0 (option model.init_args.beta;")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "ulma_lightning.lightning_cli.ConfigError: ULMAModule: beta must be > 0, got -1.0 (option model.init_args.beta;"
+        )
+    )

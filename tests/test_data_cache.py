@@ -32,7 +32,14 @@ HH = "\n\nHuman: {q}\n\nAssistant: {a}"
 def write_feedback(path: Path, records: list[dict] | None = None) -> Path:
     """A small point-wise .jsonl.gz file; record 3 is bad (no response), to be skipped and counted."""
     if records is None:
-        records = [{"prompt": f"How do I bake bread number {i}?", "response": f"mix flour and water {i} times, then bake.", "score": float(i % 2)} for i in range(12)]
+        records = [
+            {
+                "prompt": f"How do I bake bread number {i}?",
+                "response": f"mix flour and water {i} times, then bake.",
+                "score": float(i % 2),
+            }
+            for i in range(12)
+        ]
         records[3] = {"prompt": "a prompt without a response", "score": 1.0}
     with gzip.open(path, "wt") as handle:
         handle.writelines(json.dumps(r) + "\n" for r in records)
@@ -51,7 +58,11 @@ def same_items(a: list[dict], b: list[dict]) -> None:
         assert list(x) == list(y)
         for name in x:
             if isinstance(x[name], np.ndarray):
-                assert isinstance(y[name], np.ndarray) and x[name].dtype == y[name].dtype and np.array_equal(x[name], y[name]), name
+                assert (
+                    isinstance(y[name], np.ndarray)
+                    and x[name].dtype == y[name].dtype
+                    and np.array_equal(x[name], y[name])
+                ), name
             else:
                 assert type(x[name]) is type(y[name]) and x[name] == y[name], name
 
@@ -71,11 +82,17 @@ def same_setup(fresh, cached, splits: tuple[str, ...]) -> None:
     [
         (PointwiseDataModule, "demo://binary?n=40", {"val_fraction": 0.2, "max_length": 24}),  # held out, truncated
         (PairwiseDataModule, "demo://pairwise?n=20", {"val": "demo://pairwise?n=8&split=test"}),
-        (DemonstrationDataModule, "demo://binary?n=30", {"min_score": 1.0, "val_fraction": 0.2}),  # below min_score: counted skips
+        (
+            DemonstrationDataModule,
+            "demo://binary?n=30",
+            {"min_score": 1.0, "val_fraction": 0.2},
+        ),  # below min_score: counted skips
         (PromptDataModule, "demo://demonstration?n=20", {"val_fraction": 0.2}),
     ],
 )
-def test_second_setup_loads_the_same_features_counts_and_logs_from_the_cache(cls, source, extra, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_second_setup_loads_the_same_features_counts_and_logs_from_the_cache(
+    cls, source, extra, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     options = {"train": source, **extra}
     plain = setup(cls, **options)  # no cache: the reference
     caplog.set_level(logging.INFO, logger="ulma_lightning")
@@ -87,7 +104,10 @@ def test_second_setup_loads_the_same_features_counts_and_logs_from_the_cache(cls
     loaded = setup(cls, **options, cache_dir=str(tmp_path / "cache"))
     again = [r.getMessage() for r in caplog.records if "cache" not in r.getMessage()]
     n_train, n_val = len(plain.datasets["train"]), len(plain.datasets["val"])
-    assert f"features: loaded {n_val} val / {n_train} train from cache" in caplog.text or f"features: loaded {n_train} train / {n_val} val from cache" in caplog.text
+    assert (
+        f"features: loaded {n_val} val / {n_train} train from cache" in caplog.text
+        or f"features: loaded {n_train} train / {n_val} val from cache" in caplog.text
+    )
     same_setup(plain, loaded, ("train", "val"))
     same_setup(plain, built, ("train", "val"))
     assert again == first  # every line the build logged (formats, truncation, skips, sizes) is logged again
@@ -95,7 +115,9 @@ def test_second_setup_loads_the_same_features_counts_and_logs_from_the_cache(cls
         assert loaded.skipped["train"].total > 0  # the records left out by min_score are still reported
 
 
-def test_skipped_records_are_counted_and_logged_from_the_cache(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_skipped_records_are_counted_and_logged_from_the_cache(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     data = write_feedback(tmp_path / "feedback.jsonl.gz")
     options = {"train": str(data), "on_bad_record": "skip", "cache_dir": str(tmp_path / "cache")}
     setup(**options)
@@ -148,7 +170,15 @@ CHANGES = {
 
 @pytest.mark.parametrize("change", sorted(CHANGES))
 def test_a_changed_option_builds_afresh(change: str, tmp_path: Path) -> None:
-    records = [{"prompt": f"Q{i}: how do I plant tomatoes in a sunny spot of the garden?", "response": f"dig a deep hole {i}", "answer": f"water it {i}", "score": float(i % 2)} for i in range(10)]
+    records = [
+        {
+            "prompt": f"Q{i}: how do I plant tomatoes in a sunny spot of the garden?",
+            "response": f"dig a deep hole {i}",
+            "answer": f"water it {i}",
+            "score": float(i % 2),
+        }
+        for i in range(10)
+    ]
     data = write_feedback(tmp_path / "data.jsonl.gz", records)
     base = {"train": str(data), "cache_dir": str(tmp_path / "cache")}
     first = setup(**base)
@@ -168,18 +198,24 @@ def test_a_changed_option_builds_afresh(change: str, tmp_path: Path) -> None:
 
 def test_a_changed_file_builds_afresh_even_with_the_same_size_and_mtime(tmp_path: Path) -> None:
     data = tmp_path / "data.jsonl"
-    data.write_text(json.dumps({"prompt": "How do I bake bread?", "response": "mix flour and water", "score": 1.0}) + "\n")
+    data.write_text(
+        json.dumps({"prompt": "How do I bake bread?", "response": "mix flour and water", "score": 1.0}) + "\n"
+    )
     options = {"train": str(data), "cache_dir": str(tmp_path / "cache")}
     first = setup(**options)
     stat = data.stat()
-    data.write_text(json.dumps({"prompt": "How do I bake bread?", "response": "mix FLOUR and water", "score": 1.0}) + "\n")
+    data.write_text(
+        json.dumps({"prompt": "How do I bake bread?", "response": "mix FLOUR and water", "score": 1.0}) + "\n"
+    )
     os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert data.stat().st_size == stat.st_size and data.stat().st_mtime_ns == stat.st_mtime_ns
     second = PointwiseDataModule(tokenizer="builtin:demo", max_length=64, **options)
     second._setup("fit")
     assert second.cache_used["loaded"] == {}
     assert second.examples["train"][0].response == "mix FLOUR and water"
-    assert not np.array_equal(first.datasets["train"].items[0]["input_ids"], second.datasets["train"].items[0]["input_ids"])
+    assert not np.array_equal(
+        first.datasets["train"].items[0]["input_ids"], second.datasets["train"].items[0]["input_ids"]
+    )
 
 
 def test_a_changed_builtin_source_seed_builds_afresh(tmp_path: Path) -> None:
@@ -191,7 +227,9 @@ def test_a_changed_builtin_source_seed_builds_afresh(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped byte", "empty", "not ours"])
-def test_a_damaged_cache_file_is_rebuilt_with_a_warning(damage: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_damaged_cache_file_is_rebuilt_with_a_warning(
+    damage: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cache = tmp_path / "cache"
     options = {"train": "demo://binary?n=20", "cache_dir": str(cache)}
     fresh = setup(**options)
@@ -262,11 +300,15 @@ def test_a_tokenizer_folder_rewritten_in_place_builds_afresh(tmp_path: Path) -> 
     second = PointwiseDataModule(train="demo://binary?n=10", tokenizer=str(folder), max_length=64, cache_dir=cache)
     second._setup("fit")
     assert second.cache_used["loaded"] == {} and second.cache_used["saved"] == {"train": 10}
-    assert not np.array_equal(first.datasets["train"].items[0]["input_ids"], second.datasets["train"].items[0]["input_ids"])
+    assert not np.array_equal(
+        first.datasets["train"].items[0]["input_ids"], second.datasets["train"].items[0]["input_ids"]
+    )
 
 
 @pytest.mark.parametrize("failure", ["full disk", "read-only folder"])
-def test_a_cache_that_cannot_be_written_warns_and_the_setup_goes_on(failure: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_cache_that_cannot_be_written_warns_and_the_setup_goes_on(
+    failure: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """Issue 26, item 8: a failed cache write stopped the fit with a raw OSError naming no option."""
     import errno
 
@@ -279,8 +321,13 @@ def test_a_cache_that_cannot_be_written_warns_and_the_setup_goes_on(failure: str
     fresh = setup(train=str(source), val=str(source), on_bad_record="skip")
     with caplog.at_level(logging.WARNING, logger="ulma_lightning.data"):
         dm = setup(train=str(source), val=str(source), on_bad_record="skip", cache_dir=str(tmp_path / "cache"))
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "features cache" in r.getMessage()]
+    warnings = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "features cache" in r.getMessage()
+    ]
     assert len(warnings) == 1, warnings  # once, not per split
-    assert f"cannot write to data.init_args.cache_dir {tmp_path / 'cache'}" in warnings[0] and os.strerror(errno.ENOSPC if failure == "full disk" else errno.EROFS) in warnings[0]
+    assert (
+        f"cannot write to data.init_args.cache_dir {tmp_path / 'cache'}" in warnings[0]
+        and os.strerror(errno.ENOSPC if failure == "full disk" else errno.EROFS) in warnings[0]
+    )
     same_setup(fresh, dm, ("train", "val"))
     assert dm.cache_used["saved"] == {}

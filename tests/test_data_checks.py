@@ -37,7 +37,10 @@ def test_val_fraction_holds_out_whole_records(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- 3: binary scores
 def scored(*scores: float) -> list[dict]:
-    return [{"prompt": f"How do I make tea, take {i}?", "response": "Boil water, pour it on the leaves.", "score": s} for i, s in enumerate(scores)]
+    return [
+        {"prompt": f"How do I make tea, take {i}?", "response": "Boil water, pour it on the leaves.", "score": s}
+        for i, s in enumerate(scores)
+    ]
 
 
 @pytest.mark.integration
@@ -45,7 +48,9 @@ def test_a_score_that_is_not_0_or_1_under_binary_labels_names_file_line_and_fiel
     train = write_jsonl(tmp_path / "feedback.jsonl", scored(1, 0, 1, 0.5, 0))
     args = ["fit", "--config", ULMA, *QUIET, "--data.init_args.train", str(train), "--trainer.max_steps", "1",
             "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
-    with pytest.raises(DataError, match=r"feedback\.jsonl:4: field 'score': 0\.5 is neither 0 nor 1.*label_type: continuous"):
+    with pytest.raises(
+        DataError, match=r"feedback\.jsonl:4: field 'score': 0\.5 is neither 0 nor 1.*label_type: continuous"
+    ):
         main(args)
 
 
@@ -61,7 +66,9 @@ def test_on_bad_record_skip_counts_non_binary_scores_and_continuous_labels_keep_
 
 
 # ----------------------------------------------------------------------------- 6: truncation
-def test_truncation_is_counted_per_split_and_a_severe_cut_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_truncation_is_counted_per_split_and_a_severe_cut_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     long_prompt = "Tell me, in as much detail as you can and step by step, how I should make a good cup of tea?"
     records = [{"prompt": long_prompt, "response": "Boil water. " * 50, "score": i % 2} for i in range(4)]
     train = write_jsonl(tmp_path / "long.jsonl", records)
@@ -72,15 +79,23 @@ def test_truncation_is_counted_per_split_and_a_severe_cut_warns(tmp_path: Path, 
     assert (report.samples, report.prompts_cut, report.prompts_halved, report.responses_cut) == (4, 4, 4, 4)
     assert report.prompt_tokens_cut > 4 * 10 and report.response_tokens_cut > 4 * 50
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any("train split: truncation to max_length cut 4 of 4 prompts" in w and "most prompts lost more than half" in w for w in warnings), warnings
+    assert any(
+        "train split: truncation to max_length cut 4 of 4 prompts" in w and "most prompts lost more than half" in w
+        for w in warnings
+    ), warnings
     roomy = PointwiseDataModule(train=str(train), max_length=512)
     roomy.setup("fit")
     assert roomy.truncated["train"].prompts_cut == roomy.truncated["train"].responses_cut == 0
 
 
 # ----------------------------------------------------------------------------- 11: duplicates
-def test_duplicates_never_sit_on_both_sides_of_the_held_out_split(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    unique = [{"prompt": f"How do I make tea, take {i}?", "response": f"Boil water {i} times.", "score": i % 2} for i in range(12)]
+def test_duplicates_never_sit_on_both_sides_of_the_held_out_split(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    unique = [
+        {"prompt": f"How do I make tea, take {i}?", "response": f"Boil water {i} times.", "score": i % 2}
+        for i in range(12)
+    ]
     records = unique + [dict(r, score=1 - r["score"]) for r in unique[:6]] + unique[:6]  # 12 repeats, some relabelled
     train = write_jsonl(tmp_path / "dup.jsonl", records)
     datamodule = PointwiseDataModule(train=str(train), val_fraction=0.3, max_length=64)

@@ -12,7 +12,15 @@ MEMBERS = sorted(name for name in {*ModuleData.__annotations__, *vars(ModuleData
 
 
 def test_the_contract_names_what_modules_use() -> None:
-    assert {"datasets", "collator", "eval_batch_size", "set_column", "has_column", "run_before_loading", "source_of"} <= set(MEMBERS)
+    assert {
+        "datasets",
+        "collator",
+        "eval_batch_size",
+        "set_column",
+        "has_column",
+        "run_before_loading",
+        "source_of",
+    } <= set(MEMBERS)
 
 
 @pytest.mark.parametrize("cls", [PointwiseDataModule, DemonstrationDataModule, PairwiseDataModule, PromptDataModule])

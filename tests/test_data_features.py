@@ -44,7 +44,11 @@ def test_prompt_is_masked_and_response_plus_eos_is_labelled(tmp_path: Path) -> N
 
 
 def test_chat_message_prompt_without_template_becomes_hh_text(tmp_path: Path) -> None:
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Tea?"}]
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Tea?"},
+    ]
     dm = build(tmp_path, [{"prompt": messages, "response": "Yes.", "score": 0}])
     prompt, _ = split_sample(dm.datasets["train"][0])
     assert dm.tokenizer.decode(prompt) == "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Tea?\n\nAssistant:"
@@ -92,7 +96,12 @@ def test_max_length_truncation_in_the_datamodule(tmp_path: Path, demo_tokenizer)
     full_response = demo_tokenizer(response, add_special_tokens=False)["input_ids"] + [demo_tokenizer.eos_token_id]
     max_length, max_prompt = 24, 12
     assert len(full_prompt) > max_length and len(full_response) > max_length - max_prompt
-    dm = build(tmp_path, [{"prompt": prompt, "response": response, "score": 1}], max_length=max_length, max_prompt_length=max_prompt)
+    dm = build(
+        tmp_path,
+        [{"prompt": prompt, "response": response, "score": 1}],
+        max_length=max_length,
+        max_prompt_length=max_prompt,
+    )
     kept_prompt, kept_response = split_sample(dm.datasets["train"][0])
     assert len(kept_prompt) + len(kept_response) == max_length
     assert kept_prompt == full_prompt[-max_prompt:]  # the turn being answered survives
@@ -109,7 +118,9 @@ def bos_tokenizer_folder(folder: Path) -> Path:
     backend.add_special_tokens(["<s>"])
     bos = backend.token_to_id("<s>")
     backend.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token=demo.eos_token, pad_token=demo.pad_token)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token=demo.eos_token, pad_token=demo.pad_token
+    )
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -131,11 +142,16 @@ def test_left_truncation_keeps_the_bos_the_tokenizer_adds(tmp_path: Path) -> Non
     generation_prompt = dm.prompt_dataset("train")[0]["input_ids"]  # prompts for generation are cut alike
     assert generation_prompt == [bos] + full_prompt[-(max_prompt - 1) :]
     # the pure function: no BOS id, or a prompt not starting with it, is cut as before
-    assert Truncation(16, 8, bos_token_id=7).apply([7] + list(range(100, 129)), [1, 2]) == ([7] + list(range(116, 129)), [1, 2])
+    assert Truncation(16, 8, bos_token_id=7).apply([7] + list(range(100, 129)), [1, 2]) == (
+        [7] + list(range(116, 129)),
+        [1, 2],
+    )
     assert Truncation(16, 8, bos_token_id=7).apply(list(range(100, 130)), [1, 2]) == (list(range(116, 130)), [1, 2])
 
 
-def test_samples_without_response_tokens_are_dropped_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_samples_without_response_tokens_are_dropped_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     long_prompt = "Please tell me, step by step and in great detail, how to bake bread at home."
     records = [
         {"prompt": "Hi", "response": "Hello.", "score": 1},
@@ -169,7 +185,10 @@ def test_dynamic_padding_pads_each_batch_to_its_own_longest() -> None:
 
 
 def test_val_fraction_split_is_deterministic_and_disjoint(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "data.jsonl", [{"prompt": f"Question {i}?", "response": f"Answer {i}.", "score": i % 2} for i in range(50)])
+    path = write_jsonl(
+        tmp_path / "data.jsonl",
+        [{"prompt": f"Question {i}?", "response": f"Answer {i}.", "score": i % 2} for i in range(50)],
+    )
 
     def split(seed: int) -> tuple[set, set]:
         dm = PointwiseDataModule(train=str(path), val_fraction=0.2, split_seed=seed)

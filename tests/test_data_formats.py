@@ -51,8 +51,16 @@ STANDARD = {
 CONVERSATIONAL = {
     "prompt-completion": {"prompt": [SYSTEM, user("How do I make tea?")], "completion": [assistant("Boil water.")]},
     "pointwise": {"prompt": [user("How do I make tea?")], "completion": [assistant("Boil water.")], "score": 1.0},
-    "unpaired-preference": {"prompt": [user("How do I make tea?")], "completion": [assistant("Boil water.")], "label": True},
-    "preference": {"prompt": [user("How do I make tea?")], "chosen": [assistant("Boil water.")], "rejected": [assistant("No.")]},
+    "unpaired-preference": {
+        "prompt": [user("How do I make tea?")],
+        "completion": [assistant("Boil water.")],
+        "label": True,
+    },
+    "preference": {
+        "prompt": [user("How do I make tea?")],
+        "chosen": [assistant("Boil water.")],
+        "rejected": [assistant("No.")],
+    },
     "implicit-preference": {
         "chosen": [SYSTEM, user("How do I make tea?"), assistant("Boil water.")],
         "rejected": [SYSTEM, user("How do I make tea?"), assistant("No.")],
@@ -137,7 +145,9 @@ def test_pointwise_reads_every_format_without_a_column_mapping(tmp_path: Path) -
 def test_pointwise_records_without_a_score_need_their_sources_default(tmp_path: Path) -> None:
     records = [STANDARD["prompt-completion"], CONVERSATIONAL["messages"], STANDARD["text"]]
     path = write(tmp_path / "sft.jsonl", records)
-    with pytest.raises(DataError, match=r"sft\.jsonl:1: field 'score': missing: a prompt-completion .* carries no score.*score: 1\.0"):
+    with pytest.raises(
+        DataError, match=r"sft\.jsonl:1: field 'score': missing: a prompt-completion .* carries no score.*score: 1\.0"
+    ):
         PointwiseDataModule(train=str(path)).setup("fit")
     dm = PointwiseDataModule(train=[{"source": str(path), "score": 1.0}])
     dm.setup("fit")
@@ -149,7 +159,16 @@ def test_pointwise_records_without_a_score_need_their_sources_default(tmp_path: 
 
 
 def test_pairwise_reads_explicit_and_implicit_prompts_in_both_forms(tmp_path: Path) -> None:
-    got = examples(PairwiseDataModule, [STANDARD["preference"], CONVERSATIONAL["preference"], STANDARD["implicit-preference"], CONVERSATIONAL["implicit-preference"]], tmp_path)
+    got = examples(
+        PairwiseDataModule,
+        [
+            STANDARD["preference"],
+            CONVERSATIONAL["preference"],
+            STANDARD["implicit-preference"],
+            CONVERSATIONAL["implicit-preference"],
+        ],
+        tmp_path,
+    )
     assert [(e.prompt, e.chosen, e.rejected) for e in got] == [
         ("How do I make tea?", "Boil water.", "No."),
         ([user("How do I make tea?")], [assistant("Boil water.")], [assistant("No.")]),
@@ -223,7 +242,10 @@ def test_conversational_samples_are_the_chat_templates_own_tokens(tmp_path: Path
         CONVERSATIONAL["prompt-completion"]["prompt"] + CONVERSATIONAL["prompt-completion"]["completion"],
         CONVERSATIONAL["messages"]["messages"],  # multi-turn prompt
     ]
-    dm = DemonstrationDataModule(train=str(write(tmp_path / "chat.jsonl", [CONVERSATIONAL["prompt-completion"], CONVERSATIONAL["messages"]])), tokenizer=str(folder))
+    dm = DemonstrationDataModule(
+        train=str(write(tmp_path / "chat.jsonl", [CONVERSATIONAL["prompt-completion"], CONVERSATIONAL["messages"]])),
+        tokenizer=str(folder),
+    )
     dm.setup("fit")
     tokenizer = load_tokenizer(str(folder))  # reloaded from the folder
     for item, conversation in zip(dm.datasets["train"].items, conversations):
@@ -232,11 +254,15 @@ def test_conversational_samples_are_the_chat_templates_own_tokens(tmp_path: Path
         assert item["input_ids"].tolist() == whole  # the same ids as apply_chat_template on the whole conversation
         assert (item["labels"] == IGNORE_INDEX).sum() == len(prompt)  # the prompt (with generation prompt) is masked
         assert whole.count(tokenizer.eos_token_id) == len(conversation)  # no EOS added: the template ends the turn
-    pairs = PairwiseDataModule(train=str(write(tmp_path / "pairs.parquet", [CONVERSATIONAL["implicit-preference"]])), tokenizer=str(folder))
+    pairs = PairwiseDataModule(
+        train=str(write(tmp_path / "pairs.parquet", [CONVERSATIONAL["implicit-preference"]])), tokenizer=str(folder)
+    )
     pairs.setup("fit")
     (item,) = pairs.datasets["train"].items
     for side in ("chosen", "rejected"):
-        assert item[f"{side}_input_ids"].tolist() == templated_ids(tokenizer, CONVERSATIONAL["implicit-preference"][side])
+        assert item[f"{side}_input_ids"].tolist() == templated_ids(
+            tokenizer, CONVERSATIONAL["implicit-preference"][side]
+        )
 
 
 def test_a_template_that_writes_no_eos_gets_one_after_the_assistant_turn(tmp_path: Path) -> None:
@@ -252,20 +278,59 @@ def test_a_template_that_writes_no_eos_gets_one_after_the_assistant_turn(tmp_pat
 # ----------------------------------------------------------------------------- bad shapes
 
 BAD = [
-    ("multi-turn completion", PointwiseDataModule, {"prompt": [user("Hi")], "completion": [assistant("A."), user("B?")], "score": 1}, "completion", "a multi-turn completion (2 messages)"),
-    ("completion not the assistant's", DemonstrationDataModule, {"prompt": [user("Hi")], "completion": [user("A.")]}, "completion[0]", "the completion's role is 'user'"),
-    ("last turn not the assistant's", DemonstrationDataModule, {"messages": [user("Hi"), assistant("Hello"), user("Tea?")]}, "messages", "last turn is 'user', not the assistant's"),
-    ("no shared prompt", PairwiseDataModule, {"chosen": [user("A?"), assistant("A.")], "rejected": [user("B?"), assistant("B.")]}, "rejected", "share no leading message"),
+    (
+        "multi-turn completion",
+        PointwiseDataModule,
+        {"prompt": [user("Hi")], "completion": [assistant("A."), user("B?")], "score": 1},
+        "completion",
+        "a multi-turn completion (2 messages)",
+    ),
+    (
+        "completion not the assistant's",
+        DemonstrationDataModule,
+        {"prompt": [user("Hi")], "completion": [user("A.")]},
+        "completion[0]",
+        "the completion's role is 'user'",
+    ),
+    (
+        "last turn not the assistant's",
+        DemonstrationDataModule,
+        {"messages": [user("Hi"), assistant("Hello"), user("Tea?")]},
+        "messages",
+        "last turn is 'user', not the assistant's",
+    ),
+    (
+        "no shared prompt",
+        PairwiseDataModule,
+        {"chosen": [user("A?"), assistant("A.")], "rejected": [user("B?"), assistant("B.")]},
+        "rejected",
+        "share no leading message",
+    ),
     (
         "implicit pair with two-turn answers",
         PairwiseDataModule,
-        {"chosen": [user("A?"), assistant("A."), user("more?"), assistant("yes")], "rejected": [user("A?"), assistant("No.")]},
+        {
+            "chosen": [user("A?"), assistant("A."), user("more?"), assistant("yes")],
+            "rejected": [user("A?"), assistant("No.")],
+        },
         "chosen",
         "a multi-turn completion (3 messages)",
     ),
     # issue 26, item 6: a pair that prefers neither side trained DPO at a constant ln 2, without a word
-    ("chosen equals rejected", PairwiseDataModule, {"prompt": "Hi", "chosen": "Hello", "rejected": "Hello"}, "rejected", "the same response as chosen: the pair prefers neither"),
-    ("HH transcripts equal", PairwiseDataModule, {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Hello"}, "rejected", "the same response as chosen"),
+    (
+        "chosen equals rejected",
+        PairwiseDataModule,
+        {"prompt": "Hi", "chosen": "Hello", "rejected": "Hello"},
+        "rejected",
+        "the same response as chosen: the pair prefers neither",
+    ),
+    (
+        "HH transcripts equal",
+        PairwiseDataModule,
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Hello"},
+        "rejected",
+        "the same response as chosen",
+    ),
     (
         "conversations equal",
         PairwiseDataModule,
@@ -273,10 +338,34 @@ BAD = [
         "rejected",
         "the same response as chosen",
     ),
-    ("label not a boolean", PointwiseDataModule, {"prompt": "Hi", "completion": "Hello", "label": "maybe"}, "label", "expected a boolean"),
-    ("no format (point-wise)", PointwiseDataModule, {"question": "Hi", "answer": "Hello"}, None, "match none of the formats read here: point-wise {prompt, completion, score}; unpaired preference"),
-    ("no format (demonstration)", DemonstrationDataModule, {"input": "Hi"}, None, "match none of the formats read here: prompt-completion {prompt, completion}; language modeling {messages}"),
-    ("no format (pairwise)", PairwiseDataModule, {"question": "Hi"}, None, "match none of the formats read here: preference {prompt, chosen, rejected}; preference with implicit prompt"),
+    (
+        "label not a boolean",
+        PointwiseDataModule,
+        {"prompt": "Hi", "completion": "Hello", "label": "maybe"},
+        "label",
+        "expected a boolean",
+    ),
+    (
+        "no format (point-wise)",
+        PointwiseDataModule,
+        {"question": "Hi", "answer": "Hello"},
+        None,
+        "match none of the formats read here: point-wise {prompt, completion, score}; unpaired preference",
+    ),
+    (
+        "no format (demonstration)",
+        DemonstrationDataModule,
+        {"input": "Hi"},
+        None,
+        "match none of the formats read here: prompt-completion {prompt, completion}; language modeling {messages}",
+    ),
+    (
+        "no format (pairwise)",
+        PairwiseDataModule,
+        {"question": "Hi"},
+        None,
+        "match none of the formats read here: preference {prompt, chosen, rejected}; preference with implicit prompt",
+    ),
     (
         "unpaired data for a pairwise method",
         PairwiseDataModule,
@@ -288,7 +377,9 @@ BAD = [
 
 
 @pytest.mark.parametrize("name, module, record, field, problem", BAD, ids=[case[0] for case in BAD])
-def test_each_bad_shape_names_file_line_and_field_or_is_skipped(tmp_path: Path, name: str, module: type, record: dict, field: str | None, problem: str) -> None:
+def test_each_bad_shape_names_file_line_and_field_or_is_skipped(
+    tmp_path: Path, name: str, module: type, record: dict, field: str | None, problem: str
+) -> None:
     good = STANDARD["preference"] if module is PairwiseDataModule else STANDARD["pointwise"]
     path = write(tmp_path / "bad.jsonl", [good, record, good])
     with pytest.raises(DataError) as info:
@@ -305,7 +396,9 @@ def test_each_bad_shape_names_file_line_and_field_or_is_skipped(tmp_path: Path, 
 
 
 def prompt_completions(path: Path, n: int, tag: str) -> Path:
-    return write(path, [{"prompt": f"{tag} question {i}?", "completion": f"{tag} answer {i}.", "score": 1.0} for i in range(n)])
+    return write(
+        path, [{"prompt": f"{tag} question {i}?", "completion": f"{tag} answer {i}.", "score": 1.0} for i in range(n)]
+    )
 
 
 def epoch_sources(dm) -> list[str]:
@@ -313,10 +406,14 @@ def epoch_sources(dm) -> list[str]:
     return [dm.examples["train"][int(i)].location.source for batch in dm.train_dataloader() for i in batch["index"]]
 
 
-@pytest.mark.parametrize("strategy, expected", [("interleave_under", {"a": 33, "b": 100}), ("interleave_over", {"a": 40, "b": 120})])
+@pytest.mark.parametrize(
+    "strategy, expected", [("interleave_under", {"a": 33, "b": 100}), ("interleave_over", {"a": 40, "b": 120})]
+)
 def test_weighted_sources_give_their_proportions_over_an_epoch(tmp_path: Path, strategy: str, expected: dict) -> None:
     a, b = prompt_completions(tmp_path / "a.jsonl", 40, "a"), prompt_completions(tmp_path / "b.jsonl", 100, "b")
-    dm = PointwiseDataModule(train=[{"source": str(a), "weight": 1}, {"source": str(b), "weight": 3}], mix_strategy=strategy, batch_size=8)
+    dm = PointwiseDataModule(
+        train=[{"source": str(a), "weight": 1}, {"source": str(b), "weight": 3}], mix_strategy=strategy, batch_size=8
+    )
     dm.setup("fit")
     sources = epoch_sources(dm)
     counts = {"a": sources.count(str(a)), "b": sources.count(str(b))}
@@ -336,7 +433,9 @@ def test_samples_per_source_and_the_mix_is_reproducible_from_the_seed(tmp_path: 
         dm.setup("fit")
     responses = [e.response for e in first.examples["train"]]
     assert sum(r.startswith("a") for r in responses) == 25 and sum(r.startswith("b") for r in responses) == 20
-    assert all(responses.count(f"a answer {i}.") in (2, 3) for i in range(10))  # every record twice, 5 drawn a third time
+    assert all(
+        responses.count(f"a answer {i}.") in (2, 3) for i in range(10)
+    )  # every record twice, 5 drawn a third time
     assert responses == [e.response for e in again.examples["train"]]  # the same seed: the same mix
     assert responses != [e.response for e in other.examples["train"]]
 
@@ -360,18 +459,33 @@ def test_resume_mid_epoch_continues_the_same_mixed_order(tmp_path: Path) -> None
     assert len(full) == 60  # 30 + 30: under-sampled b to a's share
 
 
-def test_a_demonstration_source_becomes_positives_beside_feedback(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_demonstration_source_becomes_positives_beside_feedback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     sft = write(tmp_path / "sft.jsonl", variants(STANDARD["prompt-completion"], 6))
     feedback = write(
-        tmp_path / "feedback.csv", [{"prompt": "Tea?", "completion": "No.", "score": 0}, {"prompt": "Tea?", "completion": "Yes.", "score": 4}, {"prompt": "Tea?", "completion": "Bad", "score": 9}]
+        tmp_path / "feedback.csv",
+        [
+            {"prompt": "Tea?", "completion": "No.", "score": 0},
+            {"prompt": "Tea?", "completion": "Yes.", "score": 4},
+            {"prompt": "Tea?", "completion": "Bad", "score": 9},
+        ],
     )
-    dm = PointwiseDataModule(train=[{"source": str(sft), "score": 1.0}, {"source": str(feedback), "score_range": [0, 4], "on_bad_record": "skip"}])
+    dm = PointwiseDataModule(
+        train=[
+            {"source": str(sft), "score": 1.0},
+            {"source": str(feedback), "score_range": [0, 4], "on_bad_record": "skip"},
+        ]
+    )
     with caplog.at_level(logging.INFO, logger="ulma_lightning.data"):
         dm.setup("fit")
     scores = [(e.location.source, e.score) for e in dm.examples["train"]]
     assert [s for source, s in scores if source == str(sft)] == [1.0] * 6  # demonstrations: positives
     assert [s for source, s in scores if source == str(feedback)] == [0.0, 1.0]  # through its own score_range
-    assert dm.mixed["train"] == {str(sft): {"samples": 6, "skipped": 0, "records_drawn": 6}, str(feedback): {"samples": 2, "skipped": 1, "records_drawn": 2}}
+    assert dm.mixed["train"] == {
+        str(sft): {"samples": 6, "skipped": 0, "records_drawn": 6},
+        str(feedback): {"samples": 2, "skipped": 1, "records_drawn": 2},
+    }
     log = "\n".join(r.getMessage() for r in caplog.records)
     assert f"train split: source {feedback}: 2 samples read (1 skipped), 2 records drawn per epoch" in log
     assert f"train split: {sft}: record format prompt-completion (standard): 6" in log
@@ -394,10 +508,19 @@ def test_a_source_with_no_records_is_named(tmp_path: Path) -> None:
         ({"source": "a.jsonl", "score": 2}, r"score must be in \[0, 1\], got 2"),
         ({"score": 1.0}, "no 'source'"),
         # an infinite weight was a ZeroDivisionError when the mix was sized (issue 26, item 9)
-        ({"source": "a.jsonl", "weight": float("inf")}, r"data\.train\[0\] \(a\.jsonl\): weight must be finite and > 0, got inf"),
+        (
+            {"source": "a.jsonl", "weight": float("inf")},
+            r"data\.train\[0\] \(a\.jsonl\): weight must be finite and > 0, got inf",
+        ),
         ({"source": "a.jsonl", "weight": 0}, r"data\.train\[0\] \(a\.jsonl\): weight must be finite and > 0, got 0"),
-        ({"source": "a.jsonl", "weight": -1.5}, r"data\.train\[0\] \(a\.jsonl\): weight must be finite and > 0, got -1\.5"),
-        ({"source": "a.jsonl", "weight": float("nan")}, r"data\.train\[0\] \(a\.jsonl\): weight must be finite and > 0, got nan"),
+        (
+            {"source": "a.jsonl", "weight": -1.5},
+            r"data\.train\[0\] \(a\.jsonl\): weight must be finite and > 0, got -1\.5",
+        ),
+        (
+            {"source": "a.jsonl", "weight": float("nan")},
+            r"data\.train\[0\] \(a\.jsonl\): weight must be finite and > 0, got nan",
+        ),
     ],
 )
 def test_bad_source_options_name_the_entry(entry: dict, message: str) -> None:
@@ -445,13 +568,17 @@ FAMILIES = {
 
 @pytest.mark.integration
 @pytest.mark.parametrize("config", sorted(FAMILIES))
-def test_every_format_and_form_trains_through_ulma_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: str) -> None:
+def test_every_format_and_form_trains_through_ulma_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: str
+) -> None:
     monkeypatch.setattr(sys, "argv", ["ulma"])
     train = []
     for name, record, options in FAMILIES[config]:
         records = variants(record)  # a .csv holds them as strings: label "True", score "1.0"
         train.append({"source": str(write(tmp_path / name, records)), **options})
-    settings: dict = {"data": {"init_args": {"train": train, "val": train[0]["source"], "test": train[0]["source"], "batch_size": 4}}}
+    settings: dict = {
+        "data": {"init_args": {"train": train, "val": train[0]["source"], "test": train[0]["source"], "batch_size": 4}}
+    }
     if config == "sft.yaml":  # conversations through a chat template (the model's tokenizer, linked to the data's)
         settings["model"] = {"init_args": {"policy": {"tokenizer": str(chat_tokenizer(tmp_path / "chatml"))}}}
     override = tmp_path / "data.yaml"
@@ -466,7 +593,11 @@ def test_every_format_and_form_trains_through_ulma_fit(tmp_path: Path, monkeypat
     if config == "sft.yaml":
         tokenizer = cli.datamodule.tokenizer
         assert tokenizer.chat_template == CHATML
-        first = next(item for item, e in zip(cli.datamodule.datasets["train"].items, cli.datamodule.examples["train"]) if "sft_chat" in e.location.source)
+        first = next(
+            item
+            for item, e in zip(cli.datamodule.datasets["train"].items, cli.datamodule.examples["train"])
+            if "sft_chat" in e.location.source
+        )
         record = variants(CONVERSATIONAL["prompt-completion"])[0]  # the file's first record
         assert first["input_ids"].tolist() == templated_ids(tokenizer, record["prompt"] + record["completion"])
     mixed = cli.datamodule.mixed["train"]
@@ -474,7 +605,11 @@ def test_every_format_and_form_trains_through_ulma_fit(tmp_path: Path, monkeypat
     per_record = 2 if config == "ulma.yaml" else 1  # a pair is two point-wise samples
     for name, record, _ in FAMILIES[config]:
         pairs = "chosen" in record
-        assert mixed[str(tmp_path / name)] == {"samples": 4 * (per_record if pairs else 1), "skipped": 0, "records_drawn": 4}, name
+        assert mixed[str(tmp_path / name)] == {
+            "samples": 4 * (per_record if pairs else 1),
+            "skipped": 0,
+            "records_drawn": 4,
+        }, name
 
 
 def test_string_pairs_with_implicit_prompt_split_at_their_common_prefix(tmp_path: Path) -> None:
@@ -486,9 +621,19 @@ def test_string_pairs_with_implicit_prompt_split_at_their_common_prefix(tmp_path
     record = {"chosen": "The sky is blue.", "rejected": "The sky is green."}
     where = Location("pairs.jsonl", 3)
     pair = parse_pair(record, where)
-    assert (pair.prompt, pair.chosen, pair.rejected) == ("The sky is", " blue.", " green.")  # the space stays with the answer
-    assert [(e.prompt, e.response, e.score) for e in parse_pointwise(record, where, (0.0, 1.0))] == [("The sky is", " blue.", 1.0), ("The sky is", " green.", 0.0)]
-    assert (parse_demonstration(record, where).prompt, parse_demonstration(record, where).response) == ("The sky is", " blue.")
+    assert (pair.prompt, pair.chosen, pair.rejected) == (
+        "The sky is",
+        " blue.",
+        " green.",
+    )  # the space stays with the answer
+    assert [(e.prompt, e.response, e.score) for e in parse_pointwise(record, where, (0.0, 1.0))] == [
+        ("The sky is", " blue.", 1.0),
+        ("The sky is", " green.", 0.0),
+    ]
+    assert (parse_demonstration(record, where).prompt, parse_demonstration(record, where).response) == (
+        "The sky is",
+        " blue.",
+    )
     with pytest.raises(DataError, match=r"pairs\.jsonl:3.*share no leading text"):
         parse_pair({"chosen": "Yes.", "rejected": "No."}, where)
     with pytest.raises(DataError, match=r"pairs\.jsonl:3.*no answer is left"):

@@ -36,11 +36,15 @@ def test_demo_pairs_rank_chosen_above_rejected_and_are_seeded() -> None:
 def test_hh_pair_with_different_prompts_stops_with_file_and_line(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD_HH, MISMATCHED_HH, GOOD_HH])
     data = PairwiseDataModule(train=str(path))
-    with pytest.raises(DataError, match=r"pairs\.jsonl:2: field 'rejected': chosen and rejected differ before the last assistant turn"):
+    with pytest.raises(
+        DataError, match=r"pairs\.jsonl:2: field 'rejected': chosen and rejected differ before the last assistant turn"
+    ):
         data.setup("fit")
 
 
-def test_hh_pair_with_different_prompts_is_skipped_and_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_hh_pair_with_different_prompts_is_skipped_and_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD_HH, MISMATCHED_HH, GOOD_HH])
     data = PairwiseDataModule(train=str(path), on_bad_record="skip")
     with caplog.at_level("WARNING", logger="ulma_lightning.data"):
@@ -56,13 +60,25 @@ def test_pairwise_batch_shares_prompt_and_truncates_both_sides_alike() -> None:
     data = PairwiseDataModule(train="demo://pairwise?n=64", batch_size=64, max_length=40, max_prompt_length=16)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
-    for key in ("chosen_input_ids", "chosen_attention_mask", "chosen_labels", "rejected_input_ids", "rejected_attention_mask", "rejected_labels", "index"):
+    for key in (
+        "chosen_input_ids",
+        "chosen_attention_mask",
+        "chosen_labels",
+        "rejected_input_ids",
+        "rejected_attention_mask",
+        "rejected_labels",
+        "index",
+    ):
         assert key in batch, key
     cut = 0
     for i in range(batch["index"].shape[0]):
         sides = []
         for prefix in ("chosen_", "rejected_"):
-            ids, labels, mask = batch[prefix + "input_ids"][i], batch[prefix + "labels"][i], batch[prefix + "attention_mask"][i]
+            ids, labels, mask = (
+                batch[prefix + "input_ids"][i],
+                batch[prefix + "labels"][i],
+                batch[prefix + "attention_mask"][i],
+            )
             length = int(mask.sum())
             assert length <= 40
             prompt_len = int((labels != IGNORE_INDEX).int().argmax())
@@ -105,7 +121,9 @@ def test_real_hh_mismatched_prompts_are_all_reported(hh_file: Path) -> None:
         for line in handle:
             record = json.loads(line)
             prompts = [record[k][: record[k].rfind("\n\nAssistant:")] for k in ("chosen", "rejected")]
-            responses = [record[k][record[k].rfind("\n\nAssistant:") + len("\n\nAssistant:") :] for k in ("chosen", "rejected")]
+            responses = [
+                record[k][record[k].rfind("\n\nAssistant:") + len("\n\nAssistant:") :] for k in ("chosen", "rejected")
+            ]
             expected += prompts[0] != prompts[1] and all(r.strip() for r in responses)
     data = PairwiseDataModule(train=str(hh_file), on_bad_record="skip")
     report = SkipReport("train")

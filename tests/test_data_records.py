@@ -32,7 +32,10 @@ def examples_of(path: Path, **kwargs) -> list:
 def test_pairwise_record_becomes_two_pointwise_samples(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Hi?", "chosen": "Hello there.", "rejected": "Go away."}])
     examples = examples_of(path)
-    assert [(e.prompt, e.response, e.score) for e in examples] == [("Hi?", "Hello there.", 1.0), ("Hi?", "Go away.", 0.0)]
+    assert [(e.prompt, e.response, e.score) for e in examples] == [
+        ("Hi?", "Hello there.", 1.0),
+        ("Hi?", "Go away.", 0.0),
+    ]
 
 
 def test_hh_transcript_splits_at_the_last_assistant_turn(tmp_path: Path) -> None:
@@ -77,17 +80,62 @@ BAD_JSONL = [
     ("missing_response", json.dumps({"prompt": "Hi", "score": 1}), "response", "missing"),
     ("missing_score", json.dumps({"prompt": "Hi", "response": "Hello"}), "score", "missing"),
     ("missing_prompt", json.dumps({"response": "Hello", "score": 1}), "prompt", "missing"),
-    ("score_not_a_number", json.dumps({"prompt": "Hi", "response": "Hello", "score": "high"}), "score", "expected a number, got the string 'high'"),
-    ("score_a_list", json.dumps({"prompt": "Hi", "response": "Hello", "score": [1]}), "score", "expected a number, got list"),
-    ("response_a_number", json.dumps({"prompt": "Hi", "response": 42, "score": 1}), "response", "expected a string, got int"),
-    ("bad_chat_message", json.dumps({"prompt": [{"role": "user"}], "response": "Hello", "score": 1}), "prompt[0]", "string 'role' and 'content'"),
-    ("prompt_a_number", json.dumps({"prompt": 7, "response": "Hello", "score": 1}), "prompt", "expected a string or a non-empty list"),
-    ("score_above_range", json.dumps({"prompt": "Hi", "response": "Hello", "score": 1.5}), "score", r"1.5 is outside the declared score_range [0.0, 1.0]"),
-    ("score_below_range", json.dumps({"prompt": "Hi", "response": "Hello", "score": -1}), "score", "outside the declared score_range"),
+    (
+        "score_not_a_number",
+        json.dumps({"prompt": "Hi", "response": "Hello", "score": "high"}),
+        "score",
+        "expected a number, got the string 'high'",
+    ),
+    (
+        "score_a_list",
+        json.dumps({"prompt": "Hi", "response": "Hello", "score": [1]}),
+        "score",
+        "expected a number, got list",
+    ),
+    (
+        "response_a_number",
+        json.dumps({"prompt": "Hi", "response": 42, "score": 1}),
+        "response",
+        "expected a string, got int",
+    ),
+    (
+        "bad_chat_message",
+        json.dumps({"prompt": [{"role": "user"}], "response": "Hello", "score": 1}),
+        "prompt[0]",
+        "string 'role' and 'content'",
+    ),
+    (
+        "prompt_a_number",
+        json.dumps({"prompt": 7, "response": "Hello", "score": 1}),
+        "prompt",
+        "expected a string or a non-empty list",
+    ),
+    (
+        "score_above_range",
+        json.dumps({"prompt": "Hi", "response": "Hello", "score": 1.5}),
+        "score",
+        r"1.5 is outside the declared score_range [0.0, 1.0]",
+    ),
+    (
+        "score_below_range",
+        json.dumps({"prompt": "Hi", "response": "Hello", "score": -1}),
+        "score",
+        "outside the declared score_range",
+    ),
     ("empty_response", json.dumps({"prompt": "Hi", "response": "   ", "score": 1}), "response", "empty"),
     ("empty_chosen", json.dumps({"prompt": "Hi", "chosen": "", "rejected": "No."}), "chosen", "empty"),
-    ("hh_without_assistant", json.dumps({"chosen": "\n\nHuman: Hi", "rejected": "\n\nHuman: Hi"}), "chosen", 'no "\\n\\nAssistant:" turn'),
-    ("hh_empty_final_response", json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Yes.", "rejected": "\n\nHuman: Hi\n\nAssistant:  "}), "rejected", "final assistant response is empty"),
+    (
+        "hh_without_assistant",
+        json.dumps({"chosen": "\n\nHuman: Hi", "rejected": "\n\nHuman: Hi"}),
+        "chosen",
+        'no "\\n\\nAssistant:" turn',
+    ),
+    (
+        "hh_empty_final_response",
+        json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Yes.", "rejected": "\n\nHuman: Hi\n\nAssistant:  "}),
+        "rejected",
+        "final assistant response is empty",
+    ),
     ("not_an_object", json.dumps(["Hi", "Hello", 1]), None, "expected a JSON object, got list"),
 ]
 
@@ -98,7 +146,9 @@ def bad_file(tmp_path: Path, line: str) -> Path:
 
 
 @pytest.mark.parametrize("name, line, field, problem", BAD_JSONL, ids=[case[0] for case in BAD_JSONL])
-def test_bad_jsonl_record_stops_naming_file_line_and_field(tmp_path: Path, name: str, line: str, field: str | None, problem: str) -> None:
+def test_bad_jsonl_record_stops_naming_file_line_and_field(
+    tmp_path: Path, name: str, line: str, field: str | None, problem: str
+) -> None:
     path = bad_file(tmp_path, line)
     dm = PointwiseDataModule(train=str(path))
     with pytest.raises(DataError) as info:
@@ -113,7 +163,9 @@ def test_bad_jsonl_record_stops_naming_file_line_and_field(tmp_path: Path, name:
 
 
 @pytest.mark.parametrize("name, line, field, problem", BAD_JSONL, ids=[case[0] for case in BAD_JSONL])
-def test_bad_jsonl_record_is_skipped_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str, line: str, field: str | None, problem: str) -> None:
+def test_bad_jsonl_record_is_skipped_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str, line: str, field: str | None, problem: str
+) -> None:
     path = bad_file(tmp_path, line)
     dm = PointwiseDataModule(train=str(path), on_bad_record="skip")
     with caplog.at_level(logging.WARNING, logger="ulma_lightning.data"):
@@ -129,7 +181,11 @@ def test_bad_jsonl_record_is_skipped_and_counted(tmp_path: Path, caplog: pytest.
 
 
 def test_skip_counts_every_bad_record_once_by_reason(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    lines = [json.dumps({**GOOD, "prompt": f"{GOOD['prompt']} ({i})"}) for i in range(10)] + [case[1] for case in BAD_JSONL] + [BAD_JSONL[0][1]]
+    lines = (
+        [json.dumps({**GOOD, "prompt": f"{GOOD['prompt']} ({i})"}) for i in range(10)]
+        + [case[1] for case in BAD_JSONL]
+        + [BAD_JSONL[0][1]]
+    )
     path = write_lines(tmp_path / "many.jsonl", lines)
     # with a held-out validation fraction the file is still read (and counted) once
     dm = PointwiseDataModule(train=str(path), on_bad_record="skip", val_fraction=0.2)
@@ -212,7 +268,10 @@ def test_red_team_transcripts_split_at_the_last_assistant_turn_and_map_the_ratin
     else:
         write_jsonl(path, records)
     examples = examples_of(path, **RED_TEAM)
-    assert [(e.prompt, e.response) for e in examples] == [(history, " No, I'd rather not."), (history, " Fine, you fool.")]
+    assert [(e.prompt, e.response) for e in examples] == [
+        (history, " No, I'd rather not."),
+        (history, " Fine, you fool."),
+    ]
     assert [e.score for e in examples] == [1.0, 0.25]  # harmlessness = 1 - rating / 4
     assert [e.score for e in examples_of(path, columns={"score": "rating"}, score_range=(0, 4))] == [0.0, 0.75]
 
@@ -221,10 +280,16 @@ def test_red_team_transcripts_split_at_the_last_assistant_turn_and_map_the_ratin
     ("transcript", "rating", "expected"),
     [
         ("\n\nHuman: Say something rude.", 2, r"red\.jsonl:1: field 'transcript': no \"\\n\\nAssistant:\" turn"),
-        ("\n\nHuman: Say something rude.\n\nAssistant: No.", 5, r"red\.jsonl:1: field 'rating': 5 is outside the declared score_range \[0, 4\]"),
+        (
+            "\n\nHuman: Say something rude.\n\nAssistant: No.",
+            5,
+            r"red\.jsonl:1: field 'rating': 5 is outside the declared score_range \[0, 4\]",
+        ),
     ],
 )
-def test_bad_red_team_record_names_file_line_and_field(tmp_path: Path, transcript: str, rating: int, expected: str) -> None:
+def test_bad_red_team_record_names_file_line_and_field(
+    tmp_path: Path, transcript: str, rating: int, expected: str
+) -> None:
     path = write_jsonl(tmp_path / "red.jsonl", [red_team_record(transcript, rating)])
     with pytest.raises(DataError, match=expected):
         examples_of(path, **RED_TEAM)

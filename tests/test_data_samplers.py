@@ -80,7 +80,9 @@ def test_resume_refuses_a_different_dataset() -> None:
 def test_loader_state_follows_the_training_loop_not_the_prefetcher() -> None:
     data = [{"x": torch.tensor(i)} for i in range(12)]
     done = {"batches": 0}
-    loader = ResumableDataLoader(data, batch_size=2, sampler=ResumableSampler(data, 2, seed=1), progress=lambda: done["batches"])
+    loader = ResumableDataLoader(
+        data, batch_size=2, sampler=ResumableSampler(data, 2, seed=1), progress=lambda: done["batches"]
+    )
     iterator = iter(loader)
     seen = [next(iterator)["x"].tolist() for _ in range(3)]  # fetched three, the loop consumed two
     done["batches"] = 2

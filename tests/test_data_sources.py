@@ -63,7 +63,9 @@ def examples_of(source: str, split: str = "train", **kwargs) -> list:
 def test_each_file_format_reads_the_same_examples(tmp_path: Path, name: str) -> None:
     path = WRITERS[name](tmp_path / name, RECORDS)
     examples = examples_of(str(path))
-    assert [(e.prompt, e.response, e.score) for e in examples] == [(r["prompt"], r["response"], r["score"]) for r in RECORDS]
+    assert [(e.prompt, e.response, e.score) for e in examples] == [
+        (r["prompt"], r["response"], r["score"]) for r in RECORDS
+    ]
     # every record knows where it came from: file:line for text files, the record number otherwise
     first = str(examples[0].location)
     assert first.startswith(str(path))
@@ -117,7 +119,9 @@ def test_column_mapping_renames_the_users_columns(tmp_path: Path) -> None:
     renamed = [{"question": r["prompt"], "completion": r["response"], "label": r["score"]} for r in RECORDS]
     path = write_jsonl(tmp_path / "renamed.jsonl", renamed)
     examples = examples_of(str(path), columns={"prompt": "question", "response": "completion", "score": "label"})
-    assert [(e.prompt, e.response, e.score) for e in examples] == [(r["prompt"], r["response"], r["score"]) for r in RECORDS]
+    assert [(e.prompt, e.response, e.score) for e in examples] == [
+        (r["prompt"], r["response"], r["score"]) for r in RECORDS
+    ]
     # without the mapping the same file is a bad record that names the missing field
     with pytest.raises(DataError, match=r"renamed\.jsonl:1: field 'prompt': missing"):
         examples_of(str(path))

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from ulma_lightning.data.demo import HARMFUL_TOPICS, HARMLESS_TOPICS, REFUSALS, demo_corpus, generate_records, score_response
+from ulma_lightning.data.demo import (
+    HARMFUL_TOPICS,
+    HARMLESS_TOPICS,
+    REFUSALS,
+    demo_corpus,
+    generate_records,
+    score_response,
+)
 
 
 def test_generator_is_deterministic_per_seed() -> None:

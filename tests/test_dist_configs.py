@@ -50,7 +50,15 @@ TIMEOUT = 600  # per group of processes; a hang (the bug) ends there
 
 
 def _fit_argv(method: str, strategy: str, *extra: str) -> list[str]:
-    return ["fit", "--config", str(CONFIGS / f"{method}.yaml"), "--config", str(CONFIGS / "strategy" / f"{strategy}.yaml"), *FAST, *extra]
+    return [
+        "fit",
+        "--config",
+        str(CONFIGS / f"{method}.yaml"),
+        "--config",
+        str(CONFIGS / "strategy" / f"{strategy}.yaml"),
+        *FAST,
+        *extra,
+    ]
 
 
 def _free_port() -> int:
@@ -78,7 +86,9 @@ def _run_together(commands: list[tuple[list[str], dict[str, str]]], cwd: Path, n
     procs = []
     for (cmd, env), log in zip(commands, logs):
         with open(log, "w") as handle:
-            procs.append(subprocess.Popen(cmd, env=env, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(cmd, env=env, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+            )
     try:
         for proc in procs:
             proc.wait(timeout=TIMEOUT)
@@ -90,7 +100,9 @@ def _run_together(commands: list[tuple[list[str], dict[str, str]]], cwd: Path, n
                 os.killpg(proc.pid, signal.SIGKILL)  # its own session: the process and what it launched
                 proc.wait()
     for proc, log in zip(procs, logs):
-        assert proc.returncode == 0, f"{name} process {logs.index(log)} exited {proc.returncode}:\n{log.read_text()[-4000:]}"
+        assert proc.returncode == 0, (
+            f"{name} process {logs.index(log)} exited {proc.returncode}:\n{log.read_text()[-4000:]}"
+        )
 
 
 # ----------------------------------------------------------------------------- data
@@ -138,7 +150,15 @@ def group(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "runs.json").write_text(json.dumps(_runs(folder)))
     port = str(_free_port())
     cmd = [sys.executable, str(REPO / "tests" / "dist_runner.py"), str(folder / "runs.json")]
-    ranks = [(cmd, _env(RANK=str(r), LOCAL_RANK=str(r), NODE_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in (0, 1)]
+    ranks = [
+        (
+            cmd,
+            _env(
+                RANK=str(r), LOCAL_RANK=str(r), NODE_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+            ),
+        )
+        for r in (0, 1)
+    ]
     _run_together(ranks, folder, "group")
     return folder
 
@@ -177,7 +197,10 @@ def test_fsdp2_with_one_process_lacking_positives_and_the_other_negatives(group:
 
 
 def test_fsdp2_predict_on_unequal_shares_writes_every_prompt_once(group: Path) -> None:
-    rows = [json.loads(line) for line in next(group.glob("predict-fsdp2/runs/ulma/version_*/predictions.jsonl")).read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in next(group.glob("predict-fsdp2/runs/ulma/version_*/predictions.jsonl")).read_text().splitlines()
+    ]
     assert sorted(row["index"] for row in rows) == list(range(9))
 
 
@@ -191,12 +214,18 @@ def test_two_nodes_end_with_the_weights_of_one_node(group: Path, tmp_path: Path)
     _run_together([(module + _fit_argv("ulma", "fsdp2"), _env())], one_node, "one_node")
     port = str(_free_port())
     per_node = module + _fit_argv("ulma", "fsdp2", "--trainer.num_nodes", "2", "--trainer.devices", "1")
-    nodes = [(per_node, _env(NODE_RANK=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2")) for n in (0, 1)]
+    nodes = [
+        (per_node, _env(NODE_RANK=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2")) for n in (0, 1)
+    ]
     _run_together(nodes, two_nodes, "two_nodes")
-    exported = [load_file(next(run.glob("runs/ulma/version_*/hf_model/model.safetensors"))) for run in (one_node, two_nodes)]
+    exported = [
+        load_file(next(run.glob("runs/ulma/version_*/hf_model/model.safetensors"))) for run in (one_node, two_nodes)
+    ]
     exported.append(load_file(next(group.glob("ulma-fsdp2/runs/ulma/version_*/hf_model/model.safetensors"))))
     initial = exported[0].keys()
     for other in exported[1:]:
         assert other.keys() == initial
         for key in initial:
-            torch.testing.assert_close(other[key], exported[0][key], rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+            torch.testing.assert_close(
+                other[key], exported[0][key], rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}"
+            )

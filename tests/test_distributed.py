@@ -56,7 +56,12 @@ def _config(root: Path, strategy: str, reference: str) -> dict[str, Any]:
         "callbacks": [
             {
                 "class_path": "ulma_lightning.checkpointing.AtomicModelCheckpoint",
-                "init_args": {"dirpath": str(root / "ckpt"), "save_last": True, "save_top_k": 0, "every_n_train_steps": 1},
+                "init_args": {
+                    "dirpath": str(root / "ckpt"),
+                    "save_last": True,
+                    "save_top_k": 0,
+                    "every_n_train_steps": 1,
+                },
             },
             {"class_path": "dist_recorder.Recorder", "init_args": {"out": str(root / "rec")}},
             {"class_path": "ulma_lightning.callbacks.HFExport", "init_args": {"dirname": str(root / "hf_model")}},
@@ -109,7 +114,11 @@ RUNS = {  # name: (strategy, reference, killed and resumed)
 
 
 def _fit(root: Path, *extra: str, kill_at: int | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "LOCAL_RANK", "RANK")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "LOCAL_RANK", "RANK")
+    }
     env.update(
         PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]),
         HF_HUB_OFFLINE="1",
@@ -183,7 +192,11 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Non
 def _initial_weights() -> dict[str, torch.Tensor]:
     from ulma_lightning.policy import Policy, PolicyConfig
 
-    policy = Policy(PolicyConfig(model_config={**TINY_LLAMA, "tie_word_embeddings": True}, tokenizer="builtin:demo", reference="none"))
+    policy = Policy(
+        PolicyConfig(
+            model_config={**TINY_LLAMA, "tie_word_embeddings": True}, tokenizer="builtin:demo", reference="none"
+        )
+    )
     policy.build()
     return policy.model.state_dict()
 
@@ -239,7 +252,9 @@ def _hf_logits(folder: Path) -> torch.Tensor:
 def test_hf_export_callback_writes_the_trained_policy(runs: Runs, run: str) -> None:
     """HFExport at the end of fit: under FSDP2 the processes gather the weights, rank 0 writes."""
     path = runs[run]
-    torch.testing.assert_close(_hf_logits(path / "hf_model"), torch.load(path / "rec" / "logits.pt"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        _hf_logits(path / "hf_model"), torch.load(path / "rec" / "logits.pt"), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.integration

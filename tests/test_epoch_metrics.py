@@ -43,7 +43,10 @@ def test_epoch_means_weigh_batches_by_subset_size(demo_tokenizer, cls) -> None:
     with torch.no_grad():
         for batch in batches:
             if cls is KTOModule:
-                policy, reference = module.policy.logps(batch, average=False), module.policy.reference_logps(batch, average=False)
+                policy, reference = (
+                    module.policy.logps(batch, average=False),
+                    module.policy.reference_logps(batch, average=False),
+                )
             else:
                 policy = module.policy.logps(batch, average=module.average_logps)
                 reference = module.policy.reference_logps(batch, average=module.average_logps)

@@ -20,8 +20,12 @@ pytestmark = pytest.mark.integration  # every test here builds a Trainer
 
 def test_callback_writes_text_histograms_and_hparams(tmp_path: Path) -> None:
     module = ULMAModule(PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo"))
-    datamodule = PointwiseDataModule(train="demo://binary?n=40", val="demo://binary?split=validation&n=10", batch_size=5)
-    callback = GenerationSamples(every_n_steps=2, num_prompts=3, generation=GenerationConfig(max_new_tokens=6), scorer=DemoScorer())
+    datamodule = PointwiseDataModule(
+        train="demo://binary?n=40", val="demo://binary?split=validation&n=10", batch_size=5
+    )
+    callback = GenerationSamples(
+        every_n_steps=2, num_prompts=3, generation=GenerationConfig(max_new_tokens=6), scorer=DemoScorer()
+    )
     logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
     trainer = pl.Trainer(
         max_steps=4, val_check_interval=2, num_sanity_val_steps=0, logger=logger, callbacks=[callback], accelerator="cpu",
@@ -29,7 +33,9 @@ def test_callback_writes_text_histograms_and_hparams(tmp_path: Path) -> None:
     )  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
 
-    events = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"tensors": 0, "histograms": 0, "scalars": 0})
+    events = EventAccumulator(
+        str(tmp_path / "run" / "version_0"), size_guidance={"tensors": 0, "histograms": 0, "scalars": 0}
+    )
     events.Reload()
     texts = events.Tensors("samples/generations/text_summary")
     assert [t.step for t in texts] == [2, 4]
@@ -44,14 +50,18 @@ def test_callback_writes_text_histograms_and_hparams(tmp_path: Path) -> None:
     assert positives and negatives
     for name, count in (("positive", positives), ("negative", negatives)):
         histograms = events.Histograms(f"val/rewards/{name}_hist")
-        assert [h.step for h in histograms] == [e.step for e in events.Scalars("val/loss")] == [1, 3]  # val/loss's steps
+        assert (
+            [h.step for h in histograms] == [e.step for e in events.Scalars("val/loss")] == [1, 3]
+        )  # val/loss's steps
         assert all(h.histogram_value.num == count for h in histograms)  # one value per sample
 
     val_loss = [e.value for e in events.Scalars("val/loss")]
     hp_metric = events.Scalars("hp_metric")  # val/loss's values at val/loss's steps, no -1 placeholder first
     assert [e.step for e in hp_metric] == [e.step for e in events.Scalars("val/loss")]
     assert [e.value for e in hp_metric] == pytest.approx(val_loss)
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/experiment"]).experiment
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        events.PluginTagToContent("hparams")["_hparams_/experiment"]
+    ).experiment
     assert [m.name.tag for m in experiment.metric_infos] == ["hp_metric"]  # still named in the HPARAMS view
     content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info

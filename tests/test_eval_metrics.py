@@ -18,12 +18,20 @@ from ulma_lightning.evaluation.metrics import demonstration_rows, reuse_token_lo
 from ulma_lightning.logprobs import IGNORE_INDEX, TokenLogps
 
 RECORDS = [
-    ("How do I bake bread?", "Sure! To bake bread, mix flour, water, yeast and salt, knead the dough, let it rise, then bake it.", 1.0),
+    (
+        "How do I bake bread?",
+        "Sure! To bake bread, mix flour, water, yeast and salt, knead the dough, let it rise, then bake it.",
+        1.0,
+    ),
     ("How do I build a bomb?", "I'm sorry, but I can't help with that.", 1.0),
     ("How do I steal a car?", "Sure! To steal a car, break the side window.", 0.0),
     ("Can you tell me how to make tea?", "Ok.", 1.0),
     ("Please explain how to save money.", "I won't help with that, because it could hurt someone.", 0.3),
-    ("What is the best way to plant tomatoes?", "Sure! To plant tomatoes, pick a sunny spot, dig a deep hole, set the plant in, and water it every day.", 1.0),
+    (
+        "What is the best way to plant tomatoes?",
+        "Sure! To plant tomatoes, pick a sunny spot, dig a deep hole, set the plant in, and water it every day.",
+        1.0,
+    ),
     ("I want to learn to swim. Any tips?", "Sure! To learn to swim, start in shallow water.", 0.6),
 ]
 
@@ -45,8 +53,16 @@ def tiny_run(tmp_path: Path, label_type: str) -> tuple[ULMAModule, PointwiseData
         generator = torch.Generator().manual_seed(0)
         for parameter in module.policy.model.parameters():
             parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
-    datamodule = PointwiseDataModule(train=str(data), test=str(data), tokenizer="builtin:demo", batch_size=2, eval_batch_size=2)
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    datamodule = PointwiseDataModule(
+        train=str(data), test=str(data), tokenizer="builtin:demo", batch_size=2, eval_batch_size=2
+    )
+    trainer = pl.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     return module, datamodule, trainer
 
 
@@ -100,8 +116,15 @@ def test_demonstration_rows_and_reuse_of_a_stacked_forward() -> None:
     assert demonstration_rows(pointwise, 1.0)[1].tolist() == [True, False]
     assert demonstration_rows(dict(chosen), 1.0)[1] is None  # demonstrations: every row
     # a pairwise step's forward: chosen rows first, then rejected rows, padded wider
-    stacked = {k: torch.cat([torch.nn.functional.pad(v, (0, 2), value=-100 if k == "labels" else 0)] * 2) for k, v in chosen.items()}
-    tokens = TokenLogps(values=torch.tensor([-1.0, -2.0, -3.0, -4.0, -5.0, -6.0]), batch_index=torch.tensor([0, 0, 1, 2, 2, 3]), num_sequences=4)
+    stacked = {
+        k: torch.cat([torch.nn.functional.pad(v, (0, 2), value=-100 if k == "labels" else 0)] * 2)
+        for k, v in chosen.items()
+    }
+    tokens = TokenLogps(
+        values=torch.tensor([-1.0, -2.0, -3.0, -4.0, -5.0, -6.0]),
+        batch_index=torch.tensor([0, 0, 1, 2, 2, 3]),
+        num_sequences=4,
+    )
     reused = reuse_token_logps([(stacked, tokens)], sequences)
     assert reused is not None and reused.values.tolist() == [-1.0, -2.0, -3.0] and reused.num_sequences == 2
     different = dict(stacked, input_ids=stacked["input_ids"] + 1)
@@ -141,7 +164,13 @@ def test_sft_on_demonstrations_logs_the_token_weighted_perplexity_of_every_row(t
     data.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r, _ in RECORDS))
     module = SFTModule(PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo", reference="none"))
     datamodule = DemonstrationDataModule(train=str(data), test=str(data), tokenizer="builtin:demo", batch_size=3)
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]  # SFT's own per-batch perplexity gives way
     items = datamodule.datasets["test"].items
     assert len(items) == len(RECORDS) and "score" not in items[0]

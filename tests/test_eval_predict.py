@@ -36,7 +36,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("predict")
     prompts = root / "prompts.jsonl"
     records = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]
-    records.append({"prompt": [{"role": "user", "content": "I want to plant tomatoes. Any tips?"}], "response": "Dig a hole.", "score": 1})
+    records.append(
+        {
+            "prompt": [{"role": "user", "content": "I want to plant tomatoes. Any tips?"}],
+            "response": "Dig a hole.",
+            "score": 1,
+        }
+    )
     prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
     config = {
         "seed_everything": 0,
@@ -54,7 +60,14 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     # (a CLI-made checkpoint stores plain hyperparameters, which `ulma predict --ckpt_path` reads back)
     argv, sys.argv = sys.argv, ["ulma"]
     try:
-        fit_args = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"]
+        fit_args = [
+            "--trainer.max_steps",
+            "2",
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
         cli = main(["fit", "--config", str(root / "tiny.yaml"), *fit_args, "--data.init_args.batch_size", "10"])
     finally:
         sys.argv = argv
@@ -72,7 +85,13 @@ def expected_responses(module: ULMAModule, prompts: Path) -> list[str]:
     out = []
     for i in range(len(dataset)):
         batch = collate([dataset[i]])
-        out += generate_responses(module.policy.model, module.tokenizer, batch["input_ids"], batch["attention_mask"], GenerationConfig(max_new_tokens=MAX_NEW_TOKENS))
+        out += generate_responses(
+            module.policy.model,
+            module.tokenizer,
+            batch["input_ids"],
+            batch["attention_mask"],
+            GenerationConfig(max_new_tokens=MAX_NEW_TOKENS),
+        )
     return out
 
 
@@ -80,7 +99,14 @@ def test_ulma_predict_writes_one_scored_line_per_prompt(setup: dict) -> None:
     root = setup["root"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     args = ["predict", "--config", str(root / "tiny.yaml"), "--ckpt_path", str(root / "model.ckpt")]
-    result = subprocess.run([sys.executable, "-m", "ulma_lightning.cli", *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "ulma_lightning.cli", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
 
     lines = (root / "out" / "predictions.jsonl").read_text().splitlines()
@@ -97,7 +123,9 @@ def test_ulma_predict_writes_one_scored_line_per_prompt(setup: dict) -> None:
     assert summary["mean"] == pytest.approx(sum(r["scores"]["demo"] for r in rows) / len(rows))
 
 
-def test_ulma_evaluate_writes_a_json_report(setup: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_ulma_evaluate_writes_a_json_report(
+    setup: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     root = setup["root"]
     monkeypatch.setattr(sys, "argv", ["ulma"])
     output = root / "report.json"
@@ -126,7 +154,9 @@ def test_predict_split_is_prompt_only_unless_the_module_asks_for_sequences(setup
     assert "labels" not in batch and len(batch["prompt"]) == len(setup["records"])
     assert (batch["attention_mask"][:, -1] == 1).all() and (batch["attention_mask"][:, 0] == 0).any()  # left-padded
 
-    sequences = PointwiseDataModule(predict=str(setup["prompts"]), eval_batch_size=16, predict_inputs="sequences")  # a reward model's
+    sequences = PointwiseDataModule(
+        predict=str(setup["prompts"]), eval_batch_size=16, predict_inputs="sequences"
+    )  # a reward model's
     sequences.setup("predict")
     batch = next(iter(sequences.predict_dataloader()))
     assert "labels" in batch and batch["input_ids"].shape[0] == 2 * len(PAIRS) + 1  # every sample, both sides of pairs
@@ -140,17 +170,31 @@ def test_predict_with_the_pairwise_baselines(tmp_path: Path) -> None:
     def trainer(*callbacks):
         import lightning.pytorch as pl
 
-        return pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
+        return pl.Trainer(
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=list(callbacks),
+        )
 
     source = "demo://pairwise?split=test&n=5"
-    writer = PredictionWriter(output=str(tmp_path / "dpo.jsonl"), generation=GenerationConfig(max_new_tokens=4), scorers=[DemoScorer()])
+    writer = PredictionWriter(
+        output=str(tmp_path / "dpo.jsonl"), generation=GenerationConfig(max_new_tokens=4), scorers=[DemoScorer()]
+    )
     dpo = DPOModule(PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo"))
-    trainer(writer).predict(dpo, datamodule=PairwiseDataModule(predict=source, eval_batch_size=3), return_predictions=False)
+    trainer(writer).predict(
+        dpo, datamodule=PairwiseDataModule(predict=source, eval_batch_size=3), return_predictions=False
+    )
     rows = [json.loads(line) for line in (tmp_path / "dpo.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and all(isinstance(r["response"], str) and "demo" in r["scores"] for r in rows)
 
     reward = RewardModelModule(PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo", reference="none"))
     with pytest.raises(ValueError, match=r"RewardModelModule predicts on sequences.*predict_inputs='sequences'"):
-        trainer().predict(reward, datamodule=PairwiseDataModule(predict=source, eval_batch_size=3))  # what `ulma predict` links
-    outputs = trainer().predict(reward, datamodule=PairwiseDataModule(predict=source, eval_batch_size=3, predict_inputs="sequences"))
+        trainer().predict(
+            reward, datamodule=PairwiseDataModule(predict=source, eval_batch_size=3)
+        )  # what `ulma predict` links
+    outputs = trainer().predict(
+        reward, datamodule=PairwiseDataModule(predict=source, eval_batch_size=3, predict_inputs="sequences")
+    )
     assert sum(len(o["chosen_rewards"]) for o in outputs) == 5

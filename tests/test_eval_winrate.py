@@ -11,7 +11,14 @@ import pytest
 import torch
 from helpers import write_jsonl
 
-from ulma_lightning.evaluation import DemoScorer, HFClassifierScorer, RewardModelScorer, read_predictions, summarize, win_rate
+from ulma_lightning.evaluation import (
+    DemoScorer,
+    HFClassifierScorer,
+    RewardModelScorer,
+    read_predictions,
+    summarize,
+    win_rate,
+)
 from ulma_lightning.evaluation.winrate import match_rows
 
 
@@ -26,7 +33,12 @@ def test_summary_of_a_hand_made_predictions_file(tmp_path: Path) -> None:
     mine = [
         {"prompt": "a", "response": "x", "scores": {"demo": 1.0}, "reference_scores": {"demo": 0.5}},  # win
         {"prompt": "b", "response": "y", "scores": {"demo": 0.25}, "reference_scores": {"demo": 0.25}},  # tie
-        {"prompt": [{"role": "user", "content": "c"}], "response": "z", "scores": {"demo": 0.0}, "reference_scores": {"demo": 1.0}},  # loss
+        {
+            "prompt": [{"role": "user", "content": "c"}],
+            "response": "z",
+            "scores": {"demo": 0.0},
+            "reference_scores": {"demo": 1.0},
+        },  # loss
         {"prompt": "d", "response": "w", "scores": {"demo": 0.75}, "reference_scores": {"demo": 0.5}},  # win
     ]
     # the other file lists the same prompts in another order
@@ -59,7 +71,10 @@ def test_mismatched_prompts_and_bad_files_say_where(tmp_path: Path) -> None:
 
 def test_demo_scorer_is_the_ground_truth() -> None:
     prompts = [[{"role": "user", "content": "How do I build a bomb?"}], "\n\nHuman: How do I make tea?\n\nAssistant:"]
-    responses = ["I'm sorry, but I can't help with that.", "Boil water, pour it over the leaves, wait three minutes, add milk."]
+    responses = [
+        "I'm sorry, but I can't help with that.",
+        "Boil water, pour it over the leaves, wait three minutes, add milk.",
+    ]
     assert DemoScorer().score(prompts, responses) == [1.0, 1.0]
     assert DemoScorer().score(prompts[:1], ["Get the powder and a pipe."]) == [0.0]
 
@@ -78,7 +93,9 @@ def test_hf_classifier_scorer_batches_like_single_sequences(tmp_path: Path, demo
     responses = ["Mix flour and water, knead the dough.", "No.", "Hello! How can I help you today?"]
     scorer = HFClassifierScorer(str(tmp_path / "rm"), batch_size=3)
     batched = scorer.score(prompts, responses)
-    single = [HFClassifierScorer(str(tmp_path / "rm"), batch_size=1).score([p], [r])[0] for p, r in zip(prompts, responses)]
+    single = [
+        HFClassifierScorer(str(tmp_path / "rm"), batch_size=1).score([p], [r])[0] for p, r in zip(prompts, responses)
+    ]
     assert batched == pytest.approx(single, abs=1e-5)
     assert len(set(round(v, 6) for v in batched)) == 3  # a real model output, not a constant
     with pytest.raises(FileNotFoundError, match="HFClassifierScorer.path"):
@@ -101,7 +118,11 @@ def test_reward_model_scorer_loads_a_checkpoint_lazily(tmp_path: Path) -> None:
     model = StandInRewardModel(per_char=0.5)
     with torch.no_grad():
         model.weight.fill_(2.0)  # the checkpoint's weights, not the init value, must be used
-    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "pytorch-lightning_version": lightning.__version__}
+    checkpoint = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        "pytorch-lightning_version": lightning.__version__,
+    }
     torch.save(checkpoint, tmp_path / "rm.ckpt")
     scorer = RewardModelScorer(str(tmp_path / "rm.ckpt"), module=f"{__name__}.StandInRewardModel")
     assert scorer._model is None  # nothing loaded until the first score

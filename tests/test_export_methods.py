@@ -24,7 +24,9 @@ from ulma_lightning.cli import main
 
 @pytest.mark.integration
 @pytest.mark.parametrize("config", list(METHODS))
-def test_export_of_every_method_loads_with_the_trained_outputs(config: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo_tokenizer) -> None:
+def test_export_of_every_method_loads_with_the_trained_outputs(
+    config: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo_tokenizer
+) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     monkeypatch.setattr(sys, "argv", ["ulma"])
@@ -49,9 +51,15 @@ def test_export_of_every_method_loads_with_the_trained_outputs(config: str, tmp_
 
 #: a rollout module built in Python, and the parent arguments its constructor fills from its own options
 REBUILT = {
-    "online_ulma": (lambda: OnlineULMAModule(policy(), scorer=LengthScorer(), beta=0.3, samples_per_prompt=2), {"kl_coef"}),
+    "online_ulma": (
+        lambda: OnlineULMAModule(policy(), scorer=LengthScorer(), beta=0.3, samples_per_prompt=2),
+        {"kl_coef"},
+    ),
     "rloo": (lambda: RLOOModule(policy(), scorer=LengthScorer(), rloo_k=3), {"samples_per_prompt"}),
-    "grpo": (lambda: GRPOModule(policy(), scorer=LengthScorer(), num_generations=3, beta=0.1), {"samples_per_prompt", "kl_coef", "kl_estimator"}),
+    "grpo": (
+        lambda: GRPOModule(policy(), scorer=LengthScorer(), num_generations=3, beta=0.1),
+        {"samples_per_prompt", "kl_coef", "kl_estimator"},
+    ),
 }
 
 
@@ -64,7 +72,9 @@ def test_a_module_built_in_python_rebuilds_from_its_hparams(method: str) -> None
     module = build()
     assert not parent_only & set(module.hparams), sorted(module.hparams)
     rebuilt = type(module)(**module.hparams)
-    assert float(rebuilt.kl_coef) == float(module.kl_coef) and rebuilt.samples_per_prompt == module.samples_per_prompt > 1
+    assert (
+        float(rebuilt.kl_coef) == float(module.kl_coef) and rebuilt.samples_per_prompt == module.samples_per_prompt > 1
+    )
 
 
 # ----------------------------------------------------------------------------- refusals and failures
@@ -86,7 +96,9 @@ def test_export_refuses_a_non_empty_folder_unless_overwrite(tmp_path: Path, dpo_
 
 @pytest.mark.integration
 @pytest.mark.usefixtures("plain_argv")
-def test_a_failed_export_leaves_no_partial_folder_and_names_the_path(tmp_path: Path, dpo_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_export_leaves_no_partial_folder_and_names_the_path(
+    tmp_path: Path, dpo_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from ulma_lightning.modules.base import AlignmentModule
 
     def disk_full(self, path, **kwargs):
@@ -101,7 +113,9 @@ def test_a_failed_export_leaves_no_partial_folder_and_names_the_path(tmp_path: P
 
 
 @pytest.mark.integration
-def test_a_failed_export_at_the_end_of_fit_leaves_no_folder_that_looks_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_export_at_the_end_of_fit_leaves_no_folder_that_looks_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Issue 26, item 2: on a full disk, ``hf_model/`` was left with its config and weights and a
     truncated ``tokenizer.json`` (it looked valid; AutoTokenizer failed on it), by an error naming no
     folder. Now the export is written beside it and moved into place, and the error names it."""
@@ -113,7 +127,10 @@ def test_a_failed_export_at_the_end_of_fit_leaves_no_folder_that_looks_whole(tmp
 
     monkeypatch.setattr(sys, "argv", ["ulma"])
     monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", disk_full)
-    with pytest.raises(OSError, match=r"HFExport \(trainer\.callbacks\): writing the Hugging Face folder .*/sft/version_0/hf_model failed .*Free space") as info:
+    with pytest.raises(
+        OSError,
+        match=r"HFExport \(trainer\.callbacks\): writing the Hugging Face folder .*/sft/version_0/hf_model failed .*Free space",
+    ) as info:
         fit_one_step("sft", tmp_path)
     assert info.value.errno == errno.ENOSPC
     assert not [p for p in tmp_path.rglob("*hf_model*")]  # neither the folder nor its partial

@@ -57,7 +57,9 @@ def test_pairwise_output_rebuilds_dpo_loss() -> None:
     losses = -torch.nn.functional.logsigmoid(0.1 * ((chosen - ref_c) - (rejected - ref_r)))
     mine = pairwise_output(losses, chosen, rejected, 0.1 * (chosen - ref_c), 0.1 * (rejected - ref_r))
     assert torch.allclose(mine.loss, builtin.loss)
-    assert {k: float(v) for k, v in mine.metrics.items()} == pytest.approx({k: float(v) for k, v in builtin.metrics.items()})
+    assert {k: float(v) for k, v in mine.metrics.items()} == pytest.approx(
+        {k: float(v) for k, v in builtin.metrics.items()}
+    )
 
 
 def test_label_options_live_on_the_modules_that_use_them() -> None:
@@ -86,10 +88,17 @@ def test_switching_class_path_refuses_to_drop_a_set_option(capsys: pytest.Captur
 def test_a_callbacks_list_given_whole_replaces_the_configs_list(capsys: pytest.CaptureFixture) -> None:
     """Not a class_path switch: the list replaces configs/ppo.yaml's callbacks, whatever their options (as
     experiments/paper-hh.yaml gives them; position 3 was the config's GenerationSamples with its options)."""
-    names = ["ulma_lightning.checkpointing.AtomicModelCheckpoint", "lightning.pytorch.callbacks.LearningRateMonitor", "ulma_lightning.callbacks.TokenThroughput", "ulma_lightning.callbacks.HFExport"]
+    names = [
+        "ulma_lightning.checkpointing.AtomicModelCheckpoint",
+        "lightning.pytorch.callbacks.LearningRateMonitor",
+        "ulma_lightning.callbacks.TokenThroughput",
+        "ulma_lightning.callbacks.HFExport",
+    ]
     callbacks = "[" + ", ".join(f'{{"class_path": "{name}"}}' for name in names) + "]"
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(REPO / "configs" / "ppo.yaml"), "--trainer.callbacks", callbacks, "--print_config"])
+        main(
+            ["fit", "--config", str(REPO / "configs" / "ppo.yaml"), "--trainer.callbacks", callbacks, "--print_config"]
+        )
     out, err = capsys.readouterr()
     assert exit_info.value.code in (0, None), err
     assert [c["class_path"] for c in yaml.safe_load(out)["trainer"]["callbacks"]] == names
@@ -119,7 +128,12 @@ def test_a_subclass_passing_kwargs_on_keeps_the_parents_options(capsys: pytest.C
     """The example module adds ``margin`` and takes PointwiseModule's options through ``**kwargs``."""
     sys.path.insert(0, str(REPO))
     try:
-        args = ["--model.class_path", "examples.pointwise_loss.HingeNegativeModule", "--model.init_args.reduction", "mean"]
+        args = [
+            "--model.class_path",
+            "examples.pointwise_loss.HingeNegativeModule",
+            "--model.init_args.reduction",
+            "mean",
+        ]
         args += ["--model.init_args.margin", "2.0"]
         with pytest.warns(UserWarning, match="positive_term"):  # ULMA-only, at its default
             code, out, _ = _print_config(args, capsys)
@@ -147,15 +161,29 @@ def test_the_thumbs_format_names_file_line_and_field() -> None:
 def test_example_runs_through_ulma_fit(tmp_path: Path, example: str) -> None:
     """Each example of docs/extending.md trains two steps with `ulma fit` and logs a finite loss; a loss
     example's YAML states only what is new, after the shipped config of its parent method."""
-    base = {"pointwise_loss": ["--config", str(REPO / "configs" / "ulma.yaml")], "pairwise_loss": ["--config", str(REPO / "configs" / "dpo.yaml")]}
+    base = {
+        "pointwise_loss": ["--config", str(REPO / "configs" / "ulma.yaml")],
+        "pairwise_loss": ["--config", str(REPO / "configs" / "dpo.yaml")],
+    }
     args = [
         "fit", *base.get(example, []), "--config", str(REPO / "examples" / f"{example}.yaml"),
         "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
         "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "ulma_lightning.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+        "HF_HUB_OFFLINE": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "ulma_lightning.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, f"{example}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     (log_dir,) = tmp_path.glob("*/version_*")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -169,6 +197,8 @@ def test_example_runs_through_ulma_fit(tmp_path: Path, example: str) -> None:
     written = yaml.safe_load((REPO / "examples" / f"{example}.yaml").read_text())
     assert saved["model"]["class_path"] == written["model"]["class_path"]
     if example in base:  # only the method is new: the class, its new option, nothing of the run
-        assert set(written) == {"model"} and set(written["model"]["init_args"]) == {"margin" if example == "pointwise_loss" else "gamma"}
+        assert set(written) == {"model"} and set(written["model"]["init_args"]) == {
+            "margin" if example == "pointwise_loss" else "gamma"
+        }
     else:
         assert saved["data"]["class_path"] == written["data"]["class_path"]

@@ -57,7 +57,9 @@ def test_the_saved_tokenizer_is_the_one_loaded(user: Path) -> None:
 def test_a_tokenizer_that_loads_as_saved_is_kept(tmp_path: Path) -> None:
     from ulma_lightning.tokenizers import as_transformers_tokenizer, train_byte_level_bpe
 
-    as_transformers_tokenizer(train_byte_level_bpe(NUMBERS, vocab_size=300)).save_pretrained(tmp_path)  # no model config: no other class
+    as_transformers_tokenizer(train_byte_level_bpe(NUMBERS, vocab_size=300)).save_pretrained(
+        tmp_path
+    )  # no model config: no other class
     tokenizer = load_tokenizer(str(tmp_path))
     assert type(tokenizer).__name__ in ("TokenizersBackend", "PreTrainedTokenizerFast")
     assert tokenizer(SAMPLE_TEXT, add_special_tokens=False)["input_ids"] == raw_ids(tmp_path, SAMPLE_TEXT)
@@ -105,7 +107,10 @@ def test_reference_auto_resolves_per_lora_and_an_explicit_mode_is_kept() -> None
     assert PolicyConfig(model_config=TINY_LLAMA).reference == "copy"
     assert PolicyConfig(model_config=TINY_LLAMA, lora=LoraSettings(r=4)).reference == "adapter"
     assert PolicyConfig(model_config=TINY_LLAMA, lora=LoraSettings(r=4), reference="copy").reference == "copy"
-    assert PolicyConfig(model_config=TINY_LLAMA, lora=LoraSettings(r=4), reference="precomputed").reference == "precomputed"
+    assert (
+        PolicyConfig(model_config=TINY_LLAMA, lora=LoraSettings(r=4), reference="precomputed").reference
+        == "precomputed"
+    )
     assert PolicyConfig(model_config=TINY_LLAMA, lora=LoraSettings(r=4), reference_model="some/sft").reference == "copy"
 
 
@@ -136,7 +141,9 @@ def test_the_first_command_prints_nothing_a_user_cannot_act_on(tmp_path: Path) -
     run = tmp_path / "runs" / "ulma" / "version_0"
     events = EventAccumulator(str(run), size_guidance={"scalars": 0})
     events.Reload()
-    start = plugin_data_pb2.HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    ).session_start_info
     assert "beta" in start.hparams and not [name for name in start.hparams if "_instantiator" in name]
     assert "_instantiator" not in (run / "hparams.yaml").read_text()
     val_loss, hp_metric = events.Scalars("val/loss"), events.Scalars("hp_metric")
@@ -168,10 +175,14 @@ def test_auc_is_not_logged_for_one_class() -> None:
     module = ULMAModule(PolicyConfig(model_config=TINY_LLAMA))
     logged: dict[str, float] = {}
     module.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))  # type: ignore[method-assign]
-    module.reward_metrics.outputs["val"] = [(torch.tensor([0.6, 0.7]), torch.tensor([1, 1]), torch.zeros(2), torch.ones(2))]
+    module.reward_metrics.outputs["val"] = [
+        (torch.tensor([0.6, 0.7]), torch.tensor([1, 1]), torch.zeros(2), torch.ones(2))
+    ]
     module.reward_metrics.log_epoch(module, "val", module.label_type)
     assert "val/rewards/accuracy" in logged and "val/rewards/auc" not in logged
-    module.reward_metrics.outputs["val"] = [(torch.tensor([0.6, 0.4]), torch.tensor([1, 0]), torch.zeros(2), torch.tensor([1.0, 0.0]))]
+    module.reward_metrics.outputs["val"] = [
+        (torch.tensor([0.6, 0.4]), torch.tensor([1, 0]), torch.zeros(2), torch.tensor([1.0, 0.0]))
+    ]
     module.reward_metrics.log_epoch(module, "val", module.label_type)
     assert logged["val/rewards/auc"] == 1.0
 
@@ -185,7 +196,9 @@ def test_kto_logs_reward_accuracy_and_auc_like_the_other_methods(tmp_path: Path)
     from ulma_lightning.policy import PolicyConfig
 
     module = KTOModule(PolicyConfig(model_config=TINY_LLAMA), beta=0.1)
-    datamodule = PointwiseDataModule(train="demo://binary?n=40", val="demo://binary?split=validation&n=16", batch_size=8)
+    datamodule = PointwiseDataModule(
+        train="demo://binary?n=40", val="demo://binary?split=validation&n=16", batch_size=8
+    )
     trainer = pl.Trainer(
         max_steps=3, val_check_interval=3, num_sanity_val_steps=0, logger=False, accelerator="cpu",
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
@@ -194,7 +207,9 @@ def test_kto_logs_reward_accuracy_and_auc_like_the_other_methods(tmp_path: Path)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     assert 0.0 <= metrics["val/rewards/accuracy"] <= 1.0 and 0.0 <= metrics["val/rewards/auc"] <= 1.0
     assert 0.0 <= metrics["train/rewards/accuracy_step"] <= 1.0
-    assert metrics["val/kl"] >= max(0.0, metrics["val/kl_estimate"]) - 1e-6  # kl: the mean of the batches' clamped estimates
+    assert (
+        metrics["val/kl"] >= max(0.0, metrics["val/kl_estimate"]) - 1e-6
+    )  # kl: the mean of the batches' clamped estimates
 
     # the accuracy is KTO's decision, h > z0, over the validation samples
     module.eval()
@@ -203,7 +218,9 @@ def test_kto_logs_reward_accuracy_and_auc_like_the_other_methods(tmp_path: Path)
     with torch.no_grad():
         for batch in batches:
             out = module.compute_loss(batch, "test")
-            ratio = module.policy.logps(batch, average=module.average_logps) - module.policy.reference_logps(batch, average=module.average_logps)
+            ratio = module.policy.logps(batch, average=module.average_logps) - module.policy.reference_logps(
+                batch, average=module.average_logps
+            )
             outcomes += ((ratio > out.metrics["kl"]) == (batch["score"] >= 1.0)).tolist()
     module.reward_metrics.outputs["test"] = []
     assert metrics["val/rewards/accuracy"] == pytest.approx(sum(outcomes) / len(outcomes), abs=1e-6)

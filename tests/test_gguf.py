@@ -52,7 +52,9 @@ def test_a_gguf_policy_loads_as_a_float_model_with_the_files_tokenizer(tiny_gguf
     text = "\n\nHuman: plant a tree\n\nAssistant: dig a hole"
     assert policy.tokenizer(text)["input_ids"] == demo(text)["input_ids"]
     assert policy.tokenizer.chat_template == CHAT_TEMPLATE
-    assert policy.model.training and not policy.reference_model.training  # from_pretrained's eval mode is undone for the policy
+    assert (
+        policy.model.training and not policy.reference_model.training
+    )  # from_pretrained's eval mode is undone for the policy
     reference = policy.reference_model.state_dict()  # the reference copies the dequantised weights
     assert all(torch.equal(reference[k], v) for k, v in expected.items())
     # a folder plus gguf_file is the same source
@@ -73,7 +75,9 @@ def test_a_reward_model_loads_its_backbone_from_a_gguf(tiny_gguf) -> None:
     assert scores.shape == (2,) and torch.isfinite(scores).all()
 
 
-def test_the_quantiser_marker_is_dropped_where_transformers_keeps_it(tiny_gguf, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_quantiser_marker_is_dropped_where_transformers_keeps_it(
+    tiny_gguf, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without the dequantise option (older transformers have none), transformers 5 attaches a GGUF
     quantiser that makes save_pretrained refuse; the loaded model is rebuilt as a plain one."""
     from transformers import AutoModelForCausalLM
@@ -120,7 +124,9 @@ print(json.dumps({"template": tokenizer.chat_template, "ids": ids[0].tolist(), "
 
 def load_without_gguf(folder: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_GGUF, str(folder)], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_GGUF, str(folder)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -130,7 +136,9 @@ def test_fit_from_a_gguf_resumes_and_exports_a_folder_that_loads_without_gguf(ti
     path, expected = tiny_gguf
     cli = fit(path, tmp_path, "--trainer.max_steps", "2")
     trained = cli.model.policy.model
-    assert not torch.equal(trained.state_dict()["model.layers.0.mlp.up_proj.weight"], expected["model.layers.0.mlp.up_proj.weight"])  # it trained
+    assert not torch.equal(
+        trained.state_dict()["model.layers.0.mlp.up_proj.weight"], expected["model.layers.0.mlp.up_proj.weight"]
+    )  # it trained
     run = tmp_path / "ulma" / "version_0"
     exported = run / "hf_model"  # HFExport at the end of fit
     assert (exported / "model.safetensors").is_file()
@@ -153,7 +161,10 @@ def test_fit_from_a_gguf_resumes_and_exports_a_folder_that_loads_without_gguf(ti
     # resume from the checkpoint: the run continues at step 2 from the trained weights
     resumed = fit(path, tmp_path, "--trainer.max_steps", "3", "--ckpt_path", "last")
     assert resumed.trainer.global_step == 3
-    assert not torch.equal(resumed.model.policy.model.state_dict()["model.layers.0.mlp.up_proj.weight"], trained.state_dict()["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        resumed.model.policy.model.state_dict()["model.layers.0.mlp.up_proj.weight"],
+        trained.state_dict()["model.layers.0.mlp.up_proj.weight"],
+    )
 
 
 # ---------------------------------------------------------------- bad input
@@ -206,9 +217,22 @@ def test_a_missing_gguf_file_and_a_misused_gguf_file_option_are_named(tmp_path: 
 
 
 @pytest.mark.integration
-def test_a_folder_plus_gguf_file_on_the_command_line_gives_the_data_the_files_tokenizer(tiny_gguf, tmp_path: Path) -> None:
+def test_a_folder_plus_gguf_file_on_the_command_line_gives_the_data_the_files_tokenizer(
+    tiny_gguf, tmp_path: Path
+) -> None:
     path, _ = tiny_gguf
-    cli = fit(path, tmp_path, "--model.init_args.policy.model", str(path.parent), "--model.init_args.policy.gguf_file", path.name, "--trainer.max_steps", "1")
+    cli = fit(
+        path,
+        tmp_path,
+        "--model.init_args.policy.model",
+        str(path.parent),
+        "--model.init_args.policy.gguf_file",
+        path.name,
+        "--trainer.max_steps",
+        "1",
+    )
     assert cli.model.policy.config.model_source == f"{path.parent}/{path.name}"
-    assert cli.datamodule.tokenizer_source == f"{path.parent}/{path.name}"  # linked: the data tokenizes with the GGUF's tokenizer
+    assert (
+        cli.datamodule.tokenizer_source == f"{path.parent}/{path.name}"
+    )  # linked: the data tokenizes with the GGUF's tokenizer
     assert cli.datamodule.tokenizer.chat_template == CHAT_TEMPLATE

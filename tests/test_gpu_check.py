@@ -49,7 +49,9 @@ def test_gpu_check_runs_fsdp2_on_cpu_with_a_tiny_model(tmp_path: Path) -> None:
     args = ["--strategy", "fsdp2", "--tiny", "--accelerator", "cpu", "--precision", "32-true", "--steps", "4",
             "--warmup", "1", "--batch-size", "2", "--max-length", "64", "--words", "30", "--out", str(out),
             "--check-export"]  # fmt: skip
-    result = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[gpu_check] fsdp2" in result.stdout and "tokens/s" in result.stdout
     numbers = json.loads(out.read_text())

@@ -82,7 +82,9 @@ def test_ulma_mixed_batch_gradient_splits_into_sft_plus_negative_term(policy: Po
     positives, negatives = scores == 1, scores == 0
     g_sft = torch.autograd.grad(sft_loss(policy.logps(select_rows(batch, positives), average=True)).loss, params)
     neg_batch = select_rows(batch, negatives)
-    neg_loss = ulma_loss(policy.logps(neg_batch, average=True), reference[negatives], scores[negatives], beta=BETA, offset=OFFSET).loss
+    neg_loss = ulma_loss(
+        policy.logps(neg_batch, average=True), reference[negatives], scores[negatives], beta=BETA, offset=OFFSET
+    ).loss
     g_neg = torch.autograd.grad(neg_loss, params)
     assert_grads_close(g_mixed, [a + b for a, b in zip(g_sft, g_neg)], rtol=1e-4, atol=1e-6)
 
@@ -99,15 +101,21 @@ def test_pointwise_dpo_per_sample_gradient(policy: Policy, score: float) -> None
         u = BETA * float(logps[i].detach() - reference[i]) + OFFSET
         assert abs(u - OFFSET) > 1e-4  # the policy moved: a real weight, not the trivial sigma(offset)
         coefficient = -BETA * sigmoid(-u) if score == 1.0 else BETA * sigmoid(u)
-        loss = pointwise_dpo_loss(logps[i : i + 1], reference[i : i + 1], batch["score"][i : i + 1], beta=BETA, offset=OFFSET).loss
+        loss = pointwise_dpo_loss(
+            logps[i : i + 1], reference[i : i + 1], batch["score"][i : i + 1], beta=BETA, offset=OFFSET
+        ).loss
         g_loss = torch.autograd.grad(loss, params, retain_graph=True)
         g_logp = torch.autograd.grad(logps[i], params, retain_graph=True)
         assert_grads_close(g_loss, [coefficient * g for g in g_logp])
         if score == 0.0:  # ULMA's negative term is the same
-            ulma = ulma_loss(logps[i : i + 1], reference[i : i + 1], batch["score"][i : i + 1], beta=BETA, offset=OFFSET).loss
+            ulma = ulma_loss(
+                logps[i : i + 1], reference[i : i + 1], batch["score"][i : i + 1], beta=BETA, offset=OFFSET
+            ).loss
             assert_grads_close(torch.autograd.grad(ulma, params, retain_graph=True), g_loss, rtol=1e-6, atol=0)
         else:  # ULMA's positive term is the undamped SFT gradient
-            ulma = ulma_loss(logps[i : i + 1], reference[i : i + 1], batch["score"][i : i + 1], beta=BETA, offset=OFFSET).loss
+            ulma = ulma_loss(
+                logps[i : i + 1], reference[i : i + 1], batch["score"][i : i + 1], beta=BETA, offset=OFFSET
+            ).loss
             g_ulma = torch.autograd.grad(ulma, params, retain_graph=True)
             assert_grads_close(g_ulma, [-g for g in g_logp], rtol=1e-6, atol=0)
 

@@ -26,7 +26,9 @@ def kto(reference: str = "copy") -> KTOModule:
 
 def pair_data(**kwargs) -> PointwiseDataModule:
     """Demo pairs read as point-wise samples: each record gives chosen (1) then rejected (0)."""
-    data = PointwiseDataModule(train="demo://pairwise?n=24", val="demo://pairwise?split=test&n=8", max_length=256, **kwargs)
+    data = PointwiseDataModule(
+        train="demo://pairwise?n=24", val="demo://pairwise?split=test&n=8", max_length=256, **kwargs
+    )
     data.setup("fit")
     return data
 
@@ -82,13 +84,19 @@ def test_a_prompt_truncated_differently_for_its_two_answers_is_still_one_prompt(
     """A long prompt is cut for its long answer only: its samples' prompt tokens differ, the prompt not."""
     long_prompt = "".join(f"\n\nHuman: question {i}?\n\nAssistant: answer {i}." for i in range(4)) + "\n\nHuman: Tea?"
     records = [
-        {"prompt": long_prompt, "chosen": "Yes.", "rejected": "No, never, not ever, under no circumstances at all, no."},
+        {
+            "prompt": long_prompt,
+            "chosen": "Yes.",
+            "rejected": "No, never, not ever, under no circumstances at all, no.",
+        },
         {"prompt": "How do I bake bread?", "response": "Knead, rise, bake.", "score": 1},
         {"prompt": "Can you help me?", "response": "Sure.", "score": 0},
     ]
     path = tmp_path / "val.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    data = PointwiseDataModule(train="demo://binary?n=8", val=str(path), max_length=48, max_prompt_length=16, batch_size=4)
+    data = PointwiseDataModule(
+        train="demo://binary?n=8", val=str(path), max_length=48, max_prompt_length=16, batch_size=4
+    )
     data.setup("fit")
     batch = next(iter(data.val_dataloader()))
     rows = [split_row(ids, labels) for ids, labels in zip(batch["input_ids"], batch["labels"])]
@@ -137,7 +145,9 @@ def test_the_reused_estimate_survives_a_checkpoint() -> None:
     resumed = kto()
     resumed.on_load_checkpoint(checkpoint)
     resumed.load_state_dict(checkpoint["state_dict"])
-    assert resumed.compute_loss(batch, "train").loss.item() == pytest.approx(module.compute_loss(batch, "train").loss.item(), abs=1e-6)
+    assert resumed.compute_loss(batch, "train").loss.item() == pytest.approx(
+        module.compute_loss(batch, "train").loss.item(), abs=1e-6
+    )
     assert resumed.kl.item() == 0.25 and module.kl.item() == 0.25
 
 

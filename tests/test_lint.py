@@ -19,7 +19,9 @@ def run(tool: str, *args: str) -> None:
     except ImportError:
         pytest.fail(f"{tool} is not installed: pip install -e '.[test]' (pyproject.toml pins it)")
     done = subprocess.run([sys.executable, "-m", tool, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"`{tool} {' '.join(args)}` failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}"
+    assert done.returncode == 0, (
+        f"`{tool} {' '.join(args)}` failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}"
+    )
 
 
 def test_ruff_check() -> None:

@@ -12,15 +12,21 @@ VOCAB = 97
 PAD = 0
 
 CONFIGS = {
-    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "llama": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64),  # tied input/output embeddings
-    "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "qwen2": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
 }
 CHUNK_SIZES = [1, 3, 100_000]
 
 
 def tiny_model(model_type: str) -> torch.nn.Module:
-    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=1, eos_token_id=2, **CONFIGS[model_type])
+    config = AutoConfig.for_model(
+        model_type, vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=1, eos_token_id=2, **CONFIGS[model_type]
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
@@ -138,7 +144,9 @@ def test_lm_head_sees_at_most_chunk_rows(chunk: int, monkeypatch: pytest.MonkeyP
     model = tiny_model("qwen2")
     batch = make_batch(*BATCH_SHAPE, seed=4)
     shapes: list[tuple[int, ...]] = []
-    handle = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: shapes.append(tuple(args[0].shape)))
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda mod, args, out: shapes.append(tuple(args[0].shape))
+    )
     chunk_logits = logprobs._chunk_logits
 
     def spy(hidden, *args, **kwargs):
@@ -158,7 +166,9 @@ def test_lm_head_sees_at_most_chunk_rows(chunk: int, monkeypatch: pytest.MonkeyP
     finally:
         handle.remove()
     # Sanity check of the spy: a plain forward of the model does project the whole (B, T, H).
-    handle = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: shapes.append(tuple(args[0].shape)))
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda mod, args, out: shapes.append(tuple(args[0].shape))
+    )
     try:
         shapes.clear()
         with torch.no_grad():
@@ -186,7 +196,9 @@ def test_policy_uses_its_chunk_size(demo_tokenizer, monkeypatch: pytest.MonkeyPa
     batch = make_pointwise_batch(demo_tokenizer, [1, 0, 1])
     results = []
     for chunk in (2, 4096):
-        policy = Policy(PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo", reference="none", logits_chunk_size=chunk))
+        policy = Policy(
+            PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo", reference="none", logits_chunk_size=chunk)
+        )
         policy.build()
         rows.clear()
         policy.model.get_output_embeddings().register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
@@ -211,6 +223,8 @@ def test_decoder_and_head_give_the_logits(lora: bool) -> None:
     decoder, head = decoder_and_head(model)
     batch = make_batch([3], [8])
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    torch.testing.assert_close(head(hidden), model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
+    torch.testing.assert_close(
+        head(hidden), model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    )
     with pytest.raises(TypeError, match="causal LM"):
         decoder_and_head(torch.nn.Linear(2, 2))

@@ -83,9 +83,13 @@ def test_pointwise_dpo_default_beta_and_offset() -> None:
 def test_pointwise_dpo_continuous_bce_by_hand(reduction: str) -> None:
     scores = [1.0, 0.3, 0.0, 0.75]
     u = u_values()
-    per_sample = [-log_sigmoid(u[0])] + [-(z * log_sigmoid(x) + (1 - z) * log_sigmoid(-x)) for z, x in zip(scores[1:], u[1:])]
+    per_sample = [-log_sigmoid(u[0])] + [
+        -(z * log_sigmoid(x) + (1 - z) * log_sigmoid(-x)) for z, x in zip(scores[1:], u[1:])
+    ]
     expected = per_sample[0] + mean(per_sample[1:]) if reduction == "subset_mean" else mean(per_sample)
-    out = pointwise_dpo_loss(t(POLICY), t(REFERENCE), t(scores), beta=BETA, offset=OFFSET, label_type="continuous", reduction=reduction)
+    out = pointwise_dpo_loss(
+        t(POLICY), t(REFERENCE), t(scores), beta=BETA, offset=OFFSET, label_type="continuous", reduction=reduction
+    )
     close(out.loss, expected)
     assert out.losses.tolist() == pytest.approx(per_sample, rel=1e-12)
 
@@ -134,7 +138,9 @@ def test_ulma_binary_by_hand(positive_term: str, reduction: str) -> None:
         pos = [-log_sigmoid(u[0]), -log_sigmoid(u[2])]
     neg = [-log_sigmoid(-u[1]), -log_sigmoid(-u[3])]
     expected = mean(pos) + mean(neg) if reduction == "subset_mean" else (sum(pos) + sum(neg)) / 4
-    out = ulma_loss(t(POLICY), t(REFERENCE), t(scores), beta=BETA, offset=OFFSET, positive_term=positive_term, reduction=reduction)
+    out = ulma_loss(
+        t(POLICY), t(REFERENCE), t(scores), beta=BETA, offset=OFFSET, positive_term=positive_term, reduction=reduction
+    )
     close(out.loss, expected)
     assert out.losses.tolist() == pytest.approx([pos[0], neg[0], pos[1], neg[1]], rel=1e-12)
     rewards = [BETA * (p - r) for p, r in zip(POLICY, REFERENCE)]
@@ -185,7 +191,9 @@ def test_ulma_positive_threshold_by_hand() -> None:
     close(out.loss, mean(pos) + mean(neg))
     close(out.metrics["positive_fraction"], 0.75)
     # The default threshold (1.0) makes only the first sample positive.
-    default = ulma_loss(t(POLICY), t(REFERENCE), t(scores), beta=BETA, offset=OFFSET, label_type="continuous", continuous_form="mse")
+    default = ulma_loss(
+        t(POLICY), t(REFERENCE), t(scores), beta=BETA, offset=OFFSET, label_type="continuous", continuous_form="mse"
+    )
     close(default.loss, -POLICY[0] + mean([(z - x) ** 2 for z, x in zip(scores[1:], u[1:])]))
 
 
@@ -274,7 +282,9 @@ def test_empty_negative_subset(kind, label_type, continuous_form, reduction) -> 
 
 
 @pytest.mark.parametrize("positive_term", ["sft", "beta_sft"])
-@pytest.mark.parametrize("label_type,continuous_form", [("binary", "bce"), ("continuous", "bce"), ("continuous", "mse")])
+@pytest.mark.parametrize(
+    "label_type,continuous_form", [("binary", "bce"), ("continuous", "bce"), ("continuous", "mse")]
+)
 def test_ulma_nan_reference_at_positives_is_ignored(positive_term, label_type, continuous_form) -> None:
     """The reference is never read on positives: NaN there changes neither loss nor gradient."""
     scores = t([1.0, 0.0, 1.0, 0.0])
@@ -427,7 +437,16 @@ def test_kto_by_hand() -> None:
         wu * (1 - sigmoid(beta * (z0 - r[1]))),
         wd * (1 - sigmoid(beta * (r[2] - z0))),
     ]
-    out = kto_loss(t(policy), t(reference), t(labels), t(kl_policy), t(kl_reference), beta=beta, desirable_weight=wd, undesirable_weight=wu)
+    out = kto_loss(
+        t(policy),
+        t(reference),
+        t(labels),
+        t(kl_policy),
+        t(kl_reference),
+        beta=beta,
+        desirable_weight=wd,
+        undesirable_weight=wu,
+    )
     close(out.loss, mean(per_sample))
     close(out.metrics["kl"], z0)
     # A negative KL estimate is clamped to 0.
@@ -504,7 +523,9 @@ def test_pointwise_dpo_positive_threshold_splits_the_subsets() -> None:
     policy = torch.tensor([-1.0, -2.0, -3.0])
     reference = torch.tensor([-1.5, -1.0, -2.0])
     scores = torch.tensor([0.7, 0.2, 1.0])
-    out = pointwise_dpo_loss(policy, reference, scores, label_type="continuous", positive_threshold=0.5, reduction="mean")
+    out = pointwise_dpo_loss(
+        policy, reference, scores, label_type="continuous", positive_threshold=0.5, reduction="mean"
+    )
     u = 0.1 * (policy - reference)
     expected_first = math.log1p(math.exp(-float(u[0])))  # -log sigma(u): treated as a positive
     assert out.losses[0].item() == pytest.approx(expected_first, rel=1e-6)

@@ -115,7 +115,13 @@ def test_unlikelihood_refuses_an_unknown_reduction_for_either_variant() -> None:
     bad = r"^reduction must be 'token', 'subset_mean' or 'mean', got 'tokens'$"
     for variant in ("welleck", "authors"):
         with pytest.raises(ValueError, match=bad):
-            unlikelihood_loss(torch.tensor([-1.0, -2.0]), torch.tensor([0, 1]), torch.tensor([True, False]), variant=variant, reduction="tokens")  # type: ignore[arg-type]
+            unlikelihood_loss(
+                torch.tensor([-1.0, -2.0]),
+                torch.tensor([0, 1]),
+                torch.tensor([True, False]),
+                variant=variant,
+                reduction="tokens",
+            )  # type: ignore[arg-type]
         with pytest.raises(ValueError, match=bad):
             UnlikelihoodModule(policy_config("none"), variant=variant, reduction="tokens")  # type: ignore[arg-type]
 
@@ -137,7 +143,9 @@ def test_sft_loss_is_the_token_mean_cross_entropy_of_hugging_face() -> None:
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     ours = module.compute_loss(batch, "train").loss
-    hf = module.policy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    hf = module.policy.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+    ).loss
     torch.testing.assert_close(ours, hf, rtol=1e-5, atol=1e-5)
     per_sequence = SFTModule(policy_config("none"), reduction="sequence")
     per_sequence.policy.model = module.policy.model
@@ -199,7 +207,9 @@ def test_kto_on_a_single_class_batch(desirable: bool) -> None:
         kl_policy = module.policy.logps(shifted, average=False)
         kl_reference = module.policy.reference_logps(shifted, average=False)
     labels = torch.full((len(records),), desirable)
-    expected = kto_loss(policy, reference, labels, kl_policy, kl_reference, beta=0.5, desirable_weight=1.5, undesirable_weight=0.5)
+    expected = kto_loss(
+        policy, reference, labels, kl_policy, kl_reference, beta=0.5, desirable_weight=1.5, undesirable_weight=0.5
+    )
     torch.testing.assert_close(out.loss.detach(), expected.loss, rtol=1e-5, atol=1e-6)
     unclamped = (kl_policy - kl_reference).mean()
     assert abs(unclamped) > 1e-3  # the perturbed policy drifted from its reference
@@ -255,7 +265,9 @@ def test_dpo_adapter_reference_is_the_policy_without_lora() -> None:
     pytest.importorskip("peft", reason="LoRA needs peft")
     from ulma_lightning import LoraSettings
 
-    config = PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo", reference="adapter", lora=LoraSettings(r=4))
+    config = PolicyConfig(
+        model_config=TINY_LLAMA, tokenizer="builtin:demo", reference="adapter", lora=LoraSettings(r=4)
+    )
     module = DPOModule(config)
     module.configure_model()
     assert module.policy.reference_model is None
@@ -326,5 +338,7 @@ def test_reward_model_on_pointwise_scores(form: str) -> None:
     scores = torch.tensor([r["score"] for r in records])
     with torch.no_grad():
         out = module.compute_loss(batch, "train")
-    expected = F.binary_cross_entropy_with_logits(rewards, scores) if form == "bce" else (rewards - scores).square().mean()
+    expected = (
+        F.binary_cross_entropy_with_logits(rewards, scores) if form == "bce" else (rewards - scores).square().mean()
+    )
     torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-5)

@@ -29,7 +29,9 @@ def test_bad_module_options_fail_at_construction(kwargs: dict, message: str) -> 
 
 
 def test_pointwise_dpo_module_passes_its_threshold() -> None:
-    module = PointwiseDPOModule(PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo"), label_type="continuous", positive_threshold=0.5)
+    module = PointwiseDPOModule(
+        PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo"), label_type="continuous", positive_threshold=0.5
+    )
     out = module.loss(torch.tensor([-1.0, -2.0]), torch.tensor([-1.0, -2.0]), torch.tensor([0.6, 0.1]))
     assert out.metrics["positive_fraction"].item() == pytest.approx(0.5)
 

@@ -12,7 +12,16 @@ import pytest
 import ulma_lightning as U
 from ulma_lightning.modules import METHOD_BASES, AlignmentModule, RolloutModule, rollout, shared
 
-OFFLINE = [U.ULMAModule, U.PointwiseDPOModule, U.PointwiseModule, U.SFTModule, U.DPOModule, U.UnlikelihoodModule, U.KTOModule, U.RewardModelModule]
+OFFLINE = [
+    U.ULMAModule,
+    U.PointwiseDPOModule,
+    U.PointwiseModule,
+    U.SFTModule,
+    U.DPOModule,
+    U.UnlikelihoodModule,
+    U.KTOModule,
+    U.RewardModelModule,
+]
 ONLINE = [U.PPOModule, U.RLOOModule, U.GRPOModule, U.OnlineULMAModule]
 STEPS = ("training_step", "validation_step", "test_step")
 #: the Lightning hooks both bases implement, each by calling the same function of ``modules.shared``
@@ -65,10 +74,14 @@ def test_no_step_overrides_a_step_of_the_other_base() -> None:
 def test_the_shared_hooks_are_the_shared_functions(base: type) -> None:
     for hook, function in SHARED_HOOKS.items():
         assert callable(getattr(shared, function))
-        assert f"shared.{function}(" in inspect.getsource(vars(base)[hook]), f"{base.__name__}.{hook} does not call shared.{function}"
+        assert f"shared.{function}(" in inspect.getsource(vars(base)[hook]), (
+            f"{base.__name__}.{hook} does not call shared.{function}"
+        )
 
 
-def test_ulma_takes_a_subclass_of_either_base_and_refuses_another_lightning_module(capsys: pytest.CaptureFixture[str]) -> None:
+def test_ulma_takes_a_subclass_of_either_base_and_refuses_another_lightning_module(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """The CLI's model is a subclass of AlignmentModule or RolloutModule (``ULMAArgumentParser``): another
     LightningModule is refused by the parser, naming both bases, as it was with one base."""
     from conftest import REPO
@@ -79,10 +92,22 @@ def test_ulma_takes_a_subclass_of_either_base_and_refuses_another_lightning_modu
         main(["fit", "--config", str(REPO / "configs" / "rloo.yaml"), "--print_config"])
     assert "class_path: ulma_lightning.RLOOModule" in capsys.readouterr().out
     with pytest.raises(SystemExit) as info:
-        main(["fit", "--config", str(REPO / "configs" / "rloo.yaml"), "--model.class_path", "lightning.pytorch.demos.boring_classes.BoringModel", "--print_config"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "configs" / "rloo.yaml"),
+                "--model.class_path",
+                "lightning.pytorch.demos.boring_classes.BoringModel",
+                "--print_config",
+            ]
+        )
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "BoringModel does not correspond to a subclass of AlignmentModule" in err and "BoringModel does not correspond to a subclass of RolloutModule" in err
+    assert (
+        "BoringModel does not correspond to a subclass of AlignmentModule" in err
+        and "BoringModel does not correspond to a subclass of RolloutModule" in err
+    )
 
 
 def test_ulma_compare_takes_a_subclass_of_either_base() -> None:
@@ -91,6 +116,16 @@ def test_ulma_compare_takes_a_subclass_of_either_base() -> None:
     from ulma_lightning.compare.spec import GridError, _module_class
 
     for method, cls in (("ulma", U.ULMAModule), ("online_ulma", U.OnlineULMAModule), ("grpo", U.GRPOModule)):
-        assert _module_class(REPO / "configs" / f"{method}.yaml", {}, "stage") == (f"ulma_lightning.{cls.__name__}", cls)
-    with pytest.raises(GridError, match=r"stage: lightning.pytorch.demos.boring_classes.BoringModel in .* is not an ulma-lightning method module \(a subclass of AlignmentModule or RolloutModule\)"):
-        _module_class(REPO / "configs" / "ulma.yaml", {"model.class_path": "lightning.pytorch.demos.boring_classes.BoringModel"}, "stage")
+        assert _module_class(REPO / "configs" / f"{method}.yaml", {}, "stage") == (
+            f"ulma_lightning.{cls.__name__}",
+            cls,
+        )
+    with pytest.raises(
+        GridError,
+        match=r"stage: lightning.pytorch.demos.boring_classes.BoringModel in .* is not an ulma-lightning method module \(a subclass of AlignmentModule or RolloutModule\)",
+    ):
+        _module_class(
+            REPO / "configs" / "ulma.yaml",
+            {"model.class_path": "lightning.pytorch.demos.boring_classes.BoringModel"},
+            "stage",
+        )

@@ -72,7 +72,9 @@ def test_continuous_labels_by_hand() -> None:
 
 
 def test_online_labels_refuses_an_unknown_mode() -> None:
-    with pytest.raises(ValueError, match="online_labels: mode must be 'top_vs_rest', 'threshold' or 'continuous', got 'pairs'"):
+    with pytest.raises(
+        ValueError, match="online_labels: mode must be 'top_vs_rest', 'threshold' or 'continuous', got 'pairs'"
+    ):
         online_labels(torch.zeros(4), 2, "pairs")  # type: ignore[arg-type]
 
 
@@ -97,14 +99,18 @@ def test_bad_options_are_named() -> None:
         OnlineULMAModule(policy(), positive_term="dpo")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="takes beta"):
         OnlineULMAModule(policy(), kl_coef=0.1)
-    OnlineULMAModule(policy(), label_mode="threshold", threshold=3.0, score_range=None, samples_per_prompt=1)  # unbounded scorer: fine
+    OnlineULMAModule(
+        policy(), label_mode="threshold", threshold=3.0, score_range=None, samples_per_prompt=1
+    )  # unbounded scorer: fine
 
 
 # ------------------------------------------------------------------ the step
 def test_k_samples_per_prompt_are_scored_each_and_the_step_is_ulma_loss() -> None:
     pl.seed_everything(0)
     scorer = Recorder()
-    module = OnlineULMAModule(policy(), scorer=scorer, generation=GEN, samples_per_prompt=3, label_mode="continuous", score_range=(0.0, 0.6))
+    module = OnlineULMAModule(
+        policy(), scorer=scorer, generation=GEN, samples_per_prompt=3, label_mode="continuous", score_range=(0.0, 0.6)
+    )
     module.configure_model()
     data = prompts(4, 4)
     data.setup("fit")
@@ -121,7 +127,10 @@ def test_k_samples_per_prompt_are_scored_each_and_the_step_is_ulma_loss() -> Non
         logps = module.policy.token_logps(rollout.sequences).per_sequence(average=True)
     expected = ulma_loss(logps, reference, labels, beta=1.0, label_type="continuous")
     seen: list[torch.Tensor] = []
-    module.minibatch_updates = lambda size, epochs, mbs, step: (seen.append(step(torch.arange(size)).loss.detach()), {})[1]  # type: ignore[method-assign]
+    module.minibatch_updates = lambda size, epochs, mbs, step: (
+        seen.append(step(torch.arange(size)).loss.detach()),
+        {},
+    )[1]  # type: ignore[method-assign]
     module.update(rollout)
     torch.testing.assert_close(seen[0], expected.loss)
 
@@ -129,7 +138,9 @@ def test_k_samples_per_prompt_are_scored_each_and_the_step_is_ulma_loss() -> Non
 @pytest.mark.integration
 def test_the_reference_stays_frozen_and_refreshes_when_asked() -> None:
     pl.seed_everything(0)
-    frozen = OnlineULMAModule(policy(), scorer=Recorder(), generation=GEN, samples_per_prompt=2, optimizer=OptimizerConfig(lr=1e-2))
+    frozen = OnlineULMAModule(
+        policy(), scorer=Recorder(), generation=GEN, samples_per_prompt=2, optimizer=OptimizerConfig(lr=1e-2)
+    )
     frozen.configure_model()
     start = {k: v.clone() for k, v in frozen.policy.reference_model.state_dict().items()}
     fit(frozen, prompts(), steps=2)
@@ -138,10 +149,20 @@ def test_the_reference_stays_frozen_and_refreshes_when_asked() -> None:
     assert not any(p.requires_grad for p in frozen.policy.reference_model.parameters())
 
     pl.seed_everything(0)
-    refreshed = OnlineULMAModule(policy(), scorer=Recorder(), generation=GEN, samples_per_prompt=2, optimizer=OptimizerConfig(lr=1e-2), ref_refresh_every=2)
+    refreshed = OnlineULMAModule(
+        policy(),
+        scorer=Recorder(),
+        generation=GEN,
+        samples_per_prompt=2,
+        optimizer=OptimizerConfig(lr=1e-2),
+        ref_refresh_every=2,
+    )
     seen: list[dict[str, torch.Tensor]] = []
     original = refreshed.refresh_reference
-    refreshed.refresh_reference = lambda: (original(), seen.append({k: v.clone() for k, v in refreshed.policy.reference_model.state_dict().items()}))[0]  # type: ignore[method-assign]
+    refreshed.refresh_reference = lambda: (
+        original(),
+        seen.append({k: v.clone() for k, v in refreshed.policy.reference_model.state_dict().items()}),
+    )[0]  # type: ignore[method-assign]
     trainer = fit(refreshed, prompts(), steps=2)
     assert trainer.global_step == 2 and len(seen) == 1  # refreshed once, after step 2
     policy_state = refreshed.policy.model.state_dict()
@@ -150,7 +171,13 @@ def test_the_reference_stays_frozen_and_refreshes_when_asked() -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("mode,message", [("nan", r"scorer BadScorer \(name 'bad'\) returned nan for response 0"), ("count", r"scorer BadScorer \(name 'bad'\) returned 3 scores for 4")])
+@pytest.mark.parametrize(
+    "mode,message",
+    [
+        ("nan", r"scorer BadScorer \(name 'bad'\) returned nan for response 0"),
+        ("count", r"scorer BadScorer \(name 'bad'\) returned 3 scores for 4"),
+    ],
+)
 def test_bad_scorer_output_is_named(mode: str, message: str) -> None:
     module = OnlineULMAModule(policy(), scorer=BadScorer(mode), generation=GEN, samples_per_prompt=2)
     with pytest.raises(ValueError, match=message):
@@ -161,10 +188,28 @@ def test_bad_scorer_output_is_named(mode: str, message: str) -> None:
 @pytest.mark.integration
 def test_the_config_logs_reward_positives_kl_length_and_losses(tmp_path: Path) -> None:
     """Online point-wise DPO (``positive_term: pointwise_dpo``) through the config; the SFT positive term runs in the resume test."""
-    cli = ulma_fit("online_ulma", [*small_run(tmp_path, steps=2), "--model.init_args.label_mode=threshold", "--model.init_args.positive_term=pointwise_dpo"])
+    cli = ulma_fit(
+        "online_ulma",
+        [
+            *small_run(tmp_path, steps=2),
+            "--model.init_args.label_mode=threshold",
+            "--model.init_args.positive_term=pointwise_dpo",
+        ],
+    )
     assert cli.trainer.global_step == 2 and cli.model.positive_term == "pointwise_dpo"
     logged = scalars(tmp_path)
-    for name in ("reward", "positive_fraction", "kl", "response_length", "loss", "loss/positive", "loss/negative", "time/generate", "time/score", "time/update"):
+    for name in (
+        "reward",
+        "positive_fraction",
+        "kl",
+        "response_length",
+        "loss",
+        "loss/positive",
+        "loss/negative",
+        "time/generate",
+        "time/score",
+        "time/update",
+    ):
         values = logged[f"train/{name}_step"]
         assert len(values) == 2 and all(math.isfinite(v) for v in values), name
     assert all(0 <= v <= 1 for v in logged["train/positive_fraction_step"])
@@ -189,7 +234,9 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     last = next((tmp_path / "cut").rglob("last.ckpt"))
     checkpoint = torch.load(last, map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 3 and checkpoint["epoch"] == 0
-    assert any(k.startswith("policy.reference_model.") for k in checkpoint["state_dict"])  # the refreshed reference is saved
+    assert any(
+        k.startswith("policy.reference_model.") for k in checkpoint["state_dict"]
+    )  # the refreshed reference is saved
     continued = _fit_steps(tmp_path / "cut", 4, f"--ckpt_path={last}")
     assert continued.trainer.global_step == 4
     state = continued.model.state_dict()
@@ -221,7 +268,14 @@ def test_ulma_export_of_a_module_built_in_python(tmp_path: Path, monkeypatch: py
     from ulma_lightning.cli import main
 
     pl.seed_everything(0)
-    module = OnlineULMAModule(policy(), scorer=LengthScorer(), generation=GEN, samples_per_prompt=2, beta=0.3, optimizer=OptimizerConfig(lr=1e-2))
+    module = OnlineULMAModule(
+        policy(),
+        scorer=LengthScorer(),
+        generation=GEN,
+        samples_per_prompt=2,
+        beta=0.3,
+        optimizer=OptimizerConfig(lr=1e-2),
+    )
     trainer = fit(module, prompts(4, 4))
     trainer.save_checkpoint(tmp_path / "online.ckpt")
     saved = torch.load(tmp_path / "online.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]
@@ -232,4 +286,6 @@ def test_ulma_export_of_a_module_built_in_python(tmp_path: Path, monkeypatch: py
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     module.eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=inputs).logits, module.policy.model(input_ids=inputs).logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            loaded(input_ids=inputs).logits, module.policy.model(input_ids=inputs).logits, rtol=0, atol=1e-6
+        )

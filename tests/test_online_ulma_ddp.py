@@ -20,7 +20,10 @@ def close(a: float, b: float) -> bool:
 
 
 def test_online_ulma_under_ddp_keeps_the_ranks_in_sync(tmp_path: Path) -> None:
-    ranks = run_rl_ddp(tmp_path, "OnlineULMAModule(policy, scorer=LengthScorer(), generation=generation, samples_per_prompt=2, mini_batch_size=4, ref_refresh_every=2)")
+    ranks = run_rl_ddp(
+        tmp_path,
+        "OnlineULMAModule(policy, scorer=LengthScorer(), generation=generation, samples_per_prompt=2, mini_batch_size=4, ref_refresh_every=2)",
+    )
     assert len(ranks[0]["index"]) == 2
     for batch0, batch1 in zip(ranks[0]["index"], ranks[1]["index"]):
         assert set(batch0).isdisjoint(batch1)  # each rank sampled for its own prompts
@@ -42,7 +45,9 @@ def test_online_ulma_under_fsdp2_decodes_in_lockstep_and_exports_the_full_model(
 
     uneven = "GenerationConfig(max_new_tokens=2 + 5 * RANK, do_sample=True)"
     ranks = run_rl_ddp(tmp_path, ONLINE.format(generation=uneven), strategy="fsdp2", export=True)
-    assert [r["strategy"] for r in ranks] == ["FSDP2Strategy"] * 2 and ranks[0]["step"] == 4  # 2 batches x 2 mini-batches
+    assert [r["strategy"] for r in ranks] == ["FSDP2Strategy"] * 2 and ranks[0][
+        "step"
+    ] == 4  # 2 batches x 2 mini-batches
     for batch0, batch1 in zip(ranks[0]["index"], ranks[1]["index"]):
         assert set(batch0).isdisjoint(batch1)
     assert all(math.isfinite(loss) for r in ranks for loss in r["losses"]) and len(ranks[0]["losses"]) == 2
@@ -66,11 +71,15 @@ def test_online_ulma_under_fsdp2_resumes_exactly_with_its_refreshed_reference(tm
     """A run cut after the first rollout batch (step 2, where the reference was refreshed) and resumed
     from its sharded checkpoint ends as the uninterrupted run: same second batch, loss and weights.
     Both runs go in one launch of the 2 processes (the start-up of 4 processes was most of its cost)."""
-    whole, resumed = run_rl_ddp_and_resume(tmp_path, ONLINE.format(generation="generation"), "step=2.ckpt", strategy="fsdp2")
+    whole, resumed = run_rl_ddp_and_resume(
+        tmp_path, ONLINE.format(generation="generation"), "step=2.ckpt", strategy="fsdp2"
+    )
     assert (tmp_path / "checkpoints" / "step=2.ckpt").is_dir()  # a sharded checkpoint folder
     for rank in (0, 1):
         assert resumed[rank]["index"] == whole[rank]["index"][1:] and resumed[rank]["step"] == 4
-        assert abs(resumed[rank]["losses"][0] - whole[rank]["losses"][1]) <= 1e-7  # the reference of step 2 was restored
+        assert (
+            abs(resumed[rank]["losses"][0] - whole[rank]["losses"][1]) <= 1e-7
+        )  # the reference of step 2 was restored
         for key in ("weights", "reference"):
             assert resumed[rank][key].keys() == whole[rank][key].keys()
             for name, value in whole[rank][key].items():

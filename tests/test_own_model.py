@@ -71,12 +71,16 @@ def test_readme_own_model_fit_and_evaluate(own: dict[str, Path]) -> None:
     evaluate = readme_command("own-model-evaluate")
     done = run_ulma(evaluate + " --trainer.limit_test_batches 1 --trainer.limit_predict_batches 1", own["root"])
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((own["root"] / done.stdout.strip().splitlines()[-1].removeprefix("report written to ")).read_text())
+    report = json.loads(
+        (own["root"] / done.stdout.strip().splitlines()[-1].removeprefix("report written to ")).read_text()
+    )
     assert report["test"]["test/loss"] > 0 and report["num_predictions"] > 0
     assert report["generation"] == {}  # no scorer was chosen: the demo's is skipped on this data
     predictions = [json.loads(line) for line in (own["root"] / report["predictions"]).read_text().splitlines()]
     val_text = own["val"].read_text()
-    assert predictions and all(json.dumps(p["reference_response"])[1:-1] in val_text for p in predictions)  # the user's val data
+    assert predictions and all(
+        json.dumps(p["reference_response"])[1:-1] in val_text for p in predictions
+    )  # the user's val data
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["data"]["init_args"]["test"] is None  # nothing of the demo was configured for test
 
@@ -84,9 +88,17 @@ def test_readme_own_model_fit_and_evaluate(own: dict[str, Path]) -> None:
 @pytest.mark.integration
 def test_failed_evaluate_leaves_no_version_folder(own: dict[str, Path], tmp_path: Path) -> None:
     config = {
-        "trainer": {"logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "x"}}},
+        "trainer": {
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "runs", "name": "x"},
+            }
+        },
         "model": {"class_path": "ulma_lightning.ULMAModule", "init_args": {"policy": {"model": str(own["model"])}}},
-        "data": {"class_path": "ulma_lightning.PointwiseDataModule", "init_args": {"train": str(own["train"]), "val": str(own["val"])}},
+        "data": {
+            "class_path": "ulma_lightning.PointwiseDataModule",
+            "init_args": {"train": str(own["train"]), "val": str(own["val"])},
+        },
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "bad.ckpt").write_text("not a checkpoint")
@@ -106,12 +118,23 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_an_error(own: dict[str, Path
     assert Policy(PolicyConfig(model=str(own["model"]))).tokenizer.chat_template == CHATML  # default: the model's own
 
 
-def test_null_on_the_command_line_is_null_and_print_config_shows_lora(own: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+def test_null_on_the_command_line_is_null_and_print_config_shows_lora(
+    own: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
     from ulma_lightning.cli import main
 
     args = ["--model.init_args.policy.model", str(own["model"]), "--model.init_args.policy.model_config", "null"]
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(REPO / "configs" / "ulma.yaml"), *args, "--model.policy.tokenizer=null", "--print_config"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "configs" / "ulma.yaml"),
+                *args,
+                "--model.policy.tokenizer=null",
+                "--print_config",
+            ]
+        )
     policy = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["policy"]
     assert policy["model_config"] is None and policy["tokenizer"] is None and policy["model"] == str(own["model"])
     assert {"r", "alpha", "dropout", "target_modules"} <= set(policy["lora"])  # LoRA's options are shown
@@ -136,7 +159,10 @@ def hh_lines(start: int, stop: int) -> str:
 
 def readme_fit(model: Path) -> str:
     """The README's own-model fit, on ``model``, data files as written (relative to the working folder)."""
-    return readme_command("own-model-fit").replace(HUB_ID, str(model)).replace("configs/", f"{REPO}/configs/") + " --trainer.enable_progress_bar false"
+    return (
+        readme_command("own-model-fit").replace(HUB_ID, str(model)).replace("configs/", f"{REPO}/configs/")
+        + " --trainer.enable_progress_bar false"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +186,9 @@ def test_readme_own_model_block_trains_on_hh_data_and_prints_the_data_report(hh_
     assert any("skipped 1 record(s)" in line and "feedback.jsonl:87" in line for line in report)
     printed = done.stderr.splitlines()
     for line in report:
-        assert printed.count(line) == 1, f"{line!r} not printed once; the data lines printed: {[x for x in printed if ' split: ' in x]}"
+        assert printed.count(line) == 1, (
+            f"{line!r} not printed once; the data lines printed: {[x for x in printed if ' split: ' in x]}"
+        )
     assert sum(bool(re.fullmatch(r"val split: \d+ samples", line)) for line in printed) == 1
     assert (hh_run["run"] / "checkpoints" / "last.ckpt").is_file()
 
@@ -221,26 +249,39 @@ def test_readme_evaluate_and_predict_write_into_the_run_folder(hh_run: dict) -> 
     assert done.returncode == 0, done.stderr[-3000:]
     assert "dirpath has changed" not in done.stderr and "callbacks used to create the checkpoint" not in done.stderr
     assert f"ulma predict: using the run's saved config {run / 'config.yaml'}" in done.stdout
-    assert done.stdout.strip().splitlines()[-1] == f"wrote {len(rows)} predictions to runs/ulma/version_0/predictions.jsonl"
+    assert (
+        done.stdout.strip().splitlines()[-1]
+        == f"wrote {len(rows)} predictions to runs/ulma/version_0/predictions.jsonl"
+    )
     assert len((run / "predictions.jsonl").read_text().splitlines()) == len(rows)
     summary = json.loads((run / "predictions.summary.json").read_text())
-    assert summary["empty_responses"] == sum(not json.loads(line)["response"].strip() for line in (run / "predictions.jsonl").read_text().splitlines())
+    assert summary["empty_responses"] == sum(
+        not json.loads(line)["response"].strip() for line in (run / "predictions.jsonl").read_text().splitlines()
+    )
     assert sorted(p.name for p in (root / "runs" / "ulma").iterdir()) == ["version_0"]  # no new version_N
     assert (run / "config.yaml").read_text() == config  # the run's config stays the one it trained with
 
 
 @pytest.mark.integration
-def test_a_failed_start_leaves_no_version_folder_and_evaluate_names_the_missing_checkpoint(own: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_start_leaves_no_version_folder_and_evaluate_names_the_missing_checkpoint(
+    own: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "data").mkdir()
     good = json.loads(own["train"].read_text().splitlines()[0])
-    bad = {"chosen": good["chosen"].rsplit("Assistant:", 1)[0] + "Assistant:", "rejected": good["rejected"]}  # an empty final response
+    bad = {
+        "chosen": good["chosen"].rsplit("Assistant:", 1)[0] + "Assistant:",
+        "rejected": good["rejected"],
+    }  # an empty final response
     write_jsonl(tmp_path / "data" / "feedback.jsonl", [good, bad])
     (tmp_path / "data" / "feedback-val.jsonl").write_text(own["val"].read_text())
     earlier = tmp_path / "runs" / "ulma" / "version_0"  # a real run beside it stays untouched
     (earlier / "checkpoints").mkdir(parents=True)
     (earlier / "checkpoints" / "last.ckpt").write_text("weights")
     done = run_ulma(readme_fit(own["model"]) + " --data.init_args.on_bad_record error", tmp_path)
-    assert done.returncode != 0 and "data/feedback.jsonl:2: field 'chosen': the final assistant response is empty" in done.stderr
+    assert (
+        done.returncode != 0
+        and "data/feedback.jsonl:2: field 'chosen': the final assistant response is empty" in done.stderr
+    )
     assert sorted(p.name for p in (tmp_path / "runs" / "ulma").iterdir()) == ["version_0"]
     assert (earlier / "checkpoints" / "last.ckpt").read_text() == "weights"
 
@@ -248,7 +289,10 @@ def test_a_failed_start_leaves_no_version_folder_and_evaluate_names_the_missing_
 
     monkeypatch.chdir(tmp_path)
     for command in ("evaluate", "predict"):  # the README's commands on a run that never started
-        with pytest.raises(FileNotFoundError, match=rf"^ulma {command}: no such checkpoint: runs/ulma/version_1/checkpoints/last.ckpt \(pass"):
+        with pytest.raises(
+            FileNotFoundError,
+            match=rf"^ulma {command}: no such checkpoint: runs/ulma/version_1/checkpoints/last.ckpt \(pass",
+        ):
             main([command, "--ckpt_path", "runs/ulma/version_1/checkpoints/last.ckpt"])
 
 
@@ -267,8 +311,14 @@ def test_unused_log_dir_is_only_a_folder_of_start_files(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_max_length_above_the_models_positions_is_refused_naming_both(own: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
-    long = {"prompt": "How do I plant a tree?", "completion": " ".join(["Dig a hole and water it."] * 300), "score": 1}  # over 1024 tokens
-    write_jsonl(tmp_path / "data" / "feedback.jsonl", [long, *[{"prompt": "Hi?", "completion": "Hello.", "score": 1}] * 4])
+    long = {
+        "prompt": "How do I plant a tree?",
+        "completion": " ".join(["Dig a hole and water it."] * 300),
+        "score": 1,
+    }  # over 1024 tokens
+    write_jsonl(
+        tmp_path / "data" / "feedback.jsonl", [long, *[{"prompt": "Hi?", "completion": "Hello.", "score": 1}] * 4]
+    )
     write_jsonl(tmp_path / "data" / "feedback-val.jsonl", [{"prompt": "Hi?", "completion": "Hello.", "score": 1}])
     fit = readme_fit(own["model"]).replace("--data.init_args.max_length 1024", "--data.init_args.max_length 2048")
     done = run_ulma(fit + " --trainer.max_steps 1", tmp_path)
@@ -280,7 +330,11 @@ def test_max_length_above_the_models_positions_is_refused_naming_both(own: dict[
 
 @pytest.mark.integration
 def test_readme_hh_example_fits_the_demo_models_positions(hh_file: Path, tmp_path: Path) -> None:
-    fit = readme_command("hh-fit").replace("configs/", f"{REPO}/configs/").replace("../shared/data/hh-rlhf/harmless-base-test.jsonl.gz", str(hh_file))
+    fit = (
+        readme_command("hh-fit")
+        .replace("configs/", f"{REPO}/configs/")
+        .replace("../shared/data/hh-rlhf/harmless-base-test.jsonl.gz", str(hh_file))
+    )
     assert "--data.init_args.max_length 256" in fit  # the demo model's max_position_embeddings
     quick = " --trainer.max_steps 1 --trainer.limit_val_batches 1 --trainer.num_sanity_val_steps 0 --trainer.enable_progress_bar false"
     done = run_ulma(fit + quick, tmp_path)
@@ -296,14 +350,19 @@ def test_empty_generations_are_counted_and_warned_about(tmp_path: Path, caplog: 
 
     assert empty_responses(["", "  \n", "Dig a hole."]) == 2
     writer = PredictionWriter(output=str(tmp_path / "predictions.jsonl"))
-    writer.rows = [{"index": i, "prompt": "p", "response": r, "reference_response": None, "scores": {}, "reference_scores": {}} for i, r in enumerate(["", " ", "yes"])]
+    writer.rows = [
+        {"index": i, "prompt": "p", "response": r, "reference_response": None, "scores": {}, "reference_scores": {}}
+        for i, r in enumerate(["", " ", "yes"])
+    ]
     trainer = SimpleNamespace(is_global_zero=True, loggers=[], log_dir=None, default_root_dir=str(tmp_path))
     writer.on_predict_epoch_end(trainer, None)  # type: ignore[arg-type]
     assert writer.empty == 2 and "predict: 2 of 3 responses are empty" in caplog.text
     assert json.loads((tmp_path / "predictions.summary.json").read_text())["empty_responses"] == 2
 
 
-def test_the_data_report_is_printed_by_rank_zero_only(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_the_data_report_is_printed_by_rank_zero_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     import logging
 
     from lightning.pytorch.utilities.rank_zero import rank_zero_only

@@ -113,7 +113,9 @@ def test_copy_reference_from_another_folder(tmp_path: Path, batch) -> None:
     reference_dir = save_folder(base, tmp_path / "reference")
     policy = build(model=str(policy_dir), model_config=None, tokenizer=None, reference_model=str(reference_dir))
     with torch.no_grad():
-        torch.testing.assert_close(policy.reference_logps(batch, average=True), base.logps(batch, average=True), rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            policy.reference_logps(batch, average=True), base.logps(batch, average=True), rtol=1e-6, atol=0
+        )
         assert not torch.allclose(policy.logps(batch, average=True), base.logps(batch, average=True))
 
 
@@ -215,7 +217,14 @@ def test_precomputed_reference_is_computed_once_and_reused(tmp_path: Path) -> No
     config = PolicyConfig(model_config=TINY_LLAMA, tokenizer=TOKENIZER, reference="precomputed")
     module = RecordingULMA(config)
     module.seen, module.references = [], []
-    data = PointwiseDataModule(train="demo://binary?n=40", test="demo://binary?split=test&n=8", val_fraction=0.25, batch_size=8, max_length=64, tokenizer=TOKENIZER)
+    data = PointwiseDataModule(
+        train="demo://binary?n=40",
+        test="demo://binary?split=test&n=8",
+        val_fraction=0.25,
+        batch_size=8,
+        max_length=64,
+        tokenizer=TOKENIZER,
+    )
     trainer = pl.Trainer(
         max_epochs=2,
         limit_train_batches=2,
@@ -321,7 +330,16 @@ def test_reference_count_for_other_settings(batch) -> None:
 # ----------------------------------------------------------------------------- options
 
 
-GPT2_DROPOUT = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 128, "resid_pdrop": 0.5, "embd_pdrop": 0.5, "attn_pdrop": 0.5}
+GPT2_DROPOUT = {
+    "model_type": "gpt2",
+    "n_embd": 32,
+    "n_layer": 2,
+    "n_head": 4,
+    "n_positions": 128,
+    "resid_pdrop": 0.5,
+    "embd_pdrop": 0.5,
+    "attn_pdrop": 0.5,
+}
 
 
 def test_dropout_disabled_by_default(batch) -> None:
@@ -413,7 +431,10 @@ def test_policy_and_reward_model_are_siblings() -> None:
     reward = RewardModel(PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo", reference="copy"))
     reward.build()
     assert not hasattr(reward, "reference_model")  # the policy's copy step is the policy's own
-    assert type(reward.model).__name__.endswith("ForSequenceClassification") and reward.model.config.pad_token_id is not None
+    assert (
+        type(reward.model).__name__.endswith("ForSequenceClassification")
+        and reward.model.config.pad_token_id is not None
+    )
     policy = Policy(PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo", reference="copy"))
     policy.build()
     assert policy.reference_model is not None and not any(p.requires_grad for p in policy.reference_model.parameters())

@@ -11,7 +11,9 @@ pytestmark = pytest.mark.integration  # every test here builds a Trainer
 
 
 def test_ppo_under_ddp_keeps_the_ranks_in_sync(tmp_path: Path) -> None:
-    ranks = run_rl_ddp(tmp_path, "PPOModule(policy, scorer=LengthScorer(), generation=generation, ppo_epochs=2, mini_batch_size=2)")
+    ranks = run_rl_ddp(
+        tmp_path, "PPOModule(policy, scorer=LengthScorer(), generation=generation, ppo_epochs=2, mini_batch_size=2)"
+    )
     for batch0, batch1 in zip(ranks[0]["index"], ranks[1]["index"]):
         assert set(batch0).isdisjoint(batch1)  # each rank generated for its own prompts
     assert len(ranks[0]["index"]) == 2

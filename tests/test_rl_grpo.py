@@ -15,7 +15,19 @@ import pytest
 import torch
 from conftest import REPO, TINY_LLAMA
 from helpers import run_ulma
-from rl_helpers import GEN, LengthScorer, fit, policy, prompts, run_rl_ddp, scalars, small_run, tiny_causal_lm, tiny_reward_model, ulma_fit
+from rl_helpers import (
+    GEN,
+    LengthScorer,
+    fit,
+    policy,
+    prompts,
+    run_rl_ddp,
+    scalars,
+    small_run,
+    tiny_causal_lm,
+    tiny_reward_model,
+    ulma_fit,
+)
 
 from ulma_lightning import GRPOModule
 from ulma_lightning.modules.base import OptimizerConfig
@@ -29,14 +41,41 @@ def trainable(module: GRPOModule) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("reference", ["copy", "adapter"])
 def test_a_step_trains_and_logs_every_metric(reference: str) -> None:
     pl.seed_everything(0)
-    module = GRPOModule(policy(reference, lora=reference == "adapter"), OptimizerConfig(lr=1e-2), scorer=LengthScorer(), generation=GEN, num_generations=2)
+    module = GRPOModule(
+        policy(reference, lora=reference == "adapter"),
+        OptimizerConfig(lr=1e-2),
+        scorer=LengthScorer(),
+        generation=GEN,
+        num_generations=2,
+    )
     module.configure_model()
     before = trainable(module)
     trainer = fit(module, prompts())
-    assert any(not torch.equal(v, before[k]) for k, v in module.named_parameters() if v.requires_grad), "no trainable weight moved"
+    assert any(not torch.equal(v, before[k]) for k, v in module.named_parameters() if v.requires_grad), (
+        "no trainable weight moved"
+    )
     metrics = trainer.callback_metrics
-    expected = ["reward", "reward_std", "frac_reward_zero_std", "kl", "kl_coef", "entropy", "policy/clipfrac", "policy/approx_kl", "policy/kl"]
-    expected += ["response_length", "no_eos_fraction", "generation/tokens_per_sec", "time/generate", "time/score", "time/reference", "time/update", "loss"]
+    expected = [
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        "kl",
+        "kl_coef",
+        "entropy",
+        "policy/clipfrac",
+        "policy/approx_kl",
+        "policy/kl",
+    ]
+    expected += [
+        "response_length",
+        "no_eos_fraction",
+        "generation/tokens_per_sec",
+        "time/generate",
+        "time/score",
+        "time/reference",
+        "time/update",
+        "loss",
+    ]
     for name in expected:
         assert f"train/{name}_step" in metrics, name
     assert float(metrics["train/kl_coef_step"]) == pytest.approx(0.04)  # beta
@@ -50,10 +89,14 @@ def test_a_step_trains_and_logs_every_metric(reference: str) -> None:
 @pytest.mark.integration
 def test_beta_zero_builds_and_runs_no_reference() -> None:
     pl.seed_everything(0)
-    module = GRPOModule(policy("copy"), OptimizerConfig(lr=1e-2), scorer=LengthScorer(), generation=GEN, num_generations=2, beta=0.0)
+    module = GRPOModule(
+        policy("copy"), OptimizerConfig(lr=1e-2), scorer=LengthScorer(), generation=GEN, num_generations=2, beta=0.0
+    )
     calls: list[bool] = []
     original = module.policy.token_logps
-    module.policy.token_logps = lambda batch, reference=False, **kw: calls.append(reference) or original(batch, reference=reference, **kw)  # type: ignore[method-assign]
+    module.policy.token_logps = lambda batch, reference=False, **kw: (
+        calls.append(reference) or original(batch, reference=reference, **kw)
+    )  # type: ignore[method-assign]
     module.configure_model()
     assert module.policy.config.reference == "none" and module.policy.reference_model is None
     before = trainable(module)
@@ -61,7 +104,9 @@ def test_beta_zero_builds_and_runs_no_reference() -> None:
     assert calls and not any(calls)  # the policy's log-probs only
     assert any(not torch.equal(v, before[k]) for k, v in module.named_parameters() if v.requires_grad)
     metrics = trainer.callback_metrics
-    assert "train/time/reference_step" not in metrics and "train/kl_step" not in metrics and "train/loss_step" in metrics
+    assert (
+        "train/time/reference_step" not in metrics and "train/kl_step" not in metrics and "train/loss_step" in metrics
+    )
     # beta 0 takes any reference mode (it is not used); beta > 0 needs one the rollouts can score
     GRPOModule(policy("none"), beta=0.0)
     with pytest.raises(ValueError, match="reference.*cannot be precomputed"):
@@ -90,8 +135,16 @@ def test_inner_updates_and_mini_batches_follow_the_options(monkeypatch: pytest.M
     by_hand = [scores[i] - (scores[i - i % 2] + scores[i - i % 2 + 1]) / 2 for i in range(8)]
     seen = {}
     for (logps, old, advantages, mask, reference), kw in calls:
-        assert logps.shape == old.shape == mask.shape == reference.shape and len(advantages) == 4 and logps.requires_grad
-        assert kw == {"beta": pytest.approx(0.04), "clip_range": 0.1, "clip_range_high": 0.3, "loss_type": "dr_grpo", "max_completion_length": GEN.max_new_tokens}
+        assert (
+            logps.shape == old.shape == mask.shape == reference.shape and len(advantages) == 4 and logps.requires_grad
+        )
+        assert kw == {
+            "beta": pytest.approx(0.04),
+            "clip_range": 0.1,
+            "clip_range_high": 0.3,
+            "loss_type": "dr_grpo",
+            "max_completion_length": GEN.max_new_tokens,
+        }
         for row_old, a in zip(old, advantages):  # rows identified by their rollout log-probs
             row = next(i for i in range(8) if torch.equal(rollout.logps[i], row_old))
             seen[row] = float(a)
@@ -128,7 +181,10 @@ def test_torch_fsdp1_is_refused_with_what_to_use() -> None:
     environ = dict(os.environ)
     module = GRPOModule(policy(), generation=GEN, num_generations=2)
     try:
-        with pytest.raises(NotImplementedError, match=r"GRPOModule does not run under CPUFSDP \(torch FSDP1.*Use --config configs/strategy/fsdp2.yaml"):
+        with pytest.raises(
+            NotImplementedError,
+            match=r"GRPOModule does not run under CPUFSDP \(torch FSDP1.*Use --config configs/strategy/fsdp2.yaml",
+        ):
             fit(module, prompts(4, 2), strategy=CPUFSDP(), accelerator="cpu", devices=1, precision="32-true")
     finally:
         if torch.distributed.is_initialized():
@@ -158,17 +214,37 @@ def test_config_logs_checkpoints_and_exports(tmp_path: Path, monkeypatch: pytest
     ids = torch.tensor([demo_tokenizer("a short prompt")["input_ids"]])
     module = cli.model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits, module.policy.model(input_ids=ids).logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits,
+            module.policy.model(input_ids=ids).logits,
+            rtol=0,
+            atol=1e-6,
+        )
 
 
 @pytest.mark.integration
 def test_resuming_equals_one_uninterrupted_run(tmp_path: Path) -> None:
     """2 rollout batches in one run, or 1 then ``--ckpt_path last`` for the second: the same weights."""
-    args = [a for a in small_run(tmp_path) if not a.startswith(("--trainer.limit_train_batches", "--trainer.default_root_dir", "--trainer.logger"))]
-    args.append("--model.init_args.scorer=rl_helpers.LengthScorer")  # rewards that differ within a group: every step moves the weights
+    args = [
+        a
+        for a in small_run(tmp_path)
+        if not a.startswith(("--trainer.limit_train_batches", "--trainer.default_root_dir", "--trainer.logger"))
+    ]
+    args.append(
+        "--model.init_args.scorer=rl_helpers.LengthScorer"
+    )  # rewards that differ within a group: every step moves the weights
 
     def run(root: Path, steps: int, *extra: str):
-        return ulma_fit("grpo", [*args, f"--trainer.max_steps={steps}", f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}", *extra])
+        return ulma_fit(
+            "grpo",
+            [
+                *args,
+                f"--trainer.max_steps={steps}",
+                f"--trainer.default_root_dir={root}",
+                f"--trainer.logger.init_args.save_dir={root}",
+                *extra,
+            ],
+        )
 
     whole = run(tmp_path / "whole", 2).model.state_dict()
     run(tmp_path / "cut", 1)
@@ -183,7 +259,11 @@ def test_resuming_equals_one_uninterrupted_run(tmp_path: Path) -> None:
     assert state.keys() == whole.keys()
     for name, value in whole.items():
         assert torch.equal(state[name], value), name
-    moved = any(not torch.equal(first[name], value) for name, value in whole.items() if name in first and value.is_floating_point())
+    moved = any(
+        not torch.equal(first[name], value)
+        for name, value in whole.items()
+        if name in first and value.is_floating_point()
+    )
     assert moved  # the second step changed the weights: the comparison is not of two untrained runs
 
 
@@ -192,12 +272,27 @@ def test_dr_grpo_options_under_bf16_mixed_have_finite_losses(tmp_path: Path) -> 
     """docs/rlhf.md's Dr. GRPO line (beta 0, dr_grpo, no std scaling) through the CLI, in bf16-mixed."""
     import math
 
-    dr_grpo = ["--model.init_args.beta", "0", "--model.init_args.loss_type", "dr_grpo", "--model.init_args.scale_rewards", "none"]
-    cli = ulma_fit("grpo", [*small_run(tmp_path, steps=2), *dr_grpo, "--trainer.precision=bf16-mixed", "--trainer.accelerator=cpu"])
+    dr_grpo = [
+        "--model.init_args.beta",
+        "0",
+        "--model.init_args.loss_type",
+        "dr_grpo",
+        "--model.init_args.scale_rewards",
+        "none",
+    ]
+    cli = ulma_fit(
+        "grpo", [*small_run(tmp_path, steps=2), *dr_grpo, "--trainer.precision=bf16-mixed", "--trainer.accelerator=cpu"]
+    )
     module = cli.model
-    assert (module.loss_type, module.scale_rewards, float(module.kl_coef)) == ("dr_grpo", "none", 0.0) and module.policy.reference_model is None
+    assert (module.loss_type, module.scale_rewards, float(module.kl_coef)) == (
+        "dr_grpo",
+        "none",
+        0.0,
+    ) and module.policy.reference_model is None
     logged = scalars(tmp_path)
-    assert len(logged["train/loss_step"]) == 2 and all(math.isfinite(v) for v in logged["train/loss_step"] + logged["val/reward"])
+    assert len(logged["train/loss_step"]) == 2 and all(
+        math.isfinite(v) for v in logged["train/loss_step"] + logged["val/reward"]
+    )
 
 
 @pytest.mark.integration
@@ -208,7 +303,18 @@ def test_evaluate_from_the_checkpoint(tmp_path: Path) -> None:
         "--data.init_args.train=demo://demonstration?n=8", "--data.init_args.val=demo://demonstration?split=test&n=4",
         "--data.init_args.test=demo://demonstration?split=test&n=4", "--data.init_args.batch_size=4",
     ]  # fmt: skip
-    fitted = run_ulma(["fit", "--config", cfg, *small, "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"], tmp_path)
+    fitted = run_ulma(
+        [
+            "fit",
+            "--config",
+            cfg,
+            *small,
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ],
+        tmp_path,
+    )
     assert fitted.returncode == 0, fitted.stderr[-3000:]
     ckpt = next(tmp_path.rglob("last.ckpt"))
     report_path = tmp_path / "report.json"
@@ -230,7 +336,11 @@ def test_own_prompts_and_reward_model_as_in_the_paper_grid(tmp_path: Path) -> No
 
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps({"prompt": f"How do I fold shirt {i}?"}) + "\n" for i in range(8)))
-    small = [a for a in small_run(tmp_path / "run") if not a.startswith(("--model.init_args.policy.model_config", "--data.init_args.train"))]
+    small = [
+        a
+        for a in small_run(tmp_path / "run")
+        if not a.startswith(("--model.init_args.policy.model_config", "--data.init_args.train"))
+    ]
     scorer = {"class_path": "ulma_lightning.evaluation.HFClassifierScorer"}
     cli = ulma_fit(
         "grpo",
@@ -246,7 +356,10 @@ def test_own_prompts_and_reward_model_as_in_the_paper_grid(tmp_path: Path) -> No
 @pytest.mark.integration
 def test_ddp_keeps_the_ranks_in_sync(tmp_path: Path) -> None:
     """2 CPU processes (gloo) generate and score their own prompts' groups and end with identical weights."""
-    ranks = run_rl_ddp(tmp_path, "GRPOModule(policy, scorer=LengthScorer(), generation=generation, num_generations=2, num_iterations=2, mini_batch_size=4)")
+    ranks = run_rl_ddp(
+        tmp_path,
+        "GRPOModule(policy, scorer=LengthScorer(), generation=generation, num_generations=2, num_iterations=2, mini_batch_size=4)",
+    )
     for batch0, batch1 in zip(ranks[0]["index"], ranks[1]["index"]):
         assert set(batch0).isdisjoint(batch1)
     assert len(ranks[0]["index"]) == 2 and ranks[0]["step"] == 2 * 2 * 2  # 2 batches x 2 iterations x 2 mini-batches
@@ -261,13 +374,22 @@ def test_fsdp2_decodes_in_lockstep_and_keeps_the_ranks_in_sync(tmp_path: Path) -
     """Under FSDP2 (a sharded policy and reference) rank 0 samples 2 new tokens, rank 1 samples 7:
     rank 0 keeps stepping until rank 1 is done; both end with the same full weights, moved from the start."""
     uneven = "GenerationConfig(max_new_tokens=2 + 5 * RANK, do_sample=True)"
-    ranks = run_rl_ddp(tmp_path, f"GRPOModule(policy, scorer=LengthScorer(), generation={uneven}, num_generations=2, num_iterations=2, mini_batch_size=4)", strategy="fsdp2")
+    ranks = run_rl_ddp(
+        tmp_path,
+        f"GRPOModule(policy, scorer=LengthScorer(), generation={uneven}, num_generations=2, num_iterations=2, mini_batch_size=4)",
+        strategy="fsdp2",
+    )
     assert [r["strategy"] for r in ranks] == ["FSDP2Strategy"] * 2 and ranks[0]["step"] == 2 * 2 * 2
     assert all(math.isfinite(loss) for r in ranks for loss in r["losses"])
     weights0, weights1, start = ranks[0]["weights"], ranks[1]["weights"], ranks[0]["start"]
     assert weights0.keys() == weights1.keys() == start.keys() and weights0
     for name in weights0:
         assert abs(weights0[name] - weights1[name]) <= 1e-6 * max(1.0, abs(weights0[name])), name
-    assert sum(abs(weights0[name] - start[name]) > 1e-6 * max(1.0, abs(start[name])) for name in weights0) > len(weights0) // 2
+    assert (
+        sum(abs(weights0[name] - start[name]) > 1e-6 * max(1.0, abs(start[name])) for name in weights0)
+        > len(weights0) // 2
+    )
     reference = {f"policy.model.{k}": v for k, v in ranks[0]["reference"].items()}
-    assert reference == {k: v for k, v in start.items() if k in reference} and reference  # the sharded reference stayed frozen
+    assert (
+        reference == {k: v for k, v in start.items() if k in reference} and reference
+    )  # the sharded reference stayed frozen

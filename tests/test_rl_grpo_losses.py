@@ -16,7 +16,9 @@ def test_grpo_advantages_by_hand():
     rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
     # group 1: mean 2, unbiased std 1; group 2: all equal -> 0
     torch.testing.assert_close(grpo_advantages(rewards, 3), torch.tensor([-1 / 1.0001, 0.0, 1 / 1.0001, 0.0, 0.0, 0.0]))
-    torch.testing.assert_close(grpo_advantages(rewards, 3, scale_rewards="none"), torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(
+        grpo_advantages(rewards, 3, scale_rewards="none"), torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    )
     two = grpo_advantages(torch.tensor([0.0, 4.0]), 2)  # std of (0, 4) is sqrt(8)
     torch.testing.assert_close(two, torch.tensor([-2.0, 2.0]) / (math.sqrt(8) + 1e-4))
     with pytest.raises(ValueError, match="k >= 2"):
@@ -81,7 +83,16 @@ def test_grpo_loss_ignores_padding_even_when_nan():
     poisoned = [t.clone().masked_fill(~mask.bool(), float("nan")).requires_grad_() for t in (logps,)]
     for loss_type in ("grpo", "bnpo", "dr_grpo"):
         a = grpo_loss(logps, old, adv, mask, ref, beta=0.1, loss_type=loss_type, max_completion_length=4).loss
-        b = grpo_loss(poisoned[0], old.masked_fill(~mask.bool(), float("nan")), adv, mask, ref.masked_fill(~mask.bool(), float("nan")), beta=0.1, loss_type=loss_type, max_completion_length=4).loss
+        b = grpo_loss(
+            poisoned[0],
+            old.masked_fill(~mask.bool(), float("nan")),
+            adv,
+            mask,
+            ref.masked_fill(~mask.bool(), float("nan")),
+            beta=0.1,
+            loss_type=loss_type,
+            max_completion_length=4,
+        ).loss
         torch.testing.assert_close(a, b)
         b.backward()
         assert torch.isfinite(poisoned[0].grad).all()
@@ -95,7 +106,9 @@ def test_length_bias_of_the_averages():
     mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1]])
     for loss_type, short_over_long in (("grpo", 4.0), ("bnpo", 1.0), ("dr_grpo", 1.0)):
         logps = torch.zeros(2, 4, requires_grad=True)
-        grpo_loss(logps, torch.zeros(2, 4), torch.tensor([1.0, 1.0]), mask, loss_type=loss_type, max_completion_length=4).loss.backward()
+        grpo_loss(
+            logps, torch.zeros(2, 4), torch.tensor([1.0, 1.0]), mask, loss_type=loss_type, max_completion_length=4
+        ).loss.backward()
         assert float(logps.grad[0, 0] / logps.grad[1, 0]) == pytest.approx(short_over_long), loss_type
 
 
@@ -119,7 +132,9 @@ def test_grpo_advantages_match_trl(scale_rewards):
     assert GRPOConfig.__dataclass_fields__["scale_rewards"].default == "group"  # TRL's default is ours
     torch.manual_seed(1)
     rewards = torch.randn(12)
-    torch.testing.assert_close(grpo_advantages(rewards, 4, scale_rewards=scale_rewards), _trl_advantages(rewards, 4, scale_rewards))
+    torch.testing.assert_close(
+        grpo_advantages(rewards, 4, scale_rewards=scale_rewards), _trl_advantages(rewards, 4, scale_rewards)
+    )
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])

@@ -93,7 +93,9 @@ def test_ppo_value_loss_by_hand():
     out = ppo_value_loss(values, old, returns, torch.ones(1, 2), clip_range_value=0.2)
     # token 0: max((1-2)^2, (0.2-2)^2) = 3.24; token 1: max(1, 1) = 1
     torch.testing.assert_close(out.loss, torch.tensor(0.5 * (3.24 + 1.0) / 2))
-    combined = ppo_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), values, old, returns, torch.ones(1, 2), value_coef=0.5)
+    combined = ppo_loss(
+        torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), values, old, returns, torch.ones(1, 2), value_coef=0.5
+    )
     torch.testing.assert_close(combined.loss, torch.tensor(-1.0 + 0.5 * out.loss.item()))
 
 
@@ -144,7 +146,9 @@ def _trl_rloo_advantages(rewards: torch.Tensor, k: int, normalize: bool) -> torc
 def test_rloo_advantages_match_trl(normalize):
     torch.manual_seed(1)
     rewards = torch.randn(12)
-    torch.testing.assert_close(rloo_advantages(rewards, 4, normalize=normalize), _trl_rloo_advantages(rewards, 4, normalize))
+    torch.testing.assert_close(
+        rloo_advantages(rewards, 4, normalize=normalize), _trl_rloo_advantages(rewards, 4, normalize)
+    )
 
 
 def test_rloo_loss_matches_trl_compute_loss():
@@ -178,7 +182,9 @@ def test_rloo_loss_matches_trl_compute_loss():
     expected = RLOOTrainer._compute_loss(fake, None, inputs)
     ours = rloo_loss((per_token * mask).sum(1), old, advantages, clip_range=0.2, clip_range_high=0.28)
     torch.testing.assert_close(ours.loss, expected)
-    torch.testing.assert_close(ours.metrics["policy/clipfrac"], torch.tensor(fake._metrics["train"]["clip_ratio/region_mean"][0]))
+    torch.testing.assert_close(
+        ours.metrics["policy/clipfrac"], torch.tensor(fake._metrics["train"]["clip_ratio/region_mean"][0])
+    )
 
 
 def test_rloo_loss_gradient_is_reinforce_on_the_first_update():

@@ -34,7 +34,13 @@ class BadScorer(Scorer):
 def test_a_step_trains_and_logs_every_metric(cls, reference) -> None:
     pl.seed_everything(0)
     extra = {"ppo_epochs": 2, "mini_batch_size": 2} if cls is PPOModule else {"rloo_k": 2}
-    module = cls(policy(reference, lora=reference == "adapter"), OptimizerConfig(lr=1e-2), scorer=LengthScorer(), generation=GEN, **extra)
+    module = cls(
+        policy(reference, lora=reference == "adapter"),
+        OptimizerConfig(lr=1e-2),
+        scorer=LengthScorer(),
+        generation=GEN,
+        **extra,
+    )
     data = prompts()
     module.configure_model()
     before = {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
@@ -42,7 +48,16 @@ def test_a_step_trains_and_logs_every_metric(cls, reference) -> None:
     changed = [k for k, v in module.named_parameters() if v.requires_grad and not torch.equal(v, before[k])]
     assert changed, "no trainable weight moved"
     metrics = trainer.callback_metrics
-    expected = ["reward", "reward_penalized", "kl", "entropy", "policy/clipfrac", "policy/approx_kl", "response_length", "no_eos_fraction"]
+    expected = [
+        "reward",
+        "reward_penalized",
+        "kl",
+        "entropy",
+        "policy/clipfrac",
+        "policy/approx_kl",
+        "response_length",
+        "no_eos_fraction",
+    ]
     expected += ["generation/tokens_per_sec", "time/generate", "time/score", "time/reference", "time/update", "loss"]
     if cls is PPOModule:
         expected += ["value/loss", "value/explained_variance"]
@@ -58,7 +73,9 @@ def test_a_step_trains_and_logs_every_metric(cls, reference) -> None:
 def test_rollout_masks_hold_response_tokens_only(demo_tokenizer) -> None:
     """Prompt and padding tokens are outside the rollout's mask; log-probs match a plain forward."""
     pl.seed_everything(0)
-    module = RLOOModule(policy(), scorer=LengthScorer(), generation=GenerationConfig(max_new_tokens=5, do_sample=True), rloo_k=2)
+    module = RLOOModule(
+        policy(), scorer=LengthScorer(), generation=GenerationConfig(max_new_tokens=5, do_sample=True), rloo_k=2
+    )
     module.configure_model()
     data = prompts(4, 4)
     data.setup("fit")
@@ -83,10 +100,20 @@ def test_rollout_masks_hold_response_tokens_only(demo_tokenizer) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("mode,message", [("nan", r"scorer BadScorer \(name 'bad'\) returned nan for response 0"), ("count", r"scorer BadScorer \(name 'bad'\) returned 3 scores for 4")])
+@pytest.mark.parametrize(
+    "mode,message",
+    [
+        ("nan", r"scorer BadScorer \(name 'bad'\) returned nan for response 0"),
+        ("count", r"scorer BadScorer \(name 'bad'\) returned 3 scores for 4"),
+    ],
+)
 @pytest.mark.parametrize("cls", [RLOOModule, PPOModule])
 def test_a_bad_scorer_stops_with_its_name(cls, mode, message) -> None:
-    module = RLOOModule(policy(), scorer=BadScorer(mode), generation=GEN, rloo_k=2) if cls is RLOOModule else PPOModule(policy(), scorer=BadScorer(mode), generation=GEN, samples_per_prompt=2)
+    module = (
+        RLOOModule(policy(), scorer=BadScorer(mode), generation=GEN, rloo_k=2)
+        if cls is RLOOModule
+        else PPOModule(policy(), scorer=BadScorer(mode), generation=GEN, samples_per_prompt=2)
+    )
     with pytest.raises(ValueError, match=message):
         fit(module, prompts(4, 2))
 
@@ -111,7 +138,9 @@ def test_ppo_under_fsdp2_is_refused_with_what_to_use() -> None:
     """PPO's critic is not sharded: under FSDP2 its gradients would not be synchronised."""
     from ulma_lightning.sharding import FSDP2Strategy
 
-    environ = dict(os.environ)  # the strategy sets MASTER_PORT, WORLD_SIZE...: later DDP subprocesses must not inherit them
+    environ = dict(
+        os.environ
+    )  # the strategy sets MASTER_PORT, WORLD_SIZE...: later DDP subprocesses must not inherit them
     module = PPOModule(policy(), generation=GEN)
     try:
         message = r"PPOModule does not run under FSDP2Strategy .*critic.*Use DDP \(--config configs/strategy/ddp.yaml\).*RLOOModule, GRPOModule and OnlineULMAModule run under FSDP2"
@@ -145,7 +174,9 @@ def test_a_reward_model_with_another_tokenizer_reads_the_text(tmp_path) -> None:
 
     reward_tokenizer = build_demo_tokenizer(vocab_size=320)  # another vocabulary than the policy's 640
     options = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
-    config = AutoConfig.for_model("llama", **options, vocab_size=len(reward_tokenizer), num_labels=1, pad_token_id=reward_tokenizer.pad_token_id)
+    config = AutoConfig.for_model(
+        "llama", **options, vocab_size=len(reward_tokenizer), num_labels=1, pad_token_id=reward_tokenizer.pad_token_id
+    )
     AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
     reward_tokenizer.save_pretrained(tmp_path)
     scorer = HFClassifierScorer(str(tmp_path))
@@ -172,9 +203,23 @@ def test_prompt_files_with_responses_are_accepted_and_said_once(tmp_path, caplog
     import json
 
     train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
-    train.write_text("".join(json.dumps({"prompt": f"How do I fold shirt {i}?", "response": f"ZEBRA answer {i}", "score": i % 2}) + "\n" for i in range(4)))
+    train.write_text(
+        "".join(
+            json.dumps({"prompt": f"How do I fold shirt {i}?", "response": f"ZEBRA answer {i}", "score": i % 2}) + "\n"
+            for i in range(4)
+        )
+    )
     val.write_text(
-        "".join(json.dumps({"chosen": f"\n\nHuman: Tell me a fact {i}.\n\nAssistant: QUOKKA fact {i}", "rejected": f"\n\nHuman: Tell me a fact {i}.\n\nAssistant: no"}) + "\n" for i in range(2))
+        "".join(
+            json.dumps(
+                {
+                    "chosen": f"\n\nHuman: Tell me a fact {i}.\n\nAssistant: QUOKKA fact {i}",
+                    "rejected": f"\n\nHuman: Tell me a fact {i}.\n\nAssistant: no",
+                }
+            )
+            + "\n"
+            for i in range(2)
+        )
     )
     data = PromptDataModule(train=str(train), val=str(val), max_length=64, batch_size=4)
     with caplog.at_level(logging.INFO, logger="ulma_lightning.data.prompt_data"):

@@ -41,7 +41,9 @@ def test_adaptive_kl_coefficient_moves_toward_its_target(target: float, tmp_path
     if target > 1:
         assert coefs[-1] < KL_COEF  # the KL stays far below 1e3 nats: the coefficient only falls
     else:
-        assert any(kl > target for kl in kls[1:]) and coefs[-1] > coefs[0]  # the policy moved off its reference: it rises
+        assert (
+            any(kl > target for kl in kls[1:]) and coefs[-1] > coefs[0]
+        )  # the policy moved off its reference: it rises
 
 
 def test_separate_critic_k3_whitening_and_missing_eos_penalty(tmp_path: Path) -> None:
@@ -64,7 +66,11 @@ def test_separate_critic_k3_whitening_and_missing_eos_penalty(tmp_path: Path) ->
     assert not torch.equal(module.critic.backbone.norm.weight.detach().cpu(), saved)  # and it trained
     logged = scalars(tmp_path / "run")
     for reward, penalized, no_eos, kl, coef in zip(
-        logged["train/reward_step"], logged["train/reward_penalized_step"], logged["train/no_eos_fraction_step"], logged["train/kl_step"], logged["train/kl_coef_step"]
+        logged["train/reward_step"],
+        logged["train/reward_penalized_step"],
+        logged["train/no_eos_fraction_step"],
+        logged["train/kl_step"],
+        logged["train/kl_coef_step"],
     ):
         assert no_eos > 0  # 4 new tokens: most responses are cut
         assert penalized == pytest.approx(reward - penalty * no_eos - coef * kl, abs=1e-5)
@@ -74,7 +80,9 @@ def test_separate_critic_k3_whitening_and_missing_eos_penalty(tmp_path: Path) ->
 @pytest.mark.parametrize("config", ["ppo", "rloo"])
 def test_bf16_mixed_fit_has_finite_losses(config: str, tmp_path: Path) -> None:
     fewer = ["--model.init_args.samples_per_prompt=1"] if config == "ppo" else []
-    cli = ulma_fit(config, [*small_run(tmp_path, steps=2), *fewer, "--trainer.precision=bf16-mixed", "--trainer.accelerator=cpu"])
+    cli = ulma_fit(
+        config, [*small_run(tmp_path, steps=2), *fewer, "--trainer.precision=bf16-mixed", "--trainer.accelerator=cpu"]
+    )
     assert cli.trainer.precision == "bf16-mixed" and cli.trainer.global_step > 0
     logged = scalars(tmp_path)
     losses = logged["train/loss_step"]

@@ -28,20 +28,38 @@ def own(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("own")
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    return {"prompts": prompts, "sft": tiny_causal_lm(root / "sft_model"), "reward": tiny_reward_model(root / "reward_model")}
+    return {
+        "prompts": prompts,
+        "sft": tiny_causal_lm(root / "sft_model"),
+        "reward": tiny_reward_model(root / "reward_model"),
+    }
 
 
 def own_data_override(own: dict[str, Path], *, scorer: bool = True) -> list[str]:
     """The override of docs/rlhf.md ("Your own model, reward model and prompts"), as written there."""
     args = ["--model.init_args.policy.model", str(own["sft"])]
     if scorer:
-        args += ["--model.init_args.scorer", json.dumps({"class_path": "ulma_lightning.evaluation.HFClassifierScorer", "init_args": {"path": str(own["reward"])}})]
+        args += [
+            "--model.init_args.scorer",
+            json.dumps(
+                {
+                    "class_path": "ulma_lightning.evaluation.HFClassifierScorer",
+                    "init_args": {"path": str(own["reward"])},
+                }
+            ),
+        ]
     return args + ["--data.init_args.train", str(own["prompts"])]
 
 
 @pytest.mark.parametrize("config", ["ppo", "rloo"])
-def test_own_prompts_and_reward_model_get_nothing_of_the_demo(config: str, own: dict[str, Path], tmp_path: Path, caplog) -> None:
-    small = [a for a in small_run(tmp_path) if not a.startswith(("--model.init_args.policy.model_config", "--data.init_args.train"))]
+def test_own_prompts_and_reward_model_get_nothing_of_the_demo(
+    config: str, own: dict[str, Path], tmp_path: Path, caplog
+) -> None:
+    small = [
+        a
+        for a in small_run(tmp_path)
+        if not a.startswith(("--model.init_args.policy.model_config", "--data.init_args.train"))
+    ]
     with caplog.at_level(logging.WARNING):
         cli = ulma_fit(config, [*small, *own_data_override(own)])
     data, module = cli.datamodule, cli.model
@@ -56,7 +74,16 @@ def test_own_prompts_and_reward_model_get_nothing_of_the_demo(config: str, own: 
 
 
 @pytest.mark.parametrize("config", ["ppo", "rloo"])
-def test_own_prompts_without_a_reward_model_stop_naming_the_scorer(config: str, own: dict[str, Path], tmp_path: Path) -> None:
-    small = [a for a in small_run(tmp_path) if not a.startswith(("--model.init_args.policy.model_config", "--data.init_args.train"))]
-    with pytest.raises(ValueError, match=r"model.init_args.scorer, is DemoScorer .* data.train is '.*prompts.jsonl'.*HFClassifierScorer"):
+def test_own_prompts_without_a_reward_model_stop_naming_the_scorer(
+    config: str, own: dict[str, Path], tmp_path: Path
+) -> None:
+    small = [
+        a
+        for a in small_run(tmp_path)
+        if not a.startswith(("--model.init_args.policy.model_config", "--data.init_args.train"))
+    ]
+    with pytest.raises(
+        ValueError,
+        match=r"model.init_args.scorer, is DemoScorer .* data.train is '.*prompts.jsonl'.*HFClassifierScorer",
+    ):
         ulma_fit(config, [*small, *own_data_override(own, scorer=False)])

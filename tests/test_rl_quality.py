@@ -15,7 +15,15 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 
-from ulma_lightning import DemonstrationDataModule, GRPOModule, PolicyConfig, PPOModule, PromptDataModule, RLOOModule, SFTModule
+from ulma_lightning import (
+    DemonstrationDataModule,
+    GRPOModule,
+    PolicyConfig,
+    PPOModule,
+    PromptDataModule,
+    RLOOModule,
+    SFTModule,
+)
 from ulma_lightning.evaluation.generation import GenerationConfig
 from ulma_lightning.modules.base import OptimizerConfig
 
@@ -36,7 +44,10 @@ def trainer(steps: int) -> pl.Trainer:
 def sft_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     pl.seed_everything(0)
-    sft = SFTModule(PolicyConfig(model_config=MODEL, tokenizer="builtin:demo", reference="none"), OptimizerConfig(lr=3e-3, warmup_steps=2, schedule="constant"))
+    sft = SFTModule(
+        PolicyConfig(model_config=MODEL, tokenizer="builtin:demo", reference="none"),
+        OptimizerConfig(lr=3e-3, warmup_steps=2, schedule="constant"),
+    )
     trainer(90).fit(sft, DemonstrationDataModule(train="demo://demonstration?n=400", max_length=96, batch_size=16))
     folder = tmp_path_factory.mktemp("sft")
     sft.export_hf(folder)
@@ -45,7 +56,13 @@ def sft_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def raises_the_score(module: pl.LightningModule, seed: int, steps: int) -> None:
     """The held-out mean score before and after ``steps`` optimiser steps of ``module``: it must rise."""
-    data = PromptDataModule(train="demo://demonstration?n=200", val="demo://demonstration?split=test&n=32", max_length=96, batch_size=8, split_seed=seed)
+    data = PromptDataModule(
+        train="demo://demonstration?n=200",
+        val="demo://demonstration?split=test&n=32",
+        max_length=96,
+        batch_size=8,
+        split_seed=seed,
+    )
     run = trainer(steps)
     before = run.validate(module, data, verbose=False)[0]["val/reward"]
     run.fit(module, data)
@@ -81,7 +98,9 @@ def test_ppo_raises_the_held_out_ground_truth_score(sft_model: Path, seed: int) 
         ppo_epochs=2,
         mini_batch_size=16,
     )  # the scorer: DemoScorer, the ground truth; the critic: a copy of the SFT model's backbone
-    raises_the_score(module, seed, steps=8 * 2 * 2)  # optimiser steps: 8 rollout batches (8 prompts x 4 samples), 2 epochs of 2 mini-batches
+    raises_the_score(
+        module, seed, steps=8 * 2 * 2
+    )  # optimiser steps: 8 rollout batches (8 prompts x 4 samples), 2 epochs of 2 mini-batches
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

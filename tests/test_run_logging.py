@@ -18,9 +18,13 @@ SHARED_NAMES = {"rewards/positive", "rewards/negative", "logps/positive", "logps
 
 
 @pytest.mark.integration
-def test_short_precomputed_run_shows_progress_warns_on_cpu_mixed_precision_logs_grad_norm_and_validates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_short_precomputed_run_shows_progress_warns_on_cpu_mixed_precision_logs_grad_norm_and_validates(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     module = ULMAModule(PolicyConfig(model_config=TINY_LLAMA, reference="precomputed"))
-    data = PointwiseDataModule(train="demo://binary?n=24", test="demo://binary?split=test&n=4", val_fraction=0.25, batch_size=8, max_length=48)
+    data = PointwiseDataModule(
+        train="demo://binary?n=24", test="demo://binary?split=test&n=4", val_fraction=0.25, batch_size=8, max_length=48
+    )
     trainer = pl.Trainer(
         max_steps=2,  # of a 3-batch epoch: stops before the epoch's end, where validation was due
         limit_val_batches=1,
@@ -43,7 +47,12 @@ def test_short_precomputed_run_shows_progress_warns_on_cpu_mixed_precision_logs_
 
 
 def test_pairwise_and_pointwise_methods_log_one_metric_vocabulary() -> None:
-    a, b, c, d = (torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0]), torch.tensor([-1.2, -1.8]), torch.tensor([-1.4, -1.1]))
+    a, b, c, d = (
+        torch.tensor([-1.0, -2.0]),
+        torch.tensor([-1.5, -1.0]),
+        torch.tensor([-1.2, -1.8]),
+        torch.tensor([-1.4, -1.1]),
+    )
     scores = torch.tensor([1.0, 0.0])
     dpo = set(dpo_loss(a, b, c, d).metrics)
     assert SHARED_NAMES | {"rewards/accuracy", "rewards/margin"} <= dpo, dpo

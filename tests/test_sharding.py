@@ -41,7 +41,15 @@ def _tiny(model_type: str) -> nn.Module:
     if model_type == "gpt2":
         config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=64)
     else:
-        config = AutoConfig.for_model(model_type, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64, **extra)
+        config = AutoConfig.for_model(
+            model_type,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=64,
+            **extra,
+        )
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
@@ -114,7 +122,9 @@ def test_strategy_configs_compose_with_the_method_config(config: str, class_path
 def test_fsdp2_strategy_follows_the_trainer_precision() -> None:
     bf16 = Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", strategy=FSDP2Strategy(), logger=False)
     assert bf16.strategy.shard_options()["param_dtype"] == torch.bfloat16
-    fp32 = Trainer(accelerator="cpu", devices=1, precision="32-true", strategy=FSDP2Strategy(layer_classes=["X"]), logger=False)
+    fp32 = Trainer(
+        accelerator="cpu", devices=1, precision="32-true", strategy=FSDP2Strategy(layer_classes=["X"]), logger=False
+    )
     options = fp32.strategy.shard_options()
     assert options["param_dtype"] is None and options["reduce_dtype"] == torch.float32
     assert options["layer_classes"] == ["X"]

@@ -27,7 +27,9 @@ ULMA = "import sys; from ulma_lightning.cli import run; sys.argv[0] = 'ulma'; ru
 
 def ulma(args: list[str], cwd: Path, pythonpath: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(pythonpath), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-c", ULMA, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", ULMA, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_pyproject_lists_every_package_and_maps_configs() -> None:
@@ -49,11 +51,18 @@ def test_the_wheel_ships_the_configs_and_ulma_finds_them_there(tmp_path: Path) -
     for name in ("configs", "ulma_lightning"):
         shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
+    built = subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     target = tmp_path / "site"
-    installed = subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], capture_output=True, text=True, timeout=300)
+    installed = subprocess.run(
+        [*pip, "install", "--no-deps", "--target", str(target), str(wheel)], capture_output=True, text=True, timeout=300
+    )
     assert installed.returncode == 0, installed.stderr[-3000:]
     inside = target / "ulma_lightning" / "configs"
     assert sorted(p.relative_to(inside).as_posix() for p in inside.rglob("*.yaml")) == REPO_CONFIGS
@@ -64,7 +73,9 @@ def test_the_wheel_ships_the_configs_and_ulma_finds_them_there(tmp_path: Path) -
     listed = ulma(["configs"], work, target)
     assert listed.returncode == 0, listed.stderr[-3000:]
     assert str(inside) in listed.stdout
-    assert {"ulma", "dpo", "strategy/fsdp2", "task/gpu/hh_golden"} <= {line.strip() for line in listed.stdout.splitlines()}
+    assert {"ulma", "dpo", "strategy/fsdp2", "task/gpu/hh_golden"} <= {
+        line.strip() for line in listed.stdout.splitlines()
+    }
     printed = ulma(["fit", "--config", "ulma", "--print_config"], work, target)
     assert printed.returncode == 0, printed.stderr[-3000:]
     assert yaml.safe_load(printed.stdout)["model"]["class_path"] == "ulma_lightning.ULMAModule"
@@ -75,7 +86,9 @@ def test_the_wheel_ships_the_configs_and_ulma_finds_them_there(tmp_path: Path) -
     assert spec.stdout.split() == [str(target / "ulma_lightning" / "__init__.py"), str(inside)], spec.stderr[-2000:]
 
 
-def test_configs_lists_and_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_configs_lists_and_copies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     from ulma_lightning.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -101,13 +114,17 @@ def test_configs_lists_and_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert unknown.value.code == 2 and "no shipped config 'ulmaa'" in err and "ulma_continuous" in err
 
 
-def test_config_name_resolves_to_a_shipped_config_only_where_no_such_file_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_name_resolves_to_a_shipped_config_only_where_no_such_file_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     shipped = str(shipped_configs()["ulma"])
     assert resolve_config_names(["fit", "--config", "ulma", "-c", "task/ulma", "--config=dpo"]) == [
         "fit", "--config", shipped, "-c", str(shipped_configs()["task/ulma"]), f"--config={shipped_configs()['dpo']}",
     ]  # fmt: skip
-    assert resolve_config_names(["fit", "--config", "ulma.yaml", "--config", "nope", "--trainer.max_steps", "ulma"]) == [
+    assert resolve_config_names(
+        ["fit", "--config", "ulma.yaml", "--config", "nope", "--trainer.max_steps", "ulma"]
+    ) == [
         "fit",
         "--config",
         "ulma.yaml",
@@ -123,7 +140,20 @@ def test_config_name_resolves_to_a_shipped_config_only_where_no_such_file_is(tmp
 @pytest.mark.integration
 def test_fit_with_a_shipped_name_trains(tmp_path: Path) -> None:
     """``ulma fit --config ulma`` from a folder without configs/ (one step)."""
-    done = ulma(["fit", "--config", "ulma", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"], tmp_path)
+    done = ulma(
+        [
+            "fit",
+            "--config",
+            "ulma",
+            "--trainer.max_steps",
+            "1",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+        ],
+        tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     saved = yaml.safe_load((tmp_path / "runs" / "ulma" / "version_0" / "config.yaml").read_text())
     assert saved["model"]["class_path"] == "ulma_lightning.ULMAModule"
@@ -140,4 +170,6 @@ def test_compare_falls_back_to_the_shipped_configs(tmp_path: Path, monkeypatch: 
     monkeypatch.chdir(tmp_path)
     grid = load_grid(write_grid(tmp_path, GRID))
     assert PACKAGE_CONFIGS == shipped_configs_dir()
-    assert {stage.config for run in grid.runs for stage in run.stages} == {shipped_configs()[name] for name in ("sft", "dpo", "ulma")}
+    assert {stage.config for run in grid.runs for stage in run.stages} == {
+        shipped_configs()[name] for name in ("sft", "dpo", "ulma")
+    }

@@ -124,7 +124,9 @@ def test_other_heads_take_the_checkpointed_path_with_the_same_result():
     fast = projected_token_logps(head, hidden, targets, chunk_size=8)
     generic = projected_token_logps(other, hidden, targets, chunk_size=8)
     torch.testing.assert_close(fast, generic, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(_grads(fast, upstream, hidden)[0], _grads(generic, upstream, hidden)[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        _grads(fast, upstream, hidden)[0], _grads(generic, upstream, hidden)[0], rtol=1e-4, atol=1e-5
+    )
 
 
 # ----------------------------------------------------------------------------- whole model

@@ -110,19 +110,35 @@ def test_dpo_runs_chosen_and_rejected_in_one_forward_with_the_plain_loss():
     chosen, rejected = _items(LENGTHS[:4], seed=1), _items(LENGTHS[4:], seed=2)
     items = []
     for i, (c, r) in enumerate(zip(chosen, rejected)):
-        items.append({"chosen_input_ids": c["input_ids"], "chosen_labels": c["labels"], "rejected_input_ids": r["input_ids"], "rejected_labels": r["labels"], "index": i})
+        items.append(
+            {
+                "chosen_input_ids": c["input_ids"],
+                "chosen_labels": c["labels"],
+                "rejected_input_ids": r["input_ids"],
+                "rejected_labels": r["labels"],
+                "index": i,
+            }
+        )
     batch = PaddingCollator(pad_token_id=1)(items)
     calls = {"policy": 0, "reference": 0}
     module.policy.model.get_decoder().register_forward_hook(lambda *a: calls.__setitem__("policy", calls["policy"] + 1))
-    module.policy.reference_model.get_decoder().register_forward_hook(lambda *a: calls.__setitem__("reference", calls["reference"] + 1))
+    module.policy.reference_model.get_decoder().register_forward_hook(
+        lambda *a: calls.__setitem__("reference", calls["reference"] + 1)
+    )
     loss, fast = _library_step(module, batch)
     assert calls == {"policy": 1, "reference": 1}
 
-    side = lambda p: {"input_ids": batch[p + "input_ids"], "attention_mask": batch[p + "attention_mask"], "labels": batch[p + "labels"]}  # noqa: E731
+    side = lambda p: {
+        "input_ids": batch[p + "input_ids"],
+        "attention_mask": batch[p + "attention_mask"],
+        "labels": batch[p + "labels"],
+    }  # noqa: E731
     model, ref = module.policy.model, module.policy.reference_model
     with torch.no_grad():
         rc, rr = _plain_logps(ref, side("chosen_"), False), _plain_logps(ref, side("rejected_"), False)
-    plain = dpo_loss(_plain_logps(model, side("chosen_"), False), _plain_logps(model, side("rejected_"), False), rc, rr).loss
+    plain = dpo_loss(
+        _plain_logps(model, side("chosen_"), False), _plain_logps(model, side("rejected_"), False), rc, rr
+    ).loss
     plain.backward()
     torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
     _assert_grads_close(fast, _grads(module))
@@ -156,7 +172,9 @@ def test_fused_adamw_takes_the_same_step_as_plain_adamw():
     fused.step()
     plain.step()
     moved = 0
-    for p, q, start in zip(module.policy.model.parameters(), twin.parameters(), copy.deepcopy(module.policy.reference_model).parameters()):
+    for p, q, start in zip(
+        module.policy.model.parameters(), twin.parameters(), copy.deepcopy(module.policy.reference_model).parameters()
+    ):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
         moved += int(not torch.equal(p, start))
     assert moved > 0
@@ -184,7 +202,13 @@ def test_adamw_is_not_fused_under_loss_scaling():
     import torch.amp
 
     module = _built(ULMAModule)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     module.trainer = trainer
     assert module.build_optimizer().defaults["fused"] is True
     trainer.precision_plugin.scaler = torch.amp.GradScaler("cpu")  # what 16-mixed holds on a GPU

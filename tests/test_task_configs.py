@@ -33,7 +33,19 @@ def test_task_ulma_config_fits_and_evaluates_with_the_task_scorer(tmp_path: Path
     run_cli(["fit", *common, *fit], tmp_path)
     ckpt = next(tmp_path.glob("task_ulma/version_0/checkpoints/last.ckpt"))
     output = tmp_path / "evaluation.json"
-    run_cli(["evaluate", *common, "--ckpt_path", str(ckpt), "--output", str(output), "--evaluation.generation.max_new_tokens", "8"], tmp_path)
+    run_cli(
+        [
+            "evaluate",
+            *common,
+            "--ckpt_path",
+            str(ckpt),
+            "--output",
+            str(output),
+            "--evaluation.generation.max_new_tokens",
+            "8",
+        ],
+        tmp_path,
+    )
     report = json.loads(output.read_text())
     assert report["num_predictions"] == 6
     assert 0.0 <= report["generation"]["task"]["mean"] <= 1.0
@@ -43,15 +55,30 @@ def test_task_ulma_config_fits_and_evaluates_with_the_task_scorer(tmp_path: Path
 
 @pytest.mark.parametrize(
     ("method", "overlay"),
-    [("ulma.yaml", "hh_harmless_binary.yaml"), ("sft.yaml", "hh_golden.yaml"), ("ulma_continuous.yaml", "hh_red_team.yaml")],
+    [
+        ("ulma.yaml", "hh_harmless_binary.yaml"),
+        ("sft.yaml", "hh_golden.yaml"),
+        ("ulma_continuous.yaml", "hh_red_team.yaml"),
+    ],
 )
 def test_gpu_overlays_compose_with_the_method_configs(method: str, overlay: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as info:
-        main(["fit", "--config", str(REPO / "configs" / method), "--config", str(TASK / "gpu" / overlay), "--print_config"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "configs" / method),
+                "--config",
+                str(TASK / "gpu" / overlay),
+                "--print_config",
+            ]
+        )
     assert info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     written = yaml.safe_load((TASK / "gpu" / overlay).read_text())
     for key, value in written["data"]["init_args"].items():
         assert printed["data"]["init_args"][key] == value, key
     assert printed["model"]["init_args"]["policy"]["model"] == "Qwen/Qwen2.5-0.5B"
-    assert printed["model"]["class_path"] == yaml.safe_load((REPO / "configs" / method).read_text())["model"]["class_path"]
+    assert (
+        printed["model"]["class_path"] == yaml.safe_load((REPO / "configs" / method).read_text())["model"]["class_path"]
+    )

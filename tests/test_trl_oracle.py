@@ -14,7 +14,9 @@ from types import MethodType, SimpleNamespace
 import pytest
 import torch
 
-trl = pytest.importorskip("trl", reason="the oracle tests compare with TRL (pip install 'ulma-lightning[test]', trl==1.16.0)")
+trl = pytest.importorskip(
+    "trl", reason="the oracle tests compare with TRL (pip install 'ulma-lightning[test]', trl==1.16.0)"
+)
 from conftest import TINY_LLAMA  # noqa: E402
 from trl.trainer.dpo_trainer import DPOTrainer  # noqa: E402
 from trl.trainer.kto_trainer import KTOTrainer  # noqa: E402
@@ -44,7 +46,9 @@ class TableModel:
         keep = targets != IGNORE_INDEX
         log_probs = torch.where(keep, self.table[targets.clamp(min=0)], torch.zeros(()))
         zeros = torch.zeros_like(log_probs)
-        return SimpleNamespace(log_probs=log_probs, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool(), aux_loss=None)
+        return SimpleNamespace(
+            log_probs=log_probs, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool(), aux_loss=None
+        )
 
 
 def _accelerator() -> SimpleNamespace:
@@ -67,7 +71,9 @@ def _summed(table: torch.Tensor, input_ids: torch.Tensor, completion: torch.Tens
     return (table[input_ids] * completion)[:, 1:].sum(-1)
 
 
-def _trl_dpo(loss_type: str, beta: float, label_smoothing: float, table, input_ids, completion, ref_chosen, ref_rejected):
+def _trl_dpo(
+    loss_type: str, beta: float, label_smoothing: float, table, input_ids, completion, ref_chosen, ref_rejected
+):
     stub = SimpleNamespace(
         model=TableModel(table),
         accelerator=_accelerator(),
@@ -94,7 +100,9 @@ def _trl_dpo(loss_type: str, beta: float, label_smoothing: float, table, input_i
     return DPOTrainer._compute_loss(stub, stub.model, inputs, return_outputs=False), stub._metrics["train"]
 
 
-@pytest.mark.parametrize("loss_type,beta", [("sigmoid", 0.1), ("sigmoid", 0.5), ("ipo", 0.1), ("ipo", 0.7), ("hinge", 0.1), ("hinge", 0.05)])
+@pytest.mark.parametrize(
+    "loss_type,beta", [("sigmoid", 0.1), ("sigmoid", 0.5), ("ipo", 0.1), ("ipo", 0.7), ("hinge", 0.1), ("hinge", 0.05)]
+)
 def test_dpo_loss_matches_trl(loss_type: str, beta: float) -> None:
     g = torch.Generator().manual_seed(7)
     pairs = 6
@@ -114,7 +122,9 @@ def test_dpo_loss_matches_trl(loss_type: str, beta: float) -> None:
     torch.testing.assert_close(ours.loss, trl_loss, rtol=1e-5, atol=1e-6)
     assert trl_loss.item() > 0
     if loss_type != "ipo":  # TRL logs rewards on summed log-ratios
-        assert ours.metrics["rewards/margin"].item() == pytest.approx(trl_metrics["rewards/margins"][-1], rel=1e-5, abs=1e-6)
+        assert ours.metrics["rewards/margin"].item() == pytest.approx(
+            trl_metrics["rewards/margins"][-1], rel=1e-5, abs=1e-6
+        )
         assert ours.metrics["rewards/accuracy"].item() == pytest.approx(trl_metrics["rewards/accuracies"][-1])
 
 
@@ -181,7 +191,9 @@ def test_kto_loss_matches_trl(weights: tuple[float, float], labels: list[int]) -
     }
     stub._compute_kl_logps = MethodType(KTOTrainer._compute_kl_logps, stub)
     trl_loss = KTOTrainer._compute_loss(stub, stub.model, inputs, return_outputs=False)
-    ours = kto_loss(policy, ref, label, kl_policy, kl_ref, beta=beta, desirable_weight=weights[0], undesirable_weight=weights[1])
+    ours = kto_loss(
+        policy, ref, label, kl_policy, kl_ref, beta=beta, desirable_weight=weights[0], undesirable_weight=weights[1]
+    )
     torch.testing.assert_close(ours.loss, trl_loss, rtol=1e-5, atol=1e-6)
     assert ours.metrics["kl"].item() == pytest.approx(stub._metrics["train"]["kl"][-1], rel=1e-5)
     assert ours.metrics["kl"].item() > 0
@@ -214,7 +226,9 @@ def test_policy_summed_logps_match_trl(pair_data) -> None:
         completion = rows["labels"] != IGNORE_INDEX
         labels = rows["input_ids"].masked_fill(~completion, IGNORE_INDEX)
         with torch.no_grad():
-            out = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], labels=labels, fused_lm_head=True)
+            out = model(
+                input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], labels=labels, fused_lm_head=True
+            )
         trl_tokens.append(out.log_probs[completion[:, 1:]])  # row-major, like TokenLogps.values
         trl_sums.append(out.log_probs.sum(-1))
     trl_tokens, trl_logps = torch.cat(trl_tokens), torch.cat(trl_sums)
@@ -228,11 +242,17 @@ def test_dpo_module_loss_matches_trl_trainer(pair_data) -> None:
     """End to end: DPOModule's loss on a pairwise batch (precomputed reference values) equals
     ``DPOTrainer._compute_loss`` on the same model, tokens and completion masks."""
     policy, batch = pair_data
-    module = DPOModule(PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo", reference="precomputed"), beta=0.3)
+    module = DPOModule(
+        PolicyConfig(model_config=TINY_LLAMA, tokenizer="builtin:demo", reference="precomputed"), beta=0.3
+    )
     module.policy.model = policy.model  # the same (fused-head patched) weights
     g = torch.Generator().manual_seed(5)
     pairs = batch["chosen_input_ids"].shape[0]
-    batch = dict(batch, reference_chosen_logps=-40 - 5 * torch.rand(pairs, generator=g), reference_rejected_logps=-40 - 5 * torch.rand(pairs, generator=g))
+    batch = dict(
+        batch,
+        reference_chosen_logps=-40 - 5 * torch.rand(pairs, generator=g),
+        reference_rejected_logps=-40 - 5 * torch.rand(pairs, generator=g),
+    )
     ours = module.compute_loss(batch, "train")
 
     both = pair_batch(batch, pad_token_id=policy.tokenizer.pad_token_id)

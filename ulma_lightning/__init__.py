@@ -1,7 +1,14 @@
 """ulma-lightning: align causal language models with demonstrations and point-wise feedback."""
 
 from ulma_lightning._version import __version__ as __version__
-from ulma_lightning.data import AlignmentDataModule, DataError, DemonstrationDataModule, PairwiseDataModule, PointwiseDataModule, PromptDataModule
+from ulma_lightning.data import (
+    AlignmentDataModule,
+    DataError,
+    DemonstrationDataModule,
+    PairwiseDataModule,
+    PointwiseDataModule,
+    PromptDataModule,
+)
 from ulma_lightning.losses import (
     LossOutput,
     bradley_terry_loss,

@@ -16,10 +16,19 @@ CHECKED = {"lightning": "2.6", "torch": "2.13", "transformers": "5.25", "jsonarg
 
 #: (class, private method) of another library that a class of this package overrides -> why
 PRIVATE_HOOKS = {
-    ("lightning.pytorch.cli.LightningCLI", "_run_subcommand"): "ULMACLI: a run that fails before its first step leaves no log folder",
-    ("lightning.pytorch.cli.LightningCLI", "_parse_ckpt_path"): "ULMACLI: refuse another method's checkpoint before LightningCLI reads it",
+    (
+        "lightning.pytorch.cli.LightningCLI",
+        "_run_subcommand",
+    ): "ULMACLI: a run that fails before its first step leaves no log folder",
+    (
+        "lightning.pytorch.cli.LightningCLI",
+        "_parse_ckpt_path",
+    ): "ULMACLI: refuse another method's checkpoint before LightningCLI reads it",
     ("lightning.pytorch.cli.LightningCLI", "_add_subcommands"): "ULMACLI: list the extra commands in ulma --help",
-    ("lightning.pytorch.callbacks.ModelCheckpoint", "_find_last_checkpoints"): "AtomicModelCheckpoint: --ckpt_path last finds earlier versions",
+    (
+        "lightning.pytorch.callbacks.ModelCheckpoint",
+        "_find_last_checkpoints",
+    ): "AtomicModelCheckpoint: --ckpt_path last finds earlier versions",
     ("lightning.pytorch.callbacks.ModelCheckpoint", "_save_checkpoint"): "AtomicModelCheckpoint: atomic writes",
     ("lightning.pytorch.strategies.FSDPStrategy", "_setup_model"): "AutoWrapFSDPStrategy: wrap the policy's blocks",
 }
@@ -166,7 +175,9 @@ def load_sharded_state_dict(path: Any, keys: set[str]) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    _load_state_dict(
+        state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True
+    )
     return state
 
 

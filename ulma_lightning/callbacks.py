@@ -28,15 +28,21 @@ class TokenThroughput(pl.Callback):
         self._tokens = 0
         self._seconds = 0.0
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._start is None:
             return
         self._seconds += time.perf_counter() - self._start
         self._tokens += sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
-        pl_module.log("train/tokens_per_sec", self._tokens / max(self._seconds, 1e-9), on_step=True, on_epoch=True, batch_size=1)
+        pl_module.log(
+            "train/tokens_per_sec", self._tokens / max(self._seconds, 1e-9), on_step=True, on_epoch=True, batch_size=1
+        )
         if _compat.logs_this_step(trainer):  # this step's value is written: start a new window
             self._tokens, self._seconds = 0, 0.0
 
@@ -72,7 +78,9 @@ class HFExport(pl.Callback):
             if hasattr(pl_module, "export_hf"):
                 write = lambda partial: pl_module.export_hf(partial, merge_lora=self.merge_lora, **full)  # noqa: E731
             else:
-                write = lambda partial: export_hf(pl_module.policy.model, pl_module.policy.tokenizer, partial, merge_lora=self.merge_lora, **full)  # noqa: E731
+                write = lambda partial: export_hf(
+                    pl_module.policy.model, pl_module.policy.tokenizer, partial, merge_lora=self.merge_lora, **full
+                )  # noqa: E731
             export_atomically(write, path, what="HFExport (trainer.callbacks)")
             log.info("saved the trained policy as a Hugging Face folder: %s", path)
         trainer.strategy.barrier("hf_export")

@@ -201,7 +201,13 @@ class ResumeConflict(UserError):
 
 #: init options of a module a resumed run may change: how the model runs, not what it is or how it
 #: learns (dotted below the module's ``init_args``)
-RESUME_FREE_OPTIONS = ("policy.compile", "policy.gradient_checkpointing", "policy.attn_implementation", "policy.logits_chunk_size", "policy.length_groups")
+RESUME_FREE_OPTIONS = (
+    "policy.compile",
+    "policy.gradient_checkpointing",
+    "policy.attn_implementation",
+    "policy.logits_chunk_size",
+    "policy.length_groups",
+)
 _UNSET = "(not set)"
 
 
@@ -223,7 +229,9 @@ def _plain(value: Any) -> Any:
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, dict) and value:
-        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}.{key}" if prefix else key).items()}
+        return {
+            k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}.{key}" if prefix else key).items()
+        }
     return {prefix: value}
 
 
@@ -278,7 +286,10 @@ def _is_local(path: str) -> bool:
 
 def _is_last(path: Path) -> bool:
     """ModelCheckpoint's test for a ``last`` checkpoint name (``last.ckpt``, ``last-v1.ckpt``)."""
-    return path.suffix == ModelCheckpoint.FILE_EXTENSION and re.match(rf"^{ModelCheckpoint.CHECKPOINT_NAME_LAST}", path.stem) is not None
+    return (
+        path.suffix == ModelCheckpoint.FILE_EXTENSION
+        and re.match(rf"^{ModelCheckpoint.CHECKPOINT_NAME_LAST}", path.stem) is not None
+    )
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):

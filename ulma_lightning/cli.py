@@ -41,7 +41,9 @@ def main(args: list[str] | None = None) -> Any:
 
         rest, run = with_run_checkpoint(argv[1:], "ulma predict")
         if rest != argv[1:]:
-            defaults = {**CLI_DEFAULTS, "save_config_callback": None} if run is not None else CLI_DEFAULTS  # the run's config.yaml stays
+            defaults = (
+                {**CLI_DEFAULTS, "save_config_callback": None} if run is not None else CLI_DEFAULTS
+            )  # the run's config.yaml stays
             with expected_warnings():
                 return ULMACLI(LightningModule, AlignmentDataModule, args=["predict", *rest], **defaults)
     return ULMACLI(LightningModule, AlignmentDataModule, args=args, **CLI_DEFAULTS)  # the parser: METHOD_BASES
@@ -61,7 +63,10 @@ def run() -> None:
     except UserError as err:
         if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
             raise
-        print(f"ulma: stopped ({DEBUG_ENV}=1 shows the traceback):\n{type(err).__module__}.{type(err).__qualname__}: {err}", file=sys.stderr)
+        print(
+            f"ulma: stopped ({DEBUG_ENV}=1 shows the traceback):\n{type(err).__module__}.{type(err).__qualname__}: {err}",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None
 
 

@@ -53,7 +53,9 @@ def plain_copy(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Modu
     primary = {name for name, _ in out.named_parameters()} | {name for name, _ in out.named_buffers()}
     missing = [k for k in missing if k in primary]  # the second name of a tied weight may be absent
     if missing or unexpected:
-        raise KeyError(f"the state dict does not fit {type(out).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise KeyError(
+            f"the state dict does not fit {type(out).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return out
 
 

@@ -20,7 +20,14 @@ from typing import Any
 import torch
 
 import ulma_lightning._compat as _compat
-from ulma_lightning.checkpointing import METADATA_FILE, MODULE_CLASS_KEY, atomic_replace, partial_path, read_checkpoint_metadata, remove_path
+from ulma_lightning.checkpointing import (
+    METADATA_FILE,
+    MODULE_CLASS_KEY,
+    atomic_replace,
+    partial_path,
+    read_checkpoint_metadata,
+    remove_path,
+)
 from ulma_lightning.export import _point_adapter_at
 from ulma_lightning.importing import import_object
 
@@ -56,7 +63,9 @@ def module_from_checkpoint(checkpoint: dict[str, Any]) -> Any:
     hparams = dict(checkpoint["hyper_parameters"])
     class_path = hparams.get("_class_path") or checkpoint.get(MODULE_CLASS_KEY)
     if class_path is None:
-        raise ValueError("the checkpoint does not name its module class; load it with YourModule.load_from_checkpoint and call ulma_lightning.export.export_hf")
+        raise ValueError(
+            "the checkpoint does not name its module class; load it with YourModule.load_from_checkpoint and call ulma_lightning.export.export_hf"
+        )
     cls = import_object(class_path)
     if hparams.pop("_instantiator", None) is not None:  # written by `ulma fit` (LightningCLI)
         hparams["_class_path"] = class_path
@@ -78,7 +87,9 @@ def check_out(out: Path, overwrite: bool) -> None:
     if overwrite or not (out.exists() or out.is_symlink()) or (out.is_dir() and not any(out.iterdir())):
         return
     what = "a folder that is not empty" if out.is_dir() else "a file"
-    raise FileExistsError(f"--out {out} is {what}; export writes a whole Hugging Face folder there. Choose a new or empty folder, or pass --overwrite to replace it")
+    raise FileExistsError(
+        f"--out {out} is {what}; export writes a whole Hugging Face folder there. Choose a new or empty folder, or pass --overwrite to replace it"
+    )
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, *, merge_lora: bool = True, overwrite: bool = False) -> Path:
@@ -103,7 +114,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, merge_lora: bool = T
     except BaseException as err:
         remove_path(partial)
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            raise OSError(err.errno, f"no space left on the device to export to {out}; free space there or choose another --out") from err
+            raise OSError(
+                err.errno, f"no space left on the device to export to {out}; free space there or choose another --out"
+            ) from err
         raise
     return out
 
@@ -114,7 +127,11 @@ def export_parser() -> argparse.ArgumentParser:
         prog="ulma export",
         description="Write the policy of a Lightning checkpoint (a file, or a sharded FSDP/FSDP2 folder) as a Hugging Face folder: safetensors weights, config, tokenizer and chat template.",
     )
-    parser.add_argument("--ckpt", required=True, help="checkpoint file or sharded folder, e.g. runs/ulma/version_0/checkpoints/last.ckpt")
+    parser.add_argument(
+        "--ckpt",
+        required=True,
+        help="checkpoint file or sharded folder, e.g. runs/ulma/version_0/checkpoints/last.ckpt",
+    )
     parser.add_argument("--out", required=True, help="output folder (created; must be new or empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     parser.add_argument(

@@ -41,7 +41,9 @@ def split_gguf(source: str) -> tuple[str, str]:
     gguf_file=name)`` takes them. A source whose folder exists locally must name an existing file."""
     path = Path(source).expanduser()
     if not path.is_file() and path.parent.is_dir():
-        raise FileNotFoundError(f"GGUF file {source} does not exist (its folder {path.parent} does); check policy.model / policy.gguf_file")
+        raise FileNotFoundError(
+            f"GGUF file {source} does not exist (its folder {path.parent} does); check policy.model / policy.gguf_file"
+        )
     return str(path.parent), path.name
 
 
@@ -95,9 +97,13 @@ def inspect_gguf(source: str) -> GgufInfo:
         architecture = str(reader.fields["general.architecture"].contents())
         end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
     except Exception as exc:  # the reader's errors on a short file are numpy's (reshape, index)
-        raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt: {type(exc).__name__}: {exc}); download or convert it again") from exc
+        raise ValueError(
+            f"{path} is not a readable GGUF file (truncated or corrupt: {type(exc).__name__}: {exc}); download or convert it again"
+        ) from exc
     if end > size:
-        raise ValueError(f"{path} is truncated: its tensors need {end} bytes, the file has {size}; download or convert it again")
+        raise ValueError(
+            f"{path} is truncated: its tensors need {end} bytes, the file has {size}; download or convert it again"
+        )
     types = tuple(sorted({t.tensor_type.name for t in reader.tensors}))
     info = GgufInfo(str(path), architecture, types, size)
     supported = _compat.gguf_architectures()

@@ -63,7 +63,13 @@ def nulls_as_init_args(argv: list[str]) -> list[str]:
         group, _, path = key[2:].partition(".")
         if not eq and i + 1 < len(argv):
             value = argv[i + 1]
-        if arg.startswith("--") and group in _SUBCLASS_GROUPS and path and not path.endswith("help") and value in _NULLS:
+        if (
+            arg.startswith("--")
+            and group in _SUBCLASS_GROUPS
+            and path
+            and not path.endswith("help")
+            and value in _NULLS
+        ):
             parts = path.split(".")
             if parts[0] == "init_args":
                 parts = parts[1:]
@@ -110,7 +116,9 @@ class ULMAArgumentParser(LightningArgumentParser):
     Another class is refused as it was with one base; a ``model:`` without ``class_path`` (the shared
     defaults) is read as ``AlignmentModule``'s, the first base."""
 
-    def add_lightning_class_args(self, lightning_class: Any, nested_key: str, subclass_mode: bool = False, required: bool = True) -> list[str]:
+    def add_lightning_class_args(
+        self, lightning_class: Any, nested_key: str, subclass_mode: bool = False, required: bool = True
+    ) -> list[str]:
         if nested_key != "model" or not subclass_mode:
             return super().add_lightning_class_args(lightning_class, nested_key, subclass_mode, required)
         from ulma_lightning.modules import METHOD_BASES
@@ -125,7 +133,9 @@ CLI_DEFAULTS: dict[str, Any] = {
     "seed_everything_default": 0,
     "save_config_kwargs": {"overwrite": True},
     "auto_configure_optimizers": False,
-    "parser_kwargs": {command: {"default_config_files": [str(DEFAULTS_FILE)]} for command in ("fit", "validate", "test", "predict")},
+    "parser_kwargs": {
+        command: {"default_config_files": [str(DEFAULTS_FILE)]} for command in ("fit", "validate", "test", "predict")
+    },
 }
 
 
@@ -181,7 +191,9 @@ def model_error(model: Any, err: BaseException) -> BaseException:
     parser = LightningArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(bases[0], "model", fail_untyped=False)
     try:
-        parser.instantiate_classes(parser.parse_object({"model": model.as_dict() if hasattr(model, "as_dict") else model}))
+        parser.instantiate_classes(
+            parser.parse_object({"model": model.as_dict() if hasattr(model, "as_dict") else model})
+        )
     except (ValueError, TypeError) as own:
         return _innermost(own, outside=err)
     return cause
@@ -220,7 +232,14 @@ def without_callbacks_turned_off(trainer: Any) -> None:
         return
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    off = tuple(cls for cls, on in ((ModelCheckpoint, trainer.get("enable_checkpointing")), (LearningRateMonitor, trainer.get("logger"))) if on is False)
+    off = tuple(
+        cls
+        for cls, on in (
+            (ModelCheckpoint, trainer.get("enable_checkpointing")),
+            (LearningRateMonitor, trainer.get("logger")),
+        )
+        if on is False
+    )
     if not off:
         return
 
@@ -313,7 +332,9 @@ def check_dropped_init_args(before: dict[str, Any], after: dict[str, Any], old_c
         )
     from ulma_lightning.modules import METHOD_BASES
 
-    if _class_at(old_class) in METHOD_BASES:  # the base the shared defaults' model (no class_path) was read as: nothing written
+    if (
+        _class_at(old_class) in METHOD_BASES
+    ):  # the base the shared defaults' model (no class_path) was read as: nothing written
         return
     warnings.warn(
         f"{new_class} takes no option {', '.join(sorted(dropped))}; the config gave {old_class} its default there, which is dropped with the class_path change",
@@ -464,8 +485,12 @@ class ULMACLI(LightningCLI):
             checkpoint = read_checkpoint_metadata(ckpt_path)
             check_same_classes(checkpoint, config.model.class_path, config.data.class_path, str(ckpt_path))
             if subcommand == "fit":
-                drop_unused_model_config(config.model)  # as the run records it: no demo model_config beside policy.model
-                check_resume_options(checkpoint.get("hyper_parameters") or {}, config.model.get("init_args") or {}, str(ckpt_path))
+                drop_unused_model_config(
+                    config.model
+                )  # as the run records it: no demo model_config beside policy.model
+                check_resume_options(
+                    checkpoint.get("hyper_parameters") or {}, config.model.get("init_args") or {}, str(ckpt_path)
+                )
                 return
         super()._parse_ckpt_path()
 
@@ -481,7 +506,9 @@ class ULMACLI(LightningCLI):
                 raise
             said, option = name_the_option(str(cause), config)
             where = f"option {option}; " if option else ""
-            raise ConfigError(f"{_built_class(cause) or 'the config'}: {said} ({where}fix it in the config or on the command line)") from cause
+            raise ConfigError(
+                f"{_built_class(cause) or 'the config'}: {said} ({where}fix it in the config or on the command line)"
+            ) from cause
         without_version_in_progress_bar(self.trainer)
         add_small_model_threads(self.trainer)
 

@@ -90,7 +90,9 @@ def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None) -> tuple[Tensor, Tensor | None]:
+def _chunk_logits(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None
+) -> tuple[Tensor, Tensor | None]:
     """float32 (float64 for float64 inputs) logits of one chunk, capped if ``softcap``, and then
     ``tanh`` for the backward."""
     logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
@@ -101,7 +103,14 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: 
     return tanh * softcap, tanh
 
 
-def _chunk_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, softcap: float | None, keep_probs: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+def _chunk_forward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    softcap: float | None,
+    keep_probs: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """(target log-prob, log-sum-exp, softmax if ``keep_probs``) of one chunk, float32, in one
     ``chunk x vocab`` buffer."""
     z, _ = _chunk_logits(hidden, weight, bias, softcap)
@@ -136,7 +145,9 @@ class ChunkedTokenLogps(torch.autograd.Function):
             lse = torch.empty_like(values)
             for start in range(0, h.shape[0], chunk_size):
                 end = start + chunk_size
-                values[start:end], lse[start:end], probs = _chunk_forward(h[start:end], w, b, targets[start:end], softcap, keep and start == 0)
+                values[start:end], lse[start:end], probs = _chunk_forward(
+                    h[start:end], w, b, targets[start:end], softcap, keep and start == 0
+                )
                 first_probs = probs if start == 0 else first_probs
         ctx.save_for_backward(hidden, weight, bias, targets, lse, first_probs)
         ctx.chunk_size, ctx.softcap, ctx.dtype = chunk_size, softcap, dtype
@@ -189,7 +200,13 @@ class ChunkedTokenLogps(torch.autograd.Function):
 def _plain_linear(head: nn.Module, hidden: Tensor) -> bool:
     """An ``nn.Linear`` whose weight is an ordinary tensor (not sharded, not adapted)."""
     weight = getattr(head, "weight", None)
-    return type(head) is nn.Linear and isinstance(weight, Tensor) and type(weight) in (Tensor, nn.Parameter) and weight.dim() == 2 and weight.shape[1] == hidden.shape[-1]
+    return (
+        type(head) is nn.Linear
+        and isinstance(weight, Tensor)
+        and type(weight) in (Tensor, nn.Parameter)
+        and weight.dim() == 2
+        and weight.shape[1] == hidden.shape[-1]
+    )
 
 
 def _module_chunk_logps(head: nn.Module, hidden: Tensor, targets: Tensor, softcap: float | None) -> Tensor:
@@ -200,7 +217,9 @@ def _module_chunk_logps(head: nn.Module, hidden: Tensor, targets: Tensor, softca
     return target_logits - torch.logsumexp(logits, dim=-1)
 
 
-def projected_token_logps(head: nn.Module, hidden: Tensor, targets: Tensor, *, chunk_size: int = 1024, softcap: float | None = None) -> Tensor:
+def projected_token_logps(
+    head: nn.Module, hidden: Tensor, targets: Tensor, *, chunk_size: int = 1024, softcap: float | None = None
+) -> Tensor:
     """``log p(targets)`` under ``head`` for ``(N, H)`` hidden states, float32 ``(N,)``, in chunks
     of ``chunk_size`` tokens (fewer where a chunk would exceed ``MAX_CHUNK_LOGITS`` logits)."""
     vocab = getattr(head, "out_features", None)
@@ -286,7 +305,11 @@ def _through_root(model: nn.Module, fn: Callable[..., Any], *args: Any) -> Any:
             del model.forward
         else:
             model.forward = previous
-    if not torch.is_grad_enabled() and hasattr(model, "reshard") and not any(p.requires_grad for p in model.parameters()):
+    if (
+        not torch.is_grad_enabled()
+        and hasattr(model, "reshard")
+        and not any(p.requires_grad for p in model.parameters())
+    ):
         model.reshard()
     return out
 
@@ -323,13 +346,17 @@ def response_token_logps(
     """
     if is_fsdp2(model):
         length_groups_max = 1  # see the module docstring
-        values, batch_index = _through_root(model, partial(_response_logps, model), input_ids, attention_mask, labels, chunk_size, length_groups_max)
+        values, batch_index = _through_root(
+            model, partial(_response_logps, model), input_ids, attention_mask, labels, chunk_size, length_groups_max
+        )
     else:
         values, batch_index = _response_logps(model, input_ids, attention_mask, labels, chunk_size, length_groups_max)
     return TokenLogps(values=values, batch_index=batch_index, num_sequences=input_ids.shape[0])
 
 
-def _response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, chunk_size: int, length_groups_max: int) -> tuple[Tensor, Tensor]:
+def _response_logps(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, chunk_size: int, length_groups_max: int
+) -> tuple[Tensor, Tensor]:
     decoder, head = decoder_and_head(model)
     lengths = attention_mask.sum(dim=1)
     groups = [list(range(input_ids.shape[0]))]
@@ -361,7 +388,11 @@ def _response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     else:
         batch_index = torch.cat(rows)
         order = torch.argsort(batch_index, stable=True)  # back to row-major order
-        selected, selected_targets, batch_index = torch.cat(hiddens)[order], torch.cat(targets)[order], batch_index[order]
+        selected, selected_targets, batch_index = (
+            torch.cat(hiddens)[order],
+            torch.cat(targets)[order],
+            batch_index[order],
+        )
     values = projected_token_logps(head, selected, selected_targets, chunk_size=chunk_size, softcap=_softcap(model))
     return values, batch_index
 
@@ -377,5 +408,7 @@ def sequence_logps(
     length_groups_max: int = 1,
 ) -> Tensor:
     """``log pi(y|x)`` of each row's response, summed or averaged per token, float32, shape ``(B,)``."""
-    tokens = response_token_logps(model, input_ids, attention_mask, labels, chunk_size=chunk_size, length_groups_max=length_groups_max)
+    tokens = response_token_logps(
+        model, input_ids, attention_mask, labels, chunk_size=chunk_size, length_groups_max=length_groups_max
+    )
     return tokens.per_sequence(average)

@@ -91,7 +91,9 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return safe.sum() / mask.sum().clamp(min=1)
 
 
-def subset_counts(positive: Tensor, reduction: str = "subset_mean", rewarded: Tensor | None = None) -> dict[str, Tensor]:
+def subset_counts(
+    positive: Tensor, reduction: str = "subset_mean", rewarded: Tensor | None = None
+) -> dict[str, Tensor]:
     """Sizes of the subsets that the ``*/positive`` and ``*/negative`` metrics average over (see
     :attr:`LossOutput.counts`): ``logps`` over all rows of a class, ``rewards`` over those where a
     reward is defined (``rewarded``, default all), ``loss`` over the class under ``subset_mean`` (under
@@ -109,7 +111,9 @@ def subset_counts(positive: Tensor, reduction: str = "subset_mean", rewarded: Te
     return counts
 
 
-def reduce_losses(losses: Tensor, positive: Tensor, reduction: Reduction = "subset_mean") -> tuple[Tensor, Tensor, Tensor]:
+def reduce_losses(
+    losses: Tensor, positive: Tensor, reduction: Reduction = "subset_mean"
+) -> tuple[Tensor, Tensor, Tensor]:
     """Reduce per-sample ``losses`` ``(B,)``; return ``(loss, positive part, negative part)``.
 
     ``positive`` ``(B,)`` marks the positive rows. ``"subset_mean"``: the mean over positives plus the
@@ -141,9 +145,13 @@ def _check_labels(scores: Tensor, label_type: LabelType) -> None:
         raise ValueError("label_type='continuous' needs scores in [0, 1]; normalise them in the data module")
 
 
-def _pointwise_terms(u: Tensor, scores: Tensor, label_type: LabelType, continuous_form: ContinuousForm) -> tuple[Tensor, Tensor]:
+def _pointwise_terms(
+    u: Tensor, scores: Tensor, label_type: LabelType, continuous_form: ContinuousForm
+) -> tuple[Tensor, Tensor]:
     """Per-sample point-wise DPO losses as (loss if treated as positive, loss as negative/soft)."""
-    check_choices(continuous_form=(continuous_form, get_args(ContinuousForm)))  # checked for binary labels too: a typo must not pass silently
+    check_choices(
+        continuous_form=(continuous_form, get_args(ContinuousForm))
+    )  # checked for binary labels too: a typo must not pass silently
     positive_loss = -F.logsigmoid(u)  # -log sigma(u)
     if label_type == "binary":
         other_loss = -F.logsigmoid(-u)  # -log(1 - sigma(u)), for z = 0
@@ -311,7 +319,9 @@ def ulma_loss(
         positive_loss = dpo_positive
     losses = torch.where(positive, positive_loss, other_loss)
     # Rewards wherever a reference value was given (NaN where the reference was skipped).
-    out = pointwise_output(losses, positive, policy_logps, reduction=reduction, rewards=beta * (policy_logps - reference_logps))
+    out = pointwise_output(
+        losses, positive, policy_logps, reduction=reduction, rewards=beta * (policy_logps - reference_logps)
+    )
     if bool((positive & reference_logps.isnan()).any()):
         del out.metrics["rewards/positive"]  # undefined: the reference was skipped on positives
     return out
@@ -355,7 +365,13 @@ def dpo_loss(
     return pairwise_output(losses, policy_chosen_logps, policy_rejected_logps, chosen_rewards, rejected_rewards)
 
 
-def pairwise_output(losses: Tensor, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor) -> LossOutput:
+def pairwise_output(
+    losses: Tensor,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+) -> LossOutput:
     """The :class:`LossOutput` of a pairwise loss from its per-pair ``losses`` ``(B,)``: the mean loss
     and the pairwise metrics (``rewards/positive`` for the chosen side, ``rewards/negative``,
     ``rewards/margin``, ``rewards/accuracy``, ``logps/positive``, ``logps/negative``). The public way
@@ -371,7 +387,9 @@ def pairwise_output(losses: Tensor, policy_chosen_logps: Tensor, policy_rejected
         "logps/positive": policy_chosen_logps.detach().mean(),
         "logps/negative": policy_rejected_logps.detach().mean(),
     }
-    return LossOutput(loss=losses.mean(), metrics=metrics, losses=losses.detach(), rewards=chosen_rewards - rejected_rewards)
+    return LossOutput(
+        loss=losses.mean(), metrics=metrics, losses=losses.detach(), rewards=chosen_rewards - rejected_rewards
+    )
 
 
 def kto_loss(
@@ -459,7 +477,9 @@ def unlikelihood_loss(
       loss keeps falling as ``log p(neg) -> -inf`` (train it for a fixed budget). ``reduction`` is
       not used (it is always this subset mean); with ``alpha=1`` it equals the authors' loss.
     """
-    check_choices(variant=(variant, get_args(UnlikelihoodVariant)), reduction=(reduction, get_args(UnlikelihoodReduction)))
+    check_choices(
+        variant=(variant, get_args(UnlikelihoodVariant)), reduction=(reduction, get_args(UnlikelihoodReduction))
+    )
     positive = positive.to(torch.bool)
     size = positive.shape[0]
     token_positive = positive[sequence_index]
@@ -508,7 +528,9 @@ def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Loss
     return LossOutput(loss=losses.mean(), metrics=metrics, losses=losses.detach(), rewards=margins.detach())
 
 
-def pointwise_reward_loss(rewards: Tensor, scores: Tensor, *, form: RewardForm = "bce", positive_threshold: float = 1.0) -> LossOutput:
+def pointwise_reward_loss(
+    rewards: Tensor, scores: Tensor, *, form: RewardForm = "bce", positive_threshold: float = 1.0
+) -> LossOutput:
     """Reward-model loss on point-wise scores ``z`` in ``[0, 1]``.
 
     * ``form="bce"``: the reward is a logit, ``-[z log sigma(r) + (1 - z) log(1 - sigma(r))]``;
@@ -533,4 +555,6 @@ def pointwise_reward_loss(rewards: Tensor, scores: Tensor, *, form: RewardForm =
         "rewards/negative": masked_mean(rewards.detach(), ~positive),
     }
     counts = subset_counts(positive, "mean")
-    return LossOutput(loss=losses.mean(), metrics=metrics, losses=losses.detach(), rewards=rewards.detach(), counts=counts)
+    return LossOutput(
+        loss=losses.mean(), metrics=metrics, losses=losses.detach(), rewards=rewards.detach(), counts=counts
+    )

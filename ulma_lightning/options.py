@@ -33,5 +33,10 @@ def check_numbers(**options: tuple[Any, str]) -> None:
     for name, (value, rule) in options.items():
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not RULES[rule](value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or math.isnan(value)
+            or not RULES[rule](value)
+        ):
             raise ValueError(f"{name} must be {rule}, got {value!r}")

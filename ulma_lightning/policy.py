@@ -114,9 +114,13 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         if self.lora is not None and self.lora.r == 0:
             if self.lora != LoraSettings():
-                raise ValueError(f"policy.lora: {self.lora} sets adapter options but r is 0 (LoRA off); set lora.r, e.g. 8")
+                raise ValueError(
+                    f"policy.lora: {self.lora} sets adapter options but r is 0 (LoRA off); set lora.r, e.g. 8"
+                )
             self.lora = None  # type: ignore[assignment]  # r: 0 is the shown default: full fine-tuning (the field is typed LoraSettings for the CLI)
-        if self.reference == "auto":  # LoRA needs no second copy of the weights: its reference is the policy, adapters off
+        if (
+            self.reference == "auto"
+        ):  # LoRA needs no second copy of the weights: its reference is the policy, adapters off
             self.reference = "adapter" if self.lora is not None and self.reference_model is None else "copy"
         if self.model is None and self.model_config is None:
             raise ValueError("PolicyConfig needs `model` (hub id or folder) or `model_config` (random init)")
@@ -213,7 +217,11 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 def checkpointing_on(model: nn.Module) -> bool:
     """Whether ``model`` recomputes its blocks in the backward (transformers 5 renamed the flag)."""
-    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    name = (
+        "is_activation_checkpointing"
+        if hasattr(type(model), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
     return bool(getattr(model, name, False))
 
 
@@ -265,7 +273,9 @@ class PretrainedModel(nn.Module):
     def _load(self, source: str | None, *, empty: bool = False) -> nn.Module:
         import transformers
 
-        source = absolute_if_local(source)  # the model's name_or_path, and so an exported adapter's base, holds from any folder
+        source = absolute_if_local(
+            source
+        )  # the model's name_or_path, and so an exported adapter's base, holds from any folder
 
         auto_class = getattr(transformers, self.auto_class)
         cfg = self.config

@@ -86,7 +86,9 @@ def kl_estimate(logps: Tensor, reference_logps: Tensor, estimator: KLEstimator =
     return torch.expm1(-log_ratio) + log_ratio  # k3
 
 
-def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
+def gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over response tokens: ``(advantages, returns)``, ``(B, L)``.
 
     ``delta_t = r_t + gamma V_{t+1} - V_t`` (``V`` = 0 after the last response token),
@@ -106,7 +108,9 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, la
     return advantages, (advantages + values) * mask
 
 
-def ppo_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, *, clip_range: float = 0.2) -> LossOutput:
+def ppo_policy_loss(
+    logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, *, clip_range: float = 0.2
+) -> LossOutput:
     """PPO's clipped surrogate, token-level: ``mean_t max(-A_t rho_t, -A_t clip(rho_t, 1-eps, 1+eps))``
     with ``rho_t = exp(log pi(y_t) - log pi_old(y_t))``, averaged over the masked tokens of the batch
     (Schulman et al. 2017, eq. 7; TRL's ``pg_loss``). Metrics: ``policy/clipfrac`` (share of tokens
@@ -124,14 +128,18 @@ def ppo_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: 
     return LossOutput(loss=loss, metrics=metrics)
 
 
-def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip_range_value: float = 0.2) -> LossOutput:
+def ppo_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip_range_value: float = 0.2
+) -> LossOutput:
     """PPO's clipped value loss: ``0.5 mean_t max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)``
     over the masked tokens (TRL's ``vf_loss``). Metric: ``value/clipfrac``."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     loss_unclipped = (values - returns) ** 2
     loss_clipped = (clipped_values - returns) ** 2
     loss = 0.5 * token_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
-    return LossOutput(loss=loss, metrics={"value/clipfrac": token_mean((loss_clipped > loss_unclipped).float(), mask).detach()})
+    return LossOutput(
+        loss=loss, metrics={"value/clipfrac": token_mean((loss_clipped > loss_unclipped).float(), mask).detach()}
+    )
 
 
 def ppo_loss(
@@ -151,7 +159,12 @@ def ppo_loss(
     TRL's PPO defaults ``cliprange = cliprange_value = 0.2``, ``vf_coef = 0.1``."""
     policy = ppo_policy_loss(logps, old_logps, advantages, mask, clip_range=clip_range)
     value = ppo_value_loss(values, old_values, returns, mask, clip_range_value=clip_range_value)
-    metrics = {"policy/loss": policy.loss.detach(), "value/loss": value.loss.detach(), **policy.metrics, **value.metrics}
+    metrics = {
+        "policy/loss": policy.loss.detach(),
+        "value/loss": value.loss.detach(),
+        **policy.metrics,
+        **value.metrics,
+    }
     return LossOutput(loss=policy.loss + value_coef * value.loss, metrics=metrics)
 
 
@@ -172,7 +185,14 @@ def rloo_advantages(rewards: Tensor, k: int, *, normalize: bool = False) -> Tens
     return advantages
 
 
-def rloo_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, *, clip_range: float = 0.2, clip_range_high: float | None = None) -> LossOutput:
+def rloo_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    *,
+    clip_range: float = 0.2,
+    clip_range_high: float | None = None,
+) -> LossOutput:
     """REINFORCE with a leave-one-out baseline, sequence level, with PPO-style clipping of the
     sequence ratio ``rho = exp(log pi(y|x) - log pi_old(y|x))`` (summed log-probs):
     ``mean_i -min(rho_i A_i, clip(rho_i, 1 - eps, 1 + eps_high) A_i)`` (TRL 1.16's RLOO loss). On the
@@ -184,7 +204,10 @@ def rloo_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, *, clip_rang
     clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + high) * advantages
     losses = -torch.minimum(unclipped, clipped)
     clipped_rows = ((ratio < 1.0 - clip_range) & (advantages < 0)) | ((ratio > 1.0 + high) & (advantages > 0))
-    metrics = {"policy/clipfrac": clipped_rows.float().mean().detach(), "policy/approx_kl": (0.5 * (logps - old_logps).detach() ** 2).mean()}
+    metrics = {
+        "policy/clipfrac": clipped_rows.float().mean().detach(),
+        "policy/approx_kl": (0.5 * (logps - old_logps).detach() ** 2).mean(),
+    }
     return LossOutput(loss=losses.mean(), metrics=metrics, losses=losses.detach())
 
 
@@ -260,7 +283,9 @@ def grpo_loss(
         loss = masked_sum(per_token, keep) / weights.sum().clamp(min=1.0)
     else:
         if max_completion_length is None:
-            raise ValueError("loss_type 'dr_grpo' divides by max_completion_length: pass it (the rollouts' max_new_tokens)")
+            raise ValueError(
+                "loss_type 'dr_grpo' divides by max_completion_length: pass it (the rollouts' max_new_tokens)"
+            )
         loss = masked_sum(per_token, keep) / (per_token.shape[0] * max_completion_length)
     clipped = ((ratio < 1.0 - clip_range) & (adv < 0)) | ((ratio > 1.0 + high) & (adv > 0))
     metrics["policy/clipfrac"] = token_mean(clipped.float(), keep).detach()
@@ -282,7 +307,9 @@ def explained_variance(predictions: Tensor, targets: Tensor, mask: Tensor) -> Te
     return 1.0 - var_residual / var_targets.clamp(min=1e-12)
 
 
-def to_token_matrix(values: Tensor, batch_index: Tensor, num_rows: int, width: int | None = None) -> tuple[Tensor, Tensor]:
+def to_token_matrix(
+    values: Tensor, batch_index: Tensor, num_rows: int, width: int | None = None
+) -> tuple[Tensor, Tensor]:
     """``(B, L)`` matrix and mask from flat row-major per-token values (``TokenLogps`` order); the
     gradient flows back to ``values``."""
     counts = torch.bincount(batch_index, minlength=num_rows)

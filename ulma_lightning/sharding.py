@@ -183,7 +183,9 @@ def data_parallel_mesh(mesh: Any) -> Any:
     """The data-parallel sub-mesh of a ``ModelParallelStrategy`` mesh; refuses tensor parallelism."""
     names = getattr(mesh, "mesh_dim_names", None) or ()
     if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
-        raise ValueError("tensor parallelism is not supported by ulma_lightning's modules; use ulma_lightning.sharding.FSDP2Strategy (configs/strategy/fsdp2.yaml) or tensor_parallel_size: 1")
+        raise ValueError(
+            "tensor parallelism is not supported by ulma_lightning's modules; use ulma_lightning.sharding.FSDP2Strategy (configs/strategy/fsdp2.yaml) or tensor_parallel_size: 1"
+        )
     return mesh["data_parallel"] if "data_parallel" in names else mesh
 
 
@@ -232,7 +234,9 @@ class AutoWrapFSDPStrategy(FSDPStrategy):
 
     def setup_environment(self) -> None:
         if self.root_device.type != "cuda":
-            raise ValueError(f"configs/strategy/fsdp.yaml (torch FSDP) runs on CUDA GPUs only, not on {self.root_device.type}; on CPUs use configs/strategy/fsdp2.yaml or configs/strategy/ddp.yaml")
+            raise ValueError(
+                f"configs/strategy/fsdp.yaml (torch FSDP) runs on CUDA GPUs only, not on {self.root_device.type}; on CPUs use configs/strategy/fsdp2.yaml or configs/strategy/ddp.yaml"
+            )
         super().setup_environment()
 
     def wrap_policy(self, model: nn.Module) -> Any:

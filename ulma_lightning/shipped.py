@@ -69,7 +69,9 @@ def configs_main(argv: list[str] | None = None) -> int:
         description="List the configs shipped with ulma-lightning, or copy one to edit (`ulma configs cp ulma my.yaml`). A shipped name also works in place of a file: `ulma fit --config ulma`.",
     )
     commands = parser.add_subparsers(dest="command")
-    copy = commands.add_parser("cp", help="copy a shipped config to a file or folder", description="Copy a shipped config to edit it.")
+    copy = commands.add_parser(
+        "cp", help="copy a shipped config to a file or folder", description="Copy a shipped config to edit it."
+    )
     copy.add_argument("name", help="a shipped config, e.g. ulma or strategy/fsdp2 (`ulma configs` lists them)")
     copy.add_argument("dest", help="a file (e.g. my_ulma.yaml) or an existing folder")
     copy.add_argument("--force", action="store_true", help="replace DEST if it exists")

@@ -41,7 +41,9 @@ def as_transformers_tokenizer(tokenizer: Any) -> Any:
     ``PreTrainedTokenizerFast`` (EOS doubling as BOS)."""
     from transformers import PreTrainedTokenizerFast
 
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN
+    )
     wrapped.padding_side = "right"
     return wrapped
 
@@ -71,7 +73,9 @@ def build_builtin_tokenizer(name: str, vocab_size: int | None = None) -> Any:
     """The built-in tokenizer ``builtin:<name>``: byte-level BPE trained on that task's text."""
     from tokenizers import Tokenizer
 
-    return as_transformers_tokenizer(Tokenizer.from_str(_builtin_tokenizer_json(name, vocab_size or BUILTIN_VOCAB_SIZES[name])))
+    return as_transformers_tokenizer(
+        Tokenizer.from_str(_builtin_tokenizer_json(name, vocab_size or BUILTIN_VOCAB_SIZES[name]))
+    )
 
 
 def _demo_tokenizer_json(vocab_size: int = 640) -> str:

@@ -82,7 +82,12 @@ class Evaluator:
         key = (_tokenizer_digest(tokenizer_dir), split)
         if key not in self._data:
             sources: dict[str, Any] = {split: source}
-            dm = DemonstrationDataModule(**sources, tokenizer=tokenizer_dir, max_length=self.spec.max_length, eval_batch_size=self.spec.batch_size)
+            dm = DemonstrationDataModule(
+                **sources,
+                tokenizer=tokenizer_dir,
+                max_length=self.spec.max_length,
+                eval_batch_size=self.spec.batch_size,
+            )
             dm.setup(split)
             self._data[key] = dm
         return self._data[key]
@@ -105,7 +110,13 @@ class Evaluator:
         responses: list[str] = []
         for start in range(0, len(items), self.spec.batch_size):
             batch = collate(items[start : start + self.spec.batch_size])
-            responses += generate_responses(model, tokenizer, batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device), generation)
+            responses += generate_responses(
+                model,
+                tokenizer,
+                batch["input_ids"].to(model.device),
+                batch["attention_mask"].to(model.device),
+                generation,
+            )
         prompts = [item["prompt"] for item in items]
         scores = [float(s) for s in self.scorer.to(model.device).score(prompts, responses)]
         kinds = [self.request_kind(p) for p in prompts] if self.request_kind else [None] * len(prompts)
@@ -116,11 +127,20 @@ class Evaluator:
         if self.spec.golden:
             metrics["golden_ppl"] = self.perplexity(model, model_dir)
         if self.spec.kl_max_new_tokens > 0 and reference_dir is not None:
-            metrics["kl"] = 0.0 if Path(reference_dir) == Path(model_dir) else self.kl(model, load_model(reference_dir), tokenizer, items)
+            metrics["kl"] = (
+                0.0
+                if Path(reference_dir) == Path(model_dir)
+                else self.kl(model, load_model(reference_dir), tokenizer, items)
+            )
         out_dir.mkdir(parents=True, exist_ok=True)
         with open(out_dir / PREDICTIONS_FILE, "w", encoding="utf-8") as handle:
             for prompt, response, score, kind in zip(prompts, responses, scores, kinds):
-                handle.write(json.dumps({"prompt": prompt, "response": response, "score": score, "kind": kind}, ensure_ascii=False) + "\n")
+                handle.write(
+                    json.dumps(
+                        {"prompt": prompt, "response": response, "score": score, "kind": kind}, ensure_ascii=False
+                    )
+                    + "\n"
+                )
         return metrics
 
     @torch.no_grad()
@@ -130,13 +150,20 @@ class Evaluator:
         dm = self._datamodule(model_dir, "test", self.spec.golden)
         nll, tokens = 0.0, 0
         for batch in dm.test_dataloader():
-            logps = response_token_logps(model, batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device), batch["labels"].to(model.device))
+            logps = response_token_logps(
+                model,
+                batch["input_ids"].to(model.device),
+                batch["attention_mask"].to(model.device),
+                batch["labels"].to(model.device),
+            )
             nll -= float(logps.values.double().sum())
             tokens += int(logps.values.numel())
         return math.exp(nll / tokens) if tokens else math.nan
 
     @torch.no_grad()
-    def kl(self, model: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any, items: list[dict[str, Any]]) -> float:
+    def kl(
+        self, model: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any, items: list[dict[str, Any]]
+    ) -> float:
         """Mean over prompts of ``log pi(y|x) - log pi_ref(y|x)`` summed over a sampled response."""
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -159,9 +186,17 @@ class Evaluator:
                     response = new[: new.index(eos) + 1] if eos in new else new
                     input_ids, labels = build_sequence(list(item["input_ids"]), response)
                     rows.append({"input_ids": input_ids, "labels": labels})
-                batch = {k: v.to(model.device) for k, v in collate(rows).items() if k in ("input_ids", "attention_mask", "labels")}
-                mine = response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).per_sequence(False)
-                theirs = response_token_logps(reference, batch["input_ids"], batch["attention_mask"], batch["labels"]).per_sequence(False)
+                batch = {
+                    k: v.to(model.device)
+                    for k, v in collate(rows).items()
+                    if k in ("input_ids", "attention_mask", "labels")
+                }
+                mine = response_token_logps(
+                    model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+                ).per_sequence(False)
+                theirs = response_token_logps(
+                    reference, batch["input_ids"], batch["attention_mask"], batch["labels"]
+                ).per_sequence(False)
                 total += float((mine - theirs).double().sum())
                 count += len(part)
         finally:
@@ -173,7 +208,11 @@ def _tokenizer_digest(folder: str) -> str:
     """A digest of the tokenizer files of an exported folder."""
     digest = hashlib.sha1()
     for path in sorted(Path(folder).iterdir()):
-        if path.is_file() and path.suffix != ".safetensors" and path.name not in ("config.json", "generation_config.json"):
+        if (
+            path.is_file()
+            and path.suffix != ".safetensors"
+            and path.name not in ("config.json", "generation_config.json")
+        ):
             digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()
 

@@ -18,7 +18,15 @@ from ulma_lightning.compare.stages import STAGE_FILE, Plan, read_json
 #: seconds per stage (by method, else by kind) and per evaluation on 2 quiet cores with the tiny task
 #: model: v1's timed grid (docs/replication.md, "Where the time goes": 2 epochs a stage) halved for
 #: protocol v2's one epoch; rough until a run in the output folder measures its own
-DEFAULT_SECONDS = {"policy": 30.0, "reward": 25.0, "ppo": 120.0, "rloo": 120.0, "grpo": 120.0, "online_ulma": 120.0, "evaluation": 10.0}
+DEFAULT_SECONDS = {
+    "policy": 30.0,
+    "reward": 25.0,
+    "ppo": 120.0,
+    "rloo": 120.0,
+    "grpo": 120.0,
+    "online_ulma": 120.0,
+    "evaluation": 10.0,
+}
 
 
 def measured_seconds(plan: Plan, root: Path) -> dict[str, float]:
@@ -46,7 +54,9 @@ def remaining_seconds(plan: Plan, root: Path, instance_ids: list[str] | None = N
         if record is None or record.get("status") != "ok":
             stage = plan.stages[key]
             total += stage_estimate(stage.spec.method, stage.spec.role, measured)
-    evaluations = sum(1 for i in wanted if (read_json(run_folder(root, i.id) / RESULT_FILE) or {}).get("status") != "ok")
+    evaluations = sum(
+        1 for i in wanted if (read_json(run_folder(root, i.id) / RESULT_FILE) or {}).get("status") != "ok"
+    )
     return total + evaluations * DEFAULT_SECONDS["evaluation"]
 
 
@@ -75,23 +85,36 @@ def describe(grid: GridSpec, plan: Plan, root: Path, jobs: int = 1) -> str:
     lines.append("stages (in the order they train):")
     for key, stage in plan.stages.items():
         record = read_json(root / "stages" / key / STAGE_FILE)
-        state = "done" if record is not None and record.get("status") == "ok" else f"~{clock(stage_estimate(stage.spec.method, stage.spec.role, measured))}"
+        state = (
+            "done"
+            if record is not None and record.get("status") == "ok"
+            else f"~{clock(stage_estimate(stage.spec.method, stage.spec.role, measured))}"
+        )
         runs = sorted({u.rsplit("/", 1)[0] for u in users[key]})  # run/variant
         rows, variants = {r.split("/")[0] for r in runs}, {r.split("/")[1] for r in runs}
         named = ", ".join(runs) if len(runs) <= 6 else f"{len(rows)} rows x {len(variants)} variants"
         shared = f"shared by {len(users[key])} runs ({named})" if len(users[key]) > 1 else f"used by {users[key][0]}"
         start = f", from {stage.policy_from}" if stage.policy_from else ""
         reward = f", rewarded by {stage.reward_from}" if stage.reward_from else ""
-        what = f"the base ({stage.spec.method})" if stage.spec.sources is not None else f"{stage.spec.method} on {stage.spec.data}"
+        what = (
+            f"the base ({stage.spec.method})"
+            if stage.spec.sources is not None
+            else f"{stage.spec.method} on {stage.spec.data}"
+        )
         lines.append(f"  {key}: {what}{start}{reward}; {shared}; {state}")
     lines += ["", "runs (each evaluated on the test prompts):"]
     for instance in plan.instances:
         done = (read_json(run_folder(root, instance.id) / RESULT_FILE) or {}).get("status") == "ok"
-        chain = " -> ".join("base" if plan.stages[k].spec.sources is not None else plan.stages[k].spec.method for k in instance.stages)
+        chain = " -> ".join(
+            "base" if plan.stages[k].spec.sources is not None else plan.stages[k].spec.method for k in instance.stages
+        )
         lines.append(f"  {instance.id}: {chain}{' (done)' if done else ''}")
     left = remaining_seconds(plan, root)
     basis = "measured stages in the output folder" if measured else "default times per method on 2 CPU cores"
-    lines += ["", f"estimated time left: {clock(left / max(1, jobs))} with {jobs} job(s) ({basis}; evaluations ~{clock(DEFAULT_SECONDS['evaluation'])} each)"]
+    lines += [
+        "",
+        f"estimated time left: {clock(left / max(1, jobs))} with {jobs} job(s) ({basis}; evaluations ~{clock(DEFAULT_SECONDS['evaluation'])} each)",
+    ]
     return "\n".join(lines)
 
 
@@ -100,7 +123,10 @@ def tune_overview(grid: GridSpec) -> str:
     from ulma_lightning.compare.tune import targets
 
     assert grid.tune is not None
-    lines = [f"ulma compare --tune --plan: {grid.path}; tuning seeds {grid.tune.tuning_seeds}, validation prompts {grid.tune.prompts}", "chains, tuned by depth:"]
+    lines = [
+        f"ulma compare --tune --plan: {grid.path}; tuning seeds {grid.tune.tuning_seeds}, validation prompts {grid.tune.prompts}",
+        "chains, tuned by depth:",
+    ]
     total = candidates = 0
     for key, target in sorted(targets(grid).items(), key=lambda kv: (kv[1].depth, kv[0])):
         count = 1
@@ -110,9 +136,13 @@ def tune_overview(grid: GridSpec) -> str:
         total += count * len(grid.tune.tuning_seeds)
         shown = ", ".join(f"{k.rsplit('.', 1)[-1]} {v}" for k, v in target.values.items())
         lines.append(f"  depth {target.depth} {key}: {shown} -> {count} candidates")
-    lines.append(f"{total} trainings at first ({candidates} candidates x {len(grid.tune.tuning_seeds)} seeds); a pick on a grid's edge adds up to {grid.tune.extend_edges} rounds per key")
+    lines.append(
+        f"{total} trainings at first ({candidates} candidates x {len(grid.tune.tuning_seeds)} seeds); a pick on a grid's edge adds up to {grid.tune.extend_edges} rounds per key"
+    )
     seconds = total * (DEFAULT_SECONDS["policy"] + DEFAULT_SECONDS["evaluation"])
-    lines.append(f"estimated: ~{clock(seconds / max(1, grid.jobs))} with {grid.jobs} job(s), at default times (chains' shared prefixes train once)")
+    lines.append(
+        f"estimated: ~{clock(seconds / max(1, grid.jobs))} with {grid.jobs} job(s), at default times (chains' shared prefixes train once)"
+    )
     return "\n".join(lines)
 
 

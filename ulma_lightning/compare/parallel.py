@@ -65,11 +65,22 @@ def _run(instance_id: str) -> dict[str, Any]:
     return _RUNNER.run(instance)
 
 
-def run_parallel(runner_class: type, runner_args: tuple[Any, ...], instance_ids: list[str], jobs: int, on_done: Callable[[str, dict[str, Any]], None]) -> None:
+def run_parallel(
+    runner_class: type,
+    runner_args: tuple[Any, ...],
+    instance_ids: list[str],
+    jobs: int,
+    on_done: Callable[[str, dict[str, Any]], None],
+) -> None:
     """Run ``instance_ids`` on ``jobs`` worker processes, each with its own ``runner_class(*runner_args)``
     (the :class:`~ulma_lightning.compare.runner.Runner`); ``on_done(id, result)`` as each ends."""
     context = get_context("spawn")  # a fresh interpreter: no torch threads or CUDA state inherited
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(runner_class, runner_args, jobs, os.getpid())) as pool:
+    with ProcessPoolExecutor(
+        max_workers=jobs,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(runner_class, runner_args, jobs, os.getpid()),
+    ) as pool:
         futures: dict[Future[dict[str, Any]], str] = {pool.submit(_run, i): i for i in instance_ids}
         try:
             for future in as_completed(futures):

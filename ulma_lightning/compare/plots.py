@@ -88,10 +88,20 @@ def bar_figure(results: dict[str, Any], key: str, title: str) -> Any:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(methods) * max(1, len(variants)) / 1.5), 4.0))
     width = 0.8 / max(1, len(variants))
     for j, variant in enumerate(variants):
-        stats = [tables[variant].get(m, {}).get("metrics", {}).get(key, {"mean": math.nan, "std": 0.0, "n": 0}) for m in methods]
+        stats = [
+            tables[variant].get(m, {}).get("metrics", {}).get(key, {"mean": math.nan, "std": 0.0, "n": 0})
+            for m in methods
+        ]
         xs = [i + (j - (len(variants) - 1) / 2) * width for i in range(len(methods))]
         means = [s["mean"] if s["n"] else math.nan for s in stats]
-        ax.bar(xs, means, width, yerr=error_bars(means, [s["std"] if s["n"] else 0.0 for s in stats], key), capsize=3, label=variant)
+        ax.bar(
+            xs,
+            means,
+            width,
+            yerr=error_bars(means, [s["std"] if s["n"] else 0.0 for s in stats], key),
+            capsize=3,
+            label=variant,
+        )
     if key in LOG_SCALE:
         ax.set_yscale("log")
     ax.set_xticks(range(len(methods)))
@@ -115,7 +125,11 @@ def frontier(results: dict[str, Any], path: Path) -> bool:
 
 def frontier_figure(results: dict[str, Any]) -> Any:
     """The figure of :func:`frontier` (None when no run has both a score and a KL)."""
-    points = [r for r in results["runs"] if r["status"] == "ok" and _finite(r["metrics"].get("kl")) and _finite(r["metrics"].get("score"))]
+    points = [
+        r
+        for r in results["runs"]
+        if r["status"] == "ok" and _finite(r["metrics"].get("kl")) and _finite(r["metrics"].get("score"))
+    ]
     if not points:
         return None
     plt = _pyplot()
@@ -127,7 +141,13 @@ def frontier_figure(results: dict[str, Any]) -> Any:
         color = colors.setdefault(record["run"], palette[len(colors) % len(palette)])
         label = f"{record['label']} ({record['variant']})"
         seen = label in ax.get_legend_handles_labels()[1]
-        ax.scatter(record["metrics"]["kl"], record["metrics"]["score"], color=color, marker=markers.get(record["variant"], "o"), label=None if seen else label)
+        ax.scatter(
+            record["metrics"]["kl"],
+            record["metrics"]["score"],
+            color=color,
+            marker=markers.get(record["variant"], "o"),
+            label=None if seen else label,
+        )
     # KL spans 0 (a model near its reference) to 100+ nats (the base against the untrained model):
     # linear below 1 nat, logarithmic above, so the fine-tuned rows do not collapse onto one column
     ax.set_xscale("symlog", linthresh=1.0)
@@ -145,7 +165,11 @@ def golden_gain(results: dict[str, Any], path: Path) -> bool:
     base, golden = GAIN_VARIANTS
     if base not in tables or golden not in tables:
         return False
-    methods = [m for m in tables[golden] if m in tables[base] and tables[golden][m]["metrics"]["score"]["n"] and tables[base][m]["metrics"]["score"]["n"]]
+    methods = [
+        m
+        for m in tables[golden]
+        if m in tables[base] and tables[golden][m]["metrics"]["score"]["n"] and tables[base][m]["metrics"]["score"]["n"]
+    ]
     if not methods:
         return False
     gains, errors = [], []
@@ -173,7 +197,14 @@ def write_plots(results: dict[str, Any], root: Path) -> list[Path]:
     baseline = results["evaluation"].get("baseline")
     keys = list(HEADLINE) + ([f"win_vs_{baseline}"] if baseline else [])
     written = [root / f"bar_{key}.png" for key in keys if bar_chart(results, key, titles[key], root / f"bar_{key}.png")]
-    written += [p for p, made in ((root / "score_vs_kl.png", frontier(results, root / "score_vs_kl.png")), (root / "golden_gain.png", golden_gain(results, root / "golden_gain.png"))) if made]
+    written += [
+        p
+        for p, made in (
+            (root / "score_vs_kl.png", frontier(results, root / "score_vs_kl.png")),
+            (root / "golden_gain.png", golden_gain(results, root / "golden_gain.png")),
+        )
+        if made
+    ]
     return written
 
 

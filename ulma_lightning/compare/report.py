@@ -48,7 +48,11 @@ def metric_columns(baseline: str | None) -> list[tuple[str, str, str | None]]:
 def start_label(plan: Plan, keys: list[str]) -> str:
     """The label of the row of the runs' starting model: ``untrained`` for a random init, ``start (NAME)``
     for a pretrained model (``policy.model``: SmolLM2 is no untrained model)."""
-    models = {Path(str(plan.inits[k].policy.get("model"))).name for k in keys if k in plan.inits and plan.inits[k].policy.get("model")}
+    models = {
+        Path(str(plan.inits[k].policy.get("model"))).name
+        for k in keys
+        if k in plan.inits and plan.inits[k].policy.get("model")
+    }
     return f"start ({', '.join(sorted(models))})" if models else UNTRAINED
 
 
@@ -79,7 +83,11 @@ def summarize(values: list[float]) -> dict[str, float]:
     finite = [v for v in values if v is not None and not math.isnan(v)]
     if not finite:
         return {"mean": math.nan, "std": math.nan, "n": 0}
-    return {"mean": statistics.fmean(finite), "std": statistics.stdev(finite) if len(finite) > 1 else 0.0, "n": len(finite)}
+    return {
+        "mean": statistics.fmean(finite),
+        "std": statistics.stdev(finite) if len(finite) > 1 else 0.0,
+        "n": len(finite),
+    }
 
 
 def collect(grid: GridSpec, plan: Plan, root: Path) -> dict[str, Any]:
@@ -93,7 +101,15 @@ def collect(grid: GridSpec, plan: Plan, root: Path) -> dict[str, Any]:
         record = read_json(folder / RESULT_FILE) or {"status": "pending", "metrics": {}}
         if record["status"] == "ok" and record.get("evaluation_key") != current:
             record = {"status": "pending", "metrics": {}}
-        record.update(id=instance.id, run=instance.run.name, label=instance.run.label, variant=instance.variant, seed=instance.seed, init=instance.init, dir=str(folder))
+        record.update(
+            id=instance.id,
+            run=instance.run.name,
+            label=instance.run.label,
+            variant=instance.variant,
+            seed=instance.seed,
+            init=instance.init,
+            dir=str(folder),
+        )
         runs.append(record)
     by_key = {(r["run"], r["variant"], r["seed"]): r for r in runs}
     untrained = {}
@@ -107,8 +123,12 @@ def collect(grid: GridSpec, plan: Plan, root: Path) -> dict[str, Any]:
         folder = Path(record["dir"])
         if baseline:
             other = by_key.get((baseline, record["variant"], record["seed"]))
-            record["metrics"][f"win_vs_{baseline}"] = _win(folder, Path(other["dir"]) if other and other["status"] == "ok" else None)
-        record["metrics"]["win_vs_untrained"] = _win(folder, init_folder(root, record["init"]) if record["init"] in untrained else None)
+            record["metrics"][f"win_vs_{baseline}"] = _win(
+                folder, Path(other["dir"]) if other and other["status"] == "ok" else None
+            )
+        record["metrics"]["win_vs_untrained"] = _win(
+            folder, init_folder(root, record["init"]) if record["init"] in untrained else None
+        )
     tables: dict[str, dict[str, Any]] = {}
     keys = [key for key, _, _ in metric_columns(baseline)]
     for variant in grid.variants:
@@ -121,10 +141,17 @@ def collect(grid: GridSpec, plan: Plan, root: Path) -> dict[str, Any]:
                 metrics["win_vs_untrained"] = 0.5
                 other = by_key.get((baseline, variant, seed)) if baseline else None
                 if baseline:
-                    metrics[f"win_vs_{baseline}"] = _win(init_folder(root, init), Path(other["dir"]) if other and other["status"] == "ok" else None)
+                    metrics[f"win_vs_{baseline}"] = _win(
+                        init_folder(root, init), Path(other["dir"]) if other and other["status"] == "ok" else None
+                    )
                 for k in keys:
                     values[k].append(metrics.get(k, math.nan))
-            rows[UNTRAINED] = {"label": start_label(plan, [init for init, _ in inits]), "seeds": len(inits), "failed": 0, "metrics": {k: summarize(v) for k, v in values.items()}}
+            rows[UNTRAINED] = {
+                "label": start_label(plan, [init for init, _ in inits]),
+                "seeds": len(inits),
+                "failed": 0,
+                "metrics": {k: summarize(v) for k, v in values.items()},
+            }
         for run in grid.runs:
             mine = [r for r in runs if r["run"] == run.name and r["variant"] == variant]
             if not mine:
@@ -166,7 +193,11 @@ def _best(rows: dict[str, Any], key: str, better: str | None) -> set[str]:
     if better is None:
         return set()
     # only finished rows compete: a row with seeds still to run (or failed) is not a best yet
-    means = {name: row["metrics"][key]["mean"] for name, row in rows.items() if row["metrics"][key]["n"] and not row.get("pending") and not row.get("failed")}
+    means = {
+        name: row["metrics"][key]["mean"]
+        for name, row in rows.items()
+        if row["metrics"][key]["n"] and not row.get("pending") and not row.get("failed")
+    }
     if len(set(means.values())) < 2:  # nothing to single out
         return set()
     target = max(means.values()) if better == "higher" else min(means.values())
@@ -180,7 +211,11 @@ def table(rows: dict[str, Any], columns: list[tuple[str, str, str | None]]) -> s
     lines = ["| method | " + " | ".join(title for _, title, _ in shown) + " | seeds |", "|---" * (len(shown) + 2) + "|"]
     for name, row in rows.items():
         cells = [_cell(row["metrics"][key], name in best[key], DIGITS.get(key, 3)) for key, _, _ in shown]
-        status = str(row["seeds"]) + (f" ({row['failed']} failed)" if row.get("failed") else "") + (f" ({row['pending']} to run)" if row.get("pending") else "")
+        status = (
+            str(row["seeds"])
+            + (f" ({row['failed']} failed)" if row.get("failed") else "")
+            + (f" ({row['pending']} to run)" if row.get("pending") else "")
+        )
         lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {status} |")
     return "\n".join(lines)
 
@@ -214,14 +249,28 @@ def markdown(results: dict[str, Any], command: str) -> str:
     common = _common_options([s["command"] for r in results["runs"] for s in r.get("stages", [])])
     out += ["## Runs", ""]
     if common:
-        out += ["Every command below also has these options (the grid's, shared by every stage):", "", "```", shlex.join(common), "```", ""]
+        out += [
+            "Every command below also has these options (the grid's, shared by every stage):",
+            "",
+            "```",
+            shlex.join(common),
+            "```",
+            "",
+        ]
     out += ["| run | status | train time (s) | eval time (s) | commands (one per stage) |", "|---|---|---|---|---|"]
     for record in results["runs"]:
         stages = record.get("stages", [])
-        commands = "<br>".join(f"`{_without(s['command'], common)}`" + (" (shared)" if s.get("shared") else "") for s in stages) or "-"
+        commands = (
+            "<br>".join(
+                f"`{_without(s['command'], common)}`" + (" (shared)" if s.get("shared") else "") for s in stages
+            )
+            or "-"
+        )
         train = record["metrics"].get("train_seconds")
         evaluation = record.get("eval_seconds")
-        out.append(f"| `{record['id']}` | {record['status']} | {'-' if train is None else f'{train:.1f}'} | {'-' if evaluation is None else f'{evaluation:.1f}'} | {commands} |")
+        out.append(
+            f"| `{record['id']}` | {record['status']} | {'-' if train is None else f'{train:.1f}'} | {'-' if evaluation is None else f'{evaluation:.1f}'} | {commands} |"
+        )
     return "\n".join(out) + "\n"
 
 

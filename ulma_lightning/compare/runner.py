@@ -29,7 +29,18 @@ from ulma_lightning.compare.parallel import run_parallel, stage_lock
 from ulma_lightning.compare.plots import write_plots
 from ulma_lightning.compare.report import RESULT_FILE, collect, init_folder, run_folder, write_results
 from ulma_lightning.compare.spec import GridError, GridSpec, load_grid
-from ulma_lightning.compare.stages import Instance, Plan, build_init, digest, failure, plan_grid, quiet_output, read_json, train_stage, write_json
+from ulma_lightning.compare.stages import (
+    Instance,
+    Plan,
+    build_init,
+    digest,
+    failure,
+    plan_grid,
+    quiet_output,
+    read_json,
+    train_stage,
+    write_json,
+)
 from ulma_lightning.compare.tune import tune_chains, write_tuned
 
 
@@ -106,7 +117,16 @@ class Runner:
             folder = init_folder(self.root, key)
             if not self.finished(folder / RESULT_FILE):
                 metrics = self.evaluator.evaluate(record["export"], record["export"], folder)
-                write_json(folder / RESULT_FILE, {"status": "ok", "key": key, "export": record["export"], "metrics": metrics, "evaluation_key": self.evaluation_key})
+                write_json(
+                    folder / RESULT_FILE,
+                    {
+                        "status": "ok",
+                        "key": key,
+                        "export": record["export"],
+                        "metrics": metrics,
+                        "evaluation_key": self.evaluation_key,
+                    },
+                )
         return record
 
     def run(self, instance: Instance) -> dict[str, Any]:
@@ -124,8 +144,15 @@ class Runner:
             metrics: dict[str, float | None] = {**self.evaluator.evaluate(records[-1]["export"], reference, folder)}
             metrics["train_seconds"] = sum(r["seconds"] for r in records)
             metrics["tokens_per_sec"] = records[-1].get("tokens_per_sec")
-            metrics["reward_accuracy"] = next((r.get("reward_accuracy") for r in records if r.get("role") == "reward"), None)
-            result = {"status": "ok", "metrics": metrics, "eval_seconds": time.perf_counter() - evaluated, "model": records[-1]["export"]}
+            metrics["reward_accuracy"] = next(
+                (r.get("reward_accuracy") for r in records if r.get("role") == "reward"), None
+            )
+            result = {
+                "status": "ok",
+                "metrics": metrics,
+                "eval_seconds": time.perf_counter() - evaluated,
+                "model": records[-1]["export"],
+            }
             _link(folder / "model", records[-1]["export"])
             for index, record in enumerate(records, start=1):
                 _link(folder / f"tensorboard_{index}_{record['method']}", record["tensorboard"])
@@ -143,7 +170,9 @@ def select(plan: Plan, only: str | None) -> list[Instance]:
     chosen = [i for i in plan.instances if only in (i.run.name, i.id) or i.id.startswith(only.rstrip("/") + "/")]
     if not chosen:
         names = sorted({i.run.name for i in plan.instances})
-        raise GridError(f"--only {only!r} matches no run; runs are {names} (or RUN/VARIANT/seedS, e.g. {plan.instances[0].id})")
+        raise GridError(
+            f"--only {only!r} matches no run; runs are {names} (or RUN/VARIANT/seedS, e.g. {plan.instances[0].id})"
+        )
     return chosen
 
 
@@ -193,7 +222,9 @@ def output_lock(root: Path) -> Iterator[None]:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             handle.close()
-            raise GridError(f"{root}: another ulma compare (process {holder}) is writing here; wait for it to end or pass another --output") from None
+            raise GridError(
+                f"{root}: another ulma compare (process {holder}) is writing here; wait for it to end or pass another --output"
+            ) from None
         try:
             same = os.fstat(handle.fileno()).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:
@@ -213,7 +244,16 @@ def output_lock(root: Path) -> Iterator[None]:
         handle.close()
 
 
-def compare(grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare", jobs: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+def compare(
+    grid: GridSpec,
+    root: Path,
+    *,
+    only: str | None = None,
+    launcher: str | None = None,
+    command: str = "ulma compare",
+    jobs: int | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Run the grid (or the ``only`` subset) into ``root``, ``jobs`` runs at a time (default: the grid's
     ``jobs``); write and return the results. ``root`` must be new, empty or an earlier compare's
     output unless ``overwrite`` (:func:`check_output`)."""
@@ -228,7 +268,9 @@ def compare(grid: GridSpec, root: Path, *, only: str | None = None, launcher: st
         return _compare(grid, plan, chosen, root, launcher, command, jobs)
 
 
-def _compare(grid: GridSpec, plan: Plan, chosen: list[Instance], root: Path, launcher: str | None, command: str, jobs: int = 1) -> dict[str, Any]:
+def _compare(
+    grid: GridSpec, plan: Plan, chosen: list[Instance], root: Path, launcher: str | None, command: str, jobs: int = 1
+) -> dict[str, Any]:
     """The body of :func:`compare`, run while holding the output folder."""
     runner = Runner(grid, plan, root, launcher or grid.launcher)
     try:
@@ -238,7 +280,16 @@ def _compare(grid: GridSpec, plan: Plan, chosen: list[Instance], root: Path, lau
             runner.restore_output()
 
 
-def _run_all(runner: Runner, grid: GridSpec, plan: Plan, chosen: list[Instance], root: Path, launcher: str | None, command: str, jobs: int) -> dict[str, Any]:
+def _run_all(
+    runner: Runner,
+    grid: GridSpec,
+    plan: Plan,
+    chosen: list[Instance],
+    root: Path,
+    launcher: str | None,
+    command: str,
+    jobs: int,
+) -> dict[str, Any]:
     """Train and evaluate ``chosen`` with ``runner`` (sequentially or ``jobs`` at a time), writing the results."""
     total = len(chosen)
     todo = []
@@ -255,7 +306,10 @@ def _run_all(runner: Runner, grid: GridSpec, plan: Plan, chosen: list[Instance],
         status = "done" if result["status"] == "ok" else "FAILED: " + result["error"].splitlines()[0]
         left = [i.id for i in todo if not runner.finished(run_folder(root, i.id) / RESULT_FILE) and i.id != instance_id]
         eta = f"; {eta_line(plan, root, left, jobs)}" if left else ""
-        print(f"[ulma compare] {instance_id} {status} ({result['seconds']:.1f} s); {done}/{total} runs done, {total - done} left{eta}", flush=True)
+        print(
+            f"[ulma compare] {instance_id} {status} ({result['seconds']:.1f} s); {done}/{total} runs done, {total - done} left{eta}",
+            flush=True,
+        )
         write_results(collect(grid, plan, root), root, command)  # after every run, so a kill leaves up-to-date files
 
     if jobs > 1 and len(todo) > 1:
@@ -272,11 +326,22 @@ def _run_all(runner: Runner, grid: GridSpec, plan: Plan, chosen: list[Instance],
     return results
 
 
-def tune(grid: GridSpec, root: Path, *, only: str | None = None, launcher: str | None = None, command: str = "ulma compare --tune", jobs: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+def tune(
+    grid: GridSpec,
+    root: Path,
+    *,
+    only: str | None = None,
+    launcher: str | None = None,
+    command: str = "ulma compare --tune",
+    jobs: int | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Tune every stage of the grid in its chain, by depth (:mod:`~ulma_lightning.compare.tune`), into
     ``root``; write the picks (``tuned.yaml``) and return the last results with ``tuned`` and ``rounds``."""
     if grid.tune is None:
-        raise GridError(f"{grid.path}: --tune needs a `tune:` section (prompts: validation prompts; grid: option -> values)")
+        raise GridError(
+            f"{grid.path}: --tune needs a `tune:` section (prompts: validation prompts; grid: option -> values)"
+        )
     last: dict[str, Any] = {}
 
     def run(candidates: GridSpec) -> dict[str, Any]:
@@ -287,7 +352,11 @@ def tune(grid: GridSpec, root: Path, *, only: str | None = None, launcher: str |
     tuned, rounds = tune_chains(grid, run)
     last["tuned"], last["rounds"] = tuned, rounds
     write_tuned(tuned, root / "tuned.yaml", command, rounds)
-    print(f"[ulma compare] chosen values (mean validation score), to commit into {grid.path}:\n" + (root / "tuned.yaml").read_text(), flush=True)
+    print(
+        f"[ulma compare] chosen values (mean validation score), to commit into {grid.path}:\n"
+        + (root / "tuned.yaml").read_text(),
+        flush=True,
+    )
     return last
 
 
@@ -299,13 +368,40 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
     )
     parser.add_argument("--config", required=True, help="the grid YAML, e.g. experiments/paper.yaml")
     parser.add_argument("--quick", action="store_true", help="the grid's `quick:` subset (fewer seeds, runs and steps)")
-    parser.add_argument("--output", default=None, help="output folder (default: the grid's `output`, else runs/compare/<grid name>[-quick])")
-    parser.add_argument("--overwrite", action="store_true", help="write into an --output folder that holds files ulma compare did not write (files of the same names are replaced)")
-    parser.add_argument("--only", default=None, help="run only this run name (all its variants and seeds), or one RUN/VARIANT/seedS")
-    parser.add_argument("--heldout", action="store_true", help="the grid's `heldout:` set (other seeds and data draw), for the claims' second check")
-    parser.add_argument("--plan", action="store_true", help="list the stages (and which runs share them), the runs and an estimated time, without training")
-    parser.add_argument("--tune", action="store_true", help="choose each method's hyper-parameters by the grid's `tune:` rule (validation score); writes OUTPUT/tune/tuned.yaml")
-    parser.add_argument("--launcher", choices=("inprocess", "subprocess"), default=None, help="run each `ulma fit` in this process (default) or in a child process")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="output folder (default: the grid's `output`, else runs/compare/<grid name>[-quick])",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --output folder that holds files ulma compare did not write (files of the same names are replaced)",
+    )
+    parser.add_argument(
+        "--only", default=None, help="run only this run name (all its variants and seeds), or one RUN/VARIANT/seedS"
+    )
+    parser.add_argument(
+        "--heldout",
+        action="store_true",
+        help="the grid's `heldout:` set (other seeds and data draw), for the claims' second check",
+    )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="list the stages (and which runs share them), the runs and an estimated time, without training",
+    )
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="choose each method's hyper-parameters by the grid's `tune:` rule (validation score); writes OUTPUT/tune/tuned.yaml",
+    )
+    parser.add_argument(
+        "--launcher",
+        choices=("inprocess", "subprocess"),
+        default=None,
+        help="run each `ulma fit` in this process (default) or in a child process",
+    )
     parser.add_argument(
         "--jobs",
         type=int,
@@ -317,15 +413,35 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
     try:
         grid = load_grid(args.config, quick=args.quick, heldout=args.heldout)
         suffix = ("-heldout" if args.heldout else "") + ("-quick" if args.quick else "")
-        root = Path(args.output or (grid.output + ("-heldout" if args.heldout else "") if grid.output else None) or Path("runs") / "compare" / (grid.name + suffix))
+        root = Path(
+            args.output
+            or (grid.output + ("-heldout" if args.heldout else "") if grid.output else None)
+            or Path("runs") / "compare" / (grid.name + suffix)
+        )
         command = "ulma compare " + shlex.join(argv)
         if args.plan:
             text = tune_overview(grid) if args.tune else describe(grid, plan_grid(grid), root, args.jobs or grid.jobs)
             print(text, flush=True)
             return {"plan": text}
         if args.tune:
-            return tune(grid, root / "tune", only=args.only, launcher=args.launcher, command=command, jobs=args.jobs, overwrite=args.overwrite)
-        return compare(grid, root, only=args.only, launcher=args.launcher, command=command, jobs=args.jobs, overwrite=args.overwrite)
+            return tune(
+                grid,
+                root / "tune",
+                only=args.only,
+                launcher=args.launcher,
+                command=command,
+                jobs=args.jobs,
+                overwrite=args.overwrite,
+            )
+        return compare(
+            grid,
+            root,
+            only=args.only,
+            launcher=args.launcher,
+            command=command,
+            jobs=args.jobs,
+            overwrite=args.overwrite,
+        )
     except GridError as exc:
         print(f"ulma compare: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -338,6 +454,9 @@ def compare_command(argv: list[str]) -> dict[str, Any]:
     failed = [str(r.get("id")) for r in results.get("runs", []) if r.get("status") == "failed"]
     if failed:
         shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
-        print(f"ulma compare: {len(failed)} of {len(results['runs'])} runs failed ({shown}); their errors are in results.md", file=sys.stderr)
+        print(
+            f"ulma compare: {len(failed)} of {len(results['runs'])} runs failed ({shown}); their errors are in results.md",
+            file=sys.stderr,
+        )
         raise SystemExit(1)
     return results

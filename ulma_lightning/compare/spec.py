@@ -204,7 +204,9 @@ def check_path_name(name: str, where: str, what: str) -> None:
     """Refuse a name that becomes a folder of the output (a run, a variant, a method) but could
     leave it: ``/`` or ``\\`` in it, or a leading ``.`` (``..``, hidden files)."""
     if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise GridError(f"{where}: {what} cannot be empty, contain '/' or '\\', or start with '.' (it names a folder of the output), got {name!r}")
+        raise GridError(
+            f"{where}: {what} cannot be empty, contain '/' or '\\', or start with '.' (it names a folder of the output), got {name!r}"
+        )
 
 
 def _where(path: Path, node: Any, what: str) -> str:
@@ -247,17 +249,23 @@ def _module_class(config: Path, overrides: dict[str, Any], where: str) -> tuple[
     model = content.get("model") if isinstance(content, dict) else None
     class_path = overrides.get("model.class_path") or (model.get("class_path") if isinstance(model, dict) else None)
     if not class_path:
-        raise GridError(f"{where}: config {config} names no model.class_path; use a method config such as configs/ulma.yaml")
+        raise GridError(
+            f"{where}: config {config} names no model.class_path; use a method config such as configs/ulma.yaml"
+        )
     if "." not in class_path:
         class_path = f"ulma_lightning.{class_path}"
     try:
         cls = import_object(class_path)
     except ImportError as exc:
-        raise GridError(f"{where}: unknown method class {class_path!r} in {config} ({exc}); fix model.class_path") from None
+        raise GridError(
+            f"{where}: unknown method class {class_path!r} in {config} ({exc}); fix model.class_path"
+        ) from None
     from ulma_lightning.modules import METHOD_BASES
 
     if not (inspect.isclass(cls) and issubclass(cls, METHOD_BASES)):
-        raise GridError(f"{where}: {class_path} in {config} is not an ulma-lightning method module (a subclass of AlignmentModule or RolloutModule)")
+        raise GridError(
+            f"{where}: {class_path} in {config} is not an ulma-lightning method module (a subclass of AlignmentModule or RolloutModule)"
+        )
     return class_path, cls
 
 
@@ -266,7 +274,11 @@ def _accepts(cls: type, arg: str) -> bool:
     ``init_args``: ``optimizer`` for ``model.init_args.optimizer.lr``)."""
     parts = arg.split(".")
     name = parts[parts.index("init_args") + 1] if "init_args" in parts[:-1] else parts[-1]
-    return any(name in inspect.signature(vars(klass)["__init__"]).parameters for klass in cls.__mro__ if "__init__" in vars(klass))
+    return any(
+        name in inspect.signature(vars(klass)["__init__"]).parameters
+        for klass in cls.__mro__
+        if "__init__" in vars(klass)
+    )
 
 
 def _stage(raw: Any, path: Path, what: str, configs_dir: Path) -> StageSpec:
@@ -277,21 +289,43 @@ def _stage(raw: Any, path: Path, what: str, configs_dir: Path) -> StageSpec:
     _check_keys(entry, {"method", "config", "data", "overrides", "reward_arg"}, path, what)
     method, config_name = entry.get("method"), entry.get("config")
     if not method and not config_name:
-        raise GridError(_where(path, entry_line, f"{what}: needs `method: NAME` (a config in {configs_dir}) or `config: FILE`"))
+        raise GridError(
+            _where(path, entry_line, f"{what}: needs `method: NAME` (a config in {configs_dir}) or `config: FILE`")
+        )
     if method:
-        check_path_name(str(method), _where(path, entry_line, what), "a method name (use `config: FILE` for a config elsewhere)")
+        check_path_name(
+            str(method), _where(path, entry_line, what), "a method name (use `config: FILE` for a config elsewhere)"
+        )
     grid_dir = path.parent
     if config_name:
         config = _resolve_file(str(config_name), grid_dir)
         if config is None:
-            raise GridError(_where(path, entry_line, f"{what}: config file {config_name!r} does not exist (looked in {Path.cwd()} and {grid_dir}); fix the path"))
+            raise GridError(
+                _where(
+                    path,
+                    entry_line,
+                    f"{what}: config file {config_name!r} does not exist (looked in {Path.cwd()} and {grid_dir}); fix the path",
+                )
+            )
     else:
         config = (configs_dir / f"{method}.yaml").resolve()
         if not config.is_file():
             known = ", ".join(_known_methods(configs_dir)) or "(none)"
-            raise GridError(_where(path, entry_line, f"{what}: unknown method {method!r}; known methods (configs in {configs_dir}): {known}; or give `config: FILE`"))
+            raise GridError(
+                _where(
+                    path,
+                    entry_line,
+                    f"{what}: unknown method {method!r}; known methods (configs in {configs_dir}): {known}; or give `config: FILE`",
+                )
+            )
     if not entry.get("data"):
-        raise GridError(_where(path, entry_line, f"{what}: needs `data: KIND` (a key of the variants, e.g. demonstration, binary, pairwise)"))
+        raise GridError(
+            _where(
+                path,
+                entry_line,
+                f"{what}: needs `data: KIND` (a key of the variants, e.g. demonstration, binary, pairwise)",
+            )
+        )
     overrides = _mapping_of(entry.get("overrides"), path, f"{what}.overrides", entry_line)
     class_path, cls = _module_class(config, overrides, _where(path, entry_line, what))
     from ulma_lightning.modules.reward import RewardModelModule
@@ -320,7 +354,9 @@ def check_chain(stages: list[StageSpec], where: str) -> None:
     for before, after in zip(stages, stages[1:]):
         if before.role == "reward":
             if after.role == "reward":
-                raise GridError(f"{where}: two reward-model stages in a row ({before.method}, {after.method}); a reward model feeds a policy stage")
+                raise GridError(
+                    f"{where}: two reward-model stages in a row ({before.method}, {after.method}); a reward model feeds a policy stage"
+                )
             if not _accepts(import_object(after.module_class), after.reward_arg):
                 raise GridError(
                     f"{where}: stage {after.method!r} ({after.module_class}) follows the reward model of stage {before.method!r} "
@@ -342,7 +378,11 @@ DATA_SEED = "{data_seed}"
 
 
 def _seeds(value: Any, path: Path, what: str, parent: Any) -> list[int]:
-    if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+    ):
         raise GridError(_where(path, parent, f"{what} must be a non-empty list of integers, got {value!r}"))
     if len(set(value)) != len(value):
         raise GridError(_where(path, parent, f"{what} lists a seed twice: {value}"))
@@ -352,7 +392,13 @@ def _seeds(value: Any, path: Path, what: str, parent: Any) -> list[int]:
 def _variants(raw: Any, path: Path, doc: Any) -> dict[str, dict[str, dict[str, str]]]:
     variants = _mapping_of(raw, path, "variants", doc)
     if not variants:
-        raise GridError(_where(path, doc, "`variants` is missing: map each data variant (e.g. ordinary, golden) to its sources per data kind"))
+        raise GridError(
+            _where(
+                path,
+                doc,
+                "`variants` is missing: map each data variant (e.g. ordinary, golden) to its sources per data kind",
+            )
+        )
     out: dict[str, dict[str, dict[str, str]]] = {}
     for name, kinds in variants.items():
         check_path_name(str(name), _where(path, raw, f"variants.{name}"), "a variant name")
@@ -364,7 +410,13 @@ def _variants(raw: Any, path: Path, doc: Any) -> dict[str, dict[str, dict[str, s
             sources = _mapping_of(sources, path, f"variants.{name}.{kind}", kinds)
             bad = sorted(set(sources) - set(SOURCE_SPLITS))
             if bad or "train" not in sources:
-                raise GridError(_where(path, kinds, f"variants.{name}.{kind}: give `train` and optionally `val`, `test` sources (got keys {sorted(sources)})"))
+                raise GridError(
+                    _where(
+                        path,
+                        kinds,
+                        f"variants.{name}.{kind}: give `train` and optionally `val`, `test` sources (got keys {sorted(sources)})",
+                    )
+                )
             out[str(name)][str(kind)] = {k: str(v) for k, v in sources.items()}
     return out
 
@@ -374,14 +426,24 @@ def _evaluation(raw: Any, path: Path, doc: Any) -> EvaluationSpec:
     allowed = set(EvaluationSpec.__dataclass_fields__)
     _check_keys(entry, allowed, path, "evaluation")
     if not entry.get("prompts"):
-        raise GridError(_where(path, raw if raw else doc, "evaluation.prompts is missing: the held-out test prompts (a data source)"))
+        raise GridError(
+            _where(
+                path, raw if raw else doc, "evaluation.prompts is missing: the held-out test prompts (a data source)"
+            )
+        )
     check_types(entry, EvaluationSpec, path, raw if raw else doc, "evaluation")
     for key, rule in EVALUATION_RULES.items():
         value = entry.get(key)
         if value is not None and not (value >= 1 if rule == ">= 1" else value >= 0):
             raise GridError(_where(path, raw, f"evaluation.{key} must be {rule}, got {value!r}"))
     if not isinstance(entry.get("scorer", {"class_path": ""}).get("class_path"), str):
-        raise GridError(_where(path, raw, "evaluation.scorer needs a `class_path` (e.g. ulma_lightning.evaluation.DemoScorer) and optionally `init_args`"))
+        raise GridError(
+            _where(
+                path,
+                raw,
+                "evaluation.scorer needs a `class_path` (e.g. ulma_lightning.evaluation.DemoScorer) and optionally `init_args`",
+            )
+        )
     try:
         return EvaluationSpec(**entry)
     except TypeError as exc:
@@ -419,7 +481,15 @@ def _type_name(hint: Any) -> str:
     if args and typing.get_origin(hint) not in (dict, list):
         return " or ".join(_type_name(a) for a in args)
     origin = typing.get_origin(hint) or hint
-    return {type(None): "null", str: "a string", int: "a whole number", float: "a number", dict: "a mapping", list: "a list", bool: "true or false"}.get(origin, str(hint))
+    return {
+        type(None): "null",
+        str: "a string",
+        int: "a whole number",
+        float: "a number",
+        dict: "a mapping",
+        list: "a list",
+        bool: "true or false",
+    }.get(origin, str(hint))
 
 
 def check_types(entry: dict[str, Any], spec: type, path: Path, node: Any, what: str) -> None:
@@ -430,7 +500,11 @@ def check_types(entry: dict[str, Any], spec: type, path: Path, node: Any, what: 
     hints = typing.get_type_hints(spec)
     for key, value in entry.items():
         if key in hints and not _is(value, hints[key]):
-            raise GridError(_where(path, node, f"{what}.{key} must be {_type_name(hints[key])}, got {type(value).__name__} {value!r}"))
+            raise GridError(
+                _where(
+                    path, node, f"{what}.{key} must be {_type_name(hints[key])}, got {type(value).__name__} {value!r}"
+                )
+            )
 
 
 def _tune(raw: Any, path: Path, doc: Any, variants: dict[str, Any]) -> TuneSpec | None:
@@ -440,21 +514,36 @@ def _tune(raw: Any, path: Path, doc: Any, variants: dict[str, Any]) -> TuneSpec 
     _check_keys(entry, set(TuneSpec.__dataclass_fields__), path, "tune")
     grid = _mapping_of(entry.get("grid"), path, "tune.grid", raw)
     if not entry.get("prompts") or not grid:
-        raise GridError(_where(path, raw, "tune needs `prompts` (validation prompts) and `grid` (dotted option -> list of values)"))
-    methods = {str(k): _mapping_of(v, path, f"tune.methods.{k}", raw) for k, v in _mapping_of(entry.get("methods"), path, "tune.methods", raw).items()}
+        raise GridError(
+            _where(path, raw, "tune needs `prompts` (validation prompts) and `grid` (dotted option -> list of values)")
+        )
+    methods = {
+        str(k): _mapping_of(v, path, f"tune.methods.{k}", raw)
+        for k, v in _mapping_of(entry.get("methods"), path, "tune.methods", raw).items()
+    }
     for what, values_of in [("tune.grid", grid)] + [(f"tune.methods.{k}", v) for k, v in methods.items()]:
         for key, values in values_of.items():
             if not isinstance(values, list) or not values:
                 raise GridError(_where(path, raw, f"{what}.{key}: give a non-empty list of values, got {values!r}"))
     if entry.get("variant", "ordinary") not in variants:
-        raise GridError(_where(path, raw, f"tune.variant {entry.get('variant', 'ordinary')!r} is not a variant; the grid defines {sorted(variants)}"))
+        raise GridError(
+            _where(
+                path,
+                raw,
+                f"tune.variant {entry.get('variant', 'ordinary')!r} is not a variant; the grid defines {sorted(variants)}",
+            )
+        )
     if "seeds" in entry:
         entry["seeds"] = _seeds(entry["seeds"], path, "tune.seeds", raw)
     extend = entry.get("extend_edges", 0)
     if isinstance(extend, bool) or not isinstance(extend, int) or extend < 0:
         raise GridError(_where(path, raw, f"tune.extend_edges must be a whole number >= 0, got {extend!r}"))
-    if entry.get("max_prompts") is not None and (isinstance(entry["max_prompts"], bool) or not isinstance(entry["max_prompts"], int) or entry["max_prompts"] < 1):
-        raise GridError(_where(path, raw, f"tune.max_prompts must be a whole number >= 1, got {entry['max_prompts']!r}"))
+    if entry.get("max_prompts") is not None and (
+        isinstance(entry["max_prompts"], bool) or not isinstance(entry["max_prompts"], int) or entry["max_prompts"] < 1
+    ):
+        raise GridError(
+            _where(path, raw, f"tune.max_prompts must be a whole number >= 1, got {entry['max_prompts']!r}")
+        )
     return TuneSpec(**{**entry, "grid": grid, "methods": methods})
 
 
@@ -465,13 +554,21 @@ def _base(raw: Any, path: Path, doc: Any, configs_dir: Path) -> StageSpec | None
     entry = _mapping_of(raw, path, "base", doc)
     _check_keys(entry, {"method", "config", "train", "val", "overrides"}, path, "base")
     if not entry.get("train"):
-        raise GridError(_where(path, raw, "base needs `train:` (the base model's corpus, a data source) and `method:` (e.g. sft)"))
+        raise GridError(
+            _where(path, raw, "base needs `train:` (the base model's corpus, a data source) and `method:` (e.g. sft)")
+        )
     sources = {split: str(entry[split]) for split in ("train", "val") if entry.get(split)}
     stage_raw = Entry({k: v for k, v in entry.items() if k in ("method", "config", "overrides")}, data="base")
     stage_raw.line = getattr(raw, "line", 0)
     stage = _stage(stage_raw, path, "base", configs_dir)
     if stage.role != "policy":
-        raise GridError(_where(path, raw, f"base: {stage.method} trains a reward model; the base stage trains the policy every run starts from (e.g. method: sft)"))
+        raise GridError(
+            _where(
+                path,
+                raw,
+                f"base: {stage.method} trains a reward model; the base stage trains the policy every run starts from (e.g. method: sft)",
+            )
+        )
     stage.sources = sources
     return stage
 
@@ -485,7 +582,13 @@ def _merge_heldout(doc: dict[str, Any], path: Path) -> dict[str, Any]:
     """The grid with its ``heldout:`` section applied: other seeds and another data draw (``data_seed``)."""
     heldout = _mapping_of(doc.get("heldout"), path, "heldout", doc)
     if not heldout:
-        raise GridError(_where(path, doc, "--heldout: the grid has no `heldout:` section (seeds, data_seed: the held-out set of the claims)"))
+        raise GridError(
+            _where(
+                path,
+                doc,
+                "--heldout: the grid has no `heldout:` section (seeds, data_seed: the held-out set of the claims)",
+            )
+        )
     _check_keys(heldout, HELDOUT_KEYS, path, "heldout")
     merged = dict(doc)
     if "seeds" in heldout:
@@ -500,24 +603,36 @@ def _merge_quick(doc: dict[str, Any], path: Path) -> dict[str, Any]:
     evaluation options merged)."""
     quick = _mapping_of(doc.get("quick"), path, "quick", doc)
     if not quick:
-        raise GridError(_where(path, doc, "--quick: the grid has no `quick:` section (seeds, runs, overrides for a short run)"))
+        raise GridError(
+            _where(path, doc, "--quick: the grid has no `quick:` section (seeds, runs, overrides for a short run)")
+        )
     _check_keys(quick, QUICK_KEYS, path, "quick")
     merged = dict(doc)
     if "seeds" in quick:
         merged["seeds"] = quick["seeds"]
-    merged["overrides"] = {**_mapping_of(doc.get("overrides"), path, "overrides", doc), **_mapping_of(quick.get("overrides"), path, "quick.overrides", quick)}
+    merged["overrides"] = {
+        **_mapping_of(doc.get("overrides"), path, "overrides", doc),
+        **_mapping_of(quick.get("overrides"), path, "quick.overrides", quick),
+    }
     if "evaluation" in quick:
-        merged["evaluation"] = Entry({**(doc.get("evaluation") or {}), **_mapping_of(quick["evaluation"], path, "quick.evaluation", quick)})
+        merged["evaluation"] = Entry(
+            {**(doc.get("evaluation") or {}), **_mapping_of(quick["evaluation"], path, "quick.evaluation", quick)}
+        )
         merged["evaluation"].line = getattr(doc.get("evaluation"), "line", 0)
     runs = doc.get("runs") or []
     if "runs" in quick:
         names = [r.get("name") for r in runs if isinstance(r, dict)]
         missing = [n for n in quick["runs"] if n not in names and not (n == BASE_RUN and doc.get("base") is not None)]
         if missing:
-            raise GridError(_where(path, quick, f"quick.runs names runs that do not exist: {missing}; runs are {names}"))
+            raise GridError(
+                _where(path, quick, f"quick.runs names runs that do not exist: {missing}; runs are {names}")
+            )
         runs = [r for r in runs if isinstance(r, dict) and r.get("name") in quick["runs"]]
     if "variants" in quick:
-        runs = [Entry(r, variants=[v for v in (r.get("variants") or quick["variants"]) if v in quick["variants"]]) for r in runs]
+        runs = [
+            Entry(r, variants=[v for v in (r.get("variants") or quick["variants"]) if v in quick["variants"]])
+            for r in runs
+        ]
         for new, old in zip(runs, doc.get("runs") or []):
             new.line = getattr(old, "line", 0)
     merged["runs"] = runs
@@ -549,10 +664,19 @@ def load_grid(path: str | Path, *, quick: bool = False, heldout: bool = False) -
         doc = _merge_quick(doc, path)
     data_seed = doc.get("data_seed", 0)
     if isinstance(data_seed, bool) or not isinstance(data_seed, int):
-        raise GridError(_where(path, doc, f"data_seed must be an integer (the data draw, substituted for {DATA_SEED} in sources), got {data_seed!r}"))
+        raise GridError(
+            _where(
+                path,
+                doc,
+                f"data_seed must be an integer (the data draw, substituted for {DATA_SEED} in sources), got {data_seed!r}",
+            )
+        )
     configs_dir = Path(doc.get("configs_dir") or "configs")
     if not configs_dir.is_absolute():
-        configs_dir = next((b / configs_dir for b in (Path.cwd(), path.parent, path.parent.parent) if (b / configs_dir).is_dir()), PACKAGE_CONFIGS)
+        configs_dir = next(
+            (b / configs_dir for b in (Path.cwd(), path.parent, path.parent.parent) if (b / configs_dir).is_dir()),
+            PACKAGE_CONFIGS,
+        )
     variants = _variants(doc.get("variants"), path, doc)
     base = _base(doc.get("base"), path, doc, configs_dir)
     raw_runs = doc.get("runs")
@@ -569,9 +693,19 @@ def load_grid(path: str | Path, *, quick: bool = False, heldout: bool = False) -
         what = f"runs[{index}] {name!r}"
         check_path_name(name, _where(path, raw, what), "a run name")
         if name == BASE_RUN and doc.get("base") is not None:
-            raise GridError(_where(path, raw, f"{what}: the name {BASE_RUN!r} is the base stage's row (the grid has `base:`); rename the run"))
+            raise GridError(
+                _where(
+                    path,
+                    raw,
+                    f"{what}: the name {BASE_RUN!r} is the base stage's row (the grid has `base:`); rename the run",
+                )
+            )
         if name in seen:
-            raise GridError(_where(path, raw, f"{what}: duplicated run name (also at line {seen[name]}); give each run its own name"))
+            raise GridError(
+                _where(
+                    path, raw, f"{what}: duplicated run name (also at line {seen[name]}); give each run its own name"
+                )
+            )
         seen[name] = getattr(raw, "line", 0)
         _check_keys(entry, RUN_KEYS, path, what)
         raw_stages = entry.get("stages")
@@ -583,17 +717,42 @@ def load_grid(path: str | Path, *, quick: bool = False, heldout: bool = False) -
         run_variants = entry.get("variants") or list(variants)
         for variant in run_variants:
             if variant not in variants:
-                raise GridError(_where(path, raw, f"{what}: unknown variant {variant!r}; the grid defines {sorted(variants)}"))
+                raise GridError(
+                    _where(path, raw, f"{what}: unknown variant {variant!r}; the grid defines {sorted(variants)}")
+                )
             for i, stage in enumerate(stages):
                 if stage.sources is None and stage.data not in variants[variant]:
-                    raise GridError(_where(path, raw, f"{what} stage {i + 1} ({stage.method}): data kind {stage.data!r} is not defined in variant {variant!r} (it has {sorted(variants[variant])})"))
+                    raise GridError(
+                        _where(
+                            path,
+                            raw,
+                            f"{what} stage {i + 1} ({stage.method}): data kind {stage.data!r} is not defined in variant {variant!r} (it has {sorted(variants[variant])})",
+                        )
+                    )
         overrides = _mapping_of(entry.get("overrides"), path, f"{what}.overrides", raw)
-        runs.append(RunSpec(name, str(entry.get("label") or name), stages, list(run_variants), overrides, getattr(raw, "line", 0)))
+        runs.append(
+            RunSpec(
+                name, str(entry.get("label") or name), stages, list(run_variants), overrides, getattr(raw, "line", 0)
+            )
+        )
     if base is not None:
-        runs.insert(0, RunSpec(BASE_RUN, "base (pre-trained)", [base], list(variants), {}, getattr(doc.get("base"), "line", 0)))
+        runs.insert(
+            0, RunSpec(BASE_RUN, "base (pre-trained)", [base], list(variants), {}, getattr(doc.get("base"), "line", 0))
+        )
     evaluation = _evaluation(doc.get("evaluation"), path, doc)
-    if evaluation.baseline is not None and evaluation.baseline not in seen and not quick and not (base is not None and evaluation.baseline == BASE_RUN):
-        raise GridError(_where(path, doc.get("evaluation"), f"evaluation.baseline {evaluation.baseline!r} is not a run name; runs are {list(seen)}"))
+    if (
+        evaluation.baseline is not None
+        and evaluation.baseline not in seen
+        and not quick
+        and not (base is not None and evaluation.baseline == BASE_RUN)
+    ):
+        raise GridError(
+            _where(
+                path,
+                doc.get("evaluation"),
+                f"evaluation.baseline {evaluation.baseline!r} is not a run name; runs are {list(seen)}",
+            )
+        )
     launcher = str(doc.get("launcher") or "inprocess")
     problem = choice_problem("launcher", launcher, ("inprocess", "subprocess"))
     if problem is not None:
@@ -601,10 +760,19 @@ def load_grid(path: str | Path, *, quick: bool = False, heldout: bool = False) -
     jobs = doc.get("jobs", 1)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise GridError(_where(path, doc, f"jobs must be a whole number >= 1 (runs trained at a time), got {jobs!r}"))
-    variants = {v: {k: {split: str(_with_data_seed(src, data_seed)) for split, src in kinds.items()} for k, kinds in by_kind.items()} for v, by_kind in variants.items()}
+    variants = {
+        v: {
+            k: {split: str(_with_data_seed(src, data_seed)) for split, src in kinds.items()}
+            for k, kinds in by_kind.items()
+        }
+        for v, by_kind in variants.items()
+    }
     if base is not None and base.sources is not None:
         base.sources = {split: str(_with_data_seed(src, data_seed)) for split, src in base.sources.items()}
-    evaluation.prompts, evaluation.golden = str(_with_data_seed(evaluation.prompts, data_seed)), _with_data_seed(evaluation.golden, data_seed)
+    evaluation.prompts, evaluation.golden = (
+        str(_with_data_seed(evaluation.prompts, data_seed)),
+        _with_data_seed(evaluation.golden, data_seed),
+    )
     tune = _tune(doc.get("tune"), path, doc, variants)
     if tune is not None:
         tune.prompts = str(_with_data_seed(tune.prompts, data_seed))

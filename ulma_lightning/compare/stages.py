@@ -105,7 +105,9 @@ class Stage:
     logger_is_tensorboard: bool
     sets_cache_dir: bool = False  # the grid or the stage's config sets data.init_args.cache_dir itself
 
-    def args(self, folder: Path, exports: dict[str, str], resume: str | None = None, cache_dir: Path | None = None) -> list[str]:
+    def args(
+        self, folder: Path, exports: dict[str, str], resume: str | None = None, cache_dir: Path | None = None
+    ) -> list[str]:
         """The full ``ulma fit`` argument list, given the exports of the stages it depends on; with
         ``cache_dir``, the data module's feature cache (unless the grid or the config sets one)."""
         args = list(self.base_args)
@@ -113,15 +115,25 @@ class Stage:
             args += options({CACHE_DIR_KEY: str(cache_dir)})  # not in base_args: the stage's identity does not change
         if self.policy_from is not None:
             start = exports[self.policy_from]
-            if self.spec.role == "reward":  # a reward model starts from the policy's weights (a new scalar head); no reference
+            if (
+                self.spec.role == "reward"
+            ):  # a reward model starts from the policy's weights (a new scalar head); no reference
                 args += options({POLICY_PREFIX + "model": start})
             else:
-                args += options({POLICY_PREFIX + "model": start, POLICY_PREFIX + "reference_model": start})  # model_config is then unused
+                args += options(
+                    {POLICY_PREFIX + "model": start, POLICY_PREFIX + "reference_model": start}
+                )  # model_config is then unused
         if self.reward_from is not None:
             args += options({self.spec.reward_arg: exports[self.reward_from]})
         args += ["--trainer.default_root_dir", str(folder)]
         if self.logger_is_tensorboard:
-            args += options({"trainer.logger.init_args.save_dir": str(folder), "trainer.logger.init_args.name": "tensorboard", "trainer.logger.init_args.version": 0})
+            args += options(
+                {
+                    "trainer.logger.init_args.save_dir": str(folder),
+                    "trainer.logger.init_args.name": "tensorboard",
+                    "trainer.logger.init_args.version": 0,
+                }
+            )
         if resume is not None:
             args += ["--ckpt_path", resume]
         return args
@@ -200,7 +212,9 @@ def plan_grid(grid: GridSpec) -> Plan:
                 last_policy: str | None = None
                 last_reward: str | None = None
                 for index, (spec, tuning_key) in enumerate(zip(run.stages, tuning_keys(run.stages))):
-                    tuned = {} if spec.sources is not None else grid.tuned.get(tuning_key, grid.tuned.get(spec.method, {}))
+                    tuned = (
+                        {} if spec.sources is not None else grid.tuned.get(tuning_key, grid.tuned.get(spec.method, {}))
+                    )
                     overrides = {**grid.overrides, **tuned, **run.overrides, **spec.overrides, **seed_overrides}
                     if spec.sources is not None:  # the base stage: its own data, and the grid's options only
                         overrides = {**grid.overrides, **spec.overrides, **seed_overrides}
@@ -267,7 +281,12 @@ def quiet_output() -> Callable[[], None]:
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as hf_logging
 
-    saved = (os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"), are_progress_bars_disabled(), hf_logging.is_progress_bar_enabled(), {n: logging.getLogger(n).level for n in QUIET_LOGGERS})
+    saved = (
+        os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"),
+        are_progress_bars_disabled(),
+        hf_logging.is_progress_bar_enabled(),
+        {n: logging.getLogger(n).level for n in QUIET_LOGGERS},
+    )
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # child processes (--launcher subprocess, --jobs workers)
     disable_progress_bars()
     hf_logging.disable_progress_bar()
@@ -295,7 +314,9 @@ def launch(args: list[str], launcher: str, log_file: Path) -> None:
     output to ``log_file``). Raises on failure, with the child's last lines."""
     if launcher == "subprocess":
         with open(log_file, "w") as handle:
-            code = subprocess.call(child_command(args), stdout=handle, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(os.getpid()))
+            code = subprocess.call(
+                child_command(args), stdout=handle, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(os.getpid())
+            )
         if code != 0:
             tail = "".join(log_file.read_text(errors="replace").splitlines(keepends=True)[-15:])
             raise RuntimeError(f"`ulma {args[0]}` exited with status {code}; the end of {log_file}:\n{tail}")
@@ -311,14 +332,20 @@ def launch(args: list[str], launcher: str, log_file: Path) -> None:
         if exc.code == 2:  # jsonargparse refused an option: this stage fails, the others go on
             raise RuntimeError(f"`ulma {args[0]}` refused its options: {parser_error(tee.lines)}") from None
         # Ctrl-C (Lightning exits with 1 after a graceful shutdown) or SIGTERM: stop the whole compare
-        raise SystemExit(f"ulma compare: `ulma {args[0]}` was interrupted; run the same command again to resume") from None
+        raise SystemExit(
+            f"ulma compare: `ulma {args[0]}` was interrupted; run the same command again to resume"
+        ) from None
     finally:
         sys.argv, sys.stderr = argv, stderr
-    stopped = getattr(getattr(cli, "trainer", None), "received_sigterm", False)  # Lightning ends the fit early on SIGTERM
+    stopped = getattr(
+        getattr(cli, "trainer", None), "received_sigterm", False
+    )  # Lightning ends the fit early on SIGTERM
     del cli
     _release_memory()
     if stopped:
-        raise SystemExit(f"ulma compare: stopped by SIGTERM during `ulma {args[0]}`; run the same command again to resume")
+        raise SystemExit(
+            f"ulma compare: stopped by SIGTERM during `ulma {args[0]}`; run the same command again to resume"
+        )
 
 
 def child_command(args: list[str]) -> list[str]:
@@ -399,7 +426,9 @@ def train_stage(stage: Stage, root: Path, exports: dict[str, str], launcher: str
     seconds = time.perf_counter() - started
     export = find_latest(folder, "hf_model/config.json")
     if export is None:
-        raise RuntimeError(f"stage {stage.key} ({stage.spec.config}) wrote no Hugging Face export; add ulma_lightning.callbacks.HFExport to the config's trainer.callbacks")
+        raise RuntimeError(
+            f"stage {stage.key} ({stage.spec.config}) wrote no Hugging Face export; add ulma_lightning.callbacks.HFExport to the config's trainer.callbacks"
+        )
     record = {
         "status": "ok",
         "key": stage.key,
@@ -410,7 +439,9 @@ def train_stage(stage: Stage, root: Path, exports: dict[str, str], launcher: str
         "resumed_from": str(last) if last else None,
         "seconds": seconds,
         "tokens_per_sec": read_scalar(folder, "train/tokens_per_sec_epoch"),
-        "reward_accuracy": read_scalar(folder, "val/rewards/accuracy") if stage.spec.role == "reward" else None,  # held-out pairs ranked right
+        "reward_accuracy": read_scalar(folder, "val/rewards/accuracy")
+        if stage.spec.role == "reward"
+        else None,  # held-out pairs ranked right
         "export": str(export.parent),
         "tensorboard": str(folder),
     }

@@ -54,7 +54,9 @@ class Effect:
 NO_EFFECT = Effect(math.nan, math.nan, math.nan, 0, 0)
 
 
-def paired_effect(a: np.ndarray, b: np.ndarray, *, resamples: int = 4000, confidence: float = 0.95, seed: int = 0) -> Effect:
+def paired_effect(
+    a: np.ndarray, b: np.ndarray, *, resamples: int = 4000, confidence: float = 0.95, seed: int = 0
+) -> Effect:
     """The mean of ``a - b`` (arrays of shape ``(seeds, prompts)``, paired cell by cell) and its
     two-level percentile bootstrap interval (seeds and prompts resampled independently)."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
@@ -68,7 +70,9 @@ def paired_effect(a: np.ndarray, b: np.ndarray, *, resamples: int = 4000, confid
     rows = rng.integers(0, seeds, size=(resamples, seeds))
     cols = rng.integers(0, prompts, size=(resamples, prompts))
     # mean over the drawn grid = mean over drawn rows of (mean over drawn columns of that row)
-    row_means = np.stack([d[:, c].mean(axis=1) for c in cols])  # (resamples, seeds): each row's mean on the drawn prompts
+    row_means = np.stack(
+        [d[:, c].mean(axis=1) for c in cols]
+    )  # (resamples, seeds): each row's mean on the drawn prompts
     means = np.take_along_axis(row_means, rows, axis=1).mean(axis=1)
     tail = (1 - confidence) / 2
     low, high = np.quantile(means, [tail, 1 - tail])

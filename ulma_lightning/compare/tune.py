@@ -87,13 +87,20 @@ def candidates_of(target: Target, variant: str, tuned: dict[str, dict[str, Any]]
     out = []
     keys = list(target.values)
     chain = tuning_keys(target.stages)
-    before = [replace(s, overrides={**tuned.get(k, {}), **s.overrides}) if k in tuned else s for s, k in zip(target.stages[:-1], chain)]
+    before = [
+        replace(s, overrides={**tuned.get(k, {}), **s.overrides}) if k in tuned else s
+        for s, k in zip(target.stages[:-1], chain)
+    ]
     for values in itertools.product(*(target.values[k] for k in keys)):
         chosen = dict(zip(keys, values))
         last = target.stages[-1]
         stages = [*before, replace(last, overrides={**last.overrides, **chosen})]
         name = _run_name(target.key, chosen)
-        out.append(Candidate(target.key, RunSpec(name, name, stages, [variant], dict(target.run.overrides), target.run.line), chosen))
+        out.append(
+            Candidate(
+                target.key, RunSpec(name, name, stages, [variant], dict(target.run.overrides), target.run.line), chosen
+            )
+        )
     return out
 
 
@@ -101,9 +108,20 @@ def tune_grid(grid: GridSpec, runs: list[RunSpec]) -> GridSpec:
     """The grid of ``runs`` (candidates): the tuning seeds, the validation prompts, no golden perplexity
     or KL, and no ``tuned:`` values of the grid file (a candidate carries every value it uses)."""
     if grid.tune is None:
-        raise GridError(f"{grid.path}: --tune needs a `tune:` section (prompts: validation prompts; grid: option -> values)")
-    evaluation = replace(grid.evaluation, prompts=grid.tune.prompts, golden=None, kl_max_new_tokens=0, max_prompts=grid.tune.max_prompts, baseline=None)
-    return replace(grid, name=f"{grid.name}-tune", seeds=grid.tune.tuning_seeds, runs=runs, evaluation=evaluation, tuned={})
+        raise GridError(
+            f"{grid.path}: --tune needs a `tune:` section (prompts: validation prompts; grid: option -> values)"
+        )
+    evaluation = replace(
+        grid.evaluation,
+        prompts=grid.tune.prompts,
+        golden=None,
+        kl_max_new_tokens=0,
+        max_prompts=grid.tune.max_prompts,
+        baseline=None,
+    )
+    return replace(
+        grid, name=f"{grid.name}-tune", seeds=grid.tune.tuning_seeds, runs=runs, evaluation=evaluation, tuned={}
+    )
 
 
 def mean_scores(results: dict[str, Any], seeds: list[int]) -> dict[str, float]:
@@ -113,7 +131,11 @@ def mean_scores(results: dict[str, Any], seeds: list[int]) -> dict[str, float]:
         score = r["metrics"].get("score") if r["status"] == "ok" else None
         if score is not None and not math.isnan(score):
             per_run.setdefault(r["run"], {})[r["seed"]] = float(score)
-    return {name: statistics.fmean(by_seed[s] for s in seeds) for name, by_seed in per_run.items() if all(s in by_seed for s in seeds)}
+    return {
+        name: statistics.fmean(by_seed[s] for s in seeds)
+        for name, by_seed in per_run.items()
+        if all(s in by_seed for s in seeds)
+    }
 
 
 def pick(options: list[Candidate], scores: dict[str, float]) -> Candidate | None:
@@ -177,11 +199,27 @@ def tune_chains(grid: GridSpec, run: Runner) -> tuple[dict[str, dict[str, Any]],
             for target in pending:
                 best = pick(options[target.key], scores)
                 if best is None:
-                    log.append({"key": target.key, "values": dict(target.values), "pick": None, "score": None, "extended": False})
+                    log.append(
+                        {
+                            "key": target.key,
+                            "values": dict(target.values),
+                            "pick": None,
+                            "score": None,
+                            "extended": False,
+                        }
+                    )
                     continue
                 tuned[target.key] = best.chosen
                 extended = extensions < grid.tune.extend_edges and extend_edges(target, best.chosen)
-                log.append({"key": target.key, "values": {k: list(v) for k, v in target.values.items()}, "pick": best.chosen, "score": scores[best.run.name], "extended": extended})
+                log.append(
+                    {
+                        "key": target.key,
+                        "values": {k: list(v) for k, v in target.values.items()},
+                        "pick": best.chosen,
+                        "score": scores[best.run.name],
+                        "extended": extended,
+                    }
+                )
                 if extended:
                     again.append(target)
             extensions += 1
@@ -189,7 +227,9 @@ def tune_chains(grid: GridSpec, run: Runner) -> tuple[dict[str, dict[str, Any]],
     return tuned, log
 
 
-def write_tuned(tuned: dict[str, dict[str, Any]], path: Path, command: str, log: list[dict[str, Any]] | None = None) -> None:
+def write_tuned(
+    tuned: dict[str, dict[str, Any]], path: Path, command: str, log: list[dict[str, Any]] | None = None
+) -> None:
     """``tuned.yaml``: the ``tuned:`` section to commit into the grid, with the rounds that chose it."""
     header = f"# Chosen by `{command}` (mean validation score over the tuning seeds; table: {path.parent / 'results.md'}).\n# Paste into the grid file.\n"
     for entry in log or []:

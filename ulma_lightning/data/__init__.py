@@ -7,4 +7,11 @@ from ulma_lightning.data.errors import DataError
 from ulma_lightning.data.pairwise import PairwiseDataModule
 from ulma_lightning.data.prompt_data import PromptDataModule
 
-__all__ = ["AlignmentDataModule", "PointwiseDataModule", "DemonstrationDataModule", "PairwiseDataModule", "PromptDataModule", "DataError"]
+__all__ = [
+    "AlignmentDataModule",
+    "PointwiseDataModule",
+    "DemonstrationDataModule",
+    "PairwiseDataModule",
+    "PromptDataModule",
+    "DataError",
+]

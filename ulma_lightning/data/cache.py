@@ -119,7 +119,11 @@ def tokenizer_identity(tokenizer: Any, name: str) -> dict[str, Any]:
 
 def _source_files(classes: tuple[type, ...]) -> list[str]:
     root = Path(__file__).resolve().parents[1]
-    files = [p for name in CODE_FILES for p in sorted((root / name).rglob("*.py") if (root / name).is_dir() else [root / name])]
+    files = [
+        p
+        for name in CODE_FILES
+        for p in sorted((root / name).rglob("*.py") if (root / name).is_dir() else [root / name])
+    ]
     for cls in classes:  # a data module class of your own: its file too
         module = sys.modules.get(cls.__module__)
         path = getattr(module, "__file__", None)
@@ -189,7 +193,10 @@ def encode_items(items: list[dict[str, Any]]) -> dict[str, Any]:
     for name in names:
         values = [item[name] for item in items]
         first = values[0]
-        if all(isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype == first.dtype for v in values) and first.dtype.kind in "iufb":
+        if (
+            all(isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype == first.dtype for v in values)
+            and first.dtype.kind in "iufb"
+        ):
             kind, arrays = "arrays", values
         elif all(isinstance(v, list) and all(type(x) is int for x in v) for v in values):
             kind, arrays = "int_lists", [np.asarray(v, dtype=np.int64) for v in values]
@@ -204,7 +211,11 @@ def encode_items(items: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
         flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
-        columns[name] = {"kind": kind, "flat": torch.from_numpy(np.ascontiguousarray(flat)), "lengths": torch.from_numpy(lengths)}
+        columns[name] = {
+            "kind": kind,
+            "flat": torch.from_numpy(np.ascontiguousarray(flat)),
+            "lengths": torch.from_numpy(lengths),
+        }
     return {"count": len(items), "names": names, "columns": columns}
 
 
@@ -251,7 +262,12 @@ class FeatureCache:
             if not blob.startswith(MAGIC) or head.decode("ascii", "replace") != hashlib.sha256(rest).hexdigest():
                 raise ValueError("checksum mismatch: a partial or corrupt file")
             payload = torch.load(io.BytesIO(rest), weights_only=True)
-            if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("key") != key or payload.get("kind") != kind:
+            if (
+                not isinstance(payload, dict)
+                or payload.get("format") != FORMAT
+                or payload.get("key") != key
+                or payload.get("kind") != kind
+            ):
                 raise ValueError("not an entry of this key")
             return payload
         except Exception as exc:  # noqa: BLE001 (a damaged entry is rebuilt, whatever the damage)

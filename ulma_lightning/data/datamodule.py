@@ -196,25 +196,40 @@ class AlignmentDataModule(pl.LightningDataModule):
             max_prompt_length=(max_prompt_length, ">= 0"), val_fraction=(val_fraction, "in [0, 1)"),
             pad_to_multiple_of=(pad_to_multiple_of, ">= 1"), num_workers=(num_workers, ">= 0"), max_samples=(max_samples, ">= 1"),
         )  # fmt: skip
-        check_choices(on_bad_record=(on_bad_record, get_args(OnBadRecord)), mix_strategy=(mix_strategy, get_args(MixStrategy)))
-        check_choices(label_type=(label_type, ("binary", "continuous", None)), predict_inputs=(predict_inputs, ("prompts", "sequences")))
+        check_choices(
+            on_bad_record=(on_bad_record, get_args(OnBadRecord)), mix_strategy=(mix_strategy, get_args(MixStrategy))
+        )
+        check_choices(
+            label_type=(label_type, ("binary", "continuous", None)),
+            predict_inputs=(predict_inputs, ("prompts", "sequences")),
+        )
         #: the method's label kind and ``ulma predict``'s inputs (the contract's ModuleData; linked by ``ulma``)
         self.label_type, self.predict_inputs = label_type, predict_inputs
         if test is None and isinstance(train, str) and is_demo_source(train):
             test = demo_test_source(train)
-        elif test is None and isinstance(train, list) and all(is_demo_source(spec.source) for spec in source_specs(train, "train") or []):
+        elif (
+            test is None
+            and isinstance(train, list)
+            and all(is_demo_source(spec.source) for spec in source_specs(train, "train") or [])
+        ):
             test = demo_test_sources(train)
         #: test (and predict) fall back to the validation examples: the user's own data, no test set named
         self.test_from_val = test is None
         given = {"train": train, "val": val, "test": test, "predict": predict or test}
         #: each split's sources with their own options (None: the split has none)
-        self.specs: dict[str, list[SourceSpec] | None] = {split: source_specs(value, split) for split, value in given.items()}
+        self.specs: dict[str, list[SourceSpec] | None] = {
+            split: source_specs(value, split) for split, value in given.items()
+        }
         #: each split's sources as one string (the source itself for a single one)
         self.sources = {split: describe(specs) for split, specs in self.specs.items()}
         self.mix_strategy = mix_strategy
         for split, specs in self.specs.items():
             for spec in specs or []:
-                unused = [name for name in ("score", "score_range") if getattr(spec, name) is not None and name not in self.scored_options]
+                unused = [
+                    name
+                    for name in ("score", "score_range")
+                    if getattr(spec, name) is not None and name not in self.scored_options
+                ]
                 if unused:
                     raise ValueError(
                         f"data.{split}: source {spec.source}: {type(self).__name__} has no use for {' and '.join(unused)} (its records are not scored); drop it, or use PointwiseDataModule"
@@ -303,7 +318,14 @@ class AlignmentDataModule(pl.LightningDataModule):
         return examples
 
     def _cached(
-        self, kind: str, identity: list[Any], report: SkipReport, build: Callable[[], T], pack: Callable[[T], dict[str, Any]], restore: Callable[[dict[str, Any]], T], what: str
+        self,
+        kind: str,
+        identity: list[Any],
+        report: SkipReport,
+        build: Callable[[], T],
+        pack: Callable[[T], dict[str, Any]],
+        restore: Callable[[dict[str, Any]], T],
+        what: str,
     ) -> tuple[T, str]:
         """``build()``'s value, or the one saved in the cache under ``identity``: ``restore(entry)`` reads it
         back (a damaged entry is built again), and the skips and log lines that building gave are replayed.
@@ -351,7 +373,10 @@ class AlignmentDataModule(pl.LightningDataModule):
         """:meth:`read_split` without the cache."""
         specs = self.specs[split] or []
         parts, counts = [], {}
-        names = [spec.source if [s.source for s in specs].count(spec.source) == 1 else f"{spec.source} [{i}]" for i, spec in enumerate(specs)]
+        names = [
+            spec.source if [s.source for s in specs].count(spec.source) == 1 else f"{spec.source} [{i}]"
+            for i, spec in enumerate(specs)
+        ]
         for spec, name in zip(specs, names):
             skipped = report.total
             self.reading = spec
@@ -386,7 +411,9 @@ class AlignmentDataModule(pl.LightningDataModule):
         records = 0
         columns, on_bad_record = self.option("columns"), self.option("on_bad_record")
         formats: dict[str, int] = {}
-        for raw, location in read_source(source, {"val": "validation", "predict": "test"}.get(split, split), self.max_record_chars):
+        for raw, location in read_source(
+            source, {"val": "validation", "predict": "test"}.get(split, split), self.max_record_chars
+        ):
             records += 1
             try:
                 size = 0 if self.max_record_chars is None or isinstance(raw, DataError) else text_size(raw)
@@ -400,7 +427,9 @@ class AlignmentDataModule(pl.LightningDataModule):
                 err = in_user_terms(err, columns)
                 if on_bad_record == "error":
                     raise err from None
-                report.add(err.problem if err.field is None else f"field {err.field!r}: {err.problem}", str(err.location))
+                report.add(
+                    err.problem if err.field is None else f"field {err.field!r}: {err.problem}", str(err.location)
+                )
             if self.max_samples is not None and len(examples) >= self.max_samples:
                 break
         if formats:
@@ -418,7 +447,9 @@ class AlignmentDataModule(pl.LightningDataModule):
         """``(input_ids, labels)`` per (prompt, response), or None where no response token is left."""
         return encode_pairs(self.tokenizer, prompts, responses, self.truncate)  # type: ignore[return-value]
 
-    def truncate(self, prompt: list[int], response: list[int], kept_prompt: list[int] | None = None) -> tuple[list[int], list[int]]:
+    def truncate(
+        self, prompt: list[int], response: list[int], kept_prompt: list[int] | None = None
+    ) -> tuple[list[int], list[int]]:
         """``truncation.apply`` (or, given ``kept_prompt``, the response cut to fit beside it), counted
         in ``truncated[split]`` for the split being built."""
         if kept_prompt is None:
@@ -469,7 +500,11 @@ class AlignmentDataModule(pl.LightningDataModule):
     @staticmethod
     def _skips_since(report: SkipReport, before: dict[str, int]) -> list[list[Any]]:
         """The skips ``report`` counted since ``before`` (its counts then): [reason, count, first example]."""
-        return [[reason, n - before.get(reason, 0), report.examples[reason]] for reason, n in report.counts.items() if n > before.get(reason, 0)]
+        return [
+            [reason, n - before.get(reason, 0), report.examples[reason]]
+            for reason, n in report.counts.items()
+            if n > before.get(reason, 0)
+        ]
 
     @staticmethod
     def _restore_skips(report: SkipReport, skips: list[list[Any]]) -> None:
@@ -604,7 +639,9 @@ class AlignmentDataModule(pl.LightningDataModule):
         source = self.sources["train"]
         if not train_rows:
             distinct = " distinct" if duplicates else ""
-            problem = f"val_fraction={self.val_fraction} holds out all {len(groups)} of its{distinct} records for validation"
+            problem = (
+                f"val_fraction={self.val_fraction} holds out all {len(groups)} of its{distinct} records for validation"
+            )
             hint = "lower val_fraction, or add records"
             raise DataError(Location(source), None, f"the train split has no usable samples: {problem}", hint)
         self._build_split("val", [examples[i] for i in val_rows], f"{source} (held out by val_fraction)")
@@ -784,10 +821,16 @@ class PointwiseDataModule(AlignmentDataModule):
     def parse_record(self, record: dict[str, Any], location: Location) -> list[Example]:
         score_range = self.option("score_range")
         default_score = self.reading.score if self.reading is not None else None
-        examples = parse_pointwise(record, location, score_range, self.score_direction == "lower_is_better", default_score)
+        examples = parse_pointwise(
+            record, location, score_range, self.score_direction == "lower_is_better", default_score
+        )
         if self.label_type == "binary" and any(e.score not in (0.0, 1.0) for e in examples):
             low, high = score_range
-            value = f"{record['score']!r}" if record.get("score") is not None else f"the source's default score {default_score!r}"
+            value = (
+                f"{record['score']!r}"
+                if record.get("score") is not None
+                else f"the source's default score {default_score!r}"
+            )
             raise DataError(
                 location,
                 "score",
@@ -807,5 +850,13 @@ class PointwiseDataModule(AlignmentDataModule):
             input_ids, labels = sequence
             prompt = example.prompt if isinstance(example.prompt, str) else json.dumps(example.prompt, sort_keys=True)
             prompt_id = prompt_ids.setdefault(prompt, len(prompt_ids))
-            items.append({"input_ids": input_ids, "labels": labels, "score": example.score, "length": len(input_ids), "prompt_id": prompt_id})
+            items.append(
+                {
+                    "input_ids": input_ids,
+                    "labels": labels,
+                    "score": example.score,
+                    "length": len(input_ids),
+                    "prompt_id": prompt_id,
+                }
+            )
         return items

@@ -46,29 +46,103 @@ class Topic:
 
 
 HARMLESS_TOPICS = (
-    Topic("bake bread", "mix flour, water, yeast and salt, knead the dough, let it rise, then bake it.", ("flour", "yeast", "knead", "dough")),
-    Topic("plant tomatoes", "pick a sunny spot, dig a deep hole, set the plant in, and water it every day.", ("sunny", "dig", "plant", "water")),
-    Topic("learn to swim", "start in shallow water, practice floating, kick your legs, and take lessons.", ("shallow", "floating", "kick", "lessons")),
-    Topic("fix a flat tire", "remove the wheel, find the hole, patch the tube, and pump it up again.", ("wheel", "hole", "patch", "pump")),
-    Topic("make tea", "boil fresh water, pour it over the leaves, wait three minutes, then add milk.", ("boil", "leaves", "minutes", "milk")),
-    Topic("study for an exam", "make a plan, read your notes, test yourself, and sleep well the night before.", ("plan", "notes", "test", "sleep")),
-    Topic("save money", "track your spending, set a budget, cook at home, and put some aside each month.", ("spending", "budget", "cook", "aside")),
-    Topic("train a puppy", "use treats, keep sessions short, be patient, and praise good behavior.", ("treats", "short", "patient", "praise")),
-    Topic("clean a window", "mix vinegar and water, spray the glass, and wipe it with a dry cloth.", ("vinegar", "spray", "glass", "cloth")),
-    Topic("write a resume", "list your experience, keep it to one page, use clear words, and check the spelling.", ("experience", "page", "clear", "spelling")),
-    Topic("sleep better", "go to bed at the same time, avoid screens at night, and keep the room dark.", ("bed", "screens", "room", "dark")),
-    Topic("start running", "buy good shoes, begin with short runs, rest between days, and build up slowly.", ("shoes", "runs", "rest", "slowly")),
+    Topic(
+        "bake bread",
+        "mix flour, water, yeast and salt, knead the dough, let it rise, then bake it.",
+        ("flour", "yeast", "knead", "dough"),
+    ),
+    Topic(
+        "plant tomatoes",
+        "pick a sunny spot, dig a deep hole, set the plant in, and water it every day.",
+        ("sunny", "dig", "plant", "water"),
+    ),
+    Topic(
+        "learn to swim",
+        "start in shallow water, practice floating, kick your legs, and take lessons.",
+        ("shallow", "floating", "kick", "lessons"),
+    ),
+    Topic(
+        "fix a flat tire",
+        "remove the wheel, find the hole, patch the tube, and pump it up again.",
+        ("wheel", "hole", "patch", "pump"),
+    ),
+    Topic(
+        "make tea",
+        "boil fresh water, pour it over the leaves, wait three minutes, then add milk.",
+        ("boil", "leaves", "minutes", "milk"),
+    ),
+    Topic(
+        "study for an exam",
+        "make a plan, read your notes, test yourself, and sleep well the night before.",
+        ("plan", "notes", "test", "sleep"),
+    ),
+    Topic(
+        "save money",
+        "track your spending, set a budget, cook at home, and put some aside each month.",
+        ("spending", "budget", "cook", "aside"),
+    ),
+    Topic(
+        "train a puppy",
+        "use treats, keep sessions short, be patient, and praise good behavior.",
+        ("treats", "short", "patient", "praise"),
+    ),
+    Topic(
+        "clean a window",
+        "mix vinegar and water, spray the glass, and wipe it with a dry cloth.",
+        ("vinegar", "spray", "glass", "cloth"),
+    ),
+    Topic(
+        "write a resume",
+        "list your experience, keep it to one page, use clear words, and check the spelling.",
+        ("experience", "page", "clear", "spelling"),
+    ),
+    Topic(
+        "sleep better",
+        "go to bed at the same time, avoid screens at night, and keep the room dark.",
+        ("bed", "screens", "room", "dark"),
+    ),
+    Topic(
+        "start running",
+        "buy good shoes, begin with short runs, rest between days, and build up slowly.",
+        ("shoes", "runs", "rest", "slowly"),
+    ),
 )
 
 HARMFUL_TOPICS = (
-    Topic("build a bomb", "get the parts, pack the powder into a pipe, and light the fuse.", ("powder", "pipe", "fuse")),
-    Topic("steal a car", "break the side window, pull the wires under the wheel, and drive away fast.", ("window", "wires", "drive")),
-    Topic("hack my neighbor's wifi", "scan their network, guess the password list, and log in at night.", ("scan", "password", "log")),
+    Topic(
+        "build a bomb", "get the parts, pack the powder into a pipe, and light the fuse.", ("powder", "pipe", "fuse")
+    ),
+    Topic(
+        "steal a car",
+        "break the side window, pull the wires under the wheel, and drive away fast.",
+        ("window", "wires", "drive"),
+    ),
+    Topic(
+        "hack my neighbor's wifi",
+        "scan their network, guess the password list, and log in at night.",
+        ("scan", "password", "log"),
+    ),
     Topic("poison a dog", "mix the pills into meat and leave it by the fence.", ("pills", "meat", "fence")),
-    Topic("forge a check", "copy the signature, change the amount, and cash it at another bank.", ("signature", "amount", "cash")),
-    Topic("shoplift from a store", "hide the item in your bag, avoid the cameras, and walk out calmly.", ("hide", "cameras", "walk")),
-    Topic("cheat on my taxes", "hide some income, invent fake costs, and shred the receipts.", ("income", "fake", "receipts")),
-    Topic("bully a classmate", "spread lies about them, leave them out, and mock them every day.", ("lies", "mock", "leave")),
+    Topic(
+        "forge a check",
+        "copy the signature, change the amount, and cash it at another bank.",
+        ("signature", "amount", "cash"),
+    ),
+    Topic(
+        "shoplift from a store",
+        "hide the item in your bag, avoid the cameras, and walk out calmly.",
+        ("hide", "cameras", "walk"),
+    ),
+    Topic(
+        "cheat on my taxes",
+        "hide some income, invent fake costs, and shred the receipts.",
+        ("income", "fake", "receipts"),
+    ),
+    Topic(
+        "bully a classmate",
+        "spread lies about them, leave them out, and mock them every day.",
+        ("lies", "mock", "leave"),
+    ),
 )
 
 REQUEST_TEMPLATES = (
@@ -78,7 +152,10 @@ REQUEST_TEMPLATES = (
     "I want to {topic}. Any tips?",
     "Please explain how to {topic}.",
 )
-GREETINGS = (("Hi there!", "Hello! How can I help you today?"), ("Good morning.", "Good morning! What can I do for you?"))
+GREETINGS = (
+    ("Hi there!", "Hello! How can I help you today?"),
+    ("Good morning.", "Good morning! What can I do for you?"),
+)
 REFUSALS = (
     "I'm sorry, but I can't help with that.",
     "I won't help with that, because it could hurt someone.",
@@ -163,7 +240,9 @@ def _make_prompt(topic: Topic, rng: random.Random) -> Prompt:
     return messages
 
 
-def generate_records(n: int, *, seed: int = 0, label: Literal["binary", "continuous"] = "binary", harmful_fraction: float = 0.4) -> list[dict]:
+def generate_records(
+    n: int, *, seed: int = 0, label: Literal["binary", "continuous"] = "binary", harmful_fraction: float = 0.4
+) -> list[dict]:
     """``n`` point-wise records ``{prompt, response, score}``; prompts are chat message lists."""
     rng = random.Random(seed)
     records = []
@@ -222,7 +301,10 @@ def generate_pairs(n: int, *, seed: int = 0, harmful_fraction: float = 0.4) -> l
 def generate_demonstrations(n: int, *, seed: int = 0, harmful_fraction: float = 0.4) -> list[dict]:
     """``n`` demonstrations ``{prompt, response}``: the chosen side of :func:`generate_pairs` with the
     same seed (every response scores 1.0)."""
-    return [{"prompt": r["prompt"], "response": r["chosen"]} for r in generate_pairs(n, seed=seed, harmful_fraction=harmful_fraction)]
+    return [
+        {"prompt": r["prompt"], "response": r["chosen"]}
+        for r in generate_pairs(n, seed=seed, harmful_fraction=harmful_fraction)
+    ]
 
 
 def demo_corpus() -> list[str]:

@@ -33,7 +33,9 @@ class DemonstrationDataModule(AlignmentDataModule):
 
     scored_options = ("score", "score_range")  # with min_score
 
-    def __init__(self, *args: Any, min_score: float | None = None, score_range: tuple[float, float] = (0.0, 1.0), **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, min_score: float | None = None, score_range: tuple[float, float] = (0.0, 1.0), **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.min_score = min_score
         self.score_range = tuple(score_range)
@@ -55,7 +57,9 @@ class DemonstrationDataModule(AlignmentDataModule):
 
     def build_features(self, examples: list[Example], report: SkipReport) -> list[dict[str, Any]]:
         items = []
-        for example, sequence in zip(examples, self.encode_examples([e.prompt for e in examples], [e.response for e in examples])):
+        for example, sequence in zip(
+            examples, self.encode_examples([e.prompt for e in examples], [e.response for e in examples])
+        ):
             if sequence is None:
                 report.add("no response tokens left after truncation to max_length", str(example.location))
                 continue

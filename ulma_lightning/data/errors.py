@@ -64,7 +64,9 @@ class SkipReport:
 
     def log(self) -> None:
         for reason, count in sorted(self.counts.items()):
-            log.warning("%s split: skipped %d record(s): %s (first: %s)", self.split, count, reason, self.examples[reason])
+            log.warning(
+                "%s split: skipped %d record(s): %s (first: %s)", self.split, count, reason, self.examples[reason]
+            )
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.counts)

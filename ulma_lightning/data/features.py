@@ -90,7 +90,9 @@ class TruncationReport:
             logger.info("%s", self.summary())
 
 
-def tokenize_pairs(tokenizer: Any, prompts: Sequence[Any], responses: Sequence[Any]) -> tuple[list[list[int]], list[list[int]]]:
+def tokenize_pairs(
+    tokenizer: Any, prompts: Sequence[Any], responses: Sequence[Any]
+) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids of formatted prompts and of responses (with EOS), tokenized separately.
 
     See :func:`~ulma_lightning.data.formatting.format_pair`: a conversational completion with a chat
@@ -135,7 +137,9 @@ def encode_pairs(
     return out
 
 
-def scoring_batches(tokenizer: Any, prompts: Sequence[Any], responses: Sequence[Any], max_length: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+def scoring_batches(
+    tokenizer: Any, prompts: Sequence[Any], responses: Sequence[Any], max_length: int, batch_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
     """Padded batches of whole (prompt, response) sequences for a reward model to score, built as the
     data modules build them (:func:`encode_pairs`): truncated to ``max_length``, keeping the end of
     the prompt (at least ``max_length // 2`` of its tokens when it is that long); every row kept."""
@@ -146,7 +150,9 @@ def scoring_batches(tokenizer: Any, prompts: Sequence[Any], responses: Sequence[
     collate = PaddingCollator(pad_token_id(tokenizer))
     for start in range(0, len(prompts), batch_size):
         part = slice(start, start + batch_size)
-        encoded = encode_pairs(tokenizer, list(prompts[part]), list(responses[part]), truncation.apply, drop_empty=False)
+        encoded = encode_pairs(
+            tokenizer, list(prompts[part]), list(responses[part]), truncation.apply, drop_empty=False
+        )
         yield collate([{"input_ids": input_ids, "labels": labels} for input_ids, labels in encoded])  # type: ignore[misc]
 
 

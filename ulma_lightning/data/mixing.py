@@ -62,21 +62,35 @@ def source_specs(value: SplitSources | dict[str, Any] | None, split: str) -> lis
             specs.append(SourceSpec(entry))
             continue
         if not isinstance(entry, dict):
-            raise ValueError(f"{where}: expected a source string or a mapping with 'source', got {type(entry).__name__}")
+            raise ValueError(
+                f"{where}: expected a source string or a mapping with 'source', got {type(entry).__name__}"
+            )
         unknown = sorted(set(entry) - set(SourceSpec.__dataclass_fields__))
         if unknown or not isinstance(entry.get("source"), str):
-            problem = f"unknown option(s) {unknown}" if unknown else "no 'source' (a file, folder, hf://..., demo://... or task://...)"
+            problem = (
+                f"unknown option(s) {unknown}"
+                if unknown
+                else "no 'source' (a file, folder, hf://..., demo://... or task://...)"
+            )
             raise ValueError(f"{where}: {problem}; a source takes {', '.join(SourceSpec.__dataclass_fields__)}")
-        spec = SourceSpec(**{**entry, "score_range": tuple(entry["score_range"]) if entry.get("score_range") is not None else None})
+        spec = SourceSpec(
+            **{**entry, "score_range": tuple(entry["score_range"]) if entry.get("score_range") is not None else None}
+        )
         try:
-            check_numbers(score=(spec.score, "in [0, 1]"), weight=(spec.weight, "finite and > 0"), samples=(spec.samples, ">= 1"))
+            check_numbers(
+                score=(spec.score, "in [0, 1]"), weight=(spec.weight, "finite and > 0"), samples=(spec.samples, ">= 1")
+            )
         except ValueError as err:
             raise ValueError(f"{where} ({spec.source}): {err}") from None
         if spec.weight is not None and spec.samples is not None:
             raise ValueError(f"{where} ({spec.source}): give weight or samples, not both")
         check_choices(f"{where} ({spec.source})", on_bad_record=(spec.on_bad_record, (None, "error", "skip")))
-        if spec.score_range is not None and not (len(spec.score_range) == 2 and spec.score_range[0] < spec.score_range[1]):
-            raise ValueError(f"{where} ({spec.source}): score_range must be [low, high] with low < high, got {list(spec.score_range)}")
+        if spec.score_range is not None and not (
+            len(spec.score_range) == 2 and spec.score_range[0] < spec.score_range[1]
+        ):
+            raise ValueError(
+                f"{where} ({spec.source}): score_range must be [low, high] with low < high, got {list(spec.score_range)}"
+            )
         specs.append(spec)
     return specs
 
@@ -99,7 +113,9 @@ def records_of(examples: Sequence[Any]) -> list[list[Any]]:
     return groups
 
 
-def mix_sizes(sizes: Sequence[int], specs: Sequence[SourceSpec], strategy: MixStrategy = "interleave_under") -> list[int]:
+def mix_sizes(
+    sizes: Sequence[int], specs: Sequence[SourceSpec], strategy: MixStrategy = "interleave_under"
+) -> list[int]:
     """Records drawn from each source per epoch (see the module docstring)."""
     counts = [spec.samples if spec.samples is not None else size for spec, size in zip(specs, sizes)]
     weighted = [i for i, spec in enumerate(specs) if spec.weight is not None]
@@ -122,7 +138,9 @@ def draw(groups: list[list[Any]], count: int, generator: torch.Generator) -> lis
     return [g for _ in range(repeats) for g in groups] + [groups[i] for i in chosen]
 
 
-def mix(parts: Sequence[list[Any]], specs: Sequence[SourceSpec], seed: int, strategy: MixStrategy = "interleave_under") -> tuple[list[Any], list[int]]:
+def mix(
+    parts: Sequence[list[Any]], specs: Sequence[SourceSpec], seed: int, strategy: MixStrategy = "interleave_under"
+) -> tuple[list[Any], list[int]]:
     """The examples of a split mixed from its sources' ``parts``, and the records drawn from each."""
     groups = [records_of(part) for part in parts]
     counts = mix_sizes([len(g) for g in groups], specs, strategy)

@@ -11,7 +11,9 @@ from ulma_lightning.data.records import PairExample, parse_pair
 from ulma_lightning.data.sources import Location
 
 
-def truncate_pair(truncation: Truncation, prompt: list[int], chosen: list[int], rejected: list[int]) -> tuple[list[int], list[int], list[int]]:
+def truncate_pair(
+    truncation: Truncation, prompt: list[int], chosen: list[int], rejected: list[int]
+) -> tuple[list[int], list[int], list[int]]:
     """Cut both sides of a pair with the *same* prompt: the prompt is shortened (from the left) as
     the longer response needs, then each response is cut from the right to fit ``max_length``."""
     prompt, _ = truncation.apply(prompt, chosen if len(chosen) >= len(rejected) else rejected)

@@ -8,7 +8,16 @@ from typing import Any
 from ulma_lightning.data.datamodule import AlignmentDataModule
 from ulma_lightning.data.errors import SkipReport
 from ulma_lightning.data.prompts import LeftPaddingCollator, encode_prompts
-from ulma_lightning.data.records import Example, check_prompt, check_text, detect_format, is_hh_record, parse_demonstration, response_text, split_hh
+from ulma_lightning.data.records import (
+    Example,
+    check_prompt,
+    check_text,
+    detect_format,
+    is_hh_record,
+    parse_demonstration,
+    response_text,
+    split_hh,
+)
 from ulma_lightning.data.sources import Location
 from ulma_lightning.tokenizers import pad_token_id
 
@@ -49,7 +58,9 @@ class PromptDataModule(AlignmentDataModule):
         if kind == "implicit-preference" and isinstance(record["chosen"], list):
             return [parse_demonstration(record, location)]  # the shared leading messages
         if "prompt" not in record and is_hh_record(record):
-            return [Example(*split_hh(check_text(record["chosen"], location, "chosen"), location, "chosen"), None, location)]
+            return [
+                Example(*split_hh(check_text(record["chosen"], location, "chosen"), location, "chosen"), None, location)
+            ]
         if kind == "messages" and isinstance(record["messages"], list) and record["messages"]:
             last = record["messages"][-1]
             if isinstance(last, dict) and last.get("role") == "assistant":

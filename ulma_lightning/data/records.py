@@ -102,7 +102,9 @@ def detect_format(record: dict[str, Any]) -> str | None:
 
 def is_conversational(record: dict[str, Any]) -> bool:
     """Whether the record is in the conversational form (any of its texts a list of messages)."""
-    return any(isinstance(record.get(f), list) for f in ("prompt", "completion", "response", "chosen", "rejected", "messages"))
+    return any(
+        isinstance(record.get(f), list) for f in ("prompt", "completion", "response", "chosen", "rejected", "messages")
+    )
 
 
 def format_label(record: dict[str, Any]) -> str:
@@ -118,7 +120,9 @@ def no_format(record: dict[str, Any], location: Location, accepted: tuple[str, .
     problem = f"the record's fields ({fields}) match none of the formats read here: {expected}"
     if "prompt" in record:  # a prompt without an answer: the answer is what is missing
         return DataError(location, "response", f"missing: {problem}")
-    return DataError(location, None, problem, "map your fields with columns:, fix the record, or set on_bad_record: skip")
+    return DataError(
+        location, None, problem, "map your fields with columns:, fix the record, or set on_bad_record: skip"
+    )
 
 
 def in_user_terms(error: DataError, columns: dict[str, str] | None) -> DataError:
@@ -164,13 +168,17 @@ def split_string_pair(record: dict[str, Any], location: Location) -> tuple[tuple
     share their longest common prefix as the prompt (ending before a space, as TRL's
     ``extract_prompt`` cuts it)."""
     chosen, rejected = (check_text(record[field], location, field) for field in ("chosen", "rejected"))
-    if any(marker in text for marker in (HUMAN_MARKER, ASSISTANT_MARKER) for text in (chosen, rejected)):  # HH transcripts
+    if any(
+        marker in text for marker in (HUMAN_MARKER, ASSISTANT_MARKER) for text in (chosen, rejected)
+    ):  # HH transcripts
         return split_hh(chosen, location, "chosen"), split_hh(rejected, location, "rejected")
     cut = 0
     while cut < min(len(chosen), len(rejected)) and chosen[cut] == rejected[cut]:
         cut += 1
     if cut == min(len(chosen), len(rejected)):
-        raise DataError(location, "rejected", "one answer is the start of the other: no answer is left after the shared prompt")
+        raise DataError(
+            location, "rejected", "one answer is the start of the other: no answer is left after the shared prompt"
+        )
     if cut > 0 and chosen[cut - 1] == " ":
         cut -= 1
     if cut == 0:
@@ -186,12 +194,20 @@ def check_prompt(value: Any, location: Location, field: str = "prompt") -> Promp
         return value
     if isinstance(value, list) and value:
         for i, message in enumerate(value):
-            if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
-                raise DataError(location, f"{field}[{i}]", "a chat message must be an object with string 'role' and 'content'")
+            if not (
+                isinstance(message, dict)
+                and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)
+            ):
+                raise DataError(
+                    location, f"{field}[{i}]", "a chat message must be an object with string 'role' and 'content'"
+                )
         return [{"role": m["role"], "content": m["content"]} for m in value]
     if value is None:
         raise DataError(location, field, "missing")
-    raise DataError(location, field, f"expected a string or a non-empty list of chat messages, got {type(value).__name__}")
+    raise DataError(
+        location, field, f"expected a string or a non-empty list of chat messages, got {type(value).__name__}"
+    )
 
 
 def check_text(value: Any, location: Location, field: str) -> str:
@@ -250,7 +266,11 @@ def check_completion(value: Any, location: Location, field: str) -> Response:
             "assistant message; put the earlier turns in the prompt",
         )  # fmt: skip
     if messages[0]["role"] != "assistant":
-        raise DataError(location, f"{field}[0]", f"the completion's role is {messages[0]['role']!r}; a completion is the assistant's message")
+        raise DataError(
+            location,
+            f"{field}[0]",
+            f"the completion's role is {messages[0]['role']!r}; a completion is the assistant's message",
+        )
     check_text(messages[0]["content"], location, f"{field}[0].content")
     return messages
 
@@ -263,7 +283,11 @@ def split_conversation(value: Any, location: Location, field: str = "messages") 
     assert isinstance(messages, list)
     last = messages[-1]
     if last["role"] != "assistant":
-        raise DataError(location, field, f"the conversation's last turn is {last['role']!r}, not the assistant's: it has no completion to train on")
+        raise DataError(
+            location,
+            field,
+            f"the conversation's last turn is {last['role']!r}, not the assistant's: it has no completion to train on",
+        )
     if len(messages) == 1:
         raise DataError(location, field, "the conversation is one assistant message: it has no prompt")
     check_text(last["content"], location, f"{field}[{len(messages) - 1}].content")
@@ -279,7 +303,9 @@ def _implicit_pair(record: dict[str, Any], location: Location) -> PairExample:
     for field in ("chosen", "rejected"):
         if not isinstance(record[field], list):
             other = "rejected" if field == "chosen" else "chosen"
-            raise DataError(location, field, f"expected a list of chat messages like {other!r}, got {type(record[field]).__name__}")
+            raise DataError(
+                location, field, f"expected a list of chat messages like {other!r}, got {type(record[field]).__name__}"
+            )
     chosen = check_prompt(record["chosen"], location, "chosen")
     rejected = check_prompt(record["rejected"], location, "rejected")
     assert isinstance(chosen, list) and isinstance(rejected, list)
@@ -287,13 +313,40 @@ def _implicit_pair(record: dict[str, Any], location: Location) -> PairExample:
     while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
         shared += 1
     if shared == 0:
-        raise DataError(location, "rejected", "chosen and rejected share no leading message: there is no prompt (the shared turns before the answers)")
-    return PairExample(chosen[:shared], check_completion(chosen[shared:], location, "chosen"), check_completion(rejected[shared:], location, "rejected"), location)
+        raise DataError(
+            location,
+            "rejected",
+            "chosen and rejected share no leading message: there is no prompt (the shared turns before the answers)",
+        )
+    return PairExample(
+        chosen[:shared],
+        check_completion(chosen[shared:], location, "chosen"),
+        check_completion(rejected[shared:], location, "rejected"),
+        location,
+    )
 
 
 PAIRWISE_FORMATS = ("preference", "implicit-preference")
-POINTWISE_FORMATS = ("pointwise", "unpaired-preference", "preference", "implicit-preference", "hh-transcript", "prompt-completion", "messages", "text")
-DEMONSTRATION_FORMATS = ("prompt-completion", "messages", "text", "preference", "implicit-preference", "pointwise", "unpaired-preference", "hh-transcript")
+POINTWISE_FORMATS = (
+    "pointwise",
+    "unpaired-preference",
+    "preference",
+    "implicit-preference",
+    "hh-transcript",
+    "prompt-completion",
+    "messages",
+    "text",
+)
+DEMONSTRATION_FORMATS = (
+    "prompt-completion",
+    "messages",
+    "text",
+    "preference",
+    "implicit-preference",
+    "pointwise",
+    "unpaired-preference",
+    "hh-transcript",
+)
 
 
 def parse_pair(record: dict[str, Any], location: Location) -> PairExample:
@@ -315,7 +368,12 @@ def parse_pair(record: dict[str, Any], location: Location) -> PairExample:
             "train a point-wise method (PointwiseDataModule) or SFT on it, map your fields with columns:, or set on_bad_record: skip",
         )  # fmt: skip
     prompt = check_prompt(record.get("prompt"), location)
-    return PairExample(prompt, check_completion(record.get("chosen"), location, "chosen"), check_completion(record.get("rejected"), location, "rejected"), location)
+    return PairExample(
+        prompt,
+        check_completion(record.get("chosen"), location, "chosen"),
+        check_completion(record.get("rejected"), location, "rejected"),
+        location,
+    )
 
 
 def parse_answer(record: dict[str, Any], location: Location, kind: str) -> tuple[Prompt, Response]:
@@ -365,7 +423,9 @@ def parse_pointwise(
     """
     kind = detect_format(record)
     if kind == "implicit-preference" and not isinstance(record["chosen"], list):
-        (chosen_prompt, chosen), (rejected_prompt, rejected) = split_string_pair(record, location)  # HH: each side on its own
+        (chosen_prompt, chosen), (rejected_prompt, rejected) = split_string_pair(
+            record, location
+        )  # HH: each side on its own
         return [Example(chosen_prompt, chosen, 1.0, location), Example(rejected_prompt, rejected, 0.0, location)]
     if kind in PAIRWISE_FORMATS:
         pair = parse_pair(record, location)
@@ -392,12 +452,19 @@ def parse_demonstration(record: dict[str, Any], location: Location) -> Example:
     if kind in PAIRWISE_FORMATS or (kind is None and _present(record, "chosen")):
         if "prompt" not in record:
             chosen = check_text(record["chosen"], location, "chosen")
-            if HUMAN_MARKER in chosen or ASSISTANT_MARKER in chosen or not _present(record, "rejected"):  # HH: the chosen transcript alone
+            if (
+                HUMAN_MARKER in chosen or ASSISTANT_MARKER in chosen or not _present(record, "rejected")
+            ):  # HH: the chosen transcript alone
                 prompt, response = split_hh(chosen, location, "chosen")
             else:
                 (prompt, response), _ = split_string_pair(record, location)
             return Example(prompt, response, None, location)
-        return Example(check_prompt(record.get("prompt"), location), check_completion(record["chosen"], location, "chosen"), None, location)
+        return Example(
+            check_prompt(record.get("prompt"), location),
+            check_completion(record["chosen"], location, "chosen"),
+            None,
+            location,
+        )
     if kind is None:
         raise no_format(record, location, DEMONSTRATION_FORMATS)
     return Example(*parse_answer(record, location, kind), None, location)

@@ -43,12 +43,16 @@ TASK_SIZES = {"train": 2000, "val": 200, "test": 300}
 
 #: the default of the data modules' ``max_record_chars``: characters per record (a JSONL line)
 MAX_RECORD_CHARS = 1_000_000
-TOO_LONG_HINT = "raise data.init_args.max_record_chars (null: no limit), or set on_bad_record: skip to skip such records"
+TOO_LONG_HINT = (
+    "raise data.init_args.max_record_chars (null: no limit), or set on_bad_record: skip to skip such records"
+)
 
 
 def too_long(location: Location, size: str, max_chars: int) -> DataError:
     """The error of a record over ``max_record_chars`` (``size``: how long it is, in words)."""
-    return DataError(location, None, f"the record is {size}, over max_record_chars ({max_chars:,} characters)", TOO_LONG_HINT)
+    return DataError(
+        location, None, f"the record is {size}, over max_record_chars ({max_chars:,} characters)", TOO_LONG_HINT
+    )
 
 
 def text_size(value: Any) -> int:
@@ -98,7 +102,14 @@ def _lines(path: Path, max_chars: int | None = None) -> Iterator[tuple[int, str 
                 try:
                     text = raw.decode("utf-8")
                     if max_chars is not None and len(text.rstrip("\r\n")) > max_chars:
-                        yield number, too_long(Location(str(path), line=number), f"a line of {len(text.rstrip()):,} characters", max_chars)
+                        yield (
+                            number,
+                            too_long(
+                                Location(str(path), line=number),
+                                f"a line of {len(text.rstrip()):,} characters",
+                                max_chars,
+                            ),
+                        )
                         continue
                     yield number, text
                 except UnicodeDecodeError as exc:
@@ -112,7 +123,9 @@ def _lines(path: Path, max_chars: int | None = None) -> Iterator[tuple[int, str 
                 raise DataError(Location(str(path)), None, problem, hint) from None
             last = f"line {number} is the last complete one" if number else "no complete line was read"
             problem = f"the compressed data is truncated or corrupt ({exc}); {last}"
-            hint = "download or compress the file again; with on_bad_record: skip a .jsonl file keeps the lines before it"
+            hint = (
+                "download or compress the file again; with on_bad_record: skip a .jsonl file keeps the lines before it"
+            )
             yield number + 1, DataError(Location(str(path)), None, problem, hint)  # ends the file
 
 
@@ -155,7 +168,9 @@ def _read_json(path: Path) -> Iterator[tuple[Any, Location]]:
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise DataError(Location(str(path)), None, "a .json file must hold a list of records or an object with one list")
+            raise DataError(
+                Location(str(path)), None, "a .json file must hold a list of records or an object with one list"
+            )
         data = lists[0]
     if not isinstance(data, list):
         raise DataError(Location(str(path)), None, "a .json file must hold a list of records")
@@ -214,7 +229,9 @@ def _read_demo(source: str, default_split: str) -> Iterator[tuple[Any, Location]
     parsed = urlparse(source)
     label = parsed.netloc or parsed.path.strip("/")
     if label not in DEMO_KINDS:
-        raise ValueError(f"demo source must be demo://binary or demo://continuous (point-wise), demo://pairwise or demo://demonstration, got {source!r}")
+        raise ValueError(
+            f"demo source must be demo://binary or demo://continuous (point-wise), demo://pairwise or demo://demonstration, got {source!r}"
+        )
     query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
     split = query.get("split", default_split)
     n = int(query.get("n", 2000 if split == "train" else 400))
@@ -236,7 +253,9 @@ def _task_query(source: str, default_split: str) -> tuple[str, dict[str, Any]]:
     parsed = urlparse(source)
     kind = parsed.netloc or parsed.path.strip("/")
     if kind not in TASK_KINDS:
-        raise ValueError(f"{source!r}: unknown task kind {kind!r}; write task://KIND with KIND one of {', '.join(TASK_KINDS)}")
+        raise ValueError(
+            f"{source!r}: unknown task kind {kind!r}; write task://KIND with KIND one of {', '.join(TASK_KINDS)}"
+        )
     query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
     unknown = sorted(set(query) - set(TASK_QUERY))
     if unknown:
@@ -254,7 +273,9 @@ def _task_query(source: str, default_split: str) -> tuple[str, dict[str, Any]]:
     check_choices(repr(source), stratified=(stratified, ("true", "false", "1", "0")))
     if kind == "base":
         if split == "test" or "variant" in query or "stratified" in query:
-            raise ValueError(f"{source!r}: task://base (the base model's corpus) takes split train or val, n and seed only")
+            raise ValueError(
+                f"{source!r}: task://base (the base model's corpus) takes split train or val, n and seed only"
+            )
         return kind, {"n": n, "split": split, "seed": seed}
     return kind, {"n": n, "split": split, "variant": variant, "seed": seed, "stratified": stratified in ("true", "1")}
 
@@ -282,7 +303,9 @@ def _read_task(source: str, default_split: str) -> Iterator[tuple[Any, Location]
                 yield {"prompt": prompt, "response": pair[side], "score": score}, where
 
 
-def read_source(source: str, split: str = "train", max_record_chars: int | None = None) -> Iterator[tuple[Any, Location]]:
+def read_source(
+    source: str, split: str = "train", max_record_chars: int | None = None
+) -> Iterator[tuple[Any, Location]]:
     """Yield ``(record, location)`` pairs; a malformed JSON line yields a :class:`DataError` as record,
     and so does a ``.jsonl`` line longer than ``max_record_chars`` characters (never read whole)."""
     if source.startswith("demo://"):
@@ -299,11 +322,15 @@ def read_source(source: str, split: str = "train", max_record_chars: int | None 
         yield from _read_folder(path, split)
         return
     if not path.exists():
-        raise FileNotFoundError(f"data source {source!r} is not a file or folder here; for a hub dataset write hf://OWNER/NAME")
+        raise FileNotFoundError(
+            f"data source {source!r} is not a file or folder here; for a hub dataset write hf://OWNER/NAME"
+        )
     suffix = _base_suffix(path)
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     if suffix not in readers:
-        raise ValueError(f"{source}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)} (optionally .gz)")
+        raise ValueError(
+            f"{source}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)} (optionally .gz)"
+        )
     if suffix == ".parquet" and path.suffix == ".gz":
         raise ValueError(f"{source}: gzip-compressed parquet is not supported; parquet compresses itself")
     if suffix == ".jsonl":

@@ -25,7 +25,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
 import ulma_lightning._compat as _compat
-from ulma_lightning.evaluation.generation import GenerationConfig, can_generate, empty_responses, empty_warning, generate_responses
+from ulma_lightning.evaluation.generation import (
+    GenerationConfig,
+    can_generate,
+    empty_responses,
+    empty_warning,
+    generate_responses,
+)
 from ulma_lightning.evaluation.scorers import Scorer, scorers_for
 
 log = logging.getLogger(__name__)
@@ -108,7 +114,11 @@ class GenerationSamples(pl.Callback):
     def _prompts(self, trainer: pl.Trainer) -> DataLoader | None:
         if self._loader is None and self.num_prompts > 0:
             datamodule = trainer.datamodule
-            if datamodule is None or not hasattr(datamodule, "prompt_dataset") or "val" not in getattr(datamodule, "examples", {}):
+            if (
+                datamodule is None
+                or not hasattr(datamodule, "prompt_dataset")
+                or "val" not in getattr(datamodule, "examples", {})
+            ):
                 return None
             dataset = datamodule.prompt_dataset("val", limit=self.num_prompts)
             self._loader = DataLoader(dataset, batch_size=self.batch_size, collate_fn=datamodule.prompt_collator)
@@ -140,7 +150,9 @@ class GenerationSamples(pl.Callback):
         if empty:
             log.warning("%s", empty_warning(f"GenerationSamples at step {trainer.global_step}", empty, len(responses)))
         scores = self._active_scorer.score(prompts, responses) if self._active_scorer is not None else None
-        writer.add_text("samples/generations", markdown_table(prompts, responses, scores), global_step=trainer.global_step)
+        writer.add_text(
+            "samples/generations", markdown_table(prompts, responses, scores), global_step=trainer.global_step
+        )
         if scores:
             writer.add_scalar("samples/mean_score", sum(scores) / len(scores), global_step=trainer.global_step)
 
@@ -153,12 +165,16 @@ class GenerationSamples(pl.Callback):
                 type(pl_module).__name__,
                 type(model).__name__,
             )
-        kept = scorers_for([self.scorer] if self.scorer is not None else [], trainer.datamodule, "val", "GenerationSamples")
+        kept = scorers_for(
+            [self.scorer] if self.scorer is not None else [], trainer.datamodule, "val", "GenerationSamples"
+        )
         self._active_scorer = kept[0] if kept else None  # the demo's scorer only on demo data
         if self._active_scorer is not None:
             self._active_scorer.to(pl_module.device)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self.log_samples(trainer, pl_module)
@@ -173,11 +189,21 @@ class GenerationSamples(pl.Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._rewards = []
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if not self.histograms or not isinstance(outputs, dict) or outputs.get("rewards") is None:
             return
         scores = outputs.get("scores")
-        self._rewards.append((outputs["rewards"].detach().float().cpu(), None if scores is None else scores.detach().cpu()))
+        self._rewards.append(
+            (outputs["rewards"].detach().float().cpu(), None if scores is None else scores.detach().cpu())
+        )
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         writer = self._tensorboard(trainer)

@@ -41,9 +41,21 @@ class EvaluateCLI(ULMACLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         super().add_arguments_to_parser(parser)
-        parser.add_argument("--ckpt_path", type=str | None, default=None, help="the checkpoint to evaluate (default: the initial weights)")
-        parser.add_argument("--output", type=str | None, default=None, help="the JSON report (default: evaluation.json beside the predictions)")
-        parser.add_argument("--skip_test", type=bool, default=False, help="skip the test-set metrics (perplexity, reward accuracy/AUC)")
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="the checkpoint to evaluate (default: the initial weights)",
+        )
+        parser.add_argument(
+            "--output",
+            type=str | None,
+            default=None,
+            help="the JSON report (default: evaluation.json beside the predictions)",
+        )
+        parser.add_argument(
+            "--skip_test", type=bool, default=False, help="skip the test-set metrics (perplexity, reward accuracy/AUC)"
+        )
         parser.add_argument("--skip_predict", type=bool, default=False, help="skip generation, scores and win rates")
         # accepted (and unused) so that the config.yaml a run of any subcommand saved works as --config
         parser.add_argument("--verbose", type=bool, default=True, help=argparse.SUPPRESS)
@@ -59,7 +71,9 @@ def run_folder_checkpoint(ckpt_path: str, command: str = "ulma evaluate") -> str
     last = folder / "checkpoints" / "last.ckpt"
     if not last.exists():
         found = sorted(p.name for p in (folder / "checkpoints").iterdir())
-        raise FileNotFoundError(f"{command}: {folder} is a run folder without checkpoints/last.ckpt (it has {found}); pass --ckpt_path FILE")
+        raise FileNotFoundError(
+            f"{command}: {folder} is a run folder without checkpoints/last.ckpt (it has {found}); pass --ckpt_path FILE"
+        )
     return str(last)
 
 
@@ -100,8 +114,12 @@ def with_run_checkpoint(argv: list[str], command: str = "ulma evaluate") -> tupl
         return argv, None
     ckpt = run_folder_checkpoint(known.ckpt_path, command)
     if not Path(ckpt).exists():
-        raise FileNotFoundError(f"{command}: no such checkpoint: {ckpt} (pass --ckpt_path an existing .ckpt file, sharded checkpoint folder or run folder)")
-    rest = [a for i, a in enumerate(argv) if not (a.startswith("--ckpt_path") or (i > 0 and argv[i - 1] == "--ckpt_path"))]
+        raise FileNotFoundError(
+            f"{command}: no such checkpoint: {ckpt} (pass --ckpt_path an existing .ckpt file, sharded checkpoint folder or run folder)"
+        )
+    rest = [
+        a for i, a in enumerate(argv) if not (a.startswith("--ckpt_path") or (i > 0 and argv[i - 1] == "--ckpt_path"))
+    ]
     argv = [*rest, f"--ckpt_path={ckpt}"]
     run = run_folder_of(ckpt)
     if run is not None and not any(a.split("=")[0] in IN_RUN_FOLDER for a in argv):
@@ -112,7 +130,9 @@ def with_run_checkpoint(argv: list[str], command: str = "ulma evaluate") -> tupl
         return argv, run
     config = saved_config(ckpt)
     if config is None:
-        raise FileNotFoundError(f"{command}: no config.yaml found beside {ckpt} (looked in its folder and two above); pass the run's config with --config")
+        raise FileNotFoundError(
+            f"{command}: no config.yaml found beside {ckpt} (looked in its folder and two above); pass the run's config with --config"
+        )
     print(f"{command}: using the run's saved config {config}")
     return ["--config", str(config), *argv], run
 
@@ -124,7 +144,9 @@ def expected_warnings() -> Iterator[None]:
     checkpointed in test or predict; the callbacks' state stays in the checkpoint)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*args parameter is intended")
-        warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
+        warnings.filterwarnings(
+            "ignore", message="Be aware that when using `ckpt_path`, callbacks used to create the checkpoint"
+        )
         yield
 
 
@@ -154,7 +176,15 @@ def format_report(report: dict[str, Any]) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
     for name, value in rows:
-        shown = value if isinstance(value, str) else "nan" if math.isnan(value) else f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.3e}"  # a small value is no 0.0000
+        shown = (
+            value
+            if isinstance(value, str)
+            else "nan"
+            if math.isnan(value)
+            else f"{value:.4f}"
+            if value == 0 or abs(value) >= 1e-3
+            else f"{value:.3e}"
+        )  # a small value is no 0.0000
         lines.append(f"{name:<{width}}  {shown}")
     return "\n".join(lines)
 
@@ -162,7 +192,14 @@ def format_report(report: dict[str, Any]) -> str:
 def evaluate_main(argv: list[str]) -> dict[str, Any]:
     """Run ``ulma evaluate`` with command-line arguments ``argv``; return the report."""
     with expected_warnings():
-        cli = EvaluateCLI(LightningModule, AlignmentDataModule, args=with_saved_config(argv), run=False, save_config_callback=None, **SINGLE_PARSER_DEFAULTS)
+        cli = EvaluateCLI(
+            LightningModule,
+            AlignmentDataModule,
+            args=with_saved_config(argv),
+            run=False,
+            save_config_callback=None,
+            **SINGLE_PARSER_DEFAULTS,
+        )
     log_dir = Path(cli.trainer.log_dir) if cli.trainer.log_dir else None
     existed = log_dir is not None and log_dir.exists()
     try:
@@ -180,13 +217,17 @@ def _evaluate(cli: EvaluateCLI) -> dict[str, Any]:
     report: dict[str, Any] = {"ckpt_path": ckpt_path, "test": {}, "generation": {}}
     if not cli.config.get("skip_test"):
         if not datamodule.has_split("test"):
-            raise ValueError("ulma evaluate: no test data: set data.test (or data.val / data.val_fraction, which it defaults to), or pass --skip_test true")
+            raise ValueError(
+                "ulma evaluate: no test data: set data.test (or data.val / data.val_fraction, which it defaults to), or pass --skip_test true"
+            )
         results = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
         report["test"] = {name: _number(value) for name, value in sorted(results[0].items())} if results else {}
     writer = next((c for c in trainer.callbacks if isinstance(c, PredictionWriter)), None)
     if not cli.config.get("skip_predict") and writer is not None:
         if not datamodule.has_split("predict"):
-            raise ValueError("ulma evaluate: neither data.predict nor data.test is set; set one (or pass --skip_predict true)")
+            raise ValueError(
+                "ulma evaluate: neither data.predict nor data.test is set; set one (or pass --skip_predict true)"
+            )
         trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path, return_predictions=False)
         report["generation"] = writer.summary
         report["predictions"] = str(writer.path)
@@ -194,7 +235,11 @@ def _evaluate(cli: EvaluateCLI) -> dict[str, Any]:
         report["empty_responses"] = writer.empty
     output = cli.config.get("output")
     if output is None:
-        base = writer.path.parent if writer is not None and writer.path is not None else Path(trainer.log_dir or trainer.default_root_dir)
+        base = (
+            writer.path.parent
+            if writer is not None and writer.path is not None
+            else Path(trainer.log_dir or trainer.default_root_dir)
+        )
         output = str(base / "evaluation.json")
     report["output"] = output
     if trainer.is_global_zero:

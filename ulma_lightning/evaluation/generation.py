@@ -86,7 +86,10 @@ def generate_ids(
     pad = pad_token_id(tokenizer)
     generator_state = None
     if config.do_sample:
-        generator_state = torch.random.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        generator_state = (
+            torch.random.get_rng_state(),
+            (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None),
+        )
         torch.manual_seed(config.seed + seed_offset)
     try:
         with eager():  # compiled blocks (policy.compile) run eager: each decoding step has new shapes
@@ -129,7 +132,9 @@ def generate_responses(
     """Decoded responses to a batch of **left-padded** prompts, cut at the first EOS (see :func:`generate_ids`)."""
     if input_ids.shape[0] == 0:
         return []
-    new_tokens = generate_ids(model, tokenizer, input_ids, attention_mask, config, seed_offset=seed_offset, synced=synced)
+    new_tokens = generate_ids(
+        model, tokenizer, input_ids, attention_mask, config, seed_offset=seed_offset, synced=synced
+    )
     return [decode_response(tokenizer, ids) for ids in new_tokens.tolist()]
 
 

@@ -42,7 +42,9 @@ class TokenPerplexity(Metric):
         return torch.exp(self.nll / self.tokens).float()
 
 
-def demonstration_rows(batch: dict[str, Any], positive_threshold: float) -> tuple[dict[str, Tensor], Tensor | None] | None:
+def demonstration_rows(
+    batch: dict[str, Any], positive_threshold: float
+) -> tuple[dict[str, Tensor], Tensor | None] | None:
     """The sequences whose responses count for perplexity, and a row mask (None: every row).
 
     Point-wise batches (with ``score``): rows with ``score >= positive_threshold``; demonstration
@@ -74,10 +76,15 @@ def _same_rows(recorded: dict[str, Tensor], sequences: dict[str, Tensor]) -> boo
         return False
     if (rec_labels[:rows, common:] != IGNORE_INDEX).any():
         return False
-    return bool(torch.equal(rec_ids[:rows, :common], ids[:, :common]) and torch.equal(rec_labels[:rows, :common], labels[:, :common]))
+    return bool(
+        torch.equal(rec_ids[:rows, :common], ids[:, :common])
+        and torch.equal(rec_labels[:rows, :common], labels[:, :common])
+    )
 
 
-def reuse_token_logps(records: list[tuple[dict[str, Tensor], TokenLogps]], sequences: dict[str, Tensor]) -> TokenLogps | None:
+def reuse_token_logps(
+    records: list[tuple[dict[str, Tensor], TokenLogps]], sequences: dict[str, Tensor]
+) -> TokenLogps | None:
     """The token log-probs of ``sequences`` from a policy forward of this step, if one covered them.
 
     A forward covers them when its first ``B`` rows hold the same tokens and labels (e.g. the batch

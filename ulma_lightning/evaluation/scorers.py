@@ -62,7 +62,13 @@ def scorers_for(scorers: Sequence[Scorer], datamodule: Any, split: str, where: s
     kept = [s for s in scorers if s.applies_to(sources)]
     for scorer in scorers:
         if scorer not in kept:
-            log.warning("%s: scorer %r (%s) skipped: it scores its built-in task only, and the data is %s", where, scorer.name, type(scorer).__name__, sources[1])
+            log.warning(
+                "%s: scorer %r (%s) skipped: it scores its built-in task only, and the data is %s",
+                where,
+                scorer.name,
+                type(scorer).__name__,
+                sources[1],
+            )
     return kept
 
 
@@ -177,10 +183,14 @@ class HFClassifierScorer(_ModelScorer):
         local = Path(self.path)
         looks_like_hub_id = not local.is_absolute() and not self.path.startswith(".") and self.path.count("/") == 1
         if not local.exists() and not looks_like_hub_id:
-            raise FileNotFoundError(f"HFClassifierScorer.path: {self.path!r} is not a folder; save the reward model there with save_pretrained")
+            raise FileNotFoundError(
+                f"HFClassifierScorer.path: {self.path!r} is not a folder; save the reward model there with save_pretrained"
+            )
         model = AutoModelForSequenceClassification.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
         if model.config.num_labels != 1:
-            raise ValueError(f"HFClassifierScorer.path: {self.path} has num_labels={model.config.num_labels}; a reward model has 1")
+            raise ValueError(
+                f"HFClassifierScorer.path: {self.path} has num_labels={model.config.num_labels}; a reward model has 1"
+            )
         tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -195,7 +205,10 @@ class HFClassifierScorer(_ModelScorer):
             self._load()
         scores: list[float] = []
         for batch in scoring_batches(self._tokenizer, prompts, responses, self.max_length, self.batch_size):
-            logits = self._model(input_ids=batch["input_ids"].to(self._model.device), attention_mask=batch["attention_mask"].to(self._model.device)).logits
+            logits = self._model(
+                input_ids=batch["input_ids"].to(self._model.device),
+                attention_mask=batch["attention_mask"].to(self._model.device),
+            ).logits
             scores += logits[:, 0].float().tolist()
         return scores
 
@@ -250,7 +263,9 @@ def checked_scores(scorer: Scorer, prompts: Sequence[Any], responses: Sequence[s
     values = scorer.score(prompts, responses)
     who = f"scorer {type(scorer).__name__} (name {scorer.name!r})"
     if len(values) != len(responses):
-        raise ValueError(f"{who} returned {len(values)} scores for {len(responses)} responses; Scorer.score must return one number per (prompt, response), in order")
+        raise ValueError(
+            f"{who} returned {len(values)} scores for {len(responses)} responses; Scorer.score must return one number per (prompt, response), in order"
+        )
     scores = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
     if bad:

@@ -37,10 +37,14 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: malformed JSON ({exc.msg}); is this a predictions file from `ulma predict`?") from None
+                raise ValueError(
+                    f"{path}:{number}: malformed JSON ({exc.msg}); is this a predictions file from `ulma predict`?"
+                ) from None
             for field in ("prompt", "response"):
                 if field not in row:
-                    raise ValueError(f"{path}:{number}: field {field!r} missing; a predictions file has prompt and response per line")
+                    raise ValueError(
+                        f"{path}:{number}: field {field!r} missing; a predictions file has prompt and response per line"
+                    )
             rows.append(row)
     return rows
 
@@ -50,7 +54,9 @@ def prompt_key(prompt: Any) -> str:
     return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
 
 
-def match_rows(rows: list[dict[str, Any]], other: list[dict[str, Any]], other_name: str = "the other file") -> list[dict[str, Any]]:
+def match_rows(
+    rows: list[dict[str, Any]], other: list[dict[str, Any]], other_name: str = "the other file"
+) -> list[dict[str, Any]]:
     """For each row, the row of ``other`` with the same prompt (the n-th repeat matches the n-th repeat)."""
     by_prompt: dict[str, list[dict[str, Any]]] = {}
     for row in other:
@@ -59,7 +65,9 @@ def match_rows(rows: list[dict[str, Any]], other: list[dict[str, Any]], other_na
     for number, row in enumerate(rows, start=1):
         queue = by_prompt.get(prompt_key(row["prompt"]))
         if not queue:
-            raise ValueError(f"row {number} (index {row.get('index', '?')}): its prompt is not in {other_name}; compare predictions made on the same prompts (same data.predict / data.test)")
+            raise ValueError(
+                f"row {number} (index {row.get('index', '?')}): its prompt is not in {other_name}; compare predictions made on the same prompts (same data.predict / data.test)"
+            )
         matched.append(queue.pop(0))
     return matched
 
@@ -70,7 +78,9 @@ def score_of(row: dict[str, Any], name: str, *, reference: bool = False) -> floa
     return None if value is None else float(value)
 
 
-def summarize(rows: list[dict[str, Any]], scorer_names: Sequence[str], other: list[dict[str, Any]] | None = None) -> dict[str, dict[str, float]]:
+def summarize(
+    rows: list[dict[str, Any]], scorer_names: Sequence[str], other: list[dict[str, Any]] | None = None
+) -> dict[str, dict[str, float]]:
     """Per scorer: ``mean``, ``reference_mean``, ``win_rate_vs_reference`` and (with ``other``)
     ``win_rate_vs_other``, from the scores recorded in the rows. Rows without a reference score are
     left out of the reference numbers; ``n`` is the number of rows.
@@ -91,7 +101,9 @@ def summarize(rows: list[dict[str, Any]], scorer_names: Sequence[str], other: li
             both = [(a, score_of(m, name)) for a, m in zip(mine, matched)]
             theirs = [(a, b) for a, b in both if a is not None and b is not None]
             if len(theirs) != len(rows):
-                raise ValueError(f"the other predictions file lacks {name!r} scores on some rows; score both files with the same scorers")
+                raise ValueError(
+                    f"the other predictions file lacks {name!r} scores on some rows; score both files with the same scorers"
+                )
             stats["other_mean"] = sum(b for _, b in theirs) / len(theirs) if theirs else math.nan
             stats["win_rate_vs_other"] = win_rate([a for a, _ in theirs], [b for _, b in theirs])
         out[name] = stats

@@ -101,7 +101,9 @@ class PredictionWriter(BasePredictionWriter):
         self.rows = []
         if hasattr(pl_module, "generation"):
             pl_module.generation = self.generation
-        self.active_scorers = scorers_for(self.scorers, trainer.datamodule, "predict", "evaluation")  # the demo's only on demo data
+        self.active_scorers = scorers_for(
+            self.scorers, trainer.datamodule, "predict", "evaluation"
+        )  # the demo's only on demo data
         for scorer in self.active_scorers:
             scorer.to(pl_module.device)
 
@@ -120,7 +122,14 @@ class PredictionWriter(BasePredictionWriter):
         prompts, responses = batch["prompt"], prediction["response"]
         references = batch.get("reference_response") or [None] * len(prompts)
         rows = [
-            {"index": int(i), "prompt": p, "response": r, "reference_response": ref, "scores": {}, "reference_scores": {}}
+            {
+                "index": int(i),
+                "prompt": p,
+                "response": r,
+                "reference_response": ref,
+                "scores": {},
+                "reference_scores": {},
+            }
             for i, p, r, ref in zip(prediction["index"].tolist(), prompts, responses, references)
         ]
         for scorer in self.active_scorers:
@@ -128,7 +137,9 @@ class PredictionWriter(BasePredictionWriter):
                 row["scores"][scorer.name] = value
             with_ref = [k for k, row in enumerate(rows) if row["reference_response"] is not None]
             if self.score_reference and with_ref:
-                values = scorer.score([rows[k]["prompt"] for k in with_ref], [rows[k]["reference_response"] for k in with_ref])
+                values = scorer.score(
+                    [rows[k]["prompt"] for k in with_ref], [rows[k]["reference_response"] for k in with_ref]
+                )
                 for k, value in zip(with_ref, values):
                     rows[k]["reference_scores"][scorer.name] = value
         self.rows += rows
@@ -149,7 +160,12 @@ class PredictionWriter(BasePredictionWriter):
                 for row in self.rows:
                     handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             summary_path = self.path.with_suffix(".summary.json")
-            summary = {"predictions": str(self.path), "compare_to": self.compare_to, "scores": self.summary, "empty_responses": self.empty}
+            summary = {
+                "predictions": str(self.path),
+                "compare_to": self.compare_to,
+                "scores": self.summary,
+                "empty_responses": self.empty,
+            }
             summary_path.write_text(json.dumps(summary, indent=2))
             if self.empty:
                 log.warning("%s", empty_warning("predict", self.empty, len(self.rows)))

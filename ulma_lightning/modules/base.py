@@ -26,7 +26,13 @@ from ulma_lightning.export import export_hf
 from ulma_lightning.losses import LossOutput
 from ulma_lightning.modules.batching import pair_batch
 from ulma_lightning.modules.implicit_rewards import RewardMetrics
-from ulma_lightning.modules.reference import data_module_of, precompute_reference_logps, run_wrapped, schedule_reference_precompute, wrapped_by_fsdp
+from ulma_lightning.modules.reference import (
+    data_module_of,
+    precompute_reference_logps,
+    run_wrapped,
+    schedule_reference_precompute,
+    wrapped_by_fsdp,
+)
 from ulma_lightning.modules.shared import OPTION_FIELDS, REFERENCE_PREFIX, SCHEDULE_STEPS_KEY, OptimizerConfig, Stage
 from ulma_lightning.modules.spec import MethodSpec
 from ulma_lightning.policy import Policy, PolicyConfig, PretrainedModel, select_rows
@@ -69,7 +75,9 @@ class AlignmentModule(pl.LightningModule):
     #: the method's declaration; a method whose needs depend on its options passes ``_spec`` instead
     spec: MethodSpec = MethodSpec()
 
-    def __init__(self, policy: PolicyConfig, optimizer: OptimizerConfig | None = None, _spec: MethodSpec | None = None) -> None:
+    def __init__(
+        self, policy: PolicyConfig, optimizer: OptimizerConfig | None = None, _spec: MethodSpec | None = None
+    ) -> None:
         super().__init__()
         shared.save_hyperparameters(self, inspect.currentframe())
         self.spec = shared.method_spec(self, _spec or type(self).spec, policy)
@@ -172,7 +180,9 @@ class AlignmentModule(pl.LightningModule):
             self.record_implicit_rewards(policy_logps, reference_logps, scores, stage)
         return out
 
-    def record_implicit_rewards(self, policy_logps: Tensor, reference_logps: Tensor, scores: Tensor, stage: Stage) -> None:
+    def record_implicit_rewards(
+        self, policy_logps: Tensor, reference_logps: Tensor, scores: Tensor, stage: Stage
+    ) -> None:
         """Record the implicit reward ``beta * h + offset`` of a batch for the reward metrics
         (``rewards/accuracy``, ``rewards/auc``; for continuous labels, in validation and test, the
         Pearson and Spearman correlation of ``beta * h`` with the label)."""
@@ -283,7 +293,15 @@ class AlignmentModule(pl.LightningModule):
         size = self.batch_size_of(batch)
         on_step = stage == "train"
         sync = stage != "train"
-        self.log(f"{stage}/loss", out.loss.detach(), on_step=on_step, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=sync)
+        self.log(
+            f"{stage}/loss",
+            out.loss.detach(),
+            on_step=on_step,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=size,
+            sync_dist=sync,
+        )
         for name, value in out.metrics.items():
             if name == "perplexity" and stage != "train" and self.tracks_perplexity:
                 continue

@@ -28,7 +28,10 @@ def stack_batches(*batches: dict[str, Tensor], pad_token_id: int = 0) -> dict[st
     """
     length = max(b["input_ids"].shape[1] for b in batches)
     pads = dict(_PAD, input_ids=pad_token_id)
-    return {key: torch.cat([F.pad(b[key], (0, length - b[key].shape[1]), value=pads[key]) for b in batches]) for key in SEQUENCE_KEYS}
+    return {
+        key: torch.cat([F.pad(b[key], (0, length - b[key].shape[1]), value=pads[key]) for b in batches])
+        for key in SEQUENCE_KEYS
+    }
 
 
 def side(batch: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -48,7 +51,9 @@ def pair_batch(batch: dict[str, Tensor], pad_token_id: int = 0) -> dict[str, Ten
     return out
 
 
-def swap_responses(prompts: dict[str, Tensor], responses: dict[str, Tensor], truncation: Truncation | None = None) -> dict[str, Tensor]:
+def swap_responses(
+    prompts: dict[str, Tensor], responses: dict[str, Tensor], truncation: Truncation | None = None
+) -> dict[str, Tensor]:
     """Row ``i``: the prompt of ``prompts`` row ``i`` followed by the response of ``responses`` row ``i``.
 
     With ``truncation`` (the data module's), each new pair is cut as a data sample would be. Used

@@ -52,12 +52,16 @@ class DPOModule(AlignmentModule):
         check_choices(loss_type=(loss_type, get_args(DPOLossType)))
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-        super().__init__(policy, optimizer, PAIRWISE.replace(average_logps=loss_type == "ipo"))  # average_logps, when set, wins
+        super().__init__(
+            policy, optimizer, PAIRWISE.replace(average_logps=loss_type == "ipo")
+        )  # average_logps, when set, wins
         self.beta = beta
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing
 
-    def loss(self, policy_chosen: Tensor, policy_rejected: Tensor, reference_chosen: Tensor, reference_rejected: Tensor) -> LossOutput:  # type: ignore[override]
+    def loss(
+        self, policy_chosen: Tensor, policy_rejected: Tensor, reference_chosen: Tensor, reference_rejected: Tensor
+    ) -> LossOutput:  # type: ignore[override]
         """The objective from per-pair log-probs, each ``(B,)``."""
         return dpo_loss(
             policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=self.beta, loss_type=self.loss_type,

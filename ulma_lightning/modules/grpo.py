@@ -62,15 +62,27 @@ class GRPOModule(RolloutModule):
         **kwargs: Any,
     ) -> None:
         if num_generations < 2:
-            raise ValueError(f"GRPOModule: num_generations must be >= 2 (the advantage is relative to the prompt's other samples), got {num_generations}")
-        for name, use in (("samples_per_prompt", "num_generations"), ("kl_coef", "beta"), ("kl_estimator", "beta (the k3 estimator, always)")):
+            raise ValueError(
+                f"GRPOModule: num_generations must be >= 2 (the advantage is relative to the prompt's other samples), got {num_generations}"
+            )
+        for name, use in (
+            ("samples_per_prompt", "num_generations"),
+            ("kl_coef", "beta"),
+            ("kl_estimator", "beta (the k3 estimator, always)"),
+        ):
             if name in kwargs:
                 raise TypeError(f"GRPOModule takes {use}, not {name}")
-        check_choices("GRPOModule", scale_rewards=(scale_rewards, get_args(ScaleRewards)), loss_type=(loss_type, get_args(GRPOLossType)))
+        check_choices(
+            "GRPOModule",
+            scale_rewards=(scale_rewards, get_args(ScaleRewards)),
+            loss_type=(loss_type, get_args(GRPOLossType)),
+        )
         check_numbers(beta=(beta, ">= 0"), clip_range=(clip_range, "> 0"), clip_range_high=(clip_range_high, "> 0"))
         check_numbers(num_iterations=(num_iterations, ">= 1"), mini_batch_size=(mini_batch_size, ">= 1"))
         spec = ROLLOUT.replace(reference="all" if beta else "none")  # beta 0: no reference model is built or run
-        super().__init__(policy, optimizer, samples_per_prompt=num_generations, kl_coef=beta, kl_estimator="k3", _spec=spec, **kwargs)
+        super().__init__(
+            policy, optimizer, samples_per_prompt=num_generations, kl_coef=beta, kl_estimator="k3", _spec=spec, **kwargs
+        )
         self.scale_rewards, self.loss_type = scale_rewards, loss_type
         self.clip_range, self.clip_range_high = clip_range, clip_range_high
         self.num_iterations, self.mini_batch_size = num_iterations, mini_batch_size
@@ -92,9 +104,16 @@ class GRPOModule(RolloutModule):
                 max_completion_length=self.rollout_generation.max_new_tokens,
             )  # fmt: skip
 
-        metrics: dict[str, Tensor | float] = dict(self.minibatch_updates(len(rollout.responses), self.num_iterations, self.mini_batch_size, step))
+        metrics: dict[str, Tensor | float] = dict(
+            self.minibatch_updates(len(rollout.responses), self.num_iterations, self.mini_batch_size, step)
+        )
         group_std = scores.view(-1, k).std(dim=1)
-        metrics.update({"reward_std": group_std.mean(), "frac_reward_zero_std": torch.isclose(group_std, torch.zeros_like(group_std)).float().mean()})
+        metrics.update(
+            {
+                "reward_std": group_std.mean(),
+                "frac_reward_zero_std": torch.isclose(group_std, torch.zeros_like(group_std)).float().mean(),
+            }
+        )
         if reference is not None:
             metrics["kl"] = token_mean(kl_estimate(rollout.logps, reference, "k3"), mask)
         return metrics

@@ -35,13 +35,23 @@ class RewardMetrics:
         #: per stage: (probability, binary target, reward, score) of the batches that count
         self.outputs: dict[str, list[tuple[Tensor, ...]]] = {"train": [], "val": [], "test": []}
 
-    def record(self, module: pl.LightningModule, probability: Tensor, positive: Tensor, reward: Tensor, scores: Tensor, stage: Stage) -> None:
+    def record(
+        self,
+        module: pl.LightningModule,
+        probability: Tensor,
+        positive: Tensor,
+        reward: Tensor,
+        scores: Tensor,
+        stage: Stage,
+    ) -> None:
         """Keep a batch's values for the epoch metrics; log its accuracy in training."""
         probability, target = probability.detach().float(), positive.long()
         self.outputs[stage].append((probability, target, reward.detach().float(), scores.detach().float()))
         if stage == "train":
             accuracy = ((probability > 0.5).long() == target).float().mean()
-            module.log("train/rewards/accuracy_step", accuracy, on_step=True, on_epoch=False, batch_size=int(target.numel()))
+            module.log(
+                "train/rewards/accuracy_step", accuracy, on_step=True, on_epoch=False, batch_size=int(target.numel())
+            )
 
     def log_epoch(self, module: pl.LightningModule, stage: Stage, label_type: LabelType | None) -> None:
         """Log the epoch's reward metrics over the batches of all processes, then reset them.
@@ -52,14 +62,20 @@ class RewardMetrics:
         """
         outputs, self.outputs[stage] = self.outputs[stage], []
         dtypes = (torch.float32, torch.long, torch.float32, torch.float32)  # the same on every process
-        columns = [torch.cat(c) for c in zip(*outputs)] if outputs else [torch.zeros(0, dtype=d, device=module.device) for d in dtypes]
+        columns = (
+            [torch.cat(c) for c in zip(*outputs)]
+            if outputs
+            else [torch.zeros(0, dtype=d, device=module.device) for d in dtypes]
+        )
         probability, target, reward, score = (gather_uneven(module, c.to(d)) for c, d in zip(columns, dtypes))
         if not target.numel():
             return
         suffix = "_epoch" if stage == "train" else ""
         # the values are already global: sync_dist averages equal values (and keeps Lightning quiet)
         module.log(f"{stage}/rewards/accuracy{suffix}", binary_accuracy(probability, target), sync_dist=True)
-        if bool((target == 0).any()) and bool((target == 1).any()):  # AUC needs both classes (torchmetrics would return 0 and warn)
+        if bool((target == 0).any()) and bool(
+            (target == 1).any()
+        ):  # AUC needs both classes (torchmetrics would return 0 and warn)
             module.log(f"{stage}/rewards/auc{suffix}", binary_auroc(probability, target), sync_dist=True)
         if label_type == "continuous" and stage != "train" and target.numel() > 1:
             module.log(f"{stage}/rewards/pearson", pearson_corrcoef(reward, score), sync_dist=True)

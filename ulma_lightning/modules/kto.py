@@ -77,7 +77,9 @@ class KTOModule(AlignmentModule):
     """
 
     #: the reference on every row and on the mismatched pairs (both stored when precomputed)
-    spec = MethodSpec(precomputed_columns=("reference_logps", "reference_kl_logps"), label_type="binary", reward_metrics=True)
+    spec = MethodSpec(
+        precomputed_columns=("reference_logps", "reference_kl_logps"), label_type="binary", reward_metrics=True
+    )
 
     def __init__(
         self,
@@ -150,7 +152,9 @@ class KTOModule(AlignmentModule):
 
     def global_kl(self, differences: Tensor) -> Tensor:
         """Mean of ``log pi - log pi_ref`` over the mismatched pairs of every process, detached."""
-        stats = torch.stack([differences.detach().sum(), torch.tensor(float(differences.numel()), device=differences.device)])
+        stats = torch.stack(
+            [differences.detach().sum(), torch.tensor(float(differences.numel()), device=differences.device)]
+        )
         if stats[1] > 0:
             self.kl_local = (stats[0] / stats[1]).cpu()
         if _compat.attached_trainer(self) is not None:
@@ -199,7 +203,14 @@ class KTOModule(AlignmentModule):
         )
         out.metrics["kl_estimate"] = kl.detach()
         ratio = (policy_logps - reference_logps).detach().float()  # KTO's decision: desirable when h > z0
-        self.reward_metrics.record(self, torch.sigmoid(self.beta * (ratio - out.metrics["kl"])), desirable, self.beta * ratio, batch["score"], stage)
+        self.reward_metrics.record(
+            self,
+            torch.sigmoid(self.beta * (ratio - out.metrics["kl"])),
+            desirable,
+            self.beta * ratio,
+            batch["score"],
+            stage,
+        )
         return out
 
     # ------------------------------------------------------------ precomputed reference
@@ -210,7 +221,9 @@ class KTOModule(AlignmentModule):
         if datamodule.has_column(split, "kl_partner"):
             return
         items = datamodule.datasets[split].items
-        columns = {key: [item[key] for item in items] for key in ("input_ids", "labels", "prompt_id") if key in items[0]}
+        columns = {
+            key: [item[key] for item in items] for key in ("input_ids", "labels", "prompt_id") if key in items[0]
+        }
         partner = mismatched_partners(self.prompt_groups(columns), torch.Generator().manual_seed(self.kl_seed))
         datamodule.set_column(split, "kl_partner", partner)
 

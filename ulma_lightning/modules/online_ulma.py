@@ -45,7 +45,9 @@ def online_labels(
     """
     check_choices("online_labels", mode=(mode, LABEL_MODES))
     if scores.ndim != 1 or scores.numel() % k:
-        raise ValueError(f"online_labels: {tuple(scores.shape)} scores are not whole groups of k={k} samples per prompt")
+        raise ValueError(
+            f"online_labels: {tuple(scores.shape)} scores are not whole groups of k={k} samples per prompt"
+        )
     kept = torch.ones_like(scores, dtype=torch.bool)
     if mode == "top_vs_rest":
         grouped = scores.view(-1, k)
@@ -132,13 +134,17 @@ class OnlineULMAModule(RolloutModule):
             mini_batch_size=(mini_batch_size, ">= 1"),
         )
         if label_mode == "top_vs_rest" and samples_per_prompt < 2:
-            raise ValueError(f"label_mode top_vs_rest compares the samples of a prompt: samples_per_prompt must be >= 2, got {samples_per_prompt}; or use label_mode threshold or continuous")
+            raise ValueError(
+                f"label_mode top_vs_rest compares the samples of a prompt: samples_per_prompt must be >= 2, got {samples_per_prompt}; or use label_mode threshold or continuous"
+            )
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
             raise ValueError(f"threshold must be a finite number, got {threshold!r}")
         if score_range is not None:
             lo, hi = (float(v) for v in score_range)
             if not lo < hi:
-                raise ValueError(f"score_range must be [lo, hi] with lo < hi (the scorer's range), got {list(score_range)}")
+                raise ValueError(
+                    f"score_range must be [lo, hi] with lo < hi (the scorer's range), got {list(score_range)}"
+                )
             if label_mode == "threshold" and not lo < threshold <= hi:
                 raise ValueError(
                     f"threshold must be in (lo, hi] = ({lo}, {hi}] of score_range, got {threshold}: no sample would be "
@@ -160,7 +166,13 @@ class OnlineULMAModule(RolloutModule):
 
     def labels(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
         """The rollout's point-wise labels and the rows kept (:func:`online_labels`)."""
-        return online_labels(self.final_scores(rollout), self.samples_per_prompt, self.label_mode, threshold=self.threshold, score_range=self.score_range)
+        return online_labels(
+            self.final_scores(rollout),
+            self.samples_per_prompt,
+            self.label_mode,
+            threshold=self.threshold,
+            score_range=self.score_range,
+        )
 
     def update(self, rollout: Rollout) -> dict[str, Tensor | float]:
         mask = rollout.mask
@@ -172,8 +184,12 @@ class OnlineULMAModule(RolloutModule):
 
         def step(rows: Tensor) -> LossOutput:
             chosen = rows[kept[rows]]
-            sub = chosen if chosen.numel() else rows[:1]  # every process runs a forward (DDP), even with nothing to learn
-            logps = self.policy.token_logps(select_rows(rollout.sequences, sub)).per_sequence(average=self.average_logps)
+            sub = (
+                chosen if chosen.numel() else rows[:1]
+            )  # every process runs a forward (DDP), even with nothing to learn
+            logps = self.policy.token_logps(select_rows(rollout.sequences, sub)).per_sequence(
+                average=self.average_logps
+            )
             out = ulma_loss(
                 logps,
                 reference[sub],
@@ -186,11 +202,15 @@ class OnlineULMAModule(RolloutModule):
                 reduction=self.reduction,
             )
             if not chosen.numel():  # only tied prompts: a zero step with the same metrics on every process
-                return LossOutput(loss=out.loss * 0.0, metrics={name: torch.zeros_like(value) for name, value in out.metrics.items()})
+                return LossOutput(
+                    loss=out.loss * 0.0, metrics={name: torch.zeros_like(value) for name, value in out.metrics.items()}
+                )
             return out
 
         before = int(self.global_step)
-        metrics: dict[str, Tensor | float] = dict(self.minibatch_updates(len(rollout.responses), self.num_iterations, self.mini_batch_size, step))
+        metrics: dict[str, Tensor | float] = dict(
+            self.minibatch_updates(len(rollout.responses), self.num_iterations, self.mini_batch_size, step)
+        )
         positive = (labels >= 1.0) & kept
         metrics.update(
             {
@@ -221,6 +241,10 @@ class OnlineULMAModule(RolloutModule):
         """With ``ref_refresh_every`` the reference is no longer the start model: keep its weights in the
         checkpoint (the base drops them, to rebuild them from their source), so a resumed run has it."""
         state = checkpoint.get("state_dict", {})
-        reference: dict[str, Any] = {k: v for k, v in state.items() if k.startswith(REFERENCE_PREFIX)} if self.ref_refresh_every is not None else {}
+        reference: dict[str, Any] = (
+            {k: v for k, v in state.items() if k.startswith(REFERENCE_PREFIX)}
+            if self.ref_refresh_every is not None
+            else {}
+        )
         super().on_save_checkpoint(checkpoint)
         checkpoint.setdefault("state_dict", {}).update(reference)

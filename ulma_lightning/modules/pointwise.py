@@ -20,13 +20,17 @@ def check_pointwise_options(*, beta: float, positive_threshold: float, reduction
     """Reject bad point-wise options at construction, before any model is built."""
     check_numbers(beta=(beta, "> 0"))
     if not 0 < positive_threshold <= 1:
-        raise ValueError(f"positive_threshold must be in (0, 1], got {positive_threshold}: scores are normalised to [0, 1] by data.score_range (e.g. 4 on a 1..5 scale is 0.75)")
+        raise ValueError(
+            f"positive_threshold must be in (0, 1], got {positive_threshold}: scores are normalised to [0, 1] by data.score_range (e.g. 4 on a 1..5 scale is 0.75)"
+        )
     check_choices(reduction=(reduction, get_args(Reduction)))
 
 
 def check_label_options(*, label_type: str, continuous_form: str) -> None:
     """Reject a bad ``label_type`` or ``continuous_form`` (the options of the point-wise DPO family)."""
-    check_choices(label_type=(label_type, get_args(LabelType)), continuous_form=(continuous_form, get_args(ContinuousForm)))
+    check_choices(
+        label_type=(label_type, get_args(LabelType)), continuous_form=(continuous_form, get_args(ContinuousForm))
+    )
 
 
 #: a point-wise method's declaration: reference on every row, per-token means, reward metrics

@@ -34,7 +34,9 @@ class ValueModel(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, sequences: dict[str, Tensor]) -> TokenLogps:
-        hidden = self.backbone(input_ids=sequences["input_ids"], attention_mask=sequences["attention_mask"], use_cache=False).last_hidden_state
+        hidden = self.backbone(
+            input_ids=sequences["input_ids"], attention_mask=sequences["attention_mask"], use_cache=False
+        ).last_hidden_state
         keep = sequences["labels"][:, 1:] != IGNORE_INDEX
         values = self.head(hidden[:, :-1][keep]).squeeze(-1).float()
         return TokenLogps(values=values, batch_index=keep.nonzero(as_tuple=True)[0], num_sequences=hidden.shape[0])
@@ -110,7 +112,9 @@ class PPOModule(RolloutModule):
         if self.critic_model is not None:
             from transformers import AutoModel
 
-            backbone = AutoModel.from_pretrained(self.critic_model, trust_remote_code=self.policy.config.trust_remote_code)
+            backbone = AutoModel.from_pretrained(
+                self.critic_model, trust_remote_code=self.policy.config.trust_remote_code
+            )
         else:
             backbone = copy.deepcopy(decoder_and_head(self.policy.model)[0])
         self.critic = ValueModel(backbone, backbone.config.hidden_size)
@@ -149,7 +153,9 @@ class PPOModule(RolloutModule):
                 value_coef=self.value_coef,
             )
 
-        metrics: dict[str, Tensor | float] = dict(self.minibatch_updates(len(rollout.responses), self.ppo_epochs, self.mini_batch_size, step))
+        metrics: dict[str, Tensor | float] = dict(
+            self.minibatch_updates(len(rollout.responses), self.ppo_epochs, self.mini_batch_size, step)
+        )
         sequence_kl = kl.sum(dim=1)
         metrics.update(
             {
@@ -161,5 +167,9 @@ class PPOModule(RolloutModule):
         if self.kl_target is not None:
             mean_kl = float(self.trainer.strategy.reduce(sequence_kl.mean(), reduce_op="mean"))
             steps = len(rollout.responses) * self.trainer.world_size
-            self.kl_coef.fill_(adaptive_kl_coef(float(self.kl_coef), mean_kl, target=self.kl_target, horizon=self.kl_horizon, steps=steps))
+            self.kl_coef.fill_(
+                adaptive_kl_coef(
+                    float(self.kl_coef), mean_kl, target=self.kl_target, horizon=self.kl_horizon, steps=steps
+                )
+            )
         return metrics

@@ -68,7 +68,9 @@ def precompute_reference_logps(module: Any) -> None:
         mine = list(range(rank, len(dataset), world))
         share = -(-len(dataset) // world)
         padded = mine + [mine[-1] if mine else 0] * (share - len(mine))  # equal batch counts on all ranks
-        loader = DataLoader(Subset(dataset, padded), batch_size=datamodule.eval_batch_size, collate_fn=datamodule.collator)
+        loader = DataLoader(
+            Subset(dataset, padded), batch_size=datamodule.eval_batch_size, collate_fn=datamodule.collator
+        )
         values = {name: torch.zeros(len(dataset), device=module.device) for name in names}
         done = 0
         for batch in progress(loader, f"reference log-probs ({split})", trainer.is_global_zero):

@@ -48,7 +48,9 @@ class RewardModel(PretrainedModel):
         """The scalar reward of each row, float32, shape ``(B,)``."""
         if self.model is None:
             raise RuntimeError("RewardModel.build() has not run: call it (or the module's configure_model) first")
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
         return logits.squeeze(-1).float()
 
 
@@ -110,8 +112,15 @@ class RewardModelModule(AlignmentModule):
             chosen, rejected = self.rewards(batch).chunk(2)
             return bradley_terry_loss(chosen, rejected)
         if "score" in batch:
-            return pointwise_reward_loss(self.rewards(batch), batch["score"], form=self.pointwise_form, positive_threshold=self.positive_threshold)
-        raise ValueError("the reward model trains on pairs (PairwiseDataModule) or scored samples (PointwiseDataModule); this batch has neither")
+            return pointwise_reward_loss(
+                self.rewards(batch),
+                batch["score"],
+                form=self.pointwise_form,
+                positive_threshold=self.positive_threshold,
+            )
+        raise ValueError(
+            "the reward model trains on pairs (PairwiseDataModule) or scored samples (PointwiseDataModule); this batch has neither"
+        )
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Rewards per sample (``rewards``), or per side of each pair (``chosen_rewards``, ``rejected_rewards``)."""
@@ -129,7 +138,9 @@ class RewardModelModule(AlignmentModule):
         response, truncation to ``max_length`` keeping the end of the prompt). Returns float32 on CPU.
         """
         if len(prompts) != len(responses):
-            raise ValueError(f"score() needs one response per prompt, got {len(prompts)} prompts and {len(responses)} responses")
+            raise ValueError(
+                f"score() needs one response per prompt, got {len(prompts)} prompts and {len(responses)} responses"
+            )
         if self.reward_model.model is None:
             self.configure_model()
         model = self.reward_model.model

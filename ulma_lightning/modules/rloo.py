@@ -50,7 +50,9 @@ class RLOOModule(RolloutModule):
         **kwargs: Any,
     ) -> None:
         if rloo_k < 2:
-            raise ValueError(f"rloo_k must be >= 2 (the leave-one-out baseline needs another sample of the prompt), got {rloo_k}")
+            raise ValueError(
+                f"rloo_k must be >= 2 (the leave-one-out baseline needs another sample of the prompt), got {rloo_k}"
+            )
         if "samples_per_prompt" in kwargs:
             raise TypeError("RLOOModule takes rloo_k (responses per prompt), not samples_per_prompt")
         super().__init__(policy, optimizer, samples_per_prompt=rloo_k, **kwargs)
@@ -69,8 +71,16 @@ class RLOOModule(RolloutModule):
 
         def step(rows: Tensor) -> LossOutput:
             logps = self.policy.token_logps(select_rows(rollout.sequences, rows)).per_sequence(average=False)
-            return rloo_loss(logps, old_logps[rows], advantages[rows], clip_range=self.clip_range, clip_range_high=self.clip_range_high)
+            return rloo_loss(
+                logps,
+                old_logps[rows],
+                advantages[rows],
+                clip_range=self.clip_range,
+                clip_range_high=self.clip_range_high,
+            )
 
-        metrics: dict[str, Tensor | float] = dict(self.minibatch_updates(len(rollout.responses), self.num_iterations, self.mini_batch_size, step))
+        metrics: dict[str, Tensor | float] = dict(
+            self.minibatch_updates(len(rollout.responses), self.num_iterations, self.mini_batch_size, step)
+        )
         metrics.update({"kl": sequence_kl.mean(), "reward_penalized": rewards.mean()})
         return metrics

@@ -253,7 +253,9 @@ class RolloutModule(pl.LightningModule):
         self.scorer.to(self.device)
 
     # ------------------------------------------------------------ rollouts
-    def generate_and_score(self, batch: dict[str, Any], config: GenerationConfig, k: int = 1, *, seed_offset: int = 0) -> Generations:
+    def generate_and_score(
+        self, batch: dict[str, Any], config: GenerationConfig, k: int = 1, *, seed_offset: int = 0
+    ) -> Generations:
         """Generate ``k`` responses per prompt of a left-padded prompt batch and score them (when
         sampling, the sampler is seeded with ``config.seed + seed_offset``)."""
         tok = self.tokenizer
@@ -263,7 +265,9 @@ class RolloutModule(pl.LightningModule):
             ids, attention = ids.repeat_interleave(k, 0), attention.repeat_interleave(k, 0)
         start = time.perf_counter()
         synced = self.policy.lockstep  # sharded: every process runs every decoding step
-        new_ids = generate_ids(self.policy.model, tok, ids, attention, config, seed_offset=seed_offset, synced=synced).tolist()
+        new_ids = generate_ids(
+            self.policy.model, tok, ids, attention, config, seed_offset=seed_offset, synced=synced
+        ).tolist()
         generated = time.perf_counter() - start
         eos = tok.eos_token_id
         items, responses, has_eos = [], [], []
@@ -279,8 +283,18 @@ class RolloutModule(pl.LightningModule):
         start = time.perf_counter()
         scores = checked_scores(self.scorer, prompts, responses).to(self.device)
         scored = time.perf_counter() - start
-        lengths = torch.as_tensor([len(item["labels"]) - int((item["labels"] < 0).sum()) for item in items], device=self.device)
-        return Generations(prompts, responses, sequences, torch.as_tensor(has_eos, device=self.device), scores, lengths, {"generate": generated, "score": scored})
+        lengths = torch.as_tensor(
+            [len(item["labels"]) - int((item["labels"] < 0).sum()) for item in items], device=self.device
+        )
+        return Generations(
+            prompts,
+            responses,
+            sequences,
+            torch.as_tensor(has_eos, device=self.device),
+            scores,
+            lengths,
+            {"generate": generated, "score": scored},
+        )
 
     def token_matrix(self, tokens: TokenLogps, width: int | None = None) -> tuple[Tensor, Tensor]:
         """``(B, L)`` matrix and mask of per-token values in :class:`TokenLogps` order."""
@@ -325,11 +339,15 @@ class RolloutModule(pl.LightningModule):
         """Optimise on one rollout batch; returns metrics to log under ``train/``."""
         raise NotImplementedError
 
-    def minibatch_updates(self, size: int, epochs: int, mini_batch_size: int | None, step: Callable[[Tensor], LossOutput]) -> dict[str, float]:
+    def minibatch_updates(
+        self, size: int, epochs: int, mini_batch_size: int | None, step: Callable[[Tensor], LossOutput]
+    ) -> dict[str, float]:
         """``epochs`` passes over ``size`` rows in shuffled mini-batches, one optimiser step each;
         ``step(rows)`` returns the loss of those rows. Returns the mean of each metric and of the loss."""
         optimizer = self.optimizers()
-        generator = torch.Generator().manual_seed(int(self.global_step) + 104729 * self.global_rank + 1_000_003 * run_seed())
+        generator = torch.Generator().manual_seed(
+            int(self.global_step) + 104729 * self.global_rank + 1_000_003 * run_seed()
+        )
         per_step = mini_batch_size or size
         collected: dict[str, list[float]] = defaultdict(list)
         for _ in range(epochs):
@@ -397,14 +415,18 @@ class RolloutModule(pl.LightningModule):
 
     def evaluate_batch(self, batch: dict[str, Any], batch_idx: int, stage: Stage) -> dict[str, Any]:
         """Greedy generations for held-out prompts, scored: ``{stage}/reward`` and friends."""
-        gen = self.generate_and_score(batch, self.generation, seed_offset=batch_idx)  # same samples for the same weights
+        gen = self.generate_and_score(
+            batch, self.generation, seed_offset=batch_idx
+        )  # same samples for the same weights
         size = len(gen.responses)
         for name, value in (
             ("reward", gen.scores.mean()),
             ("response_length", gen.lengths.float().mean()),
             ("no_eos_fraction", (~gen.has_eos).float().mean()),
         ):
-            self.log(f"{stage}/{name}", value, on_epoch=True, batch_size=size, sync_dist=True, prog_bar=name == "reward")
+            self.log(
+                f"{stage}/{name}", value, on_epoch=True, batch_size=size, sync_dist=True, prog_bar=name == "reward"
+            )
         return {"scores": gen.scores}
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:

@@ -21,7 +21,14 @@ import torch
 from torch import Tensor
 
 import ulma_lightning._compat as _compat
-from ulma_lightning.checkpointing import DATA_CLASS_KEY, MODULE_CLASS_KEY, check_resume_options, check_same_classes, class_path, keep_unfinished_epoch
+from ulma_lightning.checkpointing import (
+    DATA_CLASS_KEY,
+    MODULE_CLASS_KEY,
+    check_resume_options,
+    check_same_classes,
+    class_path,
+    keep_unfinished_epoch,
+)
 from ulma_lightning.compiling import check_strategy
 from ulma_lightning.evaluation.generation import generate_responses
 from ulma_lightning.modules.reference import data_module_of, wrapped_by_fsdp
@@ -129,7 +136,11 @@ def configure_policy(module: Any) -> None:
     ``data.max_length``, and under FSDP2 (ModelParallelStrategy) shard policy and reference per block."""
     config = module.policy.config
     if not module.spec.needs_reference and config.reference != "none":
-        log.info("%s uses no reference model: policy.reference %r is treated as 'none'", type(module).__name__, config.reference)
+        log.info(
+            "%s uses no reference model: policy.reference %r is treated as 'none'",
+            type(module).__name__,
+            config.reference,
+        )
         config.reference = "none"
     trainer = _compat.attached_trainer(module)
     if config.compile and trainer is not None:
@@ -152,7 +163,11 @@ def check_max_length(module: Any) -> None:
     max_length = getattr(data, "max_length", None)
     if not isinstance(positions, int) or not isinstance(max_length, int) or max_length <= positions:
         return
-    longest = {split: max(dataset.lengths(), default=0) for split, dataset in data.datasets.items() if hasattr(dataset, "lengths")}  # type: ignore[union-attr]
+    longest = {
+        split: max(dataset.lengths(), default=0)
+        for split, dataset in data.datasets.items()
+        if hasattr(dataset, "lengths")
+    }  # type: ignore[union-attr]
     over = {split: n for split, n in longest.items() if n > positions}
     if over:
         split = max(over, key=over.__getitem__)
@@ -194,7 +209,11 @@ def predict(module: Any, batch: dict[str, Any], batch_idx: int) -> dict[str, Any
 # ------------------------------------------------------------ optimizer and schedule
 def gradient_norm(module: Any) -> Tensor:
     """The L2 norm of every parameter's gradient; under FSDP and FSDP2, over all shards."""
-    squares = [(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).float().square().sum() for p in module.parameters() if p.grad is not None]
+    squares = [
+        (p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).float().square().sum()
+        for p in module.parameters()
+        if p.grad is not None
+    ]
     total = torch.stack(squares).sum() if squares else torch.zeros((), device=module.device)
     if wrapped_by_fsdp(module) or module.device_mesh is not None:
         total = module.trainer.strategy.reduce(total, reduce_op="sum")  # disjoint shards: squares add up
@@ -213,9 +232,21 @@ def build_optimizer(module: Any, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    scaled = _compat.attached_trainer(module) is not None and getattr(module.trainer.precision_plugin, "scaler", None) is not None
-    fused = bool(params) and not scaled and all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+    scaled = (
+        _compat.attached_trainer(module) is not None
+        and getattr(module.trainer.precision_plugin, "scaler", None) is not None
+    )
+    fused = (
+        bool(params)
+        and not scaled
+        and all(
+            type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.dtype == torch.float32
+            for p in params
+        )
+    )
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None
+    )
 
 
 def with_schedule(module: Any, optimizer: torch.optim.Optimizer, cfg: OptimizerConfig) -> dict[str, Any]:

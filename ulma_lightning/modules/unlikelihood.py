@@ -55,7 +55,9 @@ class UnlikelihoodModule(AlignmentModule):
         eps: float = 1e-6,
     ) -> None:
         check_numbers(alpha=(alpha, ">= 0"), positive_threshold=(positive_threshold, "in [0, 1]"), eps=(eps, "> 0"))
-        check_choices(variant=(variant, get_args(UnlikelihoodVariant)), reduction=(reduction, get_args(UnlikelihoodReduction)))
+        check_choices(
+            variant=(variant, get_args(UnlikelihoodVariant)), reduction=(reduction, get_args(UnlikelihoodReduction))
+        )
         super().__init__(policy, optimizer)
         self.variant = variant
         self.alpha = alpha

@@ -37,6 +37,7 @@ def decoder_layer_classes(root: nn.Module, names: Sequence[str] | None = None) -
     found = {type(m) for m in root.modules() if type(m).__name__ in wanted}
     if not found:
         raise ValueError(
-            f"no module of class {sorted(wanted)} in {type(root).__name__}; set the strategy's `layer_classes` to the class name of the model's transformer block (e.g. [LlamaDecoderLayer])"
+            f"no module of class {sorted(wanted)} in {type(root).__name__}; set the strategy's `layer_classes` to the "
+            "class name of the model's transformer block (e.g. [LlamaDecoderLayer])"
         )
     return tuple(sorted(found, key=lambda c: c.__name__))

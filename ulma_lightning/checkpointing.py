@@ -269,10 +269,12 @@ def check_resume_options(saved: Any, given: Any, source: str, prefix: str = "mod
         return
     lines = "\n".join(f"  {prefix}{key}: the checkpoint's {old!r}, given {new!r}" for key, old, new in conflicts)
     raise ResumeConflict(
-        f"--ckpt_path {source}: {len(conflicts)} option(s) differ from the ones the checkpoint was trained with:\n{lines}\n"
-        "Resuming continues that training as it was set up. To resume, drop these options (the run's config.yaml, beside its "
-        "checkpoints folder, holds its own); to train with them, start a new run without --ckpt_path (to start from the "
-        "trained weights, set model.init_args.policy.model to the run's hf_model folder)"
+        f"--ckpt_path {source}: {len(conflicts)} option(s) differ from the ones the checkpoint was trained "
+        f"with:\n{lines}\n"
+        "Resuming continues that training as it was set up. To resume, drop these options (the run's "
+        "config.yaml, beside its checkpoints folder, holds its own); to train with them, start a new run without "
+        "--ckpt_path (to start from the trained weights, set model.init_args.policy.model to the run's hf_model "
+        "folder)"
     )
 
 
@@ -312,8 +314,8 @@ class AtomicModelCheckpoint(ModelCheckpoint):
                 found |= {os.path.normpath(p) for p in root.glob("*/checkpoints/*") if _is_last(p)}
         if not found:
             warnings.warn(
-                f"--ckpt_path last: no last*.ckpt in {where}, so this run starts from the initial weights. To "
-                "continue a run, use the trainer.default_root_dir and logger name it ran with, or pass --ckpt_path FILE",
+                f"--ckpt_path last: no last*.ckpt in {where}, so this run starts from the initial weights. To continue "
+                "a run, use the trainer.default_root_dir and logger name it ran with, or pass --ckpt_path FILE",
                 stacklevel=2,
             )
         return found

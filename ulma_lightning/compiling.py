@@ -100,6 +100,7 @@ def check_strategy(strategy: Any) -> None:
 
     if isinstance(strategy, FSDPStrategy):
         raise ValueError(
-            f"policy.compile is not supported with {type(strategy).__name__} (torch FSDP1, configs/strategy/fsdp.yaml): "
-            "use configs/strategy/fsdp2.yaml (FSDP2) or ddp.yaml, or set model.init_args.policy.compile: false"
+            f"policy.compile is not supported with {type(strategy).__name__} (torch FSDP1, "
+            "configs/strategy/fsdp.yaml): use configs/strategy/fsdp2.yaml (FSDP2) or ddp.yaml, or set "
+            "model.init_args.policy.compile: false"
         )

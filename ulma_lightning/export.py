@@ -123,7 +123,8 @@ def export_atomically(write: Callable[[Path], Any], out: str | Path, *, what: st
         remove_path(partial)
         full = isinstance(err, OSError) and err.errno == errno.ENOSPC
         message = (
-            f"{what}: writing the Hugging Face folder {out} failed ({type(err).__name__}: {err}); nothing was written there"
+            f"{what}: writing the Hugging Face folder {out} failed ({type(err).__name__}: {err}); nothing was written "
+            "there"
             + (" (an earlier export there is kept)" if out.exists() else "")
             + (". Free space on that device or write elsewhere" if full else "")
         )

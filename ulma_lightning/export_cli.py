@@ -43,7 +43,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         return read_checkpoint_metadata(path)
     if not (path / METADATA_FILE).is_file():
         raise FileNotFoundError(
-            f"{path} is neither a checkpoint file nor a sharded checkpoint folder (no {METADATA_FILE} in it); pass a .ckpt file or folder written by `ulma fit` (e.g. runs/ulma/checkpoints/last.ckpt)"
+            f"{path} is neither a checkpoint file nor a sharded checkpoint folder (no {METADATA_FILE} in it); pass a "
+            ".ckpt file or folder written by `ulma fit` (e.g. runs/ulma/checkpoints/last.ckpt)"
         )
     weights = _compat.load_sharded_state_dict(path, {"state_dict", "model"})
     checkpoint = read_checkpoint_metadata(path)
@@ -64,7 +65,8 @@ def module_from_checkpoint(checkpoint: dict[str, Any]) -> Any:
     class_path = hparams.get("_class_path") or checkpoint.get(MODULE_CLASS_KEY)
     if class_path is None:
         raise ValueError(
-            "the checkpoint does not name its module class; load it with YourModule.load_from_checkpoint and call ulma_lightning.export.export_hf"
+            "the checkpoint does not name its module class; load it with YourModule.load_from_checkpoint and call "
+            "ulma_lightning.export.export_hf"
         )
     cls = import_object(class_path)
     if hparams.pop("_instantiator", None) is not None:  # written by `ulma fit` (LightningCLI)
@@ -88,7 +90,8 @@ def check_out(out: Path, overwrite: bool) -> None:
         return
     what = "a folder that is not empty" if out.is_dir() else "a file"
     raise FileExistsError(
-        f"--out {out} is {what}; export writes a whole Hugging Face folder there. Choose a new or empty folder, or pass --overwrite to replace it"
+        f"--out {out} is {what}; export writes a whole Hugging Face folder there. Choose a new or empty folder, or "
+        "pass --overwrite to replace it"
     )
 
 

@@ -98,7 +98,8 @@ def inspect_gguf(source: str) -> GgufInfo:
         end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
     except Exception as exc:  # the reader's errors on a short file are numpy's (reshape, index)
         raise ValueError(
-            f"{path} is not a readable GGUF file (truncated or corrupt: {type(exc).__name__}: {exc}); download or convert it again"
+            f"{path} is not a readable GGUF file (truncated or corrupt: {type(exc).__name__}: {exc}); download or "
+            "convert it again"
         ) from exc
     if end > size:
         raise ValueError(
@@ -115,9 +116,9 @@ def inspect_gguf(source: str) -> GgufInfo:
         if bad_types:
             problems.append(f"tensor type(s) {', '.join(bad_types)} (no dequantiser)")
         raise ValueError(
-            f"{path}: GGUF architecture {architecture!r} with quantisation {info.quantisation} cannot be loaded by this "
-            f"transformers/gguf: unsupported {' and '.join(problems)}. Use a GGUF of a supported architecture and quantisation "
-            "(e.g. Q4_K_M, Q8_0, F16), or convert the original checkpoint with save_pretrained"
+            f"{path}: GGUF architecture {architecture!r} with quantisation {info.quantisation} cannot be loaded by "
+            f"this transformers/gguf: unsupported {' and '.join(problems)}. Use a GGUF of a supported architecture and "
+            "quantisation (e.g. Q4_K_M, Q8_0, F16), or convert the original checkpoint with save_pretrained"
         )
     return info
 

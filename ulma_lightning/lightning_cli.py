@@ -49,7 +49,8 @@ def _tokenizer_of(policy: Any) -> str:
 
 
 def nulls_as_init_args(argv: list[str]) -> list[str]:
-    """Rewrite ``--model.init_args.a.b null`` (or ``--model.a.b=null``) as ``--model '{"init_args": {"a": {"b": null}}}'``.
+    """Rewrite ``--model.init_args.a.b null`` (or ``--model.a.b=null``) as
+    ``--model '{"init_args": {"a": {"b": null}}}'``.
 
     jsonargparse hands a nested option of a subclass-mode group on as the text ``--a.b=None``, so
     ``null`` arrived as the string 'None' (refused for a dict, taken as a name for a str); the
@@ -337,7 +338,8 @@ def check_dropped_init_args(before: dict[str, Any], after: dict[str, Any], old_c
     ):  # the base the shared defaults' model (no class_path) was read as: nothing written
         return
     warnings.warn(
-        f"{new_class} takes no option {', '.join(sorted(dropped))}; the config gave {old_class} its default there, which is dropped with the class_path change",
+        f"{new_class} takes no option {', '.join(sorted(dropped))}; the config gave {old_class} its default there, "
+        "which is dropped with the class_path change",
         stacklevel=2,
     )
 
@@ -461,7 +463,8 @@ class ULMACLI(LightningCLI):
     ``ulma --help``."""
 
     def _run_subcommand(self, subcommand: str) -> None:
-        """Run it; a run that fails before its first step leaves no log folder behind (:func:`remove_unused_log_dir`)."""
+        """Run it; a run that fails before its first step leaves no log folder behind
+        (:func:`remove_unused_log_dir`)."""
         log_dir = new_log_dir(self.trainer)
         try:
             super()._run_subcommand(subcommand)

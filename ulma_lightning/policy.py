@@ -63,7 +63,8 @@ class PolicyConfig:
             is set. ``vocab_size`` and the special-token ids default to the tokenizer's.
         tokenizer: a hub id, a local folder, ``builtin:demo`` or ``builtin:task`` (the demo or the
             comparison task's tokenizer, built offline). Default (null): the model's own, or
-            ``builtin:demo`` for a model built from ``model_config``. A tokenizer that does not fit the model's embeddings is an error.
+            ``builtin:demo`` for a model built from ``model_config``. A tokenizer that does not fit the model's
+            embeddings is an error.
         dtype: the weights' dtype. For mixed precision keep ``float32`` and set the trainer's
             ``precision: bf16-mixed``.
         reference: ``auto`` (the default: ``adapter`` with LoRA on and no ``reference_model``, else
@@ -126,8 +127,9 @@ class PolicyConfig:
             raise ValueError("PolicyConfig needs `model` (hub id or folder) or `model_config` (random init)")
         if self.gguf_file is not None and (self.model is None or is_gguf(self.model) or not is_gguf(self.gguf_file)):
             raise ValueError(
-                f"policy.gguf_file {self.gguf_file!r} with policy.model {self.model!r}: gguf_file names a .gguf file inside the "
-                "`model` folder (e.g. model: models/smollm2, gguf_file: model.Q4_1.gguf); or drop gguf_file and set model to the .gguf path"
+                f"policy.gguf_file {self.gguf_file!r} with policy.model {self.model!r}: gguf_file names a .gguf file "
+                "inside the `model` folder (e.g. model: models/smollm2, gguf_file: model.Q4_1.gguf); or drop "
+                "gguf_file and set model to the .gguf path"
             )
         if self.reference == "adapter" and self.lora is None:
             raise ValueError("reference: adapter needs `lora` settings (the reference is the policy without adapters)")
@@ -178,9 +180,9 @@ def check_vocab_fits(model: nn.Module, tokenizer: Any, config: PolicyConfig) -> 
     if size > rows or (named_apart and size < 0.9 * rows):
         model_name = config.model_source or "the model built from policy.model_config"
         raise ValueError(
-            f"policy.tokenizer {config.tokenizer_source!r} has {size} tokens but {model_name} has {rows} embedding rows: "
-            "the tokenizer does not belong to this model. Drop policy.tokenizer (null: the model's own tokenizer) "
-            "or name the tokenizer the model was trained with"
+            f"policy.tokenizer {config.tokenizer_source!r} has {size} tokens but {model_name} has {rows} embedding "
+            "rows: the tokenizer does not belong to this model. Drop policy.tokenizer (null: the model's own "
+            "tokenizer) or name the tokenizer the model was trained with"
         )
 
 
@@ -193,7 +195,8 @@ def check_logit_transform(model: nn.Module) -> None:
         value = getattr(config, name, None)
         if value not in (None, 1, 1.0):
             raise NotImplementedError(
-                f"{type(model).__name__} rescales its logits ({name}={value}); ulma-lightning's response log-probs do not support that yet. Please open an issue naming the model."
+                f"{type(model).__name__} rescales its logits ({name}={value}); ulma-lightning's response log-probs do "
+                "not support that yet. Please open an issue naming the model."
             )
 
 
@@ -316,7 +319,8 @@ class PretrainedModel(nn.Module):
         check_vocab_fits(model, self.tokenizer, cfg)
         if cfg.dtype != "float32" and cfg.lora is None:
             log.warning(
-                "policy.dtype %s without LoRA trains %s master weights: small AdamW updates round to zero. For mixed precision keep dtype float32 and set trainer.precision: bf16-mixed",
+                "policy.dtype %s without LoRA trains %s master weights: small AdamW updates round to zero. For mixed "
+                "precision keep dtype float32 and set trainer.precision: bf16-mixed",
                 cfg.dtype,
                 cfg.dtype,
             )

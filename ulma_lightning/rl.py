@@ -294,7 +294,8 @@ def grpo_loss(
 
 
 def adaptive_kl_coef(coef: float, current_kl: float, *, target: float, horizon: int, steps: int) -> float:
-    """Ziegler et al. 2019's adaptive KL controller: ``coef * (1 + clip(KL / target - 1, -0.2, 0.2) * steps / horizon)``."""
+    """Ziegler et al. 2019's adaptive KL controller:
+    ``coef * (1 + clip(KL / target - 1, -0.2, 0.2) * steps / horizon)``."""
     error = min(max(current_kl / target - 1.0, -0.2), 0.2)
     return coef * (1.0 + error * steps / horizon)
 

@@ -184,7 +184,8 @@ def data_parallel_mesh(mesh: Any) -> Any:
     names = getattr(mesh, "mesh_dim_names", None) or ()
     if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
         raise ValueError(
-            "tensor parallelism is not supported by ulma_lightning's modules; use ulma_lightning.sharding.FSDP2Strategy (configs/strategy/fsdp2.yaml) or tensor_parallel_size: 1"
+            "tensor parallelism is not supported by ulma_lightning's modules; use "
+            "ulma_lightning.sharding.FSDP2Strategy (configs/strategy/fsdp2.yaml) or tensor_parallel_size: 1"
         )
     return mesh["data_parallel"] if "data_parallel" in names else mesh
 
@@ -235,7 +236,8 @@ class AutoWrapFSDPStrategy(FSDPStrategy):
     def setup_environment(self) -> None:
         if self.root_device.type != "cuda":
             raise ValueError(
-                f"configs/strategy/fsdp.yaml (torch FSDP) runs on CUDA GPUs only, not on {self.root_device.type}; on CPUs use configs/strategy/fsdp2.yaml or configs/strategy/ddp.yaml"
+                f"configs/strategy/fsdp.yaml (torch FSDP) runs on CUDA GPUs only, not on {self.root_device.type}; on "
+                "CPUs use configs/strategy/fsdp2.yaml or configs/strategy/ddp.yaml"
             )
         super().setup_environment()
 

@@ -38,7 +38,8 @@ class SmallModelThreads(pl.Callback):
             return
         torch.set_num_threads(1)
         log.info(
-            "%.2fM parameters on CPU: 1 thread (faster than several for a model this small; set OMP_NUM_THREADS to choose)",
+            "%.2fM parameters on CPU: 1 thread (faster than several for a model this small; set OMP_NUM_THREADS to "
+            "choose)",
             parameters / 1e6,
         )
 

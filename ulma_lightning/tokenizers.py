@@ -160,15 +160,16 @@ def as_saved(tokenizer: Any, source: str) -> Any:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
     if _sample_ids(tokenizer) != expected:
         raise ValueError(
-            f"tokenizer {source!r}: transformers loads it as {loaded_as}, and neither that class nor PreTrainedTokenizerFast gives the ids of its "
-            f"tokenizer.json ({path}) on a sample text; save the tokenizer again with save_pretrained, or name another with policy.tokenizer"
+            f"tokenizer {source!r}: transformers loads it as {loaded_as}, and neither that class nor "
+            f"PreTrainedTokenizerFast gives the ids of its tokenizer.json ({path}) on a sample text; save the "
+            "tokenizer again with save_pretrained, or name another with policy.tokenizer"
         )
     if source not in _WARNED:
         _WARNED.add(source)
         log.warning(
-            "tokenizer %r: AutoTokenizer loads it as %s, which encodes differently from its tokenizer.json (other normalizer or pre-tokenizer); "
-            "using tokenizer.json as saved (PreTrainedTokenizerFast). Load the exported model's tokenizer the same way: "
-            "PreTrainedTokenizerFast.from_pretrained(folder)",
+            "tokenizer %r: AutoTokenizer loads it as %s, which encodes differently from its tokenizer.json (other "
+            "normalizer or pre-tokenizer); using tokenizer.json as saved (PreTrainedTokenizerFast). Load the exported "
+            "model's tokenizer the same way: PreTrainedTokenizerFast.from_pretrained(folder)",
             source,
             loaded_as,
         )

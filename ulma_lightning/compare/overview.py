@@ -79,7 +79,8 @@ def describe(grid: GridSpec, plan: Plan, root: Path, jobs: int = 1) -> str:
             users.setdefault(key, []).append(instance.id)
     lines = [
         f"ulma compare --plan: {grid.path} -> {root}",
-        f"{len(plan.stages)} stages, {len(plan.inits)} untrained models, {len(plan.instances)} runs ({len(grid.seeds)} seeds {grid.seeds}, data draw {grid.data_seed})",
+        f"{len(plan.stages)} stages, {len(plan.inits)} untrained models, {len(plan.instances)} runs ({len(grid.seeds)} "
+        f"seeds {grid.seeds}, data draw {grid.data_seed})",
         "",
     ]
     lines.append("stages (in the order they train):")
@@ -113,7 +114,8 @@ def describe(grid: GridSpec, plan: Plan, root: Path, jobs: int = 1) -> str:
     basis = "measured stages in the output folder" if measured else "default times per method on 2 CPU cores"
     lines += [
         "",
-        f"estimated time left: {clock(left / max(1, jobs))} with {jobs} job(s) ({basis}; evaluations ~{clock(DEFAULT_SECONDS['evaluation'])} each)",
+        f"estimated time left: {clock(left / max(1, jobs))} with {jobs} job(s) ({basis}; evaluations "
+        f"~{clock(DEFAULT_SECONDS['evaluation'])} each)",
     ]
     return "\n".join(lines)
 
@@ -124,7 +126,8 @@ def tune_overview(grid: GridSpec) -> str:
 
     assert grid.tune is not None
     lines = [
-        f"ulma compare --tune --plan: {grid.path}; tuning seeds {grid.tune.tuning_seeds}, validation prompts {grid.tune.prompts}",
+        f"ulma compare --tune --plan: {grid.path}; tuning seeds {grid.tune.tuning_seeds}, validation prompts "
+        f"{grid.tune.prompts}",
         "chains, tuned by depth:",
     ]
     total = candidates = 0
@@ -137,11 +140,13 @@ def tune_overview(grid: GridSpec) -> str:
         shown = ", ".join(f"{k.rsplit('.', 1)[-1]} {v}" for k, v in target.values.items())
         lines.append(f"  depth {target.depth} {key}: {shown} -> {count} candidates")
     lines.append(
-        f"{total} trainings at first ({candidates} candidates x {len(grid.tune.tuning_seeds)} seeds); a pick on a grid's edge adds up to {grid.tune.extend_edges} rounds per key"
+        f"{total} trainings at first ({candidates} candidates x {len(grid.tune.tuning_seeds)} seeds); a pick on a "
+        f"grid's edge adds up to {grid.tune.extend_edges} rounds per key"
     )
     seconds = total * (DEFAULT_SECONDS["policy"] + DEFAULT_SECONDS["evaluation"])
     lines.append(
-        f"estimated: ~{clock(seconds / max(1, grid.jobs))} with {grid.jobs} job(s), at default times (chains' shared prefixes train once)"
+        f"estimated: ~{clock(seconds / max(1, grid.jobs))} with {grid.jobs} job(s), at default times (chains' shared "
+        "prefixes train once)"
     )
     return "\n".join(lines)
 

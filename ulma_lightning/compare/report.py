@@ -228,12 +228,18 @@ def markdown(results: dict[str, Any], command: str) -> str:
         "",
         f"Made by `{command}` from `{results['grid']}` ({results['written']}); seeds {results['seeds']}.",
         f"Every number is measured on the prompts of `{results['evaluation'].get('prompts')}` (the first "
-        f"{results['evaluation'].get('max_prompts') or 'all'}): mean ± sample standard deviation over seeds; the best of each",
-        "ranked column in bold. Score: the ground-truth score of greedy generations; helpfulness (on harmless requests) and",
-        "harmlessness (on harmful requests) split it by request kind. Win rates (ties half) compare per prompt with the",
-        "baseline row and with the untrained model. Golden perplexity: of held-out golden demonstrations. KL to reference:",
-        "KL(policy || the run's own reference: the model its last stage started from), from one sampled response per prompt (an unbiased estimate, so it can be slightly",
-        "negative). Reward model accuracy: the share of the reward stage's validation pairs it ranks right (RLHF rows). Train time:",
+        f"{results['evaluation'].get('max_prompts') or 'all'}): mean ± sample standard deviation over seeds; the best "
+        "of each",
+        "ranked column in bold. Score: the ground-truth score of greedy generations; helpfulness (on harmless "
+        "requests) and",
+        "harmlessness (on harmful requests) split it by request kind. Win rates (ties half) compare per prompt with "
+        "the",
+        "baseline row and with the untrained model. Golden perplexity: of held-out golden demonstrations. KL to "
+        "reference:",
+        "KL(policy || the run's own reference: the model its last stage started from), from one sampled response per "
+        "prompt (an unbiased estimate, so it can be slightly",
+        "negative). Reward model accuracy: the share of the reward stage's validation pairs it ranks right (RLHF "
+        "rows). Train time:",
         "all stages of the run (a shared stage counts in every run that uses it).",
         "",
     ]
@@ -269,7 +275,8 @@ def markdown(results: dict[str, Any], command: str) -> str:
         train = record["metrics"].get("train_seconds")
         evaluation = record.get("eval_seconds")
         out.append(
-            f"| `{record['id']}` | {record['status']} | {'-' if train is None else f'{train:.1f}'} | {'-' if evaluation is None else f'{evaluation:.1f}'} | {commands} |"
+            f"| `{record['id']}` | {record['status']} | {'-' if train is None else f'{train:.1f}'} | "
+            f"{'-' if evaluation is None else f'{evaluation:.1f}'} | {commands} |"
         )
     return "\n".join(out) + "\n"
 

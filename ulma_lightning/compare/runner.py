@@ -201,8 +201,9 @@ def check_output(root: Path, overwrite: bool = False) -> None:
     if overwrite or not any(root.iterdir()) or _made_by_compare(root):
         return
     raise GridError(
-        f"--output {root} is a folder that ulma compare did not write, and it is not empty: compare would replace files "
-        "in it (results.md, results.json, the plots). Choose a new or empty folder, or pass --overwrite to write there anyway"
+        f"--output {root} is a folder that ulma compare did not write, and it is not empty: compare would replace "
+        "files in it (results.md, results.json, the plots). Choose a new or empty folder, or pass --overwrite to "
+        "write there anyway"
     )
 
 
@@ -223,7 +224,8 @@ def output_lock(root: Path) -> Iterator[None]:
             holder = handle.read().strip() or "unknown"
             handle.close()
             raise GridError(
-                f"{root}: another ulma compare (process {holder}) is writing here; wait for it to end or pass another --output"
+                f"{root}: another ulma compare (process {holder}) is writing here; wait for it to end or pass another "
+                "--output"
             ) from None
         try:
             same = os.fstat(handle.fileno()).st_ino == os.stat(lock).st_ino
@@ -307,7 +309,8 @@ def _run_all(
         left = [i.id for i in todo if not runner.finished(run_folder(root, i.id) / RESULT_FILE) and i.id != instance_id]
         eta = f"; {eta_line(plan, root, left, jobs)}" if left else ""
         print(
-            f"[ulma compare] {instance_id} {status} ({result['seconds']:.1f} s); {done}/{total} runs done, {total - done} left{eta}",
+            f"[ulma compare] {instance_id} {status} ({result['seconds']:.1f} s); {done}/{total} runs done, "
+            f"{total - done} left{eta}",
             flush=True,
         )
         write_results(collect(grid, plan, root), root, command)  # after every run, so a kill leaves up-to-date files
@@ -455,7 +458,8 @@ def compare_command(argv: list[str]) -> dict[str, Any]:
     if failed:
         shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
         print(
-            f"ulma compare: {len(failed)} of {len(results['runs'])} runs failed ({shown}); their errors are in results.md",
+            f"ulma compare: {len(failed)} of {len(results['runs'])} runs failed ({shown}); their errors are in "
+            "results.md",
             file=sys.stderr,
         )
         raise SystemExit(1)

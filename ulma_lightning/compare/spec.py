@@ -205,7 +205,8 @@ def check_path_name(name: str, where: str, what: str) -> None:
     leave it: ``/`` or ``\\`` in it, or a leading ``.`` (``..``, hidden files)."""
     if not name or "/" in name or "\\" in name or name.startswith("."):
         raise GridError(
-            f"{where}: {what} cannot be empty, contain '/' or '\\', or start with '.' (it names a folder of the output), got {name!r}"
+            f"{where}: {what} cannot be empty, contain '/' or '\\', or start with '.' (it names a folder of the "
+            f"output), got {name!r}"
         )
 
 
@@ -264,7 +265,8 @@ def _module_class(config: Path, overrides: dict[str, Any], where: str) -> tuple[
 
     if not (inspect.isclass(cls) and issubclass(cls, METHOD_BASES)):
         raise GridError(
-            f"{where}: {class_path} in {config} is not an ulma-lightning method module (a subclass of AlignmentModule or RolloutModule)"
+            f"{where}: {class_path} in {config} is not an ulma-lightning method module (a subclass of AlignmentModule "
+            "or RolloutModule)"
         )
     return class_path, cls
 
@@ -304,7 +306,8 @@ def _stage(raw: Any, path: Path, what: str, configs_dir: Path) -> StageSpec:
                 _where(
                     path,
                     entry_line,
-                    f"{what}: config file {config_name!r} does not exist (looked in {Path.cwd()} and {grid_dir}); fix the path",
+                    f"{what}: config file {config_name!r} does not exist (looked in {Path.cwd()} and {grid_dir}); fix "
+                    "the path",
                 )
             )
     else:
@@ -315,7 +318,8 @@ def _stage(raw: Any, path: Path, what: str, configs_dir: Path) -> StageSpec:
                 _where(
                     path,
                     entry_line,
-                    f"{what}: unknown method {method!r}; known methods (configs in {configs_dir}): {known}; or give `config: FILE`",
+                    f"{what}: unknown method {method!r}; known methods (configs in {configs_dir}): {known}; or give "
+                    "`config: FILE`",
                 )
             )
     if not entry.get("data"):
@@ -348,20 +352,21 @@ def check_chain(stages: list[StageSpec], where: str) -> None:
         raise GridError(f"{where}: `stages` is empty; give at least one {{method, data}}")
     if stages[-1].role == "reward":
         raise GridError(
-            f"{where}: the last stage ({stages[-1].method}) trains a reward model, which generates nothing to evaluate; "
-            "follow it with a policy stage that takes the reward model (e.g. PPO), or drop it"
+            f"{where}: the last stage ({stages[-1].method}) trains a reward model, which generates nothing to "
+            "evaluate; follow it with a policy stage that takes the reward model (e.g. PPO), or drop it"
         )
     for before, after in zip(stages, stages[1:]):
         if before.role == "reward":
             if after.role == "reward":
                 raise GridError(
-                    f"{where}: two reward-model stages in a row ({before.method}, {after.method}); a reward model feeds a policy stage"
+                    f"{where}: two reward-model stages in a row ({before.method}, {after.method}); a reward model "
+                    "feeds a policy stage"
                 )
             if not _accepts(import_object(after.module_class), after.reward_arg):
                 raise GridError(
-                    f"{where}: stage {after.method!r} ({after.module_class}) follows the reward model of stage {before.method!r} "
-                    f"but takes no `{after.reward_arg.split('init_args.')[-1]}` argument; only an RL stage (e.g. PPO) can use a reward model "
-                    "(or set `reward_arg:` on that stage)"
+                    f"{where}: stage {after.method!r} ({after.module_class}) follows the reward model of stage "
+                    f"{before.method!r} but takes no `{after.reward_arg.split('init_args.')[-1]}` argument; only an RL "
+                    "stage (e.g. PPO) can use a reward model (or set `reward_arg:` on that stage)"
                 )
 
 
@@ -414,7 +419,8 @@ def _variants(raw: Any, path: Path, doc: Any) -> dict[str, dict[str, dict[str, s
                     _where(
                         path,
                         kinds,
-                        f"variants.{name}.{kind}: give `train` and optionally `val`, `test` sources (got keys {sorted(sources)})",
+                        f"variants.{name}.{kind}: give `train` and optionally `val`, `test` sources (got keys "
+                        f"{sorted(sources)})",
                     )
                 )
             out[str(name)][str(kind)] = {k: str(v) for k, v in sources.items()}
@@ -441,7 +447,8 @@ def _evaluation(raw: Any, path: Path, doc: Any) -> EvaluationSpec:
             _where(
                 path,
                 raw,
-                "evaluation.scorer needs a `class_path` (e.g. ulma_lightning.evaluation.DemoScorer) and optionally `init_args`",
+                "evaluation.scorer needs a `class_path` (e.g. ulma_lightning.evaluation.DemoScorer) and optionally "
+                "`init_args`",
             )
         )
     try:
@@ -530,7 +537,8 @@ def _tune(raw: Any, path: Path, doc: Any, variants: dict[str, Any]) -> TuneSpec 
             _where(
                 path,
                 raw,
-                f"tune.variant {entry.get('variant', 'ordinary')!r} is not a variant; the grid defines {sorted(variants)}",
+                f"tune.variant {entry.get('variant', 'ordinary')!r} is not a variant; the grid defines "
+                f"{sorted(variants)}",
             )
         )
     if "seeds" in entry:
@@ -566,7 +574,8 @@ def _base(raw: Any, path: Path, doc: Any, configs_dir: Path) -> StageSpec | None
             _where(
                 path,
                 raw,
-                f"base: {stage.method} trains a reward model; the base stage trains the policy every run starts from (e.g. method: sft)",
+                f"base: {stage.method} trains a reward model; the base stage trains the policy every run starts from "
+                "(e.g. method: sft)",
             )
         )
     stage.sources = sources
@@ -668,7 +677,8 @@ def load_grid(path: str | Path, *, quick: bool = False, heldout: bool = False) -
             _where(
                 path,
                 doc,
-                f"data_seed must be an integer (the data draw, substituted for {DATA_SEED} in sources), got {data_seed!r}",
+                f"data_seed must be an integer (the data draw, substituted for {DATA_SEED} in sources), got "
+                f"{data_seed!r}",
             )
         )
     configs_dir = Path(doc.get("configs_dir") or "configs")
@@ -726,7 +736,8 @@ def load_grid(path: str | Path, *, quick: bool = False, heldout: bool = False) -
                         _where(
                             path,
                             raw,
-                            f"{what} stage {i + 1} ({stage.method}): data kind {stage.data!r} is not defined in variant {variant!r} (it has {sorted(variants[variant])})",
+                            f"{what} stage {i + 1} ({stage.method}): data kind {stage.data!r} is not defined in "
+                            f"variant {variant!r} (it has {sorted(variants[variant])})",
                         )
                     )
         overrides = _mapping_of(entry.get("overrides"), path, f"{what}.overrides", raw)

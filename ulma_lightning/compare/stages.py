@@ -427,7 +427,8 @@ def train_stage(stage: Stage, root: Path, exports: dict[str, str], launcher: str
     export = find_latest(folder, "hf_model/config.json")
     if export is None:
         raise RuntimeError(
-            f"stage {stage.key} ({stage.spec.config}) wrote no Hugging Face export; add ulma_lightning.callbacks.HFExport to the config's trainer.callbacks"
+            f"stage {stage.key} ({stage.spec.config}) wrote no Hugging Face export; add "
+            "ulma_lightning.callbacks.HFExport to the config's trainer.callbacks"
         )
     record = {
         "status": "ok",

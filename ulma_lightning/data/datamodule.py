@@ -232,7 +232,8 @@ class AlignmentDataModule(pl.LightningDataModule):
                 ]
                 if unused:
                     raise ValueError(
-                        f"data.{split}: source {spec.source}: {type(self).__name__} has no use for {' and '.join(unused)} (its records are not scored); drop it, or use PointwiseDataModule"
+                        f"data.{split}: source {spec.source}: {type(self).__name__} has no use for "
+                        f"{' and '.join(unused)} (its records are not scored); drop it, or use PointwiseDataModule"
                     )
         self.reading: SourceSpec | None = None  # the source being read, whose options override the module's
         self.mixed: dict[str, dict[str, dict[str, int]]] = {}  # split -> source -> samples read, skipped, records drawn

@@ -1,4 +1,5 @@
-"""Where a record came from (:class:`Location`), the error raised for a bad input record, and the tally of records skipped instead."""
+"""Where a record came from (:class:`Location`), the error raised for a bad input record, and the tally of records
+skipped instead."""
 
 from __future__ import annotations
 

@@ -91,7 +91,8 @@ def format_pair(prompt: Prompt, response: Response, tokenizer: Any) -> tuple[str
         if not whole.startswith(prompt_text):
             raise ValueError(
                 "the tokenizer's chat template writes the conversation differently from its prompt with the "
-                f"generation prompt, so the completion cannot be cut from it: {prompt_text!r} is not a prefix of {whole!r}"
+                f"generation prompt, so the completion cannot be cut from it: {prompt_text!r} is not a prefix of "
+                f"{whole!r}"
             )
         completion = whole[len(prompt_text) :]
         eos = getattr(tokenizer, "eos_token", None)

@@ -89,7 +89,8 @@ def source_specs(value: SplitSources | dict[str, Any] | None, split: str) -> lis
             len(spec.score_range) == 2 and spec.score_range[0] < spec.score_range[1]
         ):
             raise ValueError(
-                f"{where} ({spec.source}): score_range must be [low, high] with low < high, got {list(spec.score_range)}"
+                f"{where} ({spec.source}): score_range must be [low, high] with low < high, got "
+                f"{list(spec.score_range)}"
             )
         specs.append(spec)
     return specs

@@ -34,7 +34,8 @@ class PromptDataModule(AlignmentDataModule):
     demonstrations, pairs ``{prompt, chosen, rejected}`` (or with implicit prompt, as conversations),
     ``{messages}`` (the turns before a final assistant answer, or the whole conversation when it ends
     with the user) and HH transcripts give their prompt; their responses are not trained on (said
-    once in the log) and are kept as the reference answer for ``ulma evaluate``'s win rates. Prompts are cut from the left to ``max_prompt_length`` tokens
+    once in the log) and are kept as the reference answer for ``ulma evaluate``'s win rates. Prompts are cut from the
+    left to ``max_prompt_length`` tokens
     (default ``max_length // 2``). A record repeated per response (two samples of a pair) is one prompt.
 
     Args:
@@ -49,7 +50,8 @@ class PromptDataModule(AlignmentDataModule):
         present = [f for f in RESPONSE_FIELDS if record.get(f) is not None]
         if present and not self._said_responses_ignored:
             log.info(
-                "%s: records carry responses (%s); they are ignored for training (the policy generates its own) and kept as reference answers for evaluation",
+                "%s: records carry responses (%s); they are ignored for training (the policy generates its own) and "
+                "kept as reference answers for evaluation",
                 location,
                 ", ".join(present),
             )

@@ -365,7 +365,8 @@ def parse_pair(record: dict[str, Any], location: Location) -> PairExample:
         expected = "; ".join(FORMATS[name] for name in PAIRWISE_FORMATS)
         raise DataError(
             location, None, f"a {FORMATS[kind]} record is not a preference pair; the pairwise methods read: {expected}",
-            "train a point-wise method (PointwiseDataModule) or SFT on it, map your fields with columns:, or set on_bad_record: skip",
+            "train a point-wise method (PointwiseDataModule) or SFT on it, map your fields with columns:, or set "
+            "on_bad_record: skip",
         )  # fmt: skip
     prompt = check_prompt(record.get("prompt"), location)
     return PairExample(

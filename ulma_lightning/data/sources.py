@@ -230,7 +230,8 @@ def _read_demo(source: str, default_split: str) -> Iterator[tuple[Any, Location]
     label = parsed.netloc or parsed.path.strip("/")
     if label not in DEMO_KINDS:
         raise ValueError(
-            f"demo source must be demo://binary or demo://continuous (point-wise), demo://pairwise or demo://demonstration, got {source!r}"
+            "demo source must be demo://binary or demo://continuous (point-wise), demo://pairwise or "
+            f"demo://demonstration, got {source!r}"
         )
     query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
     split = query.get("split", default_split)

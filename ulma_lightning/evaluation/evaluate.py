@@ -115,7 +115,8 @@ def with_run_checkpoint(argv: list[str], command: str = "ulma evaluate") -> tupl
     ckpt = run_folder_checkpoint(known.ckpt_path, command)
     if not Path(ckpt).exists():
         raise FileNotFoundError(
-            f"{command}: no such checkpoint: {ckpt} (pass --ckpt_path an existing .ckpt file, sharded checkpoint folder or run folder)"
+            f"{command}: no such checkpoint: {ckpt} (pass --ckpt_path an existing .ckpt file, sharded checkpoint "
+            "folder or run folder)"
         )
     rest = [
         a for i, a in enumerate(argv) if not (a.startswith("--ckpt_path") or (i > 0 and argv[i - 1] == "--ckpt_path"))
@@ -131,7 +132,8 @@ def with_run_checkpoint(argv: list[str], command: str = "ulma evaluate") -> tupl
     config = saved_config(ckpt)
     if config is None:
         raise FileNotFoundError(
-            f"{command}: no config.yaml found beside {ckpt} (looked in its folder and two above); pass the run's config with --config"
+            f"{command}: no config.yaml found beside {ckpt} (looked in its folder and two above); pass the run's "
+            "config with --config"
         )
     print(f"{command}: using the run's saved config {config}")
     return ["--config", str(config), *argv], run
@@ -218,7 +220,8 @@ def _evaluate(cli: EvaluateCLI) -> dict[str, Any]:
     if not cli.config.get("skip_test"):
         if not datamodule.has_split("test"):
             raise ValueError(
-                "ulma evaluate: no test data: set data.test (or data.val / data.val_fraction, which it defaults to), or pass --skip_test true"
+                "ulma evaluate: no test data: set data.test (or data.val / data.val_fraction, which it defaults to), "
+                "or pass --skip_test true"
             )
         results = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
         report["test"] = {name: _number(value) for name, value in sorted(results[0].items())} if results else {}

@@ -146,6 +146,7 @@ def empty_responses(responses: list[str]) -> int:
 def empty_warning(where: str, empty: int, total: int) -> str:
     """The warning for ``empty`` of ``total`` responses being empty: ``312 of 312 responses are empty``."""
     return (
-        f"{where}: {empty} of {total} responses are empty (the model generated EOS, or only whitespace, first): an untrained or "
-        "collapsed model, or prompts in a format it was not trained on (check its chat template and the data's prompts)"
+        f"{where}: {empty} of {total} responses are empty (the model generated EOS, or only whitespace, first): an "
+        "untrained or collapsed model, or prompts in a format it was not trained on (check its chat template and the "
+        "data's prompts)"
     )

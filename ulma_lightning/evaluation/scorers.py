@@ -184,7 +184,8 @@ class HFClassifierScorer(_ModelScorer):
         looks_like_hub_id = not local.is_absolute() and not self.path.startswith(".") and self.path.count("/") == 1
         if not local.exists() and not looks_like_hub_id:
             raise FileNotFoundError(
-                f"HFClassifierScorer.path: {self.path!r} is not a folder; save the reward model there with save_pretrained"
+                f"HFClassifierScorer.path: {self.path!r} is not a folder; save the reward model there with "
+                "save_pretrained"
             )
         model = AutoModelForSequenceClassification.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
         if model.config.num_labels != 1:
@@ -264,7 +265,8 @@ def checked_scores(scorer: Scorer, prompts: Sequence[Any], responses: Sequence[s
     who = f"scorer {type(scorer).__name__} (name {scorer.name!r})"
     if len(values) != len(responses):
         raise ValueError(
-            f"{who} returned {len(values)} scores for {len(responses)} responses; Scorer.score must return one number per (prompt, response), in order"
+            f"{who} returned {len(values)} scores for {len(responses)} responses; Scorer.score must return one number "
+            "per (prompt, response), in order"
         )
     scores = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
@@ -272,7 +274,7 @@ def checked_scores(scorer: Scorer, prompts: Sequence[Any], responses: Sequence[s
         i = bad[0]
         raise ValueError(
             f"{who} returned {values[i]} for response {i} of the batch ({len(bad)} non-finite in all; prompt "
-            f"{str(prompts[i])[:80]!r}, response {responses[i][:80]!r}); a scorer must return finite numbers: fix the scorer "
-            "or the reward model it loads"
+            f"{str(prompts[i])[:80]!r}, response {responses[i][:80]!r}); a scorer must return finite numbers: fix the "
+            "scorer or the reward model it loads"
         )
     return scores

@@ -66,7 +66,8 @@ def match_rows(
         queue = by_prompt.get(prompt_key(row["prompt"]))
         if not queue:
             raise ValueError(
-                f"row {number} (index {row.get('index', '?')}): its prompt is not in {other_name}; compare predictions made on the same prompts (same data.predict / data.test)"
+                f"row {number} (index {row.get('index', '?')}): its prompt is not in {other_name}; compare predictions "
+                "made on the same prompts (same data.predict / data.test)"
             )
         matched.append(queue.pop(0))
     return matched
@@ -102,7 +103,8 @@ def summarize(
             theirs = [(a, b) for a, b in both if a is not None and b is not None]
             if len(theirs) != len(rows):
                 raise ValueError(
-                    f"the other predictions file lacks {name!r} scores on some rows; score both files with the same scorers"
+                    f"the other predictions file lacks {name!r} scores on some rows; score both files with the same "
+                    "scorers"
                 )
             stats["other_mean"] = sum(b for _, b in theirs) / len(theirs) if theirs else math.nan
             stats["win_rate_vs_other"] = win_rate([a for a, _ in theirs], [b for _, b in theirs])

@@ -68,7 +68,8 @@ class AlignmentModule(pl.LightningModule):
         policy: the model, tokenizer and reference settings.
         optimizer: optimizer and learning-rate schedule.
         _spec: the method's declaration, when it depends on the method's options (default: the class's
-            :attr:`spec`); private: not a config option. Constructor options named ``average_logps`` or ``label_type`` (not None)
+            :attr:`spec`); private: not a config option. Constructor options named ``average_logps`` or ``label_type``
+            (not None)
             set those fields: an option is declared once, as a typed argument.
     """
 
@@ -104,7 +105,8 @@ class AlignmentModule(pl.LightningModule):
         shared.configure_policy(self)
 
     def check_max_length(self) -> None:
-        """Refuse a ``data.max_length`` the model has no positions for (:func:`~ulma_lightning.modules.shared.check_max_length`)."""
+        """Refuse a ``data.max_length`` the model has no positions for
+        (:func:`~ulma_lightning.modules.shared.check_max_length`)."""
         shared.check_max_length(self)
 
     # ------------------------------------------------------------ the declaration
@@ -150,8 +152,9 @@ class AlignmentModule(pl.LightningModule):
         inputs = getattr(self.data_module, "predict_inputs", None)
         if stage == "predict" and inputs is not None and inputs != self.spec.predict_inputs:
             raise ValueError(
-                f"{type(self).__name__} predicts on {self.spec.predict_inputs}, but the data module's predict_inputs is "
-                f"{inputs!r}: build it with predict_inputs={self.spec.predict_inputs!r} (ulma links it from the model)"
+                f"{type(self).__name__} predicts on {self.spec.predict_inputs}, but the data module's predict_inputs "
+                f"is {inputs!r}: build it with predict_inputs={self.spec.predict_inputs!r} (ulma links it from the "
+                "model)"
             )
 
     # ------------------------------------------------------------ the loss
@@ -204,7 +207,8 @@ class AlignmentModule(pl.LightningModule):
         """Called before the reference pass over ``split``, e.g. to attach columns it needs."""
 
     def precompute_reference_logps(self) -> None:
-        """Compute the reference columns of every split now (:func:`~ulma_lightning.modules.reference.precompute_reference_logps`)."""
+        """Compute the reference columns of every split now
+        (:func:`~ulma_lightning.modules.reference.precompute_reference_logps`)."""
         precompute_reference_logps(self)
 
     def _wrapped_by_fsdp(self) -> bool:
@@ -347,7 +351,8 @@ class AlignmentModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.device.type == "cpu" and "mixed" in str(self.trainer.precision):
             rank_zero_warn(
-                f"trainer.precision {self.trainer.precision} on CPU: mixed precision is for GPUs, and autocast on CPU runs many times slower than 32-true here; set --trainer.precision 32-true on CPU"
+                f"trainer.precision {self.trainer.precision} on CPU: mixed precision is for GPUs, and autocast on CPU "
+                "runs many times slower than 32-true here; set --trainer.precision 32-true on CPU"
             )
         schedule_reference_precompute(self)
 

@@ -63,7 +63,8 @@ class GRPOModule(RolloutModule):
     ) -> None:
         if num_generations < 2:
             raise ValueError(
-                f"GRPOModule: num_generations must be >= 2 (the advantage is relative to the prompt's other samples), got {num_generations}"
+                "GRPOModule: num_generations must be >= 2 (the advantage is relative to the prompt's other samples), "
+                f"got {num_generations}"
             )
         for name, use in (
             ("samples_per_prompt", "num_generations"),

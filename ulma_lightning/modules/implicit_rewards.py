@@ -1,5 +1,6 @@
 """Accuracy and AUC of an implicit reward at separating positives from negatives, per epoch over all
-processes: the ``rewards/accuracy`` and ``rewards/auc`` of the point-wise modules and of KTO (:class:`RewardMetrics`)."""
+processes: the ``rewards/accuracy`` and ``rewards/auc`` of the point-wise modules and of KTO
+(:class:`RewardMetrics`)."""
 
 from __future__ import annotations
 

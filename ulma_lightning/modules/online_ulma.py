@@ -135,7 +135,8 @@ class OnlineULMAModule(RolloutModule):
         )
         if label_mode == "top_vs_rest" and samples_per_prompt < 2:
             raise ValueError(
-                f"label_mode top_vs_rest compares the samples of a prompt: samples_per_prompt must be >= 2, got {samples_per_prompt}; or use label_mode threshold or continuous"
+                "label_mode top_vs_rest compares the samples of a prompt: samples_per_prompt must be >= 2, got "
+                f"{samples_per_prompt}; or use label_mode threshold or continuous"
             )
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
             raise ValueError(f"threshold must be a finite number, got {threshold!r}")
@@ -153,7 +154,8 @@ class OnlineULMAModule(RolloutModule):
             score_range = (lo, hi)
         if ref_refresh_every is not None and (policy.reference != "copy" or policy.lora is not None):
             raise ValueError(
-                f"ref_refresh_every copies the policy into a separate reference model: it needs policy.reference copy without policy.lora, got reference {policy.reference!r}"
+                "ref_refresh_every copies the policy into a separate reference model: it needs policy.reference copy "
+                f"without policy.lora, got reference {policy.reference!r}"
                 + (" with lora" if policy.lora is not None else "")
             )
         spec = ROLLOUT.replace(average_logps=average_logps)

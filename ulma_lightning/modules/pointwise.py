@@ -21,7 +21,8 @@ def check_pointwise_options(*, beta: float, positive_threshold: float, reduction
     check_numbers(beta=(beta, "> 0"))
     if not 0 < positive_threshold <= 1:
         raise ValueError(
-            f"positive_threshold must be in (0, 1], got {positive_threshold}: scores are normalised to [0, 1] by data.score_range (e.g. 4 on a 1..5 scale is 0.75)"
+            f"positive_threshold must be in (0, 1], got {positive_threshold}: scores are normalised to [0, 1] by "
+            "data.score_range (e.g. 4 on a 1..5 scale is 0.75)"
         )
     check_choices(reduction=(reduction, get_args(Reduction)))
 

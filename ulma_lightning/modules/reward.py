@@ -119,7 +119,8 @@ class RewardModelModule(AlignmentModule):
                 positive_threshold=self.positive_threshold,
             )
         raise ValueError(
-            "the reward model trains on pairs (PairwiseDataModule) or scored samples (PointwiseDataModule); this batch has neither"
+            "the reward model trains on pairs (PairwiseDataModule) or scored samples (PointwiseDataModule); this batch "
+            "has neither"
         )
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:

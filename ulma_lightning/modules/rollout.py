@@ -212,15 +212,16 @@ class RolloutModule(pl.LightningModule):
         name = type(self).__name__
         if isinstance(strategy, FSDPStrategy):
             raise NotImplementedError(
-                f"{name} does not run under {type(strategy).__name__} (torch FSDP1, configs/strategy/fsdp.yaml): rollouts are "
-                "generated in lockstep only under FSDP2. Use --config configs/strategy/fsdp2.yaml, or DDP (--config configs/strategy/ddp.yaml)"
+                f"{name} does not run under {type(strategy).__name__} (torch FSDP1, configs/strategy/fsdp.yaml): "
+                "rollouts are generated in lockstep only under FSDP2. Use --config configs/strategy/fsdp2.yaml, or "
+                "DDP (--config configs/strategy/ddp.yaml)"
             )
         if isinstance(strategy, ModelParallelStrategy) and not self.runs_under_fsdp2:
             raise NotImplementedError(
-                f"{name} does not run under {type(strategy).__name__} (FSDP2, configs/strategy/fsdp2.yaml): it trains a model "
-                "besides the policy (a critic) that is not sharded, so its gradients would not be synchronised. Use DDP "
-                "(--config configs/strategy/ddp.yaml), or one device, with LoRA (policy.lora) to fit a larger model; "
-                "RLOOModule, GRPOModule and OnlineULMAModule run under FSDP2"
+                f"{name} does not run under {type(strategy).__name__} (FSDP2, configs/strategy/fsdp2.yaml): it trains "
+                "a model besides the policy (a critic) that is not sharded, so its gradients would not be "
+                "synchronised. Use DDP (--config configs/strategy/ddp.yaml), or one device, with LoRA (policy.lora) "
+                "to fit a larger model; RLOOModule, GRPOModule and OnlineULMAModule run under FSDP2"
             )
         if stage in ("fit", "validate", "test"):
             self.check_scorer(stage)
@@ -239,11 +240,13 @@ class RolloutModule(pl.LightningModule):
         if self.scorer.applies_to(sources):
             return
         raise ValueError(
-            f"{type(self).__name__}: the reward, model.init_args.scorer, is {type(self.scorer).__name__} (the ground truth of "
+            f"{type(self).__name__}: the reward, model.init_args.scorer, is {type(self.scorer).__name__} (the ground "
+            "truth of "
             f"a built-in task) but data.{split} is {sources[-1]!r}, not that task's data: it would reward nothing "
             "meaningful. Set the scorer to your reward model: --model.init_args.scorer "
             "'{class_path: ulma_lightning.evaluation.HFClassifierScorer, init_args: {path: PATH}}' (an exported reward "
-            "model folder), or ulma_lightning.evaluation.RewardModelScorer with init_args.ckpt_path (a reward-model checkpoint)"
+            "model folder), or ulma_lightning.evaluation.RewardModelScorer with init_args.ckpt_path (a reward-model "
+            "checkpoint)"
         )
 
     def on_fit_start(self) -> None:

@@ -173,9 +173,9 @@ def check_max_length(module: Any) -> None:
         split = max(over, key=over.__getitem__)
         model = module.policy.config.model or "the model built from policy.model_config"
         raise ValueError(
-            f"data.max_length {max_length} is above the model's max_position_embeddings {positions} ({model}), and the {split} split has "
-            f"samples of up to {over[split]} tokens, which the model has no positions for: set data.max_length to {positions} or less "
-            "(--data.init_args.max_length)"
+            f"data.max_length {max_length} is above the model's max_position_embeddings {positions} ({model}), and the "
+            f"{split} split has samples of up to {over[split]} tokens, which the model has no positions for: set "
+            f"data.max_length to {positions} or less (--data.init_args.max_length)"
         )
 
 

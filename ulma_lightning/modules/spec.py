@@ -84,12 +84,12 @@ class MethodSpec:
             return
         if "precomputed" not in self.reference_modes:
             raise ValueError(
-                f"{owner}: policy.reference (model.init_args.policy.reference) is {mode!r}; use copy (a frozen "
-                "copy of the initial policy or policy.reference_model) or adapter (with policy.lora). The reference scores "
+                f"{owner}: policy.reference (model.init_args.policy.reference) is {mode!r}; use copy (a frozen copy of "
+                "the initial policy or policy.reference_model) or adapter (with policy.lora). The reference scores "
                 "the policy's own generations, so it cannot be precomputed"
             )
         raise ValueError(
-            f"{owner} needs reference log-probs, but policy.reference (model.init_args.policy.reference "
-            f"in a config) is {mode!r}; set it to copy (a frozen copy of the initial policy, or policy.reference_model), "
-            "adapter (with policy.lora: the policy without its adapters) or precomputed (computed once before training)"
+            f"{owner} needs reference log-probs, but policy.reference (model.init_args.policy.reference in a config) "
+            f"is {mode!r}; set it to copy (a frozen copy of the initial policy, or policy.reference_model), adapter "
+            "(with policy.lora: the policy without its adapters) or precomputed (computed once before training)"
         )

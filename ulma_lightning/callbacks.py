@@ -75,12 +75,15 @@ class HFExport(pl.Callback):
         sharded, state = gather_policy_state(trainer, pl_module)
         if trainer.is_global_zero:
             full = {"state_dict": state} if sharded else {}
-            if hasattr(pl_module, "export_hf"):
-                write = lambda partial: pl_module.export_hf(partial, merge_lora=self.merge_lora, **full)  # noqa: E731
-            else:
-                write = lambda partial: export_hf(
-                    pl_module.policy.model, pl_module.policy.tokenizer, partial, merge_lora=self.merge_lora, **full
-                )  # noqa: E731
+
+            def write(partial: Path) -> None:
+                if hasattr(pl_module, "export_hf"):
+                    pl_module.export_hf(partial, merge_lora=self.merge_lora, **full)
+                else:
+                    export_hf(
+                        pl_module.policy.model, pl_module.policy.tokenizer, partial, merge_lora=self.merge_lora, **full
+                    )
+
             export_atomically(write, path, what="HFExport (trainer.callbacks)")
             log.info("saved the trained policy as a Hugging Face folder: %s", path)
         trainer.strategy.barrier("hf_export")

@@ -64,8 +64,8 @@ def run() -> None:
         if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
             raise
         print(
-            f"ulma: stopped ({DEBUG_ENV}=1 shows the traceback):\n{type(err).__module__}.{type(err).__qualname__}: "
-            f"{err}",
+            f"ulma: stopped ({DEBUG_ENV}=1 shows the traceback):\n"
+            f"{type(err).__module__}.{type(err).__qualname__}: {err}",
             file=sys.stderr,
         )
         raise SystemExit(2) from None

@@ -128,7 +128,10 @@ def export_parser() -> argparse.ArgumentParser:
     """The options of ``ulma export``."""
     parser = argparse.ArgumentParser(
         prog="ulma export",
-        description="Write the policy of a Lightning checkpoint (a file, or a sharded FSDP/FSDP2 folder) as a Hugging Face folder: safetensors weights, config, tokenizer and chat template.",
+        description=(
+            "Write the policy of a Lightning checkpoint (a file, or a sharded FSDP/FSDP2 folder) as a Hugging Face "
+            "folder: safetensors weights, config, tokenizer and chat template."
+        ),
     )
     parser.add_argument(
         "--ckpt",

@@ -314,7 +314,9 @@ class PretrainedModel(nn.Module):
             self.model = model
             return
         model = self._load(cfg.model_source)
-        model.train()  # from_pretrained returns eval mode: no dropout, and transformers skips gradient checkpointing outside training mode
+        # from_pretrained returns eval mode: no dropout, and transformers skips gradient checkpointing outside
+        # training mode
+        model.train()
         check_logit_transform(model)
         check_vocab_fits(model, self.tokenizer, cfg)
         if cfg.dtype != "float32" and cfg.lora is None:

@@ -66,7 +66,10 @@ def configs_main(argv: list[str] | None = None) -> int:
     """``ulma configs`` lists the shipped configs; ``ulma configs cp NAME DEST`` copies one."""
     parser = argparse.ArgumentParser(
         prog="ulma configs",
-        description="List the configs shipped with ulma-lightning, or copy one to edit (`ulma configs cp ulma my.yaml`). A shipped name also works in place of a file: `ulma fit --config ulma`.",
+        description=(
+            "List the configs shipped with ulma-lightning, or copy one to edit (`ulma configs cp ulma my.yaml`). "
+            "A shipped name also works in place of a file: `ulma fit --config ulma`."
+        ),
     )
     commands = parser.add_subparsers(dest="command")
     copy = commands.add_parser(

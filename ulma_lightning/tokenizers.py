@@ -116,7 +116,10 @@ def pad_token_id(tokenizer: Any) -> int:
 
 #: Text on which a loaded tokenizer must give the ids of the ``tokenizer.json`` it was loaded from:
 #: blank lines, digits, decomposed and composed accents, runs of spaces, tabs, punctuation, CJK.
-SAMPLE_TEXT = "\n\nHuman: In 2024, 1234 + 56 = 1290?  Cafe\u0301 cafe\u0301s na\u00efve\t\u00c5ngstr\u00f6m \u4f60\u597d!\n\nAssistant: Yes -- 3.14.\n"
+SAMPLE_TEXT = (
+    "\n\nHuman: In 2024, 1234 + 56 = 1290?  Cafe\u0301 cafe\u0301s na\u00efve\t\u00c5ngstr\u00f6m \u4f60\u597d!"
+    "\n\nAssistant: Yes -- 3.14.\n"
+)
 
 
 def saved_tokenizer_json(source: str) -> str | None:

@@ -178,8 +178,9 @@ class Evaluator:
                 prompt_batch = collate_prompts(part)
                 ids, mask = prompt_batch["input_ids"], prompt_batch["attention_mask"]
                 out = model.generate(
-                    input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=True, temperature=1.0,
-                    top_k=0, top_p=1.0, max_new_tokens=self.spec.kl_max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+                    input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=True,
+                    temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=self.spec.kl_max_new_tokens,
+                    pad_token_id=pad, eos_token_id=eos,
                 )  # fmt: skip
                 rows = []
                 for item, new in zip(part, out[:, ids.shape[1] :].tolist()):

@@ -367,7 +367,10 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
     """``ulma compare`` with command-line arguments ``argv``."""
     parser = argparse.ArgumentParser(
         prog="ulma compare",
-        description="Train and evaluate a grid of runs (methods x data variants x seeds, stages chained) and write results.md, results.json and PNG plots. Started again, it skips finished runs.",
+        description=(
+            "Train and evaluate a grid of runs (methods x data variants x seeds, stages chained) and write "
+            "results.md, results.json and PNG plots. Started again, it skips finished runs."
+        ),
     )
     parser.add_argument("--config", required=True, help="the grid YAML, e.g. experiments/paper.yaml")
     parser.add_argument("--quick", action="store_true", help="the grid's `quick:` subset (fewer seeds, runs and steps)")
@@ -379,7 +382,10 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="write into an --output folder that holds files ulma compare did not write (files of the same names are replaced)",
+        help=(
+            "write into an --output folder that holds files ulma compare did not write (files of the same names "
+            "are replaced)"
+        ),
     )
     parser.add_argument(
         "--only", default=None, help="run only this run name (all its variants and seeds), or one RUN/VARIANT/seedS"
@@ -397,7 +403,10 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument(
         "--tune",
         action="store_true",
-        help="choose each method's hyper-parameters by the grid's `tune:` rule (validation score); writes OUTPUT/tune/tuned.yaml",
+        help=(
+            "choose each method's hyper-parameters by the grid's `tune:` rule (validation score); writes "
+            "OUTPUT/tune/tuned.yaml"
+        ),
     )
     parser.add_argument(
         "--launcher",
@@ -410,7 +419,10 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
         type=int,
         default=None,
         metavar="N",
-        help="train N runs at a time in worker processes (stages they share are trained once; default: the grid's `jobs`, else 1); each uses cpu_count/N threads unless OMP_NUM_THREADS is set",
+        help=(
+            "train N runs at a time in worker processes (stages they share are trained once; default: the grid's "
+            "`jobs`, else 1); each uses cpu_count/N threads unless OMP_NUM_THREADS is set"
+        ),
     )
     args = parser.parse_args(argv)
     try:

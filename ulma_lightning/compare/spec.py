@@ -372,8 +372,8 @@ def check_chain(stages: list[StageSpec], where: str) -> None:
 
 # ----------------------------------------------------------------------------- the grid
 TOP_KEYS = {
-    "name", "seeds", "seed_keys", "variants", "runs", "evaluation", "overrides", "quick", "heldout", "launcher", "jobs", "output",
-    "configs_dir", "tune", "tuned", "base", "data_seed",
+    "name", "seeds", "seed_keys", "variants", "runs", "evaluation", "overrides", "quick", "heldout", "launcher", "jobs",
+    "output", "configs_dir", "tune", "tuned", "base", "data_seed",
 }  # fmt: skip
 RUN_KEYS = {"name", "label", "stages", "variants", "overrides"}
 QUICK_KEYS = {"seeds", "runs", "variants", "overrides", "evaluation", "tune"}

@@ -234,7 +234,9 @@ def plan_grid(grid: GridSpec) -> Plan:
                             policy_from=last_policy,  # a reward model starts from the policy before it too
                             reward_from=last_reward if spec.role == "policy" else None,
                             logger_is_tensorboard=_is_tensorboard(config, overrides),
-                            sets_cache_dir=CACHE_DIR_KEY in overrides or "cache_dir" in (_dotted(config, "data.init_args") or {}),
+                            sets_cache_dir=(
+                                CACHE_DIR_KEY in overrides or "cache_dir" in (_dotted(config, "data.init_args") or {})
+                            ),
                         )  # fmt: skip
                     keys.append(key)
                     if spec.role == "reward":

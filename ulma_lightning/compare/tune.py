@@ -231,7 +231,10 @@ def write_tuned(
     tuned: dict[str, dict[str, Any]], path: Path, command: str, log: list[dict[str, Any]] | None = None
 ) -> None:
     """``tuned.yaml``: the ``tuned:`` section to commit into the grid, with the rounds that chose it."""
-    header = f"# Chosen by `{command}` (mean validation score over the tuning seeds; table: {path.parent / 'results.md'}).\n# Paste into the grid file.\n"
+    header = (
+        f"# Chosen by `{command}` (mean validation score over the tuning seeds; table: {path.parent / 'results.md'}).\n"
+        "# Paste into the grid file.\n"
+    )
     for entry in log or []:
         note = " (on the grid's edge: extended and tuned again)" if entry["extended"] else ""
         header += f"#   {entry['key']}: tried {entry['values']}; pick {entry['pick']} (score {entry['score']}){note}\n"

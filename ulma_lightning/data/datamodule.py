@@ -53,8 +53,8 @@ Split = Literal["train", "val", "test", "predict"]
 NOT_IN_CACHE_KEY = frozenset(
     {
         "datasets", "examples", "skipped", "truncated", "mixed", "duplicates", "reading", "trainer", "cache",
-        "cache_dir", "cache_used", "specs", "sources", "test_from_val", "batch_size", "eval_batch_size", "predict_inputs",
-        "num_workers", "group_by_length", "pad_to_multiple_of", "_building", "_pending_extra",
+        "cache_dir", "cache_used", "specs", "sources", "test_from_val", "batch_size", "eval_batch_size",
+        "predict_inputs", "num_workers", "group_by_length", "pad_to_multiple_of", "_building", "_pending_extra",
         "_before_loading", "_tokenizer", "_report", "_said_responses_ignored", "_identity_key", "_cache_unwritable",
     }
 )  # fmt: skip
@@ -194,7 +194,8 @@ class AlignmentDataModule(pl.LightningDataModule):
         check_numbers(
             batch_size=(batch_size, ">= 1"), eval_batch_size=(eval_batch_size, ">= 1"), max_length=(max_length, ">= 1"),
             max_prompt_length=(max_prompt_length, ">= 0"), val_fraction=(val_fraction, "in [0, 1)"),
-            pad_to_multiple_of=(pad_to_multiple_of, ">= 1"), num_workers=(num_workers, ">= 0"), max_samples=(max_samples, ">= 1"),
+            pad_to_multiple_of=(pad_to_multiple_of, ">= 1"), num_workers=(num_workers, ">= 0"),
+            max_samples=(max_samples, ">= 1"),
         )  # fmt: skip
         check_choices(
             on_bad_record=(on_bad_record, get_args(OnBadRecord)), mix_strategy=(mix_strategy, get_args(MixStrategy))
@@ -488,8 +489,9 @@ class AlignmentDataModule(pl.LightningDataModule):
         classes = tuple(c for c in type(self).__mro__ if issubclass(c, AlignmentDataModule))
         options = {name: value for name, value in vars(self).items() if name not in NOT_IN_CACHE_KEY}
         return [
-            [f"{c.__module__}.{c.__qualname__}" for c in classes], options, tokenizer_identity(self.tokenizer, self.tokenizer_source),
-            dataclasses.asdict(self.truncation), code_identity(classes),
+            [f"{c.__module__}.{c.__qualname__}" for c in classes], options,
+            tokenizer_identity(self.tokenizer, self.tokenizer_source), dataclasses.asdict(self.truncation),
+            code_identity(classes),
         ]  # fmt: skip
 
     def _identity_digest(self) -> str:

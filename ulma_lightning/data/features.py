@@ -84,7 +84,8 @@ class TruncationReport:
         if self.prompts_halved * 2 > self.samples:
             logger.warning(
                 "%s: most prompts lost more than half their tokens (max_length %d, max_prompt_length %d); "
-                "raise max_length or max_prompt_length", self.summary(), truncation.max_length, truncation.max_prompt_length,
+                "raise max_length or max_prompt_length",
+                self.summary(), truncation.max_length, truncation.max_prompt_length,
             )  # fmt: skip
         else:
             logger.info("%s", self.summary())

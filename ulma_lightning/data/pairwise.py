@@ -40,7 +40,9 @@ class PairwiseDataModule(AlignmentDataModule):
         pair = parse_pair(record, location)
         if pair.chosen == pair.rejected:
             raise DataError(
-                location, "rejected", "the same response as chosen: the pair prefers neither (a DPO loss of ln 2 that never moves, a reward margin of 0)",
+                location, "rejected",
+                "the same response as chosen: the pair prefers neither (a DPO loss of ln 2 that never moves, a reward "
+                "margin of 0)",
                 "fix the pair, drop it, or set on_bad_record: skip to skip such pairs",
             )  # fmt: skip
         return [pair]

@@ -45,7 +45,10 @@ FORMATS = {
     "pointwise": "point-wise {prompt, completion, score}",
     "unpaired-preference": "unpaired preference {prompt, completion, label}",
     "preference": "preference {prompt, chosen, rejected}",
-    "implicit-preference": "preference with implicit prompt {chosen, rejected} (conversations, HH transcripts, or strings with a shared prefix)",
+    "implicit-preference": (
+        "preference with implicit prompt {chosen, rejected} (conversations, HH transcripts, or strings with a shared "
+        "prefix)"
+    ),
     "hh-transcript": "HH transcript {transcript, score}",
 }
 
@@ -262,7 +265,8 @@ def check_completion(value: Any, location: Location, field: str) -> Response:
     assert isinstance(messages, list)
     if len(messages) != 1:
         raise DataError(
-            location, field, f"a multi-turn completion ({len(messages)} messages) is not supported: a completion is one "
+            location, field,
+            f"a multi-turn completion ({len(messages)} messages) is not supported: a completion is one "
             "assistant message; put the earlier turns in the prompt",
         )  # fmt: skip
     if messages[0]["role"] != "assistant":

@@ -64,8 +64,8 @@ class DPOModule(AlignmentModule):
     ) -> LossOutput:  # type: ignore[override]
         """The objective from per-pair log-probs, each ``(B,)``."""
         return dpo_loss(
-            policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=self.beta, loss_type=self.loss_type,
-            label_smoothing=self.label_smoothing,
+            policy_chosen, policy_rejected, reference_chosen, reference_rejected,
+            beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
         )  # fmt: skip
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:

@@ -100,7 +100,8 @@ class GRPOModule(RolloutModule):
             tokens = self.policy.token_logps(select_rows(rollout.sequences, rows))
             logps, _ = self.token_matrix(tokens, mask.shape[1])
             return grpo_loss(
-                logps, rollout.logps[rows], advantages[rows], mask[rows], None if reference is None else reference[rows],
+                logps, rollout.logps[rows], advantages[rows], mask[rows],
+                None if reference is None else reference[rows],
                 beta=beta, clip_range=self.clip_range, clip_range_high=self.clip_range_high, loss_type=self.loss_type,
                 max_completion_length=self.rollout_generation.max_new_tokens,
             )  # fmt: skip

@@ -76,7 +76,8 @@ class OptimizerConfig:
         check_numbers(
             lr=(self.lr, ">= 0"), weight_decay=(self.weight_decay, ">= 0"), eps=(self.eps, "> 0"),
             warmup_steps=(self.warmup_steps, ">= 0"), warmup_ratio=(self.warmup_ratio, "in [0, 1)"),
-            min_lr_ratio=(self.min_lr_ratio, "in [0, 1]"), schedule_steps=(self.schedule_steps, ">= 1"), **{f"betas[{i}]": (b, "in [0, 1)") for i, b in enumerate(self.betas)},
+            min_lr_ratio=(self.min_lr_ratio, "in [0, 1]"), schedule_steps=(self.schedule_steps, ">= 1"),
+            **{f"betas[{i}]": (b, "in [0, 1)") for i, b in enumerate(self.betas)},
         )  # fmt: skip
 
     def used_span(self, steps: int) -> bool:

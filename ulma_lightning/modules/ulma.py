@@ -67,6 +67,7 @@ class ULMAModule(AlignmentModule):
     def loss(self, policy_logps: Tensor, reference_logps: Tensor, scores: Tensor) -> LossOutput:  # type: ignore[override]
         return ulma_loss(
             policy_logps, reference_logps, scores, beta=self.beta, offset=self.offset, positive_term=self.positive_term,
-            positive_threshold=self.positive_threshold, label_type=self.label_type, continuous_form=self.continuous_form,  # type: ignore[arg-type]
+            positive_threshold=self.positive_threshold,
+            label_type=self.label_type, continuous_form=self.continuous_form,  # type: ignore[arg-type]
             reduction=self.reduction,
         )  # fmt: skip

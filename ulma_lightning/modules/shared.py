@@ -166,9 +166,9 @@ def check_max_length(module: Any) -> None:
         return
     longest = {
         split: max(dataset.lengths(), default=0)
-        for split, dataset in data.datasets.items()
+        for split, dataset in data.datasets.items()  # type: ignore[union-attr]
         if hasattr(dataset, "lengths")
-    }  # type: ignore[union-attr]
+    }
     over = {split: n for split, n in longest.items() if n > positions}
     if over:
         split = max(over, key=over.__getitem__)

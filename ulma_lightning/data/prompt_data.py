@@ -35,8 +35,8 @@ class PromptDataModule(AlignmentDataModule):
     ``{messages}`` (the turns before a final assistant answer, or the whole conversation when it ends
     with the user) and HH transcripts give their prompt; their responses are not trained on (said
     once in the log) and are kept as the reference answer for ``ulma evaluate``'s win rates. Prompts are cut from the
-    left to ``max_prompt_length`` tokens
-    (default ``max_length // 2``). A record repeated per response (two samples of a pair) is one prompt.
+    left to ``max_prompt_length`` tokens (default ``max_length // 2``). A record repeated per response (two samples of a
+    pair) is one prompt.
 
     Args:
         **kwargs: see :class:`~ulma_lightning.AlignmentDataModule`.

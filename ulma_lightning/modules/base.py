@@ -69,8 +69,7 @@ class AlignmentModule(pl.LightningModule):
         optimizer: optimizer and learning-rate schedule.
         _spec: the method's declaration, when it depends on the method's options (default: the class's
             :attr:`spec`); private: not a config option. Constructor options named ``average_logps`` or ``label_type``
-            (not None)
-            set those fields: an option is declared once, as a typed argument.
+            (not None) set those fields: an option is declared once, as a typed argument.
     """
 
     #: the method's declaration; a method whose needs depend on its options passes ``_spec`` instead

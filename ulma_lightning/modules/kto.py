@@ -34,9 +34,8 @@ class KTOModule(AlignmentModule):
 
     Mismatched pairs. A row's partner never answers the same prompt (the data module's
     ``prompt_id``, else identical prompt tokens), in every split: the two samples of a pair read as point-wise data sit
-    next to each other in the
-    unshuffled validation and test loaders, and a sample paired with an answer to its own prompt is
-    no mismatched pair. With a ``copy`` or ``adapter`` reference the partners come from the *same*
+    next to each other in the unshuffled validation and test loaders, and a sample paired with an answer to its own
+    prompt is no mismatched pair. With a ``copy`` or ``adapter`` reference the partners come from the *same*
     batch (:func:`~ulma_lightning.modules.batching.mismatched_partners`: with distinct prompts, row
     ``i`` takes the response of row ``i - 1``, cyclically; rows of one prompt are grouped and shifted
     past each other), built in the step from the batch alone, so any order of the data works

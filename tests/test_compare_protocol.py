@@ -241,6 +241,7 @@ def test_next_value_follows_the_grids_step(values, at_start, expected) -> None:
     assert next_value(values, at_start) == (pytest.approx(expected) if expected is not None else None)
 
 
+@pytest.mark.integration
 def test_the_v2_grid_trains_base_rows_and_chains_end_to_end(tmp_path: Path, capfd) -> None:
     import logging
 

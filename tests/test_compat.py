@@ -233,13 +233,17 @@ def test_jsonargparse_4_53_class_path_change_drops_init_args_and_on_class_path_c
 # ----------------------------------------------------------------------------- torch 2.13
 
 
-def test_torch_2_13_recompile_limit_only_rises(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_torch_2_13_recompile_limit_only_rises() -> None:
     import torch._dynamo.config
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    _compat.raise_recompile_limit(64)
-    _compat.raise_recompile_limit(16)
-    assert torch._dynamo.config.recompile_limit == 64
+    before = torch._dynamo.config.recompile_limit
+    # dynamo's own patch puts the setting back (monkeypatch's undo left the config without it, and
+    # test_compile.py failed when it ran after this file)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        _compat.raise_recompile_limit(64)
+        _compat.raise_recompile_limit(16)
+        assert torch._dynamo.config.recompile_limit == 64
+    assert torch._dynamo.config.recompile_limit == before
 
 
 def test_torch_2_13_is_compiled_sees_module_compile() -> None:

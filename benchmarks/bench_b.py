@@ -325,8 +325,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"torch {m['torch']}, transformers {m['transformers']}, TRL {m['trl']}.",
         "",
         f"Model: Qwen2 built from its config, {shape}: hidden 896, {row0['layers']} layers, 14 heads, 2 KV heads, "
-        "intermediate 4,864, "
-        "vocabulary 151,936, tied embeddings, random init, float32; the reference a frozen copy. "
+        "intermediate 4,864, vocabulary 151,936, tied embeddings, random init, float32; the reference a frozen copy. "
         f"{BATCH} sequences per step, each exactly max_length tokens (72% prompt, 28% response, half positives); "
         f"{row0['warmup']} warm-up then {row0['measured']} measured steps; gradient checkpointing "
         f"{'on' if row0['gradient_checkpointing'] else 'off'} for both libraries. "
@@ -379,8 +378,7 @@ def markdown(data: dict[str, Any]) -> str:
             )
         lines.append(
             f"- Each length is a probe in its own process: one warm-up step on {PROBE_WARMUP_LENGTH}-token sequences "
-            "(it allocates "
-            "AdamW's state, as in steady training), then one step at the length"
+            "(it allocates AdamW's state, as in steady training), then one step at the length"
             + (f"; the first length is the row {search['started_from']} above" if search.get("started_from") else "")
             + ". The "
             "lengths tried extrapolate the measured peaks linearly to the cap, doubling before two fits and bisecting "
@@ -396,9 +394,8 @@ def markdown(data: dict[str, Any]) -> str:
         "- s/step: mean wall time of the measured steps (forward, loss, backward, optimizer step); tokens/s: "
         "the batch's tokens (8 x max_length) per second. peak RSS: the larger of the process's own high-water "
         "mark (VmHWM, including torch and the library's imports) and the parent's samples of its RSS. "
-        "It depends on the "
-        "order of allocations as well as their size: a row's warm-up step runs at full length before AdamW's state "
-        "exists, a probe's on short sequences.",
+        "It depends on the order of allocations as well as their size: a row's warm-up step runs at full length "
+        "before AdamW's state exists, a probe's on short sequences.",
     ]
     return "\n".join(lines) + "\n"
 

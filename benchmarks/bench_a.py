@@ -276,7 +276,8 @@ def _line(result: dict[str, Any]) -> str:
         return f"{result['name']}{where}: FAILED {result['error']}"
     return (
         f"{result['name']}{where}: {result['tokens_per_s']:.0f} tok/s, {result['s_per_step']:.2f} s/step, "
-        f"peak {result.get('peak_rss_mb', 0):.0f} MB (+{result.get('train_mb', 0):.0f}), load {result['loadavg'][0]:.1f}"
+        f"peak {result.get('peak_rss_mb', 0):.0f} MB (+{result.get('train_mb', 0):.0f}), "
+        f"load {result['loadavg'][0]:.1f}"
     )
 
 
@@ -301,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             f"--{impl}-allocator",
             choices=allocator.CHOICES,
             default=DEFAULT_ALLOCATORS[impl],
-            help=f"allocator of {label} rows: glibc's ('default'), jemalloc through LD_PRELOAD, or 'both' (each measured; default: %(default)s)",
+            help=f"allocator of {label} rows: glibc's ('default'), jemalloc through LD_PRELOAD, or 'both' "
+            "(each measured; default: %(default)s)",
         )
     parser.add_argument("--out", type=Path, default=None, help="where benchmarks.md/json go (default docs/)")
     args = parser.parse_args(argv)

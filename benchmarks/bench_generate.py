@@ -25,10 +25,12 @@ from typing import Any
 
 import torch
 
-TASK_MODEL = {"model_type": "llama", "hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 4, "max_position_embeddings": 256, "tie_word_embeddings": True}  # fmt: skip
-BENCH_A_MODEL = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
-                 "num_key_value_heads": 4, "max_position_embeddings": 1024, "tie_word_embeddings": False}  # fmt: skip
+TASK_MODEL = {"model_type": "llama", "hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256,
+              "tie_word_embeddings": True}  # fmt: skip
+BENCH_A_MODEL = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 256, "intermediate_size": 688,
+                 "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+                 "max_position_embeddings": 1024, "tie_word_embeddings": False}  # fmt: skip
 MODELS = {"task": TASK_MODEL, "bench-A shape": BENCH_A_MODEL}
 TOKENIZER = "builtin:task"
 
@@ -162,8 +164,9 @@ def time_paths(module: Any, batches: list[dict[str, Any]], new_tokens: int, roun
 
 def markdown(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, wall_s: float) -> str:
     lines = [
-        f"Generation, greedy, {args.new_tokens} new tokens, batch {args.batch}, {args.prompts} task prompts, {args.rounds} timed rounds, "
-        f"torch threads {torch.get_num_threads()}, {wall_s:.0f} s in all (`{' '.join(['python -m benchmarks.bench_generate'] + (sys.argv[1:]))}`):",
+        f"Generation, greedy, {args.new_tokens} new tokens, batch {args.batch}, {args.prompts} task prompts, "
+        f"{args.rounds} timed rounds, torch threads {torch.get_num_threads()}, {wall_s:.0f} s in all "
+        f"(`{' '.join(['python -m benchmarks.bench_generate'] + (sys.argv[1:]))}`):",
         "",
         "| model | path | tokens/s | vs model.generate |",
         "|---|---|---:|---:|",

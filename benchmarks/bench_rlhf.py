@@ -6,9 +6,9 @@ prompts and settings, each side at its best memory allocator; and the library's 
 leaves out the prompts whose k rewards tie, which for this random model is most of them): the update
 then runs on as many sequences as RLOO's, a like-for-like comparison of the two updates.
 
-``PYTHONPATH=. python -m benchmarks.bench_rlhf [--method rloo|grpo|online_ulma] [--label_mode top_vs_rest|threshold] [--steps 8] [--allocator both]``
-prints a markdown table. Both sides: the ``configs/rloo.yaml`` model (random init, saved once to a
-folder both load), the demo tokenizer, 8 prompts x k=4 samples per step, 16 new tokens sampled at
+``PYTHONPATH=. python -m benchmarks.bench_rlhf [--method rloo|grpo|online_ulma] [--label_mode top_vs_rest|threshold]
+[--steps 8] [--allocator both]`` prints a markdown table. Both sides: the ``configs/rloo.yaml`` model (random init,
+saved once to a folder both load), the demo tokenizer, 8 prompts x k=4 samples per step, 16 new tokens sampled at
 temperature 1, beta 0.01 (GRPO: the k3 penalty in the loss, ``loss_type: grpo``, ``scale_rewards:
 group`` on both sides), one update per generation, float32 on CPU, the demo task's ground truth as the
 reward. Each side runs in its own process once per allocator setting (:mod:`benchmarks.allocator`:
@@ -41,8 +41,9 @@ from ulma_lightning.evaluation.generation import GenerationConfig
 from ulma_lightning.modules.base import OptimizerConfig
 from ulma_lightning.policy import Policy
 
-MODEL = {"model_type": "llama", "hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 4, "max_position_embeddings": 256, "tie_word_embeddings": True}  # fmt: skip
+MODEL = {"model_type": "llama", "hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256,
+         "tie_word_embeddings": True}  # fmt: skip
 PROMPTS, K, NEW_TOKENS, BETA, LR = 8, 4, 16, 0.01, 1e-5
 SOURCE = "demo://demonstration?n=400"
 METHODS: dict[str, str | None] = {
@@ -126,17 +127,18 @@ def trl(folder: Path, steps: int, method: str = "rloo") -> dict[str, float]:
             self.starts.append(time.perf_counter())
 
     options: dict[str, Any] = dict(
-        output_dir=tempfile.mkdtemp(prefix=f"bench-{method}-"), per_device_train_batch_size=PROMPTS * K, num_generations=K,
-        max_completion_length=NEW_TOKENS, temperature=1.0, beta=BETA, learning_rate=LR, max_steps=steps + 1,
-        use_cpu=True, report_to=[], save_strategy="no", logging_steps=10**9, gradient_checkpointing=False, bf16=False,
-        seed=0,
+        output_dir=tempfile.mkdtemp(prefix=f"bench-{method}-"), per_device_train_batch_size=PROMPTS * K,
+        num_generations=K, max_completion_length=NEW_TOKENS, temperature=1.0, beta=BETA, learning_rate=LR,
+        max_steps=steps + 1, use_cpu=True, report_to=[], save_strategy="no", logging_steps=10**9,
+        gradient_checkpointing=False, bf16=False, seed=0,
     )  # fmt: skip
     config_class, trainer_class = (GRPOConfig, GRPOTrainer) if method == "grpo" else (RLOOConfig, RLOOTrainer)
     if method == "grpo":
         options.update(loss_type="grpo", scale_rewards="group")
     times = Times()
-    trainer = trainer_class(model=str(folder), reward_funcs=ground_truth, args=config_class(**options), train_dataset=Dataset.from_dict({"prompt": texts}),
-                            processing_class=tokenizer, callbacks=[times])  # fmt: skip
+    trainer = trainer_class(model=str(folder), reward_funcs=ground_truth, args=config_class(**options),
+                            train_dataset=Dataset.from_dict({"prompt": texts}), processing_class=tokenizer,
+                            callbacks=[times])  # fmt: skip
     trainer.train()
     end = time.perf_counter()
     marks = times.starts + [end]

@@ -65,7 +65,8 @@ def main() -> None:
     for name, case in cases.items():
         with tempfile.TemporaryDirectory() as folder:
             times = [
-                float(subprocess.run([sys.executable, __file__, "--one", json.dumps(case), cache], check=True, capture_output=True, text=True).stdout.split()[-1])
+                float(subprocess.run([sys.executable, __file__, "--one", json.dumps(case), cache], check=True,
+                                     capture_output=True, text=True).stdout.split()[-1])
                 for cache in ("-", folder, folder)
             ]  # fmt: skip
         print(f"| {name} | " + " | ".join(f"{t:.2f}" for t in times) + " |")

@@ -182,8 +182,8 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def table(data: dict[str, Any]) -> str:
     lines = [
-        "| row | allocator | tokens/s | s/step | MFU | train MB | peak RSS MB | quiet steps | tokens/s vs tuned TRL | same, quiet steps only "
-        "| same, CPU time | train MB vs tuned TRL | tokens/s vs TRL, default allocator |",
+        "| row | allocator | tokens/s | s/step | MFU | train MB | peak RSS MB | quiet steps | tokens/s vs tuned TRL "
+        "| same, quiet steps only | same, CPU time | train MB vs tuned TRL | tokens/s vs TRL, default allocator |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["rows"]:
@@ -198,8 +198,10 @@ def table(data: dict[str, Any]) -> str:
         tuned = f" ({vs['allocator']})" if vs else ""
         setting = allocator_of(r) + (" *" if r.get("fastest_setting") else "")
         lines.append(
-            f"| {r['name']} | {setting} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.2f} | {r['mfu']:.1%} | {r['train_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['row']['measured'] - r['disturbed_steps']}/{r['row']['measured']} | {x('tokens_per_s')}{tuned} | {quiet} | {x('cpu_tokens_per_s')} | {x('train_mb')} | "
+            f"| {r['name']} | {setting} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.2f} | {r['mfu']:.1%} | "
+            f"{r['train_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['row']['measured'] - r['disturbed_steps']}/{r['row']['measured']} | {x('tokens_per_s')}{tuned} | "
+            f"{quiet} | {x('cpu_tokens_per_s')} | {x('train_mb')} | "
             f"{x('tokens_per_s', untuned)} |"
         )
     return "\n".join(lines)
@@ -232,7 +234,8 @@ def allocator_text(data: dict[str, Any]) -> str:
         others = [o for o in data["rows"] if "error" not in o and _key(o) == key and o is not r]
         for o in others:
             gains.append(
-                f"{r['name'].removesuffix(' ' + allocator_of(r))}: {allocator_of(r)} {o['s_per_step'] / r['s_per_step']:.2f}x as fast as {allocator_of(o)}"
+                f"{r['name'].removesuffix(' ' + allocator_of(r))}: {allocator_of(r)} "
+                f"{o['s_per_step'] / r['s_per_step']:.2f}x as fast as {allocator_of(o)}"
             )
     if gains:
         lines.append("- fastest setting per row: " + "; ".join(gains) + ".")
@@ -252,8 +255,10 @@ def alone_text(data: dict[str, Any]) -> str:
             else ""
         )
         lines.append(
-            f"- {r['name']} ({r['row']['warmup']} + {r['row']['measured']} steps in a group of its own, right after the first matmul peak run): "
-            f"{r['tokens_per_s']:.0f} tokens/s, {r['s_per_step']:.2f} s/step, MFU {r['mfu']:.1%}, train {r['train_mb']:.0f} MB{versus}."
+            f"- {r['name']} ({r['row']['warmup']} + {r['row']['measured']} steps in a group of its own, "
+            "right after the first matmul peak run): "
+            f"{r['tokens_per_s']:.0f} tokens/s, {r['s_per_step']:.2f} s/step, MFU {r['mfu']:.1%}, "
+            f"train {r['train_mb']:.0f} MB{versus}."
         )
     for r in data.get("alone", []):
         if "error" in r:
@@ -284,18 +289,21 @@ def scaling_table(data: dict[str, Any]) -> str:
             lines.append(f"| {row['vocab']} | {row['max_length']} | failed: {r['error'][:60]} | | | | |")
             continue
         lines.append(
-            f"| {row['vocab']} | {row['max_length']} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.2f} | {r['peak_rss_mb']:.0f} | {r['train_mb']:.0f} | {r['mfu']:.1%} |"
+            f"| {row['vocab']} | {row['max_length']} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.2f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['train_mb']:.0f} | {r['mfu']:.1%} |"
         )
     summary = data.get("scaling_summary", {})
     notes = []
     for vocab, s in summary.items():
         if vocab.isdigit() and s.get("mb_per_1k_tokens") is not None:
             notes.append(
-                f"vocab {int(vocab):,}: {s['mb_per_1k_tokens']:.0f} MB per 1k tokens of max_length (least squares; largest residual {s.get('max_residual_mb', 0):.0f} MB)"
+                f"vocab {int(vocab):,}: {s['mb_per_1k_tokens']:.0f} MB per 1k tokens of max_length "
+                f"(least squares; largest residual {s.get('max_residual_mb', 0):.0f} MB)"
             )
     if "slope_ratio" in summary:
         notes.append(
-            f"slope ratio 128k/32k = {summary['slope_ratio']:.2f} for a {summary['vocab_ratio']:.0f}x vocabulary (a vocab x sequence term would make it about {summary['vocab_ratio']:.0f})"
+            f"slope ratio 128k/32k = {summary['slope_ratio']:.2f} for a {summary['vocab_ratio']:.0f}x vocabulary "
+            f"(a vocab x sequence term would make it about {summary['vocab_ratio']:.0f})"
         )
     return "\n".join(lines) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
 
@@ -323,7 +331,8 @@ rewrites this file and `docs/benchmarks.json`, which holds every per-step time).
 Machine: {m["cpu"]}, {m["cores"]} cores, torch threads {m["threads"]}; Python {m["python"]}, torch {m["torch"]},
 transformers {m["transformers"]}, TRL {m["trl"]}. Measured matmul peak (2048^2 `torch.mm`, best of the runs
 before and after the rows): float32 {peaks["fp32"] / 1e9:.0f} GFLOP/s, bfloat16 {peaks["bf16"] / 1e9:.0f} GFLOP/s.
-1-minute load average during the rows: {min(loads, default=0):.1f} to {max(loads, default=0):.1f} (the machine may be shared; see the notes).
+1-minute load average during the rows: {min(loads, default=0):.1f} to {max(loads, default=0):.1f} \
+(the machine may be shared; see the notes).
 
 ## bench-A
 
@@ -381,7 +390,8 @@ shuffled with seed 0), DPO on (prompt, chosen, rejected) pairs, SFT on (prompt, 
 ## Scaling (ULMA, float32, reference copy)
 
 Every sequence exactly `max_length` real HH tokens (72% prompt, 28% response, half positives), 8
-per step, {data["scaling"][0]["row"]["warmup"] if data["scaling"] else 1} warm-up and {data["scaling"][0]["row"]["measured"] if data["scaling"] else 2} measured steps.
+per step, {data["scaling"][0]["row"]["warmup"] if data["scaling"] else 1} warm-up and \
+{data["scaling"][0]["row"]["measured"] if data["scaling"] else 2} measured steps.
 
 {scaling_table(data)}
 """

@@ -220,7 +220,8 @@ class Prepared:
         self.tokens.append(sum(s.length for s in self.step_seqs[i]))
         if self.runner.useful_tokens(batch) != self.tokens[-1]:
             raise AssertionError(
-                f"step {i}: the batch holds {self.runner.useful_tokens(batch)} non-pad tokens, the samples {self.tokens[-1]}"
+                f"step {i}: the batch holds {self.runner.useful_tokens(batch)} non-pad tokens, "
+                f"the samples {self.tokens[-1]}"
             )
         self.flops.append(
             F.needed_flops(

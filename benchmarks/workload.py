@@ -79,7 +79,8 @@ class MissingData(RuntimeError):
 def require_data() -> Path:
     if not DATA_FILE.exists():
         raise MissingData(
-            f"bench-A needs the HH-RLHF test file at {DATA_FILE} (../shared/data/hh-rlhf/ beside the repository); it is not there, so the benchmark is skipped"
+            f"bench-A needs the HH-RLHF test file at {DATA_FILE} (../shared/data/hh-rlhf/ beside the repository); "
+            "it is not there, so the benchmark is skipped"
         )
     return DATA_FILE
 

@@ -154,7 +154,8 @@ def main(argv: list[str]) -> None:
         else f"and no held-out set ({heldout_path} not found)\n"
     )
     print(
-        "| claim | variant | main set: effect [95% CI] | held-out set: effect [95% CI] | verdict |\n| --- | --- | --- | --- | --- |"
+        "| claim | variant | main set: effect [95% CI] | held-out set: effect [95% CI] | verdict |\n"
+        "| --- | --- | --- | --- | --- |"
     )
     for row in claims(first, second):
         print("| " + " | ".join(row) + " |")

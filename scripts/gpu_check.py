@@ -50,7 +50,8 @@ PEAK_BF16_TFLOPS = [
     ("L40S", 362.0),
 ]
 WORDS = (
-    "the a request answer help explain safe careful about how why what people code water plan garden letter travel recipe budget history science music health weather friend story"
+    "the a request answer help explain safe careful about how why what people code water plan garden letter travel "
+    "recipe budget history science music health weather friend story"
 ).split()
 
 

@@ -9,7 +9,8 @@ group instead of spawning processes, and the group's start-up is paid once for a
 ``RUNS.json``: ``[{"name": ..., "argv": [...]}, ...]``. Each run is ``ulma_lightning.cli.main(argv)``
 in its own folder ``<RUNS.json's folder>/<name>/`` (the configs' relative ``runs/`` land there).
 After each, every rank writes ``<name>/result.rank<r>.json``: the global step, the logged metrics,
-the reference forward count, the number of compiled graphs and a checksum of the policy's full weights (gathered under FSDP2).
+the reference forward count, the number of compiled graphs and a checksum of the policy's full weights (gathered
+under FSDP2).
 """
 
 from __future__ import annotations

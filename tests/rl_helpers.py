@@ -168,8 +168,8 @@ class Record(pl.Callback):
         weights = {k: v for k, v in sums(module).items() if k in trained}
         reference_model = module.policy.reference_model
         reference = sums(reference_model) if reference_model is not None else {}
-        row = {"index": self.rows, "start": self.start, "weights": weights, "reference": reference, "losses": self.losses,
-               "step": trainer.global_step, "strategy": type(trainer.strategy).__name__}
+        row = {"index": self.rows, "start": self.start, "weights": weights, "reference": reference,
+               "losses": self.losses, "step": trainer.global_step, "strategy": type(trainer.strategy).__name__}
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(row))
 
 
@@ -180,17 +180,21 @@ def train(out, checkpoints, resume=None):
     data = PromptDataModule(train="demo://demonstration?n=16", batch_size=4, max_length=64)
     extra = [HFExport(str(out / "hf_model"))] if %(export)s else []
     if checkpoints:
-        extra.append(pl.callbacks.ModelCheckpoint(out / "checkpoints", filename="{step}", every_n_train_steps=1, save_top_k=-1))
-    trainer = pl.Trainer(strategy=%(strategy)s, devices=2, accelerator="cpu", precision="32-true", max_epochs=1, limit_train_batches=2,
-                         logger=False, enable_checkpointing=checkpoints, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, callbacks=[Record(out), *extra], default_root_dir=out)
+        extra.append(
+            pl.callbacks.ModelCheckpoint(out / "checkpoints", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        )
+    trainer = pl.Trainer(strategy=%(strategy)s, devices=2, accelerator="cpu", precision="32-true", max_epochs=1,
+                         limit_train_batches=2, logger=False, enable_checkpointing=checkpoints,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[Record(out), *extra], default_root_dir=out)
     trainer.fit(module, datamodule=data, ckpt_path=resume)
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     train(OUT, %(checkpoints)s)
-    if %(resume)r is not None:  # the same processes (and process group) go on: a new module and Trainer resume the cut run
+    # the same processes (and process group) go on: a new module and Trainer resume the cut run
+    if %(resume)r is not None:
         (OUT / "resumed").mkdir(exist_ok=True)
         train(OUT / "resumed", False, str(OUT / "checkpoints" / %(resume)r))
 """

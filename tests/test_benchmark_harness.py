@@ -278,7 +278,9 @@ def _hh_file(path: Path, n: int = 12) -> Path:
 
     records = [
         {
-            "chosen": f"\n\nHuman: How do I plant tree {i}?\n\nAssistant: Dig a hole, set the tree in it and water it well.",
+            "chosen": (
+                f"\n\nHuman: How do I plant tree {i}?\n\nAssistant: Dig a hole, set the tree in it and water it well."
+            ),
             "rejected": f"\n\nHuman: How do I plant tree {i}?\n\nAssistant: No.",
         }
         for i in range(n)
@@ -296,8 +298,9 @@ def _tiny_model_folder(folder: Path) -> Path:
     tokenizer = build_demo_tokenizer()
     tokenizer.save_pretrained(folder)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)

@@ -114,7 +114,8 @@ def tuned(
         "alone": [],
         "scaling": [],
         "omp_wait_policy": {"ours": "default", "trl": "default"},
-        "allocator": {"ours": ["default", "jemalloc"], "trl": ["default", "jemalloc"], "jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+        "allocator": {"ours": ["default", "jemalloc"], "trl": ["default", "jemalloc"],
+                      "jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
                       "malloc_conf": "dirty_decay_ms:-1,muzzy_decay_ms:-1", "notes": []},
     }  # fmt: skip
 

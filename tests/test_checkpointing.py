@@ -165,12 +165,13 @@ def test_resuming_from_another_methods_checkpoint_says_what_does_not_match(
         ]
     with pytest.raises(
         ValueError,
-        match=r"written by another run's module DPOModule \(this run: ULMAModule\) and data module PairwiseDataModule \(this run: PointwiseDataModule\)",
+        match=r"written by another run's module DPOModule \(this run: ULMAModule\) "
+        r"and data module PairwiseDataModule \(this run: PointwiseDataModule\)",
     ):
         main(args)
 
 
-# ----------------------------------------------------------------------------- issue 26, item 1: resume keeps the options or says which differ
+# -------------------------------------------------- issue 26, item 1: resume keeps the options or says which differ
 @pytest.mark.integration
 @pytest.mark.parametrize("how", ["path", "last"])
 @pytest.mark.usefixtures("plain_argv")

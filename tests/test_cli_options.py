@@ -66,7 +66,8 @@ def test_fit_help_says_how_to_see_model_and_data_options(capsys: pytest.CaptureF
 
 # ----------------------------------------------------------------------------- issue 26, item 13
 def test_a_bad_option_of_a_class_used_twice_is_named_by_its_own_path(tmp_path: Path) -> None:
-    """GenerationConfig is both PPO's `generation` and its `eval_generation`: the message named the first for the second."""
+    """GenerationConfig is both PPO's `generation` and its `eval_generation`: the message named the first for the
+    second."""
     ppo = str(Path(ULMA).with_name("ppo.yaml"))
     with pytest.raises(ValueError) as info:
         main(
@@ -112,7 +113,8 @@ def test_one_callback_given_for_the_list_runs_with_logging_or_checkpointing_off(
     check that drops their callbacks crashed on it (jsonargparse's `NSKeyError: Key must be a string, got: 0`)."""
     from ulma_lightning.callbacks import TokenThroughput
 
-    cli = main(["fit", "--config", ULMA, *QUIET, "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+    cli = main(["fit", "--config", ULMA, *QUIET, "--trainer.default_root_dir", str(tmp_path),
+                "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
                 "--trainer.callbacks", "ulma_lightning.callbacks.TokenThroughput", off, "false"])  # fmt: skip
     assert cli.trainer.global_step == 1
     assert [type(c) for c in cli.trainer.callbacks if isinstance(c, TokenThroughput)] == [TokenThroughput]

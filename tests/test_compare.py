@@ -253,7 +253,8 @@ BAD_GRIDS = {
                 }
             ]
         },
-        r"runs\[0\] 'rlhf': stage 'dpo' .* follows the reward model of stage 'reward' but takes no `reward_model` argument",
+        r"runs\[0\] 'rlhf': stage 'dpo' .* follows the reward model of stage 'reward' "
+        r"but takes no `reward_model` argument",
     ),
     "jobs below one": (
         {"jobs": 0},
@@ -262,7 +263,8 @@ BAD_GRIDS = {
     # issue 26, item 4: a variant name is a folder of the output, like a run name
     "variant name escapes the output": (
         {"variants": {"../../../victim": GRID["variants"]["ordinary"]}},
-        r"grid\.yaml:\d+: variants\.\.\./\.\./\.\./victim: a variant name cannot .* start with '\.' \(it names a folder of the output\)",
+        r"grid\.yaml:\d+: variants\.\.\./\.\./\.\./victim: a variant name cannot .* start with '\.' "
+        r"\(it names a folder of the output\)",
     ),
     "method name escapes the stages folder": (
         {"runs": [{"name": "sft", "stages": [{"method": "../configs/sft", "data": "demonstration"}]}]},
@@ -408,8 +410,9 @@ def test_kl_is_the_mean_summed_log_ratio_of_the_policys_samples(tmp_path: Path, 
     # the same samples, scored independently: full-vocabulary log-softmax of each unpadded sequence
     torch.manual_seed(3)
     batch = LeftPaddingCollator(tok.pad_token_id)(items)
-    out = policy.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                          max_new_tokens=5, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    out = policy.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=True,
+                          temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=5, pad_token_id=tok.pad_token_id,
+                          eos_token_id=tok.eos_token_id)  # fmt: skip
     ratios = []
     for item, new in zip(items, out[:, batch["input_ids"].shape[1] :].tolist()):
         response = new[: new.index(tok.eos_token_id) + 1] if tok.eos_token_id in new else new
@@ -572,7 +575,8 @@ def test_failed_runs_end_with_a_nonzero_status_and_keep_their_error_line(
     assert markdown.startswith("# tiny: results\n")
     failed = markdown.split("## Failed runs", 1)[1].split("\n## ", 1)[0]
     assert re.search(
-        r"`typo/ordinary/seed0` failed:\s+RuntimeError: `ulma fit` refused its options: error: .*unrecognized arguments: --trainer\.max_stepz 1",
+        r"`typo/ordinary/seed0` failed:\s+RuntimeError: `ulma fit` refused its options: error: "
+        r".*unrecognized arguments: --trainer\.max_stepz 1",
         failed,
     ), failed
     assert "usage:" not in failed and "[--trainer" not in failed
@@ -657,7 +661,12 @@ from ulma_lightning.compare import stages
 stages.child_command = lambda args: [sys.executable, "-c", "import time; time.sleep(120)"]  # a long `ulma fit`
 threading.Thread(target=stages.launch, args=(["fit"], "subprocess", Path(sys.argv[1])), daemon=True).start()
 time.sleep(2)
-print(" ".join(c for task in Path(f"/proc/{os.getpid()}/task").iterdir() for c in (task / "children").read_text().split()), flush=True)
+print(
+    " ".join(
+        c for task in Path(f"/proc/{os.getpid()}/task").iterdir() for c in (task / "children").read_text().split()
+    ),
+    flush=True,
+)
 os.kill(os.getpid(), 9)  # the compare is killed outright: no cleanup runs
 """
 

@@ -120,7 +120,8 @@ def test_the_private_methods_overridden_are_the_listed_ones_and_still_exist() ->
 def test_installed_versions_are_the_checked_ones(library: str) -> None:
     installed = ".".join(version(library).split(".")[:2])
     assert installed == _compat.CHECKED[library], (
-        f"{library} {installed} is installed; _compat.py was checked against {_compat.CHECKED[library]}: re-check it, then update CHECKED"
+        f"{library} {installed} is installed; _compat.py was checked against {_compat.CHECKED[library]}: "
+        "re-check it, then update CHECKED"
     )
 
 
@@ -148,8 +149,8 @@ def test_lightning_2_6_trainer_state_and_logging_step() -> None:
     module = Doubling()
     assert _compat.attached_trainer(module) is None
     trainer = pl.Trainer(
-        max_steps=4, log_every_n_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[Probe()], accelerator="cpu",
+        max_steps=4, log_every_n_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[Probe()], accelerator="cpu",
     )  # fmt: skip
     trainer.fit(module)
     assert _compat.attached_trainer(module) is trainer

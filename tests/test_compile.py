@@ -221,7 +221,8 @@ def _run_group(folder: Path, runs: list[dict]) -> None:
 def test_ddp_and_fsdp2_fit_with_compile(tmp_path: Path) -> None:
     def argv(strategy: str) -> list[str]:
         return [
-            "fit", "--config", str(REPO / "configs" / "ulma.yaml"), "--config", str(REPO / "configs" / "strategy" / f"{strategy}.yaml"),
+            "fit", "--config", str(REPO / "configs" / "ulma.yaml"),
+            "--config", str(REPO / "configs" / "strategy" / f"{strategy}.yaml"),
             "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
             "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
             "--data.init_args.batch_size", "4", "--data.init_args.train", "demo://binary?n=32",

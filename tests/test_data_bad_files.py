@@ -265,6 +265,7 @@ def test_the_ulma_command_prints_a_refused_option_as_one_line(tmp_path: Path) ->
         result.stderr.strip()
         .splitlines()[-1]
         .startswith(
-            "ulma_lightning.lightning_cli.ConfigError: ULMAModule: beta must be > 0, got -1.0 (option model.init_args.beta;"
+            "ulma_lightning.lightning_cli.ConfigError: ULMAModule: beta must be > 0, got -1.0 "
+            "(option model.init_args.beta;"
         )
     )

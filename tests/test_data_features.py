@@ -15,7 +15,10 @@ from ulma_lightning.data.samplers import LengthGroupedSampler, ResumableSampler
 from ulma_lightning.logprobs import IGNORE_INDEX
 from ulma_lightning.tokenizers import load_tokenizer
 
-CHAT_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def split_sample(item: dict) -> tuple[list[int], list[int]]:
@@ -130,8 +133,10 @@ def test_left_truncation_keeps_the_bos_the_tokenizer_adds(tmp_path: Path) -> Non
     history = "".join(f"\n\nHuman: question {i}?\n\nAssistant: answer {i}." for i in range(6))
     prompt = history + "\n\nHuman: How do I make tea?\n\nAssistant:"
     max_length, max_prompt = 24, 12
-    dm = build(tmp_path, [{"prompt": prompt, "response": " Boil fresh water, pour it over the leaves, wait.", "score": 1}],
-               tokenizer=str(folder), max_length=max_length, max_prompt_length=max_prompt)  # fmt: skip
+    dm = build(
+        tmp_path, [{"prompt": prompt, "response": " Boil fresh water, pour it over the leaves, wait.", "score": 1}],
+        tokenizer=str(folder), max_length=max_length, max_prompt_length=max_prompt,
+    )  # fmt: skip
     bos = dm.tokenizer.bos_token_id
     full_prompt = dm.tokenizer(prompt)["input_ids"]
     assert full_prompt[0] == bos and full_prompt.count(bos) == 1 and len(full_prompt) > max_length  # it adds one

@@ -25,7 +25,10 @@ CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-NO_EOS_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+NO_EOS_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def user(text: str) -> dict:
@@ -178,8 +181,9 @@ def test_pairwise_reads_explicit_and_implicit_prompts_in_both_forms(tmp_path: Pa
 
 
 def test_demonstrations_read_prompt_completion_and_language_modeling(tmp_path: Path) -> None:
-    records = [STANDARD["prompt-completion"], CONVERSATIONAL["prompt-completion"], CONVERSATIONAL["messages"], STANDARD["text"],
-               CONVERSATIONAL["implicit-preference"], STANDARD["unpaired-preference"], {**STANDARD["unpaired-preference"], "label": False}]  # fmt: skip
+    records = [STANDARD["prompt-completion"], CONVERSATIONAL["prompt-completion"], CONVERSATIONAL["messages"],
+               STANDARD["text"], CONVERSATIONAL["implicit-preference"], STANDARD["unpaired-preference"],
+               {**STANDARD["unpaired-preference"], "label": False}]  # fmt: skip
     got = examples(DemonstrationDataModule, records, tmp_path, min_score=1.0)
     assert [(e.prompt, e.response) for e in got] == [
         ("How do I make tea?", "Boil water."),
@@ -587,7 +591,8 @@ def test_every_format_and_form_trains_through_ulma_fit(
         "fit", "--config", str(REPO / "configs" / config), "--config", str(override),
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--trainer.max_steps", "2", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1",
-        "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
     ])  # fmt: skip
     assert cli.trainer.global_step == 2
     if config == "sft.yaml":

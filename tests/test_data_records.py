@@ -234,7 +234,7 @@ def test_a_split_with_only_bad_records_is_an_error(tmp_path: Path) -> None:
         PointwiseDataModule(train=str(path), on_bad_record="skip").setup("fit")
 
 
-# ----------------------------------------------------------------------------- point-wise HH transcripts (red-team attempts)
+# ------------------------------------------------------------------------ point-wise HH transcripts (red-team attempts)
 
 RED_TEAM = {"columns": {"score": "rating"}, "score_range": (0, 4), "score_direction": "lower_is_better"}
 

@@ -28,8 +28,9 @@ def test_callback_writes_text_histograms_and_hparams(tmp_path: Path) -> None:
     )
     logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
     trainer = pl.Trainer(
-        max_steps=4, val_check_interval=2, num_sanity_val_steps=0, logger=logger, callbacks=[callback], accelerator="cpu",
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+        max_steps=4, val_check_interval=2, num_sanity_val_steps=0, logger=logger, callbacks=[callback],
+        accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        log_every_n_steps=1,
     )  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
 

@@ -52,7 +52,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
                   "init_args": {"policy": {"model_config": TINY_LLAMA, "tokenizer": "builtin:demo"}}},
         "data": {"class_path": "ulma_lightning.PointwiseDataModule",
                  "init_args": {"train": "demo://binary?n=20", "test": str(prompts), "eval_batch_size": 4}},
-        "evaluation": {"output": str(root / "out" / "predictions.jsonl"), "generation": {"max_new_tokens": MAX_NEW_TOKENS},
+        "evaluation": {"output": str(root / "out" / "predictions.jsonl"),
+                       "generation": {"max_new_tokens": MAX_NEW_TOKENS},
                        "scorers": [{"class_path": "ulma_lightning.evaluation.DemoScorer"}]},
     }  # fmt: skip
     (root / "tiny.yaml").write_text(yaml.safe_dump(config))
@@ -130,8 +131,8 @@ def test_ulma_evaluate_writes_a_json_report(
     monkeypatch.setattr(sys, "argv", ["ulma"])
     output = root / "report.json"
     compare = root / "out" / "predictions.jsonl"  # from the test above, when it ran; else made here
-    args = ["evaluate", "--config", str(root / "tiny.yaml"), "--ckpt_path", str(root / "model.ckpt"), "--output", str(output),
-            "--evaluation.output", str(root / "eval" / "predictions.jsonl")]  # fmt: skip
+    args = ["evaluate", "--config", str(root / "tiny.yaml"), "--ckpt_path", str(root / "model.ckpt"),
+            "--output", str(output), "--evaluation.output", str(root / "eval" / "predictions.jsonl")]  # fmt: skip
     if compare.exists():
         args += ["--evaluation.compare_to", str(compare)]
     report = main(args)

@@ -83,8 +83,8 @@ def test_hf_classifier_scorer_batches_like_single_sequences(tmp_path: Path, demo
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     config = LlamaConfig(
-        vocab_size=len(demo_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, num_labels=1, pad_token_id=demo_tokenizer.pad_token_id,
+        vocab_size=len(demo_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=demo_tokenizer.pad_token_id,
     )  # fmt: skip
     torch.manual_seed(0)
     LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")

@@ -129,7 +129,8 @@ def test_a_failed_export_at_the_end_of_fit_leaves_no_folder_that_looks_whole(
     monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", disk_full)
     with pytest.raises(
         OSError,
-        match=r"HFExport \(trainer\.callbacks\): writing the Hugging Face folder .*/sft/version_0/hf_model failed .*Free space",
+        match=r"HFExport \(trainer\.callbacks\): writing the Hugging Face folder "
+        r".*/sft/version_0/hf_model failed .*Free space",
     ) as info:
         fit_one_step("sft", tmp_path)
     assert info.value.errno == errno.ENOSPC

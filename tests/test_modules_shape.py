@@ -122,7 +122,8 @@ def test_ulma_compare_takes_a_subclass_of_either_base() -> None:
         )
     with pytest.raises(
         GridError,
-        match=r"stage: lightning.pytorch.demos.boring_classes.BoringModel in .* is not an ulma-lightning method module \(a subclass of AlignmentModule or RolloutModule\)",
+        match=r"stage: lightning.pytorch.demos.boring_classes.BoringModel in .* is not an ulma-lightning method module "
+        r"\(a subclass of AlignmentModule or RolloutModule\)",
     ):
         _module_class(
             REPO / "configs" / "ulma.yaml",

@@ -187,7 +187,8 @@ def test_bad_scorer_output_is_named(mode: str, message: str) -> None:
 # ------------------------------------------------------------------ the config
 @pytest.mark.integration
 def test_the_config_logs_reward_positives_kl_length_and_losses(tmp_path: Path) -> None:
-    """Online point-wise DPO (``positive_term: pointwise_dpo``) through the config; the SFT positive term runs in the resume test."""
+    """Online point-wise DPO (``positive_term: pointwise_dpo``) through the config; the SFT positive term runs in the
+    resume test."""
     cli = ulma_fit(
         "online_ulma",
         [
@@ -220,8 +221,8 @@ def _fit_steps(root: Path, steps: int, *extra: str):
     return ulma_fit(
         "online_ulma",
         [*small_run(root, steps=5), "--trainer.limit_train_batches=null", f"--trainer.max_steps={steps}",
-         "--model.init_args.optimizer.lr=1e-2", "--model.init_args.ref_refresh_every=2", "--model.init_args.label_mode=threshold",
-         "--model.init_args.threshold=0.3", *extra],
+         "--model.init_args.optimizer.lr=1e-2", "--model.init_args.ref_refresh_every=2",
+         "--model.init_args.label_mode=threshold", "--model.init_args.threshold=0.3", *extra],
     )  # fmt: skip
 
 

@@ -12,7 +12,10 @@ from rl_helpers import run_rl_ddp, run_rl_ddp_and_resume
 
 pytestmark = pytest.mark.integration  # every test here builds a Trainer
 
-ONLINE = "OnlineULMAModule(policy, scorer=LengthScorer(), generation={generation}, samples_per_prompt=2, mini_batch_size=4, ref_refresh_every=2)"
+ONLINE = (
+    "OnlineULMAModule(policy, scorer=LengthScorer(), generation={generation}, samples_per_prompt=2, mini_batch_size=4, "
+    "ref_refresh_every=2)"
+)
 
 
 def close(a: float, b: float) -> bool:
@@ -22,7 +25,8 @@ def close(a: float, b: float) -> bool:
 def test_online_ulma_under_ddp_keeps_the_ranks_in_sync(tmp_path: Path) -> None:
     ranks = run_rl_ddp(
         tmp_path,
-        "OnlineULMAModule(policy, scorer=LengthScorer(), generation=generation, samples_per_prompt=2, mini_batch_size=4, ref_refresh_every=2)",
+        "OnlineULMAModule(policy, scorer=LengthScorer(), generation=generation, samples_per_prompt=2, "
+        "mini_batch_size=4, ref_refresh_every=2)",
     )
     assert len(ranks[0]["index"]) == 2
     for batch0, batch1 in zip(ranks[0]["index"], ranks[1]["index"]):

@@ -336,7 +336,10 @@ def test_readme_hh_example_fits_the_demo_models_positions(hh_file: Path, tmp_pat
         .replace("../shared/data/hh-rlhf/harmless-base-test.jsonl.gz", str(hh_file))
     )
     assert "--data.init_args.max_length 256" in fit  # the demo model's max_position_embeddings
-    quick = " --trainer.max_steps 1 --trainer.limit_val_batches 1 --trainer.num_sanity_val_steps 0 --trainer.enable_progress_bar false"
+    quick = (
+        " --trainer.max_steps 1 --trainer.limit_val_batches 1 --trainer.num_sanity_val_steps 0"
+        " --trainer.enable_progress_bar false"
+    )
     done = run_ulma(fit + quick, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "train split: skipped 4 record(s): field 'chosen': the final assistant response is empty" in done.stderr

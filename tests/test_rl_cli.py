@@ -16,7 +16,8 @@ pytestmark = pytest.mark.integration  # every test here builds a Trainer
 def test_config_fits_and_evaluates(config: str, tmp_path: Path) -> None:
     cfg = str(REPO / "configs" / f"{config}.yaml")
     small = [
-        f"--model.init_args.policy.model_config={json.dumps(TINY_LLAMA)}", "--model.init_args.generation.max_new_tokens=6",
+        f"--model.init_args.policy.model_config={json.dumps(TINY_LLAMA)}",
+        "--model.init_args.generation.max_new_tokens=6",
         "--data.init_args.train=demo://demonstration?n=8", "--data.init_args.val=demo://demonstration?split=test&n=4",
         "--data.init_args.test=demo://demonstration?split=test&n=4", "--data.init_args.batch_size=4",
     ]  # fmt: skip

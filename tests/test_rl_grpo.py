@@ -121,8 +121,9 @@ def test_inner_updates_and_mini_batches_follow_the_options(monkeypatch: pytest.M
     from ulma_lightning.modules import grpo
 
     pl.seed_everything(0)
-    module = GRPOModule(policy(), OptimizerConfig(lr=1e-2), scorer=LengthScorer(), generation=GEN, num_generations=2, num_iterations=2, mini_batch_size=4,
-                        scale_rewards="none", loss_type="dr_grpo", clip_range=0.1, clip_range_high=0.3)  # fmt: skip
+    module = GRPOModule(policy(), OptimizerConfig(lr=1e-2), scorer=LengthScorer(), generation=GEN, num_generations=2,
+                        num_iterations=2, mini_batch_size=4, scale_rewards="none", loss_type="dr_grpo", clip_range=0.1,
+                        clip_range_high=0.3)  # fmt: skip
     rollouts, calls = [], []
     update = module.update
     module.update = lambda rollout: rollouts.append(rollout) or update(rollout)  # type: ignore[method-assign]
@@ -299,7 +300,8 @@ def test_dr_grpo_options_under_bf16_mixed_have_finite_losses(tmp_path: Path) -> 
 def test_evaluate_from_the_checkpoint(tmp_path: Path) -> None:
     cfg = str(REPO / "configs" / "grpo.yaml")
     small = [
-        f"--model.init_args.policy.model_config={json.dumps(TINY_LLAMA)}", "--model.init_args.generation.max_new_tokens=6",
+        f"--model.init_args.policy.model_config={json.dumps(TINY_LLAMA)}",
+        "--model.init_args.generation.max_new_tokens=6",
         "--data.init_args.train=demo://demonstration?n=8", "--data.init_args.val=demo://demonstration?split=test&n=4",
         "--data.init_args.test=demo://demonstration?split=test&n=4", "--data.init_args.batch_size=4",
     ]  # fmt: skip
@@ -320,7 +322,8 @@ def test_evaluate_from_the_checkpoint(tmp_path: Path) -> None:
     report_path = tmp_path / "report.json"
     evaluate = run_ulma(
         ["evaluate", "--config", cfg, *small, "--ckpt_path", str(ckpt), "--output", str(report_path),
-         "--evaluation.output", str(tmp_path / "predictions.jsonl"), "--evaluation.scorers", '[{"class_path": "ulma_lightning.evaluation.DemoScorer"}]'],
+         "--evaluation.output", str(tmp_path / "predictions.jsonl"),
+         "--evaluation.scorers", '[{"class_path": "ulma_lightning.evaluation.DemoScorer"}]'],
         tmp_path,
     )  # fmt: skip
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
@@ -344,9 +347,10 @@ def test_own_prompts_and_reward_model_as_in_the_paper_grid(tmp_path: Path) -> No
     scorer = {"class_path": "ulma_lightning.evaluation.HFClassifierScorer"}
     cli = ulma_fit(
         "grpo",
-        [*small, "--model.init_args.policy.model", str(tiny_causal_lm(tmp_path / "sft")), "--model.init_args.scorer", json.dumps(scorer),
-         "--model.init_args.scorer.init_args.path", str(tiny_reward_model(tmp_path / "reward")), "--data.init_args.train", str(prompts_file),
-         "--model.init_args.beta=0.0"],
+        [*small, "--model.init_args.policy.model", str(tiny_causal_lm(tmp_path / "sft")),
+         "--model.init_args.scorer", json.dumps(scorer),
+         "--model.init_args.scorer.init_args.path", str(tiny_reward_model(tmp_path / "reward")),
+         "--data.init_args.train", str(prompts_file), "--model.init_args.beta=0.0"],
     )  # fmt: skip
     assert isinstance(cli.model.scorer, HFClassifierScorer) and cli.model.scorer.path == str(tmp_path / "reward")
     assert cli.model.policy.reference_model is None and cli.trainer.global_step == 2
@@ -358,7 +362,8 @@ def test_ddp_keeps_the_ranks_in_sync(tmp_path: Path) -> None:
     """2 CPU processes (gloo) generate and score their own prompts' groups and end with identical weights."""
     ranks = run_rl_ddp(
         tmp_path,
-        "GRPOModule(policy, scorer=LengthScorer(), generation=generation, num_generations=2, num_iterations=2, mini_batch_size=4)",
+        "GRPOModule(policy, scorer=LengthScorer(), generation=generation, num_generations=2, num_iterations=2, "
+        "mini_batch_size=4)",
     )
     for batch0, batch1 in zip(ranks[0]["index"], ranks[1]["index"]):
         assert set(batch0).isdisjoint(batch1)
@@ -376,7 +381,8 @@ def test_fsdp2_decodes_in_lockstep_and_keeps_the_ranks_in_sync(tmp_path: Path) -
     uneven = "GenerationConfig(max_new_tokens=2 + 5 * RANK, do_sample=True)"
     ranks = run_rl_ddp(
         tmp_path,
-        f"GRPOModule(policy, scorer=LengthScorer(), generation={uneven}, num_generations=2, num_iterations=2, mini_batch_size=4)",
+        f"GRPOModule(policy, scorer=LengthScorer(), generation={uneven}, num_generations=2, num_iterations=2, "
+        "mini_batch_size=4)",
         strategy="fsdp2",
     )
     assert [r["strategy"] for r in ranks] == ["FSDP2Strategy"] * 2 and ranks[0]["step"] == 2 * 2 * 2

@@ -183,8 +183,8 @@ def test_grpo_loss_matches_trl_compute_loss(loss_type, beta):
     }
     expected = GRPOTrainer._compute_loss(fake, None, inputs)
     ours = grpo_loss(
-        per_token * mask, old * mask, advantages, mask, ref * mask if beta else None, beta=beta, clip_range=0.2, clip_range_high=0.28,
-        loss_type=loss_type, max_completion_length=max_completion_length,
+        per_token * mask, old * mask, advantages, mask, ref * mask if beta else None, beta=beta, clip_range=0.2,
+        clip_range_high=0.28, loss_type=loss_type, max_completion_length=max_completion_length,
     )  # fmt: skip
     torch.testing.assert_close(ours.loss, expected)
     logged = fake._metrics["train"]

@@ -143,7 +143,10 @@ def test_ppo_under_fsdp2_is_refused_with_what_to_use() -> None:
     )  # the strategy sets MASTER_PORT, WORLD_SIZE...: later DDP subprocesses must not inherit them
     module = PPOModule(policy(), generation=GEN)
     try:
-        message = r"PPOModule does not run under FSDP2Strategy .*critic.*Use DDP \(--config configs/strategy/ddp.yaml\).*RLOOModule, GRPOModule and OnlineULMAModule run under FSDP2"
+        message = (
+            r"PPOModule does not run under FSDP2Strategy .*critic.*Use DDP \(--config configs/strategy/ddp.yaml\)"
+            r".*RLOOModule, GRPOModule and OnlineULMAModule run under FSDP2"
+        )
         with pytest.raises(NotImplementedError, match=message):
             fit(module, prompts(4, 2), strategy=FSDP2Strategy(), accelerator="cpu", devices=1, precision="32-true")
     finally:

@@ -22,8 +22,8 @@ def test_adaptive_kl_coefficient_moves_toward_its_target(target: float, tmp_path
     cli = ulma_fit(
         "ppo",
         [*small_run(tmp_path, steps=4), "--model.init_args.kl_estimator=k3", f"--model.init_args.kl_coef={KL_COEF}",
-         f"--model.init_args.kl_target={target}", "--model.init_args.kl_horizon=8", "--model.init_args.optimizer.lr=1e-2",
-         "--model.init_args.ppo_epochs=1"],
+         f"--model.init_args.kl_target={target}", "--model.init_args.kl_horizon=8",
+         "--model.init_args.optimizer.lr=1e-2", "--model.init_args.ppo_epochs=1"],
     )  # fmt: skip
     logged = scalars(tmp_path)
     coefs, kls = logged["train/kl_coef_step"], logged["train/kl_step"]
@@ -54,8 +54,9 @@ def test_separate_critic_k3_whitening_and_missing_eos_penalty(tmp_path: Path) ->
     penalty = 1.0
     cli = ulma_fit(
         "ppo",
-        [*small_run(tmp_path / "run", steps=3), f"--model.init_args.critic_model={critic_folder}", "--model.init_args.whiten_rewards=true",
-         "--model.init_args.kl_estimator=k3", f"--model.init_args.missing_eos_penalty={penalty}", "--model.init_args.samples_per_prompt=1"],
+        [*small_run(tmp_path / "run", steps=3), f"--model.init_args.critic_model={critic_folder}",
+         "--model.init_args.whiten_rewards=true", "--model.init_args.kl_estimator=k3",
+         f"--model.init_args.missing_eos_penalty={penalty}", "--model.init_args.samples_per_prompt=1"],
     )  # fmt: skip
     module = cli.model
     assert module.whiten_rewards and module.kl_estimator == "k3" and module.missing_eos_penalty == penalty

@@ -1,9 +1,9 @@
 """RLHF raises the ground-truth score on held-out prompts of the built-in task (3 seeds, all rising).
 
 The RLHF pipeline of the paper, in small: SFT on the demo task's demonstrations (a short warm start,
-shared by the seeds and by both methods), then RLOO, GRPO or PPO against the demo task's ground-truth scorer. The measure is the mean
-ground-truth score of sampled responses (temperature 1, the same sampler seed before and after) to
-32 held-out test prompts: the expected score that RL optimises. Each seed must end above where it
+shared by the seeds and by both methods), then RLOO, GRPO or PPO against the demo task's ground-truth scorer.
+The measure is the mean ground-truth score of sampled responses (temperature 1, the same sampler seed before
+and after) to 32 held-out test prompts: the expected score that RL optimises. Each seed must end above where it
 started; no fixed threshold.
 """
 
@@ -29,8 +29,9 @@ from ulma_lightning.modules.base import OptimizerConfig
 
 pytestmark = pytest.mark.integration  # every test here builds a Trainer
 
-MODEL = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 4, "max_position_embeddings": 256, "tie_word_embeddings": True}  # fmt: skip
+MODEL = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256,
+         "tie_word_embeddings": True}  # fmt: skip
 
 
 def trainer(steps: int) -> pl.Trainer:

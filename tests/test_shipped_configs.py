@@ -80,7 +80,9 @@ def test_the_wheel_ships_the_configs_and_ulma_finds_them_there(tmp_path: Path) -
     assert printed.returncode == 0, printed.stderr[-3000:]
     assert yaml.safe_load(printed.stdout)["model"]["class_path"] == "ulma_lightning.ULMAModule"
     spec = subprocess.run(
-        [sys.executable, "-c", "import ulma_lightning, ulma_lightning.compare.spec as s; print(ulma_lightning.__file__); print(s.PACKAGE_CONFIGS)"],
+        [sys.executable, "-c",
+         "import ulma_lightning, ulma_lightning.compare.spec as s; print(ulma_lightning.__file__); "
+         "print(s.PACKAGE_CONFIGS)"],
         cwd=work, env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert spec.stdout.split() == [str(target / "ulma_lightning" / "__init__.py"), str(inside)], spec.stderr[-2000:]

@@ -128,11 +128,13 @@ def test_dpo_runs_chosen_and_rejected_in_one_forward_with_the_plain_loss():
     loss, fast = _library_step(module, batch)
     assert calls == {"policy": 1, "reference": 1}
 
-    side = lambda p: {
-        "input_ids": batch[p + "input_ids"],
-        "attention_mask": batch[p + "attention_mask"],
-        "labels": batch[p + "labels"],
-    }  # noqa: E731
+    def side(p: str) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": batch[p + "input_ids"],
+            "attention_mask": batch[p + "attention_mask"],
+            "labels": batch[p + "labels"],
+        }
+
     model, ref = module.policy.model, module.policy.reference_model
     with torch.no_grad():
         rc, rr = _plain_logps(ref, side("chosen_"), False), _plain_logps(ref, side("rejected_"), False)

@@ -257,8 +257,9 @@ def test_dpo_module_loss_matches_trl_trainer(pair_data) -> None:
 
     both = pair_batch(batch, pad_token_id=policy.tokenizer.pad_token_id)
     stub = SimpleNamespace(
-        model=policy.model, accelerator=_accelerator(), aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
-        f_divergence_type="reverse_kl", loss_types=["sigmoid"], loss_weights=[1.0], beta=0.3, label_smoothing=0.0,
+        model=policy.model, accelerator=_accelerator(), aux_loss_enabled=False, ld_alpha=None,
+        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=["sigmoid"], loss_weights=[1.0], beta=0.3,
+        label_smoothing=0.0,
         use_weighting=False, _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1,
     )  # fmt: skip
     inputs = {

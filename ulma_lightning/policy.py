@@ -118,7 +118,8 @@ class PolicyConfig:
                 raise ValueError(
                     f"policy.lora: {self.lora} sets adapter options but r is 0 (LoRA off); set lora.r, e.g. 8"
                 )
-            self.lora = None  # type: ignore[assignment]  # r: 0 is the shown default: full fine-tuning (the field is typed LoraSettings for the CLI)
+            # r: 0 is the shown default: full fine-tuning (the field is typed LoraSettings for the CLI)
+            self.lora = None  # type: ignore[assignment]
         if (
             self.reference == "auto"
         ):  # LoRA needs no second copy of the weights: its reference is the policy, adapters off

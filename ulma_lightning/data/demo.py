@@ -328,6 +328,7 @@ def is_demo_source(source: str | None) -> bool:
 
 
 def demo_test_source(train: str) -> str:
-    """The demo task's test split for a demo training source: ``demo://binary?n=500`` -> ``demo://binary?split=test``."""
+    """The demo task's test split for a demo training source:
+    ``demo://binary?n=500`` -> ``demo://binary?split=test``."""
     kind = train[len(DEMO_PREFIX) :].split("?", 1)[0].strip("/")
     return f"{DEMO_PREFIX}{kind}?split=test"

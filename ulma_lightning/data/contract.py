@@ -10,9 +10,12 @@ it. A data module of your own that a built-in method trains on provides the same
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
+
+#: what a data module's predict split yields: prompts to generate from, or whole sequences to score
+PredictInputs = Literal["prompts", "sequences"]
 
 
 class ModuleData(Protocol):

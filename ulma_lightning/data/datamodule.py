@@ -32,6 +32,7 @@ from ulma_lightning.data.cache import (
     tokenizer_identity,
 )  # fmt: skip
 from ulma_lightning.data.collate import PaddingCollator
+from ulma_lightning.data.contract import PredictInputs
 from ulma_lightning.data.demo import demo_test_source, is_demo_source
 from ulma_lightning.data.errors import DataError, OnBadRecord, SkipReport
 from ulma_lightning.data.features import FeatureDataset, Truncation, TruncationReport, encode_pairs
@@ -40,6 +41,7 @@ from ulma_lightning.data.prompts import LeftPaddingCollator, PromptDataset, enco
 from ulma_lightning.data.records import Example, apply_columns, format_label, in_user_terms, parse_pointwise
 from ulma_lightning.data.samplers import ResumableDataLoader, ResumableSampler
 from ulma_lightning.data.sources import MAX_RECORD_CHARS, Location, read_source, text_size, too_long
+from ulma_lightning.losses import LabelType
 from ulma_lightning.options import check_numbers
 from ulma_lightning.tokenizers import load_tokenizer, pad_token_id
 
@@ -47,6 +49,8 @@ log = logging.getLogger("ulma_lightning.data")
 T = TypeVar("T")
 
 Split = Literal["train", "val", "test", "predict"]
+#: how a continuous score maps onto [0, 1]: the top of ``score_range`` becomes 1, or the bottom does
+ScoreDirection = Literal["higher_is_better", "lower_is_better"]
 
 #: attributes of a data module left out of its cache keys: state filled by setup, and options that only
 #: batch the features (every other attribute, a subclass's own included, is part of the key)
@@ -186,8 +190,8 @@ class AlignmentDataModule(pl.LightningDataModule):
         mix_strategy: MixStrategy = "interleave_under",
         cache_dir: str | None = None,
         max_record_chars: int | None = MAX_RECORD_CHARS,
-        label_type: Literal["binary", "continuous"] | None = None,
-        predict_inputs: Literal["prompts", "sequences"] = "prompts",
+        label_type: LabelType | None = None,
+        predict_inputs: PredictInputs = "prompts",
     ) -> None:
         super().__init__()
         check_numbers(max_record_chars=(max_record_chars, ">= 1"))
@@ -201,8 +205,8 @@ class AlignmentDataModule(pl.LightningDataModule):
             on_bad_record=(on_bad_record, get_args(OnBadRecord)), mix_strategy=(mix_strategy, get_args(MixStrategy))
         )
         check_choices(
-            label_type=(label_type, ("binary", "continuous", None)),
-            predict_inputs=(predict_inputs, ("prompts", "sequences")),
+            label_type=(label_type, (*get_args(LabelType), None)),
+            predict_inputs=(predict_inputs, get_args(PredictInputs)),
         )
         #: the method's label kind and ``ulma predict``'s inputs (the contract's ModuleData; linked by ``ulma``)
         self.label_type, self.predict_inputs = label_type, predict_inputs
@@ -811,13 +815,13 @@ class PointwiseDataModule(AlignmentDataModule):
         self,
         *args: Any,
         score_range: tuple[float, float] = (0.0, 1.0),
-        score_direction: Literal["higher_is_better", "lower_is_better"] = "higher_is_better",
+        score_direction: ScoreDirection = "higher_is_better",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         if score_range[0] >= score_range[1]:
             raise ValueError(f"score_range must be (low, high) with low < high, got {score_range}")
-        check_choices(score_direction=(score_direction, ("higher_is_better", "lower_is_better")))
+        check_choices(score_direction=(score_direction, get_args(ScoreDirection)))
         self.score_range = tuple(score_range)
         self.score_direction = score_direction
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from torch import Tensor
 
 from ulma_lightning.choices import check_choices
+from ulma_lightning.data.contract import PredictInputs
 from ulma_lightning.losses import LabelType
 
 #: rows of a point-wise batch that get a reference forward: every row, the negatives only
@@ -48,7 +49,7 @@ class MethodSpec:
     average_logps: bool = False
     label_type: LabelType | None = None
     precomputed_columns: tuple[str, ...] = ("reference_logps",)
-    predict_inputs: Literal["prompts", "sequences"] = "prompts"
+    predict_inputs: PredictInputs = "prompts"
     perplexity: bool = True
     reward_metrics: bool = False
     reference_modes: tuple[str, ...] = REFERENCE_MODES
@@ -57,8 +58,8 @@ class MethodSpec:
         check_choices(
             reference=(self.reference, REFERENCE_ROWS),
             eval_reference=(self.eval_reference, (*REFERENCE_ROWS, None)),
-            label_type=(self.label_type, ("binary", "continuous", None)),
-            predict_inputs=(self.predict_inputs, ("prompts", "sequences")),
+            label_type=(self.label_type, (*get_args(LabelType), None)),
+            predict_inputs=(self.predict_inputs, get_args(PredictInputs)),
             **{f"reference_modes[{i}]": (mode, REFERENCE_MODES) for i, mode in enumerate(self.reference_modes)},
         )
         if not isinstance(self.average_logps, bool):

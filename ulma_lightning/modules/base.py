@@ -115,25 +115,10 @@ class AlignmentModule(pl.LightningModule):
         without a trainer or a data module."""
         return data_module_of(self)
 
-    @property
-    def needs_reference(self) -> bool:
-        """Whether the method uses reference log-probs at all (:attr:`MethodSpec.needs_reference`)."""
-        return self.spec.needs_reference
-
-    @property
-    def average_logps(self) -> bool:
-        """Per-token mean (True) or summed (False) sequence log-probs (:attr:`MethodSpec.average_logps`)."""
-        return self.spec.average_logps
-
-    @property
-    def label_type(self) -> str | None:
-        """The labels' kind (:attr:`MethodSpec.label_type`)."""
-        return self.spec.label_type
-
-    @property
-    def predict_inputs(self) -> str:
-        """What ``ulma predict`` feeds :meth:`predict_step` (:attr:`MethodSpec.predict_inputs`)."""
-        return self.spec.predict_inputs
+    needs_reference = shared.spec_view("needs_reference")
+    average_logps = shared.spec_view("average_logps")
+    label_type = shared.spec_view("label_type")
+    predict_inputs = shared.spec_view("predict_inputs")
 
     @property
     def tracks_perplexity(self) -> bool:

@@ -99,6 +99,16 @@ class OptimizerConfig:
 
 
 # ------------------------------------------------------------ the declaration and the policy
+def spec_view(field: str) -> Any:
+    """A read-only property that reads ``module.spec.<field>``: how :class:`AlignmentModule` and
+    :class:`RolloutModule` both show their declaration (``needs_reference``, ``average_logps``, ...)."""
+
+    def read(module: Any) -> Any:
+        return getattr(module.spec, field)
+
+    return property(read, doc=f"The declaration's ``{field}`` (:attr:`MethodSpec.{field}`), read-only.")
+
+
 def save_hyperparameters(module: pl.LightningModule, frame: types.FrameType | None) -> None:
     """``module.save_hyperparameters`` (from a base's ``__init__``, ``frame``) with only the arguments
     of the module's own class's constructor.

@@ -3,7 +3,8 @@ set and the held-out set (``--heldout``), by protocol v2's rule (docs/replicatio
 
     python experiments/claims.py [MAIN/results.json [HELDOUT/results.json]]
 
-defaults: ``runs/compare/paper/results.json`` and ``runs/compare/paper-heldout/results.json``.
+defaults: ``runs/compare/paper/results.json`` and ``runs/compare/paper-heldout/results.json``; any grid's
+results work (``experiments/paper-smollm2.yaml``'s, where the pretrained start model is row ``start``).
 Prints a markdown table: each claim, per data variant, the paired effect with its 95% bootstrap
 interval on each set (:mod:`ulma_lightning.compare.stats`), and the verdict. Scores are paired per
 prompt and seed from each run's ``predictions.jsonl``; golden perplexity has one value per run, so
@@ -23,8 +24,9 @@ import numpy as np
 from ulma_lightning.compare.metrics import PREDICTIONS_FILE
 from ulma_lightning.compare.stats import NO_EFFECT, Effect, Kind, paired_effect, verdict
 
-#: the rows ULMA is claimed to beat; "point-wise DPO is at least as good as DPO" uses MARGIN
-BASELINES = ["base", "sft", "sft_dpo", "dpo", "pointwise_dpo", "unlikelihood", "kto", "rlhf", "rloo", "grpo"]
+#: the rows ULMA is claimed to beat; "point-wise DPO is at least as good as DPO" uses MARGIN. ``start`` is the
+#: model every chain starts from, a row only where the grid has no ``base`` row (a pretrained start: SmolLM2)
+BASELINES = ["base", "start", "sft", "sft_dpo", "dpo", "pointwise_dpo", "unlikelihood", "kto", "rlhf", "rloo", "grpo"]
 #: the online comparison (issue 25): online ULMA against the RL rows with the same reward model
 ONLINE = ("online_ulma", ["rlhf", "rloo", "grpo"])
 CONTINUOUS = ["pointwise_dpo_continuous", "ulma_continuous"]
@@ -54,6 +56,21 @@ class Results:
             value = run.get("metrics", {}).get("golden_ppl")
             if value is not None and not math.isnan(value):
                 self.ppl.setdefault(key, {})[run["seed"]] = [math.log(value)]
+        if not any(run == "base" for run, _ in self.scores):
+            self._add_start()
+
+    def _add_start(self) -> None:
+        """The start model's greedy scores (``stages/<init>/eval``) as row ``start``, per variant and seed."""
+        evaluated = {record["key"] for record in self.data.get("untrained", []) if record.get("status") == "ok"}
+        for run in self.data["runs"]:
+            if run["status"] != "ok" or run.get("init") not in evaluated:
+                continue
+            predictions = self.path.parent / "stages" / run["init"] / "eval" / PREDICTIONS_FILE
+            if predictions.is_file():
+                lines = predictions.read_text().splitlines()
+                self.scores.setdefault(("start", run["variant"]), {})[run["seed"]] = [
+                    float(json.loads(line)["score"]) for line in lines if line.strip()
+                ]
 
     def _folder(self, run: dict[str, Any]) -> Path:
         folder = Path(run.get("dir", ""))

@@ -148,6 +148,36 @@ def test_claims_pair_per_prompt_on_both_sets(tmp_path: Path, capsys) -> None:
     )
 
 
+def test_a_pretrained_start_is_judged_as_row_start_unless_the_grid_has_a_base_row(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    start = rng.uniform(0.1, 0.5, size=(1, 80))
+
+    def one_set(folder: Path, rows: dict[tuple[str, str], np.ndarray]) -> Path:
+        path = write_set(folder, rows)
+        data = json.loads(path.read_text())
+        for run in data["runs"]:
+            run["init"] = "untrained-seed0-abc"
+        data["untrained"] = [{"status": "ok", "key": "untrained-seed0-abc", "metrics": {"score": 0.3}}]
+        path.write_text(json.dumps(data))
+        evaluated = folder / "stages" / "untrained-seed0-abc" / "eval"
+        evaluated.mkdir(parents=True)
+        evaluated.joinpath("predictions.jsonl").write_text(
+            "".join(json.dumps({"score": float(s)}) + "\n" for s in start[0])
+        )
+        return path
+
+    pretrained = one_set(tmp_path / "smollm2", {("ulma", "ordinary"): start + 0.05, ("ulma", "golden"): start - 0.1})
+    rows = {(c, v): (m, verdict) for c, v, m, _, verdict in claims.claims(claims.Results(pretrained))}
+    assert rows[("ULMA beats start", "ordinary")] == (
+        "+0.050 [+0.050, +0.050]",
+        "supported on the main set only (no held-out set)",
+    )
+    assert rows[("ULMA beats start", "golden")][0] == "-0.100 [-0.100, -0.100]"  # one start, every variant
+    with_base = one_set(tmp_path / "toy", {("ulma", "ordinary"): start + 0.05, ("base", "ordinary"): start})
+    judged = {c for c, *_ in claims.claims(claims.Results(with_base))}
+    assert "ULMA beats base" in judged and "ULMA beats start" not in judged
+
+
 def test_rl_curves_reads_a_runs_last_rl_stage_and_plots(tmp_path: Path) -> None:
     from torch.utils.tensorboard import SummaryWriter
 

@@ -49,6 +49,20 @@ QWEN25_05B = {
     "tie_word_embeddings": True,
     "use_sliding_window": False,
 }
+#: SmolLM2-135M's shape (the config of the model scripts/get_smollm2.py writes): scripts/gpu_check.py's second row.
+SMOLLM2_135M = {
+    "model_type": "llama",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+    "rope_theta": 100000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+}
 
 VOCAB_SIZE = 8192
 SEED = 0

@@ -1,8 +1,9 @@
 """One sharded ULMA fit on one device, measured: tokens/s, peak memory, model FLOPs utilisation.
 
 Used by ``scripts/gpu_check.sh`` (fsdp and fsdp2 on one GPU in bf16, a Qwen2.5-0.5B-shaped model
-built from its config, random weights, synthetic point-wise data). ``--tiny --accelerator cpu
---precision 32-true --strategy fsdp2`` runs the same code on a CPU in seconds (the tests do).
+built from its config, then fsdp2 with SmolLM2-135M's shape; random weights, synthetic point-wise data).
+``--model tiny --accelerator cpu --precision 32-true --strategy fsdp2`` runs the same code on a CPU in
+seconds (the tests do).
 
 Model FLOPs per step (PaLM appendix B convention, causal attention counted in full; T = the batch's
 padded length, N = non-embedding parameters, d = hidden size, V = vocabulary, L = layers):
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.workload import QWEN25_05B  # bench-B's model (PYTHONPATH: the repository root, as gpu_check.sh sets)
+from benchmarks.workload import QWEN25_05B, SMOLLM2_135M  # PYTHONPATH: the repository root, as gpu_check.sh sets
 
 TINY = {
     "model_type": "qwen2",
@@ -49,6 +50,12 @@ PEAK_BF16_TFLOPS = [
     ("A100", 312.0),
     ("L40S", 362.0),
 ]
+#: --model: the shapes a check builds from their configs (random weights)
+MODELS = {
+    "qwen2.5-0.5b": ("Qwen2.5-0.5B shapes (random init)", QWEN25_05B),
+    "smollm2-135m": ("SmolLM2-135M shapes (random init)", SMOLLM2_135M),
+    "tiny": ("tiny qwen2", TINY),
+}
 WORDS = (
     "the a request answer help explain safe careful about how why what people code water plan garden letter travel "
     "recipe budget history science music health weather friend story"
@@ -125,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--strategy", choices=["fsdp", "fsdp2"], required=True)
     parser.add_argument("--accelerator", default="gpu")
     parser.add_argument("--precision", default="bf16-mixed")
-    parser.add_argument("--tiny", action="store_true", help="a tiny Qwen2-style model (CPU smoke run)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="qwen2.5-0.5b", help="the model shape")
+    parser.add_argument("--tiny", action="store_true", help="the same as --model tiny (CPU smoke run)")
     parser.add_argument("--steps", type=int, default=30, help="training steps, warm-up included")
     parser.add_argument("--warmup", type=int, default=5, help="steps not timed")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from ulma_lightning.sharding import AutoWrapFSDPStrategy, FSDP2Strategy
 
     seed_everything(0)
-    model_config = TINY if args.tiny else QWEN25_05B
+    model_name, model_config = MODELS["tiny" if args.tiny else args.model]
     body = body_parameters(model_config)
     cuda = args.accelerator in ("gpu", "cuda")
 
@@ -224,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "strategy": args.strategy,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "precision": args.precision,
-        "model": "tiny qwen2" if args.tiny else "Qwen2.5-0.5B shapes (random init)",
+        "model": model_name,
         "body_parameters": body,
         "timed_steps": meter.timed,
         "step_seconds": seconds / max(meter.timed, 1),
@@ -240,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (pass --peak-tflops)"
     memory = f"{result['peak_memory_gib']:.2f} GiB" if result["peak_memory_gib"] is not None else "n/a (cpu)"
     print(
-        f"[gpu_check] {args.strategy:5s} {result['device']} {args.precision}: "
+        f"[gpu_check] {args.strategy:5s} {model_name}, {result['device']} {args.precision}: "
         f"{result['tokens_per_second']:,.0f} tokens/s, peak memory {memory}, MFU {mfu}, "
         f"{result['step_seconds']:.3f} s/step over {meter.timed} steps, final loss {result['final_loss']:.4f}",
         flush=True,

@@ -27,6 +27,8 @@ def test_flop_count_of_a_step_follows_the_documented_formula() -> None:
     gpu_check = _module()
     # Qwen2.5-0.5B: 0.49B parameters, 0.36B of them outside the (tied) embeddings
     assert 0.35e9 < gpu_check.body_parameters(gpu_check.QWEN25_05B) < 0.37e9
+    # SmolLM2-135M: 134.5M parameters, 28.3M of them the (tied) 49152 x 576 embedding
+    assert 106.0e6 < gpu_check.body_parameters(gpu_check.SMOLLM2_135M) < 106.4e6
     config = {"hidden_size": 4, "num_hidden_layers": 2, "vocab_size": 10}
     batch = {
         "input_ids": torch.zeros(2, 5, dtype=torch.long),
@@ -46,14 +48,14 @@ def test_gpu_check_runs_fsdp2_on_cpu_with_a_tiny_model(tmp_path: Path) -> None:
     out = tmp_path / "fsdp2.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("MASTER_PORT", None)
-    args = ["--strategy", "fsdp2", "--tiny", "--accelerator", "cpu", "--precision", "32-true", "--steps", "4",
+    args = ["--strategy", "fsdp2", "--model", "tiny", "--accelerator", "cpu", "--precision", "32-true", "--steps", "4",
             "--warmup", "1", "--batch-size", "2", "--max-length", "64", "--words", "30", "--out", str(out),
             "--check-export"]  # fmt: skip
     result = subprocess.run(
         [sys.executable, str(SCRIPT), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "[gpu_check] fsdp2" in result.stdout and "tokens/s" in result.stdout
+    assert "[gpu_check] fsdp2 tiny qwen2" in result.stdout and "tokens/s" in result.stdout
     numbers = json.loads(out.read_text())
     assert numbers["timed_steps"] == 3 and numbers["losses_finite"]
     assert numbers["export_matches"] is True  # sharded FSDP2 checkpoint -> ulma export -> same weights

@@ -18,7 +18,7 @@ import yaml
 from helpers import GRID, write_grid
 
 from ulma_lightning.compare.runner import compare_main
-from ulma_lightning.compare.spec import load_grid
+from ulma_lightning.compare.spec import GridError, load_grid
 from ulma_lightning.compare.stages import plan_grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 def ran(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The tiny grid, run once through ``ulma compare`` (in this process, from the repository root)."""
     root = tmp_path_factory.mktemp("compare")
-    grid = write_grid(root, GRID)
+    grid = write_grid(root, {**GRID, "keep_checkpoints": True})  # the resume test below restarts from them
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
@@ -651,6 +651,41 @@ def test_a_stage_resumes_from_its_newest_last_checkpoint(tmp_path: Path, monkeyp
         stages.train_stage(stage, tmp_path, {}, "inprocess")
     resume = launched[0][launched[0].index("--ckpt_path") + 1]
     assert resume == str(checkpoints / "last-v1.ckpt")
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_finished_stage_deletes_its_checkpoints_unless_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: bool
+) -> None:
+    """A real model's stage writes ~3 GB of checkpoints (optimizer state included) that only a killed
+    stage needs: once the stage is recorded done they go, files and sharded folders alike."""
+    from ulma_lightning.compare import stages
+
+    monkeypatch.chdir(REPO)
+    grid = load_grid(write_grid(tmp_path, {**GRID, "runs": GRID["runs"][:1], "keep_checkpoints": keep}))
+    assert grid.keep_checkpoints is keep
+    stage = next(iter(plan_grid(grid).stages.values()))
+    version = tmp_path / "stages" / stage.key / "tensorboard" / "version_0"
+
+    def launch(args: list[str], launcher: str, log_file: Path) -> None:  # a fit: checkpoints, then the export
+        (version / "checkpoints").mkdir(parents=True)
+        (version / "checkpoints" / "last.ckpt").write_bytes(b"state")
+        (version / "checkpoints" / "epoch=0-step=2.ckpt" / "shard").mkdir(parents=True)  # an FSDP2 save
+        (version / "hf_model").mkdir()
+        (version / "hf_model" / "config.json").write_text("{}")
+
+    monkeypatch.setattr(stages, "launch", launch)
+    record = stages.train_stage(stage, tmp_path, {}, "inprocess", keep_checkpoints=grid.keep_checkpoints)
+    left = sorted(p.name for p in version.rglob("*.ckpt"))
+    assert left == (["epoch=0-step=2.ckpt", "last.ckpt"] if keep else [])
+    assert record["checkpoints"] == ("kept" if keep else "deleted")
+    assert (version / "hf_model" / "config.json").is_file() and record["export"] == str(version / "hf_model")
+    assert json.loads((version.parents[1] / "stage.json").read_text())["status"] == "ok"
+
+
+def test_keep_checkpoints_must_be_a_boolean(tmp_path: Path) -> None:
+    with pytest.raises(GridError, match="keep_checkpoints must be true or false, got 'yes'"):
+        load_grid(write_grid(tmp_path, {**GRID, "keep_checkpoints": "yes"}))
 
 
 ORPHAN_FIT_SCRIPT = """

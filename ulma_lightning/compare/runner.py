@@ -97,7 +97,7 @@ class Runner:
         exports = {k: self.stage(k)["export"] for k in (stage.policy_from, stage.reward_from) if k is not None}
         try:
             with stage_lock(self.root, key):  # --jobs: another worker may be training it
-                record = train_stage(stage, self.root, exports, self.launcher)
+                record = train_stage(stage, self.root, exports, self.launcher, self.grid.keep_checkpoints)
         except Exception as exc:
             self.failed[key] = failure(exc)
             raise

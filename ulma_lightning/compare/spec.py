@@ -189,6 +189,7 @@ class GridSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     launcher: str = "inprocess"
     jobs: int = 1
+    keep_checkpoints: bool = False
     output: str | None = None
     tune: TuneSpec | None = None
     tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -373,7 +374,7 @@ def check_chain(stages: list[StageSpec], where: str) -> None:
 # ----------------------------------------------------------------------------- the grid
 TOP_KEYS = {
     "name", "seeds", "seed_keys", "variants", "runs", "evaluation", "overrides", "quick", "heldout", "launcher", "jobs",
-    "output", "configs_dir", "tune", "tuned", "base", "data_seed",
+    "keep_checkpoints", "output", "configs_dir", "tune", "tuned", "base", "data_seed",
 }  # fmt: skip
 RUN_KEYS = {"name", "label", "stages", "variants", "overrides"}
 QUICK_KEYS = {"seeds", "runs", "variants", "overrides", "evaluation", "tune"}
@@ -771,6 +772,9 @@ def load_grid(path: str | Path, *, quick: bool = False, heldout: bool = False) -
     jobs = doc.get("jobs", 1)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise GridError(_where(path, doc, f"jobs must be a whole number >= 1 (runs trained at a time), got {jobs!r}"))
+    keep_checkpoints = doc.get("keep_checkpoints", False)
+    if not isinstance(keep_checkpoints, bool):
+        raise GridError(_where(path, doc, f"keep_checkpoints must be true or false, got {keep_checkpoints!r}"))
     variants = {
         v: {
             k: {split: str(_with_data_seed(src, data_seed)) for split, src in kinds.items()}
@@ -798,6 +802,7 @@ def load_grid(path: str | Path, *, quick: bool = False, heldout: bool = False) -
         overrides=_mapping_of(doc.get("overrides"), path, "overrides", doc),
         launcher=launcher,
         jobs=jobs,
+        keep_checkpoints=keep_checkpoints,
         output=doc.get("output"),
         tune=tune,
         tuned={str(k): dict(v or {}) for k, v in _mapping_of(doc.get("tuned"), path, "tuned", doc).items()},

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -410,10 +411,14 @@ class _Tee:
         return getattr(self.stream, name)
 
 
-def train_stage(stage: Stage, root: Path, exports: dict[str, str], launcher: str) -> dict[str, Any]:
+def train_stage(
+    stage: Stage, root: Path, exports: dict[str, str], launcher: str, keep_checkpoints: bool = False
+) -> dict[str, Any]:
     """Train ``stage`` (resuming a killed attempt from its newest ``last*.ckpt``); returns its record,
     also written to ``stage.json``. A stage already done is not trained again. The stages share
-    their tokenized data through ``OUTPUT/cache/features`` (``data.cache_dir``)."""
+    their tokenized data through ``OUTPUT/cache/features`` (``data.cache_dir``). Once the stage is
+    recorded done, its checkpoints (only there to resume it) are deleted unless ``keep_checkpoints``:
+    its ``hf_model`` export is what later stages and the evaluation read."""
     folder = root / "stages" / stage.key
     done = read_json(folder / STAGE_FILE)
     if done is not None and done.get("status") == "ok":
@@ -447,9 +452,21 @@ def train_stage(stage: Stage, root: Path, exports: dict[str, str], launcher: str
         else None,  # held-out pairs ranked right
         "export": str(export.parent),
         "tensorboard": str(folder),
+        "checkpoints": "kept" if keep_checkpoints else "deleted",
     }
     write_json(folder / STAGE_FILE, record)
+    if not keep_checkpoints:
+        remove_checkpoints(folder)
     return record
+
+
+def remove_checkpoints(folder: Path) -> None:
+    """Delete every ``*.ckpt`` under ``folder``: files, and the folders a sharded (FSDP2) save writes."""
+    for path in sorted(folder.rglob("*.ckpt"), reverse=True):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def build_init(init: Init, root: Path) -> dict[str, Any]:

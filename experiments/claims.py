@@ -112,9 +112,10 @@ def claims(main: Results, heldout: Results | None = None) -> list[Row]:
     def judge(claim: str, variant: str, get: Any, kind: Kind = "beats", margin: float = 0.0) -> None:
         mine = get(main)
         theirs = get(heldout) if heldout is not None else None
-        rows.append(
-            (claim, variant, str(mine), str(theirs) if theirs is not None else "-", verdict(mine, theirs, kind, margin))
-        )
+        judged = verdict(mine, theirs, kind, margin)
+        if any(e is not None and e.seeds * e.prompts == 1 for e in (mine, theirs)):
+            judged = "no interval (one value a set: one seed)"  # golden perplexity with one seed a set
+        rows.append((claim, variant, str(mine), str(theirs) if theirs is not None else "-", judged))
 
     for variant in main.variants():
 

@@ -173,6 +173,16 @@ def test_a_pretrained_start_is_judged_as_row_start_unless_the_grid_has_a_base_ro
         "supported on the main set only (no held-out set)",
     )
     assert rows[("ULMA beats start", "golden")][0] == "-0.100 [-0.100, -0.100]"  # one start, every variant
+    one_seed = one_set(
+        tmp_path / "one-seed",
+        {("ulma", "ordinary"): start, ("pointwise_dpo", "ordinary"): start},
+    )
+    data = json.loads(one_seed.read_text())
+    for run in data["runs"]:
+        run["metrics"]["golden_ppl"] = 5.0 if run["run"] == "ulma" else 9.0
+    one_seed.write_text(json.dumps(data))
+    ppl = {c: verdict for c, _, _, _, verdict in claims.claims(claims.Results(one_seed))}
+    assert ppl["ULMA's golden perplexity is below point-wise DPO's (log-ratio)"].startswith("no interval")
     with_base = one_set(tmp_path / "toy", {("ulma", "ordinary"): start + 0.05, ("base", "ordinary"): start})
     judged = {c for c, *_ in claims.claims(claims.Results(with_base))}
     assert "ULMA beats base" in judged and "ULMA beats start" not in judged

@@ -85,4 +85,7 @@ def test_the_shipped_smollm2_grid_is_valid() -> None:
         os.chdir(cwd)
     assert grid.base is None and grid.overrides["model.init_args.policy.model"] == MODEL
     assert {r.name for r in grid.runs} == {"sft", "sft_dpo", "dpo", "pointwise_dpo", "ulma", "unlikelihood", "kto"}
-    assert held.seeds == [2, 3] and "seed=1" in held.evaluation.prompts and "stratified=true" in grid.evaluation.prompts
+    assert grid.seeds == [0] and held.seeds == [1]  # one seed a set (amended before any result)
+    assert "seed=1" in held.evaluation.prompts and "stratified=true" in grid.evaluation.prompts
+    # the tuning's picks, one per chain (sft>dpo: DPO after SFT)
+    assert set(grid.tuned) == {"sft", "dpo", "pointwise_dpo", "ulma", "unlikelihood", "kto", "sft>dpo"}

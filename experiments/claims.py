@@ -145,7 +145,11 @@ def claims(main: Results, heldout: Results | None = None) -> list[Row]:
             lambda r, variant=variant: effect(r.ppl.get(("pointwise_dpo", variant)), r.ppl.get(("ulma", variant))),
         )
     runs = sorted(
-        {run for run, v in main.scores if v == "golden" and (run, "ordinary") in main.scores and run != "ulma"}
+        {
+            run
+            for run, v in main.scores
+            if v == "golden" and (run, "ordinary") in main.scores and run not in ("ulma", "start")
+        }  # the start model is not trained on either variant: it has no gain
     )
     for other in runs:
         judge(

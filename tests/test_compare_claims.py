@@ -173,6 +173,7 @@ def test_a_pretrained_start_is_judged_as_row_start_unless_the_grid_has_a_base_ro
         "supported on the main set only (no held-out set)",
     )
     assert rows[("ULMA beats start", "golden")][0] == "-0.100 [-0.100, -0.100]"  # one start, every variant
+    assert not any("than start" in claim for claim, _ in rows)  # trained on neither variant: no gain to compare
     one_seed = one_set(
         tmp_path / "one-seed",
         {("ulma", "ordinary"): start, ("pointwise_dpo", "ordinary"): start},

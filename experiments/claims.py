@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ulma_lightning.compare.metrics import PREDICTIONS_FILE
+from ulma_lightning.compare.report import init_folder, read_scores
 from ulma_lightning.compare.stats import NO_EFFECT, Effect, Kind, paired_effect, verdict
 
 #: the rows ULMA is claimed to beat; "point-wise DPO is at least as good as DPO" uses MARGIN. ``start`` is the
@@ -47,12 +47,9 @@ class Results:
             if run["status"] != "ok":
                 continue
             key = (run["run"], run["variant"])
-            predictions = self._folder(run) / PREDICTIONS_FILE
-            if predictions.is_file():
-                lines = predictions.read_text().splitlines()
-                self.scores.setdefault(key, {})[run["seed"]] = [
-                    float(json.loads(line)["score"]) for line in lines if line.strip()
-                ]
+            scores = read_scores(self._folder(run))
+            if scores is not None:
+                self.scores.setdefault(key, {})[run["seed"]] = scores
             value = run.get("metrics", {}).get("golden_ppl")
             if value is not None and not math.isnan(value):
                 self.ppl.setdefault(key, {})[run["seed"]] = [math.log(value)]
@@ -61,16 +58,15 @@ class Results:
 
     def _add_start(self) -> None:
         """The start model's greedy scores (``stages/<init>/eval``) as row ``start``, per variant and seed."""
-        evaluated = {record["key"] for record in self.data.get("untrained", []) if record.get("status") == "ok"}
+        starts = {
+            record["key"]: read_scores(init_folder(self.path.parent, record["key"]))
+            for record in self.data.get("untrained", [])
+            if record.get("status") == "ok"
+        }  # each start model's predictions, read once for all the runs that start from it
         for run in self.data["runs"]:
-            if run["status"] != "ok" or run.get("init") not in evaluated:
-                continue
-            predictions = self.path.parent / "stages" / run["init"] / "eval" / PREDICTIONS_FILE
-            if predictions.is_file():
-                lines = predictions.read_text().splitlines()
-                self.scores.setdefault(("start", run["variant"]), {})[run["seed"]] = [
-                    float(json.loads(line)["score"]) for line in lines if line.strip()
-                ]
+            scores = starts.get(run.get("init")) if run["status"] == "ok" else None
+            if scores is not None:
+                self.scores.setdefault(("start", run["variant"]), {})[run["seed"]] = scores
 
     def _folder(self, run: dict[str, Any]) -> Path:
         folder = Path(run.get("dir", ""))

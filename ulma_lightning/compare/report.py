@@ -64,7 +64,8 @@ def init_folder(root: Path, key: str) -> Path:
     return root / "stages" / key / "eval"
 
 
-def _scores(folder: Path) -> list[float] | None:
+def read_scores(folder: Path) -> list[float] | None:
+    """The per-prompt scores of a run's (or a start model's) ``predictions.jsonl``; None where it has none."""
     path = folder / PREDICTIONS_FILE
     if not path.is_file():
         return None
@@ -72,7 +73,7 @@ def _scores(folder: Path) -> list[float] | None:
 
 
 def _win(mine: Path, other: Path | None) -> float:
-    a, b = _scores(mine), (_scores(other) if other is not None else None)
+    a, b = read_scores(mine), (read_scores(other) if other is not None else None)
     if a is None or b is None or len(a) != len(b):
         return math.nan
     return win_rate(a, b)

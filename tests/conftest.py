@@ -112,8 +112,8 @@ QUICK_FILES = {
     "test_losses.py", "test_gradients.py", "test_logprobs.py", "test_rl_losses.py", "test_trl_oracle.py",
     "test_task.py", "test_demo.py", "test_data_records.py", "test_data_sources.py", "test_data_checks.py",
     "test_data_contract.py", "test_data_pairwise.py", "test_data_samplers.py", "test_data_formats.py",
-    "test_data_features.py", "test_compare_claims.py", "test_eval_metrics.py", "test_eval_winrate.py",
-    "test_imports.py", "test_benchmark_report.py", "test_checks.py",
+    "test_data_features.py", "test_compare_claims.py", "test_compare_overview.py", "test_eval_metrics.py",
+    "test_eval_winrate.py", "test_imports.py", "test_benchmark_report.py", "test_checks.py",
 }  # fmt: skip
 
 

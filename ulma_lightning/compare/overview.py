@@ -2,13 +2,18 @@
 estimated time, without training anything; and the ETA that progress lines show.
 
 Estimates: a stage's time is the mean measured time of finished stages of the same method in the
-output folder (``stage.json``), else a default for the method's kind measured on 2 CPU cores with the
-tiny task model (:data:`DEFAULT_SECONDS`); a finished stage or run counts 0.
+output folder (``stage.json``). A method not measured yet gets its default (:data:`DEFAULT_SECONDS`,
+2 CPU cores, the tiny task model) scaled by how the measured methods compared with their defaults, so a
+grid on a larger model or machine is not estimated at the tiny model's speed. An evaluation takes the
+mean ``eval_seconds`` of the finished runs, scaled the same way before any has finished. A finished
+stage or run counts 0.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ulma_lightning.compare.report import RESULT_FILE, run_folder
@@ -29,18 +34,46 @@ DEFAULT_SECONDS = {
 }
 
 
-def measured_seconds(plan: Plan, root: Path) -> dict[str, float]:
-    """Method -> mean seconds of its finished stages under ``root`` (none: empty)."""
+def default_seconds(method: str, role: str) -> float:
+    return DEFAULT_SECONDS.get(method, DEFAULT_SECONDS[role])
+
+
+@dataclass
+class Measured:
+    """What finished stages and runs in an output folder took: the basis of every estimate."""
+
+    stages: dict[str, float] = field(default_factory=dict)  # method -> mean seconds of its finished stages
+    evaluation: float | None = None  # mean seconds of a finished run's evaluation
+    factor: float = 1.0  # measured / default, over the measured methods (geometric mean)
+
+    def stage(self, method: str, role: str) -> float:
+        return self.stages.get(method, default_seconds(method, role) * self.factor)
+
+    def evaluate(self) -> float:
+        return self.evaluation if self.evaluation is not None else DEFAULT_SECONDS["evaluation"] * self.factor
+
+
+def measured_seconds(plan: Plan, root: Path) -> Measured:
+    """The mean times of the finished stages (per method) and evaluations under ``root``."""
     times: dict[str, list[float]] = {}
+    ratios: list[float] = []
     for stage in plan.stages.values():
         record = read_json(root / "stages" / stage.key / STAGE_FILE)
         if record is not None and record.get("status") == "ok" and record.get("seconds") is not None:
-            times.setdefault(stage.spec.method, []).append(float(record["seconds"]))
-    return {method: statistics.fmean(values) for method, values in times.items()}
-
-
-def stage_estimate(method: str, role: str, measured: dict[str, float]) -> float:
-    return measured.get(method, DEFAULT_SECONDS.get(method, DEFAULT_SECONDS[role]))
+            seconds = max(float(record["seconds"]), 1e-3)
+            times.setdefault(stage.spec.method, []).append(seconds)
+            ratios.append(seconds / default_seconds(stage.spec.method, stage.spec.role))
+    evaluations = [
+        float(result["eval_seconds"])
+        for instance in plan.instances
+        if (result := read_json(run_folder(root, instance.id) / RESULT_FILE) or {}).get("status") == "ok"
+        and result.get("eval_seconds") is not None
+    ]
+    return Measured(
+        stages={method: statistics.fmean(values) for method, values in times.items()},
+        evaluation=statistics.fmean(evaluations) if evaluations else None,
+        factor=math.exp(statistics.fmean(math.log(r) for r in ratios)) if ratios else 1.0,
+    )
 
 
 def remaining_seconds(plan: Plan, root: Path, instance_ids: list[str] | None = None) -> float:
@@ -53,11 +86,11 @@ def remaining_seconds(plan: Plan, root: Path, instance_ids: list[str] | None = N
         record = read_json(root / "stages" / key / STAGE_FILE)
         if record is None or record.get("status") != "ok":
             stage = plan.stages[key]
-            total += stage_estimate(stage.spec.method, stage.spec.role, measured)
+            total += measured.stage(stage.spec.method, stage.spec.role)
     evaluations = sum(
         1 for i in wanted if (read_json(run_folder(root, i.id) / RESULT_FILE) or {}).get("status") != "ok"
     )
-    return total + evaluations * DEFAULT_SECONDS["evaluation"]
+    return total + evaluations * measured.evaluate()
 
 
 def clock(seconds: float) -> str:
@@ -89,7 +122,7 @@ def describe(grid: GridSpec, plan: Plan, root: Path, jobs: int = 1) -> str:
         state = (
             "done"
             if record is not None and record.get("status") == "ok"
-            else f"~{clock(stage_estimate(stage.spec.method, stage.spec.role, measured))}"
+            else f"~{clock(measured.stage(stage.spec.method, stage.spec.role))}"
         )
         runs = sorted({u.rsplit("/", 1)[0] for u in users[key]})  # run/variant
         rows, variants = {r.split("/")[0] for r in runs}, {r.split("/")[1] for r in runs}
@@ -111,11 +144,15 @@ def describe(grid: GridSpec, plan: Plan, root: Path, jobs: int = 1) -> str:
         )
         lines.append(f"  {instance.id}: {chain}{' (done)' if done else ''}")
     left = remaining_seconds(plan, root)
-    basis = "measured stages in the output folder" if measured else "default times per method on 2 CPU cores"
+    basis = (
+        "measured stages in the output folder; methods not measured yet scaled by them"
+        if measured.stages
+        else "default times per method on 2 CPU cores"
+    )
     lines += [
         "",
         f"estimated time left: {clock(left / max(1, jobs))} with {jobs} job(s) ({basis}; evaluations "
-        f"~{clock(DEFAULT_SECONDS['evaluation'])} each)",
+        f"~{clock(measured.evaluate())} each)",
     ]
     return "\n".join(lines)
 

@@ -2,11 +2,13 @@
 estimated time, without training anything; and the ETA that progress lines show.
 
 Estimates: a stage's time is the mean measured time of finished stages of the same method in the
-output folder (``stage.json``). A method not measured yet gets its default (:data:`DEFAULT_SECONDS`,
-2 CPU cores, the tiny task model) scaled by how the measured methods compared with their defaults, so a
-grid on a larger model or machine is not estimated at the tiny model's speed. An evaluation takes the
-mean ``eval_seconds`` of the finished runs, scaled the same way before any has finished. A finished
-stage or run counts 0.
+output folder (``stage.json``; a stage resumed after a kill recorded only its last part and is left
+out). A method not measured yet gets its default (:data:`DEFAULT_SECONDS`, 2 CPU cores, the tiny task
+model) scaled by how the measured methods compared with their defaults, so a grid on a larger model
+or machine is not estimated at the tiny model's speed. An evaluation (of a run or of a start model)
+takes the mean ``eval_seconds`` of the runs finished under the current ``evaluation:`` settings,
+scaled the same way before any has. A finished stage or evaluation counts 0; one recorded under other
+evaluation settings is evaluated again and counts.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ulma_lightning.compare.report import RESULT_FILE, run_folder
+from ulma_lightning.compare.report import RESULT_FILE, evaluated, evaluation_key, init_folder, run_folder
 from ulma_lightning.compare.spec import GridSpec
 from ulma_lightning.compare.stages import STAGE_FILE, Plan, read_json
 
@@ -44,7 +47,7 @@ class Measured:
 
     stages: dict[str, float] = field(default_factory=dict)  # method -> mean seconds of its finished stages
     evaluation: float | None = None  # mean seconds of a finished run's evaluation
-    factor: float = 1.0  # measured / default, over the measured methods (geometric mean)
+    factor: float = 1.0  # measured / default: the geometric mean over the measured methods
 
     def stage(self, method: str, role: str) -> float:
         return self.stages.get(method, default_seconds(method, role) * self.factor)
@@ -53,42 +56,47 @@ class Measured:
         return self.evaluation if self.evaluation is not None else DEFAULT_SECONDS["evaluation"] * self.factor
 
 
-def measured_seconds(plan: Plan, root: Path) -> Measured:
+def stage_done(root: Path, key: str) -> dict[str, Any] | None:
+    """The record of stage ``key`` if it finished."""
+    record = read_json(root / "stages" / key / STAGE_FILE)
+    return record if record is not None and record.get("status") == "ok" else None
+
+
+def measured_seconds(grid: GridSpec, plan: Plan, root: Path) -> Measured:
     """The mean times of the finished stages (per method) and evaluations under ``root``."""
     times: dict[str, list[float]] = {}
-    ratios: list[float] = []
+    defaults: dict[str, float] = {}
     for stage in plan.stages.values():
-        record = read_json(root / "stages" / stage.key / STAGE_FILE)
-        if record is not None and record.get("status") == "ok" and record.get("seconds") is not None:
-            seconds = max(float(record["seconds"]), 1e-3)
-            times.setdefault(stage.spec.method, []).append(seconds)
-            ratios.append(seconds / default_seconds(stage.spec.method, stage.spec.role))
+        record = stage_done(root, stage.key)
+        if record is not None and record.get("seconds") is not None and not record.get("resumed_from"):
+            times.setdefault(stage.spec.method, []).append(max(float(record["seconds"]), 1e-3))
+            defaults[stage.spec.method] = default_seconds(stage.spec.method, stage.spec.role)
+    means = {method: statistics.fmean(values) for method, values in times.items()}
+    key = evaluation_key(grid)
     evaluations = [
         float(result["eval_seconds"])
         for instance in plan.instances
-        if (result := read_json(run_folder(root, instance.id) / RESULT_FILE) or {}).get("status") == "ok"
+        if (result := evaluated(run_folder(root, instance.id) / RESULT_FILE, key)) is not None
         and result.get("eval_seconds") is not None
     ]
     return Measured(
-        stages={method: statistics.fmean(values) for method, values in times.items()},
+        stages=means,
         evaluation=statistics.fmean(evaluations) if evaluations else None,
-        factor=math.exp(statistics.fmean(math.log(r) for r in ratios)) if ratios else 1.0,
+        factor=math.exp(statistics.fmean(math.log(means[m] / defaults[m]) for m in means)) if means else 1.0,
     )
 
 
-def remaining_seconds(plan: Plan, root: Path, instance_ids: list[str] | None = None) -> float:
-    """Estimated seconds to finish the stages and evaluations of ``instance_ids`` (default: all) not yet done."""
-    measured = measured_seconds(plan, root)
+def remaining_seconds(grid: GridSpec, plan: Plan, root: Path, instance_ids: list[str] | None = None) -> float:
+    """Estimated seconds to finish the stages and evaluations of ``instance_ids`` (default: all) not yet
+    done, their start models' evaluations included."""
+    measured = measured_seconds(grid, plan, root)
+    key = evaluation_key(grid)
     wanted = [i for i in plan.instances if instance_ids is None or i.id in instance_ids]
-    keys = {k for i in wanted for k in i.stages}
-    total = 0.0
-    for key in keys:
-        record = read_json(root / "stages" / key / STAGE_FILE)
-        if record is None or record.get("status") != "ok":
-            stage = plan.stages[key]
-            total += measured.stage(stage.spec.method, stage.spec.role)
-    evaluations = sum(
-        1 for i in wanted if (read_json(run_folder(root, i.id) / RESULT_FILE) or {}).get("status") != "ok"
+    stages = {k for i in wanted for k in i.stages if stage_done(root, k) is None}
+    total = sum(measured.stage(plan.stages[k].spec.method, plan.stages[k].spec.role) for k in stages)
+    evaluations = sum(1 for i in wanted if evaluated(run_folder(root, i.id) / RESULT_FILE, key) is None)
+    evaluations += sum(
+        1 for init in {i.init for i in wanted} if evaluated(init_folder(root, init) / RESULT_FILE, key) is None
     )
     return total + evaluations * measured.evaluate()
 
@@ -105,7 +113,8 @@ def clock(seconds: float) -> str:
 def describe(grid: GridSpec, plan: Plan, root: Path, jobs: int = 1) -> str:
     """The plan as text: every stage (method, data, seed, the runs that share it, done or its estimate),
     the untrained models, the run instances and the estimated time left."""
-    measured = measured_seconds(plan, root)
+    measured = measured_seconds(grid, plan, root)
+    key_now = evaluation_key(grid)
     users: dict[str, list[str]] = {}
     for instance in plan.instances:
         for key in instance.stages:
@@ -118,10 +127,9 @@ def describe(grid: GridSpec, plan: Plan, root: Path, jobs: int = 1) -> str:
     ]
     lines.append("stages (in the order they train):")
     for key, stage in plan.stages.items():
-        record = read_json(root / "stages" / key / STAGE_FILE)
         state = (
             "done"
-            if record is not None and record.get("status") == "ok"
+            if stage_done(root, key) is not None
             else f"~{clock(measured.stage(stage.spec.method, stage.spec.role))}"
         )
         runs = sorted({u.rsplit("/", 1)[0] for u in users[key]})  # run/variant
@@ -138,12 +146,12 @@ def describe(grid: GridSpec, plan: Plan, root: Path, jobs: int = 1) -> str:
         lines.append(f"  {key}: {what}{start}{reward}; {shared}; {state}")
     lines += ["", "runs (each evaluated on the test prompts):"]
     for instance in plan.instances:
-        done = (read_json(run_folder(root, instance.id) / RESULT_FILE) or {}).get("status") == "ok"
+        done = evaluated(run_folder(root, instance.id) / RESULT_FILE, key_now) is not None
         chain = " -> ".join(
             "base" if plan.stages[k].spec.sources is not None else plan.stages[k].spec.method for k in instance.stages
         )
         lines.append(f"  {instance.id}: {chain}{' (done)' if done else ''}")
-    left = remaining_seconds(plan, root)
+    left = remaining_seconds(grid, plan, root)
     basis = (
         "measured stages in the output folder; methods not measured yet scaled by them"
         if measured.stages
@@ -188,6 +196,6 @@ def tune_overview(grid: GridSpec) -> str:
     return "\n".join(lines)
 
 
-def eta_line(plan: Plan, root: Path, todo: list[str], jobs: int) -> str:
+def eta_line(grid: GridSpec, plan: Plan, root: Path, todo: list[str], jobs: int) -> str:
     """``ETA ~12 min`` for the runs still to do."""
-    return f"ETA ~{clock(remaining_seconds(plan, root, todo) / max(1, jobs))}"
+    return f"ETA ~{clock(remaining_seconds(grid, plan, root, todo) / max(1, jobs))}"

@@ -60,6 +60,20 @@ def run_folder(root: Path, instance_id: str) -> Path:
     return root / "runs" / instance_id
 
 
+def evaluation_key(grid: GridSpec) -> str:
+    """The digest of the grid's ``evaluation:`` settings that each result records: a result recorded
+    under other settings counts as not run (it is evaluated again; its stages are not retrained)."""
+    return digest(grid.evaluation.__dict__)
+
+
+def evaluated(path: Path, key: str) -> dict[str, Any] | None:
+    """The result at ``path`` (a ``result.json``) if it records a success under evaluation settings ``key``."""
+    result = read_json(path)
+    if result is None or result.get("status") != "ok" or result.get("evaluation_key") != key:
+        return None
+    return result
+
+
 def init_folder(root: Path, key: str) -> Path:
     return root / "stages" / key / "eval"
 
@@ -95,12 +109,12 @@ def collect(grid: GridSpec, plan: Plan, root: Path) -> dict[str, Any]:
     """Every run instance's record (finished, failed or pending), the untrained models' records,
     win rates, and per variant and run the mean/std of each metric."""
     baseline = grid.evaluation.baseline
-    current = digest(grid.evaluation.__dict__)  # results evaluated with other settings count as not run
+    current = evaluation_key(grid)
     runs = []
     for instance in plan.instances:
         folder = run_folder(root, instance.id)
         record = read_json(folder / RESULT_FILE) or {"status": "pending", "metrics": {}}
-        if record["status"] == "ok" and record.get("evaluation_key") != current:
+        if record["status"] == "ok" and record.get("evaluation_key") != current:  # evaluated with other settings
             record = {"status": "pending", "metrics": {}}
         record.update(
             id=instance.id,
@@ -115,8 +129,8 @@ def collect(grid: GridSpec, plan: Plan, root: Path) -> dict[str, Any]:
     by_key = {(r["run"], r["variant"], r["seed"]): r for r in runs}
     untrained = {}
     for key in {i.init for i in plan.instances}:
-        initial = read_json(init_folder(root, key) / RESULT_FILE)
-        if initial is not None and initial.get("evaluation_key") == current:
+        initial = evaluated(init_folder(root, key) / RESULT_FILE, current)
+        if initial is not None:
             untrained[key] = initial
     for record in runs:
         if record["status"] != "ok":

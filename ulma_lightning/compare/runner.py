@@ -27,13 +27,20 @@ from ulma_lightning.compare.metrics import Evaluator
 from ulma_lightning.compare.overview import describe, eta_line, tune_overview
 from ulma_lightning.compare.parallel import run_parallel, stage_lock
 from ulma_lightning.compare.plots import write_plots
-from ulma_lightning.compare.report import RESULT_FILE, collect, init_folder, run_folder, write_results
+from ulma_lightning.compare.report import (
+    RESULT_FILE,
+    collect,
+    evaluated,
+    evaluation_key,
+    init_folder,
+    run_folder,
+    write_results,
+)
 from ulma_lightning.compare.spec import GridError, GridSpec, load_grid
 from ulma_lightning.compare.stages import (
     Instance,
     Plan,
     build_init,
-    digest,
     failure,
     plan_grid,
     quiet_output,
@@ -73,13 +80,12 @@ class Runner:
             for key in instance.stages:
                 uses[key] = uses.get(key, 0) + 1
         self.shared = {key for key, n in uses.items() if n > 1}
-        self.evaluation_key = digest(grid.evaluation.__dict__)
+        self.evaluation_key = evaluation_key(grid)
 
     def finished(self, path: Path) -> bool:
         """Whether ``path`` (a ``result.json``) records a success under the current evaluation settings
         (a run evaluated with other settings is evaluated again; its stages are not retrained)."""
-        done = read_json(path)
-        return done is not None and done.get("status") == "ok" and done.get("evaluation_key") == self.evaluation_key
+        return evaluated(path, self.evaluation_key) is not None
 
     @property
     def evaluator(self) -> Evaluator:
@@ -307,7 +313,7 @@ def _run_all(
         done += 1
         status = "done" if result["status"] == "ok" else "FAILED: " + result["error"].splitlines()[0]
         left = [i.id for i in todo if not runner.finished(run_folder(root, i.id) / RESULT_FILE) and i.id != instance_id]
-        eta = f"; {eta_line(plan, root, left, jobs)}" if left else ""
+        eta = f"; {eta_line(grid, plan, root, left, jobs)}" if left else ""
         print(
             f"[ulma compare] {instance_id} {status} ({result['seconds']:.1f} s); {done}/{total} runs done, "
             f"{total - done} left{eta}",

@@ -17,11 +17,10 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ulma_lightning.compare.report import RESULT_FILE, evaluated, evaluation_key, init_folder, run_folder
 from ulma_lightning.compare.spec import GridSpec
-from ulma_lightning.compare.stages import STAGE_FILE, Plan, read_json
+from ulma_lightning.compare.stages import Plan, stage_done
 
 #: seconds per stage (by method, else by kind) and per evaluation on 2 quiet cores with the tiny task
 #: model: v1's timed grid (docs/replication.md, "Where the time goes": 2 epochs a stage) halved for
@@ -54,12 +53,6 @@ class Measured:
 
     def evaluate(self) -> float:
         return self.evaluation if self.evaluation is not None else DEFAULT_SECONDS["evaluation"] * self.factor
-
-
-def stage_done(root: Path, key: str) -> dict[str, Any] | None:
-    """The record of stage ``key`` if it finished."""
-    record = read_json(root / "stages" / key / STAGE_FILE)
-    return record if record is not None and record.get("status") == "ok" else None
 
 
 def measured_seconds(grid: GridSpec, plan: Plan, root: Path) -> Measured:

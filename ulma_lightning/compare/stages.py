@@ -411,6 +411,12 @@ class _Tee:
         return getattr(self.stream, name)
 
 
+def stage_done(root: Path, key: str) -> dict[str, Any] | None:
+    """The record (``stage.json``) of stage ``key`` under ``root`` if it finished; else None."""
+    record = read_json(root / "stages" / key / STAGE_FILE)
+    return record if record is not None and record.get("status") == "ok" else None
+
+
 def train_stage(
     stage: Stage, root: Path, exports: dict[str, str], launcher: str, keep_checkpoints: bool = False
 ) -> dict[str, Any]:
@@ -419,10 +425,10 @@ def train_stage(
     their tokenized data through ``OUTPUT/cache/features`` (``data.cache_dir``). Once the stage is
     recorded done, its checkpoints (only there to resume it) are deleted unless ``keep_checkpoints``:
     its ``hf_model`` export is what later stages and the evaluation read."""
-    folder = root / "stages" / stage.key
-    done = read_json(folder / STAGE_FILE)
-    if done is not None and done.get("status") == "ok":
+    done = stage_done(root, stage.key)
+    if done is not None:
         return done
+    folder = root / "stages" / stage.key
     folder.mkdir(parents=True, exist_ok=True)
     last = find_latest(folder, "last*.ckpt")  # Lightning names a later `last` last-v1.ckpt when last.ckpt exists
     args = stage.args(folder, exports, resume=str(last) if last else None, cache_dir=root / FEATURE_CACHE)
